@@ -1,0 +1,121 @@
+//! The admin listener: `/metrics` (Prometheus text), `/healthz`, `/readyz`
+//! and `POST /drain`. Plain blocking HTTP/1.1 on its own thread: it serves
+//! operators and scrapers, never user traffic.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, warn};
+
+use crate::metrics::{self, ShardStats};
+use crate::shard::Control;
+
+pub struct Admin {
+    pub stats: Vec<Arc<ShardStats>>,
+    pub control: Arc<Control>,
+    /// Called by `POST /drain`.
+    pub drain: Box<dyn Fn() + Send + Sync>,
+}
+
+/// Serves until the process exits. Each request gets its own short-lived
+/// thread with read/write timeouts, so a stuck scraper cannot block others.
+pub fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => {
+                let admin = admin.clone();
+                let _ = std::thread::Builder::new()
+                    .name("admin-conn".into())
+                    .stack_size(128 * 1024)
+                    .spawn(move || {
+                        if let Err(e) = handle(stream, &admin) {
+                            debug!(err = %e, "admin request failed");
+                        }
+                    });
+            }
+            Err(e) => {
+                warn!(err = %e, "admin accept failed");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn handle(mut stream: TcpStream, admin: &Admin) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let (method, path) = loop {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                break (
+                    req.method.unwrap_or("").to_string(),
+                    req.path.unwrap_or("").to_string(),
+                )
+            }
+            Ok(httparse::Status::Partial) if buf.len() < 16 * 1024 => continue,
+            _ => return respond(&mut stream, 400, "text/plain", "bad request\n"),
+        }
+    };
+    let path = path.split('?').next().unwrap_or("");
+    match (method.as_str(), path) {
+        ("GET", "/metrics") => {
+            let draining = admin.control.draining.load(Ordering::Relaxed) as u64;
+            let body = metrics::render(
+                &admin.stats,
+                &[(
+                    "eval_draining",
+                    "1 while the proxy drains (not accepting).",
+                    draining,
+                )],
+            );
+            respond(&mut stream, 200, "text/plain; version=0.0.4", &body)
+        }
+        ("GET", "/healthz") => respond(&mut stream, 200, "text/plain", "ok\n"),
+        ("GET", "/readyz") => {
+            if admin.control.draining.load(Ordering::Relaxed) {
+                respond(&mut stream, 503, "text/plain", "draining\n")
+            } else {
+                respond(&mut stream, 200, "text/plain", "ready\n")
+            }
+        }
+        ("POST", "/drain") => {
+            (admin.drain)();
+            respond(&mut stream, 202, "text/plain", "draining\n")
+        }
+        (_, "/metrics" | "/healthz" | "/readyz" | "/drain") => {
+            respond(&mut stream, 405, "text/plain", "method not allowed\n")
+        }
+        _ => respond(&mut stream, 404, "text/plain", "not found\n"),
+    }
+}
+
+fn respond(stream: &mut TcpStream, status: u16, ctype: &str, body: &str) -> io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        202 => "Accepted",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        503 => "Service Unavailable",
+        _ => "",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())?;
+    stream.flush()
+}

@@ -1,0 +1,461 @@
+//! Configuration: a TOML file, overridden by the common CLI flags.
+//!
+//! Every key has a default so an empty file is a valid config. Unknown keys
+//! are errors (a typo must not silently fall back to a default).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::proto::handshake::{parse_ws_url, WsUrl};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub admin: AdminConfig,
+    pub limits: Limits,
+    pub buffers: Buffers,
+    pub token: TokenConfig,
+    pub placement: PlacementConfig,
+    pub websocket: WebSocketConfig,
+    pub log: LogConfig,
+    pub drain: DrainConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// After SIGTERM or POST /drain, sessions run on this long before the
+    /// rest get Close 1001.
+    pub grace_s: u64,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig { grace_s: 30 * 3600 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// Public WebSocket listener; every shard binds it with SO_REUSEPORT.
+    pub addr: SocketAddr,
+    /// listen(2) backlog of each shard's socket.
+    pub backlog: u32,
+    /// Data shards; 0 means one per online core.
+    pub shards: usize,
+    /// Pin shard N to core N (mod online cores).
+    pub pin: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// /metrics, /healthz, /readyz, POST /drain.
+    pub addr: SocketAddr,
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_request_line: usize,
+    pub max_head: usize,
+    pub max_headers: usize,
+    /// The whole request head must arrive within this.
+    pub header_timeout_ms: u64,
+    /// Largest frame payload relayed; larger → Close 1009.
+    pub max_frame: u64,
+    /// TCP connect to Conman.
+    pub connect_timeout_ms: u64,
+    /// From 101 to relaying, all attempts included.
+    pub setup_timeout_ms: u64,
+    /// Client bytes held while Conman is being reached; beyond this the
+    /// client is simply not read until setup ends.
+    pub held_bytes: usize,
+    /// Bytes queued toward one side before the other side stops being read.
+    pub send_queue_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Buffers {
+    /// Provided buffers per shard (power of two, ≤ 32768).
+    pub count: u32,
+    /// Bytes per provided buffer.
+    pub size: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectWith {
+    /// 101 then Close 1008: browsers never see the HTTP status of a refused
+    /// handshake, but they do see a Close code.
+    Close,
+    /// Plain 401 before the upgrade.
+    Http,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// Directory of `<kid>.pub` files (`k4.public.…`).
+    pub keys_dir: Option<PathBuf>,
+    /// Trust the built-in, publicly known dev key. Never in production.
+    pub allow_dev_key: bool,
+    /// Clock-skew allowance for exp/nbf.
+    pub leeway_s: i64,
+    /// If set, tokens must carry this cluster.
+    pub cluster: Option<String>,
+    pub reject_with: RejectWith,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementConfig {
+    /// Conman for repls not listed in `repls`.
+    pub default: Option<String>,
+    /// repl id → Conman URL.
+    pub repls: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Subprotocols the proxy accepts from clients (first offered wins).
+    pub subprotocols: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// tracing EnvFilter directive; RUST_LOG wins when set.
+    pub level: String,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            addr: "0.0.0.0:8080".parse().unwrap(),
+            backlog: 4096,
+            shards: 0,
+            pin: true,
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            addr: "127.0.0.1:9090".parse().unwrap(),
+            enabled: true,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_line: 16 * 1024,
+            max_head: 32 * 1024,
+            max_headers: 64,
+            header_timeout_ms: 5_000,
+            max_frame: 64 * 1024 * 1024,
+            connect_timeout_ms: 3_000,
+            setup_timeout_ms: 10_000,
+            held_bytes: 64 * 1024,
+            send_queue_bytes: 256 * 1024,
+        }
+    }
+}
+
+impl Default for Buffers {
+    fn default() -> Self {
+        Buffers {
+            count: 1024,
+            size: 16 * 1024,
+        }
+    }
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        TokenConfig {
+            keys_dir: None,
+            allow_dev_key: false,
+            leeway_s: 30,
+            cluster: None,
+            reject_with: RejectWith::Close,
+        }
+    }
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        PlacementConfig {
+            default: None,
+            repls: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            subprotocols: Vec::new(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: ListenConfig::default(),
+            admin: AdminConfig::default(),
+            limits: Limits::default(),
+            buffers: Buffers::default(),
+            token: TokenConfig::default(),
+            placement: PlacementConfig::default(),
+            websocket: WebSocketConfig::default(),
+            log: LogConfig::default(),
+            drain: DrainConfig::default(),
+        }
+    }
+}
+
+/// A config error always names the key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })
+    }
+
+    /// Checks cross-field rules; run after CLI overrides are applied.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.max_request_line < 1024 {
+            return Err(invalid("limits.max_request_line", "must be at least 1024"));
+        }
+        if l.max_head < l.max_request_line {
+            return Err(invalid(
+                "limits.max_head",
+                "must be at least limits.max_request_line",
+            ));
+        }
+        if l.max_headers == 0 || l.max_headers > 1024 {
+            return Err(invalid("limits.max_headers", "must be in 1..=1024"));
+        }
+        for (key, v) in [
+            ("limits.header_timeout_ms", l.header_timeout_ms),
+            ("limits.connect_timeout_ms", l.connect_timeout_ms),
+            ("limits.setup_timeout_ms", l.setup_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if l.max_frame < 125 {
+            return Err(invalid("limits.max_frame", "must be at least 125"));
+        }
+        if l.send_queue_bytes < self.buffers.size as usize {
+            return Err(invalid(
+                "limits.send_queue_bytes",
+                "must be at least buffers.size",
+            ));
+        }
+        let b = &self.buffers;
+        if !b.count.is_power_of_two() || b.count > 32768 || b.count < 16 {
+            return Err(invalid(
+                "buffers.count",
+                "must be a power of two in 16..=32768",
+            ));
+        }
+        if b.size < 1024 || b.size > 1 << 20 {
+            return Err(invalid("buffers.size", "must be in 1024..=1048576"));
+        }
+        if self.listen.backlog == 0 {
+            return Err(invalid("listen.backlog", "must be greater than 0"));
+        }
+        if self.listen.shards > 1024 {
+            return Err(invalid("listen.shards", "must be at most 1024"));
+        }
+        if let Some(url) = &self.placement.default {
+            parse_ws_url(url).map_err(|e| invalid("placement.default", e.to_string()))?;
+        }
+        for (repl, url) in &self.placement.repls {
+            parse_ws_url(url)
+                .map_err(|e| invalid(&format!("placement.repls.{repl}"), e.to_string()))?;
+        }
+        if self.placement.default.is_none() && self.placement.repls.is_empty() {
+            return Err(invalid(
+                "placement.default",
+                "no Conman configured: set placement.default or --conman",
+            ));
+        }
+        if self.token.keys_dir.is_none() && !self.token.allow_dev_key {
+            return Err(invalid(
+                "token.keys_dir",
+                "no token keys: set token.keys_dir (or token.allow_dev_key for development)",
+            ));
+        }
+        if self.token.leeway_s < 0 {
+            return Err(invalid("token.leeway_s", "must not be negative"));
+        }
+        Ok(())
+    }
+
+    pub fn shard_count(&self) -> usize {
+        if self.listen.shards == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            self.listen.shards
+        }
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.header_timeout_ms)
+    }
+
+    /// Static placement: the Conman for a repl. Host names are resolved
+    /// here, once, because a shard must never block on DNS.
+    pub fn static_placement(&self) -> Result<StaticPlacement, ConfigError> {
+        let mut repls = BTreeMap::new();
+        for (repl, url) in &self.placement.repls {
+            let key = format!("placement.repls.{repl}");
+            repls.insert(repl.clone(), resolve(&key, url)?);
+        }
+        let default = match &self.placement.default {
+            Some(u) => Some(resolve("placement.default", u)?),
+            None => None,
+        };
+        Ok(StaticPlacement { repls, default })
+    }
+}
+
+fn resolve(key: &str, url: &str) -> Result<Placement, ConfigError> {
+    use std::net::ToSocketAddrs;
+    let u = parse_ws_url(url).map_err(|e| invalid(key, e.to_string()))?;
+    let host = u.host.trim_start_matches('[').trim_end_matches(']');
+    let addr = (host, u.port)
+        .to_socket_addrs()
+        .map_err(|e| invalid(key, format!("cannot resolve {}: {e}", u.host)))?
+        .next()
+        .ok_or_else(|| invalid(key, format!("{} has no address", u.host)))?;
+    Ok(Placement { url: u, addr })
+}
+
+/// Where a repl's Conman listens.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub url: WsUrl,
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct StaticPlacement {
+    repls: BTreeMap<String, Placement>,
+    default: Option<Placement>,
+}
+
+impl StaticPlacement {
+    pub fn lookup(&self, repl: &str) -> Option<&Placement> {
+        self.repls.get(repl).or(self.default.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.limits.max_head, 32 * 1024);
+        assert_eq!(c.listen.backlog, 4096);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::from_toml("[limits]\nmax_hed = 3\n").unwrap_err();
+        assert!(e.to_string().contains("max_hed"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let mut c = Config::from_toml("[buffers]\ncount = 1000\n").unwrap();
+        c.token.allow_dev_key = true;
+        c.placement.default = Some("ws://127.0.0.1:1/".into());
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("buffers.count"), "{e}");
+    }
+
+    #[test]
+    fn bad_conman_url_is_named() {
+        let mut c = Config::default();
+        c.token.allow_dev_key = true;
+        c.placement.repls.insert("r1".into(), "http://x".into());
+        c.placement.default = Some("ws://127.0.0.1:1/".into());
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("placement.repls.r1"), "{e}");
+    }
+}

@@ -1,0 +1,93 @@
+//! Where a session setup failed, as one value that yields the metric label,
+//! the log field and the Close frame the client gets.
+
+use crate::proto::close;
+
+/// Setup stages, in flow order. Variant names match the `stage` label of
+/// `eval_session_setup_failures_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stage {
+    Request,
+    Token,
+    Controlplane,
+    ConmanConnect,
+    ConmanHandshake,
+    ClientGone,
+    /// Not a setup stage: the relay after setup (Conman lost mid-session).
+    Relay,
+    /// Draining or evacuating.
+    Drain,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 8] = [
+        Stage::Request,
+        Stage::Token,
+        Stage::Controlplane,
+        Stage::ConmanConnect,
+        Stage::ConmanHandshake,
+        Stage::ClientGone,
+        Stage::Relay,
+        Stage::Drain,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Request => "request",
+            Stage::Token => "token",
+            Stage::Controlplane => "controlplane",
+            Stage::ConmanConnect => "conman_connect",
+            Stage::ConmanHandshake => "conman_handshake",
+            Stage::ClientGone => "client_gone",
+            Stage::Relay => "relay",
+            Stage::Drain => "drain",
+        }
+    }
+
+    /// The close code a client gets when this stage fails after the 101.
+    pub fn close_code(self) -> u16 {
+        match self {
+            Stage::Request => close::PROTOCOL_ERROR,
+            Stage::Token => close::POLICY,
+            Stage::Controlplane => close::TRY_AGAIN_LATER,
+            Stage::ConmanConnect | Stage::ConmanHandshake | Stage::Relay => close::BAD_GATEWAY,
+            Stage::ClientGone => close::GOING_AWAY,
+            Stage::Drain => close::SERVICE_RESTART,
+        }
+    }
+}
+
+/// A failed setup: `reason` is a snake_case word (metric label and close reason).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetupError {
+    pub stage: Stage,
+    pub reason: &'static str,
+    pub retry_after_ms: Option<u64>,
+}
+
+impl SetupError {
+    pub fn new(stage: Stage, reason: &'static str) -> Self {
+        SetupError {
+            stage,
+            reason,
+            retry_after_ms: None,
+        }
+    }
+
+    pub fn close_code(&self) -> u16 {
+        self.stage.close_code()
+    }
+
+    /// `stage=STAGE;reason=WORD[;retry_after_ms=N]`, at most 123 bytes.
+    pub fn close_reason(&self) -> String {
+        close::reason_text(self.stage.as_str(), self.reason, self.retry_after_ms)
+    }
+}
+
+impl std::fmt::Display for SetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stage={} reason={}", self.stage.as_str(), self.reason)
+    }
+}
+
+impl std::error::Error for SetupError {}

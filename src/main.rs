@@ -1,0 +1,363 @@
+//! `eval-proxy`: parse flags, build the config, hand it to the library.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use eval_proxy::config::{Config, LogFormat};
+use eval_proxy::token::{self, Claims};
+
+/// io_uring thread-per-core reverse WebSocket proxy between users' clients
+/// and Conman.
+///
+/// Clients connect with `GET /wsv2/<token>` (or `?token=`, or
+/// `Authorization: Bearer`); the proxy verifies the PASETO v4.public token,
+/// finds the repl's Conman, and relays frames both ways unchanged. Every
+/// option of the TOML config is documented in README.md; the flags below
+/// override the file.
+#[derive(Parser, Debug)]
+#[command(
+    name = "eval-proxy",
+    version,
+    after_help = "Exit codes: 0 clean exit, 1 runtime failure, 2 bad flags or config.\nQuick start: eval-proxy --dev"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// TOML config file (see README.md "Configuration").
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Public WebSocket listener (config: listen.addr; default 0.0.0.0:8080).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Default Conman URL, ws://host:port/path (config: placement.default).
+    #[arg(long, value_name = "URL")]
+    conman: Option<String>,
+    /// Data shards, one pinned thread each; 0 = one per core (config: listen.shards).
+    #[arg(long, value_name = "N")]
+    shards: Option<usize>,
+    /// Admin listener for /metrics, /healthz, /readyz, POST /drain (config: admin.addr; default 127.0.0.1:9090).
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<SocketAddr>,
+    /// Do not start the admin listener.
+    #[arg(long)]
+    no_admin: bool,
+    /// Directory of `<kid>.pub` token keys (config: token.keys_dir).
+    #[arg(long, value_name = "DIR")]
+    keys_dir: Option<PathBuf>,
+    /// Log format (config: log.format).
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormatArg>,
+    /// Development mode: embedded fake Conman (echo), the public dev token
+    /// key, loopback listeners; prints a ready-to-use ws:// URL.
+    #[arg(long)]
+    dev: bool,
+    /// Validate the config and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Token keys and tokens for operators, tests and demos.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Writes a new Ed25519 key pair: DIR/KID.secret and DIR/KID.pub.
+    Keygen {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[arg(long, default_value = "k1")]
+        kid: String,
+    },
+    /// Prints a signed v4.public token.
+    Mint {
+        /// Secret key file written by `keygen` (its kid is the file stem).
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present = "dev",
+            conflicts_with = "dev"
+        )]
+        key: Option<PathBuf>,
+        /// Sign with the public, insecure dev key (kid "dev").
+        #[arg(long)]
+        dev: bool,
+        #[arg(long)]
+        repl: String,
+        #[arg(long, default_value = "dev-user")]
+        user: String,
+        #[arg(long, default_value = "dev")]
+        cluster: String,
+        /// Lifetime, e.g. 90s, 30m, 1h, 2d; negative values (e.g. -1h) mint expired tokens for tests.
+        #[arg(long, default_value = "1h", allow_hyphen_values = true)]
+        ttl: String,
+        /// Not-before offset from now (e.g. 10m mints a token valid only later).
+        #[arg(long, default_value = "0s", allow_hyphen_values = true)]
+        nbf: String,
+        #[arg(long)]
+        jti: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = if e.downcast_ref::<ConfigFault>().is_some() {
+                2
+            } else {
+                1
+            };
+            eprintln!("eval-proxy: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Marks errors that are the operator's config or flags (exit 2).
+#[derive(Debug)]
+struct ConfigFault(String);
+impl std::fmt::Display for ConfigFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for ConfigFault {}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Cmd::Token { cmd }) = cli.cmd {
+        return token_cmd(cmd);
+    }
+    let mut cfg = match &cli.config {
+        Some(p) => Config::from_file(p).map_err(|e| ConfigFault(e.to_string()))?,
+        None => Config::default(),
+    };
+    let mut dev_conman = None;
+    if cli.dev {
+        cfg.token.allow_dev_key = true;
+        if cli.listen.is_none() && cli.config.is_none() {
+            cfg.listen.addr = "127.0.0.1:8080".parse().expect("literal");
+        }
+        if cfg.placement.default.is_none() && cli.conman.is_none() {
+            let h = eval_proxy::dev::conman::spawn(eval_proxy::dev::conman::ConmanConfig {
+                listen: "127.0.0.1:0".parse().expect("literal"),
+                behavior: eval_proxy::dev::conman::Behavior {
+                    vm_id: "dev-vm".into(),
+                    ..Default::default()
+                },
+            })
+            .context("starting the embedded fake Conman")?;
+            cfg.placement.default = Some(format!("ws://{}/", h.local_addr));
+            dev_conman = Some(h);
+        }
+    }
+    if let Some(a) = cli.listen {
+        cfg.listen.addr = a;
+    }
+    if let Some(u) = cli.conman {
+        cfg.placement.default = Some(u);
+    }
+    if let Some(n) = cli.shards {
+        cfg.listen.shards = n;
+    }
+    if let Some(a) = cli.admin {
+        cfg.admin.addr = a;
+    }
+    if cli.no_admin {
+        cfg.admin.enabled = false;
+    }
+    if let Some(d) = cli.keys_dir {
+        cfg.token.keys_dir = Some(d);
+    }
+    if let Some(f) = cli.log_format {
+        cfg.log.format = match f {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        };
+    }
+    cfg.validate().map_err(|e| ConfigFault(e.to_string()))?;
+    if cli.check {
+        cfg.static_placement()
+            .map_err(|e| ConfigFault(e.to_string()))?;
+        eval_proxy::server::load_keys(&cfg).map_err(|e| ConfigFault(e.to_string()))?;
+        println!("config ok");
+        return Ok(());
+    }
+    init_logging(&cfg);
+    let dev = cli.dev;
+    eval_proxy::server::run(cfg, |b| {
+        let mut out = std::io::stdout().lock();
+        if dev {
+            let claims = Claims {
+                repl: "dev-repl".into(),
+                user: "dev-user".into(),
+                cluster: "dev".into(),
+                exp: unix_now() + 24 * 3600,
+                nbf: unix_now() - 60,
+                jti: "dev".into(),
+            };
+            let t = token::mint(&claims, token::DEV_KID, &token::dev_signing_key());
+            let _ = writeln!(
+                out,
+                "eval-proxy --dev: paste into any WebSocket client: ws://{}/wsv2/{t}",
+                b.listen
+            );
+        }
+        let admin = b.admin.map_or("off".to_string(), |a| a.to_string());
+        let _ = writeln!(
+            out,
+            "eval-proxy ready listen={} admin={admin} shards={}",
+            b.listen, b.shards
+        );
+        let _ = out.flush();
+    })
+    .map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidInput {
+            anyhow::Error::new(ConfigFault(e.to_string()))
+        } else {
+            anyhow::Error::new(e)
+        }
+    })?;
+    drop(dev_conman);
+    Ok(())
+}
+
+fn init_logging(cfg: &Config) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Parses `90s`, `30m`, `1h`, `2d`, with an optional leading `-`.
+fn parse_duration_s(s: &str) -> anyhow::Result<i64> {
+    let (neg, body) = match s.strip_prefix('-') {
+        Some(b) => (true, b),
+        None => (false, s),
+    };
+    let split = body
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(body.len());
+    let (num, unit) = body.split_at(split);
+    let n: i64 = num.parse().with_context(|| format!("bad duration {s:?}"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => bail!("bad duration unit in {s:?} (use s, m, h, d)"),
+    };
+    Ok(if neg { -n * mult } else { n * mult })
+}
+
+fn token_cmd(cmd: TokenCmd) -> anyhow::Result<()> {
+    match cmd {
+        TokenCmd::Keygen { out, kid } => {
+            if kid.is_empty() || kid.contains(['/', '.']) {
+                return Err(ConfigFault(format!(
+                    "--kid {kid:?}: must be non-empty, without '/' or '.'"
+                ))
+                .into());
+            }
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let sk = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+            let secret = out.join(format!("{kid}.secret"));
+            let public = out.join(format!("{kid}.pub"));
+            write_private(&secret, &token::encode_secret(&sk))?;
+            std::fs::write(&public, token::encode_public(&sk.verifying_key()) + "\n")
+                .with_context(|| format!("writing {}", public.display()))?;
+            println!("{}\n{}", secret.display(), public.display());
+            Ok(())
+        }
+        TokenCmd::Mint {
+            key,
+            dev,
+            repl,
+            user,
+            cluster,
+            ttl,
+            nbf,
+            jti,
+        } => {
+            let (kid, sk) = if dev {
+                (token::DEV_KID.to_string(), token::dev_signing_key())
+            } else {
+                let path = key.expect("clap requires --key without --dev");
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let sk = token::decode_secret(text.trim())
+                    .map_err(|e| ConfigFault(format!("{}: {e}", path.display())))?;
+                let kid = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("k1")
+                    .to_string();
+                (kid, sk)
+            };
+            let now = unix_now();
+            let claims = Claims {
+                repl,
+                user,
+                cluster,
+                exp: now + parse_duration_s(&ttl)?,
+                nbf: now + parse_duration_s(&nbf)?,
+                jti: jti.unwrap_or_else(|| format!("{:016x}", rand::random::<u64>())),
+            };
+            println!("{}", token::mint(&claims, &kid, &sk));
+            Ok(())
+        }
+    }
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(f, "{text}").with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

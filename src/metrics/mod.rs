@@ -1,0 +1,325 @@
+//! Per-shard counters, merged only when read (seastar's `map_reduce`).
+//!
+//! Each shard writes its own `ShardStats` with relaxed atomics on its own
+//! cache lines; nothing on the data path touches another shard's stats. The
+//! rare-event tables (setup failures, close codes, HTTP statuses) sit behind
+//! a mutex that only the owning shard and a scrape ever take, so it is
+//! uncontended in practice.
+
+pub mod names;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+use crate::error::Stage;
+use crate::proto::relay::Direction;
+
+/// Setup phases timed into `eval_setup_duration_seconds{stage}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Token,
+    Controlplane,
+    ConmanDial,
+    ConmanUpgrade,
+    Total,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 5] = [
+        Phase::Token,
+        Phase::Controlplane,
+        Phase::ConmanDial,
+        Phase::ConmanUpgrade,
+        Phase::Total,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Token => "token",
+            Phase::Controlplane => "controlplane",
+            Phase::ConmanDial => "conman_dial",
+            Phase::ConmanUpgrade => "conman_upgrade",
+            Phase::Total => "total",
+        }
+    }
+}
+
+/// Which peer sent a Close code (or which peer the proxy sent it to).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CloseSide {
+    Client,
+    Conman,
+    /// Originated by the proxy toward the client.
+    ProxyToClient,
+    /// Originated by the proxy toward Conman.
+    ProxyToConman,
+}
+
+impl CloseSide {
+    fn as_str(self) -> &'static str {
+        match self {
+            CloseSide::Client => "client",
+            CloseSide::Conman => "conman",
+            CloseSide::ProxyToClient => "proxy_to_client",
+            CloseSide::ProxyToConman => "proxy_to_conman",
+        }
+    }
+}
+
+#[repr(align(128))]
+#[derive(Default)]
+pub struct ShardStats {
+    pub accepted: AtomicU64,
+    pub attempts: AtomicU64,
+    pub established: AtomicU64,
+    pub active: AtomicU64,
+    /// Rejections that are the client's own fault (bad request, bad token):
+    /// excluded from the SLO denominator.
+    pub client_fault: AtomicU64,
+    pub bytes_to_conman: AtomicU64,
+    pub bytes_to_client: AtomicU64,
+    pub frames_to_conman: AtomicU64,
+    pub frames_to_client: AtomicU64,
+    pub buffer_exhausted: AtomicU64,
+    pub backpressure_pauses: AtomicU64,
+    rare: Mutex<Rare>,
+}
+
+#[derive(Default)]
+struct Rare {
+    failures: BTreeMap<(&'static str, &'static str), u64>,
+    closes: BTreeMap<(CloseSide, u16), u64>,
+    http: BTreeMap<u16, u64>,
+    setup: Vec<(Phase, Histogram<u64>)>,
+}
+
+fn lock(m: &Mutex<Rare>) -> std::sync::MutexGuard<'_, Rare> {
+    // A panic while holding it cannot leave the counters inconsistent in a
+    // way that matters more than losing the metrics.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ShardStats {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Relaxed);
+    }
+
+    pub fn add_bytes(&self, dir: Direction, bytes: u64, frames: u64) {
+        let (b, f) = match dir {
+            Direction::ToConman => (&self.bytes_to_conman, &self.frames_to_conman),
+            Direction::ToClient => (&self.bytes_to_client, &self.frames_to_client),
+        };
+        b.fetch_add(bytes, Relaxed);
+        if frames > 0 {
+            f.fetch_add(frames, Relaxed);
+        }
+    }
+
+    pub fn setup_failure(&self, stage: Stage, reason: &'static str, client_fault: bool) {
+        if client_fault {
+            Self::inc(&self.client_fault);
+        }
+        *lock(&self.rare)
+            .failures
+            .entry((stage.as_str(), reason))
+            .or_default() += 1;
+    }
+
+    pub fn close_code(&self, side: CloseSide, code: u16) {
+        *lock(&self.rare).closes.entry((side, code)).or_default() += 1;
+    }
+
+    pub fn http_response(&self, status: u16) {
+        *lock(&self.rare).http.entry(status).or_default() += 1;
+    }
+
+    pub fn setup_duration(&self, phase: Phase, d: Duration) {
+        let mut r = lock(&self.rare);
+        let us = d.as_micros().max(1) as u64;
+        if let Some((_, h)) = r.setup.iter_mut().find(|(p, _)| *p == phase) {
+            h.saturating_record(us);
+            return;
+        }
+        let mut h = Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid bounds");
+        h.saturating_record(us);
+        r.setup.push((phase, h));
+    }
+}
+
+/// Prometheus text exposition of all shards, merged at read time.
+pub fn render(shards: &[std::sync::Arc<ShardStats>], extra: &[(&str, &str, u64)]) -> String {
+    let mut out = String::with_capacity(4096);
+    let sum = |f: fn(&ShardStats) -> &AtomicU64| -> u64 {
+        shards.iter().map(|s| f(s).load(Relaxed)).sum()
+    };
+    let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
+    };
+    counter(
+        &mut out,
+        names::CONNECTIONS_ACCEPTED,
+        "TCP connections accepted on the public listener.",
+        sum(|s| &s.accepted),
+    );
+    counter(
+        &mut out,
+        names::SESSION_ATTEMPTS,
+        "WebSocket upgrade requests received.",
+        sum(|s| &s.attempts),
+    );
+    counter(
+        &mut out,
+        names::SESSIONS_ESTABLISHED,
+        "Sessions relaying between client and Conman.",
+        sum(|s| &s.established),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP eval_session_client_fault_rejections_total Rejections caused by the client (bad request, bad token); excluded from the success-rate SLO.\n# TYPE eval_session_client_fault_rejections_total counter\neval_session_client_fault_rejections_total {}",
+        sum(|s| &s.client_fault)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP {0} Sessions currently open, per shard (autoscaling signal).\n# TYPE {0} gauge",
+        names::SESSIONS_ACTIVE
+    );
+    for (i, s) in shards.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{}{{shard=\"{i}\"}} {}",
+            names::SESSIONS_ACTIVE,
+            s.active.load(Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {0} Payload and header bytes relayed, by direction.\n# TYPE {0} counter\n{0}{{direction=\"to_conman\"}} {1}\n{0}{{direction=\"to_client\"}} {2}",
+        names::RELAY_BYTES,
+        sum(|s| &s.bytes_to_conman),
+        sum(|s| &s.bytes_to_client)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP {0} Frames relayed, by direction.\n# TYPE {0} counter\n{0}{{direction=\"to_conman\"}} {1}\n{0}{{direction=\"to_client\"}} {2}",
+        names::RELAY_FRAMES,
+        sum(|s| &s.frames_to_conman),
+        sum(|s| &s.frames_to_client)
+    );
+    counter(
+        &mut out,
+        names::BUFFER_EXHAUSTED,
+        "Receives that found the provided-buffer ring empty (ENOBUFS).",
+        sum(|s| &s.buffer_exhausted),
+    );
+    counter(
+        &mut out,
+        names::BACKPRESSURE_PAUSES,
+        "Times a side stopped being read because its peer had too much queued.",
+        sum(|s| &s.backpressure_pauses),
+    );
+
+    let mut failures: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    let mut closes: BTreeMap<(CloseSide, u16), u64> = BTreeMap::new();
+    let mut http: BTreeMap<u16, u64> = BTreeMap::new();
+    let mut setup: Vec<(Phase, Histogram<u64>)> = Vec::new();
+    for s in shards {
+        let r = lock(&s.rare);
+        for (k, v) in &r.failures {
+            *failures.entry(*k).or_default() += v;
+        }
+        for (k, v) in &r.closes {
+            *closes.entry(*k).or_default() += v;
+        }
+        for (k, v) in &r.http {
+            *http.entry(*k).or_default() += v;
+        }
+        for (p, h) in &r.setup {
+            match setup.iter_mut().find(|(q, _)| q == p) {
+                Some((_, acc)) => {
+                    let _ = acc.add(h);
+                }
+                None => setup.push((*p, h.clone())),
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {0} Session setups that failed, by stage and reason.\n# TYPE {0} counter",
+        names::SETUP_FAILURES
+    );
+    for ((stage, reason), v) in &failures {
+        let _ = writeln!(
+            out,
+            "{}{{stage=\"{stage}\",reason=\"{reason}\"}} {v}",
+            names::SETUP_FAILURES
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {0} Close codes seen or sent, by side.\n# TYPE {0} counter",
+        names::CLOSE_CODES
+    );
+    for ((side, code), v) in &closes {
+        let _ = writeln!(
+            out,
+            "{}{{side=\"{}\",code=\"{code}\"}} {v}",
+            names::CLOSE_CODES,
+            side.as_str()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {0} Plain HTTP responses on the public port, by status.\n# TYPE {0} counter",
+        names::HTTP_RESPONSES
+    );
+    for (status, v) in &http {
+        let _ = writeln!(out, "{}{{status=\"{status}\"}} {v}", names::HTTP_RESPONSES);
+    }
+    render_histograms(&mut out, &setup);
+    for (name, help, v) in extra {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
+    out
+}
+
+const BUCKETS_US: [u64; 14] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 10_000_000,
+];
+
+fn render_histograms(out: &mut String, setup: &[(Phase, Histogram<u64>)]) {
+    let name = names::SETUP_DURATION;
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time spent in each setup stage.\n# TYPE {name} histogram"
+    );
+    for phase in Phase::ALL {
+        let Some((_, h)) = setup.iter().find(|(p, _)| *p == phase) else {
+            continue;
+        };
+        let stage = phase.as_str();
+        for le in BUCKETS_US {
+            let c = h.count_between(0, le);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{stage=\"{stage}\",le=\"{}\"}} {c}",
+                le as f64 / 1e6
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{stage=\"{stage}\",le=\"+Inf\"}} {}",
+            h.len()
+        );
+        let sum_s = h.mean() * h.len() as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{stage=\"{stage}\"}} {sum_s}");
+        let _ = writeln!(out, "{name}_count{{stage=\"{stage}\"}} {}", h.len());
+    }
+}

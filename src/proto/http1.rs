@@ -1,0 +1,997 @@
+//! The client's side of the handshake as the proxy sees it: parse the HTTP/1.1
+//! request head that a client sends (`GET /wsv2/<token>` with a WebSocket
+//! upgrade, or `GET /healthz`) and write the answers (101, 4xx, `/healthz`).
+//!
+//! Sans-IO: the caller owns the buffer and calls [`parse_request`] again after
+//! every read. Nothing is consumed; bytes past the head belong to the WebSocket
+//! stream and the caller keeps them.
+//!
+//! Decisions a reader might otherwise wonder about:
+//! - Every line must end in CRLF. A bare LF is a 400 (`malformed`), although
+//!   RFC 9112 §2.2 lets a recipient accept it and httparse does: the cheap
+//!   completeness check looks for CRLFCRLF, and a proxy gains nothing by being
+//!   lenient about how a head ends. Empty lines before the request line are
+//!   refused for the same reason (there is no earlier request on this
+//!   connection whose trailing CRLF they could be).
+//! - HTTP/1.0 on `/wsv2` is a 400 (`http_version`), not a 505: the server does
+//!   speak HTTP/1.x, the request just cannot be a WebSocket upgrade
+//!   (RFC 6455 §4.1 needs 1.1). `/healthz` answers HTTP/1.0 too, because load
+//!   balancer health checks (HAProxy's default `httpchk`) send it.
+//! - Limits are checked on the bytes received so far, so a client that drips
+//!   an endless request line is refused after `max_request_line` bytes, not
+//!   after `max_head`.
+//! - Sec-WebSocket-Key must be the canonical base64 (with padding) of exactly
+//!   16 bytes, as RFC 6455 §4.1 requires and every client sends.
+#![forbid(unsafe_code)]
+
+use std::fmt;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use thiserror::Error;
+
+/// The WebSocket endpoint; `/wsv2/<token>` and `/wsv2?token=` live under it.
+pub const WS_PATH: &str = "/wsv2";
+pub const HEALTHZ_PATH: &str = "/healthz";
+
+/// Size limits on a request head, checked as bytes arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest request line, CRLF excluded (414 past it). Tokens ride in the
+    /// path, so this must fit the longest token plus `GET /wsv2/ HTTP/1.1`.
+    pub max_request_line: usize,
+    /// Longest head, request line and final blank line included (431 past it).
+    pub max_head: usize,
+    /// Most header lines (431 past it).
+    pub max_headers: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_request_line: 16 * 1024,
+            max_head: 32 * 1024,
+            max_headers: 64,
+        }
+    }
+}
+
+/// What a complete, valid request head asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    WebSocket(UpgradeRequest),
+    Healthz,
+}
+
+/// A valid WebSocket upgrade request, reduced to what the proxy uses.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UpgradeRequest {
+    /// First found of: the path segment after `/wsv2/`, the `token` query
+    /// parameter, `Authorization: Bearer`. Whether it is valid, or given twice,
+    /// is the token check's business.
+    pub token: Option<String>,
+    /// Sec-WebSocket-Key, validated.
+    pub key: String,
+    /// Offered subprotocols in the client's order, across repeated headers.
+    pub protocols: Vec<String>,
+    /// Sec-WebSocket-Extensions as sent (repeated headers joined with ", "),
+    /// kept only to forward in upstream-first mode.
+    pub extensions: Option<String>,
+    pub host: Option<String>,
+    pub origin: Option<String>,
+    pub user_agent: Option<String>,
+    /// Repeated headers joined with ", ", as list fields combine.
+    pub x_forwarded_for: Option<String>,
+}
+
+// By hand so that a `{:?}` in a log line cannot leak the token.
+impl fmt::Debug for UpgradeRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpgradeRequest")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("key", &self.key)
+            .field("protocols", &self.protocols)
+            .field("extensions", &self.extensions)
+            .field("host", &self.host)
+            .field("origin", &self.origin)
+            .field("user_agent", &self.user_agent)
+            .field("x_forwarded_for", &self.x_forwarded_for)
+            .finish()
+    }
+}
+
+/// Why a request head was refused; each maps to one HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("{}", self.reason())]
+pub enum RequestError {
+    /// httparse refused the syntax, or a line did not end in CRLF.
+    Malformed(httparse::Error),
+    RequestLineTooLong,
+    HeadTooLarge,
+    TooManyHeaders,
+    /// A WebSocket upgrade in anything but HTTP/1.1.
+    HttpVersion,
+    MethodNotAllowed,
+    NotFound,
+    /// A known WebSocket path without `Upgrade: websocket` and
+    /// `Connection: upgrade`.
+    NotUpgrade,
+    /// Sec-WebSocket-Version missing, repeated, or not 13.
+    WebSocketVersion,
+    MissingKey,
+    InvalidKey,
+    DuplicateKey,
+    MissingHost,
+    DuplicateHost,
+    InvalidHost,
+    /// Content-Length or Transfer-Encoding on an upgrade: whatever follows the
+    /// head is WebSocket frames, so a declared body means two parties could
+    /// disagree on where the stream starts.
+    BodyOnUpgrade,
+}
+
+impl RequestError {
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Malformed(_)
+            | Self::HttpVersion
+            | Self::MissingKey
+            | Self::InvalidKey
+            | Self::DuplicateKey
+            | Self::MissingHost
+            | Self::DuplicateHost
+            | Self::InvalidHost
+            | Self::BodyOnUpgrade => 400,
+            Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
+            Self::RequestLineTooLong => 414,
+            Self::NotUpgrade | Self::WebSocketVersion => 426,
+            Self::HeadTooLarge | Self::TooManyHeaders => 431,
+        }
+    }
+
+    /// One line for the response body and the log.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Malformed(e) => match e {
+                httparse::Error::HeaderName => "invalid header name",
+                httparse::Error::HeaderValue => "invalid header value",
+                httparse::Error::NewLine => "invalid line ending",
+                httparse::Error::Status | httparse::Error::Token => "invalid request line",
+                httparse::Error::Version => "invalid HTTP version",
+                httparse::Error::TooManyHeaders => "too many headers",
+            },
+            Self::RequestLineTooLong => "request line too long",
+            Self::HeadTooLarge => "request head too large",
+            Self::TooManyHeaders => "too many headers",
+            Self::HttpVersion => "HTTP/1.1 required",
+            Self::MethodNotAllowed => "method not allowed",
+            Self::NotFound => "not found",
+            Self::NotUpgrade => "WebSocket upgrade required",
+            Self::WebSocketVersion => "Sec-WebSocket-Version must be 13",
+            Self::MissingKey => "missing Sec-WebSocket-Key",
+            Self::InvalidKey => "invalid Sec-WebSocket-Key",
+            Self::DuplicateKey => "duplicate Sec-WebSocket-Key",
+            Self::MissingHost => "missing Host",
+            Self::DuplicateHost => "duplicate Host",
+            Self::InvalidHost => "invalid Host",
+            Self::BodyOnUpgrade => "Content-Length or Transfer-Encoding on upgrade",
+        }
+    }
+
+    /// Metric label value.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "malformed",
+            Self::RequestLineTooLong => "request_line_too_long",
+            Self::HeadTooLarge => "head_too_large",
+            Self::TooManyHeaders => "too_many_headers",
+            Self::HttpVersion => "http_version",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::NotFound => "not_found",
+            Self::NotUpgrade => "upgrade_required",
+            Self::WebSocketVersion => "websocket_version",
+            Self::MissingKey => "missing_key",
+            Self::InvalidKey => "invalid_key",
+            Self::DuplicateKey => "duplicate_key",
+            Self::MissingHost => "missing_host",
+            Self::DuplicateHost => "duplicate_host",
+            Self::InvalidHost => "invalid_host",
+            Self::BodyOnUpgrade => "body_on_upgrade",
+        }
+    }
+}
+
+/// Parses a request head from the start of `buf`.
+///
+/// Returns `Ok(None)` while the head is incomplete and within limits; that
+/// path only scans and never allocates. `Ok(Some((route, head_len)))` once the
+/// blank line has arrived: `buf[head_len..]` is already WebSocket data.
+pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<(Route, usize)>, RequestError> {
+    let Some(head_len) = find_head_end(buf, limits)? else {
+        return Ok(None);
+    };
+    let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(&buf[..head_len]) {
+        Ok(httparse::Status::Complete(n)) if n == head_len => {}
+        // The scan saw CRLFCRLF there, so httparse must agree that the head
+        // ends there; if not, refuse rather than guess where the stream starts.
+        Ok(_) => return Err(RequestError::Malformed(httparse::Error::NewLine)),
+        Err(httparse::Error::TooManyHeaders) => return Err(RequestError::TooManyHeaders),
+        Err(e) => return Err(RequestError::Malformed(e)),
+    }
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Err(RequestError::Malformed(httparse::Error::Token));
+    };
+    let (path, query) = match target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (target, None),
+    };
+    let route = match classify(path) {
+        Target::Unknown => return Err(RequestError::NotFound),
+        Target::Healthz => {
+            require_get(method)?;
+            Route::Healthz
+        }
+        Target::WebSocket(path_token) => {
+            require_get(method)?;
+            Route::WebSocket(upgrade_request(version, path_token, query, req.headers)?)
+        }
+    };
+    Ok(Some((route, head_len)))
+}
+
+/// The cheap check: where the head ends (just past CRLFCRLF), enforcing the
+/// size limits and CRLF-only line endings on what has arrived so far.
+fn find_head_end(buf: &[u8], limits: &Limits) -> Result<Option<usize>, RequestError> {
+    if matches!(buf.first(), Some(b'\r' | b'\n')) {
+        return Err(RequestError::Malformed(httparse::Error::NewLine));
+    }
+    let window = &buf[..buf.len().min(limits.max_head)];
+    let mut request_line_seen = false;
+    let mut from = 0;
+    while let Some(offset) = window[from..].iter().position(|&b| b == b'\n') {
+        let lf = from + offset;
+        if lf == 0 || window[lf - 1] != b'\r' {
+            return Err(RequestError::Malformed(httparse::Error::NewLine));
+        }
+        if !request_line_seen {
+            if lf - 1 > limits.max_request_line {
+                return Err(RequestError::RequestLineTooLong);
+            }
+            request_line_seen = true;
+        } else if lf >= 3 && window[lf - 3..lf - 1] == *b"\r\n" {
+            return Ok(Some(lf + 1));
+        }
+        from = lf + 1;
+    }
+    // Without a LF, max_request_line + 2 bytes hold more than max_request_line
+    // bytes of line whatever the last one is.
+    if !request_line_seen && buf.len() > limits.max_request_line + 1 {
+        return Err(RequestError::RequestLineTooLong);
+    }
+    if buf.len() >= limits.max_head {
+        return Err(RequestError::HeadTooLarge);
+    }
+    Ok(None)
+}
+
+enum Target<'a> {
+    Healthz,
+    /// The token from the path segment, if there is a non-empty one.
+    WebSocket(Option<&'a str>),
+    Unknown,
+}
+
+fn classify(path: &str) -> Target<'_> {
+    if path == HEALTHZ_PATH {
+        return Target::Healthz;
+    }
+    match path.strip_prefix(WS_PATH) {
+        Some("") => Target::WebSocket(None),
+        Some(rest) => match rest.strip_prefix('/') {
+            // Tokens are base64url and dots: a further '/' is another path.
+            Some(segment) if !segment.contains('/') => {
+                Target::WebSocket(Some(segment).filter(|s| !s.is_empty()))
+            }
+            _ => Target::Unknown,
+        },
+        None => Target::Unknown,
+    }
+}
+
+fn require_get(method: &str) -> Result<(), RequestError> {
+    if method == "GET" {
+        Ok(())
+    } else {
+        Err(RequestError::MethodNotAllowed)
+    }
+}
+
+fn upgrade_request(
+    version: u8,
+    path_token: Option<&str>,
+    query: Option<&str>,
+    headers: &[httparse::Header<'_>],
+) -> Result<UpgradeRequest, RequestError> {
+    if version != 1 {
+        return Err(RequestError::HttpVersion);
+    }
+    let mut hosts = 0;
+    let mut host = None;
+    let mut keys = 0;
+    let mut key: &[u8] = b"";
+    let mut ws_versions = 0;
+    let mut ws_version_13 = false;
+    let mut upgrade_websocket = false;
+    let mut connection_upgrade = false;
+    let mut body = false;
+    let mut bearer = None;
+    let mut protocols = Vec::new();
+    let mut extensions: Option<String> = None;
+    let mut origin = None;
+    let mut user_agent = None;
+    let mut x_forwarded_for: Option<String> = None;
+
+    for h in headers {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+            host = Some(text(h.value)?);
+        } else if name.eq_ignore_ascii_case("connection") {
+            connection_upgrade |= has_token(h.value, "upgrade");
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            upgrade_websocket |= has_token(h.value, "websocket");
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            keys += 1;
+            key = h.value.trim_ascii();
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            ws_versions += 1;
+            ws_version_13 = h.value.trim_ascii() == b"13";
+        } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
+            protocols.extend(
+                text(h.value)?
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_owned),
+            );
+        } else if name.eq_ignore_ascii_case("sec-websocket-extensions") {
+            append_list(&mut extensions, text(h.value)?);
+        } else if name.eq_ignore_ascii_case("content-length")
+            || name.eq_ignore_ascii_case("transfer-encoding")
+        {
+            body = true;
+        } else if name.eq_ignore_ascii_case("authorization") {
+            if bearer.is_none() {
+                bearer = bearer_token(text(h.value)?);
+            }
+        } else if name.eq_ignore_ascii_case("origin") {
+            origin = origin.or(Some(text(h.value)?));
+        } else if name.eq_ignore_ascii_case("user-agent") {
+            user_agent = user_agent.or(Some(text(h.value)?));
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            append_list(&mut x_forwarded_for, text(h.value)?);
+        }
+    }
+
+    match (hosts, host) {
+        (0, _) => return Err(RequestError::MissingHost),
+        (1, Some(h)) if valid_host(h) => {}
+        (1, _) => return Err(RequestError::InvalidHost),
+        _ => return Err(RequestError::DuplicateHost),
+    }
+    if body {
+        return Err(RequestError::BodyOnUpgrade);
+    }
+    if !(upgrade_websocket && connection_upgrade) {
+        return Err(RequestError::NotUpgrade);
+    }
+    if !(ws_versions == 1 && ws_version_13) {
+        return Err(RequestError::WebSocketVersion);
+    }
+    let key = match keys {
+        0 => return Err(RequestError::MissingKey),
+        1 if valid_key(key) => key,
+        1 => return Err(RequestError::InvalidKey),
+        _ => return Err(RequestError::DuplicateKey),
+    };
+    // valid_key accepted only base64 characters, so this is ASCII.
+    let key = String::from_utf8_lossy(key).into_owned();
+
+    let query_token = query.and_then(|q| {
+        q.split('&')
+            .find_map(|pair| pair.strip_prefix("token="))
+            .filter(|t| !t.is_empty())
+    });
+    let token = path_token.or(query_token).or(bearer).map(str::to_owned);
+
+    Ok(UpgradeRequest {
+        token,
+        key,
+        protocols,
+        extensions,
+        host: host.map(str::to_owned),
+        origin: origin.map(str::to_owned),
+        user_agent: user_agent.map(str::to_owned),
+        x_forwarded_for,
+    })
+}
+
+/// A header value we keep, as trimmed text; obs-text that is not UTF-8 is
+/// refused rather than mangled, since these values are forwarded or logged.
+fn text(value: &[u8]) -> Result<&str, RequestError> {
+    std::str::from_utf8(value.trim_ascii())
+        .map_err(|_| RequestError::Malformed(httparse::Error::HeaderValue))
+}
+
+fn append_list(list: &mut Option<String>, value: &str) {
+    if value.is_empty() {
+        return;
+    }
+    match list {
+        Some(l) => {
+            l.push_str(", ");
+            l.push_str(value);
+        }
+        None => *list = Some(value.to_owned()),
+    }
+}
+
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// RFC 3986 host[:port] characters only: a Host with spaces, commas or
+/// userinfo cannot name us and is what request smuggling tries.
+fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~:[]%!$&'()*+;=".contains(&b))
+}
+
+fn valid_key(key: &[u8]) -> bool {
+    // 24 characters is the only length that can hold 16 bytes padded; checked
+    // first so that a huge header is not decoded.
+    let mut decoded = [0u8; 18];
+    key.len() == 24 && matches!(STANDARD.decode_slice(key, &mut decoded), Ok(16))
+}
+
+/// Whether a comma-separated header list holds `token`, in any case.
+pub(crate) fn has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// Appends `name: value\r\n`. Values can come from token claims or from a
+/// peer, so bytes that would end the line or the head (CR, LF, other controls)
+/// become spaces instead of letting a value inject headers.
+pub(crate) fn push_header(out: &mut Vec<u8>, name: &str, value: &str) {
+    debug_assert!(
+        !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':'),
+        "header name {name:?} is not a token"
+    );
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend(value.bytes().map(|b| {
+        if (b < 0x20 && b != b'\t') || b == 0x7f {
+            b' '
+        } else {
+            b
+        }
+    }));
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The 101 answer to an upgrade. `protocol` must be one the client offered
+/// (see `handshake::choose_protocol`); `extensions` is only set in
+/// upstream-first mode, copied from Conman's answer.
+pub fn write_switching_protocols(
+    out: &mut Vec<u8>,
+    accept: &str,
+    protocol: Option<&str>,
+    extensions: Option<&str>,
+) {
+    out.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
+    );
+    push_header(out, "Sec-WebSocket-Accept", accept);
+    if let Some(protocol) = protocol {
+        push_header(out, "Sec-WebSocket-Protocol", protocol);
+    }
+    if let Some(extensions) = extensions {
+        push_header(out, "Sec-WebSocket-Extensions", extensions);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The answer to a refused request, with the headers its status calls for.
+pub fn write_error(out: &mut Vec<u8>, err: &RequestError) {
+    match err {
+        RequestError::MethodNotAllowed => {
+            write_plain(
+                out,
+                err.status(),
+                "close",
+                &[("Allow", "GET")],
+                err.reason(),
+            );
+        }
+        // RFC 9110 §7.8: whoever sends Upgrade lists it in Connection too.
+        RequestError::NotUpgrade | RequestError::WebSocketVersion => write_plain(
+            out,
+            err.status(),
+            "Upgrade, close",
+            &[("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")],
+            err.reason(),
+        ),
+        _ => write_plain(out, err.status(), "close", &[], err.reason()),
+    }
+}
+
+/// A plain-text answer with any 3-digit status, e.g. 401 for a refused token
+/// or 503 while draining; `reason_body` is one line, sent with a newline.
+pub fn write_status(out: &mut Vec<u8>, status: u16, reason_body: &str) {
+    write_plain(out, status, "close", &[], reason_body);
+}
+
+pub fn write_healthz(out: &mut Vec<u8>) {
+    write_plain(out, 200, "close", &[], "ok");
+}
+
+fn write_plain(
+    out: &mut Vec<u8>,
+    status: u16,
+    connection: &str,
+    extra: &[(&str, &str)],
+    body_line: &str,
+) {
+    debug_assert!((100..1000).contains(&status), "status {status}");
+    out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason_phrase(status)).as_bytes());
+    push_header(out, "Content-Type", "text/plain; charset=utf-8");
+    push_header(out, "Content-Length", &(body_line.len() + 1).to_string());
+    push_header(out, "Connection", connection);
+    for (name, value) in extra {
+        push_header(out, name, value);
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body_line.as_bytes());
+    out.push(b'\n');
+}
+
+/// RFC 9112 allows an empty reason phrase, so unknown codes get one.
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        101 => "Switching Protocols",
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        414 => "URI Too Long",
+        426 => "Upgrade Required",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rstest::rstest;
+
+    /// What Chrome 124 sends, less cookies.
+    const CHROME: &[&str] = &[
+        "Host: eval.example.com",
+        "Connection: Upgrade",
+        "Pragma: no-cache",
+        "Cache-Control: no-cache",
+        "User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36",
+        "Upgrade: websocket",
+        "Origin: https://replit.com",
+        "Sec-WebSocket-Version: 13",
+        "Accept-Encoding: gzip, deflate, br, zstd",
+        "Accept-Language: en-US,en;q=0.9",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits",
+        "Sec-WebSocket-Protocol: ot.v1, json",
+    ];
+
+    fn head(line: &str, headers: &[&str]) -> Vec<u8> {
+        let mut out = format!("{line}\r\n");
+        for h in headers {
+            out.push_str(h);
+            out.push_str("\r\n");
+        }
+        out.push_str("\r\n");
+        out.into_bytes()
+    }
+
+    /// CHROME's headers without those named in `drop`, plus `add`.
+    fn chrome(line: &str, drop: &[&str], add: &[&str]) -> Vec<u8> {
+        let mut headers: Vec<&str> = CHROME
+            .iter()
+            .copied()
+            .filter(|h| {
+                let name = h.split(':').next().unwrap_or_default();
+                !drop.iter().any(|d| d.eq_ignore_ascii_case(name))
+            })
+            .collect();
+        headers.extend_from_slice(add);
+        head(line, &headers)
+    }
+
+    fn line_of_len(len: usize) -> String {
+        let fixed = "GET /wsv2/ HTTP/1.1".len();
+        format!("GET /wsv2/{} HTTP/1.1", "t".repeat(len - fixed))
+    }
+
+    fn ws(token: &str) -> Want {
+        Want::Ws(Some(token.to_owned()))
+    }
+
+    #[derive(Debug)]
+    enum Want {
+        Ws(Option<String>),
+        Healthz,
+        /// Neither complete nor refused yet.
+        More,
+        Err(u16, &'static str),
+    }
+
+    #[rstest]
+    #[case::chrome_path_token(chrome("GET /wsv2/v4.public.abc-_ HTTP/1.1", &[], &[]), ws("v4.public.abc-_"))]
+    #[case::bearer(chrome("GET /wsv2 HTTP/1.1", &[], &["Authorization: Bearer v4.public.b"]), ws("v4.public.b"))]
+    #[case::bearer_scheme_any_case(chrome("GET /wsv2 HTTP/1.1", &[], &["Authorization: bearer b"]), ws("b"))]
+    #[case::basic_auth_is_no_token(chrome("GET /wsv2 HTTP/1.1", &[], &["Authorization: Basic dTpw"]), Want::Ws(None))]
+    #[case::query_token(chrome("GET /wsv2?x=1&token=v4.q&y=2 HTTP/1.1", &[], &[]), ws("v4.q"))]
+    #[case::path_before_query(chrome("GET /wsv2/p?token=q HTTP/1.1", &[], &["Authorization: Bearer b"]), ws("p"))]
+    #[case::query_before_bearer(chrome("GET /wsv2/?token=q HTTP/1.1", &[], &["Authorization: Bearer b"]), ws("q"))]
+    #[case::no_token(chrome("GET /wsv2 HTTP/1.1", &[], &[]), Want::Ws(None))]
+    #[case::empty_query_token(chrome("GET /wsv2?token= HTTP/1.1", &[], &[]), Want::Ws(None))]
+    #[case::missing_key(chrome("GET /wsv2/t HTTP/1.1", &["Sec-WebSocket-Key"], &[]), Want::Err(400, "missing_key"))]
+    #[case::key_of_15_bytes(chrome("GET /wsv2/t HTTP/1.1", &["Sec-WebSocket-Key"], &["Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAA"]), Want::Err(400, "invalid_key"))]
+    #[case::key_of_17_bytes(chrome("GET /wsv2/t HTTP/1.1", &["Sec-WebSocket-Key"], &["Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAAA="]), Want::Err(400, "invalid_key"))]
+    #[case::key_not_base64(chrome("GET /wsv2/t HTTP/1.1", &["Sec-WebSocket-Key"], &["Sec-WebSocket-Key: !!!!!!!!!!!!!!!!!!!!!!=="]), Want::Err(400, "invalid_key"))]
+    #[case::duplicate_key(chrome("GET /wsv2/t HTTP/1.1", &[], &["Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA=="]), Want::Err(400, "duplicate_key"))]
+    #[case::version_8(chrome("GET /wsv2/t HTTP/1.1", &["Sec-WebSocket-Version"], &["Sec-WebSocket-Version: 8"]), Want::Err(426, "websocket_version"))]
+    #[case::no_version(chrome("GET /wsv2/t HTTP/1.1", &["Sec-WebSocket-Version"], &[]), Want::Err(426, "websocket_version"))]
+    #[case::two_versions(chrome("GET /wsv2/t HTTP/1.1", &[], &["Sec-WebSocket-Version: 8"]), Want::Err(426, "websocket_version"))]
+    #[case::post(chrome("POST /wsv2/t HTTP/1.1", &[], &[]), Want::Err(405, "method_not_allowed"))]
+    #[case::healthz(head("GET /healthz HTTP/1.1", &["Host: a"]), Want::Healthz)]
+    #[case::healthz_http10_no_host(head("GET /healthz HTTP/1.0", &[]), Want::Healthz)]
+    #[case::put_healthz(head("PUT /healthz HTTP/1.1", &["Host: a"]), Want::Err(405, "method_not_allowed"))]
+    #[case::other_path(chrome("GET /other HTTP/1.1", &[], &[]), Want::Err(404, "not_found"))]
+    #[case::post_other_path(chrome("POST /other HTTP/1.1", &[], &[]), Want::Err(404, "not_found"))]
+    #[case::prefix_is_not_path(chrome("GET /wsv2x HTTP/1.1", &[], &[]), Want::Err(404, "not_found"))]
+    #[case::two_segments(chrome("GET /wsv2/a/b HTTP/1.1", &[], &[]), Want::Err(404, "not_found"))]
+    #[case::no_upgrade(head("GET /wsv2/x HTTP/1.1", &["Host: a"]), Want::Err(426, "upgrade_required"))]
+    #[case::upgrade_without_connection(chrome("GET /wsv2/x HTTP/1.1", &["Connection"], &[]), Want::Err(426, "upgrade_required"))]
+    #[case::connection_token_list(chrome("GET /wsv2/t HTTP/1.1", &["Connection"], &["Connection: keep-alive, Upgrade"]), ws("t"))]
+    #[case::connection_repeated(chrome("GET /wsv2/t HTTP/1.1", &["Connection"], &["Connection: keep-alive", "Connection: upgrade"]), ws("t"))]
+    #[case::capitals(chrome("GET /wsv2/t HTTP/1.1", &["Connection", "Upgrade"], &["CONNECTION: UPGRADE", "UPGRADE: WebSocket"]), ws("t"))]
+    #[case::connection_not_a_token(chrome("GET /wsv2/t HTTP/1.1", &["Connection"], &["Connection: upgraded"]), Want::Err(426, "upgrade_required"))]
+    #[case::missing_host(chrome("GET /wsv2/t HTTP/1.1", &["Host"], &[]), Want::Err(400, "missing_host"))]
+    #[case::duplicate_host(chrome("GET /wsv2/t HTTP/1.1", &[], &["Host: evil.example"]), Want::Err(400, "duplicate_host"))]
+    #[case::host_list(chrome("GET /wsv2/t HTTP/1.1", &["Host"], &["Host: a, b"]), Want::Err(400, "invalid_host"))]
+    #[case::content_length(chrome("GET /wsv2/t HTTP/1.1", &[], &["Content-Length: 0"]), Want::Err(400, "body_on_upgrade"))]
+    #[case::transfer_encoding(chrome("GET /wsv2/t HTTP/1.1", &[], &["Transfer-Encoding: chunked"]), Want::Err(400, "body_on_upgrade"))]
+    #[case::obs_fold(chrome("GET /wsv2/t HTTP/1.1", &[], &["X-Folded: a", " b"]), Want::Err(400, "malformed"))]
+    #[case::http10(chrome("GET /wsv2/t HTTP/1.0", &[], &[]), Want::Err(400, "http_version"))]
+    #[case::http20(chrome("GET /wsv2/t HTTP/2.0", &[], &[]), Want::Err(400, "malformed"))]
+    #[case::bad_method_char(chrome("G@T /wsv2/t HTTP/1.1", &[], &[]), Want::Err(400, "malformed"))]
+    #[case::line_of_16_kib(chrome(&line_of_len(16 * 1024), &[], &[]), ws(&"t".repeat(16 * 1024 - "GET /wsv2/ HTTP/1.1".len())))]
+    #[case::line_of_17_kib_before_crlf(line_of_len(17 * 1024).into_bytes(), Want::Err(414, "request_line_too_long"))]
+    #[case::line_of_17_kib_complete(chrome(&line_of_len(17 * 1024), &[], &[]), Want::Err(414, "request_line_too_long"))]
+    #[case::headers_of_40_kib(chrome("GET /wsv2/t HTTP/1.1", &[], &[&format!("Cookie: {}", "c".repeat(40 * 1024))]), Want::Err(431, "head_too_large"))]
+    #[case::headers_of_40_kib_unfinished(format!("GET /wsv2/t HTTP/1.1\r\nCookie: {}", "c".repeat(40 * 1024)).into_bytes(), Want::Err(431, "head_too_large"))]
+    #[case::headers_100(chrome("GET /wsv2/t HTTP/1.1", &[], &(0..100).map(|_| "X-A: b").collect::<Vec<_>>()), Want::Err(431, "too_many_headers"))]
+    #[case::bare_lf(b"GET /wsv2/t HTTP/1.1\nHost: a\n\n".to_vec(), Want::Err(400, "malformed"))]
+    #[case::bare_lf_in_headers(b"GET /wsv2/t HTTP/1.1\r\nHost: a\n\r\n".to_vec(), Want::Err(400, "malformed"))]
+    #[case::leading_crlf([b"\r\n".as_slice(), &chrome("GET /wsv2/t HTTP/1.1", &[], &[])].concat(), Want::Err(400, "malformed"))]
+    #[case::nul_in_header(chrome("GET /wsv2/t HTTP/1.1", &[], &["X-Nul: a\0b"]), Want::Err(400, "malformed"))]
+    #[case::space_before_colon(chrome("GET /wsv2/t HTTP/1.1", &[], &["X-A : b"]), Want::Err(400, "malformed"))]
+    #[case::utf8_origin(chrome("GET /wsv2/t HTTP/1.1", &["Origin"], &["Origin: https://\u{e9}.example"]), ws("t"))]
+    #[case::partial(b"GET /wsv2/t HTTP/1.1\r\nHost: a\r\n".to_vec(), Want::More)]
+    fn request_table(#[case] input: Vec<u8>, #[case] want: Want) {
+        let got = parse_request(&input, &Limits::default());
+        match (&got, &want) {
+            (Ok(Some((Route::WebSocket(req), n))), Want::Ws(token)) => {
+                assert_eq!(*n, input.len());
+                assert_eq!(&req.token, token);
+            }
+            (Ok(Some((Route::Healthz, n))), Want::Healthz) => assert_eq!(*n, input.len()),
+            (Ok(None), Want::More) => {}
+            (Err(e), Want::Err(status, label)) => {
+                assert_eq!((e.status(), e.as_str()), (*status, *label), "{e}");
+            }
+            _ => panic!("got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn non_utf8_origin_is_refused_not_mangled() {
+        let mut input = chrome("GET /wsv2/t HTTP/1.1", &["Origin"], &[]);
+        input.truncate(input.len() - 2);
+        input.extend_from_slice(b"Origin: \xff\xfe\r\n\r\n");
+        let err = parse_request(&input, &Limits::default()).unwrap_err();
+        assert_eq!(err, RequestError::Malformed(httparse::Error::HeaderValue));
+    }
+
+    #[test]
+    fn chrome_request_fields() {
+        let mut input = chrome(
+            "GET /wsv2/tok HTTP/1.1",
+            &[],
+            &[
+                "Sec-WebSocket-Protocol: , third ,",
+                "Sec-WebSocket-Extensions: x-other",
+                "X-Forwarded-For: 192.0.2.1",
+                "x-forwarded-for: 192.0.2.2, 192.0.2.3",
+                "Origin: https://second.example",
+            ],
+        );
+        let head_len = input.len();
+        input.extend_from_slice(b"\x81\x85frame");
+        let (route, n) = parse_request(&input, &Limits::default()).unwrap().unwrap();
+        assert_eq!(n, head_len);
+        let Route::WebSocket(req) = route else {
+            panic!("{route:?}")
+        };
+        assert_eq!(
+            req,
+            UpgradeRequest {
+                token: Some("tok".into()),
+                key: "dGhlIHNhbXBsZSBub25jZQ==".into(),
+                protocols: vec!["ot.v1".into(), "json".into(), "third".into()],
+                extensions: Some("permessage-deflate; client_max_window_bits, x-other".into()),
+                host: Some("eval.example.com".into()),
+                origin: Some("https://replit.com".into()),
+                user_agent: Some(CHROME[4].trim_start_matches("User-Agent: ").into()),
+                x_forwarded_for: Some("192.0.2.1, 192.0.2.2, 192.0.2.3".into()),
+            }
+        );
+        assert!(!format!("{req:?}").contains("tok\""), "{req:?}");
+    }
+
+    #[test]
+    fn request_line_limit_counts_bytes_received() {
+        let limits = Limits {
+            max_request_line: 20,
+            max_head: 100,
+            max_headers: 4,
+        };
+        let line = b"GET /wsv2/abcdefghijklmnopqrstuvwxyz";
+        // 20 bytes and a CR could still be a 20-byte line.
+        assert_eq!(parse_request(&line[..21], &limits), Ok(None));
+        assert_eq!(
+            parse_request(&line[..22], &limits),
+            Err(RequestError::RequestLineTooLong)
+        );
+        let exact = head("GET /wsv2/ab HTTP/1.1", &[]);
+        assert_eq!(exact.iter().position(|&b| b == b'\r'), Some(21));
+        assert_eq!(
+            parse_request(&exact, &limits),
+            Err(RequestError::RequestLineTooLong)
+        );
+        let fits = head("GET /wsv2/a HTTP/1.1", &["Host: h"]);
+        assert_eq!(parse_request(&fits, &limits), Err(RequestError::NotUpgrade));
+    }
+
+    #[test]
+    fn head_limit_includes_the_blank_line() {
+        let input = head("GET /healthz HTTP/1.1", &["Host: a"]);
+        let exact = Limits {
+            max_head: input.len(),
+            ..Limits::default()
+        };
+        assert!(matches!(
+            parse_request(&input, &exact),
+            Ok(Some((Route::Healthz, _)))
+        ));
+        let short = Limits {
+            max_head: input.len() - 1,
+            ..Limits::default()
+        };
+        assert_eq!(
+            parse_request(&input, &short),
+            Err(RequestError::HeadTooLarge)
+        );
+        assert_eq!(parse_request(&input[..input.len() - 2], &short), Ok(None));
+    }
+
+    #[test]
+    fn max_headers_is_inclusive() {
+        let limits = Limits {
+            max_headers: CHROME.len(),
+            ..Limits::default()
+        };
+        assert!(parse_request(&chrome("GET /wsv2/t HTTP/1.1", &[], &[]), &limits).is_ok());
+        assert_eq!(
+            parse_request(&chrome("GET /wsv2/t HTTP/1.1", &[], &["X: y"]), &limits),
+            Err(RequestError::TooManyHeaders)
+        );
+    }
+
+    fn valid_requests() -> Vec<Vec<u8>> {
+        vec![
+            chrome("GET /wsv2/v4.public.token HTTP/1.1", &[], &[]),
+            chrome(
+                "GET /wsv2 HTTP/1.1",
+                &[],
+                &["Authorization: Bearer v4.public.b"],
+            ),
+            head("GET /healthz HTTP/1.0", &[]),
+        ]
+    }
+
+    #[test]
+    fn split_at_every_offset() {
+        for request in valid_requests() {
+            let whole = parse_request(&request, &Limits::default())
+                .unwrap()
+                .unwrap();
+            assert_eq!(whole.1, request.len());
+            let mut stream = request.clone();
+            stream.extend_from_slice(b"\x81\x80\x00\x00\x00\x00\x88\x80");
+            for end in 0..=stream.len() {
+                let got = parse_request(&stream[..end], &Limits::default());
+                if end < request.len() {
+                    assert_eq!(got, Ok(None), "prefix of {end} bytes");
+                } else {
+                    assert_eq!(got.as_ref(), Ok(&Some(whole.clone())), "{end} bytes");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn error_response_headers() {
+        let text = |err: RequestError| {
+            let mut out = Vec::new();
+            write_error(&mut out, &err);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(
+            text(RequestError::MissingKey),
+            "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n\
+             Content-Length: 26\r\nConnection: close\r\n\r\nmissing Sec-WebSocket-Key\n"
+        );
+        let method = text(RequestError::MethodNotAllowed);
+        assert!(method.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"));
+        assert!(method.contains("\r\nAllow: GET\r\n"));
+        for err in [RequestError::NotUpgrade, RequestError::WebSocketVersion] {
+            let upgrade = text(err);
+            assert!(upgrade.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
+            assert!(upgrade.contains("\r\nUpgrade: websocket\r\n"));
+            assert!(upgrade.contains("\r\nSec-WebSocket-Version: 13\r\n"));
+            assert!(upgrade.contains("\r\nConnection: Upgrade, close\r\n"));
+        }
+        assert!(text(RequestError::RequestLineTooLong).starts_with("HTTP/1.1 414 URI Too Long\r\n"));
+    }
+
+    /// Every writer's output must itself parse as a response whose
+    /// Content-Length matches the body.
+    #[rstest]
+    #[case::status_401(|out: &mut Vec<u8>| write_status(out, 401, "stage=token;reason=expired"), 401, "stage=token;reason=expired\n")]
+    #[case::status_503(|out: &mut Vec<u8>| write_status(out, 503, "draining"), 503, "draining\n")]
+    #[case::unknown_status(|out: &mut Vec<u8>| write_status(out, 599, "x"), 599, "x\n")]
+    #[case::healthz(write_healthz, 200, "ok\n")]
+    #[case::head_too_large(|out: &mut Vec<u8>| write_error(out, &RequestError::HeadTooLarge), 431, "request head too large\n")]
+    fn plain_responses_parse(
+        #[case] write: fn(&mut Vec<u8>),
+        #[case] status: u16,
+        #[case] body: &str,
+    ) {
+        let mut out = Vec::new();
+        write(&mut out);
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut resp = httparse::Response::new(&mut headers);
+        let httparse::Status::Complete(n) = resp.parse(&out).unwrap() else {
+            panic!("incomplete")
+        };
+        assert_eq!(resp.code, Some(status));
+        let length = resp
+            .headers
+            .iter()
+            .find(|h| h.name == "Content-Length")
+            .map(|h| {
+                std::str::from_utf8(h.value)
+                    .unwrap()
+                    .parse::<usize>()
+                    .unwrap()
+            });
+        assert_eq!(length, Some(out.len() - n));
+        assert_eq!(&out[n..], body.as_bytes());
+    }
+
+    #[test]
+    fn switching_protocols() {
+        let mut out = Vec::new();
+        write_switching_protocols(
+            &mut out,
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=",
+            Some("ot.v1"),
+            None,
+        );
+        assert_eq!(
+            out,
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: ot.v1\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn header_values_cannot_inject() {
+        let mut out = Vec::new();
+        write_status(&mut out, 401, "line\r\nSet-Cookie: x");
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut resp = httparse::Response::new(&mut headers);
+        assert!(resp.parse(&out).unwrap().is_complete());
+        assert!(resp.headers.iter().all(|h| h.name != "Set-Cookie"));
+        let mut out = Vec::new();
+        write_switching_protocols(&mut out, "a", Some("p\r\nX-Evil: 1"), None);
+        assert!(!out.windows(9).any(|w| w == b"\nX-Evil: "));
+    }
+
+    fn small_limits() -> impl Strategy<Value = Limits> {
+        (0usize..80, 0usize..300, 0usize..20).prop_map(|(line, head, headers)| Limits {
+            max_request_line: line,
+            max_head: head,
+            max_headers: headers,
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_bytes(
+            buf in proptest::collection::vec(any::<u8>(), 0..2048),
+            limits in prop_oneof![Just(Limits::default()), small_limits()],
+        ) {
+            if let Ok(Some((_, n))) = parse_request(&buf, &limits) {
+                prop_assert!(n <= buf.len());
+            }
+        }
+
+        #[test]
+        fn never_panics_on_mutated_requests(
+            which in 0usize..3,
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            limits in prop_oneof![Just(Limits::default()), small_limits()],
+        ) {
+            let mut buf = valid_requests().swap_remove(which);
+            for (at, byte) in edits {
+                let i = at.index(buf.len());
+                buf[i] = byte;
+            }
+            if let Ok(Some((_, n))) = parse_request(&buf, &limits) {
+                prop_assert!(n <= buf.len());
+            }
+        }
+
+        #[test]
+        fn trailing_bytes_do_not_matter(
+            which in 0usize..3,
+            tail in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let request = valid_requests().swap_remove(which);
+            let whole = parse_request(&request, &Limits::default());
+            let mut stream = request.clone();
+            stream.extend_from_slice(&tail);
+            prop_assert_eq!(parse_request(&stream, &Limits::default()), whole);
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Process assembly: listeners, shards, admin, signals. `run` takes a fully
+//! validated config and returns when every shard has drained.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tracing::{error, info, warn};
+
+use crate::admin::{self, Admin};
+use crate::config::Config;
+use crate::metrics::ShardStats;
+use crate::shard::{listener, Control, Shard, ShardSpec};
+use crate::token::{self, KeySet};
+
+/// Addresses actually bound (port 0 resolved).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub listen: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub shards: usize,
+}
+
+pub fn load_keys(cfg: &Config) -> io::Result<KeySet> {
+    let mut keys = match &cfg.token.keys_dir {
+        Some(dir) => KeySet::load_dir(dir).map_err(|e| io::Error::other(e.to_string()))?,
+        None => KeySet::new(),
+    };
+    if cfg.token.allow_dev_key {
+        warn!("token.allow_dev_key is on: tokens signed with the public dev key are accepted");
+        keys.insert(token::DEV_KID, token::dev_signing_key().verifying_key());
+    }
+    Ok(keys)
+}
+
+/// Blocks SIGTERM/SIGINT in this thread (and so in every thread it spawns)
+/// so that only the signal thread sees them.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain libc signal-set manipulation on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+struct Wakers {
+    fds: Vec<i32>,
+}
+
+impl Wakers {
+    fn wake_all(&self) {
+        for &fd in &self.fds {
+            let one: u64 = 1;
+            // SAFETY: writing 8 bytes to our eventfd.
+            unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+        }
+    }
+}
+
+pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
+    let sigset = block_signals();
+    let cfg = Arc::new(cfg);
+    let n = cfg.shard_count();
+    let keys = Arc::new(load_keys(&cfg)?);
+    let placement = Arc::new(
+        cfg.static_placement()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?,
+    );
+    let (sockets, listen) = listener::bind_all(cfg.listen.addr, n, cfg.listen.backlog)
+        .map_err(|e| io::Error::new(e.kind(), format!("listen on {}: {e}", cfg.listen.addr)))?;
+    let control = Arc::new(Control::default());
+    let stats: Vec<Arc<ShardStats>> = (0..n).map(|_| Arc::new(ShardStats::default())).collect();
+    let mut wake_fds = Vec::with_capacity(n);
+    for _ in 0..n {
+        // SAFETY: creating an eventfd; checked below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        wake_fds.push(fd);
+    }
+    let wakers = Arc::new(Wakers {
+        fds: wake_fds.clone(),
+    });
+    let grace = Duration::from_secs(cfg.drain.grace_s);
+    let drain_started = Arc::new(Mutex::new(false));
+    let start_drain = {
+        let control = control.clone();
+        let wakers = wakers.clone();
+        let started = drain_started.clone();
+        move || {
+            let mut s = started.lock().unwrap_or_else(|p| p.into_inner());
+            if *s {
+                return;
+            }
+            *s = true;
+            info!(grace_s = grace.as_secs(), "drain started");
+            control.draining.store(true, Ordering::Release);
+            wakers.wake_all();
+            let control = control.clone();
+            let wakers = wakers.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(grace);
+                control.grace_over.store(true, Ordering::Release);
+                wakers.wake_all();
+            });
+        }
+    };
+    let start_drain = Arc::new(start_drain);
+
+    let admin_addr = if cfg.admin.enabled {
+        let l = TcpListener::bind(cfg.admin.addr).map_err(|e| {
+            io::Error::new(e.kind(), format!("admin listen on {}: {e}", cfg.admin.addr))
+        })?;
+        let addr = l.local_addr()?;
+        let sd = start_drain.clone();
+        let admin = Arc::new(Admin {
+            stats: stats.clone(),
+            control: control.clone(),
+            drain: Box::new(move || sd()),
+        });
+        std::thread::Builder::new()
+            .name("admin".into())
+            .spawn(move || admin::serve(l, admin))?;
+        Some(addr)
+    } else {
+        None
+    };
+
+    {
+        let sd = start_drain.clone();
+        let control = control.clone();
+        let wakers = wakers.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: waiting on a set blocked in every thread.
+                if unsafe { libc::sigwait(&sigset, &mut sig) } != 0 {
+                    continue;
+                }
+                if control.draining.load(Ordering::Acquire) {
+                    // A second signal: stop waiting for the grace period.
+                    info!(signal = sig, "second signal: closing remaining sessions");
+                    control.grace_over.store(true, Ordering::Release);
+                    wakers.wake_all();
+                } else {
+                    info!(signal = sig, "signal received");
+                    sd();
+                }
+            })?;
+    }
+
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let mut handles = Vec::with_capacity(n);
+    for (id, sock) in sockets.into_iter().enumerate() {
+        let spec = ShardSpec {
+            id,
+            listener: listener::into_fd(sock),
+            cfg: cfg.clone(),
+            keys: keys.clone(),
+            placement: placement.clone(),
+            stats: stats[id].clone(),
+            control: control.clone(),
+            wake_fd: wake_fds[id],
+        };
+        let core = if cfg.listen.pin && !cores.is_empty() {
+            Some(cores[id % cores.len()])
+        } else {
+            None
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let h = std::thread::Builder::new()
+            .name(format!("shard-{id}"))
+            .spawn(move || {
+                if let Some(c) = core {
+                    core_affinity::set_for_current(c);
+                }
+                match Shard::new(spec) {
+                    Ok(shard) => {
+                        let _ = tx.send(Ok(()));
+                        shard.run()
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                        Err(e)
+                    }
+                }
+            })?;
+        rx.recv()
+            .map_err(|_| io::Error::other("shard thread died during start"))?
+            .map_err(|e| io::Error::new(e.kind(), format!("shard {id}: io_uring setup: {e}")))?;
+        handles.push(h);
+    }
+    on_ready(Bound {
+        listen,
+        admin: admin_addr,
+        shards: n,
+    });
+    let mut result = Ok(());
+    for (id, h) in handles.into_iter().enumerate() {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                error!(shard = id, err = %e, "shard failed");
+                result = Err(e);
+            }
+            Err(_) => {
+                error!(shard = id, "shard panicked");
+                result = Err(io::Error::other("shard panicked"));
+            }
+        }
+    }
+    for (id, s) in stats.iter().enumerate() {
+        info!(
+            shard = id,
+            accepted = s.accepted.load(Ordering::Relaxed),
+            established = s.established.load(Ordering::Relaxed),
+            "shard totals"
+        );
+    }
+    result
+}

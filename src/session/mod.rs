@@ -1,0 +1,219 @@
+//! One session's state, owned by one struct so that it stays small, explicit
+//! and (later) movable to another process at a frame boundary.
+//!
+//! The shard feeds completions in and performs the IO this state asks for;
+//! protocol decisions (what a side's EOF means, what Close to inject) are
+//! made here from pure inputs.
+
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+use std::time::Instant;
+
+use crate::error::{SetupError, Stage};
+use crate::proto::close;
+use crate::proto::relay::{Direction, Tracker};
+
+/// Lifecycle of a session, in order. Transitions only move forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// Reading the client's request head.
+    Head,
+    /// 101 sent (or about to be); dialing Conman.
+    Connecting,
+    /// TCP to Conman up; waiting for its 101.
+    ConmanHandshake,
+    /// Relaying frames both ways.
+    Relay,
+    /// Ending: queues drain, write sides shut, then sockets close.
+    Closing,
+}
+
+/// Bytes queued toward a socket: a slice of a provided buffer (zero-copy
+/// relay) or bytes the proxy wrote itself (handshakes, injected frames).
+pub enum Chunk {
+    Buf { bid: u16, off: u32, len: u32 },
+    Owned { data: Vec<u8>, off: usize },
+}
+
+impl Chunk {
+    pub fn remaining(&self) -> usize {
+        match self {
+            Chunk::Buf { len, .. } => *len as usize,
+            Chunk::Owned { data, off } => data.len() - off,
+        }
+    }
+}
+
+/// One socket of a session and everything in flight on it.
+pub struct Side {
+    pub fd: RawFd,
+    /// io_uring operations submitted on `fd` and not yet completed; the fd
+    /// is closed only when this is zero.
+    pub inflight: u16,
+    pub recv_armed: bool,
+    /// Receiving paused (backpressure, held-bytes bound, buffer shortage).
+    pub paused: bool,
+    pub cancel_pending: bool,
+    pub sendq: VecDeque<Chunk>,
+    pub queued: usize,
+    pub sending: bool,
+    /// The peer sent FIN (or the socket failed).
+    pub eof: bool,
+    /// We shut down our write side once the queue drained.
+    pub want_shut: bool,
+    pub shut: bool,
+    pub closed: bool,
+}
+
+impl Side {
+    pub fn new(fd: RawFd) -> Side {
+        Side {
+            fd,
+            inflight: 0,
+            recv_armed: false,
+            paused: false,
+            cancel_pending: false,
+            sendq: VecDeque::new(),
+            queued: 0,
+            sending: false,
+            eof: false,
+            want_shut: false,
+            shut: false,
+            closed: fd < 0,
+        }
+    }
+
+    pub fn push(&mut self, c: Chunk) {
+        self.queued += c.remaining();
+        self.sendq.push_back(c);
+    }
+
+    pub fn push_owned(&mut self, data: Vec<u8>) {
+        if !data.is_empty() {
+            self.push(Chunk::Owned { data, off: 0 });
+        }
+    }
+
+    pub fn drained(&self) -> bool {
+        self.sendq.is_empty() && !self.sending
+    }
+}
+
+/// What the token said, kept for headers, logs and the registry.
+pub struct Identity {
+    pub repl: String,
+    pub user: String,
+}
+
+pub struct Session {
+    pub id: u64,
+    pub gen: u16,
+    pub phase: Phase,
+    pub client: Side,
+    pub conman: Side,
+    /// Request head while reading it; Conman's response head later.
+    pub head: Vec<u8>,
+    /// Client bytes received during setup, delivered in order once relaying.
+    pub held: Vec<u8>,
+    pub to_conman: Tracker,
+    pub to_client: Tracker,
+    pub deadline: Option<Instant>,
+    pub started: Instant,
+    pub phase_started: Instant,
+    pub ident: Option<Box<Identity>>,
+    /// Setup state that only exists while connecting.
+    pub setup: Option<Box<Setup>>,
+    /// Close frames the proxy itself queued, per side.
+    pub injected_close_to_client: bool,
+    pub injected_close_to_conman: bool,
+    pub counted_active: bool,
+    pub established: bool,
+}
+
+/// Kernel-visible memory for the connect op, and the handshake to check.
+pub struct Setup {
+    pub addr: socket2::SockAddr,
+    pub timeout: io_uring::types::Timespec,
+    pub expected_accept: String,
+    pub request: Vec<u8>,
+    pub protocol: Option<String>,
+    pub client_ip: Option<std::net::IpAddr>,
+    pub forwarded_for: Option<String>,
+}
+
+impl Session {
+    pub fn side(&mut self, dir: Direction) -> &mut Side {
+        // A direction names the destination side.
+        match dir {
+            Direction::ToConman => &mut self.conman,
+            Direction::ToClient => &mut self.client,
+        }
+    }
+
+    pub fn tracker(&mut self, dir: Direction) -> &mut Tracker {
+        match dir {
+            Direction::ToConman => &mut self.to_conman,
+            Direction::ToClient => &mut self.to_client,
+        }
+    }
+}
+
+/// What to do when a side's stream ends without a Close frame, decided from
+/// whether the stream toward the other side is at a frame boundary.
+#[derive(Debug, PartialEq, Eq)]
+pub enum EofAction {
+    /// Inject this Close toward the other side, then shut it down.
+    InjectClose { code: u16, reason: String },
+    /// Mid-frame: a Close cannot be injected, end the TCP stream cleanly.
+    Shutdown,
+}
+
+/// Source side `from` ended (FIN or error) during relay.
+pub fn on_eof(from_client: bool, peer_stream_at_boundary: bool, close_already: bool) -> EofAction {
+    if close_already || !peer_stream_at_boundary {
+        return EofAction::Shutdown;
+    }
+    if from_client {
+        // Conman only needs to know the client left.
+        EofAction::InjectClose {
+            code: close::GOING_AWAY,
+            reason: close::reason_text("client_gone", "eof", None),
+        }
+    } else {
+        let e = SetupError::new(Stage::Relay, "conman_lost");
+        EofAction::InjectClose {
+            code: e.close_code(),
+            reason: e.close_reason(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conman_lost_at_boundary_closes_1014() {
+        match on_eof(false, true, false) {
+            EofAction::InjectClose { code, reason } => {
+                assert_eq!(code, 1014);
+                assert_eq!(reason, "stage=relay;reason=conman_lost");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn client_gone_tells_conman_1001() {
+        assert!(matches!(
+            on_eof(true, true, false),
+            EofAction::InjectClose { code: 1001, .. }
+        ));
+    }
+
+    #[test]
+    fn mid_frame_or_after_close_just_shuts_down() {
+        assert_eq!(on_eof(false, false, false), EofAction::Shutdown);
+        assert_eq!(on_eof(true, true, true), EofAction::Shutdown);
+    }
+}

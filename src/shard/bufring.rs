@@ -1,0 +1,160 @@
+//! The shard-wide provided-buffer ring: multishot receives on every socket of
+//! the shard pick buffers from it, and a buffer goes back only after the
+//! bytes it holds were sent on (or copied out during setup). An idle session
+//! therefore holds no buffer at all.
+
+use std::io;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use io_uring::types::BufRingEntry;
+use io_uring::IoUring;
+
+pub const BGID: u16 = 0;
+
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(len: usize) -> io::Result<Self> {
+        // SAFETY: anonymous private mapping; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping {
+            ptr: NonNull::new(p.cast()).expect("mmap returned null"),
+            len,
+        })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+pub struct BufRing {
+    ring: Mapping,
+    bufs: Mapping,
+    entries: u16,
+    buf_size: u32,
+    tail: u16,
+    /// Buffers currently owned by user space (received, not yet recycled).
+    out: u32,
+}
+
+impl BufRing {
+    /// Registers `entries` buffers of `buf_size` bytes with the ring.
+    /// Memory is mapped, not touched: pages become resident only as buffers
+    /// are first used, so a lightly loaded shard stays small.
+    pub fn new(uring: &IoUring, entries: u16, buf_size: u32) -> io::Result<Self> {
+        assert!(entries.is_power_of_two());
+        let ring_len = entries as usize * std::mem::size_of::<BufRingEntry>();
+        let ring = Mapping::new(ring_len.max(4096))?;
+        let bufs = Mapping::new(entries as usize * buf_size as usize)?;
+        // SAFETY: the ring memory is page-aligned, lives as long as `self`,
+        // and `self` unregisters it before unmapping (Drop order below).
+        unsafe {
+            uring.submitter().register_buf_ring_with_flags(
+                ring.ptr.as_ptr() as u64,
+                entries,
+                BGID,
+                0,
+            )?;
+        }
+        let mut br = BufRing {
+            ring,
+            bufs,
+            entries,
+            buf_size,
+            tail: 0,
+            out: entries as u32,
+        };
+        for bid in 0..entries {
+            br.push(bid);
+        }
+        br.publish();
+        Ok(br)
+    }
+
+    fn entry(&mut self, idx: u16) -> &mut BufRingEntry {
+        let i = (idx & (self.entries - 1)) as usize;
+        // SAFETY: i < entries and the mapping holds `entries` entries.
+        unsafe { &mut *(self.ring.ptr.as_ptr() as *mut BufRingEntry).add(i) }
+    }
+
+    fn push(&mut self, bid: u16) {
+        let addr = self.buf_ptr(bid) as u64;
+        let len = self.buf_size;
+        let tail = self.tail;
+        let e = self.entry(tail);
+        e.set_addr(addr);
+        e.set_len(len);
+        e.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+        self.out -= 1;
+    }
+
+    /// Makes recycled buffers visible to the kernel; called once per loop
+    /// turn rather than per buffer.
+    pub fn publish(&mut self) {
+        // SAFETY: the tail field lives inside the first entry of our mapping.
+        let tail = unsafe {
+            &*(BufRingEntry::tail(self.ring.ptr.as_ptr() as *const BufRingEntry)
+                as *const AtomicU16)
+        };
+        tail.store(self.tail, Ordering::Release);
+    }
+
+    /// Marks `bid` as handed to user space by a completion.
+    pub fn taken(&mut self, _bid: u16) {
+        self.out += 1;
+    }
+
+    /// Returns a buffer to the kernel (visible after the next `publish`).
+    pub fn recycle(&mut self, bid: u16) {
+        self.push(bid);
+    }
+
+    pub fn buf_ptr(&self, bid: u16) -> *mut u8 {
+        debug_assert!(bid < self.entries);
+        // SAFETY: within the buffer mapping.
+        unsafe {
+            self.bufs
+                .ptr
+                .as_ptr()
+                .add(bid as usize * self.buf_size as usize)
+        }
+    }
+
+    /// The received bytes of a buffer user space owns.
+    pub fn slice(&self, bid: u16, off: u32, len: u32) -> &[u8] {
+        debug_assert!(off + len <= self.buf_size);
+        // SAFETY: the kernel wrote `len` bytes and will not touch the buffer
+        // until we recycle it.
+        unsafe { std::slice::from_raw_parts(self.buf_ptr(bid).add(off as usize), len as usize) }
+    }
+
+    /// Buffers the kernel can still fill.
+    pub fn available(&self) -> u32 {
+        self.entries as u32 - self.out
+    }
+
+    pub fn unregister(&self, uring: &IoUring) {
+        let _ = uring.submitter().unregister_buf_ring(BGID);
+    }
+}

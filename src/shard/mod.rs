@@ -1,0 +1,1281 @@
+//! The io_uring data plane: one pinned thread per core, each owning a ring,
+//! a provided-buffer ring, its own SO_REUSEPORT listener and every session
+//! accepted on it. Nothing here is shared with another shard but the
+//! read-mostly config and the shard's own stats.
+//!
+//! One loop turn: submit everything queued and wait (one `io_uring_enter`),
+//! handle every completion, fire due timers, publish recycled buffers. The
+//! ring is `SINGLE_ISSUER | DEFER_TASKRUN`, so completions are produced only
+//! when this thread waits: no IPIs, no task_work interrupting the loop.
+
+pub mod bufring;
+pub mod listener;
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, RejectWith, StaticPlacement};
+use crate::error::{SetupError, Stage};
+use crate::metrics::{CloseSide, Phase as Timing, ShardStats};
+use crate::proto::close;
+use crate::proto::frame::write_close;
+use crate::proto::handshake::{self, accept_key, choose_protocol, new_client_key};
+use crate::proto::http1::{self, Route};
+use crate::proto::relay::{Direction, Event, Tracker, TrackerConfig};
+use crate::session::{on_eof, Chunk, EofAction, Phase, Session, Setup, Side};
+use crate::token::{self, KeySet, VerifyOptions};
+use bufring::BufRing;
+
+/// Lingering after our FIN: how long a closing session may wait for the
+/// peer's FIN (or for a stuck send) before its sockets are forced shut.
+const LINGER: Duration = Duration::from_secs(5);
+/// After one side's Close frame, how long the other side has to answer.
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// Process-wide lifecycle flags, read by shards when woken.
+#[derive(Default)]
+pub struct Control {
+    /// Stop accepting; sessions run on.
+    pub draining: AtomicBool,
+    /// Grace period over: Close 1001 to every session still open.
+    pub grace_over: AtomicBool,
+}
+
+/// Everything a shard needs, built on the main thread.
+pub struct ShardSpec {
+    pub id: usize,
+    pub listener: RawFd,
+    pub cfg: Arc<Config>,
+    pub keys: Arc<KeySet>,
+    pub placement: Arc<StaticPlacement>,
+    pub stats: Arc<ShardStats>,
+    pub control: Arc<Control>,
+    /// eventfd the control side writes to wake this shard.
+    pub wake_fd: RawFd,
+}
+
+// user_data: op in the low byte, then the session's generation, then slot.
+const OP_ACCEPT: u8 = 1;
+const OP_WAKE: u8 = 2;
+const OP_RECV_CLIENT: u8 = 3;
+const OP_RECV_CONMAN: u8 = 4;
+const OP_SEND_CLIENT: u8 = 5;
+const OP_SEND_CONMAN: u8 = 6;
+const OP_CONNECT: u8 = 7;
+/// Completions we only need to swallow (link timeouts, cancels).
+const OP_IGNORE: u8 = 8;
+
+fn ud(slot: u32, gen: u16, op: u8) -> u64 {
+    ((slot as u64) << 24) | ((gen as u64) << 8) | op as u64
+}
+
+fn ud_parts(u: u64) -> (u32, u16, u8) {
+    ((u >> 24) as u32, (u >> 8) as u16, u as u8)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Who {
+    Client,
+    Conman,
+}
+
+impl Who {
+    fn other(self) -> Who {
+        match self {
+            Who::Client => Who::Conman,
+            Who::Conman => Who::Client,
+        }
+    }
+    /// The direction of bytes received from this side.
+    fn outbound(self) -> Direction {
+        match self {
+            Who::Client => Direction::ToConman,
+            Who::Conman => Direction::ToClient,
+        }
+    }
+    fn recv_op(self) -> u8 {
+        match self {
+            Who::Client => OP_RECV_CLIENT,
+            Who::Conman => OP_RECV_CONMAN,
+        }
+    }
+    fn send_op(self) -> u8 {
+        match self {
+            Who::Client => OP_SEND_CLIENT,
+            Who::Conman => OP_SEND_CONMAN,
+        }
+    }
+}
+
+fn side(s: &mut Session, who: Who) -> &mut Side {
+    match who {
+        Who::Client => &mut s.client,
+        Who::Conman => &mut s.conman,
+    }
+}
+
+/// The ring, buffers and timers: everything but the sessions, so that a
+/// session and the IO state can be borrowed at the same time.
+struct Io {
+    ring: IoUring,
+    bufs: BufRing,
+    stats: Arc<ShardStats>,
+    cfg: Arc<Config>,
+    keys: Arc<KeySet>,
+    placement: Arc<StaticPlacement>,
+    verify: VerifyOptions,
+    timers: BinaryHeap<Reverse<(Instant, u32, u16)>>,
+    rng: SmallRng,
+    now: Instant,
+    now_unix: i64,
+    shard: usize,
+    next_session: u64,
+    /// Sessions whose receive stopped for want of buffers (ENOBUFS).
+    starved: Vec<(u32, u16, Who)>,
+}
+
+pub struct Shard {
+    io: Io,
+    sessions: Vec<Option<Session>>,
+    free: Vec<u32>,
+    gens: Vec<u16>,
+    live: usize,
+    listener: RawFd,
+    accepting: bool,
+    wake_fd: RawFd,
+    wake_buf: Box<u64>,
+    control: Arc<Control>,
+    grace_done: bool,
+}
+
+impl Shard {
+    pub fn new(spec: ShardSpec) -> io::Result<Shard> {
+        let cfg = spec.cfg;
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_coop_taskrun()
+            .setup_cqsize(16384)
+            .build(4096)?;
+        let bufs = BufRing::new(&ring, cfg.buffers.count as u16, cfg.buffers.size)?;
+        let verify = VerifyOptions {
+            leeway_s: cfg.token.leeway_s,
+            cluster: cfg.token.cluster.clone(),
+        };
+        let mut seed = [0u8; 32];
+        getrandom::getrandom(&mut seed).map_err(io::Error::other)?;
+        Ok(Shard {
+            io: Io {
+                ring,
+                bufs,
+                stats: spec.stats,
+                keys: spec.keys,
+                placement: spec.placement,
+                verify,
+                timers: BinaryHeap::new(),
+                rng: SmallRng::from_seed(seed),
+                now: Instant::now(),
+                now_unix: 0,
+                shard: spec.id,
+                next_session: 0,
+                starved: Vec::new(),
+                cfg,
+            },
+            sessions: Vec::new(),
+            free: Vec::new(),
+            gens: Vec::new(),
+            live: 0,
+            listener: spec.listener,
+            accepting: true,
+            wake_fd: spec.wake_fd,
+            wake_buf: Box::new(0),
+            control: spec.control,
+            grace_done: false,
+        })
+    }
+
+    /// Runs until drained: not accepting and no session left.
+    pub fn run(mut self) -> io::Result<()> {
+        self.io.push(
+            opcode::AcceptMulti::new(types::Fd(self.listener))
+                .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+                .build()
+                .user_data(ud(0, 0, OP_ACCEPT)),
+        );
+        self.arm_wake();
+        let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(1024);
+        loop {
+            self.io.bufs.publish();
+            let timeout = self
+                .io
+                .timers
+                .peek()
+                .map(|Reverse((t, _, _))| t.saturating_duration_since(Instant::now()));
+            let r = match timeout {
+                Some(d) => {
+                    let ts = types::Timespec::from(d);
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    self.io.ring.submitter().submit_with_args(1, &args)
+                }
+                None => self.io.ring.submit_and_wait(1),
+            };
+            if let Err(e) = r {
+                match e.raw_os_error() {
+                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) => {}
+                    _ => return Err(e),
+                }
+            }
+            self.io.now = Instant::now();
+            self.io.now_unix = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            cqes.clear();
+            cqes.extend(
+                self.io
+                    .ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            for &(u, res, flags) in &cqes {
+                self.complete(u, res, flags);
+            }
+            self.fire_timers();
+            self.retry_starved();
+            if !self.accepting && self.live == 0 {
+                break;
+            }
+        }
+        info!(
+            shard = self.io.shard,
+            accepted = self.io.stats.accepted.load(Ordering::Relaxed),
+            "shard stopped"
+        );
+        self.io.bufs.unregister(&self.io.ring);
+        Ok(())
+    }
+
+    fn arm_wake(&mut self) {
+        let p = &mut *self.wake_buf as *mut u64 as *mut u8;
+        self.io.push(
+            opcode::Read::new(types::Fd(self.wake_fd), p, 8)
+                .build()
+                .user_data(ud(0, 0, OP_WAKE)),
+        );
+    }
+
+    fn complete(&mut self, u: u64, res: i32, flags: u32) {
+        let (slot, gen, op) = ud_parts(u);
+        match op {
+            OP_ACCEPT => self.on_accept(res, flags),
+            OP_WAKE => self.on_wake(res),
+            OP_IGNORE => {}
+            _ => {
+                let Some(Some(s)) = self.sessions.get_mut(slot as usize) else {
+                    return;
+                };
+                if s.gen != gen {
+                    return;
+                }
+                let io = &mut self.io;
+                match op {
+                    OP_RECV_CLIENT => io.on_recv(slot, s, Who::Client, res, flags),
+                    OP_RECV_CONMAN => io.on_recv(slot, s, Who::Conman, res, flags),
+                    OP_SEND_CLIENT => io.on_send(slot, s, Who::Client, res),
+                    OP_SEND_CONMAN => io.on_send(slot, s, Who::Conman, res),
+                    OP_CONNECT => io.on_connect(slot, s, res),
+                    _ => {}
+                }
+                self.progress(slot);
+            }
+        }
+    }
+
+    fn on_wake(&mut self, res: i32) {
+        if res < 0 && res != -libc::EINTR && res != -libc::EAGAIN {
+            warn!(shard = self.io.shard, err = res, "wake eventfd read failed");
+        }
+        if self.control.draining.load(Ordering::Acquire) && self.accepting {
+            self.accepting = false;
+            // Closing the listener drops connections still in its accept
+            // queue; SO_REUSEPORT peers (or the new process) take new ones.
+            // Cancel first so the multishot accept releases its file ref.
+            self.io.push(
+                opcode::AsyncCancel::new(ud(0, 0, OP_ACCEPT))
+                    .build()
+                    .user_data(ud(0, 0, OP_IGNORE)),
+            );
+            info!(shard = self.io.shard, live = self.live, "draining");
+        }
+        if self.control.grace_over.load(Ordering::Acquire) && !self.grace_done {
+            self.grace_done = true;
+            for slot in 0..self.sessions.len() {
+                if let Some(s) = self.sessions[slot].as_mut() {
+                    self.io.end_session(
+                        slot as u32,
+                        s,
+                        close::GOING_AWAY,
+                        "stage=drain;reason=grace_over",
+                    );
+                    self.progress(slot as u32);
+                }
+            }
+        }
+        self.arm_wake();
+    }
+
+    fn on_accept(&mut self, res: i32, flags: u32) {
+        if res < 0 {
+            if res == -libc::ECANCELED {
+                // SAFETY: our listener; the accept op that used it is done.
+                unsafe { libc::close(self.listener) };
+                return;
+            }
+            // EMFILE / ENFILE / ENOBUFS: the multishot accept ends; re-arm
+            // so a transient shortage does not stop the shard for good.
+            warn!(shard = self.io.shard, err = res, "accept failed");
+        } else {
+            ShardStats::inc(&self.io.stats.accepted);
+            self.new_session(res);
+        }
+        if !cqueue::more(flags) && self.accepting {
+            self.io.push(
+                opcode::AcceptMulti::new(types::Fd(self.listener))
+                    .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+                    .build()
+                    .user_data(ud(0, 0, OP_ACCEPT)),
+            );
+        }
+    }
+
+    fn new_session(&mut self, fd: RawFd) {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.sessions.push(None);
+                self.gens.push(0);
+                (self.sessions.len() - 1) as u32
+            }
+        };
+        let gen = self.gens[slot as usize].wrapping_add(1);
+        self.gens[slot as usize] = gen;
+        let io = &mut self.io;
+        io.next_session += 1;
+        let tcfg = |allow_rsv1| TrackerConfig {
+            max_frame: io.cfg.limits.max_frame,
+            allow_rsv1,
+        };
+        let mut s = Session {
+            id: ((io.shard as u64) << 48) | io.next_session,
+            gen,
+            phase: Phase::Head,
+            client: Side::new(fd),
+            conman: Side::new(-1),
+            head: Vec::new(),
+            held: Vec::new(),
+            to_conman: Tracker::new(Direction::ToConman, tcfg(false)),
+            to_client: Tracker::new(Direction::ToClient, tcfg(false)),
+            deadline: None,
+            started: io.now,
+            phase_started: io.now,
+            ident: None,
+            setup: None,
+            injected_close_to_client: false,
+            injected_close_to_conman: false,
+            counted_active: false,
+            established: false,
+        };
+        let deadline = io.now + io.cfg.header_timeout();
+        io.set_deadline(slot, &mut s, deadline);
+        io.arm_recv(slot, &mut s, Who::Client);
+        self.sessions[slot as usize] = Some(s);
+        self.live += 1;
+    }
+
+    fn fire_timers(&mut self) {
+        while let Some(&Reverse((t, slot, gen))) = self.io.timers.peek() {
+            if t > self.io.now {
+                break;
+            }
+            self.io.timers.pop();
+            let Some(Some(s)) = self.sessions.get_mut(slot as usize) else {
+                continue;
+            };
+            if s.gen != gen || s.deadline != Some(t) {
+                continue;
+            }
+            s.deadline = None;
+            self.io.on_deadline(slot, s);
+            self.progress(slot);
+        }
+    }
+
+    fn retry_starved(&mut self) {
+        if self.io.starved.is_empty() || self.io.bufs.available() < 8 {
+            return;
+        }
+        let starved = std::mem::take(&mut self.io.starved);
+        for (slot, gen, who) in starved {
+            let Some(Some(s)) = self.sessions.get_mut(slot as usize) else {
+                continue;
+            };
+            if s.gen != gen {
+                continue;
+            }
+            let sd = side(s, who);
+            if sd.paused && !sd.recv_armed && !sd.eof && !sd.closed {
+                sd.paused = false;
+                self.io.arm_recv(slot, s, who);
+            }
+        }
+    }
+
+    /// Moves a session forward after any event: sends, backpressure,
+    /// shutdowns, closes, and finally freeing the slot.
+    fn progress(&mut self, slot: u32) {
+        let Some(s) = self.sessions[slot as usize].as_mut() else {
+            return;
+        };
+        let io = &mut self.io;
+        for who in [Who::Client, Who::Conman] {
+            io.kick_send(slot, s, who);
+        }
+        if s.phase == Phase::Relay {
+            for who in [Who::Client, Who::Conman] {
+                io.backpressure(slot, s, who);
+            }
+        }
+        if s.phase == Phase::Closing {
+            for who in [Who::Client, Who::Conman] {
+                io.close_side(slot, s, who);
+            }
+            if s.client.closed && s.conman.closed {
+                if s.counted_active {
+                    io.stats.active.fetch_sub(1, Ordering::Relaxed);
+                }
+                debug!(session = s.id, "session ended");
+                self.sessions[slot as usize] = None;
+                self.free.push(slot);
+                self.live -= 1;
+            }
+        }
+    }
+}
+
+impl Io {
+    fn push(&mut self, e: squeue::Entry) {
+        // SAFETY: every pointer in our entries refers to memory owned by a
+        // session (or the shard) that outlives the operation: sessions are
+        // freed only when no operation on their sockets is in flight.
+        unsafe {
+            while self.ring.submission().push(&e).is_err() {
+                let _ = self.ring.submit();
+            }
+        }
+    }
+
+    fn set_deadline(&mut self, slot: u32, s: &mut Session, t: Instant) {
+        s.deadline = Some(t);
+        self.timers.push(Reverse((t, slot, s.gen)));
+    }
+
+    fn arm_recv(&mut self, slot: u32, s: &mut Session, who: Who) {
+        let gen = s.gen;
+        let sd = side(s, who);
+        if sd.recv_armed || sd.fd < 0 || sd.eof {
+            return;
+        }
+        sd.recv_armed = true;
+        sd.inflight += 1;
+        let fd = sd.fd;
+        self.push(
+            opcode::RecvMulti::new(types::Fd(fd), bufring::BGID)
+                .build()
+                .user_data(ud(slot, gen, who.recv_op())),
+        );
+    }
+
+    /// Stops a side's multishot receive (it cannot be paused otherwise).
+    fn pause_recv(&mut self, slot: u32, s: &mut Session, who: Who) {
+        let gen = s.gen;
+        let sd = side(s, who);
+        sd.paused = true;
+        if sd.recv_armed && !sd.cancel_pending {
+            sd.cancel_pending = true;
+            self.push(
+                opcode::AsyncCancel::new(ud(slot, gen, who.recv_op()))
+                    .build()
+                    .user_data(ud(slot, gen, OP_IGNORE)),
+            );
+        }
+    }
+
+    fn resume_recv(&mut self, slot: u32, s: &mut Session, who: Who) {
+        let sd = side(s, who);
+        if sd.paused {
+            sd.paused = false;
+            self.arm_recv(slot, s, who);
+        }
+    }
+
+    fn backpressure(&mut self, slot: u32, s: &mut Session, src: Who) {
+        let limit = self.cfg.limits.send_queue_bytes;
+        let queued = side(s, src.other()).queued;
+        let sd = side(s, src);
+        if queued > limit && !sd.paused {
+            ShardStats::inc(&self.stats.backpressure_pauses);
+            self.pause_recv(slot, s, src);
+        } else if queued <= limit / 2 && sd.paused && !sd.recv_armed {
+            self.resume_recv(slot, s, src);
+        }
+    }
+
+    fn kick_send(&mut self, slot: u32, s: &mut Session, who: Who) {
+        let gen = s.gen;
+        let sd = side(s, who);
+        if sd.sending || sd.fd < 0 || sd.shut || sd.closed {
+            return;
+        }
+        // The conman socket is not writable before its connect completes.
+        if who == Who::Conman && matches!(s.phase, Phase::Head | Phase::Connecting) {
+            return;
+        }
+        let sd = side(s, who);
+        let Some(front) = sd.sendq.front() else {
+            return;
+        };
+        let (ptr, len) = match front {
+            Chunk::Buf { bid, off, len } => {
+                // SAFETY: within the buffer; we own it until recycled.
+                (unsafe { self.bufs.buf_ptr(*bid).add(*off as usize) }, *len)
+            }
+            Chunk::Owned { data, off } => {
+                (data[*off..].as_ptr() as *mut u8, (data.len() - off) as u32)
+            }
+        };
+        sd.sending = true;
+        sd.inflight += 1;
+        let fd = sd.fd;
+        self.push(
+            opcode::Send::new(types::Fd(fd), ptr, len)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(ud(slot, gen, who.send_op())),
+        );
+    }
+
+    fn on_send(&mut self, slot: u32, s: &mut Session, who: Who, res: i32) {
+        let sd = side(s, who);
+        sd.inflight -= 1;
+        sd.sending = false;
+        if res < 0 {
+            // The peer is gone: what is queued for it can never be sent.
+            debug!(session = s.id, err = res, "send failed");
+            let sd = side(s, who);
+            while let Some(c) = sd.sendq.pop_front() {
+                if let Chunk::Buf { bid, .. } = c {
+                    self.bufs.recycle(bid);
+                }
+            }
+            sd.queued = 0;
+            sd.eof = true;
+            sd.shut = true;
+            self.on_side_lost(slot, s, who);
+            return;
+        }
+        let mut n = res as usize;
+        sd.queued -= n;
+        let Some(front) = sd.sendq.front_mut() else {
+            return;
+        };
+        let done = match front {
+            Chunk::Buf { off, len, .. } => {
+                *off += n as u32;
+                *len -= n as u32;
+                *len == 0
+            }
+            Chunk::Owned { data, off } => {
+                *off += n;
+                n = 0;
+                *off == data.len()
+            }
+        };
+        let _ = n;
+        if done {
+            if let Some(Chunk::Buf { bid, .. }) = sd.sendq.pop_front() {
+                self.bufs.recycle(bid);
+            }
+        }
+    }
+
+    fn on_recv(&mut self, slot: u32, s: &mut Session, who: Who, res: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        if !more {
+            let sd = side(s, who);
+            sd.recv_armed = false;
+            sd.inflight -= 1;
+            sd.cancel_pending = false;
+        }
+        if res <= 0 {
+            match -res {
+                libc::ENOBUFS => {
+                    ShardStats::inc(&self.stats.buffer_exhausted);
+                    side(s, who).paused = true;
+                    self.starved.push((slot, s.gen, who));
+                }
+                libc::ECANCELED => {}
+                _ => {
+                    // FIN (0) or a socket error: this side sends no more.
+                    side(s, who).eof = true;
+                    self.on_side_lost(slot, s, who);
+                }
+            }
+            return;
+        }
+        let Some(bid) = cqueue::buffer_select(flags) else {
+            warn!(session = s.id, "receive completion without a buffer");
+            return;
+        };
+        self.bufs.taken(bid);
+        let len = res as u32;
+        match s.phase {
+            Phase::Head if who == Who::Client => {
+                s.head.extend_from_slice(self.bufs.slice(bid, 0, len));
+                self.bufs.recycle(bid);
+                self.on_head(slot, s);
+            }
+            Phase::Connecting | Phase::ConmanHandshake if who == Who::Client => {
+                s.held.extend_from_slice(self.bufs.slice(bid, 0, len));
+                self.bufs.recycle(bid);
+                if s.held.len() >= self.cfg.limits.held_bytes {
+                    self.pause_recv(slot, s, Who::Client);
+                }
+            }
+            Phase::ConmanHandshake => {
+                s.head.extend_from_slice(self.bufs.slice(bid, 0, len));
+                self.bufs.recycle(bid);
+                self.on_conman_head(slot, s);
+            }
+            Phase::Relay => self.relay(slot, s, who, bid, len),
+            _ => {
+                // Closing (or input we no longer want): drain and discard so
+                // the socket can end with a FIN rather than a reset.
+                // Conman's answer to the client's Close still reaches the
+                // client, unless the proxy already closed toward it.
+                let wanted =
+                    s.phase == Phase::Closing && who == Who::Conman && !s.injected_close_to_client;
+                let dest = side(s, who.other());
+                if wanted && !dest.shut && !dest.closed {
+                    self.forward(s, who, bid, len);
+                } else {
+                    self.bufs.recycle(bid);
+                }
+            }
+        }
+    }
+
+    /// Queues a received buffer toward the other side after tracking it.
+    fn forward(&mut self, s: &mut Session, from: Who, bid: u16, len: u32) {
+        let dir = from.outbound();
+        let frames_before = s.tracker(dir).frames();
+        // Tracking only; the bytes are forwarded as they are.
+        let data = self.bufs.slice(bid, 0, len);
+        let mut off = 0usize;
+        let mut violation = None;
+        while off < data.len() {
+            match s.tracker(dir).handle(&data[off..]) {
+                Ok(scan) => {
+                    off += scan.consumed;
+                    if let Some(Event::Close { code, .. }) = scan.event {
+                        let side_label = match from {
+                            Who::Client => CloseSide::Client,
+                            Who::Conman => CloseSide::Conman,
+                        };
+                        self.stats.close_code(side_label, code.unwrap_or(1005));
+                    }
+                    if scan.consumed == 0 && scan.event.is_none() {
+                        break;
+                    }
+                }
+                Err(v) => {
+                    let valid = s.tracker(dir).bytes_valid_before_violation();
+                    violation = Some((off + valid, v));
+                    break;
+                }
+            }
+        }
+        let frames = s.tracker(dir).frames() - frames_before;
+        let good = violation.as_ref().map_or(len, |(n, _)| *n as u32);
+        self.stats.add_bytes(dir, good as u64, frames);
+        let dest = side(s, from.other());
+        if good > 0 && !dest.shut && !dest.closed {
+            dest.push(Chunk::Buf {
+                bid,
+                off: 0,
+                len: good,
+            });
+        } else {
+            self.bufs.recycle(bid);
+        }
+        if let Some((at, v)) = violation {
+            debug!(
+                session = s.id,
+                code = v.code,
+                reason = v.reason,
+                at,
+                "protocol violation"
+            );
+            self.on_violation(s, from, v.code, v.reason);
+        }
+    }
+
+    fn relay(&mut self, slot: u32, s: &mut Session, from: Who, bid: u16, len: u32) {
+        let _ = slot;
+        self.forward(s, from, bid, len);
+        if s.phase != Phase::Relay {
+            return;
+        }
+        let both_closed = s.to_conman.close_seen() && s.to_client.close_seen();
+        if both_closed {
+            // The close handshake is complete: end the TCP streams once
+            // both Close frames are out.
+            self.begin_closing(slot, s);
+        } else if (s.to_conman.close_seen() || s.to_client.close_seen()) && s.deadline.is_none() {
+            let t = self.now + CLOSE_HANDSHAKE;
+            self.set_deadline(slot, s, t);
+        }
+    }
+
+    fn on_violation(&mut self, s: &mut Session, from: Who, code: u16, reason: &'static str) {
+        // The violating side gets the protocol close code; the other side
+        // learns its peer is gone. Neither hears of the other's bytes again.
+        let text = close::reason_text("relay", reason, None);
+        match from {
+            Who::Client => {
+                self.inject_close(s, Who::Client, code, &text);
+                self.inject_close(
+                    s,
+                    Who::Conman,
+                    close::GOING_AWAY,
+                    "stage=client_gone;reason=protocol_error",
+                );
+            }
+            Who::Conman => {
+                self.inject_close(s, Who::Conman, code, &text);
+                let e = SetupError::new(Stage::Relay, "conman_protocol_error");
+                self.inject_close(s, Who::Client, e.close_code(), &e.close_reason());
+            }
+        }
+        side(s, from).eof = true;
+        s.phase = Phase::Closing;
+        s.client.want_shut = true;
+        s.conman.want_shut = true;
+    }
+
+    /// Queues a Close frame toward `to` if its stream is at a frame boundary
+    /// and it has not had one; otherwise only its TCP stream will end.
+    fn inject_close(&mut self, s: &mut Session, to: Who, code: u16, reason: &str) {
+        let (tracker_ok, already, mask) = match to {
+            Who::Client => (
+                s.to_client.at_frame_boundary(),
+                s.injected_close_to_client || s.to_client.close_seen(),
+                None,
+            ),
+            Who::Conman => (
+                s.to_conman.at_frame_boundary(),
+                s.injected_close_to_conman || s.to_conman.close_seen(),
+                Some(self.rng.gen::<[u8; 4]>()),
+            ),
+        };
+        let sd = side(s, to);
+        if !tracker_ok || already || sd.fd < 0 || sd.shut || sd.closed {
+            return;
+        }
+        let mut frame = Vec::with_capacity(4 + reason.len() + 8);
+        write_close(&mut frame, code, reason, mask);
+        sd.push_owned(frame);
+        match to {
+            Who::Client => {
+                s.injected_close_to_client = true;
+                self.stats.close_code(CloseSide::ProxyToClient, code);
+            }
+            Who::Conman => {
+                s.injected_close_to_conman = true;
+                self.stats.close_code(CloseSide::ProxyToConman, code);
+            }
+        }
+    }
+
+    fn begin_closing(&mut self, slot: u32, s: &mut Session) {
+        if s.phase == Phase::Closing {
+            return;
+        }
+        s.phase = Phase::Closing;
+        s.client.want_shut = true;
+        s.conman.want_shut = true;
+        let t = self.now + LINGER;
+        self.set_deadline(slot, s, t);
+    }
+
+    /// Ends a session from the proxy's side with a Close to both peers.
+    fn end_session(&mut self, slot: u32, s: &mut Session, code: u16, reason: &str) {
+        if s.phase == Phase::Relay {
+            self.inject_close(s, Who::Client, code, reason);
+            self.inject_close(s, Who::Conman, close::GOING_AWAY, reason);
+        }
+        self.begin_closing(slot, s);
+    }
+
+    /// A side stopped sending (FIN, reset, failed send).
+    fn on_side_lost(&mut self, slot: u32, s: &mut Session, who: Who) {
+        match s.phase {
+            Phase::Head => {
+                // Nothing was promised yet: just go.
+                self.begin_closing(slot, s);
+            }
+            Phase::Connecting | Phase::ConmanHandshake => {
+                let err = match who {
+                    Who::Client => SetupError::new(Stage::ClientGone, "eof"),
+                    Who::Conman => SetupError::new(Stage::ConmanHandshake, "eof"),
+                };
+                self.fail_setup(slot, s, err);
+            }
+            Phase::Relay => {
+                let dir = who.outbound();
+                let close_already = match who {
+                    Who::Client => s.to_conman.close_seen(),
+                    Who::Conman => s.to_client.close_seen(),
+                };
+                let at_boundary = s.tracker(dir).at_frame_boundary();
+                match on_eof(who == Who::Client, at_boundary, close_already) {
+                    EofAction::InjectClose { code, reason } => {
+                        self.inject_close(s, who.other(), code, &reason);
+                    }
+                    EofAction::Shutdown => {}
+                }
+                if who == Who::Conman && !close_already {
+                    debug!(session = s.id, "conman lost mid-session");
+                }
+                self.begin_closing(slot, s);
+            }
+            Phase::Closing => {}
+        }
+    }
+
+    fn on_deadline(&mut self, slot: u32, s: &mut Session) {
+        match s.phase {
+            Phase::Head => {
+                self.stats
+                    .setup_failure(Stage::Request, "header_timeout", true);
+                let mut out = Vec::new();
+                http1::write_status(&mut out, 408, "request head not received in time");
+                self.stats.http_response(408);
+                s.client.push_owned(out);
+                self.begin_closing(slot, s);
+            }
+            Phase::Connecting | Phase::ConmanHandshake => {
+                let stage = if s.phase == Phase::Connecting {
+                    Stage::ConmanConnect
+                } else {
+                    Stage::ConmanHandshake
+                };
+                self.fail_setup(slot, s, SetupError::new(stage, "timeout"));
+            }
+            Phase::Relay => {
+                // A Close went one way and no answer came back.
+                self.begin_closing(slot, s);
+            }
+            Phase::Closing => {
+                // Peers that neither read nor close: force both sockets
+                // down so every pending operation completes.
+                for who in [Who::Client, Who::Conman] {
+                    let sd = side(s, who);
+                    if sd.fd >= 0 && !sd.closed {
+                        // SAFETY: our socket.
+                        unsafe { libc::shutdown(sd.fd, libc::SHUT_RDWR) };
+                        sd.shut = true;
+                        sd.eof = true;
+                    }
+                }
+            }
+        }
+    }
+
+    fn close_side(&mut self, slot: u32, s: &mut Session, who: Who) {
+        let sd = side(s, who);
+        if sd.closed {
+            return;
+        }
+        if sd.want_shut && !sd.shut && sd.drained() {
+            // SAFETY: our socket.
+            unsafe { libc::shutdown(sd.fd, libc::SHUT_WR) };
+            sd.shut = true;
+        }
+        let sd = side(s, who);
+        if sd.shut && sd.eof {
+            if sd.recv_armed {
+                self.pause_recv(slot, s, who);
+            }
+            let sd = side(s, who);
+            if sd.inflight == 0 {
+                while let Some(c) = sd.sendq.pop_front() {
+                    if let Chunk::Buf { bid, .. } = c {
+                        self.bufs.recycle(bid);
+                    }
+                }
+                sd.queued = 0;
+                // SAFETY: no operation on it is in flight.
+                unsafe { libc::close(sd.fd) };
+                sd.closed = true;
+            }
+        }
+        if s.deadline.is_none() {
+            let t = self.now + LINGER;
+            self.set_deadline(slot, s, t);
+        }
+    }
+
+    fn on_head(&mut self, slot: u32, s: &mut Session) {
+        let limits = http1::Limits {
+            max_request_line: self.cfg.limits.max_request_line,
+            max_head: self.cfg.limits.max_head,
+            max_headers: self.cfg.limits.max_headers,
+        };
+        let parsed = http1::parse_request(&s.head, &limits);
+        let (route, head_len) = match parsed {
+            Ok(None) => return,
+            Ok(Some(r)) => r,
+            Err(e) => {
+                let status = e.status();
+                if status != 404 {
+                    ShardStats::inc(&self.stats.attempts);
+                    self.stats.setup_failure(Stage::Request, e.as_str(), true);
+                }
+                debug!(session = s.id, status, reason = e.reason(), "bad request");
+                let mut out = Vec::new();
+                http1::write_error(&mut out, &e);
+                self.stats.http_response(status);
+                s.client.push_owned(out);
+                self.begin_closing(slot, s);
+                return;
+            }
+        };
+        let req = match route {
+            Route::Healthz => {
+                let mut out = Vec::new();
+                http1::write_healthz(&mut out);
+                self.stats.http_response(200);
+                s.client.push_owned(out);
+                self.begin_closing(slot, s);
+                return;
+            }
+            Route::WebSocket(req) => req,
+        };
+        ShardStats::inc(&self.stats.attempts);
+        s.held = s.head.split_off(head_len);
+        s.head = Vec::new();
+        let t0 = self.now;
+        let claims = match req.token.as_deref() {
+            None => Err("missing"),
+            Some(t) => {
+                token::verify(t, &self.keys, self.now_unix, &self.verify).map_err(|e| e.as_str())
+            }
+        };
+        self.stats
+            .setup_duration(Timing::Token, Instant::now() - t0);
+        let accept = accept_key(&req.key);
+        let claims = match claims {
+            Ok(c) => c,
+            Err(reason) => {
+                self.stats.setup_failure(Stage::Token, reason, true);
+                debug!(session = s.id, reason, "token rejected");
+                let mut out = Vec::new();
+                match self.cfg.token.reject_with {
+                    RejectWith::Http => {
+                        http1::write_status(&mut out, 401, &format!("token rejected: {reason}"));
+                        self.stats.http_response(401);
+                    }
+                    RejectWith::Close => {
+                        http1::write_switching_protocols(&mut out, &accept, None, None);
+                        let e = SetupError::new(Stage::Token, reason);
+                        write_close(&mut out, e.close_code(), &e.close_reason(), None);
+                        self.stats
+                            .close_code(CloseSide::ProxyToClient, e.close_code());
+                        s.injected_close_to_client = true;
+                    }
+                }
+                s.client.push_owned(out);
+                s.held.clear();
+                self.begin_closing(slot, s);
+                return;
+            }
+        };
+        let Some(place) = self.placement.lookup(&claims.repl).cloned() else {
+            self.stats
+                .setup_failure(Stage::Controlplane, "unknown_repl", false);
+            let mut out = Vec::new();
+            http1::write_switching_protocols(&mut out, &accept, None, None);
+            let e = SetupError::new(Stage::Controlplane, "unknown_repl");
+            write_close(&mut out, e.close_code(), &e.close_reason(), None);
+            s.client.push_owned(out);
+            s.injected_close_to_client = true;
+            self.begin_closing(slot, s);
+            return;
+        };
+        let protocol =
+            choose_protocol(&req.protocols, &self.cfg.websocket.subprotocols).map(str::to_owned);
+        let mut out = Vec::new();
+        http1::write_switching_protocols(&mut out, &accept, protocol.as_deref(), None);
+        s.client.push_owned(out);
+
+        let fd = match listener::conman_socket(&place.addr) {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!(session = s.id, err = %e, "cannot create conman socket");
+                s.ident = Some(Box::new(crate::session::Identity {
+                    repl: claims.repl,
+                    user: claims.user,
+                }));
+                self.fail_setup(slot, s, SetupError::new(Stage::ConmanConnect, "socket"));
+                return;
+            }
+        };
+        let client_ip = listener::peer_ip(s.client.fd);
+        let key = new_client_key(self.rng.gen());
+        let expected_accept = accept_key(&key);
+        let session_hex = format!("{:016x}", s.id);
+        let xff = match (&req.x_forwarded_for, client_ip) {
+            (Some(prev), Some(ip)) => format!("{prev}, {ip}"),
+            (None, Some(ip)) => ip.to_string(),
+            (Some(prev), None) => prev.clone(),
+            (None, None) => String::new(),
+        };
+        let host = if place.url.port == 80 {
+            place.url.host.clone()
+        } else {
+            format!("{}:{}", place.url.host, place.url.port)
+        };
+        let mut request = Vec::with_capacity(512);
+        let protocols: Vec<String> = protocol.iter().cloned().collect();
+        {
+            let mut extra: Vec<(&str, &str)> = vec![
+                ("X-Eval-Session", &session_hex),
+                ("X-Repl-Id", &claims.repl),
+                ("X-User", &claims.user),
+            ];
+            if !xff.is_empty() {
+                extra.push(("X-Forwarded-For", &xff));
+            }
+            handshake::write_client_request(
+                &mut request,
+                &host,
+                &place.url.path,
+                &key,
+                &protocols,
+                None,
+                &extra,
+            );
+        }
+        s.ident = Some(Box::new(crate::session::Identity {
+            repl: claims.repl,
+            user: claims.user,
+        }));
+        s.setup = Some(Box::new(Setup {
+            addr: socket2::SockAddr::from(place.addr),
+            timeout: types::Timespec::from(Duration::from_millis(
+                self.cfg.limits.connect_timeout_ms,
+            )),
+            expected_accept,
+            request,
+            protocol,
+            client_ip,
+            forwarded_for: req.x_forwarded_for,
+        }));
+        s.conman = Side::new(fd);
+        s.phase = Phase::Connecting;
+        s.phase_started = self.now;
+        let deadline = self.now + Duration::from_millis(self.cfg.limits.setup_timeout_ms);
+        self.set_deadline(slot, s, deadline);
+        let st = s.setup.as_ref().expect("just set");
+        let connect = opcode::Connect::new(types::Fd(fd), st.addr.as_ptr(), st.addr.len())
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(ud(slot, s.gen, OP_CONNECT));
+        let timeout = opcode::LinkTimeout::new(&st.timeout)
+            .build()
+            .user_data(ud(slot, s.gen, OP_IGNORE));
+        s.conman.inflight += 1;
+        // Both entries must land in the same submission for the link to
+        // hold: make room first.
+        let room = {
+            let sq = self.ring.submission();
+            sq.capacity() - sq.len()
+        };
+        if room < 2 {
+            let _ = self.ring.submit();
+        }
+        self.push(connect);
+        self.push(timeout);
+        if s.held.len() >= self.cfg.limits.held_bytes {
+            self.pause_recv(slot, s, Who::Client);
+        }
+    }
+
+    fn on_connect(&mut self, slot: u32, s: &mut Session, res: i32) {
+        s.conman.inflight -= 1;
+        if s.phase != Phase::Connecting {
+            return;
+        }
+        if res < 0 {
+            let reason = match -res {
+                libc::ECONNREFUSED => "refused",
+                libc::ECANCELED | libc::ETIMEDOUT => "timeout",
+                libc::ENETUNREACH | libc::EHOSTUNREACH => "unreachable",
+                libc::ECONNRESET => "reset",
+                _ => "error",
+            };
+            self.fail_setup(slot, s, SetupError::new(Stage::ConmanConnect, reason));
+            return;
+        }
+        self.stats
+            .setup_duration(Timing::ConmanDial, self.now - s.phase_started);
+        s.phase = Phase::ConmanHandshake;
+        s.phase_started = self.now;
+        let request = std::mem::take(&mut s.setup.as_mut().expect("setup state").request);
+        s.conman.push_owned(request);
+        s.head.clear();
+        self.arm_recv(slot, s, Who::Conman);
+    }
+
+    fn on_conman_head(&mut self, slot: u32, s: &mut Session) {
+        let st = s.setup.as_ref().expect("setup state");
+        let parsed = handshake::parse_client_response(
+            &s.head,
+            &st.expected_accept,
+            self.cfg.limits.max_head,
+        );
+        let head_len = match parsed {
+            Ok(None) => return,
+            Ok(Some((_resp, n))) => n,
+            Err(e) => {
+                self.fail_setup(slot, s, SetupError::new(Stage::ConmanHandshake, e.as_str()));
+                return;
+            }
+        };
+        self.stats
+            .setup_duration(Timing::ConmanUpgrade, self.now - s.phase_started);
+        self.stats
+            .setup_duration(Timing::Total, self.now - s.started);
+        s.setup = None;
+        s.phase = Phase::Relay;
+        s.deadline = None;
+        s.established = true;
+        s.counted_active = true;
+        ShardStats::inc(&self.stats.established);
+        self.stats.active.fetch_add(1, Ordering::Relaxed);
+        let early = s.head.split_off(head_len);
+        s.head = Vec::new();
+        // Frames Conman sent right behind its 101, then the client's held
+        // frames: both pass through their trackers like any other bytes.
+        self.forward_owned(s, Who::Conman, early);
+        let held = std::mem::take(&mut s.held);
+        self.forward_owned(s, Who::Client, held);
+        if s.phase == Phase::Relay {
+            self.resume_recv(slot, s, Who::Client);
+            let sd = &mut s.client;
+            if !sd.recv_armed && !sd.paused {
+                self.arm_recv(slot, s, Who::Client);
+            }
+        }
+    }
+
+    /// Like `forward`, for bytes the proxy had to copy (setup leftovers).
+    fn forward_owned(&mut self, s: &mut Session, from: Who, data: Vec<u8>) {
+        if data.is_empty() {
+            return;
+        }
+        let dir = from.outbound();
+        let frames_before = s.tracker(dir).frames();
+        let mut off = 0;
+        let mut violation = None;
+        while off < data.len() {
+            match s.tracker(dir).handle(&data[off..]) {
+                Ok(scan) => {
+                    off += scan.consumed;
+                    if scan.consumed == 0 && scan.event.is_none() {
+                        break;
+                    }
+                }
+                Err(v) => {
+                    let valid = s.tracker(dir).bytes_valid_before_violation();
+                    violation = Some((off + valid, v));
+                    break;
+                }
+            }
+        }
+        let frames = s.tracker(dir).frames() - frames_before;
+        let good = violation.as_ref().map_or(data.len(), |(n, _)| *n);
+        self.stats.add_bytes(dir, good as u64, frames);
+        let mut data = data;
+        data.truncate(good);
+        side(s, from.other()).push_owned(data);
+        if let Some((_, v)) = violation {
+            self.on_violation(s, from, v.code, v.reason);
+        }
+    }
+
+    fn fail_setup(&mut self, slot: u32, s: &mut Session, err: SetupError) {
+        self.stats.setup_failure(err.stage, err.reason, false);
+        let (repl, user) = s
+            .ident
+            .as_ref()
+            .map_or(("", ""), |i| (i.repl.as_str(), i.user.as_str()));
+        info!(
+            session = s.id,
+            repl,
+            user,
+            stage = err.stage.as_str(),
+            reason = err.reason,
+            "session setup failed"
+        );
+        if err.stage != Stage::ClientGone {
+            let mut frame = Vec::new();
+            write_close(&mut frame, err.close_code(), &err.close_reason(), None);
+            s.client.push_owned(frame);
+            s.injected_close_to_client = true;
+            self.stats
+                .close_code(CloseSide::ProxyToClient, err.close_code());
+        }
+        s.held.clear();
+        s.setup = None;
+        // Conman's socket is not ours to talk on any more.
+        if s.conman.fd >= 0 {
+            s.conman.eof = true;
+            s.conman.shut = true;
+            s.conman.sendq.clear();
+            s.conman.queued = 0;
+            if s.conman.recv_armed {
+                self.pause_recv(slot, s, Who::Conman);
+            }
+        }
+        if s.phase == Phase::Connecting && s.conman.inflight > 0 {
+            self.push(
+                opcode::AsyncCancel::new(ud(slot, s.gen, OP_CONNECT))
+                    .build()
+                    .user_data(ud(slot, s.gen, OP_IGNORE)),
+            );
+        }
+        s.deadline = None;
+        self.begin_closing(slot, s);
+    }
+}

@@ -1,0 +1,296 @@
+//! Shared harness for whole-process tests: the real `eval-proxy` binary on
+//! port 0, waited for by its readiness line; fake Conmans on real sockets;
+//! tungstenite clients.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use eval_proxy::dev::conman::{self, Behavior, ConmanConfig, ConmanHandle};
+use eval_proxy::token::{self, Claims};
+use tungstenite::client::IntoClientRequest;
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::WebSocket;
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_eval-proxy"))
+}
+
+pub struct Proxy {
+    pub child: Child,
+    pub listen: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    /// Lines printed on stdout before the ready line (e.g. the --dev URL).
+    pub banner: Vec<String>,
+    _stdout: mpsc::Receiver<String>,
+    pub dir: tempdir::Dir,
+}
+
+pub mod tempdir {
+    use std::path::{Path, PathBuf};
+    /// A scratch directory removed on drop.
+    pub struct Dir(PathBuf);
+    impl Dir {
+        pub fn new(tag: &str) -> Dir {
+            let p = std::env::temp_dir().join(format!(
+                "eval-proxy-test-{tag}-{}-{}",
+                std::process::id(),
+                rand_suffix()
+            ));
+            std::fs::create_dir_all(&p).expect("create temp dir");
+            Dir(p)
+        }
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    fn rand_suffix() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        N.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+impl Proxy {
+    /// Starts the proxy with a config (TOML text) plus extra flags, on
+    /// loopback port 0, and waits for its readiness line.
+    pub fn start(config: &str, args: &[&str]) -> Proxy {
+        let dir = tempdir::Dir::new("proxy");
+        let cfg_path = dir.path().join("eval.toml");
+        std::fs::write(&cfg_path, config).expect("write config");
+        let mut cmd = Command::new(bin());
+        cmd.arg("--config")
+            .arg(&cfg_path)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("EVAL_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        Self::spawn(cmd, dir)
+    }
+
+    pub fn spawn(mut cmd: Command, dir: tempdir::Dir) -> Proxy {
+        let mut child = cmd.spawn().expect("spawn eval-proxy");
+        let stdout = child.stdout.take().expect("stdout");
+        let rx = lines(stdout);
+        let mut banner = Vec::new();
+        loop {
+            let line = match rx.recv_timeout(WAIT) {
+                Ok(l) => l,
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("eval-proxy printed no ready line (banner so far: {banner:?})");
+                }
+            };
+            if let Some(rest) = line.strip_prefix("eval-proxy ready ") {
+                let mut listen = None;
+                let mut admin = None;
+                for kv in rest.split_whitespace() {
+                    if let Some(v) = kv.strip_prefix("listen=") {
+                        listen = v.parse().ok();
+                    } else if let Some(v) = kv.strip_prefix("admin=") {
+                        admin = v.parse().ok();
+                    }
+                }
+                return Proxy {
+                    child,
+                    listen: listen.expect("listen= in ready line"),
+                    admin,
+                    banner,
+                    _stdout: rx,
+                    dir,
+                };
+            }
+            banner.push(line);
+        }
+    }
+
+    pub fn url(&self, token: &str) -> String {
+        format!("ws://{}/wsv2/{token}", self.listen)
+    }
+
+    /// GET on the admin listener; returns (status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        http(self.admin.expect("admin enabled"), "GET", path)
+    }
+
+    pub fn metrics(&self) -> String {
+        self.admin_get("/metrics").1
+    }
+
+    /// Sum of the samples of a metric whose labels contain every `want`.
+    pub fn metric(&self, name: &str, want: &[&str]) -> f64 {
+        metric_value(&self.metrics(), name, want)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits for exit; panics if it takes longer than `WAIT`.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return st;
+            }
+            assert!(std::time::Instant::now() < deadline, "proxy did not exit");
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lines(stdout: ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+pub fn metric_value(text: &str, name: &str, want: &[&str]) -> f64 {
+    let mut sum = 0.0;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((key, val)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, labels) = match key.find('{') {
+            Some(i) => (&key[..i], &key[i..]),
+            None => (key, ""),
+        };
+        if n == name && want.iter().all(|w| labels.contains(w)) {
+            sum += val.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    sum
+}
+
+/// A minimal HTTP/1.1 request with `Connection: close`.
+pub fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect admin");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read response");
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (status, body)
+}
+
+/// Sends raw bytes, half-closes nothing, reads until the server closes or
+/// the timeout passes; returns everything read.
+pub fn raw_exchange(addr: SocketAddr, req: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).expect("connect proxy");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(req).expect("write request");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+pub fn status_of(resp: &[u8]) -> u16 {
+    std::str::from_utf8(&resp[..resp.len().min(64)])
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+pub fn claims(repl: &str) -> Claims {
+    Claims {
+        repl: repl.into(),
+        user: "alice".into(),
+        cluster: "dev".into(),
+        exp: unix_now() + 3600,
+        nbf: unix_now() - 60,
+        jti: "t1".into(),
+    }
+}
+
+pub fn dev_token(repl: &str) -> String {
+    token::mint(&claims(repl), token::DEV_KID, &token::dev_signing_key())
+}
+
+pub fn fake_conman(behavior: Behavior) -> ConmanHandle {
+    conman::spawn(ConmanConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        behavior,
+    })
+    .expect("spawn fake conman")
+}
+
+pub fn echo_conman() -> ConmanHandle {
+    fake_conman(Behavior {
+        vm_id: "vm-1".into(),
+        ..Default::default()
+    })
+}
+
+/// A config for the proxy in front of one Conman, dev key trusted.
+pub fn config_for(conman: SocketAddr, extra: &str) -> String {
+    format!(
+        "[token]\nallow_dev_key = true\n\n[placement]\ndefault = \"ws://{conman}/conman\"\n\n{extra}\n"
+    )
+}
+
+pub type Client = WebSocket<MaybeTlsStream<TcpStream>>;
+
+pub fn connect(url: &str) -> Client {
+    let req = url.into_client_request().expect("request");
+    let (ws, resp) = tungstenite::connect(req).expect("websocket connect through proxy");
+    assert_eq!(resp.status().as_u16(), 101);
+    if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(WAIT)).unwrap();
+    }
+    ws
+}
