@@ -1,15 +1,23 @@
 //! End-to-end relay through the real binary: echo, fragmentation, large
-//! messages, close handshakes, Conman failures.
+//! messages, close handshakes, Conman failures, protocol violations.
 
 mod support;
 
+use std::io::{Read, Write};
+
 use support::*;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::WebSocketConfig;
 use tungstenite::Message;
+
+fn proxy_for(conman: std::net::SocketAddr) -> Proxy {
+    Proxy::start(&config_for(conman, ""), &["--shards", "1"])
+}
 
 #[test]
 fn echo_text_and_binary() {
     let conman = echo_conman();
-    let proxy = Proxy::start(&config_for(conman.local_addr, ""), &["--shards", "1"]);
+    let proxy = proxy_for(conman.local_addr);
     let mut ws = connect(&proxy.url(&dev_token("r1")));
     ws.send(Message::text("hello")).unwrap();
     assert_eq!(ws.read().unwrap(), Message::text("hello"));
@@ -17,4 +25,327 @@ fn echo_text_and_binary() {
     ws.send(Message::binary(bin.clone())).unwrap();
     assert_eq!(ws.read().unwrap(), Message::binary(bin));
     ws.close(None).unwrap();
+    assert!(proxy.metric("eval_sessions_established_total", &[]) >= 1.0);
+}
+
+#[test]
+fn conman_sees_session_headers() {
+    let conman = echo_conman();
+    let proxy = proxy_for(conman.local_addr);
+    let mut ws = connect(&proxy.url(&dev_token("repl-7")));
+    ws.send(Message::text("__headers__")).unwrap();
+    let text = ws.read().unwrap().into_text().unwrap().to_string();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let h = &v["headers"];
+    assert_eq!(h["x-repl-id"], "repl-7", "{text}");
+    assert_eq!(h["x-user"], "alice", "{text}");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1", "{text}");
+    assert_eq!(h["x-eval-session"].as_str().unwrap().len(), 16, "{text}");
+    assert_eq!(v["path"], "/conman", "{text}");
+}
+
+/// Fragmented messages with pings between the fragments reach Conman as
+/// the exact bytes the client sent: no unmasking, no re-framing.
+#[test]
+fn frames_pass_through_byte_for_byte() {
+    let mut sent = Vec::new();
+    sent.extend(frame(false, 1, b"frag-one ", Some([1, 2, 3, 4])));
+    sent.extend(frame(true, 9, b"ping!", Some([5, 6, 7, 8])));
+    sent.extend(frame(false, 0, b"frag-two ", Some([9, 9, 9, 9])));
+    sent.extend(frame(true, 10, b"", Some([0, 0, 0, 1])));
+    sent.extend(frame(true, 0, b"end", Some([4, 3, 2, 1])));
+    sent.extend(frame(
+        true,
+        2,
+        &vec![7u8; 100_000],
+        Some([0xde, 0xad, 0xbe, 0xef]),
+    ));
+    let expect = sent.clone();
+    let reply: Vec<u8> = [
+        frame(false, 2, b"from", None),
+        frame(true, 9, b"p", None),
+        frame(true, 0, b" conman", None),
+    ]
+    .concat();
+    let reply2 = reply.clone();
+    let (addr, h) = raw_conman(move |mut s, _| {
+        let mut got = vec![0u8; expect.len()];
+        s.read_exact(&mut got).unwrap();
+        assert!(got == expect, "bytes changed on the way to Conman");
+        s.write_all(&reply2).unwrap();
+        s
+    });
+    let proxy = proxy_for(addr);
+    let mut c = raw_client(proxy.listen, &dev_token("r1"));
+    // Split the writes at odd places so frames straddle reads.
+    for chunk in sent.chunks(7_777) {
+        c.write_all(chunk).unwrap();
+    }
+    let _conman = h.join().unwrap();
+    let mut got = vec![0u8; reply.len()];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(got, reply);
+}
+
+#[test]
+fn sixteen_mib_message() {
+    let conman = echo_conman();
+    let proxy = proxy_for(conman.local_addr);
+    let cfg = WebSocketConfig {
+        max_message_size: Some(64 << 20),
+        max_frame_size: Some(64 << 20),
+        ..Default::default()
+    };
+    let (mut ws, _) =
+        tungstenite::client::connect_with_config(proxy.url(&dev_token("r1")), Some(cfg), 3)
+            .unwrap();
+    let big: Vec<u8> = (0..16usize << 20).map(|i| (i * 31 % 251) as u8).collect();
+    ws.send(Message::binary(big.clone())).unwrap();
+    match ws.read().unwrap() {
+        Message::Binary(b) => assert!(b[..] == big[..], "16 MiB echo differs"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn close_from_client_keeps_code_and_reason() {
+    let conman = echo_conman();
+    let proxy = proxy_for(conman.local_addr);
+    let mut c = raw_client(proxy.listen, &dev_token("r1"));
+    let mut payload = 4000u16.to_be_bytes().to_vec();
+    payload.extend_from_slice(b"client says bye");
+    c.write_all(&frame(true, 8, &payload, Some([1, 2, 3, 4])))
+        .unwrap();
+    assert_eq!(read_close(&mut c), (4000, "client says bye".to_string()));
+    // Then the TCP stream ends cleanly.
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).expect("clean FIN, not a reset");
+    assert!(rest.is_empty());
+}
+
+#[test]
+fn close_from_conman_keeps_code_and_reason() {
+    let conman = echo_conman();
+    let proxy = proxy_for(conman.local_addr);
+    let mut ws = connect(&proxy.url(&dev_token("r1")));
+    ws.send(Message::text("__close__ 4001 conman says bye"))
+        .unwrap();
+    loop {
+        match ws.read() {
+            Ok(Message::Close(Some(f))) => {
+                assert_eq!(u16::from(f.code), 4001);
+                assert_eq!(f.reason, "conman says bye");
+                break;
+            }
+            Ok(_) => continue,
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    }
+}
+
+// tungstenite (0.24 and 0.30) rejects the registered code 1014 as invalid,
+// so these read the Close frame off a raw socket; browsers, Python
+// `websockets` and Node `ws` accept it (see tests/real_clients.rs).
+
+#[test]
+fn conman_refusing_gives_1014() {
+    // A port with nothing listening: connection refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = proxy_for(port);
+    let mut c = raw_client(proxy.listen, &dev_token("r1"));
+    assert_eq!(
+        read_close(&mut c),
+        (1014, "stage=conman_connect;reason=refused".into())
+    );
+    assert_eq!(
+        proxy.metric(
+            "eval_session_setup_failures_total",
+            &["stage=\"conman_connect\"", "reason=\"refused\""]
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn conman_rejecting_upgrade_gives_1014() {
+    let conman = fake_conman(eval_proxy::dev::conman::Behavior {
+        reject_status: Some(503),
+        ..Default::default()
+    });
+    let proxy = proxy_for(conman.local_addr);
+    let mut c = raw_client(proxy.listen, &dev_token("r1"));
+    assert_eq!(
+        read_close(&mut c),
+        (1014, "stage=conman_handshake;reason=status".into())
+    );
+}
+
+#[test]
+fn conman_dying_mid_session_gives_1014() {
+    let conman = echo_conman();
+    let proxy = proxy_for(conman.local_addr);
+    let mut c = raw_client(proxy.listen, &dev_token("r1"));
+    c.write_all(&frame(true, 1, b"ok?", Some([1, 2, 3, 4])))
+        .unwrap();
+    assert_eq!(read_frame(&mut c).2, b"ok?");
+    c.write_all(&frame(true, 1, b"__die__", Some([1, 2, 3, 4])))
+        .unwrap();
+    assert_eq!(
+        read_close(&mut c),
+        (1014, "stage=relay;reason=conman_lost".into())
+    );
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).expect("clean FIN after the Close");
+}
+
+#[test]
+fn client_vanishing_sends_1001_to_conman() {
+    let (addr, h) = raw_conman(|mut s, _| {
+        let (_, _, p) = read_frame(&mut s);
+        s.write_all(&frame(true, 1, &p, None)).unwrap();
+        read_close(&mut s)
+    });
+    let proxy = proxy_for(addr);
+    let mut c = raw_client(proxy.listen, &dev_token("r1"));
+    c.write_all(&frame(true, 1, b"hi", Some([1, 1, 1, 1])))
+        .unwrap();
+    // Relaying for sure once the echo is back; then vanish.
+    assert_eq!(read_frame(&mut c).2, b"hi");
+    drop(c);
+    let (code, reason) = h.join().unwrap();
+    assert_eq!(code, 1001);
+    assert_eq!(reason, "stage=client_gone;reason=eof");
+}
+
+#[test]
+fn client_frames_sent_before_conman_answers_arrive_in_order() {
+    let (addr, h) = raw_conman(|mut s, _| {
+        let mut got = Vec::new();
+        for _ in 0..50 {
+            got.push(read_frame(&mut s).2);
+        }
+        got
+    });
+    let proxy = proxy_for(addr);
+    // Write the upgrade and 50 frames in one go: the frames arrive while the
+    // proxy is still reaching Conman and must be held, then delivered.
+    let mut s = std::net::TcpStream::connect(proxy.listen).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut bytes = format!(
+        "GET /wsv2/{} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        dev_token("r1")
+    )
+    .into_bytes();
+    for i in 0..50 {
+        bytes.extend(frame(
+            true,
+            1,
+            format!("m{i}").as_bytes(),
+            Some([i, 1, 2, 3]),
+        ));
+    }
+    s.write_all(&bytes).unwrap();
+    let got = h.join().unwrap();
+    let want: Vec<Vec<u8>> = (0..50).map(|i| format!("m{i}").into_bytes()).collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn protocol_violations_get_their_close_codes() {
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "unmasked",
+            frame(true, 1, b"x", None),
+            1002,
+            "unmasked_frame",
+        ),
+        (
+            "control too long",
+            frame(true, 9, &[0u8; 126], Some([1, 2, 3, 4])),
+            1002,
+            "control_too_long",
+        ),
+        (
+            "fragmented control",
+            frame(false, 9, b"p", Some([1, 2, 3, 4])),
+            1002,
+            "fragmented_control",
+        ),
+        (
+            "reserved opcode",
+            frame(true, 3, b"x", Some([1, 2, 3, 4])),
+            1002,
+            "reserved_opcode",
+        ),
+        (
+            "rsv1 without extension",
+            {
+                let mut f = frame(true, 1, b"x", Some([1, 2, 3, 4]));
+                f[0] |= 0x40;
+                f
+            },
+            1002,
+            "rsv_bits",
+        ),
+        (
+            "continuation without start",
+            frame(true, 0, b"x", Some([1, 2, 3, 4])),
+            1002,
+            "unexpected_continuation",
+        ),
+        (
+            "too big",
+            frame(true, 2, &vec![0u8; 5000], Some([1, 2, 3, 4])),
+            1009,
+            "frame_too_big",
+        ),
+    ];
+    let conman = echo_conman();
+    let proxy = Proxy::start(
+        &config_for(conman.local_addr, "[limits]\nmax_frame = 4096\n"),
+        &["--shards", "1"],
+    );
+    for (name, bytes, code, reason) in cases {
+        let mut c = raw_client(proxy.listen, &dev_token("r1"));
+        // One good echo first, so the session is relaying.
+        c.write_all(&frame(true, 1, b"ok", Some([9, 9, 9, 9])))
+            .unwrap();
+        assert_eq!(read_frame(&mut c).2, b"ok", "{name}");
+        c.write_all(&bytes).unwrap();
+        let (got_code, got_reason) = read_close(&mut c);
+        assert_eq!(got_code, code, "{name}: {got_reason}");
+        assert_eq!(got_reason, format!("stage=relay;reason={reason}"), "{name}");
+    }
+}
+
+#[test]
+fn two_shards_both_accept() {
+    let conman = echo_conman();
+    let proxy = Proxy::start(&config_for(conman.local_addr, ""), &["--shards", "2"]);
+    let mut clients = Vec::new();
+    for i in 0..40u8 {
+        // Distinct source addresses spread the SO_REUSEPORT hash.
+        let src = std::net::SocketAddr::from(([127, 0, 1, i + 1], 0));
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.bind(&src.into()).unwrap();
+        sock.connect(&proxy.listen.into()).unwrap();
+        let stream: std::net::TcpStream = sock.into();
+        let (mut ws, _) = tungstenite::client(proxy.url(&dev_token("r1")), stream).unwrap();
+        ws.send(Message::text("x")).unwrap();
+        assert_eq!(ws.read().unwrap(), Message::text("x"));
+        clients.push(ws);
+    }
+    let m = proxy.metrics();
+    let s0 = metric_value(&m, "eval_connections_accepted_total", &["shard=\"0\""]);
+    let s1 = metric_value(&m, "eval_connections_accepted_total", &["shard=\"1\""]);
+    assert_eq!(s0 + s1, 40.0);
+    assert!(
+        s0 > 0.0 && s1 > 0.0,
+        "connections all landed on one shard: {s0} / {s1}"
+    );
+    let _ = CloseCode::Normal;
 }

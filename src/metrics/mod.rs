@@ -162,12 +162,19 @@ pub fn render(shards: &[std::sync::Arc<ShardStats>], extra: &[(&str, &str, u64)]
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
         );
     };
-    counter(
-        &mut out,
-        names::CONNECTIONS_ACCEPTED,
-        "TCP connections accepted on the public listener.",
-        sum(|s| &s.accepted),
+    let _ = writeln!(
+        out,
+        "# HELP {0} TCP connections accepted on the public listener, per shard.\n# TYPE {0} counter",
+        names::CONNECTIONS_ACCEPTED
     );
+    for (i, s) in shards.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{}{{shard=\"{i}\"}} {}",
+            names::CONNECTIONS_ACCEPTED,
+            s.accepted.load(Relaxed)
+        );
+    }
     counter(
         &mut out,
         names::SESSION_ATTEMPTS,

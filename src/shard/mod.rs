@@ -1252,29 +1252,29 @@ impl Io {
             let mut frame = Vec::new();
             write_close(&mut frame, err.close_code(), &err.close_reason(), None);
             s.client.push_owned(frame);
-            s.injected_close_to_client = true;
             self.stats
                 .close_code(CloseSide::ProxyToClient, err.close_code());
         }
+        // Nothing Conman sends from here on is for the client.
+        s.injected_close_to_client = true;
         s.held.clear();
         s.setup = None;
-        // Conman's socket is not ours to talk on any more.
-        if s.conman.fd >= 0 {
+        s.conman.sendq.clear();
+        s.conman.queued = 0;
+        if s.phase == Phase::Connecting {
+            // Not connected: nothing to read or to say; stop the dial.
             s.conman.eof = true;
             s.conman.shut = true;
-            s.conman.sendq.clear();
-            s.conman.queued = 0;
-            if s.conman.recv_armed {
-                self.pause_recv(slot, s, Who::Conman);
+            if s.conman.inflight > 0 {
+                self.push(
+                    opcode::AsyncCancel::new(ud(slot, s.gen, OP_CONNECT))
+                        .build()
+                        .user_data(ud(slot, s.gen, OP_IGNORE)),
+                );
             }
         }
-        if s.phase == Phase::Connecting && s.conman.inflight > 0 {
-            self.push(
-                opcode::AsyncCancel::new(ud(slot, s.gen, OP_CONNECT))
-                    .build()
-                    .user_data(ud(slot, s.gen, OP_IGNORE)),
-            );
-        }
+        // Connected: the Closing phase shuts our write side and reads to
+        // Conman's FIN, so its socket ends without a reset.
         s.deadline = None;
         self.begin_closing(slot, s);
     }

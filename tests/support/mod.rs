@@ -294,3 +294,144 @@ pub fn connect(url: &str) -> Client {
     }
     ws
 }
+
+/// A raw TCP WebSocket client: does the upgrade by hand and then exposes
+/// the socket, so tests can send exactly the bytes they mean.
+pub fn raw_client(proxy: SocketAddr, token: &str) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).expect("connect proxy");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        s,
+        "GET /wsv2/{token} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let head = read_head(&mut s);
+    assert!(
+        head.starts_with("HTTP/1.1 101"),
+        "expected 101, got {head:?}"
+    );
+    assert!(
+        head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "accept: {head}"
+    );
+    s
+}
+
+/// Reads an HTTP head byte by byte (so no frame bytes are consumed).
+pub fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut b).expect("read head");
+        assert!(
+            n == 1,
+            "eof inside head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(b[0]);
+    }
+    String::from_utf8(head).expect("utf8 head")
+}
+
+/// A frame as bytes; `mask` set for client-to-server frames.
+pub fn frame(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    let m = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(m | n as u8),
+        n if n < 65536 => {
+            out.push(m | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(m | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(k) => {
+            out.extend_from_slice(&k);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+        }
+        None => out.extend_from_slice(payload),
+    }
+    out
+}
+
+/// Reads one whole frame: (fin, opcode, payload unmasked).
+pub fn read_frame(s: &mut TcpStream) -> (bool, u8, Vec<u8>) {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h).expect("frame header");
+    let mut len = (h[1] & 0x7f) as u64;
+    if len == 126 {
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b).unwrap();
+        len = u16::from_be_bytes(b) as u64;
+    } else if len == 127 {
+        let mut b = [0u8; 8];
+        s.read_exact(&mut b).unwrap();
+        len = u64::from_be_bytes(b);
+    }
+    let mask = if h[1] & 0x80 != 0 {
+        let mut k = [0u8; 4];
+        s.read_exact(&mut k).unwrap();
+        Some(k)
+    } else {
+        None
+    };
+    let mut p = vec![0u8; len as usize];
+    s.read_exact(&mut p).expect("frame payload");
+    if let Some(k) = mask {
+        for (i, b) in p.iter_mut().enumerate() {
+            *b ^= k[i % 4];
+        }
+    }
+    (h[0] & 0x80 != 0, h[0] & 0x0f, p)
+}
+
+/// Reads frames until a Close; returns its (code, reason).
+pub fn read_close(s: &mut TcpStream) -> (u16, String) {
+    loop {
+        let (_, op, p) = read_frame(s);
+        if op == 8 {
+            assert!(p.len() >= 2, "close without code");
+            let code = u16::from_be_bytes([p[0], p[1]]);
+            return (
+                code,
+                String::from_utf8(p[2..].to_vec()).expect("utf8 reason"),
+            );
+        }
+    }
+}
+
+/// A raw Conman for one connection: answers the upgrade by hand and hands
+/// the socket (and the request head) to `f` on its own thread.
+pub fn raw_conman<F, T>(f: F) -> (SocketAddr, std::thread::JoinHandle<T>)
+where
+    F: FnOnce(TcpStream, String) -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let h = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("conman accept");
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let head = read_head(&mut s);
+        let key = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("sec-websocket-key")
+                    .then(|| v.trim().to_string())
+            })
+            .expect("key header");
+        let accept = eval_proxy::proto::handshake::accept_key(&key);
+        write!(
+            s,
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        )
+        .unwrap();
+        f(s, head)
+    });
+    (addr, h)
+}
