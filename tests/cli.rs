@@ -1,0 +1,173 @@
+//! The binary's own interface: --dev quickstart, config errors, --help,
+//! token keygen/mint, drain on SIGTERM.
+
+mod support;
+
+use std::process::{Command, Stdio};
+
+use support::*;
+use tungstenite::Message;
+
+#[test]
+fn dev_mode_prints_a_working_url() {
+    let mut cmd = Command::new(bin());
+    cmd.args(["--dev", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let proxy = Proxy::spawn(cmd, tempdir::Dir::new("dev"));
+    let line = proxy
+        .banner
+        .iter()
+        .find(|l| l.contains("ws://"))
+        .expect("a ws:// URL line");
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("ws://"))
+        .unwrap();
+    assert!(
+        url.starts_with(&format!("ws://{}/wsv2/v4.public.", proxy.listen)),
+        "{url}"
+    );
+    let mut ws = connect(url);
+    ws.send(Message::text("hello dev")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("hello dev"));
+    ws.send(Message::text("__vm__")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("dev-vm"));
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run eval-proxy");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_config_exits_2_naming_the_key() {
+    let dir = tempdir::Dir::new("cfg");
+    let p = dir.path().join("bad.toml");
+    for (text, key) in [
+        ("[limits]\nmax_hed = 1\n", "max_hed"),
+        ("[buffers]\ncount = 1000\n[token]\nallow_dev_key = true\n[placement]\ndefault = \"ws://127.0.0.1:1/\"\n", "buffers.count"),
+        ("[token]\nallow_dev_key = true\n[placement]\ndefault = \"http://x/\"\n", "placement.default"),
+        ("[token]\nallow_dev_key = true\n", "placement.default"),
+        ("[placement]\ndefault = \"ws://127.0.0.1:1/\"\n", "token.keys_dir"),
+        ("[limits]\nheader_timeout_ms = \"soon\"\n", "header_timeout_ms"),
+    ] {
+        std::fs::write(&p, text).unwrap();
+        let (code, _, err) = run(&["--config", p.to_str().unwrap(), "--check"]);
+        assert_eq!(code, 2, "{text}: {err}");
+        assert!(err.contains(key), "error must name {key}: {err}");
+    }
+    let (code, _, err) = run(&["--config", "/nonexistent/eval.toml"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("/nonexistent/eval.toml"), "{err}");
+    let (code, _, _) = run(&["--no-such-flag"]);
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn help_documents_the_common_flags() {
+    let (code, out, _) = run(&["--help"]);
+    assert_eq!(code, 0);
+    for flag in [
+        "--config", "--listen", "--conman", "--shards", "--admin", "--dev", "token",
+    ] {
+        assert!(out.contains(flag), "--help lacks {flag}:\n{out}");
+    }
+}
+
+#[test]
+fn keygen_mint_and_verify_with_a_real_key() {
+    let conman = echo_conman();
+    let dir = tempdir::Dir::new("keys");
+    let keys = dir.path().join("keys");
+    let (code, _, err) = run(&[
+        "token",
+        "keygen",
+        "--out",
+        keys.to_str().unwrap(),
+        "--kid",
+        "k7",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let secret = keys.join("k7.secret");
+    // Keep only the public half where the proxy looks.
+    let pubdir = dir.path().join("pub");
+    std::fs::create_dir_all(&pubdir).unwrap();
+    std::fs::copy(keys.join("k7.pub"), pubdir.join("k7.pub")).unwrap();
+    let (code, token, err) = run(&[
+        "token",
+        "mint",
+        "--key",
+        secret.to_str().unwrap(),
+        "--repl",
+        "r9",
+        "--user",
+        "bob",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let token = token.trim();
+    assert!(token.starts_with("v4.public."));
+    let cfg = format!(
+        "[token]\nkeys_dir = \"{}\"\n[placement]\ndefault = \"ws://{}/\"\n",
+        pubdir.display(),
+        conman.local_addr
+    );
+    let proxy = Proxy::start(&cfg, &["--shards", "1"]);
+    let mut ws = connect(&proxy.url(token));
+    ws.send(Message::text("__headers__")).unwrap();
+    let text = ws.read().unwrap().into_text().unwrap().to_string();
+    assert!(text.contains("\"x-user\":\"bob\""), "{text}");
+    // The dev key is not trusted here.
+    let mut c = raw_client(proxy.listen, &dev_token("r9"));
+    assert_eq!(
+        read_close(&mut c),
+        (1008, "stage=token;reason=unknown_kid".into())
+    );
+}
+
+#[test]
+fn sigterm_drains_then_exits() {
+    let conman = echo_conman();
+    let mut proxy = Proxy::start(
+        &config_for(conman.local_addr, "[drain]\ngrace_s = 1\n"),
+        &["--shards", "1"],
+    );
+    let mut ws = connect(&proxy.url(&dev_token("r1")));
+    ws.send(Message::text("before")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("before"));
+    proxy.signal(libc::SIGTERM);
+    // Not ready any more, but the live session still relays.
+    let deadline = std::time::Instant::now() + WAIT;
+    while proxy.admin_get("/readyz").0 != 503 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readyz never turned 503"
+        );
+        std::thread::yield_now();
+    }
+    ws.send(Message::text("during drain")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("during drain"));
+    // After the grace period: Close 1001, then exit 0.
+    loop {
+        match ws.read() {
+            Ok(Message::Close(Some(f))) => {
+                assert_eq!(u16::from(f.code), 1001);
+                assert_eq!(f.reason, "stage=drain;reason=grace_over");
+                break;
+            }
+            Ok(_) => continue,
+            Err(e) => panic!("expected Close 1001: {e}"),
+        }
+    }
+    let st = proxy.wait_exit();
+    assert_eq!(st.code(), Some(0));
+}
