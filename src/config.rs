@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::proto::handshake::{parse_ws_url, WsUrl};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub listen: ListenConfig,
@@ -115,7 +115,7 @@ pub struct TokenConfig {
     pub reject_with: RejectWith,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PlacementConfig {
     /// Conman for repls not listed in `repls`.
@@ -124,7 +124,7 @@ pub struct PlacementConfig {
     pub repls: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebSocketConfig {
     /// Subprotocols the proxy accepts from clients (first offered wins).
@@ -203,22 +203,7 @@ impl Default for TokenConfig {
     }
 }
 
-impl Default for PlacementConfig {
-    fn default() -> Self {
-        PlacementConfig {
-            default: None,
-            repls: BTreeMap::new(),
-        }
-    }
-}
 
-impl Default for WebSocketConfig {
-    fn default() -> Self {
-        WebSocketConfig {
-            subprotocols: Vec::new(),
-        }
-    }
-}
 
 impl Default for LogConfig {
     fn default() -> Self {
@@ -229,21 +214,6 @@ impl Default for LogConfig {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            listen: ListenConfig::default(),
-            admin: AdminConfig::default(),
-            limits: Limits::default(),
-            buffers: Buffers::default(),
-            token: TokenConfig::default(),
-            placement: PlacementConfig::default(),
-            websocket: WebSocketConfig::default(),
-            log: LogConfig::default(),
-            drain: DrainConfig::default(),
-        }
-    }
-}
 
 /// A config error always names the key it is about.
 #[derive(Debug, thiserror::Error)]

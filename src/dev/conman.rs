@@ -17,7 +17,7 @@
 //!   reason, sent as given even when the code is one the RFC forbids on the wire.
 //! - `__die__`: drop the TCP connection without a Close (the VM died).
 //! - `__stall__`: stop reading for good; the connection is held open until
-//!   [`ConmanHandle::shutdown`].
+//!   [`ConmanHandle::shutdown`], even if the client goes away meanwhile.
 //!
 //! Every other Text or Binary message is echoed back as one message. Pings are
 //! answered and a client's Close is answered with the same code and reason, both
@@ -44,13 +44,14 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
-/// Thousands of mostly idle sessions must stay cheap; only touched pages cost
-/// memory, and the margin over what tungstenite needs covers a debug build
-/// formatting log events through a subscriber.
+/// Thousands of mostly idle sessions must stay cheap, and only touched pages
+/// cost memory. A debug build logging at trace level through a fmt or JSON
+/// subscriber (tungstenite's `log` records included) was measured to need
+/// between 32 and 48 KiB; this leaves room for a deeper subscriber stack.
 const CONNECTION_STACK_SIZE: usize = 128 * 1024;
 
-/// Tests relay 16 MiB messages, which tungstenite's defaults (16 MiB frame)
-/// would refuse.
+/// Tests relay 16 MiB messages; tungstenite's default frame limit is exactly
+/// 16 MiB, which leaves no room for anything larger.
 const MAX_MESSAGE_SIZE: usize = 128 << 20;
 
 /// Accept errors such as EMFILE repeat at once; pausing keeps them from

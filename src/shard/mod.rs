@@ -593,7 +593,7 @@ impl Io {
             self.on_side_lost(slot, s, who);
             return;
         }
-        let mut n = res as usize;
+        let n = res as usize;
         sd.queued -= n;
         let Some(front) = sd.sendq.front_mut() else {
             return;
@@ -606,11 +606,9 @@ impl Io {
             }
             Chunk::Owned { data, off } => {
                 *off += n;
-                n = 0;
                 *off == data.len()
             }
         };
-        let _ = n;
         if done {
             if let Some(Chunk::Buf { bid, .. }) = sd.sendq.pop_front() {
                 self.bufs.recycle(bid);
@@ -633,7 +631,12 @@ impl Io {
                     side(s, who).paused = true;
                     self.starved.push((slot, s.gen, who));
                 }
-                libc::ECANCELED => {}
+                libc::ECANCELED => {
+                    let sd = side(s, who);
+                    if !more && !sd.paused && !sd.eof && !sd.closed {
+                        self.arm_recv(slot, s, who);
+                    }
+                }
                 _ => {
                     // FIN (0) or a socket error: this side sends no more.
                     side(s, who).eof = true;
@@ -647,7 +650,16 @@ impl Io {
             return;
         };
         self.bufs.taken(bid);
-        let len = res as u32;
+        self.on_data(slot, s, who, bid, res as u32);
+        // A multishot receive may end on its own (or a cancel may land after
+        // a resume): re-arm unless the side is meant to be quiet.
+        let sd = side(s, who);
+        if !more && !sd.paused && !sd.eof && !sd.closed {
+            self.arm_recv(slot, s, who);
+        }
+    }
+
+    fn on_data(&mut self, slot: u32, s: &mut Session, who: Who, bid: u16, len: u32) {
         match s.phase {
             Phase::Head if who == Who::Client => {
                 s.head.extend_from_slice(self.bufs.slice(bid, 0, len));

@@ -25,8 +25,8 @@ import sys
 # default of 4096 closes with 1009 "too many fragments".
 os.environ["WEBSOCKETS_MAX_FRAGMENTS"] = str(1 << 20)
 
-from websockets.asyncio.server import serve  # noqa: E402 (after the cap is set)
-from websockets.exceptions import ConnectionClosed  # noqa: E402
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
 
 # Autobahn's 9.x cases send messages up to 16 MiB, some in 64-byte fragments;
 # limits below that turn those cases into 1009 closes instead of echoes.

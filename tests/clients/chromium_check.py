@@ -65,6 +65,7 @@ function report() {
   fetch("/result", { method: "POST", body: text });
 }
 let ws;
+console.log("eval-check: connecting to " + target);
 try {
   ws = new WebSocket(target);
 } catch (e) {
@@ -72,8 +73,13 @@ try {
   report();
 }
 if (ws) {
-  ws.onopen = () => ws.send(greeting);
+  // Console lines reach Chromium's stderr log, which a failure message quotes.
+  ws.onopen = () => {
+    console.log("eval-check: open, sending greeting");
+    ws.send(greeting);
+  };
   ws.onmessage = (e) => {
+    console.log("eval-check: message received");
     if (result.echo !== null) {
       result.error = "more than one message received";
       return;
@@ -86,6 +92,7 @@ if (ws) {
     if (result.error === null) result.error = "WebSocket error event";
   };
   ws.onclose = (e) => {
+    console.log("eval-check: closed " + e.code);
     result.closeCode = e.code;
     result.closeReason = e.reason;
     result.wasClean = e.wasClean;
@@ -145,19 +152,15 @@ def verdict(raw):
     try:
         r = json.loads(raw)
     except ValueError:
-        raise CheckFailed(f"page reported unparsable result {raw[:200]!r}")
+        raise CheckFailed(f"page reported unparsable result {raw[:200]!r}") from None
+    closed = f"closed {r.get('closeCode')} {r.get('closeReason')!r} clean={r.get('wasClean')}"
     if r.get("echo") != GREETING:
         what = "no echo" if r.get("echo") is None else f"echo {r['echo'][:80]!r}"
-        raise CheckFailed(
-            f"{what}; closed {r.get('closeCode')} {r.get('closeReason')!r} clean={r.get('wasClean')}"
-            + (f"; {r['error']}" if r.get("error") else "")
-        )
+        raise CheckFailed(f"{what}; {closed}" + (f"; {r['error']}" if r.get("error") else ""))
     if r.get("error"):
-        raise CheckFailed(r["error"])
+        raise CheckFailed(f"{r['error']}; {closed}")
     if r.get("closeCode") != 1000 or not r.get("wasClean"):
-        raise CheckFailed(
-            f"closing handshake: got {r.get('closeCode')} {r.get('closeReason')!r} clean={r.get('wasClean')}, expected a clean 1000"
-        )
+        raise CheckFailed(f"closing handshake: {closed}, expected a clean 1000")
 
 
 def stop_browser(proc):
@@ -196,11 +199,15 @@ def live_members(pgid):
     return live
 
 
-def tail_of(log_file, lines=5):
+def tail_of(log_file, count=5):
+    # Chromium warns about D-Bus, GPUs and sandboxes at every start here; the
+    # page's own console lines and real errors are what explain a failure.
     log_file.seek(0)
-    noise = ("dbus", "Fontconfig", "gcm", "google_apis", "[: ")
-    kept = [l.rstrip() for l in log_file.read().decode(errors="replace").splitlines() if l.strip() and not any(n in l for n in noise)]
-    return " | ".join(kept[-lines:]) or "(nothing)"
+    wanted = ("CONSOLE", ":ERROR:", ":FATAL:")
+    noise = ("dbus", "bus.cc", "Fontconfig", "gcm", "google_apis")
+    lines_read = log_file.read().decode(errors="replace").splitlines()
+    kept = [line.strip() for line in lines_read if any(w in line for w in wanted) and not any(n in line for n in noise)]
+    return " | ".join(kept[-count:]) or "(nothing relevant)"
 
 
 def run(args):
@@ -221,9 +228,14 @@ def run(args):
         try:
             while not arrived.wait(0.1):
                 if proc.poll() is not None:
-                    raise CheckFailed(f"chromium exited with {proc.returncode} before the page reported: {tail_of(log)}")
+                    raise CheckFailed(
+                        f"chromium exited with {proc.returncode} before the page reported: {tail_of(log)}"
+                    )
                 if time.monotonic() > deadline:
-                    raise CheckFailed(f"timed out after {args.timeout:g}s waiting for the page's result; chromium said: {tail_of(log)}")
+                    raise CheckFailed(
+                        f"timed out after {args.timeout:g}s waiting for the page's result; "
+                        f"chromium said: {tail_of(log)}"
+                    )
         finally:
             stop_browser(proc)
             server.shutdown()

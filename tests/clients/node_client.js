@@ -17,13 +17,6 @@
 const crypto = require('node:crypto');
 const path = require('node:path');
 
-let WebSocket;
-try {
-  WebSocket = require(path.join(__dirname, 'node_modules', 'ws'));
-} catch (e) {
-  fail(`cannot load ws (run npm ci in ${__dirname}): ${e.message}`);
-}
-
 const BINARY_SIZE = 1024 * 1024;
 
 // Set once the outcome is known, so the exit hook can tell a check that
@@ -34,6 +27,13 @@ function fail(reason) {
   finished = true;
   process.stderr.write(`node_client: FAIL: ${reason}\n`);
   process.exit(1);
+}
+
+let WebSocket;
+try {
+  WebSocket = require(path.join(__dirname, 'node_modules', 'ws'));
+} catch (e) {
+  fail(`cannot load ws (run npm ci in ${__dirname}): ${e.message.split('\n')[0]}`);
 }
 
 function usage(reason) {

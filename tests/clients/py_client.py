@@ -58,11 +58,14 @@ async def recv_exact(ws, want, what):
         kind = "text" if isinstance(got, str) else "binary"
         raise CheckFailed(f"{what} echo came back as a {kind} message")
     if got != want:
-        raise CheckFailed(f"{what} echo differs: sent {len(want)} units, got {len(got)}, first difference at {first_diff(want, got)}")
+        unit = "characters" if isinstance(want, str) else "bytes"
+        raise CheckFailed(
+            f"{what} echo differs: sent {len(want)} {unit}, got {len(got)}, first difference at {first_diff(want, got)}"
+        )
 
 
 def first_diff(a, b):
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return i
     return min(len(a), len(b))
@@ -101,9 +104,9 @@ async def expect_close(url, code, timeout):
         except ConnectionClosed as e:
             rcvd = e.rcvd
             if rcvd is None:
-                raise CheckFailed(f"connection dropped without a Close frame, expected Close {code}")
+                raise CheckFailed(f"connection dropped without a Close frame, expected Close {code}") from None
             if rcvd.code != code:
-                raise CheckFailed(f"server closed with {rcvd.code} {rcvd.reason!r}, expected {code}")
+                raise CheckFailed(f"server closed with {rcvd.code} {rcvd.reason!r}, expected {code}") from None
             print(rcvd.reason)
             return
         kind = "text" if isinstance(message, str) else "binary"
@@ -131,7 +134,7 @@ def main(argv):
         fail(f"connection closed while {Step.now}: {describe_close(e)}")
     except InvalidStatus as e:
         fail(f"handshake rejected: HTTP {e.response.status_code}")
-    except (asyncio.TimeoutError, TimeoutError):
+    except TimeoutError:
         fail(f"timed out after {args.timeout:g}s while {Step.now}")
     except (WebSocketException, OSError) as e:
         fail(f"{type(e).__name__}: {e}")

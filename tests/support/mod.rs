@@ -94,6 +94,7 @@ impl Proxy {
                 Ok(l) => l,
                 Err(_) => {
                     let _ = child.kill();
+                    let _ = child.wait();
                     panic!("eval-proxy printed no ready line (banner so far: {banner:?})");
                 }
             };
