@@ -203,8 +203,6 @@ impl Default for TokenConfig {
     }
 }
 
-
-
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
@@ -213,7 +211,6 @@ impl Default for LogConfig {
         }
     }
 }
-
 
 /// A config error always names the key it is about.
 #[derive(Debug, thiserror::Error)]

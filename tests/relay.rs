@@ -349,3 +349,82 @@ fn two_shards_both_accept() {
     );
     let _ = CloseCode::Normal;
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A client that writes without reading: the proxy must stop reading it
+/// once Conman's echoes pile up, rather than buffer without bound; then,
+/// once the client reads again, every byte arrives intact and in order.
+#[test]
+fn slow_reader_backpressure_bounds_memory_and_loses_nothing() {
+    use std::os::fd::AsRawFd;
+    let conman = echo_conman();
+    let proxy = proxy_for(conman.local_addr);
+    let mut c = raw_client(proxy.listen, &dev_token("r1"));
+    c.set_nonblocking(true).unwrap();
+    let payload_len = 64 * 1024;
+    let mut written_frames = 0u32;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut total = 0usize;
+    // Write until the socket has not become writable for a whole second:
+    // everything between us and Conman is full.
+    loop {
+        if pending.is_empty() {
+            let p: Vec<u8> = (0..payload_len)
+                .map(|i| (i as u32 ^ written_frames) as u8)
+                .collect();
+            pending = frame(true, 2, &p, Some([1, 2, 3, 4]));
+            written_frames += 1;
+        }
+        match c.write(&pending) {
+            Ok(n) => {
+                total += n;
+                pending.drain(..n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let mut pfd = libc::pollfd {
+                    fd: c.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                let r = unsafe { libc::poll(&mut pfd, 1, 1000) };
+                if r == 0 {
+                    break;
+                }
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+        assert!(
+            total < 512 << 20,
+            "proxy never pushed back after {total} bytes"
+        );
+    }
+    let rss = rss_kib(proxy.child.id());
+    assert!(rss < 64 * 1024, "proxy RSS {rss} KiB while a reader stalls");
+    assert!(proxy.metric("eval_backpressure_pauses_total", &[]) >= 1.0);
+    // Finish the partial frame, then read every echo back in order.
+    c.set_nonblocking(false).unwrap();
+    let writer = {
+        let mut c2 = c.try_clone().unwrap();
+        std::thread::spawn(move || c2.write_all(&pending).unwrap())
+    };
+    for n in 0..written_frames {
+        let (_, op, p) = read_frame(&mut c);
+        assert_eq!(op, 2);
+        assert_eq!(p.len(), payload_len);
+        assert!(
+            p.iter()
+                .enumerate()
+                .all(|(i, b)| *b == (i as u32 ^ n) as u8),
+            "frame {n} corrupted"
+        );
+    }
+    writer.join().unwrap();
+}

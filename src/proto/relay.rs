@@ -137,6 +137,9 @@ pub struct Tracker {
     frames: u64,
     failed: Option<Violation>,
     valid_before_violation: usize,
+    /// The rejected frame began in an earlier input, so part of it may
+    /// already be forwarded.
+    failed_mid_frame: bool,
 }
 
 impl Tracker {
@@ -154,6 +157,7 @@ impl Tracker {
             frames: 0,
             failed: None,
             valid_before_violation: 0,
+            failed_mid_frame: false,
         }
     }
 
@@ -171,59 +175,55 @@ impl Tracker {
             return Err(violation);
         }
         let mut pos = 0;
-        // Frames that began in an earlier input report offset 0.
-        let mut frame_start = 0;
+        // `None` while the current frame began in an earlier input.
+        let mut frame_start = None;
         while pos < data.len() {
-            let Some(mut cur) = self.current else {
-                if self.head_len == 0 {
-                    frame_start = pos;
-                }
-                let had = self.head_len;
-                let (header, header_len) = match self.take_header(&data[pos..]) {
-                    Ok(Some(parsed)) => parsed,
-                    Ok(None) => {
-                        pos = data.len();
-                        break;
+            let mut cur = match self.current {
+                Some(cur) => cur,
+                None => {
+                    if self.head_len == 0 {
+                        frame_start = Some(pos);
                     }
-                    Err(violation) => return Err(self.fail(violation, frame_start)),
-                };
-                pos += header_len - had;
-                if let Err(violation) = self.start_frame(&header, header_len) {
-                    return Err(self.fail(violation, frame_start));
-                }
-                if header.payload_len == 0 {
-                    match self.finish_frame() {
-                        Ok(None) => continue,
-                        Ok(Some(event)) => return Ok(scan(pos, Some(event), frame_start)),
+                    let had = self.head_len;
+                    let (header, header_len) = match self.take_header(&data[pos..]) {
+                        Ok(Some(parsed)) => parsed,
+                        Ok(None) => break,
+                        Err(violation) => return Err(self.fail(violation, frame_start)),
+                    };
+                    pos += header_len - had;
+                    match self.start_frame(&header, header_len) {
+                        Ok(cur) => cur,
                         Err(violation) => return Err(self.fail(violation, frame_start)),
                     }
                 }
-                continue;
             };
 
             // Bounded by a usize, so the cast back is exact.
             let take = cur.remaining.min((data.len() - pos) as u64) as usize;
             if cur.opcode.is_control() {
-                // start_frame bounded control payloads to MAX_CONTROL_PAYLOAD.
+                // check() bounded control payloads to MAX_CONTROL_PAYLOAD.
                 let into = &mut self.control[self.control_len..self.control_len + take];
                 into.copy_from_slice(&data[pos..pos + take]);
                 if let Some(key) = cur.mask {
-                    apply_mask(into, key, 0);
+                    apply_mask(into, key, self.control_len);
                 }
                 self.control_len += take;
             }
             pos += take;
             cur.remaining -= take as u64;
-            self.current = Some(cur);
-            if cur.remaining == 0 {
-                match self.finish_frame() {
-                    Ok(None) => {}
-                    Ok(Some(event)) => return Ok(scan(pos, Some(event), frame_start)),
-                    Err(violation) => return Err(self.fail(violation, frame_start)),
-                }
+            if cur.remaining > 0 {
+                self.current = Some(cur);
+                continue;
+            }
+            self.current = None;
+            match self.finish_frame(cur.opcode) {
+                Ok(None) => {}
+                Ok(Some(event)) => return Ok(scan(pos, Some(event), frame_start.unwrap_or(0))),
+                Err(violation) => return Err(self.fail(violation, frame_start)),
             }
         }
-        Ok(scan(pos, None, 0))
+        // An incomplete header is kept in `self.head`, so all of `data` is used.
+        Ok(scan(data.len(), None, 0))
     }
 
     /// After `handle` returned `Err`: how many leading bytes of that input
@@ -240,7 +240,14 @@ impl Tracker {
 
     /// Everything fed so far ends exactly at a frame end, so a frame the
     /// proxy writes now lands between frames.
+    ///
+    /// After a violation: whether the forwarded bytes end at a frame end once
+    /// the valid prefix is out, that is, whether a Close can still follow
+    /// them. False when the rejected frame began in an earlier input.
     pub fn at_frame_boundary(&self) -> bool {
+        if self.failed.is_some() {
+            return !self.failed_mid_frame;
+        }
         self.current.is_none() && self.head_len == 0
     }
 
@@ -298,7 +305,28 @@ impl Tracker {
     }
 
     /// Checks a complete header and begins its frame.
-    fn start_frame(&mut self, header: &FrameHeader, header_len: usize) -> Result<(), Violation> {
+    fn start_frame(
+        &mut self,
+        header: &FrameHeader,
+        header_len: usize,
+    ) -> Result<Current, Violation> {
+        self.check(header)?;
+        if header.opcode.is_control() {
+            self.control_len = 0;
+        } else {
+            // Later headers are only checked once this frame has ended, so
+            // the message state can move on already.
+            self.in_message = !header.fin;
+        }
+        Ok(Current {
+            opcode: header.opcode,
+            mask: header.mask,
+            header_len,
+            remaining: header.payload_len,
+        })
+    }
+
+    fn check(&self, header: &FrameHeader) -> Result<(), Violation> {
         if self.close_seen {
             return Err(DATA_AFTER_CLOSE);
         }
@@ -323,37 +351,25 @@ impl Tracker {
             if !header.fin {
                 return Err(FRAGMENTED_CONTROL);
             }
-            self.control_len = 0;
         } else {
             match (header.opcode, self.in_message) {
                 (OpCode::Continuation, false) => return Err(UNEXPECTED_CONTINUATION),
                 (OpCode::Text | OpCode::Binary, true) => return Err(EXPECTED_CONTINUATION),
                 _ => {}
             }
-            // Validation of later headers only happens once this frame has
-            // ended, so the message state can move on already.
-            self.in_message = !header.fin;
         }
         if header.payload_len > self.cfg.max_frame {
             return Err(FRAME_TOO_BIG);
         }
-        self.current = Some(Current {
-            opcode: header.opcode,
-            mask: header.mask,
-            header_len,
-            remaining: header.payload_len,
-        });
         Ok(())
     }
 
-    /// Ends the current frame (its payload is all in) and reports control frames.
-    fn finish_frame(&mut self) -> Result<Option<Event>, Violation> {
-        let opcode = self.current.take().map(|cur| cur.opcode);
-        self.frames += 1;
+    /// Ends a frame whose payload is all in; reports control frames.
+    fn finish_frame(&mut self, opcode: OpCode) -> Result<Option<Event>, Violation> {
         let event = match opcode {
-            Some(OpCode::Ping) => Event::Ping,
-            Some(OpCode::Pong) => Event::Pong,
-            Some(OpCode::Close) => {
+            OpCode::Ping => Some(Event::Ping),
+            OpCode::Pong => Some(Event::Pong),
+            OpCode::Close => {
                 let code = match close::parse_close_payload(self.control_payload()) {
                     Ok(parsed) => parsed.map(|(code, _)| code),
                     Err(CloseError::InvalidUtf8) => return Err(BAD_CLOSE_UTF8),
@@ -362,19 +378,23 @@ impl Tracker {
                     }
                 };
                 self.close_seen = true;
-                Event::Close {
+                Some(Event::Close {
                     code,
                     reason_len: self.control_len.saturating_sub(2),
-                }
+                })
             }
-            _ => return Ok(None),
+            _ => None,
         };
-        Ok(Some(event))
+        self.frames += 1;
+        Ok(event)
     }
 
-    fn fail(&mut self, violation: Violation, frame_start: usize) -> Violation {
+    /// Records a violation by the frame that began at `frame_start` in the
+    /// current input (`None`: in an earlier one).
+    fn fail(&mut self, violation: Violation, frame_start: Option<usize>) -> Violation {
         self.failed = Some(violation);
-        self.valid_before_violation = frame_start;
+        self.valid_before_violation = frame_start.unwrap_or(0);
+        self.failed_mid_frame = frame_start.is_none();
         violation
     }
 }
@@ -441,7 +461,10 @@ mod tests {
         out
     }
 
-    type Seen = Vec<(Event, Vec<u8>)>;
+    /// An event with the unmasked control payload it came with.
+    type Report = (Event, Vec<u8>);
+    type Seen = Vec<Report>;
+    type Control = (OpCode, Vec<u8>);
 
     /// Feeds `bytes` in one input, looping over events. On a violation,
     /// returns it with the absolute count of valid bytes before it.
@@ -538,6 +561,9 @@ mod tests {
                 Some(at) => at,
             };
             assert_eq!(valid_len, expected_valid);
+            // A Close can follow the valid prefix unless part of the bad
+            // frame went out with an earlier input.
+            assert_eq!(tracker.at_frame_boundary(), split.is_none());
             assert_eq!(tracker.handle(b"more"), Err(violation), "violations stick");
             assert_eq!(tracker.bytes_valid_before_violation(), 0);
         }
@@ -704,7 +730,7 @@ mod tests {
         text: bool,
         rsv1: bool,
         /// Payload length of each fragment, and a control frame sent after it.
-        fragments: Vec<(usize, Option<(OpCode, Vec<u8>)>)>,
+        fragments: Vec<(usize, Option<Control>)>,
     }
 
     #[derive(Clone, Debug)]
@@ -720,7 +746,7 @@ mod tests {
     struct Expected {
         bytes: Vec<u8>,
         /// (start, end, event and unmasked payload) per frame.
-        frames: Vec<(usize, usize, Option<(Event, Vec<u8>)>)>,
+        frames: Vec<(usize, usize, Option<Report>)>,
         frame_ends: BTreeSet<usize>,
         message_ends: BTreeSet<usize>,
     }
@@ -733,7 +759,7 @@ mod tests {
                 frame_ends: BTreeSet::from([0]),
                 message_ends: BTreeSet::from([0]),
             };
-            let mut push = |out: &mut Expected, fin, rsv, opcode, payload: &[u8], open: bool| {
+            let push = |out: &mut Expected, fin, rsv, opcode, payload: &[u8], open: bool| {
                 let key = match self.dir {
                     Direction::ToConman => {
                         let n = self.key_seed.wrapping_mul(out.frames.len() as u32 + 1);
@@ -792,7 +818,7 @@ mod tests {
         }
     }
 
-    fn any_control() -> impl Strategy<Value = (OpCode, Vec<u8>)> {
+    fn any_control() -> impl Strategy<Value = Control> {
         (
             prop_oneof![Just(OpCode::Ping), Just(OpCode::Pong)],
             prop::collection::vec(any::<u8>(), 0..=MAX_CONTROL_PAYLOAD),
