@@ -362,8 +362,7 @@ impl Config {
 fn resolve(key: &str, url: &str) -> Result<Placement, ConfigError> {
     use std::net::ToSocketAddrs;
     let u = parse_ws_url(url).map_err(|e| invalid(key, e.to_string()))?;
-    let host = u.host.trim_start_matches('[').trim_end_matches(']');
-    let addr = (host, u.port)
+    let addr = (u.host.as_str(), u.port)
         .to_socket_addrs()
         .map_err(|e| invalid(key, format!("cannot resolve {}: {e}", u.host)))?
         .next()

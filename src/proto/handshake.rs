@@ -643,9 +643,11 @@ mod tests {
         let mut request = "ws://eval.example/wsv2/v4.public.t"
             .into_client_request()
             .unwrap();
+        // No space after the comma: tungstenite 0.24 splits the list without
+        // trimming, so it would look for " ot.v1".
         request
             .headers_mut()
-            .insert("Sec-WebSocket-Protocol", "json, ot.v1".parse().unwrap());
+            .insert("Sec-WebSocket-Protocol", "json,ot.v1".parse().unwrap());
         let stream = OurServer {
             written: Vec::new(),
             answer: None,

@@ -217,3 +217,14 @@ mod tests {
         assert_eq!(on_eof(true, true, true), EofAction::Shutdown);
     }
 }
+
+#[cfg(test)]
+mod size {
+    /// An idle session costs its struct and nothing else (no buffer), so
+    /// this bound is the user-space part of the per-session memory budget.
+    #[test]
+    fn idle_session_stays_small() {
+        let n = std::mem::size_of::<Option<super::Session>>();
+        assert!(n <= 768, "Session grew to {n} bytes");
+    }
+}

@@ -1072,11 +1072,7 @@ impl Io {
             (Some(prev), None) => prev.clone(),
             (None, None) => String::new(),
         };
-        let host = if place.url.port == 80 {
-            place.url.host.clone()
-        } else {
-            format!("{}:{}", place.url.host, place.url.port)
-        };
+        let host = place.url.host_header();
         let mut request = Vec::with_capacity(512);
         let protocols: Vec<String> = protocol.iter().cloned().collect();
         {

@@ -59,8 +59,8 @@ with open(path, "w") as f:
     f.write("\n")
 EOF
 
-# wstest writes its reports relative to nothing but the spec; running it from
-# OUTDIR keeps any stray file (twistd logs) there too.
+# The spec names OUTDIR absolutely; running from OUTDIR as well keeps any other
+# file wstest may write there instead of in the caller's directory.
 if ! (cd "$outdir" && PYTHONWARNINGS=ignore timeout "$limit" "$wstest" -m fuzzingclient -s spec.json) \
     >"$outdir/wstest.log" 2>&1; then
     cat "$outdir/wstest.log" >&2
