@@ -31,7 +31,7 @@ use crate::proto::close;
 use crate::proto::frame::write_close;
 use crate::proto::handshake::{self, accept_key, choose_protocol, new_client_key};
 use crate::proto::http1::{self, Route};
-use crate::proto::relay::{Direction, Event, Tracker, TrackerConfig};
+use crate::proto::relay::{Direction, Event, Tracker, TrackerConfig, Violation};
 use crate::session::{on_eof, Chunk, EofAction, Phase, Session, Setup, Side};
 use crate::token::{self, KeySet, VerifyOptions};
 use bufring::BufRing;
@@ -41,6 +41,51 @@ use bufring::BufRing;
 const LINGER: Duration = Duration::from_secs(5);
 /// After one side's Close frame, how long the other side has to answer.
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// The tracker's word for frames after a Close, which are dropped rather
+/// than treated as a violation.
+const DATA_AFTER_CLOSE: &str = "data_after_close";
+
+/// What tracking one run of bytes found.
+struct Scanned {
+    /// Bytes that belong to valid frames (all of them without a violation).
+    good: usize,
+    frames: u64,
+    /// Code of a Close frame completed in these bytes (1005 if it had none).
+    close: Option<u16>,
+    violation: Option<Violation>,
+}
+
+fn scan(tracker: &mut Tracker, data: &[u8]) -> Scanned {
+    let frames_before = tracker.frames();
+    let mut off = 0usize;
+    let mut close = None;
+    let mut violation = None;
+    while off < data.len() {
+        match tracker.handle(&data[off..]) {
+            Ok(scan) => {
+                off += scan.consumed;
+                if let Some(Event::Close { code, .. }) = scan.event {
+                    close = Some(code.unwrap_or(1005));
+                }
+                if scan.consumed == 0 && scan.event.is_none() {
+                    break;
+                }
+            }
+            Err(v) => {
+                off += tracker.bytes_valid_before_violation();
+                violation = Some(v);
+                break;
+            }
+        }
+    }
+    Scanned {
+        good: if violation.is_some() { off } else { data.len() },
+        frames: tracker.frames() - frames_before,
+        close,
+        violation,
+    }
+}
 
 /// Process-wide lifecycle flags, read by shards when woken.
 #[derive(Default)]
@@ -699,55 +744,52 @@ impl Io {
     /// Queues a received buffer toward the other side after tracking it.
     fn forward(&mut self, s: &mut Session, from: Who, bid: u16, len: u32) {
         let dir = from.outbound();
-        let frames_before = s.tracker(dir).frames();
-        // Tracking only; the bytes are forwarded as they are.
-        let data = self.bufs.slice(bid, 0, len);
-        let mut off = 0usize;
-        let mut violation = None;
-        while off < data.len() {
-            match s.tracker(dir).handle(&data[off..]) {
-                Ok(scan) => {
-                    off += scan.consumed;
-                    if let Some(Event::Close { code, .. }) = scan.event {
-                        let side_label = match from {
-                            Who::Client => CloseSide::Client,
-                            Who::Conman => CloseSide::Conman,
-                        };
-                        self.stats.close_code(side_label, code.unwrap_or(1005));
-                    }
-                    if scan.consumed == 0 && scan.event.is_none() {
-                        break;
-                    }
-                }
-                Err(v) => {
-                    let valid = s.tracker(dir).bytes_valid_before_violation();
-                    violation = Some((off + valid, v));
-                    break;
-                }
-            }
+        if s.tracker(dir).close_seen() {
+            // RFC 6455 5.5.1: nothing follows a Close; ignore what does.
+            self.bufs.recycle(bid);
+            return;
         }
-        let frames = s.tracker(dir).frames() - frames_before;
-        let good = violation.as_ref().map_or(len, |(n, _)| *n as u32);
-        self.stats.add_bytes(dir, good as u64, frames);
+        let scanned = scan(s.tracker(dir), self.bufs.slice(bid, 0, len));
+        self.account(from, &scanned);
         let dest = side(s, from.other());
-        if good > 0 && !dest.shut && !dest.closed {
+        if scanned.good > 0 && !dest.shut && !dest.closed {
             dest.push(Chunk::Buf {
                 bid,
                 off: 0,
-                len: good,
+                len: scanned.good as u32,
             });
         } else {
             self.bufs.recycle(bid);
         }
-        if let Some((at, v)) = violation {
-            debug!(
-                session = s.id,
-                code = v.code,
-                reason = v.reason,
-                at,
-                "protocol violation"
-            );
-            self.on_violation(s, from, v.code, v.reason);
+        self.after_scan(s, from, &scanned);
+    }
+
+    fn account(&mut self, from: Who, scanned: &Scanned) {
+        self.stats
+            .add_bytes(from.outbound(), scanned.good as u64, scanned.frames);
+        if let Some(code) = scanned.close {
+            let side_label = match from {
+                Who::Client => CloseSide::Client,
+                Who::Conman => CloseSide::Conman,
+            };
+            self.stats.close_code(side_label, code);
+        }
+    }
+
+    fn after_scan(&mut self, s: &mut Session, from: Who, scanned: &Scanned) {
+        match scanned.violation {
+            // A peer may race data against its own Close: drop it quietly.
+            Some(v) if v.reason == DATA_AFTER_CLOSE => {}
+            Some(v) => {
+                debug!(
+                    session = s.id,
+                    code = v.code,
+                    reason = v.reason,
+                    "protocol violation"
+                );
+                self.on_violation(s, from, v.code, v.reason);
+            }
+            None => {}
         }
     }
 
@@ -1208,38 +1250,15 @@ impl Io {
     }
 
     /// Like `forward`, for bytes the proxy had to copy (setup leftovers).
-    fn forward_owned(&mut self, s: &mut Session, from: Who, data: Vec<u8>) {
+    fn forward_owned(&mut self, s: &mut Session, from: Who, mut data: Vec<u8>) {
         if data.is_empty() {
             return;
         }
-        let dir = from.outbound();
-        let frames_before = s.tracker(dir).frames();
-        let mut off = 0;
-        let mut violation = None;
-        while off < data.len() {
-            match s.tracker(dir).handle(&data[off..]) {
-                Ok(scan) => {
-                    off += scan.consumed;
-                    if scan.consumed == 0 && scan.event.is_none() {
-                        break;
-                    }
-                }
-                Err(v) => {
-                    let valid = s.tracker(dir).bytes_valid_before_violation();
-                    violation = Some((off + valid, v));
-                    break;
-                }
-            }
-        }
-        let frames = s.tracker(dir).frames() - frames_before;
-        let good = violation.as_ref().map_or(data.len(), |(n, _)| *n);
-        self.stats.add_bytes(dir, good as u64, frames);
-        let mut data = data;
-        data.truncate(good);
+        let scanned = scan(s.tracker(from.outbound()), &data);
+        self.account(from, &scanned);
+        data.truncate(scanned.good);
         side(s, from.other()).push_owned(data);
-        if let Some((_, v)) = violation {
-            self.on_violation(s, from, v.code, v.reason);
-        }
+        self.after_scan(s, from, &scanned);
     }
 
     fn fail_setup(&mut self, slot: u32, s: &mut Session, err: SetupError) {

@@ -1,0 +1,178 @@
+//! Real WebSocket clients through the real proxy: Python `websockets`, Node
+//! `ws`, headless Chromium, and the Autobahn|Testsuite compared case by case
+//! with the same echo server reached directly. Their tooling is installed by
+//! `.ci/install-deps.sh`; a missing tool fails the test with that hint.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use support::*;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run_script(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("{what}: cannot run ({e}); run `bash .ci/install-deps.sh` first")
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {stdout}\nstderr: {}\n(if a tool is missing: bash .ci/install-deps.sh)",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn python(script: &str) -> Command {
+    let mut c = Command::new("python3");
+    c.arg(root().join("tests/clients").join(script));
+    c
+}
+
+fn node(script: &str) -> Command {
+    let mut c = Command::new("node");
+    c.arg(root().join("tests/clients").join(script));
+    c
+}
+
+#[test]
+fn python_websockets_client() {
+    let conman = echo_conman();
+    let proxy = Proxy::start(&config_for(conman.local_addr, ""), &["--shards", "1"]);
+    run_script(
+        python("py_client.py").arg(proxy.url(&dev_token("r1"))),
+        "py_client",
+    );
+    // Close codes the proxy originates are accepted by the library, 1014 too.
+    let out = run_script(
+        python("py_client.py").args(["--expect-close", "1008", &proxy.url("v4.public.bad")]),
+        "py_client --expect-close 1008",
+    );
+    assert!(out.contains("stage=token;reason=malformed"), "{out}");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy2 = Proxy::start(&config_for(dead, ""), &["--shards", "1"]);
+    let out = run_script(
+        python("py_client.py").args(["--expect-close", "1014", &proxy2.url(&dev_token("r1"))]),
+        "py_client --expect-close 1014",
+    );
+    assert!(out.contains("stage=conman_connect;reason=refused"), "{out}");
+}
+
+#[test]
+fn node_ws_client() {
+    let conman = echo_conman();
+    let proxy = Proxy::start(&config_for(conman.local_addr, ""), &["--shards", "1"]);
+    run_script(
+        node("node_client.js").arg(proxy.url(&dev_token("r1"))),
+        "node_client",
+    );
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy2 = Proxy::start(&config_for(dead, ""), &["--shards", "1"]);
+    let out = run_script(
+        node("node_client.js").args(["--expect-close", "1014", &proxy2.url(&dev_token("r1"))]),
+        "node_client --expect-close 1014",
+    );
+    assert!(out.contains("stage=conman_connect;reason=refused"), "{out}");
+}
+
+#[test]
+fn headless_chromium() {
+    let conman = echo_conman();
+    let proxy = Proxy::start(&config_for(conman.local_addr, ""), &["--shards", "1"]);
+    run_script(
+        python("chromium_check.py").arg(proxy.url(&dev_token("r1"))),
+        "chromium_check",
+    );
+    assert!(proxy.metric("eval_sessions_established_total", &[]) >= 1.0);
+}
+
+/// The conformant echo server of the Autobahn comparison, as a process.
+struct EchoServer {
+    child: Child,
+    port: u16,
+}
+
+impl EchoServer {
+    fn start() -> EchoServer {
+        let mut child = Command::new("python3")
+            .arg(root().join("tests/autobahn/echo_server.py"))
+            .arg("--exit-on-stdin-eof")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 echo_server.py (run .ci/install-deps.sh)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("echo server ready line");
+        let port = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("echo server said {line:?}"));
+        EchoServer { child, port }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn autobahn(url: &str, out: &Path, cases: &str) -> PathBuf {
+    run_script(
+        Command::new("bash")
+            .arg(root().join("tests/autobahn/run.sh"))
+            .args([url, out.to_str().unwrap(), cases]),
+        "autobahn run.sh",
+    );
+    out.join("index.json")
+}
+
+/// Autobahn's quick set (sections 1-7 and 10) through the proxy: no case may
+/// be worse than with the same echo server reached directly. The full set
+/// is `tests/autobahn/full.sh`.
+#[test]
+fn autobahn_quick_no_case_worse_than_direct() {
+    let echo = EchoServer::start();
+    let dir = tempdir::Dir::new("autobahn");
+    let direct = autobahn(
+        &format!("ws://127.0.0.1:{}/", echo.port),
+        &dir.path().join("direct"),
+        "quick",
+    );
+    let proxy = Proxy::start(
+        &format!(
+            "[token]\nallow_dev_key = true\n[placement]\ndefault = \"ws://127.0.0.1:{}/\"\n",
+            echo.port
+        ),
+        &["--shards", "1"],
+    );
+    let proxied = autobahn(
+        &proxy.url(&dev_token("autobahn")),
+        &dir.path().join("proxied"),
+        "quick",
+    );
+    let out = run_script(
+        Command::new("python3")
+            .arg(root().join("tests/autobahn/compare.py"))
+            .arg("--non-strict-is-ok")
+            .args([&direct, &proxied]),
+        "autobahn compare",
+    );
+    eprintln!("{}", out.lines().last().unwrap_or(""));
+}
