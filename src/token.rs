@@ -191,7 +191,7 @@ impl KeySet {
                     files.push(file);
                 }
             }
-            // Deterministic order, so a duplicate-looking setup fails the same way every time.
+            // read_dir order is unspecified; sorting makes the reported bad file reproducible.
             files.sort();
         } else {
             files.push(path.to_path_buf());
@@ -1008,6 +1008,14 @@ mod tests {
         let got = verify(&token, &keys(), NOW, &opts()).unwrap();
         assert_eq!((got.repl.as_str(), got.user.as_str()), ("r1", "\"u\""));
         assert_eq!(got.exp, 1_798_761_600);
+    }
+
+    #[test]
+    fn claims_borrow_from_payload() {
+        let raw: RawClaims<'_> =
+            serde_json::from_slice(br#"{"repl":"r","user":"\u0075"}"#).unwrap();
+        assert!(matches!(raw.repl, Some(Text(Cow::Borrowed("r")))));
+        assert!(matches!(raw.user, Some(Text(Cow::Owned(ref u))) if u == "u"));
     }
 
     #[test]

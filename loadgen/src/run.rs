@@ -1,0 +1,247 @@
+//! Runs a load: checks limits, starts the worker threads, shows progress,
+//! prints `holding N` for `idle`, merges the threads' results into a report.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::net::{raise_nofile_limit, RESERVED_FDS};
+use crate::report::{Report, ThreadResult};
+use crate::tokens::Paths;
+use crate::wire::Payloads;
+use crate::worker::Worker;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Echo,
+    Rate,
+    Handshake,
+    Idle,
+    Bulk,
+    Mixed,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Echo => "echo",
+            Self::Rate => "rate",
+            Self::Handshake => "handshake",
+            Self::Idle => "idle",
+            Self::Bulk => "bulk",
+            Self::Mixed => "mixed",
+        }
+    }
+}
+
+/// The shape of `mixed`: keystrokes with the occasional output burst.
+#[derive(Debug, Clone, Copy)]
+pub struct MixedShape {
+    /// Keystrokes per second per connection (Poisson arrivals).
+    pub key_rate: f64,
+    /// Keystroke messages are 1..=key_max bytes.
+    pub key_max: u32,
+    /// One message in this many is a burst.
+    pub burst_every: u32,
+    pub burst_min: u32,
+    pub burst_max: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub mode: Mode,
+    pub target: SocketAddr,
+    /// Host header value.
+    pub host: String,
+    pub paths: Paths,
+    /// Connections (workers, in handshake mode).
+    pub conns: usize,
+    pub threads: usize,
+    /// Message size for every mode but `mixed`.
+    pub size: u32,
+    pub pipeline: usize,
+    pub duration: Option<Duration>,
+    pub messages: Option<u64>,
+    /// Total messages per second (`rate`).
+    pub rate: f64,
+    pub mixed: MixedShape,
+    /// How long `idle` holds its sessions; forever if `None`.
+    pub hold: Option<Duration>,
+    pub spread: bool,
+    pub connect_timeout: Duration,
+    pub echo_timeout: Duration,
+    /// Open-loop sends are grouped into wake-ups at least this far apart.
+    pub tick: Duration,
+    /// Connects in progress per thread during setup.
+    pub max_connecting: usize,
+}
+
+impl RunConfig {
+    fn max_message(&self) -> usize {
+        match self.mode {
+            Mode::Mixed => self.mixed.burst_max.max(self.mixed.key_max) as usize,
+            _ => self.size as usize,
+        }
+    }
+
+    /// Sockets the run may hold at once.
+    fn max_sockets(&self) -> u64 {
+        self.conns as u64
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub messages: AtomicU64,
+    pub handshakes: AtomicU64,
+    pub established: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// What the worker threads share.
+pub struct Shared {
+    pub cfg: RunConfig,
+    pub payloads: Payloads,
+    pub barrier: Barrier,
+    pub progress: Progress,
+    /// The zero of every thread's nanosecond clock.
+    pub epoch: Instant,
+}
+
+pub enum Msg {
+    /// `idle`: this thread holds this many verified sessions.
+    Ready(u64),
+    Done(ThreadResult),
+}
+
+/// Runs the load and returns its report.
+pub fn run(cfg: RunConfig, json: bool) -> Result<Report> {
+    let limit = raise_nofile_limit().context("raising the open-files limit")?;
+    if cfg.max_sockets() + RESERVED_FDS > limit {
+        bail!(
+            "{} connections need more than the open-files limit of {limit} \
+             (keep --conns/--workers at or below {})",
+            cfg.max_sockets(),
+            limit.saturating_sub(RESERVED_FDS)
+        );
+    }
+    let threads = cfg.threads;
+    let mode = cfg.mode;
+    let conns = cfg.conns;
+    let duration = match mode {
+        Mode::Idle => cfg.hold,
+        _ => cfg.duration,
+    };
+    let shared = Arc::new(Shared {
+        payloads: Payloads::new(cfg.max_message()),
+        barrier: Barrier::new(threads),
+        progress: Progress::default(),
+        epoch: Instant::now(),
+        cfg,
+    });
+    let (tx, rx) = mpsc::channel();
+    let mut handles = Vec::with_capacity(threads);
+    for index in 0..threads {
+        let shared = Arc::clone(&shared);
+        let tx = tx.clone();
+        let handle = thread::Builder::new()
+            .name(format!("load-{index}"))
+            .spawn(move || {
+                let result = match Worker::new(index, &shared) {
+                    Ok(worker) => worker.run(&tx),
+                    Err(e) => failed_thread(&shared, &e),
+                };
+                tx.send(Msg::Done(result)).ok();
+            })
+            .context("spawning a load thread")?;
+        handles.push(handle);
+    }
+    drop(tx);
+
+    let bar = progress_bar(json, duration);
+    let started = Instant::now();
+    let mut ready = 0;
+    let mut held = 0;
+    let mut results = Vec::with_capacity(threads);
+    while results.len() < threads {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(Msg::Ready(n)) => {
+                ready += 1;
+                held += n;
+                if ready == threads {
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "holding {held}")?;
+                    out.flush()?;
+                }
+            }
+            Ok(Msg::Done(result)) => results.push(result),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        if let Some(bar) = &bar {
+            update_bar(bar, &shared.progress, started, duration);
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    for handle in handles {
+        if handle.join().is_err() {
+            bail!("a load thread panicked");
+        }
+    }
+    Ok(Report::new(mode.as_str(), conns, &results))
+}
+
+/// A thread that could not even start still meets the others at the
+/// barrier, or they would wait for it forever.
+fn failed_thread(shared: &Shared, e: &std::io::Error) -> ThreadResult {
+    eprintln!("eval-loadgen: starting a load thread: {e}");
+    if shared.cfg.mode != Mode::Idle {
+        shared.barrier.wait();
+    }
+    ThreadResult {
+        rec: Default::default(),
+        errors: [("worker".to_owned(), 1)].into(),
+        elapsed: Duration::ZERO,
+    }
+}
+
+fn progress_bar(json: bool, duration: Option<Duration>) -> Option<ProgressBar> {
+    if json || !std::io::stdout().is_terminal() {
+        return None;
+    }
+    let bar = match duration {
+        Some(d) => ProgressBar::new(d.as_millis() as u64).with_style(
+            ProgressStyle::with_template("{bar:30} {elapsed}/{duration} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ),
+        None => ProgressBar::new_spinner(),
+    };
+    Some(bar)
+}
+
+fn update_bar(bar: &ProgressBar, p: &Progress, started: Instant, duration: Option<Duration>) {
+    let elapsed = started.elapsed();
+    if let Some(d) = duration {
+        bar.set_position(elapsed.min(d).as_millis() as u64);
+    } else {
+        bar.tick();
+    }
+    let secs = elapsed.as_secs_f64().max(1e-3);
+    let messages = p.messages.load(Ordering::Relaxed);
+    bar.set_message(format!(
+        "{} open, {messages} msgs ({:.0}/s), {} handshakes, {} errors",
+        p.established.load(Ordering::Relaxed),
+        messages as f64 / secs,
+        p.handshakes.load(Ordering::Relaxed),
+        p.errors.load(Ordering::Relaxed),
+    ));
+}
