@@ -11,6 +11,12 @@ use std::path::{Path, PathBuf};
 mod frame_header;
 #[path = "fuzz/harness/relay_tracker.rs"]
 mod relay_tracker;
+#[path = "fuzz/harness/http_request.rs"]
+mod http_request;
+#[path = "fuzz/harness/conman_response.rs"]
+mod conman_response;
+#[path = "fuzz/harness/token.rs"]
+mod token;
 
 fn corpus(target: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -49,4 +55,19 @@ fn frame_header_corpus() {
 #[test]
 fn relay_tracker_corpus() {
     replay("relay_tracker", relay_tracker::run);
+}
+
+#[test]
+fn http_request_corpus() {
+    replay("http_request", http_request::run);
+}
+
+#[test]
+fn conman_response_corpus() {
+    replay("conman_response", conman_response::run);
+}
+
+#[test]
+fn token_corpus() {
+    replay("token", token::run);
 }
