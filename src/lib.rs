@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod control;
 pub mod dev;
 pub mod error;
 pub mod metrics;

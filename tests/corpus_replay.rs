@@ -7,14 +7,14 @@ use std::fs;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-#[path = "fuzz/harness/frame_header.rs"]
-mod frame_header;
-#[path = "fuzz/harness/relay_tracker.rs"]
-mod relay_tracker;
-#[path = "fuzz/harness/http_request.rs"]
-mod http_request;
 #[path = "fuzz/harness/conman_response.rs"]
 mod conman_response;
+#[path = "fuzz/harness/frame_header.rs"]
+mod frame_header;
+#[path = "fuzz/harness/http_request.rs"]
+mod http_request;
+#[path = "fuzz/harness/relay_tracker.rs"]
+mod relay_tracker;
 #[path = "fuzz/harness/token.rs"]
 mod token;
 

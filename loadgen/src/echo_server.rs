@@ -140,13 +140,15 @@ enum State {
 }
 
 /// The frame being echoed: payload bytes left, its mask and the offset
-/// into the payload (masking is position-dependent), whether it is dropped.
+/// into the payload (masking is position-dependent), whether it is dropped
+/// (a Pong) and whether it is a Close.
 #[derive(Clone, Copy)]
 struct InFrame {
     left: u64,
     mask: Option<[u8; 4]>,
     offset: usize,
     drop: bool,
+    close: bool,
 }
 
 struct Session {
@@ -303,32 +305,25 @@ impl Session {
             let len = out.encode(&mut head);
             tx.extend_from_slice(&head[..len]);
         }
-        if header.opcode == OpCode::Close {
-            // Echo the Close, then close: nothing after it is read.
-            self.frame = Some(InFrame {
-                left: header.payload_len,
-                mask: header.mask,
-                offset: 0,
-                drop,
-            });
-            self.closing_after_frame();
-            return;
-        }
         self.end_or_keep(InFrame {
             left: header.payload_len,
             mask: header.mask,
             offset: 0,
             drop,
+            close: header.opcode == OpCode::Close,
         });
     }
 
-    fn closing_after_frame(&mut self) {
-        // The Close frame's payload is streamed like any other; the state
-        // flips once it has been copied (see `end_or_keep`).
-    }
-
     fn end_or_keep(&mut self, frame: InFrame) {
-        self.frame = (frame.left > 0).then_some(frame);
+        if frame.left > 0 {
+            self.frame = Some(frame);
+        } else {
+            self.frame = None;
+            if frame.close {
+                // Echoed the Close: nothing after it is read.
+                self.state = State::Closing;
+            }
+        }
     }
 
     fn write_out(&mut self, tx: &[u8]) -> io::Result<bool> {

@@ -1,0 +1,347 @@
+//! Messages between a data shard and the control shard, over one
+//! `SOCK_STREAM` socketpair per shard (both runtimes can wait on a socket:
+//! io_uring on the shard side, glommio on the control side).
+//!
+//! Framing: `u32` little-endian length of the body, then the body. Bodies
+//! start with a kind byte. Strings are `u16` LE length + UTF-8 bytes. The
+//! decoder is sans-IO: `decode(buf)` returns `Ok(None)` until a whole
+//! message is there and consumes nothing.
+#![forbid(unsafe_code)]
+
+use std::net::{IpAddr, SocketAddr};
+
+/// Largest body either side accepts; a larger length is a protocol error.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Shard → control.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToControl {
+    /// Where does `repl` live? `exclude` names a VM that just failed (the
+    /// control shard also drops its cached placement for the repl if it
+    /// points there). `id` is echoed in the reply. `attempt` is 0 for a new
+    /// session (admission control applies) and counts retries after it.
+    Placement {
+        id: u64,
+        repl: String,
+        cluster: String,
+        attempt: u8,
+        exclude: Option<String>,
+    },
+}
+
+/// Control → shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToShard {
+    Placement { id: u64, result: PlacementResult },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlacementResult {
+    Found(Found),
+    /// The Controlplane answered or failed: `reason` is a metric label word
+    /// (`unknown_repl`, `no_capacity`, `timeout`, `unavailable`,
+    /// `circuit_open`, `bad_response`, `admission`), `retry_after_ms` a hint
+    /// for the client's Close reason.
+    Failed {
+        reason: String,
+        retry_after_ms: Option<u64>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub vm: String,
+    /// Resolved address of Conman (the control shard resolves names).
+    pub addr: SocketAddr,
+    /// Host header value and request path for the upgrade to Conman.
+    pub host: String,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("message body too large")]
+    TooLarge,
+    #[error("malformed message")]
+    Malformed,
+}
+
+const K_PLACEMENT_REQ: u8 = 1;
+const K_PLACEMENT_FOUND: u8 = 2;
+const K_PLACEMENT_FAILED: u8 = 3;
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let b = s.as_bytes();
+    let n = b.len().min(u16::MAX as usize);
+    out.extend_from_slice(&(n as u16).to_le_bytes());
+    out.extend_from_slice(&b[..n]);
+}
+
+fn frame(out: &mut Vec<u8>, body: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    body(out);
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn u8(&mut self) -> Result<u8, WireError> {
+        let (&v, rest) = self.b.split_first().ok_or(WireError::Malformed)?;
+        self.b = rest;
+        Ok(v)
+    }
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.b.len() < n {
+            return Err(WireError::Malformed);
+        }
+        let (v, rest) = self.b.split_at(n);
+        self.b = rest;
+        Ok(v)
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        Ok(u16::from_le_bytes(self.bytes(2)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(self.bytes(8)?.try_into().unwrap()))
+    }
+    fn str(&mut self) -> Result<String, WireError> {
+        let n = self.u16()? as usize;
+        let b = self.bytes(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| WireError::Malformed)
+    }
+    fn end(&self) -> Result<(), WireError> {
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::Malformed)
+        }
+    }
+}
+
+/// Splits one framed body off `buf`: `Ok(None)` until it is complete.
+fn body(buf: &[u8]) -> Result<Option<(&[u8], usize)>, WireError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
+    if len > MAX_BODY {
+        return Err(WireError::TooLarge);
+    }
+    if buf.len() < 4 + len {
+        return Ok(None);
+    }
+    Ok(Some((&buf[4..4 + len], 4 + len)))
+}
+
+impl ToControl {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            ToControl::Placement {
+                id,
+                repl,
+                cluster,
+                attempt,
+                exclude,
+            } => frame(out, |o| {
+                o.push(K_PLACEMENT_REQ);
+                o.extend_from_slice(&id.to_le_bytes());
+                put_str(o, repl);
+                put_str(o, cluster);
+                o.push(*attempt);
+                match exclude {
+                    Some(vm) => {
+                        o.push(1);
+                        put_str(o, vm);
+                    }
+                    None => o.push(0),
+                }
+            }),
+        }
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Option<(ToControl, usize)>, WireError> {
+        let Some((b, used)) = body(buf)? else {
+            return Ok(None);
+        };
+        let mut r = Reader { b };
+        let msg = match r.u8()? {
+            K_PLACEMENT_REQ => {
+                let id = r.u64()?;
+                let repl = r.str()?;
+                let cluster = r.str()?;
+                let attempt = r.u8()?;
+                let exclude = match r.u8()? {
+                    0 => None,
+                    1 => Some(r.str()?),
+                    _ => return Err(WireError::Malformed),
+                };
+                ToControl::Placement {
+                    id,
+                    repl,
+                    cluster,
+                    attempt,
+                    exclude,
+                }
+            }
+            _ => return Err(WireError::Malformed),
+        };
+        r.end()?;
+        Ok(Some((msg, used)))
+    }
+}
+
+impl ToShard {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            ToShard::Placement {
+                id,
+                result: PlacementResult::Found(f),
+            } => frame(out, |o| {
+                o.push(K_PLACEMENT_FOUND);
+                o.extend_from_slice(&id.to_le_bytes());
+                put_str(o, &f.vm);
+                match f.addr.ip() {
+                    IpAddr::V4(ip) => {
+                        o.push(4);
+                        o.extend_from_slice(&ip.octets());
+                    }
+                    IpAddr::V6(ip) => {
+                        o.push(6);
+                        o.extend_from_slice(&ip.octets());
+                    }
+                }
+                o.extend_from_slice(&f.addr.port().to_le_bytes());
+                put_str(o, &f.host);
+                put_str(o, &f.path);
+            }),
+            ToShard::Placement {
+                id,
+                result:
+                    PlacementResult::Failed {
+                        reason,
+                        retry_after_ms,
+                    },
+            } => frame(out, |o| {
+                o.push(K_PLACEMENT_FAILED);
+                o.extend_from_slice(&id.to_le_bytes());
+                put_str(o, reason);
+                o.extend_from_slice(&retry_after_ms.unwrap_or(u64::MAX).to_le_bytes());
+            }),
+        }
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Option<(ToShard, usize)>, WireError> {
+        let Some((b, used)) = body(buf)? else {
+            return Ok(None);
+        };
+        let mut r = Reader { b };
+        let msg = match r.u8()? {
+            K_PLACEMENT_FOUND => {
+                let id = r.u64()?;
+                let vm = r.str()?;
+                let ip: IpAddr = match r.u8()? {
+                    4 => {
+                        let o: [u8; 4] = r.bytes(4)?.try_into().unwrap();
+                        o.into()
+                    }
+                    6 => {
+                        let o: [u8; 16] = r.bytes(16)?.try_into().unwrap();
+                        o.into()
+                    }
+                    _ => return Err(WireError::Malformed),
+                };
+                let port = r.u16()?;
+                let host = r.str()?;
+                let path = r.str()?;
+                ToShard::Placement {
+                    id,
+                    result: PlacementResult::Found(Found {
+                        vm,
+                        addr: SocketAddr::new(ip, port),
+                        host,
+                        path,
+                    }),
+                }
+            }
+            K_PLACEMENT_FAILED => {
+                let id = r.u64()?;
+                let reason = r.str()?;
+                let ra = r.u64()?;
+                ToShard::Placement {
+                    id,
+                    result: PlacementResult::Failed {
+                        reason,
+                        retry_after_ms: (ra != u64::MAX).then_some(ra),
+                    },
+                }
+            }
+            _ => return Err(WireError::Malformed),
+        };
+        r.end()?;
+        Ok(Some((msg, used)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip_shard(m: ToShard) {
+        let mut out = Vec::new();
+        m.encode(&mut out);
+        for cut in 0..out.len() {
+            assert_eq!(ToShard::decode(&out[..cut]), Ok(None));
+        }
+        assert_eq!(ToShard::decode(&out), Ok(Some((m, out.len()))));
+    }
+
+    #[test]
+    fn messages_round_trip_and_wait_for_whole_frames() {
+        let req = ToControl::Placement {
+            id: 7,
+            repl: "repl-1".into(),
+            cluster: "us-east".into(),
+            attempt: 2,
+            exclude: Some("vm-2".into()),
+        };
+        let mut out = Vec::new();
+        req.encode(&mut out);
+        for cut in 0..out.len() {
+            assert_eq!(ToControl::decode(&out[..cut]), Ok(None));
+        }
+        assert_eq!(ToControl::decode(&out), Ok(Some((req, out.len()))));
+        roundtrip_shard(ToShard::Placement {
+            id: u64::MAX - 1,
+            result: PlacementResult::Found(Found {
+                vm: "vm-1".into(),
+                addr: "[::1]:7000".parse().unwrap(),
+                host: "[::1]:7000".into(),
+                path: "/conman".into(),
+            }),
+        });
+        roundtrip_shard(ToShard::Placement {
+            id: 1,
+            result: PlacementResult::Failed {
+                reason: "circuit_open".into(),
+                retry_after_ms: Some(1500),
+            },
+        });
+    }
+
+    #[test]
+    fn oversized_and_garbage_are_errors() {
+        assert_eq!(
+            ToShard::decode(&(MAX_BODY as u32 + 1).to_le_bytes()),
+            Err(WireError::TooLarge)
+        );
+        assert_eq!(
+            ToControl::decode(&[1, 0, 0, 0, 99]),
+            Err(WireError::Malformed)
+        );
+    }
+}
