@@ -80,6 +80,12 @@ pub struct Limits {
     pub held_bytes: usize,
     /// Bytes queued toward one side before the other side stops being read.
     pub send_queue_bytes: usize,
+    /// Conman attempts per session (first try included), within
+    /// `setup_timeout_ms`.
+    pub max_attempts: u8,
+    /// Backoff before retry N: full jitter over min(cap, base * 2^(N-1)).
+    pub retry_base_ms: u64,
+    pub retry_cap_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -178,6 +184,9 @@ impl Default for Limits {
             setup_timeout_ms: 10_000,
             held_bytes: 64 * 1024,
             send_queue_bytes: 256 * 1024,
+            max_attempts: 5,
+            retry_base_ms: 50,
+            retry_cap_ms: 1_000,
         }
     }
 }
@@ -278,6 +287,15 @@ impl Config {
             if v == 0 {
                 return Err(invalid(key, "must be greater than 0"));
             }
+        }
+        if l.max_attempts == 0 {
+            return Err(invalid("limits.max_attempts", "must be at least 1"));
+        }
+        if l.retry_base_ms == 0 || l.retry_cap_ms < l.retry_base_ms {
+            return Err(invalid(
+                "limits.retry_cap_ms",
+                "must be at least limits.retry_base_ms, which must be > 0",
+            ));
         }
         if l.max_frame < 125 {
             return Err(invalid("limits.max_frame", "must be at least 125"));

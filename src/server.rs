@@ -76,6 +76,14 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
         .map_err(|e| io::Error::new(e.kind(), format!("listen on {}: {e}", cfg.listen.addr)))?;
     let control = Arc::new(Control::default());
     let stats: Vec<Arc<ShardStats>> = (0..n).map(|_| Arc::new(ShardStats::default())).collect();
+    let mut shard_ctl = Vec::with_capacity(n);
+    let mut control_ends = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (a, b) = std::os::unix::net::UnixStream::pair()?;
+        shard_ctl.push(std::os::fd::OwnedFd::from(a));
+        control_ends.push(std::os::fd::OwnedFd::from(b));
+    }
+    let control_thread = crate::control::interim::spawn((*placement).clone(), control_ends)?;
     let mut wake_fds = Vec::with_capacity(n);
     for _ in 0..n {
         // SAFETY: creating an eventfd; checked below.
@@ -159,13 +167,13 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
 
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut handles = Vec::with_capacity(n);
-    for (id, sock) in sockets.into_iter().enumerate() {
+    for ((id, sock), ctl) in sockets.into_iter().enumerate().zip(shard_ctl) {
         let spec = ShardSpec {
             id,
             listener: listener::into_fd(sock),
             cfg: cfg.clone(),
             keys: keys.clone(),
-            placement: placement.clone(),
+            control_fd: std::os::fd::IntoRawFd::into_raw_fd(ctl),
             stats: stats[id].clone(),
             control: control.clone(),
             wake_fd: wake_fds[id],
@@ -217,6 +225,8 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
             }
         }
     }
+    // Shards closed their control sockets on exit; the control thread ends.
+    let _ = control_thread.join();
     for (id, s) in stats.iter().enumerate() {
         info!(
             shard = id,

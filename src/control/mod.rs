@@ -2,4 +2,5 @@
 //! cache, one request per repl, circuit breaker) and admission control,
 //! serving every data shard over a socketpair.
 
+pub mod interim;
 pub mod wire;

@@ -92,6 +92,7 @@ pub struct ShardStats {
 #[derive(Default)]
 struct Rare {
     failures: BTreeMap<(&'static str, &'static str), u64>,
+    attempt_failures: BTreeMap<(&'static str, &'static str), u64>,
     closes: BTreeMap<(CloseSide, u16), u64>,
     http: BTreeMap<u16, u64>,
     setup: Vec<(Phase, Histogram<u64>)>,
@@ -125,6 +126,14 @@ impl ShardStats {
         }
         *lock(&self.rare)
             .failures
+            .entry((stage.as_str(), reason))
+            .or_default() += 1;
+    }
+
+    /// One Conman attempt failed (the session may still succeed on a retry).
+    pub fn attempt_failure(&self, stage: Stage, reason: &'static str) {
+        *lock(&self.rare)
+            .attempt_failures
             .entry((stage.as_str(), reason))
             .or_default() += 1;
     }
@@ -233,6 +242,7 @@ pub fn render(shards: &[std::sync::Arc<ShardStats>], extra: &[(&str, &str, u64)]
     );
 
     let mut failures: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    let mut attempt_failures: BTreeMap<(&str, &str), u64> = BTreeMap::new();
     let mut closes: BTreeMap<(CloseSide, u16), u64> = BTreeMap::new();
     let mut http: BTreeMap<u16, u64> = BTreeMap::new();
     let mut setup: Vec<(Phase, Histogram<u64>)> = Vec::new();
@@ -240,6 +250,9 @@ pub fn render(shards: &[std::sync::Arc<ShardStats>], extra: &[(&str, &str, u64)]
         let r = lock(&s.rare);
         for (k, v) in &r.failures {
             *failures.entry(*k).or_default() += v;
+        }
+        for (k, v) in &r.attempt_failures {
+            *attempt_failures.entry(*k).or_default() += v;
         }
         for (k, v) in &r.closes {
             *closes.entry(*k).or_default() += v;
@@ -266,6 +279,18 @@ pub fn render(shards: &[std::sync::Arc<ShardStats>], extra: &[(&str, &str, u64)]
             out,
             "{}{{stage=\"{stage}\",reason=\"{reason}\"}} {v}",
             names::SETUP_FAILURES
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {0} Conman attempts that failed (retried or not), by stage and reason.\n# TYPE {0} counter",
+        names::CONMAN_ATTEMPT_FAILURES
+    );
+    for ((stage, reason), v) in &attempt_failures {
+        let _ = writeln!(
+            out,
+            "{}{{stage=\"{stage}\",reason=\"{reason}\"}} {v}",
+            names::CONMAN_ATTEMPT_FAILURES
         );
     }
     let _ = writeln!(

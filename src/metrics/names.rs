@@ -13,3 +13,4 @@ pub const CLOSE_CODES: &str = "eval_close_codes_total";
 pub const HTTP_RESPONSES: &str = "eval_http_responses_total";
 pub const BUFFER_EXHAUSTED: &str = "eval_buffer_ring_exhausted_total";
 pub const BACKPRESSURE_PAUSES: &str = "eval_backpressure_pauses_total";
+pub const CONMAN_ATTEMPT_FAILURES: &str = "eval_conman_attempt_failures_total";

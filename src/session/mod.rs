@@ -18,10 +18,15 @@ use crate::proto::relay::{Direction, Tracker};
 pub enum Phase {
     /// Reading the client's request head.
     Head,
-    /// 101 sent (or about to be); dialing Conman.
+    /// 101 sent; waiting for the control shard to say where the repl lives.
+    Placement,
+    /// Dialing Conman.
     Connecting,
     /// TCP to Conman up; waiting for its 101.
     ConmanHandshake,
+    /// A Conman attempt failed; waiting (with jitter) before asking for a
+    /// new placement that excludes the failed VM.
+    Backoff,
     /// Relaying frames both ways.
     Relay,
     /// Ending: queues drain, write sides shut, then sockets close.
@@ -103,6 +108,7 @@ impl Side {
 pub struct Identity {
     pub repl: String,
     pub user: String,
+    pub cluster: String,
 }
 
 pub struct Session {
@@ -130,15 +136,36 @@ pub struct Session {
     pub established: bool,
 }
 
-/// Kernel-visible memory for the connect op, and the handshake to check.
+/// Setup state, alive from the 101 until relaying starts: retries, the
+/// placement in use, kernel-visible memory for the connect op, and the
+/// handshake to check.
 pub struct Setup {
+    /// The whole setup must finish by then.
+    pub deadline: Instant,
+    /// Conman attempts started so far.
+    pub attempt: u8,
+    /// The placement request awaiting its reply.
+    pub request_id: u64,
+    /// VM of the current attempt, and the one that failed last.
+    pub vm: Option<String>,
+    pub exclude: Option<String>,
+    pub backoff_done: bool,
+    pub last_error: Option<crate::error::SetupError>,
     pub addr: socket2::SockAddr,
     pub timeout: io_uring::types::Timespec,
     pub expected_accept: String,
     pub request: Vec<u8>,
     pub protocol: Option<String>,
-    pub client_ip: Option<std::net::IpAddr>,
-    pub forwarded_for: Option<String>,
+    pub forwarded_for: String,
+}
+
+/// Full-jitter exponential backoff before Conman attempt `attempt` (1 for
+/// the first retry): uniform in `[0, min(cap, base * 2^(attempt-1))]`,
+/// given a uniform `unit` in [0, 1).
+pub fn backoff(attempt: u8, base_ms: u64, cap_ms: u64, unit: f64) -> std::time::Duration {
+    let exp = base_ms.saturating_mul(1u64 << (attempt.saturating_sub(1)).min(20));
+    let ceiling = exp.min(cap_ms) as f64;
+    std::time::Duration::from_micros((ceiling * 1000.0 * unit.clamp(0.0, 1.0)) as u64)
 }
 
 impl Session {
@@ -209,6 +236,19 @@ mod tests {
             on_eof(true, true, false),
             EofAction::InjectClose { code: 1001, .. }
         ));
+    }
+
+    #[test]
+    fn backoff_grows_then_caps_and_stays_within_jitter() {
+        use std::time::Duration;
+        assert_eq!(
+            backoff(1, 50, 1000, 0.999_999),
+            Duration::from_micros(49_999)
+        );
+        assert_eq!(backoff(3, 50, 1000, 0.5), Duration::from_millis(100));
+        assert_eq!(backoff(10, 50, 1000, 0.5), Duration::from_millis(500));
+        assert_eq!(backoff(200, 50, 1000, 1.0), Duration::from_millis(1000));
+        assert_eq!(backoff(2, 50, 1000, 0.0), Duration::ZERO);
     }
 
     #[test]

@@ -22,9 +22,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, RejectWith, StaticPlacement};
+use crate::config::{Config, RejectWith};
+use crate::control::wire::{Found, PlacementResult, ToControl, ToShard};
 use crate::error::{SetupError, Stage};
 use crate::metrics::{CloseSide, Phase as Timing, ShardStats};
 use crate::proto::close;
@@ -32,7 +33,7 @@ use crate::proto::frame::write_close;
 use crate::proto::handshake::{self, accept_key, choose_protocol, new_client_key};
 use crate::proto::http1::{self, Route};
 use crate::proto::relay::{Direction, Event, Tracker, TrackerConfig, Violation};
-use crate::session::{on_eof, Chunk, EofAction, Phase, Session, Setup, Side};
+use crate::session::{backoff, on_eof, Chunk, EofAction, Identity, Phase, Session, Setup, Side};
 use crate::token::{self, KeySet, VerifyOptions};
 use bufring::BufRing;
 
@@ -45,6 +46,27 @@ const CLOSE_HANDSHAKE: Duration = Duration::from_secs(10);
 /// The tracker's word for frames after a Close, which are dropped rather
 /// than treated as a violation.
 const DATA_AFTER_CLOSE: &str = "data_after_close";
+
+/// The Controlplane failure words the control shard sends, as the static
+/// labels metrics and Close reasons use; anything else is `error`.
+fn controlplane_reason(word: &str) -> &'static str {
+    const KNOWN: [&str; 9] = [
+        "unknown_repl",
+        "no_capacity",
+        "timeout",
+        "unavailable",
+        "circuit_open",
+        "bad_response",
+        "admission",
+        "control_unavailable",
+        "no_vm",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == word)
+        .copied()
+        .unwrap_or("error")
+}
 
 /// What tracking one run of bytes found.
 struct Scanned {
@@ -102,8 +124,9 @@ pub struct ShardSpec {
     pub listener: RawFd,
     pub cfg: Arc<Config>,
     pub keys: Arc<KeySet>,
-    pub placement: Arc<StaticPlacement>,
     pub stats: Arc<ShardStats>,
+    /// This shard's end of its socketpair with the control shard.
+    pub control_fd: RawFd,
     pub control: Arc<Control>,
     /// eventfd the control side writes to wake this shard.
     pub wake_fd: RawFd,
@@ -119,6 +142,8 @@ const OP_SEND_CONMAN: u8 = 6;
 const OP_CONNECT: u8 = 7;
 /// Completions we only need to swallow (link timeouts, cancels).
 const OP_IGNORE: u8 = 8;
+const OP_CTL_RECV: u8 = 9;
+const OP_CTL_SEND: u8 = 10;
 
 fn ud(slot: u32, gen: u16, op: u8) -> u64 {
     ((slot as u64) << 24) | ((gen as u64) << 8) | op as u64
@@ -169,6 +194,22 @@ fn side(s: &mut Session, who: Who) -> &mut Side {
     }
 }
 
+/// The socket to the control shard: placement requests out, replies in.
+struct Ctl {
+    fd: RawFd,
+    inbuf: Vec<u8>,
+    /// Encoded requests not yet handed to the kernel.
+    out: Vec<u8>,
+    /// Bytes of the send in flight (stable until it completes).
+    sending: Vec<u8>,
+    sent: usize,
+    send_in_flight: bool,
+    recv_armed: bool,
+    /// The control shard went away: placements fail fast.
+    dead: bool,
+    next_req: u16,
+}
+
 /// The ring, buffers and timers: everything but the sessions, so that a
 /// session and the IO state can be borrowed at the same time.
 struct Io {
@@ -177,8 +218,8 @@ struct Io {
     stats: Arc<ShardStats>,
     cfg: Arc<Config>,
     keys: Arc<KeySet>,
-    placement: Arc<StaticPlacement>,
     verify: VerifyOptions,
+    ctl: Ctl,
     timers: BinaryHeap<Reverse<(Instant, u32, u16)>>,
     rng: SmallRng,
     now: Instant,
@@ -225,8 +266,18 @@ impl Shard {
                 bufs,
                 stats: spec.stats,
                 keys: spec.keys,
-                placement: spec.placement,
                 verify,
+                ctl: Ctl {
+                    fd: spec.control_fd,
+                    inbuf: Vec::new(),
+                    out: Vec::new(),
+                    sending: Vec::new(),
+                    sent: 0,
+                    send_in_flight: false,
+                    recv_armed: false,
+                    dead: false,
+                    next_req: 0,
+                },
                 timers: BinaryHeap::new(),
                 rng: SmallRng::from_seed(seed),
                 now: Instant::now(),
@@ -258,6 +309,7 @@ impl Shard {
                 .user_data(ud(0, 0, OP_ACCEPT)),
         );
         self.arm_wake();
+        self.io.arm_ctl_recv();
         let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(1024);
         loop {
             self.io.bufs.publish();
@@ -307,6 +359,9 @@ impl Shard {
             "shard stopped"
         );
         self.io.bufs.unregister(&self.io.ring);
+        // SAFETY: our end of the control socketpair; the ring is idle. The
+        // control shard sees EOF and ends once every shard is gone.
+        unsafe { libc::close(self.io.ctl.fd) };
         Ok(())
     }
 
@@ -325,6 +380,8 @@ impl Shard {
             OP_ACCEPT => self.on_accept(res, flags),
             OP_WAKE => self.on_wake(res),
             OP_IGNORE => {}
+            OP_CTL_SEND => self.io.on_ctl_send(res),
+            OP_CTL_RECV => self.on_ctl_recv(res, flags),
             _ => {
                 let Some(Some(s)) = self.sessions.get_mut(slot as usize) else {
                     return;
@@ -342,6 +399,86 @@ impl Shard {
                     _ => {}
                 }
                 self.progress(slot);
+            }
+        }
+    }
+
+    fn on_ctl_recv(&mut self, res: i32, flags: u32) {
+        if !cqueue::more(flags) {
+            self.io.ctl.recv_armed = false;
+        }
+        if res > 0 {
+            if let Some(bid) = cqueue::buffer_select(flags) {
+                self.io.bufs.taken(bid);
+                let data = self.io.bufs.slice(bid, 0, res as u32);
+                self.io.ctl.inbuf.extend_from_slice(data);
+                self.io.bufs.recycle(bid);
+            }
+            loop {
+                match ToShard::decode(&self.io.ctl.inbuf) {
+                    Ok(Some((msg, used))) => {
+                        self.io.ctl.inbuf.drain(..used);
+                        let ToShard::Placement { id, result } = msg;
+                        self.dispatch_placement(id, result);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        error!(shard = self.io.shard, err = %e, "bad message from the control shard");
+                        self.control_lost();
+                        return;
+                    }
+                }
+            }
+            if !self.io.ctl.recv_armed {
+                self.io.arm_ctl_recv();
+            }
+            return;
+        }
+        match -res {
+            libc::ENOBUFS => {
+                ShardStats::inc(&self.io.stats.buffer_exhausted);
+                if !self.io.ctl.recv_armed {
+                    self.io.arm_ctl_recv();
+                }
+            }
+            _ => {
+                if self.accepting {
+                    error!(
+                        shard = self.io.shard,
+                        err = res,
+                        "control shard connection lost"
+                    );
+                }
+                self.control_lost();
+            }
+        }
+    }
+
+    fn dispatch_placement(&mut self, id: u64, result: PlacementResult) {
+        let slot = (id >> 32) as u32;
+        let gen = (id >> 16) as u16;
+        let Some(Some(s)) = self.sessions.get_mut(slot as usize) else {
+            return;
+        };
+        let current = s.setup.as_ref().is_some_and(|st| st.request_id == id);
+        if s.gen != gen || s.phase != Phase::Placement || !current {
+            return;
+        }
+        self.io.on_placement(slot, s, result);
+        self.progress(slot);
+    }
+
+    /// Without the control shard no placement can be had: fail the
+    /// sessions waiting for one, and every later one, fast.
+    fn control_lost(&mut self) {
+        self.io.ctl.dead = true;
+        for slot in 0..self.sessions.len() {
+            if let Some(s) = self.sessions[slot].as_mut() {
+                if s.phase == Phase::Placement {
+                    let e = SetupError::new(Stage::Controlplane, "control_unavailable");
+                    self.io.fail_setup(slot as u32, s, e);
+                    self.progress(slot as u32);
+                }
             }
         }
     }
@@ -498,6 +635,19 @@ impl Shard {
         if s.phase == Phase::Relay {
             for who in [Who::Client, Who::Conman] {
                 io.backpressure(slot, s, who);
+            }
+        }
+        if s.phase == Phase::Backoff {
+            // The failed attempt's socket goes once nothing is in flight on
+            // it; the retry starts once that and the backoff are both done.
+            if s.conman.fd >= 0 && s.conman.inflight == 0 {
+                // SAFETY: our socket, no operation in flight.
+                unsafe { libc::close(s.conman.fd) };
+                s.conman = Side::new(-1);
+            }
+            let ready = s.setup.as_ref().is_some_and(|st| st.backoff_done);
+            if ready && s.conman.fd < 0 {
+                io.request_placement(slot, s);
             }
         }
         if s.phase == Phase::Closing {
@@ -711,7 +861,9 @@ impl Io {
                 self.bufs.recycle(bid);
                 self.on_head(slot, s);
             }
-            Phase::Connecting | Phase::ConmanHandshake if who == Who::Client => {
+            Phase::Placement | Phase::Connecting | Phase::ConmanHandshake | Phase::Backoff
+                if who == Who::Client =>
+            {
                 s.held.extend_from_slice(self.bufs.slice(bid, 0, len));
                 self.bufs.recycle(bid);
                 if s.held.len() >= self.cfg.limits.held_bytes {
@@ -897,13 +1049,17 @@ impl Io {
                 // Nothing was promised yet: just go.
                 self.begin_closing(slot, s);
             }
-            Phase::Connecting | Phase::ConmanHandshake => {
-                let err = match who {
-                    Who::Client => SetupError::new(Stage::ClientGone, "eof"),
-                    Who::Conman => SetupError::new(Stage::ConmanHandshake, "eof"),
-                };
-                self.fail_setup(slot, s, err);
+            Phase::Placement | Phase::Connecting | Phase::ConmanHandshake | Phase::Backoff
+                if who == Who::Client =>
+            {
+                self.fail_setup(slot, s, SetupError::new(Stage::ClientGone, "eof"));
             }
+            Phase::Connecting | Phase::ConmanHandshake => {
+                let e = SetupError::new(Stage::ConmanHandshake, "eof");
+                self.retry_or_fail(slot, s, e);
+            }
+            // An abandoned attempt's socket ending changes nothing.
+            Phase::Placement | Phase::Backoff => {}
             Phase::Relay => {
                 let dir = who.outbound();
                 let close_already = match who {
@@ -937,13 +1093,28 @@ impl Io {
                 s.client.push_owned(out);
                 self.begin_closing(slot, s);
             }
-            Phase::Connecting | Phase::ConmanHandshake => {
-                let stage = if s.phase == Phase::Connecting {
-                    Stage::ConmanConnect
-                } else {
-                    Stage::ConmanHandshake
+            Phase::Placement | Phase::Connecting | Phase::ConmanHandshake | Phase::Backoff => {
+                let st = s.setup.as_mut().expect("setup state");
+                let overall = self.now >= st.deadline;
+                let stage = match s.phase {
+                    Phase::Placement => Stage::Controlplane,
+                    Phase::Connecting => Stage::ConmanConnect,
+                    _ => Stage::ConmanHandshake,
                 };
-                self.fail_setup(slot, s, SetupError::new(stage, "timeout"));
+                if s.phase == Phase::Backoff && !overall {
+                    st.backoff_done = true;
+                } else if overall {
+                    let e = match (s.phase, st.last_error) {
+                        // Out of time while waiting to retry: the failure
+                        // that caused the wait is the one to report.
+                        (Phase::Backoff, Some(e)) => e,
+                        _ => SetupError::new(stage, "timeout"),
+                    };
+                    self.fail_setup(slot, s, e);
+                } else {
+                    // One attempt's handshake took too long; others may not.
+                    self.retry_or_fail(slot, s, SetupError::new(stage, "timeout"));
+                }
             }
             Phase::Relay => {
                 // A Close went one way and no answer came back.
@@ -1074,89 +1245,192 @@ impl Io {
                 return;
             }
         };
-        let Some(place) = self.placement.lookup(&claims.repl).cloned() else {
-            self.stats
-                .setup_failure(Stage::Controlplane, "unknown_repl", false);
-            let mut out = Vec::new();
-            http1::write_switching_protocols(&mut out, &accept, None, None);
-            let e = SetupError::new(Stage::Controlplane, "unknown_repl");
-            write_close(&mut out, e.close_code(), &e.close_reason(), None);
-            s.client.push_owned(out);
-            s.injected_close_to_client = true;
-            self.begin_closing(slot, s);
-            return;
-        };
         let protocol =
             choose_protocol(&req.protocols, &self.cfg.websocket.subprotocols).map(str::to_owned);
         let mut out = Vec::new();
         http1::write_switching_protocols(&mut out, &accept, protocol.as_deref(), None);
         s.client.push_owned(out);
+        let client_ip = listener::peer_ip(s.client.fd);
+        let forwarded_for = match (req.x_forwarded_for, client_ip) {
+            (Some(prev), Some(ip)) => format!("{prev}, {ip}"),
+            (None, Some(ip)) => ip.to_string(),
+            (Some(prev), None) => prev,
+            (None, None) => String::new(),
+        };
+        s.ident = Some(Box::new(Identity {
+            repl: claims.repl,
+            user: claims.user,
+            cluster: claims.cluster,
+        }));
+        s.setup = Some(Box::new(Setup {
+            deadline: self.now + Duration::from_millis(self.cfg.limits.setup_timeout_ms),
+            attempt: 0,
+            request_id: 0,
+            vm: None,
+            exclude: None,
+            backoff_done: false,
+            last_error: None,
+            addr: socket2::SockAddr::from(std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+            timeout: types::Timespec::from(Duration::from_millis(
+                self.cfg.limits.connect_timeout_ms,
+            )),
+            expected_accept: String::new(),
+            request: Vec::new(),
+            protocol,
+            forwarded_for,
+        }));
+        s.phase_started = self.now;
+        self.request_placement(slot, s);
+        if s.held.len() >= self.cfg.limits.held_bytes {
+            self.pause_recv(slot, s, Who::Client);
+        }
+    }
 
-        let fd = match listener::conman_socket(&place.addr) {
+    fn arm_ctl_recv(&mut self) {
+        if self.ctl.recv_armed || self.ctl.dead {
+            return;
+        }
+        self.ctl.recv_armed = true;
+        let fd = self.ctl.fd;
+        self.push(
+            opcode::RecvMulti::new(types::Fd(fd), bufring::BGID)
+                .build()
+                .user_data(ud(0, 0, OP_CTL_RECV)),
+        );
+    }
+
+    fn ctl_kick(&mut self) {
+        let c = &mut self.ctl;
+        if c.send_in_flight || c.dead {
+            return;
+        }
+        if c.sending.is_empty() {
+            if c.out.is_empty() {
+                return;
+            }
+            std::mem::swap(&mut c.sending, &mut c.out);
+            c.sent = 0;
+        }
+        c.send_in_flight = true;
+        let (fd, ptr, len) = (c.fd, c.sending[c.sent..].as_ptr(), c.sending.len() - c.sent);
+        self.push(
+            opcode::Send::new(types::Fd(fd), ptr, len as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(ud(0, 0, OP_CTL_SEND)),
+        );
+    }
+
+    fn on_ctl_send(&mut self, res: i32) {
+        self.ctl.send_in_flight = false;
+        if res < 0 {
+            // The receive side notices the loss and fails waiting sessions.
+            warn!(
+                shard = self.shard,
+                err = res,
+                "send to the control shard failed"
+            );
+            self.ctl.dead = true;
+            return;
+        }
+        self.ctl.sent += res as usize;
+        if self.ctl.sent >= self.ctl.sending.len() {
+            self.ctl.sending.clear();
+            self.ctl.sent = 0;
+        }
+        self.ctl_kick();
+    }
+
+    /// Asks the control shard where the session's repl lives (again, after
+    /// a failed attempt: excluding the VM that failed).
+    fn request_placement(&mut self, slot: u32, s: &mut Session) {
+        if self.ctl.dead {
+            let e = SetupError::new(Stage::Controlplane, "control_unavailable");
+            self.fail_setup(slot, s, e);
+            return;
+        }
+        let Some(st) = s.setup.as_mut() else {
+            return;
+        };
+        let deadline = st.deadline;
+        self.ctl.next_req = self.ctl.next_req.wrapping_add(1);
+        let id = ((slot as u64) << 32) | ((s.gen as u64) << 16) | self.ctl.next_req as u64;
+        st.request_id = id;
+        st.backoff_done = false;
+        let ident = s.ident.as_ref().expect("identity before placement");
+        ToControl::Placement {
+            id,
+            repl: ident.repl.clone(),
+            cluster: ident.cluster.clone(),
+            attempt: st.attempt,
+            exclude: st.exclude.clone(),
+        }
+        .encode(&mut self.ctl.out);
+        s.phase = Phase::Placement;
+        s.phase_started = self.now;
+        self.set_deadline(slot, s, deadline);
+        self.ctl_kick();
+    }
+
+    fn on_placement(&mut self, slot: u32, s: &mut Session, result: PlacementResult) {
+        self.stats
+            .setup_duration(Timing::Controlplane, self.now - s.phase_started);
+        match result {
+            PlacementResult::Found(found) => self.connect(slot, s, found),
+            PlacementResult::Failed {
+                reason,
+                retry_after_ms,
+            } => {
+                let mut e = SetupError::new(Stage::Controlplane, controlplane_reason(&reason));
+                e.retry_after_ms = retry_after_ms;
+                self.fail_setup(slot, s, e);
+            }
+        }
+    }
+
+    fn connect(&mut self, slot: u32, s: &mut Session, found: Found) {
+        let fd = match listener::conman_socket(&found.addr) {
             Ok(fd) => fd,
             Err(e) => {
                 warn!(session = s.id, err = %e, "cannot create conman socket");
-                s.ident = Some(Box::new(crate::session::Identity {
-                    repl: claims.repl,
-                    user: claims.user,
-                }));
                 self.fail_setup(slot, s, SetupError::new(Stage::ConmanConnect, "socket"));
                 return;
             }
         };
-        let client_ip = listener::peer_ip(s.client.fd);
         let key = new_client_key(self.rng.gen());
-        let expected_accept = accept_key(&key);
         let session_hex = format!("{:016x}", s.id);
-        let xff = match (&req.x_forwarded_for, client_ip) {
-            (Some(prev), Some(ip)) => format!("{prev}, {ip}"),
-            (None, Some(ip)) => ip.to_string(),
-            (Some(prev), None) => prev.clone(),
-            (None, None) => String::new(),
-        };
-        let host = place.url.host_header();
+        let ident = s.ident.as_ref().expect("identity before connect");
+        let st = s.setup.as_mut().expect("setup state");
         let mut request = Vec::with_capacity(512);
-        let protocols: Vec<String> = protocol.iter().cloned().collect();
-        {
-            let mut extra: Vec<(&str, &str)> = vec![
-                ("X-Eval-Session", &session_hex),
-                ("X-Repl-Id", &claims.repl),
-                ("X-User", &claims.user),
-            ];
-            if !xff.is_empty() {
-                extra.push(("X-Forwarded-For", &xff));
-            }
-            handshake::write_client_request(
-                &mut request,
-                &host,
-                &place.url.path,
-                &key,
-                &protocols,
-                None,
-                &extra,
-            );
+        let protocols: Vec<String> = st.protocol.iter().cloned().collect();
+        let mut extra: Vec<(&str, &str)> = vec![
+            ("X-Eval-Session", &session_hex),
+            ("X-Repl-Id", &ident.repl),
+            ("X-User", &ident.user),
+        ];
+        if !st.forwarded_for.is_empty() {
+            extra.push(("X-Forwarded-For", &st.forwarded_for));
         }
-        s.ident = Some(Box::new(crate::session::Identity {
-            repl: claims.repl,
-            user: claims.user,
-        }));
-        s.setup = Some(Box::new(Setup {
-            addr: socket2::SockAddr::from(place.addr),
-            timeout: types::Timespec::from(Duration::from_millis(
-                self.cfg.limits.connect_timeout_ms,
-            )),
-            expected_accept,
-            request,
-            protocol,
-            client_ip,
-            forwarded_for: req.x_forwarded_for,
-        }));
+        handshake::write_client_request(
+            &mut request,
+            &found.host,
+            &found.path,
+            &key,
+            &protocols,
+            None,
+            &extra,
+        );
+        st.expected_accept = accept_key(&key);
+        st.request = request;
+        st.addr = socket2::SockAddr::from(found.addr);
+        st.vm = Some(found.vm);
+        st.attempt = st.attempt.saturating_add(1);
+        let deadline = st.deadline;
         s.conman = Side::new(fd);
         s.phase = Phase::Connecting;
         s.phase_started = self.now;
-        let deadline = self.now + Duration::from_millis(self.cfg.limits.setup_timeout_ms);
         self.set_deadline(slot, s, deadline);
-        let st = s.setup.as_ref().expect("just set");
+        let st = s.setup.as_ref().expect("setup state");
         let connect = opcode::Connect::new(types::Fd(fd), st.addr.as_ptr(), st.addr.len())
             .build()
             .flags(squeue::Flags::IO_LINK)
@@ -1176,8 +1450,55 @@ impl Io {
         }
         self.push(connect);
         self.push(timeout);
-        if s.held.len() >= self.cfg.limits.held_bytes {
-            self.pause_recv(slot, s, Who::Client);
+    }
+
+    /// A Conman attempt failed: back off and try another VM while the setup
+    /// deadline allows, else fail the session with this error.
+    fn retry_or_fail(&mut self, slot: u32, s: &mut Session, err: SetupError) {
+        self.stats.attempt_failure(err.stage, err.reason);
+        let limits = &self.cfg.limits;
+        let (max, base, cap) = (
+            limits.max_attempts,
+            limits.retry_base_ms,
+            limits.retry_cap_ms,
+        );
+        let unit: f64 = self.rng.gen();
+        let st = s.setup.as_mut().expect("setup state");
+        st.last_error = Some(err);
+        let delay = backoff(st.attempt, base, cap, unit);
+        if st.attempt >= max || self.now + delay >= st.deadline {
+            self.fail_setup(slot, s, err);
+            return;
+        }
+        debug!(session = s.id, vm = ?st.vm, stage = err.stage.as_str(), reason = err.reason, attempt = st.attempt, "conman attempt failed, retrying");
+        st.exclude = st.vm.take();
+        st.backoff_done = false;
+        self.drop_conman(slot, s);
+        s.phase = Phase::Backoff;
+        s.phase_started = self.now;
+        let t = self.now + delay;
+        self.set_deadline(slot, s, t);
+    }
+
+    /// Abandons the current Conman socket: nothing more is sent or read on
+    /// it; it is closed once its operations complete.
+    fn drop_conman(&mut self, slot: u32, s: &mut Session) {
+        s.conman.sendq.clear();
+        s.conman.queued = 0;
+        if s.conman.fd < 0 {
+            return;
+        }
+        s.conman.eof = true;
+        s.conman.shut = true;
+        if s.conman.recv_armed {
+            self.pause_recv(slot, s, Who::Conman);
+        }
+        if s.phase == Phase::Connecting && s.conman.inflight > 0 {
+            self.push(
+                opcode::AsyncCancel::new(ud(slot, s.gen, OP_CONNECT))
+                    .build()
+                    .user_data(ud(slot, s.gen, OP_IGNORE)),
+            );
         }
     }
 
@@ -1194,13 +1515,20 @@ impl Io {
                 libc::ECONNRESET => "reset",
                 _ => "error",
             };
-            self.fail_setup(slot, s, SetupError::new(Stage::ConmanConnect, reason));
+            self.retry_or_fail(slot, s, SetupError::new(Stage::ConmanConnect, reason));
             return;
         }
         self.stats
             .setup_duration(Timing::ConmanDial, self.now - s.phase_started);
         s.phase = Phase::ConmanHandshake;
         s.phase_started = self.now;
+        // Each attempt's handshake gets the connect timeout too, so a Conman
+        // that stalls before its 101 does not eat the whole setup deadline.
+        let st = s.setup.as_ref().expect("setup state");
+        let t = st
+            .deadline
+            .min(self.now + Duration::from_millis(self.cfg.limits.connect_timeout_ms));
+        self.set_deadline(slot, s, t);
         let request = std::mem::take(&mut s.setup.as_mut().expect("setup state").request);
         s.conman.push_owned(request);
         s.head.clear();
@@ -1218,7 +1546,7 @@ impl Io {
             Ok(None) => return,
             Ok(Some((_resp, n))) => n,
             Err(e) => {
-                self.fail_setup(slot, s, SetupError::new(Stage::ConmanHandshake, e.as_str()));
+                self.retry_or_fail(slot, s, SetupError::new(Stage::ConmanHandshake, e.as_str()));
                 return;
             }
         };
@@ -1285,23 +1613,15 @@ impl Io {
         // Nothing Conman sends from here on is for the client.
         s.injected_close_to_client = true;
         s.held.clear();
-        s.setup = None;
-        s.conman.sendq.clear();
-        s.conman.queued = 0;
-        if s.phase == Phase::Connecting {
-            // Not connected: nothing to read or to say; stop the dial.
-            s.conman.eof = true;
-            s.conman.shut = true;
-            if s.conman.inflight > 0 {
-                self.push(
-                    opcode::AsyncCancel::new(ud(slot, s.gen, OP_CONNECT))
-                        .build()
-                        .user_data(ud(slot, s.gen, OP_IGNORE)),
-                );
-            }
+        if s.phase == Phase::ConmanHandshake {
+            // Connected: Closing shuts our write side and reads to Conman's
+            // FIN, so its socket ends without a reset.
+            s.conman.sendq.clear();
+            s.conman.queued = 0;
+        } else {
+            self.drop_conman(slot, s);
         }
-        // Connected: the Closing phase shuts our write side and reads to
-        // Conman's FIN, so its socket ends without a reset.
+        s.setup = None;
         s.deadline = None;
         self.begin_closing(slot, s);
     }
