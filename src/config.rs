@@ -133,8 +133,22 @@ pub struct PlacementConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebSocketConfig {
-    /// Subprotocols the proxy accepts from clients (first offered wins).
+    /// Subprotocols the proxy accepts from clients (first offered wins);
+    /// client-first mode only.
     pub subprotocols: Vec<String>,
+    pub mode: UpgradeMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpgradeMode {
+    /// Answer the client's 101 first, then reach Conman (the seed's order:
+    /// the browser sees a Close code, never an opaque HTTP failure).
+    #[default]
+    ClientFirst,
+    /// Reach Conman first and answer 101 with what Conman negotiated, so
+    /// subprotocols and extensions (permessage-deflate) are end to end.
+    UpstreamFirst,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

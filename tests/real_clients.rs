@@ -176,3 +176,67 @@ fn autobahn_quick_no_case_worse_than_direct() {
     );
     eprintln!("{}", out.lines().last().unwrap_or(""));
 }
+
+/// Upstream-first mode: Conman is reached before the client's 101, so the
+/// subprotocol and permessage-deflate are negotiated end to end (Python
+/// `websockets` on both sides) and compressed frames (RSV1) relay.
+#[test]
+fn upstream_first_negotiates_deflate_end_to_end() {
+    let mut child = Command::new("python3")
+        .arg(root().join("tests/autobahn/echo_server.py"))
+        .args([
+            "--exit-on-stdin-eof",
+            "--deflate",
+            "--subprotocol",
+            "chat.v2",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 echo_server.py");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line
+        .trim()
+        .strip_prefix("listening ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let echo = EchoServer { child, port };
+    let proxy = Proxy::start(
+        &format!(
+            "[token]\nallow_dev_key = true\n[websocket]\nmode = \"upstream_first\"\n[placement]\ndefault = \"ws://127.0.0.1:{}/\"\n",
+            echo.port
+        ),
+        &["--shards", "1"],
+    );
+    let out = run_script(
+        python("py_deflate_check.py").args([&proxy.url(&dev_token("r1")), "chat.v2"]),
+        "py_deflate_check",
+    );
+    assert!(out.contains("permessage-deflate"), "{out}");
+}
+
+/// Upstream-first failures come before the 101, as HTTP statuses.
+#[test]
+fn upstream_first_failure_is_an_http_status() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = Proxy::start(
+        &format!(
+            "[token]\nallow_dev_key = true\n[websocket]\nmode = \"upstream_first\"\n[limits]\nmax_attempts = 2\n[placement]\ndefault = \"ws://{dead}/\"\n"
+        ),
+        &["--shards", "1"],
+    );
+    let req = format!(
+        "GET /wsv2/{} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        dev_token("r1")
+    );
+    let resp = raw_exchange(proxy.listen, req.as_bytes());
+    assert_eq!(status_of(&resp), 502, "{}", String::from_utf8_lossy(&resp));
+    assert!(String::from_utf8_lossy(&resp).contains("stage=conman_connect;reason=refused"));
+}

@@ -157,6 +157,11 @@ pub struct Setup {
     pub request: Vec<u8>,
     pub protocol: Option<String>,
     pub forwarded_for: String,
+    /// Upstream-first: the client still waits for its 101, with this
+    /// Sec-WebSocket-Accept; its offers go to Conman as they are.
+    pub client_accept: Option<String>,
+    pub offered_protocols: Vec<String>,
+    pub offered_extensions: Option<String>,
 }
 
 /// Full-jitter exponential backoff before Conman attempt `attempt` (1 for

@@ -24,7 +24,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, RejectWith};
+use crate::config::{Config, RejectWith, UpgradeMode};
 use crate::control::wire::{Found, PlacementResult, ToControl, ToShard};
 use crate::error::{SetupError, Stage};
 use crate::metrics::{CloseSide, Phase as Timing, ShardStats};
@@ -1245,11 +1245,17 @@ impl Io {
                 return;
             }
         };
-        let protocol =
-            choose_protocol(&req.protocols, &self.cfg.websocket.subprotocols).map(str::to_owned);
-        let mut out = Vec::new();
-        http1::write_switching_protocols(&mut out, &accept, protocol.as_deref(), None);
-        s.client.push_owned(out);
+        let upstream_first = self.cfg.websocket.mode == UpgradeMode::UpstreamFirst;
+        let protocol = if upstream_first {
+            None
+        } else {
+            let p = choose_protocol(&req.protocols, &self.cfg.websocket.subprotocols)
+                .map(str::to_owned);
+            let mut out = Vec::new();
+            http1::write_switching_protocols(&mut out, &accept, p.as_deref(), None);
+            s.client.push_owned(out);
+            p
+        };
         let client_ip = listener::peer_ip(s.client.fd);
         let forwarded_for = match (req.x_forwarded_for, client_ip) {
             (Some(prev), Some(ip)) => format!("{prev}, {ip}"),
@@ -1278,6 +1284,13 @@ impl Io {
             request: Vec::new(),
             protocol,
             forwarded_for,
+            client_accept: upstream_first.then_some(accept),
+            offered_protocols: if upstream_first {
+                req.protocols
+            } else {
+                Vec::new()
+            },
+            offered_extensions: if upstream_first { req.extensions } else { None },
         }));
         s.phase_started = self.now;
         self.request_placement(slot, s);
@@ -1402,7 +1415,11 @@ impl Io {
         let ident = s.ident.as_ref().expect("identity before connect");
         let st = s.setup.as_mut().expect("setup state");
         let mut request = Vec::with_capacity(512);
-        let protocols: Vec<String> = st.protocol.iter().cloned().collect();
+        let protocols: Vec<String> = if st.client_accept.is_some() {
+            st.offered_protocols.clone()
+        } else {
+            st.protocol.iter().cloned().collect()
+        };
         let mut extra: Vec<(&str, &str)> = vec![
             ("X-Eval-Session", &session_hex),
             ("X-Repl-Id", &ident.repl),
@@ -1417,7 +1434,7 @@ impl Io {
             &found.path,
             &key,
             &protocols,
-            None,
+            st.offered_extensions.as_deref(),
             &extra,
         );
         st.expected_accept = accept_key(&key);
@@ -1542,14 +1559,44 @@ impl Io {
             &st.expected_accept,
             self.cfg.limits.max_head,
         );
-        let head_len = match parsed {
+        let (resp, head_len) = match parsed {
             Ok(None) => return,
-            Ok(Some((_resp, n))) => n,
+            Ok(Some(r)) => r,
             Err(e) => {
                 self.retry_or_fail(slot, s, SetupError::new(Stage::ConmanHandshake, e.as_str()));
                 return;
             }
         };
+        if let Some(accept) = st.client_accept.clone() {
+            // Upstream-first: Conman's choices become the client's answer.
+            let offered = |p: &String| st.offered_protocols.iter().any(|o| o == p);
+            if resp.protocol.as_ref().is_some_and(|p| !offered(p)) {
+                let e = SetupError::new(Stage::ConmanHandshake, "unoffered_protocol");
+                self.retry_or_fail(slot, s, e);
+                return;
+            }
+            let deflate = resp
+                .extensions
+                .as_deref()
+                .is_some_and(|e| e.to_ascii_lowercase().contains("permessage-deflate"));
+            let mut out = Vec::new();
+            http1::write_switching_protocols(
+                &mut out,
+                &accept,
+                resp.protocol.as_deref(),
+                resp.extensions.as_deref(),
+            );
+            s.client.push_owned(out);
+            if deflate {
+                // Compressed messages carry RSV1; nothing was tracked yet.
+                let cfg = TrackerConfig {
+                    max_frame: self.cfg.limits.max_frame,
+                    allow_rsv1: true,
+                };
+                s.to_conman = Tracker::new(Direction::ToConman, cfg);
+                s.to_client = Tracker::new(Direction::ToClient, cfg);
+            }
+        }
         self.stats
             .setup_duration(Timing::ConmanUpgrade, self.now - s.phase_started);
         self.stats
@@ -1603,7 +1650,30 @@ impl Io {
             reason = err.reason,
             "session setup failed"
         );
-        if err.stage != Stage::ClientGone {
+        let before_101 = s
+            .setup
+            .as_ref()
+            .is_some_and(|st| st.client_accept.is_some());
+        if err.stage == Stage::ClientGone {
+            // Nobody to tell.
+        } else if before_101 {
+            // Upstream-first: no 101 yet, so an HTTP status says it.
+            let status = match err.stage {
+                Stage::Controlplane => 503,
+                _ => 502,
+            };
+            let mut out = Vec::new();
+            http1::write_status(&mut out, status, &err.close_reason());
+            if let (Some(ms), Some(at)) = (
+                err.retry_after_ms,
+                out.windows(4).position(|w| w == b"\r\n\r\n"),
+            ) {
+                let hdr = format!("\r\nRetry-After: {}", ms.div_ceil(1000));
+                out.splice(at..at, hdr.into_bytes());
+            }
+            self.stats.http_response(status);
+            s.client.push_owned(out);
+        } else {
             let mut frame = Vec::new();
             write_close(&mut frame, err.close_code(), &err.close_reason(), None);
             s.client.push_owned(frame);

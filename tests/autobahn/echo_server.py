@@ -73,8 +73,10 @@ async def main(args):
         handler,
         args.host,
         args.port,
-        # eval-proxy's default mode negotiates no extensions.
-        compression=None,
+        # eval-proxy's default mode negotiates no extensions; its
+        # upstream-first mode passes permessage-deflate through (--deflate).
+        compression="deflate" if args.deflate else None,
+        subprotocols=args.subprotocol or None,
         max_size=MAX_MESSAGE,
         max_queue=MAX_QUEUE,
         write_limit=WRITE_LIMIT,
@@ -100,6 +102,8 @@ def parse_args(argv):
     p.add_argument("--close-code", type=int, help="close every connection with this code")
     p.add_argument("--close-reason", default="", help="reason sent with --close-code")
     p.add_argument("--exit-on-stdin-eof", action="store_true")
+    p.add_argument("--deflate", action="store_true", help="negotiate permessage-deflate")
+    p.add_argument("--subprotocol", action="append", help="subprotocol to accept (repeatable)")
     p.add_argument("-v", "--verbose", action="store_true", help="log websockets' errors")
     return p.parse_args(argv)
 
