@@ -72,13 +72,21 @@ fn handle(mut stream: TcpStream, admin: &Admin) -> io::Result<()> {
     match (method.as_str(), path) {
         ("GET", "/metrics") => {
             let draining = admin.control.draining.load(Ordering::Relaxed) as u64;
+            let reloads = crate::server::KEY_RELOADS.load(Ordering::Relaxed);
             let body = metrics::render(
                 &admin.stats,
-                &[(
-                    "eval_draining",
-                    "1 while the proxy drains (not accepting).",
-                    draining,
-                )],
+                &[
+                    (
+                        "eval_draining",
+                        "1 while the proxy drains (not accepting).",
+                        draining,
+                    ),
+                    (
+                        "eval_token_key_reloads_total",
+                        "Successful reloads of the token keys (SIGHUP or keys_dir change).",
+                        reloads,
+                    ),
+                ],
             );
             respond(&mut stream, 200, "text/plain; version=0.0.4", &body)
         }

@@ -23,6 +23,7 @@ pub mod config;
 pub mod control;
 pub mod dev;
 pub mod error;
+pub mod keys;
 pub mod metrics;
 pub mod proto;
 pub mod server;

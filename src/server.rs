@@ -11,6 +11,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, Admin};
 use crate::config::Config;
+use crate::keys::KeyStore;
 use crate::metrics::ShardStats;
 use crate::shard::{listener, Control, Shard, ShardSpec};
 use crate::token::{self, KeySet};
@@ -44,6 +45,7 @@ fn block_signals() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
@@ -63,11 +65,62 @@ impl Wakers {
     }
 }
 
+/// Re-reads the key directory into the store; on any error the old keys
+/// stay in force and the error is logged.
+fn reload_keys(cfg: &Config, store: &KeyStore, why: &str) {
+    match load_keys(cfg) {
+        Ok(keys) => {
+            info!(trigger = why, keys = keys.len(), "token keys reloaded");
+            store.replace(keys);
+            KEY_RELOADS.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => error!(trigger = why, err = %e, "token key reload failed; keeping the old keys"),
+    }
+}
+
+/// Successful key reloads, for /metrics and tests.
+pub static KEY_RELOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Watches `token.keys_dir` for changes (polling its entries' names and
+/// mtimes: cheap, and works on every filesystem) and reloads on change.
+fn watch_keys(cfg: Arc<Config>, store: Arc<KeyStore>) -> io::Result<()> {
+    let Some(dir) = cfg.token.keys_dir.clone() else {
+        return Ok(());
+    };
+    let snapshot = move || -> Vec<(std::path::PathBuf, Option<std::time::SystemTime>)> {
+        let mut v: Vec<_> = std::fs::read_dir(&dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| (e.path(), e.metadata().and_then(|m| m.modified()).ok()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    std::thread::Builder::new()
+        .name("key-watch".into())
+        .spawn(move || {
+            let mut last = snapshot();
+            loop {
+                std::thread::sleep(KEY_POLL);
+                let now = snapshot();
+                if now != last {
+                    last = now;
+                    reload_keys(&cfg, &store, "keys_dir changed");
+                }
+            }
+        })?;
+    Ok(())
+}
+
+const KEY_POLL: Duration = Duration::from_secs(2);
+
 pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
     let sigset = block_signals();
     let cfg = Arc::new(cfg);
     let n = cfg.shard_count();
-    let keys = Arc::new(load_keys(&cfg)?);
+    let keys = Arc::new(KeyStore::new(load_keys(&cfg)?));
     let placement = Arc::new(
         cfg.static_placement()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?,
@@ -145,12 +198,18 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
         let sd = start_drain.clone();
         let control = control.clone();
         let wakers = wakers.clone();
+        let reload_cfg = cfg.clone();
+        let reload_store = keys.clone();
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || loop {
                 let mut sig: libc::c_int = 0;
                 // SAFETY: waiting on a set blocked in every thread.
                 if unsafe { libc::sigwait(&sigset, &mut sig) } != 0 {
+                    continue;
+                }
+                if sig == libc::SIGHUP {
+                    reload_keys(&reload_cfg, &reload_store, "SIGHUP");
                     continue;
                 }
                 if control.draining.load(Ordering::Acquire) {
@@ -165,6 +224,7 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
             })?;
     }
 
+    watch_keys(cfg.clone(), keys.clone())?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut handles = Vec::with_capacity(n);
     for ((id, sock), ctl) in sockets.into_iter().enumerate().zip(shard_ctl) {

@@ -171,3 +171,80 @@ fn sigterm_drains_then_exits() {
     let st = proxy.wait_exit();
     assert_eq!(st.code(), Some(0));
 }
+
+/// Keys rotate without a restart: a token signed by a new key is refused,
+/// then accepted once its public key is in keys_dir and the proxy reloads
+/// (on SIGHUP here; a change in the directory also triggers it).
+#[test]
+fn keys_reload_on_sighup_and_on_change() {
+    let conman = echo_conman();
+    let dir = tempdir::Dir::new("rotate");
+    let secrets = dir.path().join("secrets");
+    let pubdir = dir.path().join("pub");
+    std::fs::create_dir_all(&pubdir).unwrap();
+    for kid in ["k1", "k2"] {
+        let (code, _, err) = run(&[
+            "token",
+            "keygen",
+            "--out",
+            secrets.to_str().unwrap(),
+            "--kid",
+            kid,
+        ]);
+        assert_eq!(code, 0, "{err}");
+    }
+    std::fs::copy(secrets.join("k1.pub"), pubdir.join("k1.pub")).unwrap();
+    let cfg = format!(
+        "[token]\nkeys_dir = \"{}\"\n[placement]\ndefault = \"ws://{}/\"\n",
+        pubdir.display(),
+        conman.local_addr
+    );
+    let proxy = Proxy::start(&cfg, &["--shards", "1"]);
+    let mint = |kid: &str| {
+        let key = secrets.join(format!("{kid}.secret"));
+        let (code, t, err) = run(&[
+            "token",
+            "mint",
+            "--key",
+            key.to_str().unwrap(),
+            "--repl",
+            "r1",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        t.trim().to_string()
+    };
+    let reloads = |p: &Proxy| p.metric("eval_token_key_reloads_total", &[]);
+    let wait_reloads = |p: &Proxy, n: f64| {
+        let deadline = std::time::Instant::now() + WAIT;
+        while reloads(p) < n {
+            assert!(std::time::Instant::now() < deadline, "no key reload");
+            std::thread::yield_now();
+        }
+    };
+    let mut c = raw_client(proxy.listen, &mint("k2"));
+    assert_eq!(
+        read_close(&mut c),
+        (1008, "stage=token;reason=unknown_kid".into())
+    );
+    // Written under another name first so the watcher never sees half a key.
+    std::fs::copy(secrets.join("k2.pub"), pubdir.join("k2.tmp")).unwrap();
+    std::fs::rename(pubdir.join("k2.tmp"), pubdir.join("k2.pub")).unwrap();
+    proxy.signal(libc::SIGHUP);
+    wait_reloads(&proxy, 1.0);
+    let mut ws = connect(&proxy.url(&mint("k2")));
+    ws.send(Message::text("rotated")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("rotated"));
+    // No signal: the directory watcher notices k1's removal (one change,
+    // so one reload sees all of it).
+    let before = reloads(&proxy);
+    std::fs::remove_file(pubdir.join("k1.pub")).unwrap();
+    wait_reloads(&proxy, before + 1.0);
+    let mut c = raw_client(proxy.listen, &mint("k1"));
+    assert_eq!(
+        read_close(&mut c),
+        (1008, "stage=token;reason=unknown_kid".into())
+    );
+    let mut ws = connect(&proxy.url(&mint("k2")));
+    ws.send(Message::text("k2 still")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("k2 still"));
+}

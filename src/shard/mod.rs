@@ -27,6 +27,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::{Config, RejectWith, UpgradeMode};
 use crate::control::wire::{Found, PlacementResult, ToControl, ToShard};
 use crate::error::{SetupError, Stage};
+use crate::keys::{KeyStore, LocalKeys};
 use crate::metrics::{CloseSide, Phase as Timing, ShardStats};
 use crate::proto::close;
 use crate::proto::frame::write_close;
@@ -34,7 +35,7 @@ use crate::proto::handshake::{self, accept_key, choose_protocol, new_client_key}
 use crate::proto::http1::{self, Route};
 use crate::proto::relay::{Direction, Event, Tracker, TrackerConfig, Violation};
 use crate::session::{backoff, on_eof, Chunk, EofAction, Identity, Phase, Session, Setup, Side};
-use crate::token::{self, KeySet, VerifyOptions};
+use crate::token::{self, VerifyOptions};
 use bufring::BufRing;
 
 /// Lingering after our FIN: how long a closing session may wait for the
@@ -123,7 +124,7 @@ pub struct ShardSpec {
     pub id: usize,
     pub listener: RawFd,
     pub cfg: Arc<Config>,
-    pub keys: Arc<KeySet>,
+    pub keys: Arc<KeyStore>,
     pub stats: Arc<ShardStats>,
     /// This shard's end of its socketpair with the control shard.
     pub control_fd: RawFd,
@@ -217,7 +218,7 @@ struct Io {
     bufs: BufRing,
     stats: Arc<ShardStats>,
     cfg: Arc<Config>,
-    keys: Arc<KeySet>,
+    keys: LocalKeys,
     verify: VerifyOptions,
     ctl: Ctl,
     timers: BinaryHeap<Reverse<(Instant, u32, u16)>>,
@@ -265,7 +266,7 @@ impl Shard {
                 ring,
                 bufs,
                 stats: spec.stats,
-                keys: spec.keys,
+                keys: LocalKeys::new(spec.keys),
                 verify,
                 ctl: Ctl {
                     fd: spec.control_fd,
@@ -333,6 +334,7 @@ impl Shard {
                 }
             }
             self.io.now = Instant::now();
+            self.io.keys.refresh();
             self.io.now_unix = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64)
@@ -1212,9 +1214,8 @@ impl Io {
         let t0 = self.now;
         let claims = match req.token.as_deref() {
             None => Err("missing"),
-            Some(t) => {
-                token::verify(t, &self.keys, self.now_unix, &self.verify).map_err(|e| e.as_str())
-            }
+            Some(t) => token::verify(t, self.keys.get(), self.now_unix, &self.verify)
+                .map_err(|e| e.as_str()),
         };
         self.stats
             .setup_duration(Timing::Token, Instant::now() - t0);
