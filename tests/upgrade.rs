@@ -215,7 +215,19 @@ fn token_in_query_and_bearer_header() {
 fn bad_tokens_get_1008_or_401() {
     use eval_proxy::token;
     let conman = echo_conman();
-    let proxy = Proxy::start(&config_for(conman.local_addr, ""), &["--shards", "1"]);
+    let proxy = Proxy::start_logged(
+        &format!(
+            "[token]\nallow_dev_key = true\ncluster = \"dev\"\nleeway_s = 5\n[placement]\ndefault = \"ws://{}/\"\n",
+            conman.local_addr
+        ),
+        &["--shards", "1"],
+    );
+    let mut early = claims("r1");
+    early.nbf = unix_now() + 3600;
+    let early = token::mint(&early, token::DEV_KID, &token::dev_signing_key());
+    let mut elsewhere = claims("r1");
+    elsewhere.cluster = "eu-west".into();
+    let elsewhere = token::mint(&elsewhere, token::DEV_KID, &token::dev_signing_key());
     let mut expired = claims("r1");
     expired.exp = unix_now() - 3600;
     let expired = token::mint(&expired, token::DEV_KID, &token::dev_signing_key());
@@ -227,6 +239,8 @@ fn bad_tokens_get_1008_or_401() {
         (unknown_kid.as_str(), "unknown_kid"),
         (bad_sig.as_str(), "bad_signature"),
         ("v4.public.garbage", "malformed"),
+        (early.as_str(), "not_yet_valid"),
+        (elsewhere.as_str(), "wrong_cluster"),
     ] {
         let mut c = raw_client(proxy.listen, t);
         assert_eq!(
@@ -241,6 +255,26 @@ fn bad_tokens_get_1008_or_401() {
             1.0
         );
     }
+    // No token at all.
+    let mut c = raw_client(proxy.listen, "");
+    assert_eq!(
+        read_close(&mut c),
+        (1008, "stage=token;reason=missing".into())
+    );
+    // Rejections are the client's own fault: out of the SLO denominator.
+    assert_eq!(
+        proxy.metric("eval_session_client_fault_rejections_total", &[]),
+        7.0
+    );
+    // A good session too, so the log has every kind of line.
+    let mut ws = connect(&proxy.url(&dev_token("r1")));
+    ws.send(tungstenite::Message::text("x")).unwrap();
+    assert_eq!(ws.read().unwrap(), tungstenite::Message::text("x"));
+    // Tokens never reach the logs or the metrics.
+    assert!(!proxy.metrics().contains("v4.public"));
+    let log = std::fs::read_to_string(proxy.log_path()).unwrap();
+    assert!(log.contains("token rejected"), "debug log was not captured");
+    assert!(!log.contains("v4.public"), "a token leaked into the log");
     // The plain-HTTP switch.
     let cfg = format!(
         "[token]\nallow_dev_key = true\nreject_with = \"http\"\n[placement]\ndefault = \"ws://{}/\"\n",

@@ -66,6 +66,19 @@ impl Proxy {
     /// Starts the proxy with a config (TOML text) plus extra flags, on
     /// loopback port 0, and waits for its readiness line.
     pub fn start(config: &str, args: &[&str]) -> Proxy {
+        Self::start_inner(config, args, false)
+    }
+
+    /// Like `start`, with debug logs written to `self.log_path()`.
+    pub fn start_logged(config: &str, args: &[&str]) -> Proxy {
+        Self::start_inner(config, args, true)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("stderr.log")
+    }
+
+    fn start_inner(config: &str, args: &[&str], logged: bool) -> Proxy {
         let dir = tempdir::Dir::new("proxy");
         let cfg_path = dir.path().join("eval.toml");
         std::fs::write(&cfg_path, config).expect("write config");
@@ -81,6 +94,10 @@ impl Proxy {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        if logged {
+            let f = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
+            cmd.env("RUST_LOG", "debug").stderr(f);
+        }
         Self::spawn(cmd, dir)
     }
 
