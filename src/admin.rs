@@ -15,7 +15,8 @@ use crate::shard::Control;
 
 pub struct Admin {
     pub stats: Vec<Arc<ShardStats>>,
-    pub control: Arc<Control>,
+    pub control: Arc<crate::control::ControlStats>,
+    pub lifecycle: Arc<Control>,
     /// Called by `POST /drain`.
     pub drain: Box<dyn Fn() + Send + Sync>,
 }
@@ -71,9 +72,9 @@ fn handle(mut stream: TcpStream, admin: &Admin) -> io::Result<()> {
     let path = path.split('?').next().unwrap_or("");
     match (method.as_str(), path) {
         ("GET", "/metrics") => {
-            let draining = admin.control.draining.load(Ordering::Relaxed) as u64;
+            let draining = admin.lifecycle.draining.load(Ordering::Relaxed) as u64;
             let reloads = crate::server::KEY_RELOADS.load(Ordering::Relaxed);
-            let body = metrics::render(
+            let mut body = metrics::render(
                 &admin.stats,
                 &[
                     (
@@ -88,11 +89,12 @@ fn handle(mut stream: TcpStream, admin: &Admin) -> io::Result<()> {
                     ),
                 ],
             );
+            admin.control.render(&mut body);
             respond(&mut stream, 200, "text/plain; version=0.0.4", &body)
         }
         ("GET", "/healthz") => respond(&mut stream, 200, "text/plain", "ok\n"),
         ("GET", "/readyz") => {
-            if admin.control.draining.load(Ordering::Relaxed) {
+            if admin.lifecycle.draining.load(Ordering::Relaxed) {
                 respond(&mut stream, 503, "text/plain", "draining\n")
             } else {
                 respond(&mut stream, 200, "text/plain", "ready\n")

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::proto::handshake::{parse_ws_url, WsUrl};
+use crate::proto::handshake::parse_ws_url;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -24,6 +24,46 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     pub log: LogConfig,
     pub drain: DrainConfig,
+    pub controlplane: ControlplaneSection,
+    pub admission: AdmissionSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlplaneSection {
+    /// Base URLs (`http://host:port`), tried in order on failure.
+    pub urls: Vec<String>,
+    pub request_timeout_ms: u64,
+    /// Keep-alive connections per URL.
+    pub max_connections: usize,
+    pub cache_max_entries: usize,
+    /// Consecutive failures that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long it stays open before a half-open probe.
+    pub breaker_open_ms: u64,
+}
+
+impl Default for ControlplaneSection {
+    fn default() -> Self {
+        ControlplaneSection {
+            urls: Vec::new(),
+            request_timeout_ms: 1_000,
+            max_connections: 8,
+            cache_max_entries: 100_000,
+            breaker_failures: 5,
+            breaker_open_ms: 5_000,
+        }
+    }
+}
+
+/// Token buckets for new sessions; a rate of 0 turns a bucket off.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionSection {
+    pub per_repl_rate: f64,
+    pub per_repl_burst: f64,
+    pub per_cluster_rate: f64,
+    pub per_cluster_burst: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -121,12 +161,25 @@ pub struct TokenConfig {
     pub reject_with: RejectWith,
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlacementSource {
+    /// Consistent (rendezvous) hashing of repl ids over `placement.vms`.
+    #[default]
+    Static,
+    /// Ask the Controlplane (`[controlplane]`).
+    Controlplane,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PlacementConfig {
-    /// Conman for repls not listed in `repls`.
+    pub mode: PlacementSource,
+    /// Shorthand for a single Conman: a VM named "default".
     pub default: Option<String>,
-    /// repl id → Conman URL.
+    /// VM id → Conman URL; repls are spread over them by rendezvous hashing.
+    pub vms: BTreeMap<String, String>,
+    /// repl id → VM id, pinning a repl to a VM.
     pub repls: BTreeMap<String, String>,
 }
 
@@ -336,19 +389,7 @@ impl Config {
         if self.listen.shards > 1024 {
             return Err(invalid("listen.shards", "must be at most 1024"));
         }
-        if let Some(url) = &self.placement.default {
-            parse_ws_url(url).map_err(|e| invalid("placement.default", e.to_string()))?;
-        }
-        for (repl, url) in &self.placement.repls {
-            parse_ws_url(url)
-                .map_err(|e| invalid(&format!("placement.repls.{repl}"), e.to_string()))?;
-        }
-        if self.placement.default.is_none() && self.placement.repls.is_empty() {
-            return Err(invalid(
-                "placement.default",
-                "no Conman configured: set placement.default or --conman",
-            ));
-        }
+        self.control_config()?;
         if self.token.keys_dir.is_none() && !self.token.allow_dev_key {
             return Err(invalid(
                 "token.keys_dir",
@@ -375,49 +416,100 @@ impl Config {
         Duration::from_millis(self.limits.header_timeout_ms)
     }
 
-    /// Static placement: the Conman for a repl. Host names are resolved
-    /// here, once, because a shard must never block on DNS.
-    pub fn static_placement(&self) -> Result<StaticPlacement, ConfigError> {
-        let mut repls = BTreeMap::new();
-        for (repl, url) in &self.placement.repls {
-            let key = format!("placement.repls.{repl}");
-            repls.insert(repl.clone(), resolve(&key, url)?);
-        }
-        let default = match &self.placement.default {
-            Some(u) => Some(resolve("placement.default", u)?),
-            None => None,
+    /// The control shard's configuration (placement source and admission).
+    pub fn control_config(&self) -> Result<crate::control::ControlConfig, ConfigError> {
+        use crate::control::{
+            AdmissionConfig, Bucket, ControlConfig, ControlplaneConfig, PlacementMode,
         };
-        Ok(StaticPlacement { repls, default })
-    }
-}
-
-fn resolve(key: &str, url: &str) -> Result<Placement, ConfigError> {
-    use std::net::ToSocketAddrs;
-    let u = parse_ws_url(url).map_err(|e| invalid(key, e.to_string()))?;
-    let addr = (u.host.as_str(), u.port)
-        .to_socket_addrs()
-        .map_err(|e| invalid(key, format!("cannot resolve {}: {e}", u.host)))?
-        .next()
-        .ok_or_else(|| invalid(key, format!("{} has no address", u.host)))?;
-    Ok(Placement { url: u, addr })
-}
-
-/// Where a repl's Conman listens.
-#[derive(Debug, Clone)]
-pub struct Placement {
-    pub url: WsUrl,
-    pub addr: SocketAddr,
-}
-
-#[derive(Debug, Clone)]
-pub struct StaticPlacement {
-    repls: BTreeMap<String, Placement>,
-    default: Option<Placement>,
-}
-
-impl StaticPlacement {
-    pub fn lookup(&self, repl: &str) -> Option<&Placement> {
-        self.repls.get(repl).or(self.default.as_ref())
+        let p = &self.placement;
+        let mut vms: Vec<(String, String)> = Vec::new();
+        if let Some(url) = &p.default {
+            parse_ws_url(url).map_err(|e| invalid("placement.default", e.to_string()))?;
+            vms.push(("default".into(), url.clone()));
+        }
+        for (vm, url) in &p.vms {
+            parse_ws_url(url)
+                .map_err(|e| invalid(&format!("placement.vms.{vm}"), e.to_string()))?;
+            vms.push((vm.clone(), url.clone()));
+        }
+        for (repl, vm) in &p.repls {
+            if !vms.iter().any(|(v, _)| v == vm) {
+                return Err(invalid(
+                    &format!("placement.repls.{repl}"),
+                    format!("names VM {vm:?}, which is not in placement.vms"),
+                ));
+            }
+        }
+        let mode = match p.mode {
+            PlacementSource::Static => {
+                if vms.is_empty() {
+                    return Err(invalid(
+                        "placement.default",
+                        "no Conman configured: set placement.default, placement.vms or --conman",
+                    ));
+                }
+                PlacementMode::Static {
+                    vms,
+                    repls: p
+                        .repls
+                        .iter()
+                        .map(|(a, b)| (a.clone(), b.clone()))
+                        .collect(),
+                }
+            }
+            PlacementSource::Controlplane => {
+                let c = &self.controlplane;
+                if c.urls.is_empty() {
+                    return Err(invalid(
+                        "controlplane.urls",
+                        "placement.mode = \"controlplane\" needs at least one URL",
+                    ));
+                }
+                if c.request_timeout_ms == 0 {
+                    return Err(invalid("controlplane.request_timeout_ms", "must be > 0"));
+                }
+                if c.breaker_failures == 0 {
+                    return Err(invalid("controlplane.breaker_failures", "must be > 0"));
+                }
+                if c.max_connections == 0 {
+                    return Err(invalid("controlplane.max_connections", "must be > 0"));
+                }
+                PlacementMode::Controlplane(ControlplaneConfig {
+                    urls: c.urls.clone(),
+                    request_timeout: Duration::from_millis(c.request_timeout_ms),
+                    max_connections: c.max_connections,
+                    cache_max_entries: c.cache_max_entries.max(1),
+                    breaker_failures: c.breaker_failures,
+                    breaker_open_for: Duration::from_millis(c.breaker_open_ms),
+                })
+            }
+        };
+        let bucket = |key: &str, rate: f64, burst: f64| -> Result<Option<Bucket>, ConfigError> {
+            if rate == 0.0 {
+                return Ok(None);
+            }
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(invalid(&format!("admission.{key}_rate"), "must be >= 0"));
+            }
+            if burst < 1.0 {
+                return Err(invalid(
+                    &format!("admission.{key}_burst"),
+                    "must be >= 1 when the rate is set",
+                ));
+            }
+            Ok(Some(Bucket {
+                rate_per_s: rate,
+                burst,
+            }))
+        };
+        let a = &self.admission;
+        Ok(ControlConfig {
+            mode,
+            admission: AdmissionConfig {
+                per_repl: bucket("per_repl", a.per_repl_rate, a.per_repl_burst)?,
+                per_cluster: bucket("per_cluster", a.per_cluster_rate, a.per_cluster_burst)?,
+            },
+        })
     }
 }
 
@@ -451,8 +543,18 @@ mod tests {
     fn bad_conman_url_is_named() {
         let mut c = Config::default();
         c.token.allow_dev_key = true;
-        c.placement.repls.insert("r1".into(), "http://x".into());
+        c.placement.vms.insert("vm1".into(), "http://x".into());
         c.placement.default = Some("ws://127.0.0.1:1/".into());
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("placement.vms.vm1"), "{e}");
+    }
+
+    #[test]
+    fn pin_to_unknown_vm_is_named() {
+        let mut c = Config::default();
+        c.token.allow_dev_key = true;
+        c.placement.default = Some("ws://127.0.0.1:1/".into());
+        c.placement.repls.insert("r1".into(), "vm9".into());
         let e = c.validate().unwrap_err();
         assert!(e.to_string().contains("placement.repls.r1"), "{e}");
     }

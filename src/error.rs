@@ -75,6 +75,11 @@ impl SetupError {
     }
 
     pub fn close_code(&self) -> u16 {
+        // The Controlplane does not know the token's repl: another attempt
+        // will not help, a fresh token (which names the repl anew) may.
+        if self.stage == Stage::Controlplane && self.reason == "unknown_repl" {
+            return close::POLICY;
+        }
         self.stage.close_code()
     }
 

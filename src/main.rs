@@ -206,8 +206,6 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
     cfg.validate().map_err(|e| ConfigFault(e.to_string()))?;
     if cli.check {
-        cfg.static_placement()
-            .map_err(|e| ConfigFault(e.to_string()))?;
         eval_proxy::server::load_keys(&cfg).map_err(|e| ConfigFault(e.to_string()))?;
         println!("config ok");
         return Ok(());

@@ -121,10 +121,9 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
     let cfg = Arc::new(cfg);
     let n = cfg.shard_count();
     let keys = Arc::new(KeyStore::new(load_keys(&cfg)?));
-    let placement = Arc::new(
-        cfg.static_placement()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?,
-    );
+    let control_cfg = cfg
+        .control_config()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let (sockets, listen) = listener::bind_all(cfg.listen.addr, n, cfg.listen.backlog)
         .map_err(|e| io::Error::new(e.kind(), format!("listen on {}: {e}", cfg.listen.addr)))?;
     let control = Arc::new(Control::default());
@@ -136,7 +135,9 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
         shard_ctl.push(std::os::fd::OwnedFd::from(a));
         control_ends.push(std::os::fd::OwnedFd::from(b));
     }
-    let control_thread = crate::control::interim::spawn((*placement).clone(), control_ends)?;
+    let control_stats = Arc::new(crate::control::ControlStats::default());
+    let control_thread = crate::control::spawn(control_cfg, control_ends, control_stats.clone())
+        .map_err(|e| io::Error::new(e.kind(), format!("control shard: {e}")))?;
     let mut wake_fds = Vec::with_capacity(n);
     for _ in 0..n {
         // SAFETY: creating an eventfd; checked below.
@@ -183,7 +184,8 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
         let sd = start_drain.clone();
         let admin = Arc::new(Admin {
             stats: stats.clone(),
-            control: control.clone(),
+            control: control_stats.clone(),
+            lifecycle: control.clone(),
             drain: Box::new(move || sd()),
         });
         std::thread::Builder::new()

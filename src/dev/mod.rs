@@ -3,3 +3,4 @@
 //! a fresh machine with nothing else running.
 
 pub mod conman;
+pub mod controlplane;

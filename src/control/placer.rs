@@ -1,0 +1,578 @@
+//! The control shard's decisions, sans-IO: a placement request goes in
+//! ([`Placer::handle_request`]) and comes out as a reply, a Controlplane
+//! request to make, or a wait for one already out; a finished Controlplane
+//! request goes in ([`Placer::handle_fetch_done`]) and comes out as the
+//! replies to everyone who waited. Time is a parameter; the glommio glue in
+//! `service.rs` only moves bytes.
+#![forbid(unsafe_code)]
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::admission::Admission;
+use super::breaker::{Breaker, Permit};
+use super::cache::Cache;
+use super::flights::Flights;
+use super::rendezvous::Rendezvous;
+use super::stats::ControlStats;
+use super::wire::{Found, PlacementResult, ToControl};
+
+/// Why a placement could not be had; the label words of `wire.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    UnknownRepl,
+    NoCapacity,
+    Timeout,
+    Unavailable,
+    CircuitOpen,
+    BadResponse,
+    Admission,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 7] = [
+        Reason::UnknownRepl,
+        Reason::NoCapacity,
+        Reason::Timeout,
+        Reason::Unavailable,
+        Reason::CircuitOpen,
+        Reason::BadResponse,
+        Reason::Admission,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::UnknownRepl => "unknown_repl",
+            Reason::NoCapacity => "no_capacity",
+            Reason::Timeout => "timeout",
+            Reason::Unavailable => "unavailable",
+            Reason::CircuitOpen => "circuit_open",
+            Reason::BadResponse => "bad_response",
+            Reason::Admission => "admission",
+        }
+    }
+}
+
+/// A failed Controlplane request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Failure {
+    pub reason: Reason,
+    pub retry_after: Option<Duration>,
+}
+
+impl From<Reason> for Failure {
+    fn from(reason: Reason) -> Self {
+        Failure {
+            reason,
+            retry_after: None,
+        }
+    }
+}
+
+/// A data shard's request, waiting for its reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Waiter {
+    pub shard: usize,
+    pub id: u64,
+    exclude: Option<String>,
+    /// Already asked again because the answer was the VM it excluded.
+    refetched: bool,
+}
+
+/// A Controlplane request the glue must make, then report with
+/// [`Placer::handle_fetch_done`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Fetch {
+    pub repl: String,
+    pub exclude: Option<String>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Action {
+    Reply(PlacementResult),
+    Fetch(Fetch),
+    /// Joined a request already in flight: the reply comes from its
+    /// [`Placer::handle_fetch_done`].
+    Wait,
+}
+
+/// A Controlplane answer with Conman's address resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Placement {
+    pub found: Found,
+    pub ttl: Duration,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Completion {
+    pub replies: Vec<(Waiter, PlacementResult)>,
+    pub refetch: Option<Fetch>,
+}
+
+pub(crate) struct Dynamic {
+    pub cache: Cache<Found>,
+    pub flights: Flights<Waiter>,
+    pub breaker: Breaker,
+}
+
+pub(crate) enum Mode {
+    Static(Rendezvous<Found>),
+    Controlplane(Dynamic),
+}
+
+pub(crate) struct Placer {
+    admission: Admission,
+    mode: Mode,
+    stats: Arc<ControlStats>,
+}
+
+/// Milliseconds, rounded up so that "retry after" is never too early.
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX - 1)
+}
+
+fn failed(reason: Reason, retry_after: Option<Duration>) -> PlacementResult {
+    PlacementResult::Failed {
+        reason: reason.as_str().to_owned(),
+        retry_after_ms: retry_after.map(ms),
+    }
+}
+
+impl Placer {
+    pub(crate) fn new(admission: Admission, mode: Mode, stats: Arc<ControlStats>) -> Self {
+        Placer {
+            admission,
+            mode,
+            stats,
+        }
+    }
+
+    pub(crate) fn handle_request(&mut self, shard: usize, req: ToControl, now: Instant) -> Action {
+        let ToControl::Placement {
+            id,
+            repl,
+            cluster,
+            attempt,
+            exclude,
+        } = req;
+        if attempt == 0 {
+            if let Err(r) = self.admission.admit(&repl, &cluster, now) {
+                self.stats.add_rejection(r.scope);
+                return Action::Reply(failed(Reason::Admission, r.retry_after));
+            }
+        }
+        let d = match &mut self.mode {
+            Mode::Static(ring) => {
+                return Action::Reply(match ring.pick(&repl, exclude.as_deref()) {
+                    Some((_, found)) => PlacementResult::Found(found.clone()),
+                    None => failed(Reason::NoCapacity, None),
+                })
+            }
+            Mode::Controlplane(d) => d,
+        };
+        let stats = &self.stats;
+        if let Some(vm) = &exclude {
+            if d.cache.get(&repl, now).is_some_and(|f| f.vm == *vm) {
+                d.cache.remove(&repl);
+            }
+        }
+        if let Some(found) = d.cache.get(&repl, now) {
+            stats.cache_hits.fetch_add(1, Relaxed);
+            return Action::Reply(PlacementResult::Found(found.clone()));
+        }
+        stats.cache_misses.fetch_add(1, Relaxed);
+        let waiter = Waiter {
+            shard,
+            id,
+            exclude: exclude.clone(),
+            refetched: false,
+        };
+        let Err(waiter) = d.flights.join(&repl, waiter) else {
+            stats.coalesced.fetch_add(1, Relaxed);
+            return Action::Wait;
+        };
+        let permit = d.breaker.check(now);
+        stats.breaker_state.store(d.breaker.gauge() as u64, Relaxed);
+        match permit {
+            Permit::Reject { retry_after } => {
+                stats.add_error(Reason::CircuitOpen, 1);
+                Action::Reply(failed(Reason::CircuitOpen, Some(retry_after)))
+            }
+            Permit::Allow | Permit::Probe => {
+                d.flights.start(&repl, vec![waiter]);
+                Action::Fetch(Fetch { repl, exclude })
+            }
+        }
+    }
+
+    pub(crate) fn handle_fetch_done(
+        &mut self,
+        repl: &str,
+        outcome: Result<Placement, Failure>,
+        now: Instant,
+    ) -> Completion {
+        let Mode::Controlplane(d) = &mut self.mode else {
+            return Completion::default();
+        };
+        let stats = &self.stats;
+        let waiters = d.flights.finish(repl);
+        let mut done = Completion::default();
+        match outcome {
+            Ok(p) => {
+                d.breaker.on_success();
+                match now.checked_add(p.ttl) {
+                    Some(expires) => d.cache.insert(repl, p.found.clone(), expires, now),
+                    None => d.cache.remove(repl),
+                }
+                let mut again = Vec::new();
+                for mut w in waiters {
+                    // Joined a flight that was not told about its failed VM,
+                    // and got that VM: ask once more, excluding it.
+                    if !w.refetched && w.exclude.as_deref() == Some(p.found.vm.as_str()) {
+                        w.refetched = true;
+                        again.push(w);
+                    } else {
+                        done.replies
+                            .push((w, PlacementResult::Found(p.found.clone())));
+                    }
+                }
+                if let Some(first) = again.first() {
+                    done.refetch = Some(Fetch {
+                        repl: repl.to_owned(),
+                        exclude: first.exclude.clone(),
+                    });
+                    d.flights.start(repl, again);
+                }
+            }
+            Err(f) => {
+                // A 404 is the Controlplane working as it should.
+                if f.reason == Reason::UnknownRepl {
+                    d.breaker.on_success();
+                } else {
+                    d.breaker.on_failure(now);
+                }
+                stats.add_error(f.reason, waiters.len() as u64);
+                done.replies = waiters
+                    .into_iter()
+                    .map(|w| (w, failed(f.reason, f.retry_after)))
+                    .collect();
+            }
+        }
+        stats.breaker_state.store(d.breaker.gauge() as u64, Relaxed);
+        done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::Bucket;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn found(vm: &str) -> Found {
+        Found {
+            vm: vm.into(),
+            addr: "127.0.0.1:7000".parse().unwrap(),
+            host: "127.0.0.1:7000".into(),
+            path: "/".into(),
+        }
+    }
+
+    fn placement(vm: &str, ttl_ms: u64) -> Result<Placement, Failure> {
+        Ok(Placement {
+            found: found(vm),
+            ttl: Duration::from_millis(ttl_ms),
+        })
+    }
+
+    fn req(id: u64, repl: &str, attempt: u8, exclude: Option<&str>) -> ToControl {
+        ToControl::Placement {
+            id,
+            repl: repl.into(),
+            cluster: "c".into(),
+            attempt,
+            exclude: exclude.map(Into::into),
+        }
+    }
+
+    fn fetch(repl: &str, exclude: Option<&str>) -> Action {
+        Action::Fetch(Fetch {
+            repl: repl.into(),
+            exclude: exclude.map(Into::into),
+        })
+    }
+
+    fn dynamic(admission: Admission) -> (Placer, Arc<ControlStats>) {
+        let stats = Arc::new(ControlStats::default());
+        let mode = Mode::Controlplane(Dynamic {
+            cache: Cache::new(100),
+            flights: Flights::new(),
+            breaker: Breaker::new(2, 200 * MS, 50 * MS),
+        });
+        (Placer::new(admission, mode, stats.clone()), stats)
+    }
+
+    fn no_admission() -> Admission {
+        Admission::new(None, None, 16)
+    }
+
+    fn found_ids(c: &Completion) -> Vec<u64> {
+        c.replies
+            .iter()
+            .filter(|(_, r)| matches!(r, PlacementResult::Found(_)))
+            .map(|(w, _)| w.id)
+            .collect()
+    }
+
+    #[test]
+    fn miss_fetches_then_cache_serves_until_ttl() {
+        let t0 = Instant::now();
+        let (mut p, stats) = dynamic(no_admission());
+        assert_eq!(
+            p.handle_request(0, req(1, "r", 0, None), t0),
+            fetch("r", None)
+        );
+        let c = p.handle_fetch_done("r", placement("vm-1", 100), t0);
+        assert_eq!(found_ids(&c), [1]);
+        assert_eq!(c.refetch, None);
+        assert_eq!(
+            p.handle_request(1, req(2, "r", 0, None), t0 + 99 * MS),
+            Action::Reply(PlacementResult::Found(found("vm-1")))
+        );
+        assert_eq!(
+            p.handle_request(1, req(3, "r", 0, None), t0 + 100 * MS),
+            fetch("r", None)
+        );
+        assert_eq!(stats.cache_hits.load(Relaxed), 1);
+        assert_eq!(stats.cache_misses.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn concurrent_requests_share_one_fetch() {
+        let t0 = Instant::now();
+        let (mut p, stats) = dynamic(no_admission());
+        assert_eq!(
+            p.handle_request(0, req(0, "r", 0, None), t0),
+            fetch("r", None)
+        );
+        for id in 1..100 {
+            assert_eq!(
+                p.handle_request(id as usize % 4, req(id, "r", 0, None), t0),
+                Action::Wait
+            );
+        }
+        let c = p.handle_fetch_done("r", placement("vm-1", 1000), t0);
+        assert_eq!(found_ids(&c), (0..100).collect::<Vec<_>>());
+        assert_eq!(c.replies[7].0.shard, 3);
+        assert_eq!(stats.coalesced.load(Relaxed), 99);
+    }
+
+    #[test]
+    fn exclude_of_the_cached_vm_invalidates_and_asks_with_exclude() {
+        let t0 = Instant::now();
+        let (mut p, _) = dynamic(no_admission());
+        p.handle_request(0, req(1, "r", 0, None), t0);
+        p.handle_fetch_done("r", placement("vm-1", 10_000), t0);
+        // Excluding some other VM still hits.
+        assert!(matches!(
+            p.handle_request(0, req(2, "r", 1, Some("vm-9")), t0),
+            Action::Reply(PlacementResult::Found(_))
+        ));
+        assert_eq!(
+            p.handle_request(0, req(3, "r", 1, Some("vm-1")), t0),
+            fetch("r", Some("vm-1"))
+        );
+        let c = p.handle_fetch_done("r", placement("vm-2", 10_000), t0);
+        assert_eq!(
+            c.replies,
+            [(
+                c.replies[0].0.clone(),
+                PlacementResult::Found(found("vm-2"))
+            )]
+        );
+        assert_eq!(
+            p.handle_request(0, req(4, "r", 0, None), t0),
+            Action::Reply(PlacementResult::Found(found("vm-2")))
+        );
+    }
+
+    #[test]
+    fn waiter_that_excluded_the_answer_is_asked_for_again_once() {
+        let t0 = Instant::now();
+        let (mut p, _) = dynamic(no_admission());
+        assert_eq!(
+            p.handle_request(0, req(1, "r", 0, None), t0),
+            fetch("r", None)
+        );
+        assert_eq!(
+            p.handle_request(0, req(2, "r", 1, Some("vm-1")), t0),
+            Action::Wait
+        );
+        let c = p.handle_fetch_done("r", placement("vm-1", 10_000), t0);
+        assert_eq!(found_ids(&c), [1]);
+        assert_eq!(
+            c.refetch,
+            Some(Fetch {
+                repl: "r".into(),
+                exclude: Some("vm-1".into())
+            })
+        );
+        // Joining the refetch works like any flight.
+        assert_eq!(
+            p.handle_request(0, req(3, "r", 1, Some("vm-1")), t0),
+            Action::Wait
+        );
+        // A Controlplane that ignores `exclude` does not loop us forever.
+        let c = p.handle_fetch_done("r", placement("vm-1", 10_000), t0);
+        assert_eq!(found_ids(&c), [2]);
+        assert!(c.refetch.is_some(), "3 has not been asked for yet");
+        let c = p.handle_fetch_done("r", placement("vm-1", 10_000), t0);
+        assert_eq!(found_ids(&c), [3]);
+        assert_eq!(c.refetch, None);
+    }
+
+    #[test]
+    fn failures_reach_every_waiter_and_open_the_breaker() {
+        let t0 = Instant::now();
+        let (mut p, stats) = dynamic(no_admission());
+        let timeout = Failure::from(Reason::Timeout);
+        p.handle_request(0, req(1, "r", 0, None), t0);
+        p.handle_request(0, req(2, "r", 0, None), t0);
+        let c = p.handle_fetch_done("r", Err(timeout), t0);
+        assert_eq!(c.replies.len(), 2);
+        assert!(c.replies.iter().all(|(_, r)| *r
+            == PlacementResult::Failed {
+                reason: "timeout".into(),
+                retry_after_ms: None
+            }));
+        assert_eq!(stats.errors(Reason::Timeout), 2);
+        // Second consecutive failure opens it (threshold 2).
+        assert_eq!(
+            p.handle_request(0, req(3, "s", 0, None), t0),
+            fetch("s", None)
+        );
+        p.handle_fetch_done("s", Err(Failure::from(Reason::Unavailable)), t0);
+        assert_eq!(stats.breaker_state.load(Relaxed), 1);
+        assert_eq!(
+            p.handle_request(0, req(4, "t", 0, None), t0 + 50 * MS),
+            Action::Reply(PlacementResult::Failed {
+                reason: "circuit_open".into(),
+                retry_after_ms: Some(150)
+            })
+        );
+        // Half-open: one probe, the rest fail fast.
+        let t1 = t0 + 200 * MS;
+        assert_eq!(
+            p.handle_request(0, req(5, "t", 0, None), t1),
+            fetch("t", None)
+        );
+        assert_eq!(stats.breaker_state.load(Relaxed), 2);
+        assert!(matches!(
+            p.handle_request(0, req(6, "u", 0, None), t1),
+            Action::Reply(PlacementResult::Failed { .. })
+        ));
+        // The probe's own repl joins the probe instead.
+        assert_eq!(p.handle_request(0, req(7, "t", 0, None), t1), Action::Wait);
+        let c = p.handle_fetch_done("t", placement("vm-1", 1000), t1);
+        assert_eq!(found_ids(&c), [5, 7]);
+        assert_eq!(stats.breaker_state.load(Relaxed), 0);
+        assert_eq!(
+            p.handle_request(0, req(8, "u", 0, None), t1),
+            fetch("u", None)
+        );
+    }
+
+    #[test]
+    fn unknown_repl_is_not_a_controlplane_failure() {
+        let t0 = Instant::now();
+        let (mut p, stats) = dynamic(no_admission());
+        for i in 0..5 {
+            p.handle_request(0, req(i, "unknown", 0, None), t0);
+            let c = p.handle_fetch_done("unknown", Err(Failure::from(Reason::UnknownRepl)), t0);
+            assert_eq!(c.replies.len(), 1);
+        }
+        assert_eq!(stats.breaker_state.load(Relaxed), 0);
+        assert_eq!(stats.errors(Reason::UnknownRepl), 5);
+    }
+
+    #[test]
+    fn no_capacity_passes_retry_after_on() {
+        let t0 = Instant::now();
+        let (mut p, _) = dynamic(no_admission());
+        p.handle_request(0, req(1, "r", 0, None), t0);
+        let f = Failure {
+            reason: Reason::NoCapacity,
+            retry_after: Some(Duration::from_secs(2)),
+        };
+        let c = p.handle_fetch_done("r", Err(f), t0);
+        assert_eq!(
+            c.replies[0].1,
+            PlacementResult::Failed {
+                reason: "no_capacity".into(),
+                retry_after_ms: Some(2000)
+            }
+        );
+    }
+
+    #[test]
+    fn admission_applies_to_new_sessions_only() {
+        let t0 = Instant::now();
+        let admission = Admission::new(
+            Some(Bucket {
+                rate_per_s: 2.0,
+                burst: 1.0,
+            }),
+            None,
+            16,
+        );
+        let (mut p, stats) = dynamic(admission);
+        assert_eq!(
+            p.handle_request(0, req(1, "r", 0, None), t0),
+            fetch("r", None)
+        );
+        assert_eq!(
+            p.handle_request(0, req(2, "r", 0, None), t0),
+            Action::Reply(PlacementResult::Failed {
+                reason: "admission".into(),
+                retry_after_ms: Some(500)
+            })
+        );
+        assert_eq!(p.handle_request(0, req(3, "r", 1, None), t0), Action::Wait);
+        assert_eq!(stats.errors(Reason::Admission), 1);
+    }
+
+    #[test]
+    fn static_mode_hashes_and_skips_excluded() {
+        let t0 = Instant::now();
+        let ring = Rendezvous::new(
+            vec![
+                ("vm-a".into(), found("vm-a")),
+                ("vm-b".into(), found("vm-b")),
+            ],
+            [],
+        )
+        .unwrap();
+        let stats = Arc::new(ControlStats::default());
+        let mut p = Placer::new(no_admission(), Mode::Static(ring), stats);
+        let Action::Reply(PlacementResult::Found(first)) =
+            p.handle_request(0, req(1, "r", 0, None), t0)
+        else {
+            panic!("static mode answers at once")
+        };
+        let Action::Reply(PlacementResult::Found(second)) =
+            p.handle_request(0, req(2, "r", 1, Some(&first.vm)), t0)
+        else {
+            panic!("static mode answers at once")
+        };
+        assert_ne!(first.vm, second.vm);
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(ms(Duration::from_micros(1)), 1);
+        assert_eq!(ms(Duration::from_millis(3)), 3);
+        assert_eq!(ms(Duration::ZERO), 0);
+    }
+}
