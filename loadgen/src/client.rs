@@ -103,12 +103,24 @@ impl fmt::Display for ConnError {
             Self::PeerClose(code, reason) => write!(f, "peer sent Close {code} {reason:?}"),
             Self::Protocol(what) => write!(f, "protocol violation: {what}"),
             Self::Mismatch { seq, at } => {
-                write!(f, "echo of message {seq} differs from what was sent at byte {at}")
+                write!(
+                    f,
+                    "echo of message {seq} differs from what was sent at byte {at}"
+                )
             }
             Self::Unsolicited => f.write_str("data frame with no message outstanding"),
             Self::Timeout(stage) => write!(f, "timed out in {stage}"),
         }
     }
+}
+
+/// What epoll said about a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Readiness {
+    pub readable: bool,
+    pub writable: bool,
+    /// The peer's FIN (or an error) is already queued.
+    pub read_closed: bool,
 }
 
 /// What one event did to a connection.
@@ -130,6 +142,20 @@ pub struct InFlight {
     /// When it was issued; for open-loop modes, when it was *meant* to be
     /// sent, so a stalled peer shows up as latency instead of vanishing.
     pub at_ns: u64,
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone, Copy)]
+pub struct Dial<'a> {
+    pub target: SocketAddr,
+    /// Source address to bind, if any.
+    pub source: Option<Ipv4Addr>,
+    /// Host header value.
+    pub host: &'a str,
+    /// Request target, token included.
+    pub path: &'a str,
+    /// Random bytes for Sec-WebSocket-Key.
+    pub key_random: [u8; 16],
 }
 
 struct Upgrade {
@@ -183,22 +209,17 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Starts connecting; `path` is the request target, `host` the Host header.
-    #[allow(clippy::too_many_arguments)]
+    /// Starts connecting connection `id` as `dial` says.
     pub fn connect(
         id: u32,
-        target: SocketAddr,
-        source: Option<Ipv4Addr>,
-        host: &str,
-        path: &str,
-        key_random: [u8; 16],
+        dial: &Dial<'_>,
         inflight_capacity: usize,
         now_ns: u64,
     ) -> Result<Self, ConnError> {
-        let sock = net::start_connect(target, source).map_err(ConnError::Connect)?;
-        let key = new_client_key(key_random);
-        let mut request = Vec::with_capacity(path.len() + 256);
-        write_client_request(&mut request, host, path, &key, &[], None, &[]);
+        let sock = net::start_connect(dial.target, dial.source).map_err(ConnError::Connect)?;
+        let key = new_client_key(dial.key_random);
+        let mut request = Vec::with_capacity(dial.path.len() + 256);
+        write_client_request(&mut request, dial.host, dial.path, &key, &[], None, &[]);
         Ok(Self {
             sock,
             id,
@@ -229,6 +250,7 @@ impl Conn {
         })
     }
 
+    /// For registering with the poller.
     pub fn source(&mut self) -> &mut TcpStream {
         &mut self.sock
     }
@@ -271,8 +293,7 @@ impl Conn {
     /// Handles a readiness event. `rxbuf` is the worker's shared read buffer.
     pub fn on_event(
         &mut self,
-        readable: bool,
-        writable: bool,
+        ev: Readiness,
         rxbuf: &mut [u8],
         payloads: &Payloads,
         rec: &mut Recorder,
@@ -288,11 +309,11 @@ impl Conn {
                 self.out.append(&mut upgrade.request);
             }
         }
-        if writable {
+        if ev.writable {
             self.write_blocked = false;
         }
-        if readable {
-            self.read(rxbuf, payloads, rec, now_ns, &mut outcome)?;
+        if ev.readable || ev.read_closed {
+            self.read(ev.read_closed, rxbuf, payloads, rec, now_ns, &mut outcome)?;
         }
         if !outcome.finished {
             self.flush(payloads)?;
@@ -300,20 +321,24 @@ impl Conn {
         Ok(outcome)
     }
 
-    /// A connecting socket turns writable when the connect is done, either way.
+    /// A connecting socket turns writable when the connect is done, either
+    /// way; asking for the peer first costs one syscall on success.
     fn connected(&mut self) -> Result<bool, ConnError> {
-        if let Some(e) = self.sock.take_error().map_err(ConnError::Connect)? {
-            return Err(ConnError::Connect(e));
-        }
         match self.sock.peer_addr() {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
-            Err(e) => Err(ConnError::Connect(e)),
+            Ok(_) => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+            Err(e) => return Err(ConnError::Connect(e)),
+        }
+        match self.sock.take_error().map_err(ConnError::Connect)? {
+            Some(e) => Err(ConnError::Connect(e)),
+            // Not connected and no error yet: a spurious wake-up.
+            None => Ok(false),
         }
     }
 
     fn read(
         &mut self,
+        read_closed: bool,
         rxbuf: &mut [u8],
         payloads: &Payloads,
         rec: &mut Recorder,
@@ -344,8 +369,9 @@ impl Conn {
             }
             // A short read emptied the socket, and epoll reports every later
             // arrival as a new edge, so the read that would say EAGAIN can be
-            // skipped: one syscall per event instead of two.
-            if n < rxbuf.len() {
+            // skipped: one syscall per event instead of two. A FIN that came
+            // with this event is no later arrival, so then read on to the EOF.
+            if n < rxbuf.len() && !read_closed {
                 return Ok(());
             }
         }
@@ -375,7 +401,13 @@ impl Conn {
         };
         self.phase = Phase::Open;
         outcome.opened = true;
-        self.on_frames(&upgrade.response[head_len..], payloads, rec, now_ns, outcome)
+        self.on_frames(
+            &upgrade.response[head_len..],
+            payloads,
+            rec,
+            now_ns,
+            outcome,
+        )
     }
 
     fn on_frames(
@@ -628,8 +660,7 @@ impl Conn {
             if len - covered > INLINE_PAYLOAD_MAX {
                 self.tail = covered..len;
             } else {
-                self.out
-                    .extend_from_slice(&payloads.masked()[covered..len]);
+                self.out.extend_from_slice(&payloads.masked()[covered..len]);
             }
             self.unwritten -= 1;
         }

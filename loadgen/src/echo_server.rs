@@ -84,7 +84,14 @@ fn serve(mut listener: TcpListener) -> Result<()> {
             let Some(Some(session)) = slots.get_mut(index) else {
                 continue;
             };
-            let keep = session.on_event(event.is_readable(), event.is_writable(), &mut rx, &mut tx);
+            let read_closed = event.is_read_closed() || event.is_error();
+            let keep = session.on_event(
+                event.is_readable() || read_closed,
+                event.is_writable(),
+                read_closed,
+                &mut rx,
+                &mut tx,
+            );
             if !keep {
                 if let Some(mut session) = slots[index].take() {
                     poll.registry().deregister(&mut session.sock).ok();
@@ -176,7 +183,14 @@ impl Session {
     }
 
     /// Returns false when the connection is done.
-    fn on_event(&mut self, readable: bool, writable: bool, rx: &mut [u8], tx: &mut Vec<u8>) -> bool {
+    fn on_event(
+        &mut self,
+        readable: bool,
+        writable: bool,
+        read_closed: bool,
+        rx: &mut [u8],
+        tx: &mut Vec<u8>,
+    ) -> bool {
         let was_paused = !self.pending.is_empty();
         if was_paused {
             if !writable {
@@ -192,12 +206,12 @@ impl Session {
             return false;
         }
         if readable || was_paused {
-            return self.read(rx, tx);
+            return self.read(read_closed, rx, tx);
         }
         true
     }
 
-    fn read(&mut self, rx: &mut [u8], tx: &mut Vec<u8>) -> bool {
+    fn read(&mut self, read_closed: bool, rx: &mut [u8], tx: &mut Vec<u8>) -> bool {
         loop {
             let n = match self.sock.read(rx) {
                 Ok(0) => return false,
@@ -218,8 +232,9 @@ impl Session {
                 return false;
             }
             // A short read emptied the socket; epoll reports later data as
-            // a new edge, so skip the read that would only say EAGAIN.
-            if n < rx.len() {
+            // a new edge, so skip the read that would only say EAGAIN (but
+            // not when this event already brought the FIN).
+            if n < rx.len() && !read_closed {
                 return true;
             }
         }
@@ -274,7 +289,9 @@ impl Session {
                 self.begin_frame(header, tx);
                 continue;
             };
-            let n = buf.len().min(usize::try_from(frame.left).unwrap_or(usize::MAX));
+            let n = buf
+                .len()
+                .min(usize::try_from(frame.left).unwrap_or(usize::MAX));
             if !frame.drop {
                 let start = tx.len();
                 tx.extend_from_slice(&buf[..n]);
@@ -370,7 +387,9 @@ fn answer_request(head: &[u8], tx: &mut Vec<u8>) -> Result<Option<usize>, ()> {
         Ok(httparse::Status::Complete(used)) => used,
         Ok(httparse::Status::Partial) if head.len() < MAX_REQUEST_HEAD => return Ok(None),
         _ => {
-            tx.extend_from_slice(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            tx.extend_from_slice(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
             return Err(());
         }
     };

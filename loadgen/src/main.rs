@@ -1,1 +1,514 @@
-fn main() {}
+//! eval-loadgen: load generator, benchmark echo backend and fake Conman for
+//! eval-proxy.
+//!
+//! # Layout
+//! - `main.rs`: the command line.
+//! - [`run`]: starts the load threads, progress, `holding N`, the report.
+//! - [`worker`]: one epoll loop per thread and the workload of each mode.
+//! - [`client`]: one client connection: connect, upgrade, send, verify.
+//! - [`wire`]: the stamped payload template and frame assembly.
+//! - [`report`]: histograms, counters, text and JSON output.
+//! - [`tokens`]: request paths with per-connection PASETO tokens.
+//! - [`net`]: open-files limit, source addresses over 127.0.0.0/8.
+//! - [`echo_server`], [`conman`]: the backends.
+
+mod client;
+mod conman;
+mod echo_server;
+mod net;
+mod report;
+mod run;
+mod tokens;
+mod units;
+mod wire;
+mod worker;
+
+use std::io::Write;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use eval_proxy::dev::conman::Behavior;
+use eval_proxy::proto::handshake::parse_ws_url;
+
+use crate::run::{MixedShape, Mode, RunConfig};
+use crate::tokens::{Paths, TokenSpec};
+
+/// Largest message the template is built for (it is held twice in memory).
+const MAX_MESSAGE: u64 = 256 << 20;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "eval-loadgen",
+    version,
+    about = "Load generator, WebSocket echo backend and fake Conman for eval-proxy",
+    long_about = "Load generator, WebSocket echo backend and fake Conman for eval-proxy.\n\n\
+        The load modes speak WebSocket to any URL (eval-proxy, nginx, HAProxy, Caddy, or the \
+        echo backend directly) and check every echo byte for byte and in order.",
+    after_help = "Exit codes: 0 clean run; 1 any verification or connection error, or a \
+        runtime failure; 2 bad flags.\n\
+        Example:\n  eval-loadgen echo-server --listen 127.0.0.1:9001 &\n  \
+        eval-loadgen echo --url ws://127.0.0.1:9001/ --conns 50 --size 64 --duration 10s"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the fake Conman (echoes, misbehaves on request) until killed.
+    ///
+    /// Prints `listening ADDR` once bound. Text messages `__vm__`, `__headers__`,
+    /// `__close__ CODE [REASON]`, `__die__` and `__stall__` are commands; every
+    /// other message is echoed.
+    Conman(ConmanArgs),
+    /// Run the fast WebSocket echo backend used behind every proxy in the benchmark.
+    ///
+    /// One epoll loop per thread; echoes each client frame back unmasked as it
+    /// streams in, Ping as Pong, Close then closes. Prints `listening ADDR` once bound.
+    EchoServer(EchoServerArgs),
+    /// Closed loop: each connection keeps --pipeline messages in flight.
+    Echo(EchoArgs),
+    /// Open loop at a fixed total rate; latency counts from the intended send
+    /// time (coordinated omission corrected).
+    Rate(RateArgs),
+    /// Handshake storm: connect, upgrade, one echo, close, again, per worker.
+    ///
+    /// Latency is connect start to the first echo verified.
+    Handshake(HandshakeArgs),
+    /// Open N sessions, verify each with one echo, print `holding N`, hold them.
+    Idle(IdleArgs),
+    /// Closed loop with large messages; reports MiB/s.
+    Bulk(BulkArgs),
+    /// Terminal-like: keystrokes (1-16 B, Poisson per connection) with
+    /// occasional output bursts of a few KiB.
+    Mixed(MixedArgs),
+}
+
+#[derive(Args, Debug)]
+struct ConmanArgs {
+    /// Address to bind, e.g. 127.0.0.1:0 for any free port.
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// VM id returned by the `__vm__` command.
+    #[arg(long, value_name = "ID", default_value = "loadgen-vm")]
+    vm: String,
+    /// Accept TCP connections and close them at once.
+    #[arg(long)]
+    refuse: bool,
+    /// Answer every upgrade with this HTTP status (4xx/5xx).
+    #[arg(long, value_name = "N")]
+    reject_status: Option<u16>,
+    /// Read the upgrade request and never answer it.
+    #[arg(long)]
+    stall: bool,
+    /// Drop a connection without a Close after echoing this many payload bytes.
+    #[arg(long, value_name = "N", value_parser = size)]
+    die_after: Option<u64>,
+    /// Read at most this many bytes per second per connection.
+    #[arg(long, value_name = "BPS", value_parser = size)]
+    slow_reader: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+struct EchoServerArgs {
+    /// Address to bind, e.g. 127.0.0.1:0 for any free port.
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Event-loop threads, each with its own SO_REUSEPORT listener.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: u16,
+}
+
+/// Options shared by every load mode.
+#[derive(Args, Debug)]
+struct Target {
+    /// ws://HOST:PORT/PATH to load. For eval-proxy the path is /wsv2/<token>,
+    /// or /wsv2/ with --token-per-conn.
+    #[arg(long, value_name = "URL")]
+    url: String,
+    /// Load threads, one epoll loop each; connections are split between them.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=254))]
+    threads: u16,
+    /// Print one JSON object at the end instead of the text report.
+    #[arg(long)]
+    json: bool,
+    /// Mint a token per connection and append it to the URL path.
+    #[arg(long)]
+    token_per_conn: bool,
+    /// Sign tokens with the public, insecure dev key (kid "dev").
+    #[arg(long, conflicts_with = "key")]
+    dev_key: bool,
+    /// Sign tokens with this `k4.secret.` key file (kid: the file stem).
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// Use K repls, one token each, minted once and reused (a proxy's
+    /// verification cache applies); default: a fresh token per connection attempt.
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..))]
+    repls: Option<u32>,
+    /// `cluster` claim of minted tokens.
+    #[arg(long, default_value = "dev")]
+    cluster: String,
+    /// `user` claim of minted tokens.
+    #[arg(long, default_value = "loadgen")]
+    user: String,
+    /// Lifetime of minted tokens.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = duration)]
+    token_ttl: Duration,
+    /// Connect from the kernel's choice of source address instead of
+    /// spreading client sockets over 127.0.0.0/8.
+    #[arg(long)]
+    no_spread: bool,
+    /// Deadline for connect plus upgrade.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    connect_timeout: Duration,
+    /// An echo not back within this is an error.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    timeout: Duration,
+    /// Connects in progress per thread while opening connections.
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connecting: u32,
+}
+
+#[derive(Args, Debug)]
+struct EchoArgs {
+    /// Connections.
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    conns: usize,
+    /// Message size (e.g. 64, 4KiB, 1MiB).
+    #[arg(long, value_name = "BYTES", default_value = "64", value_parser = message_size)]
+    size: u32,
+    /// Messages in flight per connection.
+    #[arg(long, value_name = "D", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pipeline: u32,
+    /// How long to run [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = duration, conflicts_with = "messages")]
+    duration: Option<Duration>,
+    /// Stop after this many echoes in total instead.
+    #[arg(long, value_name = "M")]
+    messages: Option<u64>,
+    #[command(flatten, next_help_heading = "Target and client")]
+    target: Target,
+}
+
+#[derive(Args, Debug)]
+struct RateArgs {
+    /// Connections.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    conns: usize,
+    /// Message size.
+    #[arg(long, value_name = "BYTES", default_value = "64", value_parser = message_size)]
+    size: u32,
+    /// Messages per second, in total across connections.
+    #[arg(long, value_name = "R", default_value_t = 5000.0)]
+    rate: f64,
+    /// How long to run.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    duration: Duration,
+    /// Sends due within this of each other share one wake-up.
+    #[arg(long, value_name = "DURATION", default_value = "50us", value_parser = duration)]
+    tick: Duration,
+    #[command(flatten, next_help_heading = "Target and client")]
+    target: Target,
+}
+
+#[derive(Args, Debug)]
+struct HandshakeArgs {
+    /// Concurrent connect-upgrade-echo-close cycles.
+    #[arg(long, value_name = "W", default_value_t = 32)]
+    workers: usize,
+    /// Size of the one echo per cycle.
+    #[arg(long, value_name = "BYTES", default_value = "64", value_parser = message_size)]
+    size: u32,
+    /// How long to run.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    duration: Duration,
+    /// With --token-per-conn (and no --repls): mint this many fresh tokens
+    /// before the clock starts, so signing does not load the client during
+    /// the storm; later attempts mint on the fly.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    premint: usize,
+    #[command(flatten, next_help_heading = "Target and client")]
+    target: Target,
+}
+
+#[derive(Args, Debug)]
+struct IdleArgs {
+    /// Connections.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    conns: usize,
+    /// Size of the verification echo.
+    #[arg(long, value_name = "BYTES", default_value = "16", value_parser = message_size)]
+    size: u32,
+    /// Hold the sessions this long, then close them and report [default: until killed].
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    hold: Option<Duration>,
+    #[command(flatten, next_help_heading = "Target and client")]
+    target: Target,
+}
+
+#[derive(Args, Debug)]
+struct BulkArgs {
+    /// Connections.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    conns: usize,
+    /// Message size.
+    #[arg(long, value_name = "BYTES", default_value = "1MiB", value_parser = message_size)]
+    size: u32,
+    /// Messages in flight per connection.
+    #[arg(long, value_name = "D", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pipeline: u32,
+    /// How long to run [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = duration, conflicts_with = "messages")]
+    duration: Option<Duration>,
+    /// Stop after this many echoes in total instead.
+    #[arg(long, value_name = "M")]
+    messages: Option<u64>,
+    #[command(flatten, next_help_heading = "Target and client")]
+    target: Target,
+}
+
+#[derive(Args, Debug)]
+struct MixedArgs {
+    /// Connections.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    conns: usize,
+    /// How long to run.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    duration: Duration,
+    /// Keystrokes per second per connection (Poisson).
+    #[arg(long, value_name = "R", default_value_t = 10.0)]
+    key_rate: f64,
+    /// Keystroke messages are 1..=this many bytes.
+    #[arg(long, value_name = "BYTES", default_value = "16", value_parser = message_size)]
+    key_max: u32,
+    /// One message in this many is an output burst.
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    burst_every: u32,
+    /// Smallest burst message.
+    #[arg(long, value_name = "BYTES", default_value = "1KiB", value_parser = message_size)]
+    burst_min: u32,
+    /// Largest burst message.
+    #[arg(long, value_name = "BYTES", default_value = "8KiB", value_parser = message_size)]
+    burst_max: u32,
+    /// Sends due within this of each other share one wake-up.
+    #[arg(long, value_name = "DURATION", default_value = "50us", value_parser = duration)]
+    tick: Duration,
+    #[command(flatten, next_help_heading = "Target and client")]
+    target: Target,
+}
+
+fn size(s: &str) -> Result<u64, String> {
+    units::parse_size(s)
+}
+
+fn message_size(s: &str) -> Result<u32, String> {
+    match units::parse_size(s)? {
+        0 => Err("messages need at least 1 byte".into()),
+        n if n > MAX_MESSAGE => Err(format!("at most {MAX_MESSAGE} bytes")),
+        n => Ok(n as u32),
+    }
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    units::parse_duration(s)
+}
+
+/// Bad flag combinations found after parsing; exit code 2 like clap's own.
+#[derive(Debug)]
+struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    UsageError(msg.into()).into()
+}
+
+/// Prints a line that another process is waiting for, flushed at once.
+pub fn print_flushed(line: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("eval-loadgen: {e:#}");
+            if e.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<ExitCode> {
+    let (cfg, json) = match cli.command {
+        Command::Conman(a) => {
+            let behavior = Behavior {
+                refuse: a.refuse,
+                reject_status: a.reject_status,
+                stall_before_101: a.stall,
+                die_after_bytes: a.die_after,
+                slow_reader_bps: a.slow_reader,
+                vm_id: a.vm,
+            };
+            conman::run(a.listen, behavior)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::EchoServer(a) => {
+            echo_server::run(a.listen, a.threads.into())?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Echo(a) => {
+            let duration = default_duration(a.duration, a.messages);
+            let mut cfg = base_config(Mode::Echo, &a.target, a.conns)?;
+            cfg.size = a.size;
+            cfg.pipeline = a.pipeline as usize;
+            cfg.duration = duration;
+            cfg.messages = a.messages;
+            (cfg, a.target.json)
+        }
+        Command::Rate(a) => {
+            if !(a.rate.is_finite() && a.rate > 0.0) {
+                return Err(usage("--rate must be a positive number"));
+            }
+            let mut cfg = base_config(Mode::Rate, &a.target, a.conns)?;
+            cfg.size = a.size;
+            cfg.rate = a.rate;
+            cfg.duration = Some(a.duration);
+            cfg.tick = a.tick;
+            (cfg, a.target.json)
+        }
+        Command::Handshake(a) => {
+            let mut cfg = base_config(Mode::Handshake, &a.target, a.workers)?;
+            cfg.size = a.size;
+            cfg.duration = Some(a.duration);
+            cfg.premint = a.premint;
+            (cfg, a.target.json)
+        }
+        Command::Idle(a) => {
+            let mut cfg = base_config(Mode::Idle, &a.target, a.conns)?;
+            cfg.size = a.size;
+            cfg.hold = a.hold;
+            (cfg, a.target.json)
+        }
+        Command::Bulk(a) => {
+            let duration = default_duration(a.duration, a.messages);
+            let mut cfg = base_config(Mode::Bulk, &a.target, a.conns)?;
+            cfg.size = a.size;
+            cfg.pipeline = a.pipeline as usize;
+            cfg.duration = duration;
+            cfg.messages = a.messages;
+            (cfg, a.target.json)
+        }
+        Command::Mixed(a) => {
+            if !(a.key_rate.is_finite() && a.key_rate > 0.0) {
+                return Err(usage("--key-rate must be a positive number"));
+            }
+            if a.burst_min > a.burst_max {
+                return Err(usage("--burst-min is larger than --burst-max"));
+            }
+            let mut cfg = base_config(Mode::Mixed, &a.target, a.conns)?;
+            cfg.duration = Some(a.duration);
+            cfg.tick = a.tick;
+            cfg.mixed = MixedShape {
+                key_rate: a.key_rate,
+                key_max: a.key_max,
+                burst_every: a.burst_every,
+                burst_min: a.burst_min,
+                burst_max: a.burst_max,
+            };
+            (cfg, a.target.json)
+        }
+    };
+    let report = run::run(cfg, json)?;
+    if json {
+        print_flushed(&report.to_json())?;
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(if report.error_count() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn default_duration(duration: Option<Duration>, messages: Option<u64>) -> Option<Duration> {
+    match (duration, messages) {
+        (None, None) => Some(Duration::from_secs(10)),
+        (duration, _) => duration,
+    }
+}
+
+fn base_config(mode: Mode, t: &Target, conns: usize) -> Result<RunConfig> {
+    if conns == 0 {
+        return Err(usage("at least one connection is needed"));
+    }
+    let url = parse_ws_url(&t.url).map_err(|e| usage(format!("--url {}: {e}", t.url)))?;
+    let target = (url.host.as_str(), url.port)
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {}", url.host))?
+        .next()
+        .with_context(|| format!("{} has no address", url.host))?;
+    let spec = match (t.token_per_conn, t.dev_key, &t.key) {
+        (false, false, None) => None,
+        (false, _, _) => return Err(usage("--dev-key and --key need --token-per-conn")),
+        (true, true, _) => Some(TokenSpec::dev()),
+        (true, false, Some(path)) => Some(TokenSpec::from_file(path)?),
+        (true, false, None) => return Err(usage("--token-per-conn needs --dev-key or --key FILE")),
+    };
+    let spec = spec.map(|spec| TokenSpec {
+        user: t.user.clone(),
+        cluster: t.cluster.clone(),
+        ttl_s: t.token_ttl.as_secs() as i64,
+        repls: t.repls,
+        ..spec
+    });
+    if t.repls.is_some() && spec.is_none() {
+        bail!(usage("--repls needs --token-per-conn"));
+    }
+    let threads = usize::from(t.threads).min(conns);
+    Ok(RunConfig {
+        mode,
+        target,
+        host: url.host_header(),
+        paths: Paths::new(&url.path, spec),
+        conns,
+        threads,
+        size: 64,
+        pipeline: 1,
+        duration: None,
+        messages: None,
+        rate: 0.0,
+        mixed: MixedShape {
+            key_rate: 10.0,
+            key_max: 16,
+            burst_every: 20,
+            burst_min: 1024,
+            burst_max: 8192,
+        },
+        hold: None,
+        spread: !t.no_spread,
+        connect_timeout: t.connect_timeout,
+        echo_timeout: t.timeout,
+        tick: Duration::from_micros(50),
+        max_connecting: t.max_connecting as usize,
+        premint: 0,
+    })
+}

@@ -72,7 +72,10 @@ impl SourceAddrs {
 
 /// Starts a non-blocking connect from `source` (any address if `None`).
 /// The connection is established when the socket turns writable.
-pub fn start_connect(target: SocketAddr, source: Option<Ipv4Addr>) -> io::Result<mio::net::TcpStream> {
+pub fn start_connect(
+    target: SocketAddr,
+    source: Option<Ipv4Addr>,
+) -> io::Result<mio::net::TcpStream> {
     let socket = Socket::new(
         Domain::for_address(target),
         Type::STREAM.nonblocking().cloexec(),

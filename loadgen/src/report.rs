@@ -8,6 +8,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::run::Mode;
+
 /// Latencies above this are recorded as this (a minute is already a failure).
 const MAX_TRACKED_NS: u64 = 60_000_000_000;
 
@@ -118,7 +120,7 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn new(mode: &'static str, conns: usize, results: &[ThreadResult]) -> Self {
+    pub fn new(mode: Mode, conns: usize, results: &[ThreadResult]) -> Self {
         let mut rec = Recorder::default();
         let mut errors = BTreeMap::new();
         let mut elapsed = Duration::ZERO;
@@ -132,11 +134,11 @@ impl Report {
         let secs = elapsed.as_secs_f64();
         let per_s = |n: f64| if secs > 0.0 { n / secs } else { 0.0 };
         let latency = match mode {
-            "handshake" | "idle" => &rec.session_ns,
+            Mode::Handshake | Mode::Idle => &rec.session_ns,
             _ => &rec.echo_ns,
         };
         Self {
-            mode,
+            mode: mode.as_str(),
             conns,
             established: rec.established,
             messages: rec.messages,
@@ -199,8 +201,17 @@ impl Report {
         if self.errors.is_empty() {
             let _ = writeln!(s, "  errors      none");
         } else {
-            let list: Vec<String> = self.errors.iter().map(|(k, n)| format!("{k} {n}")).collect();
-            let _ = writeln!(s, "  errors      {} ({})", self.error_count(), list.join(", "));
+            let list: Vec<String> = self
+                .errors
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  errors      {} ({})",
+                self.error_count(),
+                list.join(", ")
+            );
         }
         s
     }
@@ -232,17 +243,22 @@ mod tests {
                 elapsed: Duration::from_secs(2),
             },
         ];
-        let r = Report::new("echo", 2, &results);
+        let r = Report::new(Mode::Echo, 2, &results);
         assert_eq!(r.messages, 100);
         assert_eq!(r.bytes, 6400);
         assert_eq!(r.duration_s, 2.0);
         assert_eq!(r.msgs_per_s, 50.0);
-        assert_eq!(r.latency_us.p50, 100.0);
-        assert_eq!(r.latency_us.p99, 1000.0);
+        // Percentiles are the highest value of their bucket (3 significant digits).
+        assert!((r.latency_us.p50 - 100.0).abs() < 0.1, "{:?}", r.latency_us);
+        assert!(
+            (r.latency_us.p99 - 1000.0).abs() < 1.0,
+            "{:?}",
+            r.latency_us
+        );
         assert_eq!(r.error_count(), 3);
         let json: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
         assert_eq!(json["errors"]["mismatch"], 3);
-        assert_eq!(json["latency_us"]["p999"], 1000.0);
+        assert_eq!(json["latency_us"]["p999"], r.latency_us.p999);
         assert!(r.to_text().contains("errors      3 (mismatch 3)"));
     }
 }

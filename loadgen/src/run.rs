@@ -81,6 +81,8 @@ pub struct RunConfig {
     pub tick: Duration,
     /// Connects in progress per thread during setup.
     pub max_connecting: usize,
+    /// Handshake mode: paths with fresh tokens minted before the clock starts.
+    pub premint: usize,
 }
 
 impl RunConfig {
@@ -118,7 +120,7 @@ pub struct Shared {
 pub enum Msg {
     /// `idle`: this thread holds this many verified sessions.
     Ready(u64),
-    Done(ThreadResult),
+    Done(Box<ThreadResult>),
 }
 
 /// Runs the load and returns its report.
@@ -158,7 +160,7 @@ pub fn run(cfg: RunConfig, json: bool) -> Result<Report> {
                     Ok(worker) => worker.run(&tx),
                     Err(e) => failed_thread(&shared, &e),
                 };
-                tx.send(Msg::Done(result)).ok();
+                tx.send(Msg::Done(Box::new(result))).ok();
             })
             .context("spawning a load thread")?;
         handles.push(handle);
@@ -181,7 +183,7 @@ pub fn run(cfg: RunConfig, json: bool) -> Result<Report> {
                     out.flush()?;
                 }
             }
-            Ok(Msg::Done(result)) => results.push(result),
+            Ok(Msg::Done(result)) => results.push(*result),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
@@ -197,7 +199,7 @@ pub fn run(cfg: RunConfig, json: bool) -> Result<Report> {
             bail!("a load thread panicked");
         }
     }
-    Ok(Report::new(mode.as_str(), conns, &results))
+    Ok(Report::new(mode, conns, &results))
 }
 
 /// A thread that could not even start still meets the others at the

@@ -32,8 +32,8 @@ impl TokenSpec {
     /// Reads a `k4.secret.` key file; its kid is the file stem, as with
     /// `eval-proxy token keygen`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let key = decode_secret(&text).with_context(|| format!("{}", path.display()))?;
         let kid = path
             .file_stem()
@@ -82,6 +82,7 @@ impl Paths {
         }
     }
 
+    /// Whether every attempt gets a token of its own (worth minting ahead).
     pub fn mints_per_attempt(&self) -> bool {
         matches!(&self.spec, Some(TokenSpec { repls: None, .. }))
     }

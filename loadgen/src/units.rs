@@ -15,7 +15,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?} (use B, KiB, MiB, GiB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (use B, KiB, MiB, GiB)"
+            ))
+        }
     };
     let value: f64 = number
         .parse()
@@ -40,7 +44,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "us" | "µs" => 1e-6,
         "m" | "min" => 60.0,
         "h" => 3600.0,
-        other => return Err(format!("unknown duration unit {other:?} (use us, ms, s, m, h)")),
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} (use us, ms, s, m, h)"
+            ))
+        }
     };
     let value: f64 = number
         .parse()

@@ -53,10 +53,6 @@ impl Payloads {
         Self { plain, masked }
     }
 
-    pub fn max_len(&self) -> usize {
-        self.plain.len()
-    }
-
     pub fn masked(&self) -> &[u8] {
         &self.masked
     }
@@ -64,7 +60,13 @@ impl Payloads {
     /// Whether `chunk`, found at payload offset `offset` of a `len`-byte
     /// message stamped `stamp`, is what was sent; `Err(i)` gives the offset
     /// of the first wrong byte within the message.
-    pub fn check(&self, chunk: &[u8], offset: usize, stamp: &Stamp, len: usize) -> Result<(), usize> {
+    pub fn check(
+        &self,
+        chunk: &[u8],
+        offset: usize,
+        stamp: &Stamp,
+        len: usize,
+    ) -> Result<(), usize> {
         let stamp_len = STAMP_LEN.min(len);
         let end = offset + chunk.len();
         let mut at = offset;

@@ -3,7 +3,7 @@
 //! close. Threads share nothing but a start barrier and progress counters.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::client::{Conn, ConnError, Outcome, Phase};
+use crate::client::{Conn, ConnError, Dial, Outcome, Phase, Readiness};
 use crate::net::SourceAddrs;
 use crate::report::{Recorder, ThreadResult};
 use crate::run::{Mode, Msg, RunConfig, Shared};
@@ -26,6 +26,10 @@ const RX_BUF: usize = 256 * 1024;
 
 /// How often deadlines (connect, echo, close, end of run) are checked.
 const HOUSEKEEPING: Duration = Duration::from_millis(20);
+
+/// Held idle sessions have no deadlines; scanning them is only for the
+/// record (a peer's Close or a ping is handled when it arrives).
+const IDLE_HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 /// A peer that echoed our Close gets this long to close TCP.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -117,9 +121,8 @@ impl Timer {
             },
         };
         // SAFETY: the fd is a timerfd we own; `spec` is valid for the call.
-        let rc = unsafe {
-            libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut())
-        };
+        let rc =
+            unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -155,6 +158,8 @@ pub struct Worker<'a> {
     /// Handshake mode: cycles to start after this event batch.
     to_start: usize,
     next_cycle_id: u32,
+    /// Request paths minted ahead (`--premint`), used before minting more.
+    preminted: VecDeque<String>,
     /// Messages this thread may still issue (`--messages`).
     budget: Option<u64>,
     /// Open-loop schedule: (due, slot, message number of that connection).
@@ -205,7 +210,7 @@ impl<'a> Worker<'a> {
             rec: Recorder::default(),
             errors: BTreeMap::new(),
             printed: 0,
-            rng: Rng(0x853c_49e6_748f_ea9b ^ ((index as u64 + 1) << 32) | 1),
+            rng: Rng((0x853c_49e6_748f_ea9b ^ ((index as u64 + 1) << 32)) | 1),
             phase: RunPhase::Setup,
             conn_ids,
             next_to_open: 0,
@@ -213,6 +218,7 @@ impl<'a> Worker<'a> {
             attempts: 0,
             to_start: 0,
             next_cycle_id: index as u32,
+            preminted: VecDeque::new(),
             budget,
             schedule: BinaryHeap::new(),
             timer,
@@ -247,7 +253,11 @@ impl<'a> Worker<'a> {
             let now = self.now();
             if now >= self.next_housekeeping_ns {
                 self.housekeeping(now, tx);
-                self.next_housekeeping_ns = now + HOUSEKEEPING.as_nanos() as u64;
+                let every = match (self.cfg.mode, self.phase) {
+                    (Mode::Idle, RunPhase::Running) => IDLE_HOUSEKEEPING,
+                    _ => HOUSEKEEPING,
+                };
+                self.next_housekeeping_ns = now + every.as_nanos() as u64;
             }
             if self.phase == RunPhase::Done {
                 self.publish_progress();
@@ -268,7 +278,12 @@ impl<'a> Worker<'a> {
                 if event.token() == TIMER {
                     continue;
                 }
-                self.on_event(event.token().0, event.is_readable(), event.is_writable());
+                let ev = Readiness {
+                    readable: event.is_readable(),
+                    writable: event.is_writable(),
+                    read_closed: event.is_read_closed() || event.is_error(),
+                };
+                self.on_event(event.token().0, ev);
             }
             std::mem::swap(&mut events, &mut self.events);
             if self.timer.is_some() && self.phase == RunPhase::Running {
@@ -290,7 +305,10 @@ impl<'a> Worker<'a> {
     // ---- connections -------------------------------------------------------
 
     fn open(&mut self, id: u32, settling: bool, now: u64) {
-        let path = self.cfg.paths.path(id, self.attempts);
+        let path = match self.preminted.pop_front() {
+            Some(path) => path,
+            None => self.cfg.paths.path(id, self.attempts),
+        };
         self.attempts += 1;
         let key = {
             let mut k = [0u8; 16];
@@ -302,17 +320,14 @@ impl<'a> Worker<'a> {
             Mode::Echo | Mode::Bulk => self.cfg.pipeline,
             _ => 1,
         };
-        let source = self.src.next_addr();
-        let conn = Conn::connect(
-            id,
-            self.cfg.target,
-            source,
-            &self.cfg.host,
-            &path,
-            key,
-            capacity,
-            now,
-        );
+        let dial = Dial {
+            target: self.cfg.target,
+            source: self.src.next_addr(),
+            host: &self.cfg.host,
+            path: &path,
+            key_random: key,
+        };
+        let conn = Conn::connect(id, &dial, capacity, now);
         let mut conn = match conn {
             Ok(conn) => conn,
             Err(e) => {
@@ -347,7 +362,8 @@ impl<'a> Worker<'a> {
     /// in handshake mode the cycles whose predecessors ended.
     fn start_pending(&mut self, now: u64) {
         if self.phase == RunPhase::Setup {
-            while self.next_to_open < self.conn_ids.len() && self.settling < self.cfg.max_connecting {
+            while self.next_to_open < self.conn_ids.len() && self.settling < self.cfg.max_connecting
+            {
                 let id = self.conn_ids[self.next_to_open];
                 self.next_to_open += 1;
                 self.open(id, true, now);
@@ -361,19 +377,14 @@ impl<'a> Worker<'a> {
         }
     }
 
-    fn on_event(&mut self, index: usize, readable: bool, writable: bool) {
+    fn on_event(&mut self, index: usize, ev: Readiness) {
         let now = self.now();
         let Some(Some(slot)) = self.slots.get_mut(index) else {
             return;
         };
-        let result = slot.conn.on_event(
-            readable,
-            writable,
-            &mut self.rxbuf,
-            self.payloads,
-            &mut self.rec,
-            now,
-        );
+        let result = slot
+            .conn
+            .on_event(ev, &mut self.rxbuf, self.payloads, &mut self.rec, now);
         match result {
             Ok(outcome) => self.after(index, outcome, now),
             Err(e) => self.fail(index, &e),
@@ -455,12 +466,11 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// Drops a connection. Closing the socket takes it out of the epoll set,
+    /// and its slot is reused only by `start_pending`, after this batch of
+    /// events, so a stale event of this batch finds the slot empty.
     fn remove(&mut self, index: usize) {
-        if let Some(mut slot) = self.slots[index].take() {
-            // Deregistering explicitly keeps stale events of this batch from
-            // reaching a new connection that reuses the slot; closing the fd
-            // would do the rest.
-            self.poll.registry().deregister(slot.conn.source()).ok();
+        if let Some(slot) = self.slots[index].take() {
             if slot.settling {
                 self.settling -= 1;
             }
@@ -482,10 +492,8 @@ impl<'a> Worker<'a> {
     fn housekeeping(&mut self, now: u64, tx: &Sender<Msg>) {
         self.check_deadlines(now);
         match self.phase {
-            RunPhase::Setup => {
-                if self.next_to_open == self.conn_ids.len() && self.settling == 0 {
-                    self.setup_done(tx);
-                }
+            RunPhase::Setup if self.next_to_open == self.conn_ids.len() && self.settling == 0 => {
+                self.setup_done(tx);
             }
             RunPhase::Running => {
                 let over = self.run_end_ns.is_some_and(|end| now >= end);
@@ -535,6 +543,18 @@ impl<'a> Worker<'a> {
             // The main thread prints `holding N` once every thread is here.
             tx.send(Msg::Ready(self.live as u64)).ok();
         } else {
+            if cfg.mode == Mode::Handshake && cfg.paths.mints_per_attempt() {
+                let t = cfg.threads;
+                let share = cfg.premint / t + usize::from(self.index < cfg.premint % t);
+                self.preminted = (0..share)
+                    .map(|k| {
+                        // The ids the cycles will use, so repls differ too.
+                        let id = (self.index + k * t) as u32;
+                        self.attempts += 1;
+                        cfg.paths.path(id, self.attempts)
+                    })
+                    .collect();
+            }
             self.publish_progress();
             self.shared.barrier.wait();
         }
@@ -561,19 +581,17 @@ impl<'a> Worker<'a> {
                     self.dirty.push(index);
                 }
             }
-            Mode::Rate => {
-                for (index, slot) in self.slots.iter().enumerate() {
-                    if let Some(slot) = slot {
-                        let due = now + rate_offset_ns(cfg, slot.conn.id, 0);
-                        self.schedule.push(Reverse((due, index, 0)));
-                    }
-                }
-            }
-            Mode::Mixed => {
-                let mean = 1e9 / cfg.mixed.key_rate;
+            Mode::Rate | Mode::Mixed => {
+                let end = self.run_end_ns.unwrap_or(u64::MAX);
                 for index in 0..self.slots.len() {
-                    if self.slots[index].is_some() {
-                        let due = now + self.rng.exp_ns(mean);
+                    let Some(slot) = &self.slots[index] else {
+                        continue;
+                    };
+                    let due = match cfg.mode {
+                        Mode::Rate => now + rate_offset_ns(cfg, slot.conn.id, 0),
+                        _ => now + self.rng.exp_ns(1e9 / cfg.mixed.key_rate),
+                    };
+                    if due < end {
                         self.schedule.push(Reverse((due, index, 0)));
                     }
                 }
@@ -611,8 +629,15 @@ impl<'a> Worker<'a> {
                     .map(|_| ConnError::Timeout("echo")),
                 Phase::Closing { reply_seen } if now > conn.phase_started_ns + close_timeout => {
                     if reply_seen {
-                        // Our side of the close is done; the peer merely kept TCP open.
-                        self.remove(index);
+                        // The close handshake is done; the peer merely kept TCP open.
+                        self.after(
+                            index,
+                            Outcome {
+                                finished: true,
+                                ..Outcome::default()
+                            },
+                            now,
+                        );
                         None
                     } else {
                         Some(ConnError::Timeout("close"))
@@ -661,7 +686,9 @@ impl<'a> Worker<'a> {
         if let Some(&Reverse((due, _, _))) = self.schedule.peek() {
             // Coalesce: at most one wake-up per tick.
             let at = due.max(now + self.cfg.tick.as_nanos() as u64);
-            let stale = timer.armed_ns.is_none_or(|armed| armed <= now || armed > at);
+            let stale = timer
+                .armed_ns
+                .is_none_or(|armed| armed <= now || armed > at);
             if stale {
                 timer.arm(at, now)?;
             }
@@ -697,10 +724,14 @@ impl<'a> Worker<'a> {
             errors,
         );
         let p = &self.shared.progress;
-        p.messages.fetch_add(now.0 - self.reported.0, Ordering::Relaxed);
-        p.handshakes.fetch_add(now.1 - self.reported.1, Ordering::Relaxed);
-        p.established.fetch_add(now.2 - self.reported.2, Ordering::Relaxed);
-        p.errors.fetch_add(now.3 - self.reported.3, Ordering::Relaxed);
+        p.messages
+            .fetch_add(now.0 - self.reported.0, Ordering::Relaxed);
+        p.handshakes
+            .fetch_add(now.1 - self.reported.1, Ordering::Relaxed);
+        p.established
+            .fetch_add(now.2 - self.reported.2, Ordering::Relaxed);
+        p.errors
+            .fetch_add(now.3 - self.reported.3, Ordering::Relaxed);
         self.reported = now;
     }
 }
