@@ -66,6 +66,12 @@ enum Command {
     /// `__close__ CODE [REASON]`, `__die__` and `__stall__` are commands; every
     /// other message is echoed.
     Conman(ConmanArgs),
+    /// Run the fake Controlplane (the placement HTTP contract) until killed.
+    ///
+    /// `GET /v1/placement?repl=ID[&exclude=VM]` places each new repl on the
+    /// least-loaded Conman and keeps it there unless excluded; repl ids
+    /// starting with `unknown` get 404. Prints `listening ADDR` once bound.
+    Controlplane(ControlplaneArgs),
     /// Run the fast WebSocket echo backend used behind every proxy in the benchmark.
     ///
     /// One epoll loop per thread; echoes each client frame back unmasked as it
@@ -112,6 +118,22 @@ struct ConmanArgs {
     /// Read at most this many bytes per second per connection.
     #[arg(long, value_name = "BPS", value_parser = size)]
     slow_reader: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+struct ControlplaneArgs {
+    /// Address to bind, e.g. 127.0.0.1:0 for any free port.
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// A Conman to place repls on, as VM=ws://HOST:PORT/PATH (repeatable).
+    #[arg(long = "conman", value_name = "VM=URL", required = true)]
+    conmans: Vec<String>,
+    /// ttl_ms in every answer.
+    #[arg(long, value_name = "MS", default_value_t = 60_000)]
+    ttl_ms: u64,
+    /// Misbehaviour: normal, slow:MS, 503, down, wrong-vm.
+    #[arg(long, value_name = "MODE", default_value = "normal")]
+    mode: String,
 }
 
 #[derive(Args, Debug)]
@@ -341,6 +363,43 @@ pub fn print_flushed(line: &str) -> std::io::Result<()> {
     out.flush()
 }
 
+fn controlplane(a: ControlplaneArgs) -> Result<()> {
+    use eval_proxy::dev::controlplane::{spawn, FakeControlplaneConfig, FakeMode};
+    let mut conmans = Vec::new();
+    for c in &a.conmans {
+        let (vm, url) = c
+            .split_once('=')
+            .ok_or_else(|| UsageError(format!("--conman {c:?}: expected VM=URL")))?;
+        conmans.push((vm.to_string(), url.to_string()));
+    }
+    let mode = match a.mode.as_str() {
+        "normal" => FakeMode::Normal,
+        "503" => FakeMode::Unavailable503,
+        "down" => FakeMode::Down,
+        "wrong-vm" => FakeMode::WrongVm,
+        m => match m.strip_prefix("slow:").and_then(|ms| ms.parse().ok()) {
+            Some(ms) => FakeMode::Slow(std::time::Duration::from_millis(ms)),
+            None => {
+                return Err(UsageError(format!(
+                    "--mode {m:?}: use normal, slow:MS, 503, down or wrong-vm"
+                ))
+                .into())
+            }
+        },
+    };
+    let cp = spawn(FakeControlplaneConfig {
+        listen: a.listen,
+        conmans,
+        ttl_ms: a.ttl_ms,
+    })
+    .with_context(|| format!("starting the fake Controlplane on {}", a.listen))?;
+    cp.set_mode(mode);
+    print_flushed(&format!("listening {}", cp.local_addr))?;
+    loop {
+        std::thread::park();
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match real_main(cli) {
@@ -368,6 +427,10 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 vm_id: a.vm,
             };
             conman::run(a.listen, behavior)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Controlplane(a) => {
+            controlplane(a)?;
             return Ok(ExitCode::SUCCESS);
         }
         Command::EchoServer(a) => {

@@ -380,3 +380,39 @@ fn token_flags_without_token_per_conn_are_a_usage_error() {
         .expect("run");
     assert_eq!(output.status.code(), Some(2));
 }
+
+#[test]
+fn controlplane_serves_the_placement_contract() {
+    use std::io::{Read, Write};
+    let (_cp, url) = backend(&[
+        "controlplane",
+        "--listen",
+        "127.0.0.1:0",
+        "--conman",
+        "vm-1=ws://127.0.0.1:1/",
+        "--ttl-ms",
+        "5000",
+    ]);
+    let addr = url
+        .trim_start_matches("ws://")
+        .trim_end_matches('/')
+        .to_string();
+    let get = |path: &str| {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let ok = get("/v1/placement?repl=r1");
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(
+        ok.contains("\"vm\":\"vm-1\"") && ok.contains("\"ttl_ms\":5000"),
+        "{ok}"
+    );
+    assert!(get("/v1/placement?repl=unknown-1").starts_with("HTTP/1.1 404"));
+}
