@@ -7,7 +7,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::token::KeySet;
+use std::collections::HashMap;
+
+use crate::token::{verify, Claims, KeySet, TokenError, VerifyOptions};
 
 pub struct KeyStore {
     epoch: AtomicU64,
@@ -33,6 +35,83 @@ impl KeyStore {
     pub fn replace(&self, keys: KeySet) {
         *self.keys.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
         self.epoch.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Tokens this shard verified recently, so a client that reconnects with
+/// the same token (the common case: a token lives for minutes, reconnects
+/// happen in seconds) costs a hash lookup instead of an Ed25519 verify.
+///
+/// Only successful verifications are kept, keyed by the whole token text,
+/// so a hit is exactly a token whose signature was already checked under
+/// the same keys; its time window is checked again on every hit. Two
+/// generations bound it: when the current one fills, it becomes the
+/// previous one and the old previous is dropped.
+pub struct VerifyCache {
+    current: HashMap<Box<str>, Claims>,
+    previous: HashMap<Box<str>, Claims>,
+    half: usize,
+    epoch: u64,
+}
+
+/// Tokens longer than this are verified every time rather than cached.
+const MAX_CACHED_TOKEN: usize = 2048;
+
+impl VerifyCache {
+    pub fn new(capacity: usize) -> VerifyCache {
+        VerifyCache {
+            current: HashMap::new(),
+            previous: HashMap::new(),
+            half: (capacity / 2).max(1),
+            epoch: 0,
+        }
+    }
+
+    /// Verifies `token`, from the cache when it can.
+    pub fn verify(
+        &mut self,
+        keys: &LocalKeys,
+        token: &str,
+        now_unix: i64,
+        opts: &VerifyOptions,
+    ) -> Result<Claims, TokenError> {
+        if keys.epoch != self.epoch {
+            // Keys changed: a cached token may be signed by a removed key.
+            self.current.clear();
+            self.previous.clear();
+            self.epoch = keys.epoch;
+        }
+        let hit = self
+            .current
+            .get(token)
+            .or_else(|| self.previous.get(token))
+            .cloned();
+        if let Some(c) = hit {
+            let leeway = opts.leeway_s.max(0);
+            if now_unix > c.exp.saturating_add(leeway) {
+                return Err(TokenError::Expired);
+            }
+            if now_unix < c.nbf.saturating_sub(leeway) {
+                return Err(TokenError::NotYetValid);
+            }
+            return Ok(c);
+        }
+        let claims = verify(token, keys.get(), now_unix, opts)?;
+        if token.len() <= MAX_CACHED_TOKEN {
+            if self.current.len() >= self.half {
+                self.previous = std::mem::take(&mut self.current);
+            }
+            self.current.insert(token.into(), claims.clone());
+        }
+        Ok(claims)
+    }
+
+    pub fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -67,6 +146,67 @@ impl LocalKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token::{dev_signing_key, mint, DEV_KID};
+
+    fn claims(exp: i64) -> Claims {
+        Claims {
+            repl: "r".into(),
+            user: "u".into(),
+            cluster: "c".into(),
+            exp,
+            nbf: 0,
+            jti: "j".into(),
+        }
+    }
+
+    fn dev_store() -> Arc<KeyStore> {
+        let mut ks = KeySet::new();
+        ks.insert(DEV_KID, dev_signing_key().verifying_key());
+        Arc::new(KeyStore::new(ks))
+    }
+
+    #[test]
+    fn cache_hit_still_checks_time_and_keys() {
+        let store = dev_store();
+        let mut local = LocalKeys::new(store.clone());
+        let mut cache = VerifyCache::new(8);
+        let opts = VerifyOptions {
+            leeway_s: 0,
+            cluster: None,
+        };
+        let t = mint(&claims(1000), DEV_KID, &dev_signing_key());
+        assert!(cache.verify(&local, &t, 500, &opts).is_ok());
+        assert_eq!(cache.len(), 1);
+        // A hit past exp is still refused.
+        assert_eq!(
+            cache.verify(&local, &t, 1001, &opts),
+            Err(TokenError::Expired)
+        );
+        // Keys replaced (dev key gone): the cached entry must not vouch.
+        store.replace(KeySet::new());
+        local.refresh();
+        assert_eq!(
+            cache.verify(&local, &t, 500, &opts),
+            Err(TokenError::UnknownKid)
+        );
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn cache_is_bounded_and_skips_failures() {
+        let local = LocalKeys::new(dev_store());
+        let mut cache = VerifyCache::new(4);
+        let opts = VerifyOptions::default();
+        for i in 0..20 {
+            let mut c = claims(i64::MAX / 4);
+            c.jti = format!("{i}");
+            let t = mint(&c, DEV_KID, &dev_signing_key());
+            cache.verify(&local, &t, 0, &opts).unwrap();
+            assert!(cache.len() <= 4);
+        }
+        assert!(cache.verify(&local, "v4.public.bad", 0, &opts).is_err());
+        assert!(cache.len() <= 4);
+    }
 
     #[test]
     fn shards_see_a_replaced_set_after_refresh() {

@@ -172,6 +172,10 @@ struct Target {
     /// verification cache applies); default: a fresh token per connection attempt.
     #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..))]
     repls: Option<u32>,
+    /// With fresh tokens: a new repl id for every attempt too (a proxy's
+    /// placement cache never hits); default: one repl per connection slot.
+    #[arg(long, conflicts_with = "repls")]
+    unique_repls: bool,
     /// `cluster` claim of minted tokens.
     #[arg(long, default_value = "dev")]
     cluster: String,
@@ -541,6 +545,7 @@ fn base_config(mode: Mode, t: &Target, conns: usize) -> Result<RunConfig> {
         cluster: t.cluster.clone(),
         ttl_s: t.token_ttl.as_secs() as i64,
         repls: t.repls,
+        unique_repls: t.unique_repls,
         ..spec
     });
     if t.repls.is_some() && spec.is_none() {

@@ -22,6 +22,9 @@ pub struct TokenSpec {
     /// verification cache applies). With `None`, every connection attempt
     /// gets a token never seen before.
     pub repls: Option<u32>,
+    /// With `repls: None`: repl `repl-{conn}-{attempt}` rather than
+    /// `repl-{conn}`, so no two attempts share a repl.
+    pub unique_repls: bool,
 }
 
 impl TokenSpec {
@@ -50,6 +53,7 @@ impl TokenSpec {
             cluster: "dev".into(),
             ttl_s: 3600,
             repls: None,
+            unique_repls: false,
         }
     }
 }
@@ -97,7 +101,12 @@ impl Paths {
             }
             Some(spec) => {
                 let jti = format!("lg-{}-{conn}-{attempt}", std::process::id());
-                format!("{}{}", self.base, spec.mint(&format!("repl-{conn}"), &jti))
+                let repl = if spec.unique_repls {
+                    format!("repl-{conn}-{attempt}-{}", std::process::id())
+                } else {
+                    format!("repl-{conn}")
+                };
+                format!("{}{}", self.base, spec.mint(&repl, &jti))
             }
         }
     }

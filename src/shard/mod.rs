@@ -27,7 +27,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::{Config, RejectWith, UpgradeMode};
 use crate::control::wire::{Found, PlacementResult, ToControl, ToShard};
 use crate::error::{SetupError, Stage};
-use crate::keys::{KeyStore, LocalKeys};
+use crate::keys::{KeyStore, LocalKeys, VerifyCache};
 use crate::metrics::{CloseSide, Phase as Timing, ShardStats};
 use crate::proto::close;
 use crate::proto::frame::write_close;
@@ -35,7 +35,7 @@ use crate::proto::handshake::{self, accept_key, choose_protocol, new_client_key}
 use crate::proto::http1::{self, Route};
 use crate::proto::relay::{Direction, Event, Tracker, TrackerConfig, Violation};
 use crate::session::{backoff, on_eof, Chunk, EofAction, Identity, Phase, Session, Setup, Side};
-use crate::token::{self, VerifyOptions};
+use crate::token::VerifyOptions;
 use bufring::BufRing;
 
 /// Lingering after our FIN: how long a closing session may wait for the
@@ -219,6 +219,7 @@ struct Io {
     stats: Arc<ShardStats>,
     cfg: Arc<Config>,
     keys: LocalKeys,
+    verify_cache: VerifyCache,
     verify: VerifyOptions,
     ctl: Ctl,
     timers: BinaryHeap<Reverse<(Instant, u32, u16)>>,
@@ -267,6 +268,7 @@ impl Shard {
                 bufs,
                 stats: spec.stats,
                 keys: LocalKeys::new(spec.keys),
+                verify_cache: VerifyCache::new(8192),
                 verify,
                 ctl: Ctl {
                     fd: spec.control_fd,
@@ -1214,7 +1216,9 @@ impl Io {
         let t0 = self.now;
         let claims = match req.token.as_deref() {
             None => Err("missing"),
-            Some(t) => token::verify(t, self.keys.get(), self.now_unix, &self.verify)
+            Some(t) => self
+                .verify_cache
+                .verify(&self.keys, t, self.now_unix, &self.verify)
                 .map_err(|e| e.as_str()),
         };
         self.stats
