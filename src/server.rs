@@ -135,6 +135,9 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
         shard_ctl.push(std::os::fd::OwnedFd::from(a));
         control_ends.push(std::os::fd::OwnedFd::from(b));
     }
+    let local_placement = crate::control::LocalStatic::for_config(&control_cfg)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
+        .map(Arc::new);
     let control_stats = Arc::new(crate::control::ControlStats::default());
     let control_thread = crate::control::spawn(control_cfg, control_ends, control_stats.clone())
         .map_err(|e| io::Error::new(e.kind(), format!("control shard: {e}")))?;
@@ -236,6 +239,7 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
             cfg: cfg.clone(),
             keys: keys.clone(),
             control_fd: std::os::fd::IntoRawFd::into_raw_fd(ctl),
+            local_placement: local_placement.clone(),
             stats: stats[id].clone(),
             control: control.clone(),
             wake_fd: wake_fds[id],

@@ -65,7 +65,7 @@ use flights::Flights;
 use placer::{Dynamic, Mode, Placer};
 use rendezvous::Rendezvous;
 use service::ShardSocket;
-use wire::Found;
+use wire::{Found, PlacementResult};
 
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
@@ -145,6 +145,61 @@ fn check_bucket(name: &str, b: &Option<Bucket>) -> std::io::Result<()> {
     }
 }
 
+/// Resolves static VMs (at startup: blocking is fine) into a ring.
+fn resolve_static(
+    vms: Vec<(String, String)>,
+    repls: Vec<(String, String)>,
+) -> std::io::Result<Rendezvous<Found>> {
+    if vms.is_empty() {
+        return Err(invalid("static placement: no VMs"));
+    }
+    let mut resolved = Vec::with_capacity(vms.len());
+    for (vm, u) in vms {
+        let parsed = url::parse_ws(&u).map_err(|e| invalid(format!("VM {vm}: {u}: {e}")))?;
+        let addr: SocketAddr = (parsed.host.as_str(), parsed.port)
+            .to_socket_addrs()
+            .map_err(|e| invalid(format!("VM {vm}: cannot resolve {}: {e}", parsed.host)))?
+            .next()
+            .ok_or_else(|| invalid(format!("VM {vm}: {} has no address", parsed.host)))?;
+        let found = Found {
+            vm: vm.clone(),
+            addr,
+            host: parsed.host_header(),
+            path: parsed.path,
+        };
+        resolved.push((vm, found));
+    }
+    Rendezvous::new(resolved, repls)
+        .map_err(|vm| invalid(format!("static placement: repl pinned to unknown VM {vm}")))
+}
+
+/// Static placement a data shard can answer itself: a pure function of the
+/// repl id, so the round trip to the control shard buys nothing. Only
+/// offered when no admission limit needs the control shard's global view.
+pub struct LocalStatic(Rendezvous<Found>);
+
+impl LocalStatic {
+    pub fn for_config(cfg: &ControlConfig) -> std::io::Result<Option<LocalStatic>> {
+        let admission = cfg.admission.per_repl.is_some() || cfg.admission.per_cluster.is_some();
+        match &cfg.mode {
+            PlacementMode::Static { vms, repls } if !admission => Ok(Some(LocalStatic(
+                resolve_static(vms.clone(), repls.clone())?,
+            ))),
+            _ => Ok(None),
+        }
+    }
+
+    pub fn pick(&self, repl: &str, exclude: Option<&str>) -> PlacementResult {
+        match self.0.pick(repl, exclude) {
+            Some((_, found)) => PlacementResult::Found(found.clone()),
+            None => PlacementResult::Failed {
+                reason: Reason::NoCapacity.as_str().into(),
+                retry_after_ms: None,
+            },
+        }
+    }
+}
+
 /// What the thread builds its `!Send` parts from.
 enum Prepared {
     Static(Rendezvous<Found>),
@@ -153,33 +208,7 @@ enum Prepared {
 
 fn prepare(mode: PlacementMode) -> std::io::Result<Prepared> {
     match mode {
-        PlacementMode::Static { vms, repls } => {
-            if vms.is_empty() {
-                return Err(invalid("static placement: no VMs"));
-            }
-            let mut resolved = Vec::with_capacity(vms.len());
-            for (vm, u) in vms {
-                let parsed =
-                    url::parse_ws(&u).map_err(|e| invalid(format!("VM {vm}: {u}: {e}")))?;
-                // Startup, not the executor: blocking here is fine.
-                let addr: SocketAddr = (parsed.host.as_str(), parsed.port)
-                    .to_socket_addrs()
-                    .map_err(|e| invalid(format!("VM {vm}: cannot resolve {}: {e}", parsed.host)))?
-                    .next()
-                    .ok_or_else(|| invalid(format!("VM {vm}: {} has no address", parsed.host)))?;
-                let found = Found {
-                    vm: vm.clone(),
-                    addr,
-                    host: parsed.host_header(),
-                    path: parsed.path,
-                };
-                resolved.push((vm, found));
-            }
-            let ring = Rendezvous::new(resolved, repls).map_err(|vm| {
-                invalid(format!("static placement: repl pinned to unknown VM {vm}"))
-            })?;
-            Ok(Prepared::Static(ring))
-        }
+        PlacementMode::Static { vms, repls } => Ok(Prepared::Static(resolve_static(vms, repls)?)),
         PlacementMode::Controlplane(cp) => {
             if cp.urls.is_empty() {
                 return Err(invalid("controlplane: no URLs"));

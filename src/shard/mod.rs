@@ -26,6 +26,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, RejectWith, UpgradeMode};
 use crate::control::wire::{Found, PlacementResult, ToControl, ToShard};
+use crate::control::LocalStatic;
 use crate::error::{SetupError, Stage};
 use crate::keys::{KeyStore, LocalKeys, VerifyCache};
 use crate::metrics::{CloseSide, Phase as Timing, ShardStats};
@@ -128,6 +129,8 @@ pub struct ShardSpec {
     pub stats: Arc<ShardStats>,
     /// This shard's end of its socketpair with the control shard.
     pub control_fd: RawFd,
+    /// Static placement answered here, without the control shard.
+    pub local_placement: Option<Arc<LocalStatic>>,
     pub control: Arc<Control>,
     /// eventfd the control side writes to wake this shard.
     pub wake_fd: RawFd,
@@ -222,6 +225,7 @@ struct Io {
     verify_cache: VerifyCache,
     verify: VerifyOptions,
     ctl: Ctl,
+    local_placement: Option<Arc<LocalStatic>>,
     timers: BinaryHeap<Reverse<(Instant, u32, u16)>>,
     rng: SmallRng,
     now: Instant,
@@ -270,6 +274,7 @@ impl Shard {
                 keys: LocalKeys::new(spec.keys),
                 verify_cache: VerifyCache::new(8192),
                 verify,
+                local_placement: spec.local_placement,
                 ctl: Ctl {
                     fd: spec.control_fd,
                     inbuf: Vec::new(),
@@ -1362,6 +1367,16 @@ impl Io {
     /// Asks the control shard where the session's repl lives (again, after
     /// a failed attempt: excluding the VM that failed).
     fn request_placement(&mut self, slot: u32, s: &mut Session) {
+        if let Some(local) = self.local_placement.clone() {
+            let (Some(st), Some(ident)) = (s.setup.as_ref(), s.ident.as_ref()) else {
+                return;
+            };
+            let result = local.pick(&ident.repl, st.exclude.as_deref());
+            s.phase = Phase::Placement;
+            s.phase_started = self.now;
+            self.on_placement(slot, s, result);
+            return;
+        }
         if self.ctl.dead {
             let e = SetupError::new(Stage::Controlplane, "control_unavailable");
             self.fail_setup(slot, s, e);
