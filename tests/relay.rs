@@ -428,3 +428,51 @@ fn slow_reader_backpressure_bounds_memory_and_loses_nothing() {
     }
     writer.join().unwrap();
 }
+
+/// A 100 MiB frame streams through in bounded memory: the relay tracks the
+/// header and forwards payload as it arrives, never buffering the frame.
+#[test]
+fn hundred_mib_frame_streams_in_bounded_memory() {
+    const LEN: usize = 100 << 20;
+    let (addr, h) = raw_conman(|mut s, _| {
+        let mut hdr = [0u8; 14];
+        s.read_exact(&mut hdr).unwrap();
+        assert_eq!(hdr[1] & 0x7f, 127, "64-bit length form");
+        let len = u64::from_be_bytes(hdr[2..10].try_into().unwrap()) as usize;
+        let mask: [u8; 4] = hdr[10..14].try_into().unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut seen = 0usize;
+        while seen < len {
+            let n = s.read(&mut buf[..(len - seen).min(1 << 20)]).unwrap();
+            assert!(n > 0, "eof after {seen} bytes");
+            for (i, b) in buf[..n].iter().enumerate() {
+                let pos = seen + i;
+                assert_eq!(b ^ mask[pos % 4], (pos % 251) as u8, "byte {pos}");
+            }
+            seen += n;
+        }
+        seen
+    });
+    let proxy = Proxy::start(
+        &config_for(addr, "[limits]\nmax_frame = 134217728\n"),
+        &["--shards", "1"],
+    );
+    let mut c = raw_client(proxy.listen, &dev_token("r1"));
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    let mut head = vec![0x82, 0x80 | 127];
+    head.extend_from_slice(&(LEN as u64).to_be_bytes());
+    head.extend_from_slice(&mask);
+    c.write_all(&head).unwrap();
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut max_rss = 0;
+    for start in (0..LEN).step_by(chunk.len()) {
+        for (i, b) in chunk.iter_mut().enumerate() {
+            let pos = start + i;
+            *b = ((pos % 251) as u8) ^ mask[pos % 4];
+        }
+        c.write_all(&chunk).unwrap();
+        max_rss = max_rss.max(rss_kib(proxy.child.id()));
+    }
+    assert_eq!(h.join().unwrap(), LEN);
+    assert!(max_rss < 48 * 1024, "proxy RSS reached {max_rss} KiB for a 100 MiB frame");
+}
