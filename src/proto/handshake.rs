@@ -7,8 +7,6 @@
 //! 16 random bytes of a client key.
 #![forbid(unsafe_code)]
 
-use std::net::{Ipv4Addr, Ipv6Addr};
-
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use sha1::{Digest, Sha1};
@@ -209,124 +207,11 @@ fn text(value: &[u8]) -> Result<&str, HandshakeError> {
 }
 
 /// A Conman address from a placement, `ws://host[:port][/path]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WsUrl {
-    /// A name, an IPv4 literal, or an IPv6 literal without its brackets, so
-    /// that it parses as an `IpAddr` or resolves as given.
-    pub host: String,
-    pub port: u16,
-    /// Origin-form, query included; "/" when the URL has none.
-    pub path: String,
-}
-
-impl WsUrl {
-    /// The Host header value: brackets back on an IPv6 literal, and the port
-    /// unless it is the default.
-    pub fn host_header(&self) -> String {
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        if self.port == 80 {
-            host
-        } else {
-            format!("{host}:{}", self.port)
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
-pub enum UrlError {
-    #[error("TLS not supported")]
-    TlsNotSupported,
-    #[error("scheme must be ws://")]
-    Scheme,
-    #[error("invalid host")]
-    Host,
-    #[error("invalid port")]
-    Port,
-    #[error("invalid path")]
-    Path,
-}
+pub type WsUrl = crate::proto::url::Url;
+pub use crate::proto::url::UrlError;
 
 pub fn parse_ws_url(s: &str) -> Result<WsUrl, UrlError> {
-    let scheme_end = s.find("://").ok_or(UrlError::Scheme)?;
-    let scheme = &s[..scheme_end];
-    if scheme.eq_ignore_ascii_case("wss") {
-        return Err(UrlError::TlsNotSupported);
-    }
-    if !scheme.eq_ignore_ascii_case("ws") {
-        return Err(UrlError::Scheme);
-    }
-    let rest = &s[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-
-    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
-        let (v6, after) = bracketed.split_once(']').ok_or(UrlError::Host)?;
-        v6.parse::<Ipv6Addr>().map_err(|_| UrlError::Host)?;
-        let port = match after {
-            "" => None,
-            _ => Some(after.strip_prefix(':').ok_or(UrlError::Host)?),
-        };
-        (v6, port)
-    } else {
-        match authority.split_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (authority, None),
-        }
-    };
-    if !authority.starts_with('[') && !valid_name_or_ipv4(host) {
-        return Err(UrlError::Host);
-    }
-    let port = match port {
-        None => 80,
-        Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
-            match p.parse::<u16>() {
-                Ok(0) | Err(_) => return Err(UrlError::Port),
-                Ok(port) => port,
-            }
-        }
-        Some(_) => return Err(UrlError::Port),
-    };
-
-    // The path goes into a request line verbatim, and a fragment is never
-    // part of a WebSocket URI (RFC 6455 §3).
-    if !path.bytes().all(|b| b.is_ascii_graphic() && b != b'#') {
-        return Err(UrlError::Path);
-    }
-    let path = if path.is_empty() {
-        "/".to_owned()
-    } else if path.starts_with('?') {
-        format!("/{path}")
-    } else {
-        path.to_owned()
-    };
-    Ok(WsUrl {
-        host: host.to_owned(),
-        port,
-        path,
-    })
-}
-
-/// DNS-style names (underscores allowed, as internal names have them) and
-/// dotted IPv4; digits-and-dots must be a real address so that `999.1.1.1`
-/// is not sent to a resolver.
-fn valid_name_or_ipv4(host: &str) -> bool {
-    if host.is_empty() || host.len() > 253 {
-        return false;
-    }
-    if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-        return host.parse::<Ipv4Addr>().is_ok();
-    }
-    host.split('.').all(|label| {
-        !label.is_empty()
-            && label.len() <= 63
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    })
+    crate::proto::url::parse_ws(s)
 }
 
 #[cfg(test)]
