@@ -474,5 +474,8 @@ fn hundred_mib_frame_streams_in_bounded_memory() {
         max_rss = max_rss.max(rss_kib(proxy.child.id()));
     }
     assert_eq!(h.join().unwrap(), LEN);
-    assert!(max_rss < 48 * 1024, "proxy RSS reached {max_rss} KiB for a 100 MiB frame");
+    assert!(
+        max_rss < 48 * 1024,
+        "proxy RSS reached {max_rss} KiB for a 100 MiB frame"
+    );
 }
