@@ -13,8 +13,11 @@ secs=${1:-6}
 cargo build --release -q -p eval-proxy -p eval-loadgen
 R=target/release
 work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+# start() runs inside $(...), a subshell: pids go to a file, not a variable.
+cleanup() {
+    [ -f "$work/pids" ] && while read -r p; do kill "$p" 2>/dev/null || true; done <"$work/pids"
+    rm -rf "$work"
+}
 trap cleanup EXIT
 
 # start NAME CMD...: runs CMD in the background, waits for its readiness
@@ -22,7 +25,7 @@ trap cleanup EXIT
 start() {
     local name=$1; shift
     "$@" >"$work/$name.out" 2>"$work/$name.err" &
-    pids+=($!)
+    echo $! >>"$work/pids"
     for _ in $(seq 1 200); do
         if grep -q '^listening ' "$work/$name.out" 2>/dev/null; then
             awk '/^listening /{print $2; exit}' "$work/$name.out"; return

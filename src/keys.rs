@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use std::collections::HashMap;
 
+use sha2::{Digest, Sha256};
+
 use crate::token::{verify, Claims, KeySet, TokenError, VerifyOptions};
 
 pub struct KeyStore {
@@ -42,20 +44,19 @@ impl KeyStore {
 /// the same token (the common case: a token lives for minutes, reconnects
 /// happen in seconds) costs a hash lookup instead of an Ed25519 verify.
 ///
-/// Only successful verifications are kept, keyed by the whole token text,
-/// so a hit is exactly a token whose signature was already checked under
-/// the same keys; its time window is checked again on every hit. Two
+/// Only successful verifications are kept, keyed by the SHA-256 of the
+/// token text (32 bytes instead of the token's hundreds, and no collision
+/// anyone can produce), so a hit is a token whose signature was already
+/// checked under the same keys; its time window is checked again on every
+/// hit. Two
 /// generations bound it: when the current one fills, it becomes the
 /// previous one and the old previous is dropped.
 pub struct VerifyCache {
-    current: HashMap<Box<str>, Claims>,
-    previous: HashMap<Box<str>, Claims>,
+    current: HashMap<[u8; 32], Claims>,
+    previous: HashMap<[u8; 32], Claims>,
     half: usize,
     epoch: u64,
 }
-
-/// Tokens longer than this are verified every time rather than cached.
-const MAX_CACHED_TOKEN: usize = 2048;
 
 impl VerifyCache {
     pub fn new(capacity: usize) -> VerifyCache {
@@ -81,10 +82,11 @@ impl VerifyCache {
             self.previous.clear();
             self.epoch = keys.epoch;
         }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let hit = self
             .current
-            .get(token)
-            .or_else(|| self.previous.get(token))
+            .get(&digest)
+            .or_else(|| self.previous.get(&digest))
             .cloned();
         if let Some(c) = hit {
             let leeway = opts.leeway_s.max(0);
@@ -97,12 +99,10 @@ impl VerifyCache {
             return Ok(c);
         }
         let claims = verify(token, keys.get(), now_unix, opts)?;
-        if token.len() <= MAX_CACHED_TOKEN {
-            if self.current.len() >= self.half {
-                self.previous = std::mem::take(&mut self.current);
-            }
-            self.current.insert(token.into(), claims.clone());
+        if self.current.len() >= self.half {
+            self.previous = std::mem::take(&mut self.current);
         }
+        self.current.insert(digest, claims.clone());
         Ok(claims)
     }
 

@@ -55,6 +55,8 @@ pub struct BufRing {
     tail: u16,
     /// Buffers currently owned by user space (received, not yet recycled).
     out: u32,
+    /// Some buffer was filled since the last trim.
+    dirty: bool,
 }
 
 impl BufRing {
@@ -83,6 +85,7 @@ impl BufRing {
             buf_size,
             tail: 0,
             out: entries as u32,
+            dirty: false,
         };
         for bid in 0..entries {
             br.push(bid);
@@ -123,6 +126,33 @@ impl BufRing {
     /// Marks `bid` as handed to user space by a completion.
     pub fn taken(&mut self, _bid: u16) {
         self.out += 1;
+        self.dirty = true;
+    }
+
+    /// Gives the pages of every buffer back to the kernel when user space
+    /// holds none: the ring cycles through all its buffers, so without this
+    /// a shard that once saw traffic keeps the whole pool resident while
+    /// its sessions sit idle. Returns whether it trimmed.
+    ///
+    /// Safe only between `io_uring_enter` calls on a `DEFER_TASKRUN` ring:
+    /// the kernel copies into provided buffers only while running this
+    /// thread's task work inside `io_uring_enter`, and a page dropped here
+    /// is simply zero-filled again when next written.
+    pub fn trim_if_idle(&mut self) -> bool {
+        if self.out != 0 || !self.dirty {
+            return false;
+        }
+        // SAFETY: our own mapping; no buffer is held by user space and the
+        // kernel does not write to it outside io_uring_enter (see above).
+        unsafe {
+            libc::madvise(
+                self.bufs.ptr.as_ptr().cast(),
+                self.bufs.len,
+                libc::MADV_DONTNEED,
+            )
+        };
+        self.dirty = false;
+        true
     }
 
     /// Returns a buffer to the kernel (visible after the next `publish`).
@@ -147,6 +177,11 @@ impl BufRing {
         // SAFETY: the kernel wrote `len` bytes and will not touch the buffer
         // until we recycle it.
         unsafe { std::slice::from_raw_parts(self.buf_ptr(bid).add(off as usize), len as usize) }
+    }
+
+    /// Buffers were filled since the last trim.
+    pub fn dirty(&self) -> bool {
+        self.dirty
     }
 
     /// Buffers the kernel can still fill.

@@ -42,6 +42,9 @@ use bufring::BufRing;
 /// Lingering after our FIN: how long a closing session may wait for the
 /// peer's FIN (or for a stuck send) before its sockets are forced shut.
 const LINGER: Duration = Duration::from_secs(5);
+/// How often an idle shard may hand its buffer pages back (see
+/// `BufRing::trim_if_idle`).
+const TRIM_EVERY: Duration = Duration::from_secs(1);
 /// After one side's Close frame, how long the other side has to answer.
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(10);
 
@@ -232,6 +235,7 @@ struct Io {
     now_unix: i64,
     shard: usize,
     next_session: u64,
+    last_trim: Instant,
     /// Sessions whose receive stopped for want of buffers (ENOBUFS).
     starved: Vec<(u32, u16, Who)>,
 }
@@ -272,7 +276,7 @@ impl Shard {
                 bufs,
                 stats: spec.stats,
                 keys: LocalKeys::new(spec.keys),
-                verify_cache: VerifyCache::new(8192),
+                verify_cache: VerifyCache::new(4096),
                 verify,
                 local_placement: spec.local_placement,
                 ctl: Ctl {
@@ -292,6 +296,7 @@ impl Shard {
                 now_unix: 0,
                 shard: spec.id,
                 next_session: 0,
+                last_trim: Instant::now(),
                 starved: Vec::new(),
                 cfg,
             },
@@ -321,11 +326,15 @@ impl Shard {
         let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(1024);
         loop {
             self.io.bufs.publish();
-            let timeout = self
+            let mut timeout = self
                 .io
                 .timers
                 .peek()
                 .map(|Reverse((t, _, _))| t.saturating_duration_since(Instant::now()));
+            if self.io.bufs.dirty() {
+                // Wake once more after traffic stops, to trim the pool.
+                timeout = Some(timeout.map_or(TRIM_EVERY, |t| t.min(TRIM_EVERY)));
+            }
             let r = match timeout {
                 Some(d) => {
                     let ts = types::Timespec::from(d);
@@ -358,6 +367,10 @@ impl Shard {
             }
             self.fire_timers();
             self.retry_starved();
+            if self.io.now.duration_since(self.io.last_trim) >= TRIM_EVERY {
+                self.io.last_trim = self.io.now;
+                self.io.bufs.trim_if_idle();
+            }
             if !self.accepting && self.live == 0 {
                 break;
             }
