@@ -40,6 +40,23 @@ pub enum Chunk {
     Owned { data: Vec<u8>, off: usize },
 }
 
+/// Most chunks one gathered send takes.
+pub const GATHER_MAX: usize = 16;
+
+/// Kernel-visible memory of one `sendmsg`: it must stay put until the send
+/// completes, so it lives in its own allocation.
+pub struct Gather {
+    pub iov: [libc::iovec; GATHER_MAX],
+    pub msg: libc::msghdr,
+}
+
+impl Gather {
+    pub fn new() -> Box<Gather> {
+        // SAFETY: iovec and msghdr are plain C structs; all-zero is valid.
+        Box::new(unsafe { std::mem::zeroed() })
+    }
+}
+
 impl Chunk {
     pub fn remaining(&self) -> usize {
         match self {
@@ -62,6 +79,9 @@ pub struct Side {
     pub sendq: VecDeque<Chunk>,
     pub queued: usize,
     pub sending: bool,
+    /// iovecs of a gathered send in flight; allocated the first time a side
+    /// has more than one chunk queued, so idle sessions never carry it.
+    pub gather: Option<Box<Gather>>,
     /// The peer sent FIN (or the socket failed).
     pub eof: bool,
     /// We shut down our write side once the queue drained.
@@ -81,6 +101,7 @@ impl Side {
             sendq: VecDeque::new(),
             queued: 0,
             sending: false,
+            gather: None,
             eof: false,
             want_shut: false,
             shut: false,

@@ -35,7 +35,9 @@ use crate::proto::frame::write_close;
 use crate::proto::handshake::{self, accept_key, choose_protocol, new_client_key};
 use crate::proto::http1::{self, Route};
 use crate::proto::relay::{Direction, Event, Tracker, TrackerConfig, Violation};
-use crate::session::{backoff, on_eof, Chunk, EofAction, Identity, Phase, Session, Setup, Side};
+use crate::session::{
+    backoff, on_eof, Chunk, EofAction, Gather, Identity, Phase, Session, Setup, Side, GATHER_MAX,
+};
 use crate::token::VerifyOptions;
 use bufring::BufRing;
 
@@ -768,27 +770,46 @@ impl Io {
             return;
         }
         let sd = side(s, who);
-        let Some(front) = sd.sendq.front() else {
-            return;
-        };
-        let (ptr, len) = match front {
-            Chunk::Buf { bid, off, len } => {
+        let chunk_ptr = |bufs: &BufRing, c: &Chunk| -> (*mut u8, usize) {
+            match c {
                 // SAFETY: within the buffer; we own it until recycled.
-                (unsafe { self.bufs.buf_ptr(*bid).add(*off as usize) }, *len)
+                Chunk::Buf { bid, off, len } => (
+                    unsafe { bufs.buf_ptr(*bid).add(*off as usize) },
+                    *len as usize,
+                ),
+                Chunk::Owned { data, off } => (data[*off..].as_ptr() as *mut u8, data.len() - off),
             }
-            Chunk::Owned { data, off } => {
-                (data[*off..].as_ptr() as *mut u8, (data.len() - off) as u32)
+        };
+        let entry = match sd.sendq.len() {
+            0 => return,
+            1 => {
+                let (ptr, len) = chunk_ptr(&self.bufs, &sd.sendq[0]);
+                opcode::Send::new(types::Fd(sd.fd), ptr, len as u32)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+            }
+            n => {
+                // A backlog (bulk transfer, slow peer): one sendmsg for up
+                // to GATHER_MAX chunks instead of a send per buffer.
+                let g = sd.gather.get_or_insert_with(Gather::new);
+                let n = n.min(GATHER_MAX);
+                for (i, c) in sd.sendq.iter().take(n).enumerate() {
+                    let (ptr, len) = chunk_ptr(&self.bufs, c);
+                    g.iov[i] = libc::iovec {
+                        iov_base: ptr.cast(),
+                        iov_len: len,
+                    };
+                }
+                g.msg.msg_iov = g.iov.as_mut_ptr();
+                g.msg.msg_iovlen = n;
+                opcode::SendMsg::new(types::Fd(sd.fd), &g.msg)
+                    .flags(libc::MSG_NOSIGNAL as u32)
+                    .build()
             }
         };
         sd.sending = true;
         sd.inflight += 1;
-        let fd = sd.fd;
-        self.push(
-            opcode::Send::new(types::Fd(fd), ptr, len)
-                .flags(libc::MSG_NOSIGNAL)
-                .build()
-                .user_data(ud(slot, gen, who.send_op())),
-        );
+        self.push(entry.user_data(ud(slot, gen, who.send_op())));
     }
 
     fn on_send(&mut self, slot: u32, s: &mut Session, who: Who, res: i32) {
@@ -810,23 +831,29 @@ impl Io {
             self.on_side_lost(slot, s, who);
             return;
         }
-        let n = res as usize;
+        let mut n = res as usize;
         sd.queued -= n;
-        let Some(front) = sd.sendq.front_mut() else {
-            return;
-        };
-        let done = match front {
-            Chunk::Buf { off, len, .. } => {
-                *off += n as u32;
-                *len -= n as u32;
-                *len == 0
+        // A (gathered) send may cover several chunks and end inside one.
+        while n > 0 {
+            let Some(front) = sd.sendq.front_mut() else {
+                break;
+            };
+            let take = n.min(front.remaining());
+            n -= take;
+            let done = match front {
+                Chunk::Buf { off, len, .. } => {
+                    *off += take as u32;
+                    *len -= take as u32;
+                    *len == 0
+                }
+                Chunk::Owned { data, off } => {
+                    *off += take;
+                    *off == data.len()
+                }
+            };
+            if !done {
+                break;
             }
-            Chunk::Owned { data, off } => {
-                *off += n;
-                *off == data.len()
-            }
-        };
-        if done {
             if let Some(Chunk::Buf { bid, .. }) = sd.sendq.pop_front() {
                 self.bufs.recycle(bid);
             }
