@@ -1,0 +1,1229 @@
+#!/usr/bin/env python3
+"""eval-proxy against nginx, HAProxy and Caddy, one proxy core each.
+
+Runs the same loads (bundled eval-loadgen) against eval-proxy (1 shard), each
+peer (one worker or thread) and the echo backend directly; the proxy is pinned
+to one core, loadgen and backend to another. The headline figures are the
+proxy's CPU per unit of work, read from /proc/PID/stat, because the load side
+may saturate first and then msgs/s alone hides what a proxy costs.
+
+Writes RESULTS/latest.{md,json,svg} (RESULTS/quick.* with --quick) and puts
+the table into bench/README.md after a full run. Python 3.11 standard library
+only. See bench/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import html
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+CONFIGS = BENCH / "configs"
+HZ = os.sysconf("SC_CLK_TCK")
+MIB = 1 << 20
+
+PEERS = ["nginx", "haproxy", "caddy"]
+SUBJECTS = ["direct", "eval-proxy"] + PEERS
+PROXIES = ["eval-proxy"] + PEERS
+NAMES = {
+    "direct": "direct",
+    "eval-proxy": "eval-proxy",
+    "nginx": "nginx",
+    "haproxy": "HAProxy",
+    "caddy": "Caddy",
+}
+PEER_BINARIES = {
+    "nginx": ["/usr/sbin/nginx"],
+    "haproxy": ["/usr/sbin/haproxy"],
+    "caddy": ["/usr/bin/caddy"],
+}
+# The same URL shape and token for everyone, so every subject sees the same
+# request bytes; only eval-proxy checks the token.
+TOKEN_CACHED = ["--token-per-conn", "--dev-key", "--repls", "1"]
+TOKEN_FRESH = ["--token-per-conn", "--dev-key"]
+
+
+class BenchError(Exception):
+    """A step that the benchmark cannot go on without."""
+
+
+class RunError(Exception):
+    """One run failed (a proxy did not start, a wait timed out); others go on."""
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- loads
+
+
+@dataclasses.dataclass(frozen=True)
+class Load:
+    key: str
+    title: str
+    mode: str
+    args: tuple[str, ...]
+    subjects: tuple[str, ...]
+    tokens: tuple[str, ...]
+    # What the proxy's CPU is divided by: "messages", "handshakes", "mib",
+    # or None (idle: RSS, not CPU).
+    unit: str | None
+
+
+def make_loads(a: argparse.Namespace) -> list[Load]:
+    d = f"{a.duration}s"
+    # Fresh tokens are signed before the clock starts so signing does not
+    # load the client core; enough for ~8,000 handshakes/s for the whole run.
+    premint = max(20_000 if not a.quick else 2_000, int(8_000 * a.duration))
+    loads = [
+        Load("echo", "echo 64 B, 50 conns, saturated", "echo",
+             ("--conns", "50", "--size", "64", "--duration", d),
+             tuple(SUBJECTS), tuple(TOKEN_CACHED), "messages"),
+        Load("rate30k", "rate 30,000 msg/s, 100 conns, 64 B", "rate",
+             ("--conns", "100", "--rate", "30000", "--size", "64", "--duration", d),
+             tuple(PROXIES), tuple(TOKEN_CACHED), "messages"),
+        Load("handshake", "handshake storm, 16 workers, token seen before", "handshake",
+             ("--workers", "16", "--duration", d),
+             tuple(SUBJECTS), tuple(TOKEN_CACHED), "handshakes"),
+        Load("handshake_fresh", "handshake storm, 16 workers, fresh token each", "handshake",
+             ("--workers", "16", "--duration", d),
+             ("eval-proxy",), tuple(TOKEN_FRESH + ["--premint", str(premint)]), "handshakes"),
+        Load("idle", f"idle, {a.idle_conns} sessions held", "idle",
+             ("--conns", str(a.idle_conns), "--hold", f"{a.idle_hold}s"),
+             tuple(PROXIES), tuple(TOKEN_FRESH), None),
+        Load("bulk", "bulk 1 MiB messages, 1 conn", "bulk",
+             ("--size", "1MiB", "--duration", d),
+             tuple(SUBJECTS), tuple(TOKEN_CACHED), "mib"),
+        Load("rate5k", "rate 5,000 msg/s, 50 conns, 64 B (RTT)", "rate",
+             ("--conns", "50", "--rate", "5000", "--size", "64", "--duration", d),
+             tuple(SUBJECTS), tuple(TOKEN_CACHED), "messages"),
+    ]
+    if a.loads:
+        wanted = set(a.loads.split(","))
+        unknown = wanted - {l.key for l in loads}
+        if unknown:
+            raise BenchError(f"unknown load(s): {', '.join(sorted(unknown))}")
+        loads = [l for l in loads if l.key in wanted]
+    if a.subjects:
+        wanted = set(a.subjects.split(","))
+        unknown = wanted - set(SUBJECTS)
+        if unknown:
+            raise BenchError(f"unknown subject(s): {', '.join(sorted(unknown))}")
+        loads = [dataclasses.replace(l, subjects=tuple(s for s in l.subjects if s in wanted))
+                 for l in loads]
+    return [l for l in loads if l.subjects]
+
+
+# ------------------------------------------------------------ /proc readers
+
+
+def proc_cpu(pid: int) -> tuple[int, int]:
+    """utime, stime in clock ticks, all threads of the process."""
+    with open(f"/proc/{pid}/stat") as f:
+        s = f.read()
+    rest = s[s.rindex(")") + 2:].split()
+    return int(rest[11]), int(rest[12])
+
+
+def proc_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def proc_children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+    except FileNotFoundError:
+        pass
+    return out
+
+
+PF_KTHREAD = 0x00200000
+
+
+def others_cpu_ticks() -> int:
+    """CPU ticks (own + reaped children's) of every user process that is not
+    this benchmark or one of its children.
+
+    The difference over a run is what other work on the machine took while
+    it ran. Reaped children move into their parent's cutime/cstime, so the
+    sum stays right when processes come and go. Per-CPU /proc/stat is no use
+    for this: its tick samples disagree with the processes' own times by a
+    third at light load here.
+    """
+    procs: dict[int, tuple[int, int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                s = f.read()
+        except OSError:
+            continue
+        rest = s[s.rindex(")") + 2:].split()
+        if int(rest[6]) & PF_KTHREAD:
+            continue
+        procs[int(name)] = (int(rest[1]), sum(int(x) for x in rest[11:15]))
+    kids: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        kids.setdefault(ppid, []).append(pid)
+    ours, todo = set(), [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        ours.add(pid)
+        todo.extend(kids.get(pid, []))
+    return sum(t for pid, (_, t) in procs.items() if pid not in ours)
+
+
+# ------------------------------------------------------------- processes
+
+
+class Procs:
+    """Everything the benchmark started, so that all of it ends with it."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.live: list[subprocess.Popen] = []
+
+    def spawn(self, name: str, argv: list[str], cpu: int, env: dict | None = None,
+              ) -> subprocess.Popen:
+        out = open(self.workdir / f"{name}.out", "wb")
+        err = open(self.workdir / f"{name}.err", "wb")
+        full_env = dict(os.environ)
+        if env:
+            full_env.update(env)
+        try:
+            p = subprocess.Popen(["taskset", "-c", str(cpu)] + argv, stdin=subprocess.DEVNULL,
+                                 stdout=out, stderr=err, env=full_env, start_new_session=True)
+        except OSError as e:
+            raise RunError(f"cannot start {name} ({argv[0]}): {e}") from e
+        finally:
+            out.close()
+            err.close()
+        p.bench_name = name  # type: ignore[attr-defined]
+        self.live.append(p)
+        return p
+
+    def out_text(self, p: subprocess.Popen, which: str = "out") -> str:
+        path = self.workdir / f"{p.bench_name}.{which}"  # type: ignore[attr-defined]
+        try:
+            return path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def tail(self, p: subprocess.Popen, n: int = 12) -> str:
+        lines = (self.out_text(p, "out") + self.out_text(p, "err")).strip().splitlines()
+        return "\n".join("    " + l for l in lines[-n:]) or "    (no output)"
+
+    def wait_line(self, p: subprocess.Popen, pattern: str, timeout: float) -> re.Match:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.out_text(p))
+            if m:
+                return m
+            if p.poll() is not None:
+                raise RunError(f"{p.bench_name} exited with status {p.returncode} before "  # type: ignore[attr-defined]
+                               f"printing /{pattern}/:\n{self.tail(p)}")
+            if time.monotonic() > deadline:
+                raise RunError(f"{p.bench_name} did not print /{pattern}/ within {timeout:.0f} s:\n"  # type: ignore[attr-defined]
+                               f"{self.tail(p)}")
+            time.sleep(0.02)
+
+    def wait_port(self, p: subprocess.Popen, port: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if p.poll() is not None:
+                raise RunError(f"{p.bench_name} exited with status {p.returncode} "  # type: ignore[attr-defined]
+                               f"before listening on 127.0.0.1:{port}:\n{self.tail(p)}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RunError(f"{p.bench_name} is not listening on 127.0.0.1:{port} after "  # type: ignore[attr-defined]
+                               f"{timeout:.0f} s:\n{self.tail(p)}")
+            time.sleep(0.05)
+
+    def wait_exit(self, p: subprocess.Popen, timeout: float):
+        """Exit code and rusage (for the load side's own CPU)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+            if pid == p.pid:
+                p.returncode = os.waitstatus_to_exitcode(status)
+                self.live.remove(p)
+                return p.returncode, ru
+            if time.monotonic() > deadline:
+                self.stop(p)
+                raise RunError(f"{p.bench_name} still running after {timeout:.0f} s; killed:\n"  # type: ignore[attr-defined]
+                               f"{self.tail(p)}")
+            time.sleep(0.02)
+
+    def stop(self, p: subprocess.Popen, grace: float = 3.0) -> None:
+        # Each child leads its own process group (nginx's worker is in its
+        # master's), so the group is exactly what this benchmark started.
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(p.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                p.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+            except ChildProcessError:
+                pass
+            # The leader is gone; make sure nothing else of its group is left.
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            break
+        if p in self.live:
+            self.live.remove(p)
+
+    def stop_all(self) -> None:
+        for p in list(reversed(self.live)):
+            self.stop(p, grace=1.0)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def render(template: str, dest: Path, **values: str) -> Path:
+    text = (CONFIGS / template).read_text()
+    for k, v in values.items():
+        text = text.replace(f"@{k}@", v)
+    dest.write_text(text)
+    return dest
+
+
+@dataclasses.dataclass
+class Proxy:
+    """A started subject: where to send load, which PIDs to account."""
+    addr: str
+    leader: subprocess.Popen | None
+
+    def pids(self) -> list[int]:
+        if self.leader is None:
+            return []
+        return [self.leader.pid] + proc_children(self.leader.pid)
+
+    def serving_pids(self) -> list[int]:
+        # nginx's master only manages its worker; the worker holds sessions.
+        if self.leader is None:
+            return []
+        kids = proc_children(self.leader.pid)
+        return kids or [self.leader.pid]
+
+
+class Bench:
+    def __init__(self, a: argparse.Namespace, procs: Procs, bins: dict[str, str]):
+        self.a = a
+        self.procs = procs
+        self.bins = bins
+        self.seq = 0
+
+    def start_backend(self) -> tuple[subprocess.Popen, str]:
+        p = self.procs.spawn(self.name("backend"),
+                             [self.bins["loadgen"], "echo-server", "--listen", "127.0.0.1:0"],
+                             self.a.load_cpu)
+        m = self.procs.wait_line(p, r"listening (\S+)", 10)
+        return p, m.group(1)
+
+    def name(self, what: str) -> str:
+        self.seq += 1
+        return f"{self.seq:03d}-{what}"
+
+    def start_subject(self, subject: str, backend: str) -> Proxy:
+        if subject == "direct":
+            return Proxy(backend, None)
+        if subject == "eval-proxy":
+            name = self.name("eval-proxy")
+            conf = render("eval-proxy.toml", self.procs.workdir / f"{name}.toml", BACKEND=backend)
+            p = self.procs.spawn(name, [self.bins["proxy"], "--config", str(conf),
+                                        "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+                                        "--shards", "1"], self.a.proxy_cpu)
+            m = self.procs.wait_line(p, r"eval-proxy ready listen=(\S+)", 15)
+            return Proxy(m.group(1), p)
+        last: Exception | None = None
+        for _ in range(3):
+            # A port picked by binding to port 0 can be taken again before the
+            # peer binds it; then pick another.
+            port = free_port()
+            listen = f"127.0.0.1:{port}"
+            name = self.name(subject)
+            rundir = self.procs.workdir / name
+            rundir.mkdir()
+            env = None
+            if subject == "nginx":
+                conf = render("nginx.conf", rundir / "nginx.conf", LISTEN=listen,
+                              BACKEND=backend, DIR=str(rundir))
+                argv = ["nginx", "-p", str(rundir), "-c", str(conf), "-e", str(rundir / "error.log")]
+            elif subject == "haproxy":
+                conf = render("haproxy.cfg", rundir / "haproxy.cfg", LISTEN=listen, BACKEND=backend)
+                argv = ["haproxy", "-db", "-f", str(conf)]
+            else:
+                conf = render("Caddyfile", rundir / "Caddyfile", LISTEN=listen, BACKEND=backend)
+                argv = ["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"]
+                env = {"GOMAXPROCS": "1", "HOME": str(rundir), "XDG_CONFIG_HOME": str(rundir),
+                       "XDG_DATA_HOME": str(rundir)}
+            p = self.procs.spawn(name, argv, self.a.proxy_cpu, env)
+            try:
+                self.procs.wait_port(p, port, 15)
+                if subject == "nginx":
+                    self.wait_nginx_worker(p)
+                return Proxy(listen, p)
+            except RunError as e:
+                last = e
+                self.procs.stop(p)
+                if "in use" not in self.procs.tail(p, 50):
+                    break
+        raise RunError(f"{NAMES[subject]} did not start: {last}")
+
+    def wait_nginx_worker(self, p: subprocess.Popen) -> None:
+        deadline = time.monotonic() + 10
+        while not proc_children(p.pid):
+            if time.monotonic() > deadline or p.poll() is not None:
+                raise RunError(f"nginx started no worker:\n{self.procs.tail(p)}")
+            time.sleep(0.05)
+
+    def run(self, rep: int, load: Load, subject: str) -> dict:
+        rec: dict = {"rep": rep, "load": load.key, "subject": subject, "ok": False}
+        log(f"rep {rep} {load.key:<15} {NAMES[subject]}")
+        backend = None
+        proxy = None
+        try:
+            backend, backend_addr = self.start_backend()
+            proxy = self.start_subject(subject, backend_addr)
+            time.sleep(self.a.settle)
+            pids = proxy.pids()
+            rec["proxy_pids"] = pids
+            rss0 = sum(proc_rss_kib(p) for p in proxy.serving_pids())
+            cpu0 = [proc_cpu(p) for p in pids]
+            be0 = proc_cpu(backend.pid)
+            others0 = others_cpu_ticks()
+            t0 = time.monotonic()
+            argv = ([self.bins["loadgen"], load.mode] + list(load.args)
+                    + ["--url", f"ws://{proxy.addr}/wsv2/", "--json"] + list(load.tokens))
+            rec["argv"] = ["eval-loadgen"] + argv[1:]
+            lg = self.procs.spawn(self.name(f"loadgen-{load.key}-{subject}"), argv, self.a.load_cpu)
+            if load.mode == "idle":
+                m = self.procs.wait_line(lg, r"holding (\d+)", 120)
+                rec["held"] = int(m.group(1))
+                # Let the proxy finish any per-session work before sampling.
+                time.sleep(min(1.5, self.a.idle_hold / 2))
+                rec["rss_kib_held"] = sum(proc_rss_kib(p) for p in proxy.serving_pids())
+            code, ru = self.procs.wait_exit(lg, self.a.duration + self.a.idle_hold + 90)
+            wall = time.monotonic() - t0
+            others1 = others_cpu_ticks()
+            be1 = proc_cpu(backend.pid)
+            now_pids = proxy.pids()
+            if proxy.leader is not None and (proxy.leader.poll() is not None or set(now_pids) != set(pids)):
+                rec["proxy_note"] = (f"proxy processes changed during the load "
+                                     f"({pids} -> {now_pids}, exit {proxy.leader.returncode})")
+            elif backend.poll() is not None:
+                rec["proxy_note"] = (f"the echo backend exited during the load (status "
+                                     f"{backend.returncode})")
+            cpu1 = [proc_cpu(p) if p in now_pids else c for p, c in zip(pids, cpu0)]
+            rec["proxy_user_s"] = sum(b[0] - a[0] for a, b in zip(cpu0, cpu1)) / HZ
+            rec["proxy_sys_s"] = sum(b[1] - a[1] for a, b in zip(cpu0, cpu1)) / HZ
+            rec["rss_kib_before"] = rss0
+            rec["rss_kib_after"] = sum(proc_rss_kib(p) for p in proxy.serving_pids()) if pids else 0
+            rec["backend_cpu_s"] = (be1[0] + be1[1] - be0[0] - be0[1]) / HZ
+            rec["loadgen_cpu_s"] = ru.ru_utime + ru.ru_stime
+            rec["wall_s"] = wall
+            rec["others_cpu_s"] = max(0, others1 - others0) / HZ
+            rec["exit_code"] = code
+            out = self.procs.out_text(lg)
+            report = None
+            for line in reversed(out.splitlines()):
+                if line.startswith("{"):
+                    try:
+                        report = json.loads(line)
+                        break
+                    except json.JSONDecodeError:
+                        pass
+            rec["loadgen"] = report
+            stderr = self.procs.out_text(lg, "err").strip()
+            if report is None:
+                rec["error"] = f"eval-loadgen exited {code} without a JSON report:\n{self.procs.tail(lg)}"
+            elif code != 0 or report.get("errors"):
+                rec["error"] = (f"eval-loadgen exited {code}, errors {report.get('errors')}"
+                                + (f": {stderr.splitlines()[-1]}" if stderr else ""))
+            elif load.mode == "idle" and rec.get("held") != int(load.args[1]):
+                rec["error"] = f"held {rec.get('held')} of {load.args[1]} sessions"
+            else:
+                rec["ok"] = True
+            if rec.get("proxy_note"):
+                rec["ok"] = False
+                rec["error"] = (rec.get("error", "") + " " + rec["proxy_note"]).strip()
+        except RunError as e:
+            rec["error"] = str(e)
+        finally:
+            if proxy is not None and proxy.leader is not None:
+                self.procs.stop(proxy.leader)
+            if backend is not None:
+                self.procs.stop(backend)
+        if rec.get("error"):
+            log(f"  FAILED: {rec['error']}")
+        else:
+            r = rec["loadgen"]
+            log(f"  {summary_line(load, rec, r)}")
+        return rec
+
+
+def summary_line(load: Load, rec: dict, r: dict) -> str:
+    parts = []
+    if load.unit == "messages":
+        parts.append(f"{r['msgs_per_s']:.0f} msg/s")
+    elif load.unit == "handshakes":
+        parts.append(f"{r['handshakes_per_s']:.0f} hs/s")
+    elif load.unit == "mib":
+        parts.append(f"{r['mib_per_s']:.0f} MiB/s")
+    else:
+        parts.append(f"held {rec.get('held')}")
+    v = unit_cpu_us(load, rec)
+    if v is not None:
+        parts.append(f"proxy {v:.1f} µs/{load.unit.rstrip('s') if load.unit != 'mib' else 'MiB'}")
+    if load.mode == "idle" and rec.get("rss_kib_held") is not None:
+        parts.append(f"RSS {rec['rss_kib_before']}→{rec['rss_kib_held']} KiB")
+    if load.mode == "rate":
+        parts.append(f"p50 {r['latency_us']['p50']} µs")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def units_of(load: Load, r: dict) -> float:
+    if load.unit == "messages":
+        return r["messages"]
+    if load.unit == "handshakes":
+        return r["handshakes"]
+    if load.unit == "mib":
+        return r["bytes"] / MIB
+    return 0
+
+
+def unit_cpu_us(load: Load, rec: dict) -> float | None:
+    r = rec.get("loadgen")
+    if not r or load.unit is None or rec["subject"] == "direct" or "proxy_user_s" not in rec:
+        return None
+    n = units_of(load, r)
+    if n <= 0:
+        return None
+    return (rec["proxy_user_s"] + rec["proxy_sys_s"]) * 1e6 / n
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    key: str
+    title: str
+    load: str
+    kind: str  # cpu, rss, rtt
+    target: tuple[str, float] | None  # ("ratio", x) or ("abs", x)
+    eval_load: str | None = None
+    pct: str = "p50"
+    chart: str | None = None
+
+
+FIGURES = [
+    Figure("echo_cpu", "CPU µs per 64-B echo round trip, saturated (50 conns)", "echo", "cpu",
+           ("ratio", 0.95), chart="echo, saturated"),
+    Figure("rate30k_cpu", "CPU µs per message at 30,000 msg/s open loop (100 conns)", "rate30k",
+           "cpu", ("ratio", 0.7), chart="30k msg/s"),
+    Figure("hs_cached_cpu", "CPU µs per handshake, token seen before", "handshake", "cpu",
+           ("ratio", 1.0), chart="handshake, cached"),
+    Figure("hs_fresh_cpu", "CPU µs per handshake, fresh token each (peers: no auth)", "handshake",
+           "cpu", ("ratio", 1.35), eval_load="handshake_fresh", chart="handshake, fresh"),
+    Figure("idle_rss", "KiB RSS growth per idle session", "idle", "rss", ("abs", 1.0)),
+    Figure("bulk_cpu", "CPU µs per MiB, 1 MiB messages", "bulk", "cpu", ("ratio", 0.5),
+           chart="bulk, per MiB"),
+    Figure("rtt_p50", "p50 RTT added over direct at 5,000 msg/s (µs)", "rate5k", "rtt",
+           ("ratio", 0.5), pct="p50"),
+    Figure("rtt_p99", "p99 RTT added over direct at 5,000 msg/s (µs)", "rate5k", "rtt", None,
+           pct="p99"),
+    Figure("rtt_p999", "p99.9 RTT added over direct at 5,000 msg/s (µs)", "rate5k", "rtt", None,
+           pct="p999"),
+]
+
+
+def figure_value(fig: Figure, load: Load, rec: dict, direct: dict | None) -> float | None:
+    r = rec.get("loadgen")
+    if not r:
+        return None
+    if fig.kind == "cpu":
+        return unit_cpu_us(load, rec)
+    if fig.kind == "rss":
+        held = rec.get("held") or 0
+        if held <= 0 or rec.get("rss_kib_held") is None:
+            return None
+        return (rec["rss_kib_held"] - rec["rss_kib_before"]) / held
+    if fig.kind == "rtt":
+        if not direct or not direct.get("loadgen"):
+            return None
+        return r["latency_us"][fig.pct] - direct["loadgen"]["latency_us"][fig.pct]
+    return None
+
+
+def compute_figures(runs: list[dict], loads: dict[str, Load], reps: int,
+                    max_others: float) -> list[dict]:
+    by = {(r["rep"], r["load"], r["subject"]): r for r in runs}
+    out = []
+    for fig in FIGURES:
+        if fig.load not in loads:
+            continue
+        eval_load = fig.eval_load or fig.load
+        if eval_load not in loads:
+            continue
+        values: dict[str, list] = {}
+        flags: dict[str, list] = {}
+        for subject in PROXIES:
+            vals, fl = [], []
+            for rep in range(1, reps + 1):
+                lkey = eval_load if subject == "eval-proxy" else fig.load
+                rec = by.get((rep, lkey, subject))
+                if rec is None:
+                    vals.append(None)
+                    fl.append(None)
+                    continue
+                direct = by.get((rep, fig.load, "direct"))
+                v = figure_value(fig, loads[lkey], rec, direct)
+                vals.append(v)
+                uses = [rec] + ([direct] if fig.kind == "rtt" and direct else [])
+                mark = "" if rec.get("ok") and (fig.kind != "rtt" or (direct and direct.get("ok"))) \
+                    else "⚠"
+                if any(contended(r, max_others) for r in uses):
+                    mark += "~"
+                fl.append(mark or None)
+            if any(v is not None or f for v, f in zip(vals, fl)):
+                values[subject] = vals
+                flags[subject] = fl
+        best, best_who, ratios = [], [], []
+        for i in range(reps):
+            cands = [(values[s][i], s) for s in PEERS if s in values and values[s][i] is not None]
+            if not cands:
+                best.append(None)
+                best_who.append(None)
+                ratios.append(None)
+                continue
+            b, who = min(cands)
+            best.append(b)
+            best_who.append(who)
+            ev = values.get("eval-proxy", [None] * reps)[i]
+            # An added latency at or under zero is noise, not a scale.
+            meaningful = ev is not None and b > 0 and (fig.kind != "rtt" or ev > 0)
+            ratios.append(ev / b if meaningful else None)
+        verdict = None
+        if fig.target:
+            kind, x = fig.target
+            ev = values.get("eval-proxy", [None] * reps)
+            evflags = flags.get("eval-proxy", ["missing"] * reps)
+            if "eval-proxy" not in values:
+                verdict = "not run"
+            elif any(f and "⚠" in f for f in evflags):
+                verdict = "missed (eval-proxy run failed)"
+            elif kind == "abs":
+                verdict = "met" if all(v is not None and v <= x for v in ev) else "missed"
+            elif any(r is None for r in ratios):
+                verdict = "n/a (no peer figure)" if any(b is None or b <= 0 for b in best) else "missed"
+            else:
+                verdict = "met" if all(r <= x for r in ratios) else "missed"
+        out.append({
+            "key": fig.key, "title": fig.title, "load": fig.load, "eval_load": eval_load,
+            "kind": fig.kind, "target": list(fig.target) if fig.target else None,
+            "values": values, "flags": flags, "best_peer": best, "best_peer_who": best_who,
+            "ratio": ratios, "verdict": verdict, "chart": fig.chart,
+        })
+    return out
+
+
+# ---------------------------------------------------------------- output
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "–"
+    a = abs(v)
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def cell(vals: list, flags: list | None = None) -> str:
+    parts = []
+    for i, v in enumerate(vals):
+        s = fmt(v)
+        if flags and flags[i]:
+            s += flags[i]
+        parts.append(s)
+    return " / ".join(parts)
+
+
+def target_text(t: list | None) -> str:
+    if not t:
+        return "–"
+    return f"≤ {t[1]:g}×" if t[0] == "ratio" else f"≤ {t[1]:g} KiB"
+
+
+def markdown(meta: dict, figs: list[dict], runs: list[dict], loads: list[Load],
+             notes: list[str]) -> str:
+    reps = meta["reps"]
+    reps_label = " / ".join(f"run {i}" for i in range(1, reps + 1))
+    L = []
+    title = "eval-proxy vs nginx, HAProxy, Caddy — one proxy core"
+    if meta["quick"]:
+        title += " (quick smoke run: not a measurement)"
+    L.append(f"# {title}\n")
+    L.append(f"{meta['date']} · eval-proxy {meta['commit']} · {meta['cpu_model']}, {meta['cpus']} CPUs, "
+             f"Linux {meta['kernel']} · {meta['versions']}  ")
+    L.append(f"`{meta['command']}` · {meta['duration']} s per load, {reps} repetition(s), "
+             f"proxy on CPU {meta['proxy_cpu']}, loadgen + backend on CPU {meta['load_cpu']}, "
+             f"every proxy started fresh for every run.\n")
+    L.append(f"Each cell: {reps_label}. Lower is better everywhere. Ratio = eval-proxy ÷ best peer "
+             f"of the same repetition; a target is met only if every repetition meets it. "
+             f"⚠ = the run reported errors; ~ = other processes on the machine were busy "
+             f"during the run (see notes).\n")
+    L.append("| figure | eval-proxy | nginx | HAProxy | Caddy | eval ÷ best peer | target | |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for f in figs:
+        row = [f["title"]]
+        for s in PROXIES:
+            row.append(cell(f["values"].get(s, [None] * reps), f["flags"].get(s)))
+        row.append(cell(f["ratio"]))
+        row.append(target_text(f["target"]))
+        v = f["verdict"]
+        row.append("–" if v is None else ("✅ met" if v == "met" else f"❌ {v}"))
+        L.append("| " + " | ".join(row) + " |")
+    # Absolute latency and baseline RSS give the ratios their scale.
+    lk = {l.key: l for l in loads}
+    by = {(r["rep"], r["load"], r["subject"]): r for r in runs}
+    if "rate5k" in lk:
+        L.append("")
+        L.append("RTT at 5,000 msg/s (µs, p50 · p99 · p99.9), " + reps_label + ":\n")
+        L.append("| | " + " | ".join(NAMES[s] for s in SUBJECTS) + " |")
+        L.append("|---|" + "---|" * len(SUBJECTS))
+        for pct, label in (("p50", "p50"), ("p99", "p99"), ("p999", "p99.9")):
+            row = [label]
+            for s in SUBJECTS:
+                vals = []
+                for rep in range(1, reps + 1):
+                    r = by.get((rep, "rate5k", s))
+                    vals.append(r["loadgen"]["latency_us"][pct] if r and r.get("loadgen") else None)
+                row.append(cell(vals))
+            L.append("| " + " | ".join(row) + " |")
+    if "idle" in lk:
+        L.append("")
+        L.append(f"RSS of the serving process (MiB), before load → holding {lk['idle'].args[1]} "
+                 f"idle sessions, {reps_label}:\n")
+        L.append("| | " + " | ".join(NAMES[s] for s in PROXIES) + " |")
+        L.append("|---|" + "---|" * len(PROXIES))
+        row = ["RSS"]
+        for s in PROXIES:
+            parts = []
+            for rep in range(1, reps + 1):
+                r = by.get((rep, "idle", s))
+                if r and r.get("rss_kib_held") is not None:
+                    parts.append(f"{r['rss_kib_before'] / 1024:.1f} → {r['rss_kib_held'] / 1024:.1f}")
+                else:
+                    parts.append("–")
+            row.append(" / ".join(parts))
+        L.append("| " + " | ".join(row) + " |")
+    L.append("")
+    L.append("Kernel share of the proxy's CPU (stime ÷ (utime + stime), from /proc/PID/stat), "
+             + reps_label + ":\n")
+    L.append("| load | " + " | ".join(NAMES[s] for s in PROXIES) + " |")
+    L.append("|---|" + "---|" * len(PROXIES))
+    for l in loads:
+        if l.unit is None:
+            continue
+        row = [l.title]
+        for s in PROXIES:
+            vals = []
+            for rep in range(1, reps + 1):
+                r = by.get((rep, l.key, s))
+                if r and r.get("proxy_user_s") is not None and r["proxy_user_s"] + r["proxy_sys_s"] > 0:
+                    vals.append(f"{100 * r['proxy_sys_s'] / (r['proxy_user_s'] + r['proxy_sys_s']):.0f} %")
+                else:
+                    vals.append("–")
+            row.append(" / ".join(vals) if any(v != "–" for v in vals) else "")
+        L.append("| " + " | ".join(row) + " |")
+    L.append("")
+    L.append("Load side: throughput reached · proxy CPU as % of its core · loadgen + backend CPU as % "
+             "of the load core (near 100 % there means the load side, not the proxy, set the pace) · "
+             "CPU of other processes on the machine, as % of one core · errors, "
+             + reps_label + ":\n")
+    L.append("| load | subject | throughput | proxy core | load core | others | errors |")
+    L.append("|---|---|---|---|---|---|---|")
+    for l in loads:
+        for s in l.subjects:
+            tp, pc, lc, oc, errs = [], [], [], [], []
+            for rep in range(1, reps + 1):
+                r = by.get((rep, l.key, s))
+                g = r.get("loadgen") if r else None
+                if not g:
+                    tp.append("failed" if r else "–")
+                    pc.append("–")
+                    lc.append("–")
+                    oc.append("–")
+                    errs.append("start/wait" if r else "–")
+                    continue
+                if l.unit == "messages":
+                    tp.append(f"{g['msgs_per_s'] / 1000:.1f}k msg/s")
+                elif l.unit == "handshakes":
+                    tp.append(f"{g['handshakes_per_s']:.0f} hs/s")
+                elif l.unit == "mib":
+                    tp.append(f"{g['mib_per_s']:.0f} MiB/s")
+                else:
+                    tp.append(f"{r.get('held')} held")
+                w = r["wall_s"]
+                pc.append(f"{100 * (r['proxy_user_s'] + r['proxy_sys_s']) / w:.0f} %" if s != "direct" else "–")
+                lc.append(f"{100 * (r['loadgen_cpu_s'] + r['backend_cpu_s']) / w:.0f} %")
+                oc.append(f"{100 * r.get('others_cpu_s', 0) / w:.0f} %"
+                          + (f" ({r['attempts']} tries)" if r.get("attempts", 1) > 1 else ""))
+                e = sum(g.get("errors", {}).values())
+                errs.append(str(e) if e or r.get("exit_code") else "0")
+            L.append(f"| {l.title} | {NAMES[s]} | {' / '.join(tp)} | {' / '.join(pc)} | "
+                     f"{' / '.join(lc)} | {' / '.join(oc)} | {' / '.join(errs)} |")
+    L.append("")
+    L.append("Notes:\n")
+    for n in notes or ["none"]:
+        L.append(f"- {n}")
+    L.append("")
+    stem = "quick" if meta["quick"] else "latest"
+    L.append(f"Chart: `{stem}.svg` (CPU per unit of work, each proxy ÷ the best peer). "
+             f"Raw numbers: `{stem}.json`.")
+    return "\n".join(L) + "\n"
+
+
+def svg_chart(meta: dict, figs: list[dict], busy_runs: int) -> str:
+    groups = [f for f in figs if f["chart"]]
+    colors = {"eval-proxy": "#1f77b4", "nginx": "#2ca02c", "haproxy": "#ff7f0e", "caddy": "#9467bd"}
+    W, H = 960, 460
+    left, right, top, bottom = 70, 20, 70, 80
+    pw, ph = W - left - right, H - top - bottom
+    data = []
+    for f in groups:
+        bars = []
+        for s in PROXIES:
+            norm = [v / b for v, b in zip(f["values"].get(s, []), f["best_peer"])
+                    if v is not None and b]
+            bars.append((s, sum(norm) / len(norm) if norm else None))
+        data.append((f, bars))
+    vmax = max([v for _, bars in data for _, v in bars if v is not None] + [1.2])
+    ymax = math.ceil(vmax * 1.1 / 0.5) * 0.5
+    y = lambda v: top + ph - ph * v / ymax  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+           f'viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{W / 2}" y="24" text-anchor="middle" font-size="16" font-weight="bold">'
+           f'Proxy CPU per unit of work ÷ best peer (lower is better)</text>',
+           f'<text x="{W / 2}" y="44" text-anchor="middle" fill="#555">'
+           f'{html.escape(meta["date"])} · eval-proxy {html.escape(meta["commit"])} · mean of '
+           f'{meta["reps"]} repetition(s), 1 proxy core{" · QUICK SMOKE RUN" if meta["quick"] else ""}'
+           f'{f" · {busy_runs} run(s) disturbed by other processes" if busy_runs else ""}'
+           f'</text>']
+    step = 0.5 if ymax <= 4 else 1.0
+    t = 0.0
+    while t <= ymax + 1e-9:
+        yy = y(t)
+        out.append(f'<line x1="{left}" y1="{yy:.1f}" x2="{W - right}" y2="{yy:.1f}" '
+                   f'stroke="{"#333" if t == 0 else "#ddd"}"/>')
+        out.append(f'<text x="{left - 8}" y="{yy + 4:.1f}" text-anchor="end">{t:.1f}×</text>')
+        t += step
+    out.append(f'<line x1="{left}" y1="{y(1):.1f}" x2="{W - right}" y2="{y(1):.1f}" '
+               f'stroke="#333" stroke-dasharray="6,4"/>')
+    labels: list[str] = []
+    gw = pw / max(len(data), 1)
+    bw = gw * 0.8 / len(PROXIES)
+    for gi, (f, bars) in enumerate(data):
+        gx = left + gi * gw + gw * 0.1
+        for bi, (s, v) in enumerate(bars):
+            x = gx + bi * bw
+            if v is None:
+                out.append(f'<text x="{x + bw / 2:.1f}" y="{y(0) - 4:.1f}" text-anchor="middle" '
+                           f'fill="#999">n/a</text>')
+                continue
+            out.append(f'<rect x="{x + 1:.1f}" y="{y(v):.1f}" width="{bw - 2:.1f}" '
+                       f'height="{y(0) - y(v):.1f}" fill="{colors[s]}"><title>{NAMES[s]}: '
+                       f'{v:.2f}×</title></rect>')
+            labels.append(f'<text x="{x + bw / 2:.1f}" y="{y(v) - 4:.1f}" text-anchor="middle" '
+                          f'font-size="10" stroke="white" stroke-width="3" paint-order="stroke">'
+                          f'{v:.2f}</text>')
+            if s == "eval-proxy" and f["target"] and f["target"][0] == "ratio":
+                ty = y(f["target"][1])
+                out.append(f'<line x1="{x - 3:.1f}" y1="{ty:.1f}" x2="{x + bw + 3:.1f}" y2="{ty:.1f}" '
+                           f'stroke="#d62728" stroke-width="3"><title>target ≤ {f["target"][1]:g}×'
+                           f'</title></line>')
+        out.append(f'<text x="{gx + gw * 0.4:.1f}" y="{top + ph + 18}" text-anchor="middle">'
+                   f'{html.escape(f["chart"])}</text>')
+        v = f["verdict"] or ""
+        out.append(f'<text x="{gx + gw * 0.4:.1f}" y="{top + ph + 34}" text-anchor="middle" '
+                   f'fill="{"#2ca02c" if v == "met" else "#d62728"}">{html.escape(v)}</text>')
+    out.extend(labels)
+    lx = left
+    for s in PROXIES:
+        out.append(f'<rect x="{lx}" y="{H - 24}" width="12" height="12" fill="{colors[s]}"/>')
+        out.append(f'<text x="{lx + 16}" y="{H - 14}">{NAMES[s]}</text>')
+        lx += 110
+    out.append(f'<line x1="{lx}" y1="{H - 18}" x2="{lx + 18}" y2="{H - 18}" stroke="#d62728" '
+               f'stroke-width="3"/><text x="{lx + 24}" y="{H - 14}">target for eval-proxy</text>')
+    lx += 170
+    out.append(f'<line x1="{lx}" y1="{H - 18}" x2="{lx + 18}" y2="{H - 18}" stroke="#333" '
+               f'stroke-dasharray="6,4"/><text x="{lx + 24}" y="{H - 14}">best peer = 1.0×</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def contended(rec: dict, max_others: float) -> bool:
+    w = rec.get("wall_s")
+    return bool(w) and rec.get("others_cpu_s", 0) / w > max_others
+
+
+def make_notes(runs: list[dict], loads: dict[str, Load], meta: dict) -> list[str]:
+    notes = []
+    label = lambda r: f"{r['load']} {NAMES[r['subject']]} (run {r['rep']})"  # noqa: E731
+    for r in runs:
+        if r.get("error"):
+            lines = [l.strip() for l in r["error"].strip().splitlines() if l.strip()]
+            what = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
+            notes.append(f"**{label(r)} FAILED**: {what}")
+    saturated, slow = [], []
+    for r in runs:
+        if not r.get("loadgen") or "wall_s" not in r:
+            continue
+        w = r["wall_s"]
+        l = loads[r["load"]]
+        lc = (r["loadgen_cpu_s"] + r["backend_cpu_s"]) / w
+        pc = (r["proxy_user_s"] + r["proxy_sys_s"]) / w
+        if l.mode in ("echo", "bulk", "handshake") and r["subject"] != "direct" and lc > 0.9 > pc:
+            saturated.append(f"{label(r)} {lc:.0%} vs {pc:.0%}")
+        if l.mode == "rate":
+            target = float(l.args[l.args.index("--rate") + 1])
+            got = r["loadgen"]["msgs_per_s"]
+            if got < 0.97 * target:
+                slow.append(f"{label(r)}: {got:.0f} msg/s")
+    if saturated:
+        notes.append("The load core saturated before the proxy core (load vs proxy core use) in: "
+                     + "; ".join(saturated) + ". CPU per unit of work still compares the proxies; "
+                     "their throughput does not.")
+    if slow:
+        notes.append("Open-loop runs that fell short of their rate: " + "; ".join(slow) + ".")
+    mo = meta.get("max_others", 0.25)
+    busy = [r for r in runs if contended(r, mo)]
+    reruns = sum(r.get("attempts", 1) - 1 for r in runs)
+    if busy or reruns:
+        worst = max(runs, key=lambda r: r.get("others_cpu_s", 0) / r["wall_s"] if r.get("wall_s") else 0)
+        notes.append(
+            f"Other processes on this machine (not started by the benchmark) used more than "
+            f"{mo:.0%} of a core during {len(busy)} of {len(runs)} kept runs, marked ~ "
+            f"(worst: {label(worst)}, {worst['others_cpu_s'] / worst['wall_s']:.0%} of a core). "
+            f"{reruns} run(s) were repeated for that reason and the quieter attempt kept. Such "
+            f"runs share the cores with foreign work, which changes batching and cache "
+            f"behaviour, so their figures are less certain.")
+    return notes
+
+
+def update_readme(md: str) -> None:
+    readme = BENCH / "README.md"
+    if not readme.exists():
+        return
+    text = readme.read_text()
+    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+    if begin not in text or end not in text:
+        return
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    # The README carries the headline table; latest.md has the rest.
+    lines = md.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("| figure"))
+    stop = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    body = "\n".join(lines[2:4] + [""] + lines[start:stop])
+    readme.write_text(f"{head}{begin}\n{body}\n\n![CPU per unit of work, relative to the best peer]"
+                      f"(results/latest.svg)\n\nAll tables and notes: [results/latest.md]"
+                      f"(results/latest.md).\n{end}{tail}")
+
+
+# ---------------------------------------------------------------- setup
+
+
+def ensure_peers(a: argparse.Namespace) -> None:
+    missing = [p for p in PEERS
+               if not shutil.which(p) and not any(os.path.exists(x) for x in PEER_BINARIES[p])]
+    if not missing:
+        return
+    if a.no_install:
+        raise BenchError(f"missing {', '.join(missing)} and --no-install given")
+    if os.geteuid() != 0:
+        raise BenchError(f"missing {', '.join(missing)}; as root: apt-get install -y "
+                         "--no-install-recommends nginx-light haproxy caddy")
+    log(f"installing {', '.join(missing)} from Debian's packages")
+    # The packages would start their system services (nginx and Caddy on
+    # port 80); the benchmark runs its own instances only.
+    policy = Path("/usr/sbin/policy-rc.d")
+    made_policy = False
+    if not policy.exists():
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+        made_policy = True
+    try:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update"], check=True, env=env, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends",
+                        "nginx-light", "haproxy", "caddy"], check=True, env=env, timeout=900)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        raise BenchError(f"installing the peers failed: {e}") from e
+    finally:
+        if made_policy:
+            policy.unlink()
+    os.environ["PATH"] = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+
+
+def build(a: argparse.Namespace) -> dict[str, str]:
+    try:
+        meta = json.loads(subprocess.run(
+            ["cargo", "metadata", "--no-deps", "--format-version", "1"], cwd=ROOT, check=True,
+            capture_output=True, text=True, timeout=120).stdout)
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        raise BenchError(f"cargo metadata failed (is cargo installed?): {e}") from e
+    release = Path(meta["target_directory"]) / "release"
+    if not a.no_build:
+        log("building eval-proxy and eval-loadgen (release)")
+        try:
+            subprocess.run(["cargo", "build", "--release", "-p", "eval-proxy", "-p", "eval-loadgen"],
+                           cwd=ROOT, check=True, timeout=3600)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            raise BenchError(f"cargo build failed: {e}") from e
+    bins = {"proxy": str(release / "eval-proxy"), "loadgen": str(release / "eval-loadgen")}
+    for b in bins.values():
+        if not os.access(b, os.X_OK):
+            raise BenchError(f"{b} not found; build it or drop --no-build")
+    return bins
+
+
+def capture(argv: list[str]) -> str:
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        return (p.stdout + p.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def machine_meta(a: argparse.Namespace, bins: dict[str, str]) -> dict:
+    model = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    commit = capture(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = capture(["git", "--no-optional-locks", "-C", str(ROOT), "status", "--porcelain",
+                     "--untracked-files=no"])
+    if dirty and dirty != "?":
+        commit += "+dirty"
+    nginx = re.search(r"nginx/(\S+)", capture(["nginx", "-v"]))
+    haproxy = re.search(r"version (\S+)", capture(["haproxy", "-v"]))
+    caddy = capture(["caddy", "version"]).split()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "versions": (f"nginx {nginx.group(1) if nginx else '?'}, HAProxy "
+                     f"{haproxy.group(1) if haproxy else '?'}, Caddy {caddy[0] if caddy else '?'}"),
+        "eval_proxy_version": capture([bins["proxy"], "--version"]),
+        "command": " ".join(["bench/compare.sh"] + a.argv),
+        "duration": a.duration,
+        "reps": a.reps,
+        "quick": a.quick,
+        "proxy_cpu": a.proxy_cpu,
+        "load_cpu": a.load_cpu,
+        "idle_conns": a.idle_conns,
+        "partial": bool(a.loads or a.subjects),
+        "max_others": a.max_others,
+    }
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bench/compare.sh",
+        description="eval-proxy vs nginx, HAProxy and Caddy on one proxy core (see bench/README.md).")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 2 s per load, 1 repetition, 500 idle sessions; writes quick.*")
+    p.add_argument("--reps", type=int, help="repetitions (default 2; 1 with --quick)")
+    p.add_argument("--duration", type=float, help="seconds per load (default 10; 2 with --quick)")
+    p.add_argument("--idle-conns", type=int, help="idle sessions (default 4000; 500 with --quick)")
+    p.add_argument("--loads", help="comma-separated subset: echo,rate30k,handshake,"
+                   "handshake_fresh,idle,bulk,rate5k")
+    p.add_argument("--subjects", help="comma-separated subset: direct,eval-proxy,nginx,haproxy,caddy")
+    p.add_argument("--proxy-cpu", type=int, default=0, help="CPU for the proxy under test (0)")
+    p.add_argument("--load-cpu", type=int, default=1, help="CPU for loadgen and backend (1)")
+    p.add_argument("--out", type=Path, default=BENCH / "results", help="results folder")
+    p.add_argument("--no-build", action="store_true", help="use the binaries already built")
+    p.add_argument("--no-install", action="store_true", help="never apt-get install the peers")
+    p.add_argument("--max-others", type=float, default=0.25, metavar="SHARE",
+                   help="a run during which other processes used more than this share of a core "
+                   "is marked ~ and repeated once, within the rerun budget (0.25)")
+    p.add_argument("--rerun-share", type=float, default=0.25, metavar="SHARE",
+                   help="at most this share of the runs may be repeated (0.25; 0 = never)")
+    p.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs)")
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="only rebuild the table, chart (and README) from a saved results JSON")
+    a = p.parse_args(argv)
+    a.argv = argv
+    a.reps = a.reps or (1 if a.quick else 2)
+    a.duration = a.duration or (2.0 if a.quick else 10.0)
+    a.idle_conns = a.idle_conns or (500 if a.quick else 4000)
+    a.idle_hold = 2.0 if a.quick else 4.0
+    a.settle = 0.3 if a.quick else 0.5
+    if a.duration != int(a.duration):
+        p.error("--duration takes whole seconds")
+    a.duration = int(a.duration)
+    if a.proxy_cpu == a.load_cpu:
+        p.error("--proxy-cpu and --load-cpu must differ")
+    allowed = os.sched_getaffinity(0)
+    for c in (a.proxy_cpu, a.load_cpu):
+        if c not in allowed:
+            p.error(f"CPU {c} is not available here (have {sorted(allowed)})")
+    return a
+
+
+def write_outputs(a: argparse.Namespace, meta: dict, loads: list[Load], runs: list[dict]) -> None:
+    lmap = {l.key: l for l in loads}
+    figs = compute_figures(runs, lmap, meta["reps"], meta.get("max_others", 0.25))
+    notes = make_notes(runs, lmap, meta)
+    md = markdown(meta, figs, runs, loads, notes)
+    stem = "quick" if meta["quick"] else "latest"
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / f"{stem}.md").write_text(md)
+    busy = sum(contended(r, meta.get("max_others", 0.25)) for r in runs)
+    (a.out / f"{stem}.svg").write_text(svg_chart(meta, figs, busy))
+    (a.out / f"{stem}.json").write_text(json.dumps({
+        "meta": meta,
+        "loads": [dataclasses.asdict(l) for l in loads],
+        "figures": figs,
+        "notes": notes,
+        "runs": runs,
+    }, indent=1, ensure_ascii=False) + "\n")
+    if not meta["quick"] and not meta.get("partial") and \
+            a.out.resolve() == (BENCH / "results").resolve():
+        update_readme(md)
+    print(md)
+    log(f"wrote {a.out / stem}.{{md,json,svg}}")
+
+
+def render_only(a: argparse.Namespace) -> int:
+    """Rebuild the table, chart and README from a saved JSON, without running."""
+    try:
+        saved = json.loads(a.render.read_text())
+        loads = [Load(**{k: tuple(v) if isinstance(v, list) else v for k, v in l.items()})
+                 for l in saved["loads"]]
+        write_outputs(a, saved["meta"], loads, saved["runs"])
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise BenchError(f"cannot render {a.render}: {e}") from e
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    a = parse_args(argv)
+    if a.render:
+        return render_only(a)
+    loads = make_loads(a)
+    ensure_peers(a)
+    if not shutil.which("taskset"):
+        raise BenchError("taskset not found (package util-linux)")
+    bins = build(a)
+    meta = machine_meta(a, bins)
+    workdir = Path(tempfile.mkdtemp(prefix="eval-bench-"))
+    procs = Procs(workdir)
+
+    def on_signal(signum, _frame):
+        log(f"{signal.Signals(signum).name}: stopping everything the benchmark started")
+        raise SystemExit(128 + signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, on_signal)
+    runs: list[dict] = []
+    started = time.monotonic()
+    failed = False
+    total = a.reps * sum(len(l.subjects) for l in loads)
+    # Repeat runs that other work on the machine disturbed, within a budget
+    # that keeps the whole benchmark near its planned length.
+    budget = math.ceil(total * a.rerun_share)
+    try:
+        bench = Bench(a, procs, bins)
+        for rep in range(1, a.reps + 1):
+            for load in loads:
+                # Alternate the order between repetitions so drift in the
+                # machine's background load does not favour one subject.
+                order = list(load.subjects) if rep % 2 else list(reversed(load.subjects))
+                for subject in order:
+                    tries = [bench.run(rep, load, subject)]
+                    while len(tries) < 2 and budget > 0 and tries[-1].get("ok") \
+                            and contended(tries[-1], a.max_others):
+                        budget -= 1
+                        log(f"  other processes used {tries[-1]['others_cpu_s'] / tries[-1]['wall_s']:.0%} "
+                            f"of a core meanwhile; running it again")
+                        tries.append(bench.run(rep, load, subject))
+                    # A failure is never retried away: the first failed attempt is kept.
+                    kept = next((t for t in tries if not t.get("ok")), None) or \
+                        min(tries, key=lambda t: t.get("others_cpu_s", 0) / t.get("wall_s", 1))
+                    kept["attempts"] = len(tries)
+                    kept["others_cpu_s_each"] = [t.get("others_cpu_s") for t in tries]
+                    runs.append(kept)
+    finally:
+        # A second Ctrl-C must not cut the clean-up short.
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        procs.stop_all()
+        failed = any(r.get("error") for r in runs)
+        if a.keep or failed:
+            log(f"work folder with configs and logs kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    meta["elapsed_s"] = round(time.monotonic() - started, 1)
+    write_outputs(a, meta, loads, runs)
+    if failed:
+        log("some runs failed (see Notes); exit status 1")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except BenchError as e:
+        log(f"error: {e}")
+        sys.exit(2)
