@@ -52,8 +52,8 @@ impl KeyStore {
 /// generations bound it: when the current one fills, it becomes the
 /// previous one and the old previous is dropped.
 pub struct VerifyCache {
-    current: HashMap<[u8; 32], Claims>,
-    previous: HashMap<[u8; 32], Claims>,
+    current: HashMap<[u8; 32], Arc<Claims>>,
+    previous: HashMap<[u8; 32], Arc<Claims>>,
     half: usize,
     epoch: u64,
 }
@@ -75,7 +75,7 @@ impl VerifyCache {
         token: &str,
         now_unix: i64,
         opts: &VerifyOptions,
-    ) -> Result<Claims, TokenError> {
+    ) -> Result<Arc<Claims>, TokenError> {
         if keys.epoch != self.epoch {
             // Keys changed: a cached token may be signed by a removed key.
             self.current.clear();
@@ -98,7 +98,7 @@ impl VerifyCache {
             }
             return Ok(c);
         }
-        let claims = verify(token, keys.get(), now_unix, opts)?;
+        let claims = Arc::new(verify(token, keys.get(), now_unix, opts)?);
         if self.current.len() >= self.half {
             self.previous = std::mem::take(&mut self.current);
         }

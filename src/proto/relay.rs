@@ -128,8 +128,10 @@ pub struct Tracker {
     head_len: usize,
     /// `Some` from the end of a frame's header to the end of its payload.
     current: Option<Current>,
-    /// Unmasked payload of the control frame in progress or last completed.
-    control: [u8; MAX_CONTROL_PAYLOAD],
+    /// Unmasked payload of the control frame in progress or last completed;
+    /// allocated at the first control frame, so a session that never sees
+    /// one (most idle ones) does not carry 125 bytes per direction.
+    control: Option<Box<[u8; MAX_CONTROL_PAYLOAD]>>,
     control_len: usize,
     /// Inside a fragmented Text/Binary message.
     in_message: bool,
@@ -150,7 +152,7 @@ impl Tracker {
             head: [0; MAX_HEADER_LEN],
             head_len: 0,
             current: None,
-            control: [0; MAX_CONTROL_PAYLOAD],
+            control: None,
             control_len: 0,
             in_message: false,
             close_seen: false,
@@ -202,7 +204,10 @@ impl Tracker {
             let take = cur.remaining.min((data.len() - pos) as u64) as usize;
             if cur.opcode.is_control() {
                 // check() bounded control payloads to MAX_CONTROL_PAYLOAD.
-                let into = &mut self.control[self.control_len..self.control_len + take];
+                let buf = self
+                    .control
+                    .get_or_insert_with(|| Box::new([0; MAX_CONTROL_PAYLOAD]));
+                let into = &mut buf[self.control_len..self.control_len + take];
                 into.copy_from_slice(&data[pos..pos + take]);
                 if let Some(key) = cur.mask {
                     apply_mask(into, key, self.control_len);
@@ -235,7 +240,10 @@ impl Tracker {
     /// Unmasked payload of the control frame behind the last event. Read it
     /// before feeding more bytes: the next control frame reuses the space.
     pub fn control_payload(&self) -> &[u8] {
-        &self.control[..self.control_len]
+        match &self.control {
+            Some(buf) => &buf[..self.control_len],
+            None => &[],
+        }
     }
 
     /// Everything fed so far ends exactly at a frame end, so a frame the

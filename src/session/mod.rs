@@ -125,13 +125,6 @@ impl Side {
     }
 }
 
-/// What the token said, kept for headers, logs and the registry.
-pub struct Identity {
-    pub repl: String,
-    pub user: String,
-    pub cluster: String,
-}
-
 pub struct Session {
     pub id: u64,
     pub gen: u16,
@@ -147,7 +140,9 @@ pub struct Session {
     pub deadline: Option<Instant>,
     pub started: Instant,
     pub phase_started: Instant,
-    pub ident: Option<Box<Identity>>,
+    /// What the token said (repl, user, cluster), for headers, logs and
+    /// the registry; shared with the shard's verification cache.
+    pub ident: Option<std::sync::Arc<crate::token::Claims>>,
     /// Setup state that only exists while connecting.
     pub setup: Option<Box<Setup>>,
     /// Close frames the proxy itself queued, per side.
@@ -291,6 +286,7 @@ mod size {
     #[test]
     fn idle_session_stays_small() {
         let n = std::mem::size_of::<Option<super::Session>>();
-        assert!(n <= 768, "Session grew to {n} bytes");
+        eprintln!("Session: {n} bytes");
+        assert!(n <= 560, "Session grew to {n} bytes");
     }
 }

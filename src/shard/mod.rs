@@ -36,7 +36,7 @@ use crate::proto::handshake::{self, accept_key, choose_protocol, new_client_key}
 use crate::proto::http1::{self, Route};
 use crate::proto::relay::{Direction, Event, Tracker, TrackerConfig, Violation};
 use crate::session::{
-    backoff, on_eof, Chunk, EofAction, Gather, Identity, Phase, Session, Setup, Side, GATHER_MAX,
+    backoff, on_eof, Chunk, EofAction, Gather, Phase, Session, Setup, Side, GATHER_MAX,
 };
 use crate::token::VerifyOptions;
 use bufring::BufRing;
@@ -1313,11 +1313,7 @@ impl Io {
             (Some(prev), None) => prev,
             (None, None) => String::new(),
         };
-        s.ident = Some(Box::new(Identity {
-            repl: claims.repl,
-            user: claims.user,
-            cluster: claims.cluster,
-        }));
+        s.ident = Some(claims);
         s.setup = Some(Box::new(Setup {
             deadline: self.now + Duration::from_millis(self.cfg.limits.setup_timeout_ms),
             attempt: 0,
