@@ -439,8 +439,10 @@ class Bench:
             if load.mode == "idle":
                 m = self.procs.wait_line(lg, r"holding (\d+)", 120)
                 rec["held"] = int(m.group(1))
-                # Let the proxy finish any per-session work before sampling.
-                time.sleep(min(1.5, self.a.idle_hold / 2))
+                # Let the proxy finish any per-session work before sampling
+                # (eval-proxy returns its idle buffer pages after 1 s of
+                # quiet); the same wait for every subject.
+                time.sleep(min(2.5, self.a.idle_hold / 2))
                 rec["rss_kib_held"] = sum(proc_rss_kib(p) for p in proxy.serving_pids())
             code, ru = self.procs.wait_exit(lg, self.a.duration + self.a.idle_hold + 90)
             wall = time.monotonic() - t0
