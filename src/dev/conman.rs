@@ -28,11 +28,12 @@
 //! `refuse`, `stall_before_101`, `reject_status` wins; `die_after_bytes` and
 //! `slow_reader_bps` apply after a successful upgrade.
 
+use super::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -57,10 +58,6 @@ const MAX_MESSAGE_SIZE: usize = 128 << 20;
 /// Accept errors such as EMFILE repeat at once; pausing keeps them from
 /// spinning a core while the test or loadgen that caused them winds down.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(10);
-
-/// The wake-up connection goes to our own listener on loopback, so anything
-/// slower than this means the listener is already gone.
-const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Misbehaviour switches, all off by default, applied to every connection.
 #[derive(Debug, Clone, Default)]
@@ -113,18 +110,13 @@ impl ConmanHandle {
         let Some(accept) = self.accept.take() else {
             return;
         };
-        *lock(&self.shared.stopping) = true;
-        self.shared.stopped.notify_all();
-        // The accept thread sits in a blocking accept(); a connection of our
-        // own is the portable way to make it look at the stop flag.
-        match TcpStream::connect_timeout(&wake_addr(self.local_addr), WAKE_TIMEOUT) {
-            Ok(_) => {
-                if accept.join().is_err() {
-                    warn!("fake conman accept thread panicked");
-                }
-            }
-            Err(error) => warn!(%error, "could not wake the fake conman accept thread"),
-        }
+        super::stop_accept_thread(
+            "fake conman",
+            self.local_addr,
+            accept,
+            &self.shared.stopping,
+            &self.shared.stopped,
+        );
         for tcp in lock(&self.shared.live).values() {
             // An error only means the peer is already gone.
             tcp.shutdown(Shutdown::Both).ok();
@@ -193,15 +185,6 @@ fn ws_config() -> WebSocketConfig {
     }
 }
 
-fn wake_addr(local: SocketAddr) -> SocketAddr {
-    let ip = match local.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
-    SocketAddr::new(ip, local.port())
-}
-
 #[derive(Debug)]
 struct Shared {
     behavior: Behavior,
@@ -228,12 +211,6 @@ impl Shared {
                 .unwrap_or_else(PoisonError::into_inner);
         }
     }
-}
-
-/// A panicking connection thread must not take the whole fake Conman down
-/// with it, so poisoning is ignored: the guarded data stays consistent.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Keeps a connection in [`Shared::live`] for exactly as long as its thread
@@ -592,6 +569,7 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     use tungstenite::client::{client_with_config, IntoClientRequest};
     use tungstenite::error::ProtocolError;

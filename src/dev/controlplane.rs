@@ -23,11 +23,12 @@
 //! [`FakeMode`], switchable at runtime with [`FakeControlplane::set_mode`],
 //! applies to every request read after the switch.
 
+use super::lock;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -37,9 +38,6 @@ use tracing::{debug, info, warn};
 const CONNECTION_STACK_SIZE: usize = 128 * 1024;
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 32;
-/// The wake-up connection goes to our own listener on loopback, so anything
-/// slower than this means the listener is already gone.
-const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Accept errors such as EMFILE repeat at once; pausing keeps them from
 /// spinning a core.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(10);
@@ -126,13 +124,6 @@ pub struct FakeControlplane {
     accept: Option<JoinHandle<()>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The data stays consistent across a panicking holder (counters and
-    // maps updated in single steps), so a test failure elsewhere must not
-    // cascade.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl FakeControlplane {
     /// Placement requests read so far, whatever the mode answered.
     pub fn requests(&self) -> u64 {
@@ -181,18 +172,13 @@ impl FakeControlplane {
         let Some(accept) = self.accept.take() else {
             return;
         };
-        *lock(&self.shared.stopping) = true;
-        self.shared.stopped.notify_all();
-        // The accept thread sits in a blocking accept(); a connection of our
-        // own is the portable way to make it look at the stop flag.
-        match TcpStream::connect_timeout(&wake_addr(self.local_addr), WAKE_TIMEOUT) {
-            Ok(_) => {
-                if accept.join().is_err() {
-                    warn!("fake controlplane accept thread panicked");
-                }
-            }
-            Err(error) => warn!(%error, "could not wake the fake controlplane accept thread"),
-        }
+        super::stop_accept_thread(
+            "fake controlplane",
+            self.local_addr,
+            accept,
+            &self.shared.stopping,
+            &self.shared.stopped,
+        );
         for tcp in lock(&self.shared.live).values() {
             // An error only means the peer is already gone.
             tcp.shutdown(Shutdown::Both).ok();
@@ -205,15 +191,6 @@ impl Drop for FakeControlplane {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn wake_addr(local: SocketAddr) -> SocketAddr {
-    let ip = match local.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
-    SocketAddr::new(ip, local.port())
 }
 
 /// Binds `cfg.listen` (port 0 allowed), starts the accept thread and returns
