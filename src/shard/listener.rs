@@ -65,3 +65,26 @@ pub fn peer_ip(fd: RawFd) -> Option<std::net::IpAddr> {
     let addr = unsafe { socket2::SockAddr::new(ss, len) };
     addr.as_socket().map(|a| a.ip())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shard relies on this instead of a setsockopt per connection.
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let (mut socks, addr) = bind_all("127.0.0.1:0".parse().unwrap(), 1, 16).unwrap();
+        let listener: std::net::TcpListener = socks.remove(0).into();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY was not inherited");
+    }
+
+    #[test]
+    fn port_zero_gives_every_shard_the_same_port() {
+        let (socks, addr) = bind_all("127.0.0.1:0".parse().unwrap(), 3, 16).unwrap();
+        for s in &socks {
+            assert_eq!(s.local_addr().unwrap().as_socket().unwrap(), addr);
+        }
+    }
+}
