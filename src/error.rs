@@ -20,17 +20,6 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 8] = [
-        Stage::Request,
-        Stage::Token,
-        Stage::Controlplane,
-        Stage::ConmanConnect,
-        Stage::ConmanHandshake,
-        Stage::ClientGone,
-        Stage::Relay,
-        Stage::Drain,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Stage::Request => "request",

@@ -235,7 +235,7 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
     for ((id, sock), ctl) in sockets.into_iter().enumerate().zip(shard_ctl) {
         let spec = ShardSpec {
             id,
-            listener: listener::into_fd(sock),
+            listener: std::os::fd::IntoRawFd::into_raw_fd(sock),
             cfg: cfg.clone(),
             keys: keys.clone(),
             control_fd: std::os::fd::IntoRawFd::into_raw_fd(ctl),

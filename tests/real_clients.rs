@@ -55,10 +55,7 @@ fn python_websockets_client() {
         "py_client --expect-close 1008",
     );
     assert!(out.contains("stage=token;reason=malformed"), "{out}");
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = dead_port();
     let proxy2 = Proxy::start(&config_for(dead, ""), &["--shards", "1"]);
     let out = run_script(
         python("py_client.py").args(["--expect-close", "1014", &proxy2.url(&dev_token("r1"))]),
@@ -75,10 +72,7 @@ fn node_ws_client() {
         node("node_client.js").arg(proxy.url(&dev_token("r1"))),
         "node_client",
     );
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = dead_port();
     let proxy2 = Proxy::start(&config_for(dead, ""), &["--shards", "1"]);
     let out = run_script(
         node("node_client.js").args(["--expect-close", "1014", &proxy2.url(&dev_token("r1"))]),
@@ -222,10 +216,7 @@ fn upstream_first_negotiates_deflate_end_to_end() {
 /// Upstream-first failures come before the 101, as HTTP statuses.
 #[test]
 fn upstream_first_failure_is_an_http_status() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = dead_port();
     let proxy = Proxy::start(
         &format!(
             "[token]\nallow_dev_key = true\n[websocket]\nmode = \"upstream_first\"\n[limits]\nmax_attempts = 2\n[placement]\ndefault = \"ws://{dead}/\"\n"

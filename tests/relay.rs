@@ -150,10 +150,7 @@ fn close_from_conman_keeps_code_and_reason() {
 #[test]
 fn conman_refusing_gives_1014() {
     // A port with nothing listening: connection refused.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let port = dead_port();
     let proxy = proxy_for(port);
     let mut c = raw_client(proxy.listen, &dev_token("r1"));
     assert_eq!(

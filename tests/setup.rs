@@ -12,13 +12,6 @@ use eval_proxy::dev::controlplane::{self, FakeControlplane, FakeControlplaneConf
 use support::*;
 use tungstenite::Message;
 
-fn dead_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 fn vm_of(ws: &mut Client) -> String {
     ws.send(Message::text("__vm__")).unwrap();
     ws.read().unwrap().into_text().unwrap().to_string()

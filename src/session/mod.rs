@@ -149,7 +149,6 @@ pub struct Session {
     pub injected_close_to_client: bool,
     pub injected_close_to_conman: bool,
     pub counted_active: bool,
-    pub established: bool,
 }
 
 /// Setup state, alive from the 101 until relaying starts: retries, the
@@ -190,14 +189,6 @@ pub fn backoff(attempt: u8, base_ms: u64, cap_ms: u64, unit: f64) -> std::time::
 }
 
 impl Session {
-    pub fn side(&mut self, dir: Direction) -> &mut Side {
-        // A direction names the destination side.
-        match dir {
-            Direction::ToConman => &mut self.conman,
-            Direction::ToClient => &mut self.client,
-        }
-    }
-
     pub fn tracker(&mut self, dir: Direction) -> &mut Tracker {
         match dir {
             Direction::ToConman => &mut self.to_conman,

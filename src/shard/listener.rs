@@ -37,10 +37,6 @@ pub fn bind_all(
     Ok((out, bound))
 }
 
-pub fn into_fd(s: Socket) -> RawFd {
-    s.into_raw_fd()
-}
-
 /// A non-blocking TCP socket for a Conman connection, Nagle off.
 pub fn conman_socket(addr: &SocketAddr) -> io::Result<RawFd> {
     let s = Socket::new(

@@ -317,12 +317,7 @@ impl Shard {
 
     /// Runs until drained: not accepting and no session left.
     pub fn run(mut self) -> io::Result<()> {
-        self.io.push(
-            opcode::AcceptMulti::new(types::Fd(self.listener))
-                .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
-                .build()
-                .user_data(ud(0, 0, OP_ACCEPT)),
-        );
+        self.arm_accept();
         self.arm_wake();
         self.io.arm_ctl_recv();
         let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(1024);
@@ -387,6 +382,15 @@ impl Shard {
         // control shard sees EOF and ends once every shard is gone.
         unsafe { libc::close(self.io.ctl.fd) };
         Ok(())
+    }
+
+    fn arm_accept(&mut self) {
+        self.io.push(
+            opcode::AcceptMulti::new(types::Fd(self.listener))
+                .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+                .build()
+                .user_data(ud(0, 0, OP_ACCEPT)),
+        );
     }
 
     fn arm_wake(&mut self) {
@@ -555,12 +559,7 @@ impl Shard {
             self.new_session(res);
         }
         if !cqueue::more(flags) && self.accepting {
-            self.io.push(
-                opcode::AcceptMulti::new(types::Fd(self.listener))
-                    .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
-                    .build()
-                    .user_data(ud(0, 0, OP_ACCEPT)),
-            );
+            self.arm_accept();
         }
     }
 
@@ -599,7 +598,6 @@ impl Shard {
             injected_close_to_client: false,
             injected_close_to_conman: false,
             counted_active: false,
-            established: false,
         };
         let deadline = io.now + io.cfg.header_timeout();
         io.set_deadline(slot, &mut s, deadline);
@@ -1660,7 +1658,6 @@ impl Io {
         s.setup = None;
         s.phase = Phase::Relay;
         s.deadline = None;
-        s.established = true;
         s.counted_active = true;
         ShardStats::inc(&self.stats.established);
         self.stats.active.fetch_add(1, Ordering::Relaxed);

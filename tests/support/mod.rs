@@ -257,6 +257,14 @@ pub fn status_of(resp: &[u8]) -> u16 {
         .unwrap_or(0)
 }
 
+/// An address with nothing listening: connecting to it is refused.
+pub fn dead_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
