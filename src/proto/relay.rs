@@ -115,7 +115,7 @@ pub struct Scan {
 struct Current {
     opcode: OpCode,
     mask: Option<[u8; 4]>,
-    header_len: usize,
+    header_len: u8,
     remaining: u64,
 }
 
@@ -125,20 +125,20 @@ pub struct Tracker {
     cfg: TrackerConfig,
     /// Start of a header split across inputs.
     head: [u8; MAX_HEADER_LEN],
-    head_len: usize,
+    head_len: u8,
     /// `Some` from the end of a frame's header to the end of its payload.
     current: Option<Current>,
     /// Unmasked payload of the control frame in progress or last completed;
     /// allocated at the first control frame, so a session that never sees
     /// one (most idle ones) does not carry 125 bytes per direction.
     control: Option<Box<[u8; MAX_CONTROL_PAYLOAD]>>,
-    control_len: usize,
+    control_len: u8,
     /// Inside a fragmented Text/Binary message.
     in_message: bool,
     close_seen: bool,
     frames: u64,
     failed: Option<Violation>,
-    valid_before_violation: usize,
+    valid_before_violation: u32,
     /// The rejected frame began in an earlier input, so part of it may
     /// already be forwarded.
     failed_mid_frame: bool,
@@ -186,7 +186,7 @@ impl Tracker {
                     if self.head_len == 0 {
                         frame_start = Some(pos);
                     }
-                    let had = self.head_len;
+                    let had = usize::from(self.head_len);
                     let (header, header_len) = match self.take_header(&data[pos..]) {
                         Ok(Some(parsed)) => parsed,
                         Ok(None) => break,
@@ -207,12 +207,14 @@ impl Tracker {
                 let buf = self
                     .control
                     .get_or_insert_with(|| Box::new([0; MAX_CONTROL_PAYLOAD]));
-                let into = &mut buf[self.control_len..self.control_len + take];
+                let at = usize::from(self.control_len);
+                let into = &mut buf[at..at + take];
                 into.copy_from_slice(&data[pos..pos + take]);
                 if let Some(key) = cur.mask {
-                    apply_mask(into, key, self.control_len);
+                    apply_mask(into, key, at);
                 }
-                self.control_len += take;
+                // At most MAX_CONTROL_PAYLOAD (125) in all.
+                self.control_len += take as u8;
             }
             pos += take;
             cur.remaining -= take as u64;
@@ -234,14 +236,14 @@ impl Tracker {
     /// After `handle` returned `Err`: how many leading bytes of that input
     /// belong to complete, valid frames.
     pub fn bytes_valid_before_violation(&self) -> usize {
-        self.valid_before_violation
+        self.valid_before_violation as usize
     }
 
     /// Unmasked payload of the control frame behind the last event. Read it
     /// before feeding more bytes: the next control frame reuses the space.
     pub fn control_payload(&self) -> &[u8] {
         match &self.control {
-            Some(buf) => &buf[..self.control_len],
+            Some(buf) => &buf[..usize::from(self.control_len)],
             None => &[],
         }
     }
@@ -280,8 +282,10 @@ impl Tracker {
     /// them; 0 at a frame boundary and inside a data frame.
     pub fn pending_control_bytes(&self) -> usize {
         match self.current {
-            None => self.head_len,
-            Some(cur) if cur.opcode.is_control() => cur.header_len + self.control_len,
+            None => usize::from(self.head_len),
+            Some(cur) if cur.opcode.is_control() => {
+                usize::from(cur.header_len) + usize::from(self.control_len)
+            }
             Some(_) => 0,
         }
     }
@@ -296,7 +300,7 @@ impl Tracker {
                 return Ok(Some(parsed));
             }
         }
-        let had = self.head_len;
+        let had = usize::from(self.head_len);
         let add = (MAX_HEADER_LEN - had).min(data.len());
         self.head[had..had + add].copy_from_slice(&data[..add]);
         match FrameHeader::parse(&self.head[..had + add]).map_err(|_| BAD_LENGTH)? {
@@ -306,7 +310,7 @@ impl Tracker {
             }
             None => {
                 // A full MAX_HEADER_LEN always parses, so `add` was all of `data`.
-                self.head_len = had + add;
+                self.head_len = (had + add) as u8;
                 Ok(None)
             }
         }
@@ -329,7 +333,7 @@ impl Tracker {
         Ok(Current {
             opcode: header.opcode,
             mask: header.mask,
-            header_len,
+            header_len: header_len as u8,
             remaining: header.payload_len,
         })
     }
@@ -388,7 +392,7 @@ impl Tracker {
                 self.close_seen = true;
                 Some(Event::Close {
                     code,
-                    reason_len: self.control_len.saturating_sub(2),
+                    reason_len: usize::from(self.control_len).saturating_sub(2),
                 })
             }
             _ => None,
@@ -401,7 +405,8 @@ impl Tracker {
     /// current input (`None`: in an earlier one).
     fn fail(&mut self, violation: Violation, frame_start: Option<usize>) -> Violation {
         self.failed = Some(violation);
-        self.valid_before_violation = frame_start.unwrap_or(0);
+        // Inputs are receive buffers or setup leftovers, far below 4 GiB.
+        self.valid_before_violation = frame_start.unwrap_or(0) as u32;
         self.failed_mid_frame = frame_start.is_none();
         violation
     }

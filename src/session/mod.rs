@@ -5,13 +5,15 @@
 //! protocol decisions (what a side's EOF means, what Close to inject) are
 //! made here from pure inputs.
 
-use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::time::Instant;
 
 use crate::error::{SetupError, Stage};
 use crate::proto::close;
 use crate::proto::relay::{Direction, Tracker};
+
+mod sendq;
+pub use sendq::SendQ;
 
 /// Lifecycle of a session, in order. Transitions only move forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -37,7 +39,7 @@ pub enum Phase {
 /// relay) or bytes the proxy wrote itself (handshakes, injected frames).
 pub enum Chunk {
     Buf { bid: u16, off: u32, len: u32 },
-    Owned { data: Vec<u8>, off: usize },
+    Owned { data: Box<[u8]>, off: u32 },
 }
 
 /// Most chunks one gathered send takes.
@@ -61,7 +63,7 @@ impl Chunk {
     pub fn remaining(&self) -> usize {
         match self {
             Chunk::Buf { len, .. } => *len as usize,
-            Chunk::Owned { data, off } => data.len() - off,
+            Chunk::Owned { data, off } => data.len() - *off as usize,
         }
     }
 }
@@ -76,7 +78,7 @@ pub struct Side {
     /// Receiving paused (backpressure, held-bytes bound, buffer shortage).
     pub paused: bool,
     pub cancel_pending: bool,
-    pub sendq: VecDeque<Chunk>,
+    pub sendq: SendQ,
     pub queued: usize,
     pub sending: bool,
     /// iovecs of a gathered send in flight; allocated the first time a side
@@ -98,7 +100,7 @@ impl Side {
             recv_armed: false,
             paused: false,
             cancel_pending: false,
-            sendq: VecDeque::new(),
+            sendq: SendQ::default(),
             queued: 0,
             sending: false,
             gather: None,
@@ -116,7 +118,10 @@ impl Side {
 
     pub fn push_owned(&mut self, data: Vec<u8>) {
         if !data.is_empty() {
-            self.push(Chunk::Owned { data, off: 0 });
+            self.push(Chunk::Owned {
+                data: data.into_boxed_slice(),
+                off: 0,
+            });
         }
     }
 
@@ -142,7 +147,7 @@ pub struct Session {
     pub phase_started: Instant,
     /// What the token said (repl, user, cluster), for headers, logs and
     /// the registry; shared with the shard's verification cache.
-    pub ident: Option<std::sync::Arc<crate::token::Claims>>,
+    pub ident: Option<std::sync::Arc<crate::keys::Ident>>,
     /// Setup state that only exists while connecting.
     pub setup: Option<Box<Setup>>,
     /// Close frames the proxy itself queued, per side.
@@ -278,6 +283,6 @@ mod size {
     fn idle_session_stays_small() {
         let n = std::mem::size_of::<Option<super::Session>>();
         eprintln!("Session: {n} bytes");
-        assert!(n <= 560, "Session grew to {n} bytes");
+        assert!(n <= 448, "Session grew to {n} bytes");
     }
 }

@@ -615,12 +615,27 @@ impl Shard {
             let Some(Some(s)) = self.sessions.get_mut(slot as usize) else {
                 continue;
             };
-            if s.gen != gen || s.deadline != Some(t) {
+            if s.gen != gen {
                 continue;
+            }
+            match s.deadline {
+                None => continue,
+                Some(d) if d > self.io.now => {
+                    // Moved later since this entry was pushed (see
+                    // `set_deadline`): wait on for the real one.
+                    self.io.timers.push(Reverse((d, slot, gen)));
+                    continue;
+                }
+                Some(_) => {}
             }
             s.deadline = None;
             self.io.on_deadline(slot, s);
             self.progress(slot);
+        }
+        let cap = self.io.timers.capacity();
+        if cap > 1024 && self.io.timers.len() < cap / 8 {
+            // A storm of handshakes is over: don't keep its peak.
+            self.io.timers.shrink_to(cap / 4);
         }
     }
 
@@ -701,9 +716,16 @@ impl Io {
         }
     }
 
+    /// Invariant: while `s.deadline` is `Some(d)`, the heap holds an entry
+    /// for this session at or before `d`. Setup moves a deadline later at
+    /// every stage, so each session normally has one entry, re-pushed when
+    /// it fires early, instead of one per stage lingering until its time.
     fn set_deadline(&mut self, slot: u32, s: &mut Session, t: Instant) {
+        let covered = s.deadline.is_some_and(|d| d <= t);
         s.deadline = Some(t);
-        self.timers.push(Reverse((t, slot, s.gen)));
+        if !covered {
+            self.timers.push(Reverse((t, slot, s.gen)));
+        }
     }
 
     fn arm_recv(&mut self, slot: u32, s: &mut Session, who: Who) {
@@ -775,13 +797,16 @@ impl Io {
                     unsafe { bufs.buf_ptr(*bid).add(*off as usize) },
                     *len as usize,
                 ),
-                Chunk::Owned { data, off } => (data[*off..].as_ptr() as *mut u8, data.len() - off),
+                Chunk::Owned { data, off } => (
+                    data[*off as usize..].as_ptr() as *mut u8,
+                    data.len() - *off as usize,
+                ),
             }
         };
         let entry = match sd.sendq.len() {
             0 => return,
             1 => {
-                let (ptr, len) = chunk_ptr(&self.bufs, &sd.sendq[0]);
+                let (ptr, len) = chunk_ptr(&self.bufs, sd.sendq.front().expect("one chunk"));
                 opcode::Send::new(types::Fd(sd.fd), ptr, len as u32)
                     .flags(libc::MSG_NOSIGNAL)
                     .build()
@@ -818,7 +843,7 @@ impl Io {
             // The peer is gone: what is queued for it can never be sent.
             debug!(session = s.id, err = res, "send failed");
             let sd = side(s, who);
-            while let Some(c) = sd.sendq.pop_front() {
+            for c in sd.sendq.drain() {
                 if let Chunk::Buf { bid, .. } = c {
                     self.bufs.recycle(bid);
                 }
@@ -845,8 +870,8 @@ impl Io {
                     *len == 0
                 }
                 Chunk::Owned { data, off } => {
-                    *off += take;
-                    *off == data.len()
+                    *off += take as u32;
+                    *off as usize == data.len()
                 }
             };
             if !done {
@@ -855,6 +880,10 @@ impl Io {
             if let Some(Chunk::Buf { bid, .. }) = sd.sendq.pop_front() {
                 self.bufs.recycle(bid);
             }
+        }
+        if sd.sendq.is_empty() {
+            // The backlog is over; an idle session keeps no iovec array.
+            sd.gather = None;
         }
     }
 
@@ -1200,7 +1229,7 @@ impl Io {
             }
             let sd = side(s, who);
             if sd.inflight == 0 {
-                while let Some(c) = sd.sendq.pop_front() {
+                for c in sd.sendq.drain() {
                     if let Chunk::Buf { bid, .. } = c {
                         self.bufs.recycle(bid);
                     }
@@ -1405,7 +1434,7 @@ impl Io {
             let (Some(st), Some(ident)) = (s.setup.as_ref(), s.ident.as_ref()) else {
                 return;
             };
-            let result = local.pick(&ident.repl, st.exclude.as_deref());
+            let result = local.pick(ident.repl(), st.exclude.as_deref());
             s.phase = Phase::Placement;
             s.phase_started = self.now;
             self.on_placement(slot, s, result);
@@ -1427,8 +1456,8 @@ impl Io {
         let ident = s.ident.as_ref().expect("identity before placement");
         ToControl::Placement {
             id,
-            repl: ident.repl.clone(),
-            cluster: ident.cluster.clone(),
+            repl: ident.repl().to_owned(),
+            cluster: ident.cluster().to_owned(),
             attempt: st.attempt,
             exclude: st.exclude.clone(),
         }
@@ -1476,8 +1505,8 @@ impl Io {
         };
         let mut extra: Vec<(&str, &str)> = vec![
             ("X-Eval-Session", &session_hex),
-            ("X-Repl-Id", &ident.repl),
-            ("X-User", &ident.user),
+            ("X-Repl-Id", ident.repl()),
+            ("X-User", ident.user()),
         ];
         if !st.forwarded_for.is_empty() {
             extra.push(("X-Forwarded-For", &st.forwarded_for));
@@ -1691,10 +1720,7 @@ impl Io {
 
     fn fail_setup(&mut self, slot: u32, s: &mut Session, err: SetupError) {
         self.stats.setup_failure(err.stage, err.reason, false);
-        let (repl, user) = s
-            .ident
-            .as_ref()
-            .map_or(("", ""), |i| (i.repl.as_str(), i.user.as_str()));
+        let (repl, user) = s.ident.as_ref().map_or(("", ""), |i| (i.repl(), i.user()));
         info!(
             session = s.id,
             repl,
