@@ -62,6 +62,28 @@ fn verify(c: &mut Criterion) {
         b.iter(|| vk.verify_strict(black_box(&msg), &sig))
     });
     g.finish();
+
+    // Batch verification: per-signature cost for n signatures checked at
+    // once (what a loop turn with n fresh tokens could do).
+    let mut g = c.benchmark_group("ed25519_batch");
+    for n in [1usize, 2, 4, 8, 16, 32] {
+        let keys: Vec<SigningKey> = (0..n)
+            .map(|i| SigningKey::from_bytes(&[i as u8 + 3; 32]))
+            .collect();
+        let msgs: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8; msg.len()]).collect();
+        let sigs: Vec<_> = keys
+            .iter()
+            .zip(&msgs)
+            .map(|(k, m)| ed25519_dalek::Signer::sign(k, m))
+            .collect();
+        let vks: Vec<_> = keys.iter().map(|k| k.verifying_key()).collect();
+        let refs: Vec<&[u8]> = msgs.iter().map(|m| m.as_slice()).collect();
+        g.throughput(criterion::Throughput::Elements(n as u64));
+        g.bench_function(format!("n{n}"), |b| {
+            b.iter(|| ed25519_dalek::verify_batch(black_box(&refs), &sigs, &vks))
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(benches, verify);

@@ -135,6 +135,13 @@ pub struct Buffers {
     pub count: u32,
     /// Bytes per provided buffer.
     pub size: u32,
+    /// A data frame with at least this many payload bytes still to come is
+    /// moved socket to pipe to socket with splice(2) instead of being copied
+    /// through a buffer; 0 turns splicing off.
+    pub splice_min: u64,
+    /// Capacity asked for each splice pipe (F_SETPIPE_SZ; the kernel caps
+    /// it at /proc/sys/fs/pipe-max-size).
+    pub pipe_size: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -263,6 +270,8 @@ impl Default for Buffers {
         Buffers {
             count: 1024,
             size: 16 * 1024,
+            splice_min: 32 * 1024,
+            pipe_size: 1 << 20,
         }
     }
 }
@@ -382,6 +391,9 @@ impl Config {
         }
         if b.size < 1024 || b.size > 1 << 20 {
             return Err(invalid("buffers.size", "must be in 1024..=1048576"));
+        }
+        if b.pipe_size < 4096 || b.pipe_size > 1 << 30 {
+            return Err(invalid("buffers.pipe_size", "must be in 4096..=1073741824"));
         }
         if self.listen.backlog == 0 {
             return Err(invalid("listen.backlog", "must be greater than 0"));

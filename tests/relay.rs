@@ -358,11 +358,16 @@ fn rss_kib(pid: u32) -> u64 {
 /// A client that writes without reading: the proxy must stop reading it
 /// once Conman's echoes pile up, rather than buffer without bound; then,
 /// once the client reads again, every byte arrives intact and in order.
-#[test]
-fn slow_reader_backpressure_bounds_memory_and_loses_nothing() {
+/// Copied frames are held back by pausing the receive; spliced ones by the
+/// pipe and the sockets themselves.
+#[rstest::rstest]
+#[case::copied(0)]
+#[case::spliced(32768)]
+fn slow_reader_backpressure_bounds_memory_and_loses_nothing(#[case] splice_min: u64) {
     use std::os::fd::AsRawFd;
     let conman = echo_conman();
-    let proxy = proxy_for(conman.local_addr);
+    let extra = format!("[buffers]\nsplice_min = {splice_min}\n");
+    let proxy = Proxy::start(&config_for(conman.local_addr, &extra), &["--shards", "1"]);
     let mut c = raw_client(proxy.listen, &dev_token("r1"));
     c.set_nonblocking(true).unwrap();
     let payload_len = 64 * 1024;
@@ -405,7 +410,11 @@ fn slow_reader_backpressure_bounds_memory_and_loses_nothing() {
     }
     let rss = rss_kib(proxy.child.id());
     assert!(rss < 64 * 1024, "proxy RSS {rss} KiB while a reader stalls");
-    assert!(proxy.metric("eval_backpressure_pauses_total", &[]) >= 1.0);
+    if splice_min == 0 {
+        assert!(proxy.metric("eval_backpressure_pauses_total", &[]) >= 1.0);
+    } else {
+        assert!(proxy.metric("eval_relay_spliced_bytes_total", &[]) > 0.0);
+    }
     // Finish the partial frame, then read every echo back in order.
     c.set_nonblocking(false).unwrap();
     let writer = {
@@ -475,4 +484,98 @@ fn hundred_mib_frame_streams_in_bounded_memory() {
         max_rss < 48 * 1024,
         "proxy RSS reached {max_rss} KiB for a 100 MiB frame"
     );
+}
+
+/// Long frames are spliced (socket → pipe → socket) when `splice_min`
+/// allows, copied otherwise; either way each direction's bytes arrive
+/// exactly as sent, and the frames behind a long one (data, Ping, a frame
+/// split across writes) are relayed as usual once its payload is through.
+#[rstest::rstest]
+#[case::spliced(32768, true)]
+#[case::copied(0, false)]
+fn long_frames_pass_byte_for_byte(#[case] splice_min: u64, #[case] spliced: bool) {
+    const BIG: usize = 3 << 20;
+    let payload: Vec<u8> = (0..BIG).map(|i| (i % 253) as u8).collect();
+    let mask = [0x0a, 0x0b, 0x0c, 0x0d];
+    let mut up = frame(true, 0x2, &payload, Some(mask));
+    up.extend_from_slice(&frame(true, 0x1, b"after", Some(mask)));
+    up.extend_from_slice(&frame(true, 0x9, b"p", Some(mask)));
+    up.extend_from_slice(&frame(true, 0x2, &payload[..70_000], Some(mask)));
+    let mut down = frame(true, 0x2, &payload, None);
+    down.extend_from_slice(&frame(true, 0x1, b"back", None));
+    down.extend_from_slice(&frame(true, 0x2, &payload[..100_000], None));
+    let (want_up, want_down, down_sent) = (up.clone(), down.clone(), down.clone());
+    let (addr, h) = raw_conman(move |mut s, _| {
+        let writer = {
+            let mut s = s.try_clone().unwrap();
+            std::thread::spawn(move || {
+                // Small writes: the proxy sees the frame arrive piecemeal.
+                for part in down.chunks(40_000) {
+                    s.write_all(part).unwrap();
+                }
+            })
+        };
+        let mut got = vec![0u8; want_up.len()];
+        s.read_exact(&mut got).unwrap();
+        writer.join().unwrap();
+        got
+    });
+    let extra = format!("[buffers]\nsplice_min = {splice_min}\n");
+    let proxy = Proxy::start(&config_for(addr, &extra), &["--shards", "1"]);
+    let mut c = raw_client(proxy.listen, &dev_token("r1"));
+    let reader = {
+        let mut c = c.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut got = vec![0u8; want_down.len()];
+            c.read_exact(&mut got).unwrap();
+            got
+        })
+    };
+    c.write_all(&up).unwrap();
+    let got_up = h.join().unwrap();
+    assert!(got_up == up, "client to conman bytes differ");
+    let got_down = reader.join().unwrap();
+    assert!(got_down == down_sent, "conman to client bytes differ");
+    let spliced_bytes = proxy.metric("eval_relay_spliced_bytes_total", &[]);
+    if spliced {
+        // What arrives before the receive stops is copied, and how much
+        // that is depends on timing; at least a whole MiB never is.
+        assert!(spliced_bytes > (1 << 20) as f64, "spliced {spliced_bytes}");
+    } else {
+        assert_eq!(spliced_bytes, 0.0);
+    }
+    let relayed = proxy.metric("eval_relay_bytes_total", &["direction=\"to_conman\""]);
+    assert_eq!(relayed, up.len() as f64);
+}
+
+/// A client that leaves in the middle of a spliced frame: Conman gets every
+/// byte the client sent, then a FIN (no Close can be injected mid-frame),
+/// and the session ends on both sides.
+#[test]
+fn client_gone_mid_spliced_frame() {
+    const SENT: usize = 3 << 20;
+    let mask = [1, 2, 3, 4];
+    let mut head = vec![0x82, 0x80 | 127];
+    head.extend_from_slice(&(8u64 << 20).to_be_bytes());
+    head.extend_from_slice(&mask);
+    let body: Vec<u8> = (0..SENT).map(|i| (i % 249) as u8).collect();
+    let mut up = head.clone();
+    up.extend_from_slice(&body);
+    let want = up.clone();
+    let (addr, h) = raw_conman(move |mut s, _| {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).expect("conman reads to FIN");
+        got
+    });
+    let proxy = Proxy::start(&config_for(addr, ""), &["--shards", "1"]);
+    let mut c = raw_client(proxy.listen, &dev_token("r1"));
+    c.write_all(&up).unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let got = h.join().unwrap();
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "bytes differ");
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).expect("proxy closes the client");
+    assert!(rest.is_empty(), "nothing may follow a partial frame");
+    assert!(proxy.metric("eval_relay_spliced_bytes_total", &[]) > 0.0);
 }

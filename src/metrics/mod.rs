@@ -86,6 +86,8 @@ pub struct ShardStats {
     pub frames_to_client: AtomicU64,
     pub buffer_exhausted: AtomicU64,
     pub backpressure_pauses: AtomicU64,
+    /// Payload bytes moved with splice(2) (also in the relayed bytes).
+    pub spliced_bytes: AtomicU64,
     rare: Mutex<Rare>,
 }
 
@@ -239,6 +241,12 @@ pub fn render(shards: &[std::sync::Arc<ShardStats>], extra: &[(&str, &str, u64)]
         names::BACKPRESSURE_PAUSES,
         "Times a side stopped being read because its peer had too much queued.",
         sum(|s| &s.backpressure_pauses),
+    );
+    counter(
+        &mut out,
+        names::RELAY_SPLICED_BYTES,
+        "Payload bytes of long data frames moved socket to pipe to socket, never copied to user space (also counted in eval_relay_bytes_total).",
+        sum(|s| &s.spliced_bytes),
     );
 
     let mut failures: BTreeMap<(&str, &str), u64> = BTreeMap::new();

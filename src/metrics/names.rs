@@ -9,6 +9,7 @@ pub const SESSIONS_ACTIVE: &str = "eval_sessions_active";
 pub const SETUP_DURATION: &str = "eval_setup_duration_seconds";
 pub const RELAY_BYTES: &str = "eval_relay_bytes_total";
 pub const RELAY_FRAMES: &str = "eval_relay_frames_total";
+pub const RELAY_SPLICED_BYTES: &str = "eval_relay_spliced_bytes_total";
 pub const CLOSE_CODES: &str = "eval_close_codes_total";
 pub const HTTP_RESPONSES: &str = "eval_http_responses_total";
 pub const BUFFER_EXHAUSTED: &str = "eval_buffer_ring_exhausted_total";

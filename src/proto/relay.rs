@@ -275,6 +275,37 @@ impl Tracker {
         self.frames
     }
 
+    /// Payload bytes still to come in the data frame under way; 0 at a
+    /// frame boundary, inside a header or a control frame, and after a
+    /// violation. These bytes need no inspection, so they may bypass
+    /// [`handle`](Self::handle) (see [`skip_payload`](Self::skip_payload)).
+    pub fn data_payload_remaining(&self) -> u64 {
+        match self.current {
+            Some(cur) if !cur.opcode.is_control() && self.failed.is_none() => cur.remaining,
+            _ => 0,
+        }
+    }
+
+    /// Accounts for `n` payload bytes of the current data frame that went
+    /// past without being fed (spliced). `n` must not exceed
+    /// [`data_payload_remaining`](Self::data_payload_remaining).
+    pub fn skip_payload(&mut self, n: u64) {
+        assert!(
+            n <= self.data_payload_remaining(),
+            "skipped past the data frame"
+        );
+        let Some(cur) = self.current.as_mut() else {
+            return;
+        };
+        cur.remaining -= n;
+        if cur.remaining == 0 {
+            let opcode = cur.opcode;
+            self.current = None;
+            // A data frame's end reports nothing and cannot fail.
+            let _ = self.finish_frame(opcode);
+        }
+    }
+
     /// Bytes already fed of an unfinished frame that is, or may yet turn out
     /// to be, a control frame: a partial header, or a control frame's header
     /// and payload so far. A caller that wants to swallow a control frame
@@ -580,6 +611,44 @@ mod tests {
             assert_eq!(tracker.handle(b"more"), Err(violation), "violations stick");
             assert_eq!(tracker.bytes_valid_before_violation(), 0);
         }
+    }
+
+    proptest! {
+        /// Skipping a data frame's payload leaves the tracker exactly where
+        /// feeding the same bytes would: same boundary, same frame count,
+        /// and the next frame is checked as usual.
+        #[test]
+        fn skip_payload_equals_feeding(
+            payload_len in 1usize..5000,
+            split in 0usize..5000,
+            dir in prop_oneof![Just(Direction::ToConman), Just(Direction::ToClient)],
+        ) {
+            let split = split.min(payload_len);
+            let payload = vec![7u8; payload_len];
+            let first = data(dir, true, OpCode::Binary, &payload);
+            let next = data(dir, true, OpCode::Text, b"hi");
+            let header_len = first.len() - payload_len;
+            let mut fed = Tracker::new(dir, cfg(false));
+            fed.handle(&first).unwrap();
+            let mut skipped = Tracker::new(dir, cfg(false));
+            skipped.handle(&first[..header_len + split]).unwrap();
+            prop_assert_eq!(skipped.data_payload_remaining(), (payload_len - split) as u64);
+            skipped.skip_payload((payload_len - split) as u64);
+            prop_assert_eq!(skipped.data_payload_remaining(), 0);
+            prop_assert!(skipped.at_frame_boundary());
+            prop_assert_eq!(skipped.frames(), fed.frames());
+            prop_assert!(skipped.handle(&next).is_ok());
+            prop_assert_eq!(skipped.frames(), 2);
+        }
+    }
+
+    #[test]
+    fn control_frames_are_never_skippable() {
+        let dir = Direction::ToClient;
+        let ping = control(dir, OpCode::Ping, b"12345");
+        let mut t = Tracker::new(dir, cfg(false));
+        t.handle(&ping[..3]).unwrap();
+        assert_eq!(t.data_payload_remaining(), 0);
     }
 
     #[test]

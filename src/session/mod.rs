@@ -86,6 +86,12 @@ pub struct Side {
     pub gather: Option<Box<Gather>>,
     /// The peer sent FIN (or the socket failed).
     pub eof: bool,
+    /// The next receive is a single-buffer one (see `arm_recv`).
+    pub probe: bool,
+    /// O_NONBLOCK has been set (splice(2) needs it; io_uring does not).
+    pub nonblocking: bool,
+    /// This side's current data frame is being spliced to the other side.
+    pub splice: Option<Box<Splice>>,
     /// We shut down our write side once the queue drained.
     pub want_shut: bool,
     pub shut: bool,
@@ -105,6 +111,9 @@ impl Side {
             sending: false,
             gather: None,
             eof: false,
+            probe: false,
+            nonblocking: false,
+            splice: None,
             want_shut: false,
             shut: false,
             closed: fd < 0,
@@ -128,6 +137,39 @@ impl Side {
     pub fn drained(&self) -> bool {
         self.sendq.is_empty() && !self.sending
     }
+}
+
+/// A pipe for splice(2); both ends are closed on drop.
+pub struct Pipe {
+    pub r: RawFd,
+    pub w: RawFd,
+    /// Bytes it holds at most.
+    pub cap: u32,
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        // SAFETY: both ends are ours and closed only here.
+        unsafe {
+            libc::close(self.r);
+            libc::close(self.w);
+        }
+    }
+}
+
+/// A side in splice mode: the payload of its current data frame goes
+/// socket → pipe → the other side's socket without entering user space.
+pub struct Splice {
+    pub pipe: Pipe,
+    /// Bytes in the pipe not yet written to the other side.
+    pub in_pipe: u32,
+    /// The multishot receive has ended and what it delivered is sent:
+    /// bytes now flow through the pipe only.
+    pub started: bool,
+    /// A POLLIN on this side's socket is in flight.
+    pub poll_in: bool,
+    /// A POLLOUT on the other side's socket is in flight.
+    pub poll_out: bool,
 }
 
 pub struct Session {
@@ -283,6 +325,6 @@ mod size {
     fn idle_session_stays_small() {
         let n = std::mem::size_of::<Option<super::Session>>();
         eprintln!("Session: {n} bytes");
-        assert!(n <= 448, "Session grew to {n} bytes");
+        assert!(n <= 464, "Session grew to {n} bytes");
     }
 }

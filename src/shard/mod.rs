@@ -36,7 +36,8 @@ use crate::proto::handshake::{self, accept_key, choose_protocol, new_client_key}
 use crate::proto::http1::{self, Route};
 use crate::proto::relay::{Direction, Event, Tracker, TrackerConfig, Violation};
 use crate::session::{
-    backoff, on_eof, Chunk, EofAction, Gather, Phase, Session, Setup, Side, GATHER_MAX,
+    backoff, on_eof, Chunk, EofAction, Gather, Phase, Pipe, Session, Setup, Side, Splice,
+    GATHER_MAX,
 };
 use crate::token::VerifyOptions;
 use bufring::BufRing;
@@ -153,6 +154,14 @@ const OP_CONNECT: u8 = 7;
 const OP_IGNORE: u8 = 8;
 const OP_CTL_RECV: u8 = 9;
 const OP_CTL_SEND: u8 = 10;
+/// Splice mode: readiness of the spliced side's socket (POLLIN) and of
+/// the socket it is spliced to (POLLOUT).
+const OP_POLL_IN_CLIENT: u8 = 11;
+const OP_POLL_IN_CONMAN: u8 = 12;
+const OP_POLL_OUT_CLIENT: u8 = 13;
+const OP_POLL_OUT_CONMAN: u8 = 14;
+/// Pipes kept for reuse per shard; more concurrent splices make their own.
+const PIPE_POOL: usize = 32;
 
 fn ud(slot: u32, gen: u16, op: u8) -> u64 {
     ((slot as u64) << 24) | ((gen as u64) << 8) | op as u64
@@ -194,6 +203,81 @@ impl Who {
             Who::Conman => OP_SEND_CONMAN,
         }
     }
+    fn poll_in_op(self) -> u8 {
+        match self {
+            Who::Client => OP_POLL_IN_CLIENT,
+            Who::Conman => OP_POLL_IN_CONMAN,
+        }
+    }
+    fn poll_out_op(self) -> u8 {
+        match self {
+            Who::Client => OP_POLL_OUT_CLIENT,
+            Who::Conman => OP_POLL_OUT_CONMAN,
+        }
+    }
+}
+
+/// The side bytes come from, the side they go to, and the tracker of that
+/// direction, borrowed together.
+fn split(s: &mut Session, from: Who) -> (&mut Side, &mut Side, &mut Tracker) {
+    match from {
+        Who::Client => (&mut s.client, &mut s.conman, &mut s.to_conman),
+        Who::Conman => (&mut s.conman, &mut s.client, &mut s.to_client),
+    }
+}
+
+/// splice(2) between a socket and a pipe, never blocking; bytes moved or
+/// the errno.
+fn splice_nb(fd_in: RawFd, fd_out: RawFd, len: usize) -> Result<usize, i32> {
+    // SAFETY: plain descriptors, no user memory involved.
+    let n = unsafe {
+        libc::splice(
+            fd_in,
+            std::ptr::null_mut(),
+            fd_out,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO))
+    } else {
+        Ok(n as usize)
+    }
+}
+
+fn new_pipe(size: u32) -> io::Result<Pipe> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut pipe = Pipe {
+        r: fds[0],
+        w: fds[1],
+        cap: 65536,
+    };
+    // SAFETY: our pipe. A refusal (fs.pipe-max-size) keeps the default size.
+    let got = unsafe { libc::fcntl(pipe.w, libc::F_SETPIPE_SZ, size as libc::c_int) };
+    let got = if got > 0 {
+        got
+    } else {
+        // SAFETY: as above.
+        unsafe { libc::fcntl(pipe.w, libc::F_GETPIPE_SZ) }
+    };
+    if got > 0 {
+        pipe.cap = got as u32;
+    }
+    Ok(pipe)
+}
+
+fn set_nonblocking(fd: RawFd) {
+    let on: libc::c_int = 1;
+    // SAFETY: our socket; FIONBIO takes a pointer to an int.
+    unsafe { libc::ioctl(fd, libc::FIONBIO, &on) };
 }
 
 fn side(s: &mut Session, who: Who) -> &mut Side {
@@ -240,6 +324,8 @@ struct Io {
     last_trim: Instant,
     /// Sessions whose receive stopped for want of buffers (ENOBUFS).
     starved: Vec<(u32, u16, Who)>,
+    /// Empty pipes from finished splices.
+    pipes: Vec<Pipe>,
 }
 
 pub struct Shard {
@@ -300,6 +386,7 @@ impl Shard {
                 next_session: 0,
                 last_trim: Instant::now(),
                 starved: Vec::new(),
+                pipes: Vec::new(),
                 cfg,
             },
             sessions: Vec::new(),
@@ -424,6 +511,11 @@ impl Shard {
                     OP_SEND_CLIENT => io.on_send(slot, s, Who::Client, res),
                     OP_SEND_CONMAN => io.on_send(slot, s, Who::Conman, res),
                     OP_CONNECT => io.on_connect(slot, s, res),
+                    OP_POLL_IN_CLIENT => io.on_poll(slot, s, Who::Client, Who::Client),
+                    OP_POLL_IN_CONMAN => io.on_poll(slot, s, Who::Conman, Who::Conman),
+                    // POLLOUT on a socket serves the splice *to* it.
+                    OP_POLL_OUT_CLIENT => io.on_poll(slot, s, Who::Client, Who::Conman),
+                    OP_POLL_OUT_CONMAN => io.on_poll(slot, s, Who::Conman, Who::Client),
                     _ => {}
                 }
                 self.progress(slot);
@@ -667,6 +759,9 @@ impl Shard {
         };
         let io = &mut self.io;
         for who in [Who::Client, Who::Conman] {
+            io.start_splice(slot, s, who);
+        }
+        for who in [Who::Client, Who::Conman] {
             io.kick_send(slot, s, who);
         }
         if s.phase == Phase::Relay {
@@ -731,17 +826,26 @@ impl Io {
     fn arm_recv(&mut self, slot: u32, s: &mut Session, who: Who) {
         let gen = s.gen;
         let sd = side(s, who);
-        if sd.recv_armed || sd.fd < 0 || sd.eof {
+        // In splice mode the bytes are read by splice(2), not into buffers.
+        if sd.recv_armed || sd.fd < 0 || sd.eof || sd.splice.is_some() {
             return;
         }
         sd.recv_armed = true;
         sd.inflight += 1;
         let fd = sd.fd;
-        self.push(
-            opcode::RecvMulti::new(types::Fd(fd), bufring::BGID)
+        let entry = if std::mem::take(&mut sd.probe) {
+            // Right after a spliced frame the next one is likely long too:
+            // take one buffer (its header) instead of a multishot receive,
+            // which would copy up to 32 buffers of payload before a cancel
+            // could stop it.
+            opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), self.cfg.buffers.size)
+                .buf_group(bufring::BGID)
                 .build()
-                .user_data(ud(slot, gen, who.recv_op())),
-        );
+                .flags(squeue::Flags::BUFFER_SELECT)
+        } else {
+            opcode::RecvMulti::new(types::Fd(fd), bufring::BGID).build()
+        };
+        self.push(entry.user_data(ud(slot, gen, who.recv_op())));
     }
 
     /// Stops a side's multishot receive (it cannot be paused otherwise).
@@ -787,6 +891,15 @@ impl Io {
         }
         // The conman socket is not writable before its connect completes.
         if who == Who::Conman && matches!(s.phase, Phase::Head | Phase::Connecting) {
+            return;
+        }
+        // A frame is being spliced to this side: what is queued (an
+        // injected Close, say) follows it.
+        if side(s, who.other())
+            .splice
+            .as_ref()
+            .is_some_and(|sp| sp.started)
+        {
             return;
         }
         let sd = side(s, who);
@@ -835,10 +948,203 @@ impl Io {
         self.push(entry.user_data(ud(slot, gen, who.send_op())));
     }
 
+    /// After a buffer from `from` was relayed: if a long data frame is under
+    /// way, stop the buffered receive so its payload can be spliced.
+    fn maybe_splice(&mut self, slot: u32, s: &mut Session, from: Who) {
+        let min = self.cfg.buffers.splice_min;
+        let (src, _, tracker) = split(s, from);
+        if min == 0 || src.splice.is_some() || src.eof || tracker.data_payload_remaining() < min {
+            return;
+        }
+        let pipe = match self.pipes.pop() {
+            Some(p) => p,
+            None => match new_pipe(self.cfg.buffers.pipe_size) {
+                Ok(p) => p,
+                Err(e) => {
+                    // Out of descriptors, say: copying still works.
+                    debug!(session = s.id, err = %e, "no pipe for splice");
+                    return;
+                }
+            },
+        };
+        src.splice = Some(Box::new(Splice {
+            pipe,
+            in_pipe: 0,
+            started: false,
+            poll_in: false,
+            poll_out: false,
+        }));
+        self.pause_recv(slot, s, from);
+    }
+
+    /// Splicing begins once the multishot receive has ended (all it took is
+    /// tracked) and everything queued before is sent, so bytes stay in order.
+    fn start_splice(&mut self, slot: u32, s: &mut Session, from: Who) {
+        let (src, dst, _) = split(s, from);
+        let Some(sp) = src.splice.as_mut() else {
+            return;
+        };
+        if sp.started || src.recv_armed || !(dst.drained() || dst.shut || dst.closed) {
+            return;
+        }
+        sp.started = true;
+        for sd in [&mut *src, &mut *dst] {
+            if !sd.nonblocking && sd.fd >= 0 {
+                set_nonblocking(sd.fd);
+                sd.nonblocking = true;
+            }
+        }
+        self.pump(slot, s, from);
+    }
+
+    /// A POLLIN on `socket_of` (its own splice) or a POLLOUT on it (the
+    /// splice from the other side) completed.
+    fn on_poll(&mut self, slot: u32, s: &mut Session, socket_of: Who, from: Who) {
+        side(s, socket_of).inflight -= 1;
+        if let Some(sp) = side(s, from).splice.as_mut() {
+            if socket_of == from {
+                sp.poll_in = false;
+            } else {
+                sp.poll_out = false;
+            }
+        }
+        self.pump(slot, s, from);
+    }
+
+    /// Moves the current frame's payload from `from` through its pipe to the
+    /// other side until a socket would block, the frame ends, or a side goes.
+    fn pump(&mut self, slot: u32, s: &mut Session, from: Who) {
+        let (gen, id) = (s.gen, s.id);
+        let dir = from.outbound();
+        // Whether the source may have bytes: true until a splice from it
+        // comes back short.
+        let mut readable = true;
+        loop {
+            let relaying = s.phase == Phase::Relay;
+            let (src, dst, tracker) = split(s, from);
+            let Some(sp) = src.splice.as_mut() else {
+                return;
+            };
+            if !sp.started || sp.poll_in || sp.poll_out {
+                return;
+            }
+            if dst.shut || dst.closed || dst.fd < 0 {
+                // Nobody left to deliver to; the closing path reads on.
+                sp.in_pipe = 0;
+                src.splice = None;
+                src.paused = false;
+                self.arm_recv(slot, s, from);
+                return;
+            }
+            if sp.in_pipe > 0 {
+                match splice_nb(sp.pipe.r, dst.fd, sp.in_pipe as usize) {
+                    Ok(n) => {
+                        sp.in_pipe -= n as u32;
+                        if sp.in_pipe > 0 {
+                            // Short write: its socket buffer is full.
+                            sp.poll_out = true;
+                            dst.inflight += 1;
+                            let e = opcode::PollAdd::new(types::Fd(dst.fd), libc::POLLOUT as u32)
+                                .build()
+                                .user_data(ud(slot, gen, from.other().poll_out_op()));
+                            self.push(e);
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(libc::EAGAIN) => {
+                        sp.poll_out = true;
+                        dst.inflight += 1;
+                        let e = opcode::PollAdd::new(types::Fd(dst.fd), libc::POLLOUT as u32)
+                            .build()
+                            .user_data(ud(slot, gen, from.other().poll_out_op()));
+                        self.push(e);
+                        return;
+                    }
+                    Err(err) => {
+                        debug!(session = id, err, "splice to peer failed");
+                        src.splice = None;
+                        for c in dst.sendq.drain() {
+                            if let Chunk::Buf { bid, .. } = c {
+                                self.bufs.recycle(bid);
+                            }
+                        }
+                        dst.queued = 0;
+                        dst.eof = true;
+                        dst.shut = true;
+                        self.on_side_lost(slot, s, from.other());
+                        let src = side(s, from);
+                        src.paused = false;
+                        self.arm_recv(slot, s, from);
+                        return;
+                    }
+                }
+            }
+            let remaining = tracker.data_payload_remaining();
+            if remaining == 0 || src.eof || !relaying {
+                // The frame is through (or the session is ending): back to
+                // buffered receives, which see the next header.
+                let src = side(s, from);
+                if let Some(sp) = src.splice.take() {
+                    if self.pipes.len() < PIPE_POOL {
+                        self.pipes.push(sp.pipe);
+                    }
+                }
+                src.paused = false;
+                src.probe = remaining == 0;
+                self.arm_recv(slot, s, from);
+                return;
+            }
+            if !readable {
+                sp.poll_in = true;
+                src.inflight += 1;
+                let e = opcode::PollAdd::new(types::Fd(src.fd), libc::POLLIN as u32)
+                    .build()
+                    .user_data(ud(slot, gen, from.poll_in_op()));
+                self.push(e);
+                return;
+            }
+            let want = remaining.min(u64::from(sp.pipe.cap)) as usize;
+            match splice_nb(src.fd, sp.pipe.w, want) {
+                Ok(0) => {
+                    // FIN inside the frame.
+                    src.splice = None;
+                    src.eof = true;
+                    self.on_side_lost(slot, s, from);
+                    return;
+                }
+                Ok(n) => {
+                    readable = n == want;
+                    sp.in_pipe += n as u32;
+                    let frames = tracker.frames();
+                    tracker.skip_payload(n as u64);
+                    let frames = tracker.frames() - frames;
+                    self.stats.add_bytes(dir, n as u64, frames);
+                    self.stats
+                        .spliced_bytes
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(libc::EAGAIN) => readable = false,
+                Err(err) => {
+                    debug!(session = id, err, "splice from peer failed");
+                    src.splice = None;
+                    src.eof = true;
+                    self.on_side_lost(slot, s, from);
+                    return;
+                }
+            }
+        }
+    }
+
     fn on_send(&mut self, slot: u32, s: &mut Session, who: Who, res: i32) {
         let sd = side(s, who);
         sd.inflight -= 1;
         sd.sending = false;
+        if res == -libc::EAGAIN {
+            // The socket is O_NONBLOCK (splice mode) and io_uring gave up
+            // retrying: nothing was sent, the next kick sends it again.
+            return;
+        }
         if res < 0 {
             // The peer is gone: what is queued for it can never be sent.
             debug!(session = s.id, err = res, "send failed");
@@ -902,7 +1208,9 @@ impl Io {
                     side(s, who).paused = true;
                     self.starved.push((slot, s.gen, who));
                 }
-                libc::ECANCELED => {
+                libc::ECANCELED | libc::EAGAIN => {
+                    // EAGAIN: an O_NONBLOCK socket (splice mode) with
+                    // nothing to read; the receive is simply re-armed.
                     let sd = side(s, who);
                     if !more && !sd.paused && !sd.eof && !sd.closed {
                         self.arm_recv(slot, s, who);
@@ -1022,11 +1330,11 @@ impl Io {
     }
 
     fn relay(&mut self, slot: u32, s: &mut Session, from: Who, bid: u16, len: u32) {
-        let _ = slot;
         self.forward(s, from, bid, len);
         if s.phase != Phase::Relay {
             return;
         }
+        self.maybe_splice(slot, s, from);
         let both_closed = s.to_conman.close_seen() && s.to_client.close_seen();
         if both_closed {
             // The close handshake is complete: end the TCP streams once
