@@ -1037,22 +1037,14 @@ impl Io {
                 return;
             }
             if sp.in_pipe > 0 {
-                match splice_nb(sp.pipe.r, dst.fd, sp.in_pipe as usize) {
-                    Ok(n) => {
-                        sp.in_pipe -= n as u32;
-                        if sp.in_pipe > 0 {
-                            // Short write: its socket buffer is full.
-                            sp.poll_out = true;
-                            dst.inflight += 1;
-                            let e = opcode::PollAdd::new(types::Fd(dst.fd), libc::POLLOUT as u32)
-                                .build()
-                                .user_data(ud(slot, gen, from.other().poll_out_op()));
-                            self.push(e);
-                            return;
-                        }
-                        continue;
-                    }
-                    Err(libc::EAGAIN) => {
+                let res = splice_nb(sp.pipe.r, dst.fd, sp.in_pipe as usize);
+                if let Ok(n) = res {
+                    sp.in_pipe -= n as u32;
+                }
+                match res {
+                    Ok(_) if sp.in_pipe == 0 => continue,
+                    // Short write or none: its socket buffer is full.
+                    Ok(_) | Err(libc::EAGAIN) => {
                         sp.poll_out = true;
                         dst.inflight += 1;
                         let e = opcode::PollAdd::new(types::Fd(dst.fd), libc::POLLOUT as u32)
