@@ -166,6 +166,9 @@ pub struct TokenConfig {
     /// If set, tokens must carry this cluster.
     pub cluster: Option<String>,
     pub reject_with: RejectWith,
+    /// Verify the fresh tokens of the handshakes that arrive in one loop
+    /// turn with a single Ed25519 batch check.
+    pub batch_verify: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -284,6 +287,7 @@ impl Default for TokenConfig {
             leeway_s: 30,
             cluster: None,
             reject_with: RejectWith::Close,
+            batch_verify: true,
         }
     }
 }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
 
-use crate::token::{verify, Claims, KeySet, TokenError, VerifyOptions};
+use crate::token::{verify, verify_many, Claims, KeySet, TokenError, VerifyOptions};
 
 pub struct KeyStore {
     epoch: AtomicU64,
@@ -117,6 +117,21 @@ impl VerifyCache {
         now_unix: i64,
         opts: &VerifyOptions,
     ) -> Result<Arc<Ident>, TokenError> {
+        if let Some(hit) = self.cached(keys, token, now_unix, opts) {
+            return hit;
+        }
+        let claims = verify(token, keys.get(), now_unix, opts)?;
+        Ok(self.insert(token, &claims))
+    }
+
+    /// The answer for a token verified before, or `None` if it was not.
+    pub fn cached(
+        &mut self,
+        keys: &LocalKeys,
+        token: &str,
+        now_unix: i64,
+        opts: &VerifyOptions,
+    ) -> Option<Result<Arc<Ident>, TokenError>> {
         if keys.epoch != self.epoch {
             // Keys changed: a cached token may be signed by a removed key.
             self.current.clear();
@@ -124,27 +139,45 @@ impl VerifyCache {
             self.epoch = keys.epoch;
         }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let hit = self
+        let c = self
             .current
             .get(&digest)
-            .or_else(|| self.previous.get(&digest))
-            .cloned();
-        if let Some(c) = hit {
-            let leeway = opts.leeway_s.max(0);
-            if now_unix > c.exp.saturating_add(leeway) {
-                return Err(TokenError::Expired);
-            }
-            if now_unix < c.nbf.saturating_sub(leeway) {
-                return Err(TokenError::NotYetValid);
-            }
-            return Ok(c);
-        }
-        let claims = Arc::new(Ident::new(&verify(token, keys.get(), now_unix, opts)?));
+            .or_else(|| self.previous.get(&digest))?;
+        let leeway = opts.leeway_s.max(0);
+        Some(if now_unix > c.exp.saturating_add(leeway) {
+            Err(TokenError::Expired)
+        } else if now_unix < c.nbf.saturating_sub(leeway) {
+            Err(TokenError::NotYetValid)
+        } else {
+            Ok(c.clone())
+        })
+    }
+
+    /// Verifies tokens not in the cache, with one batch signature check
+    /// ([`crate::token::verify_many`]), and caches the good ones.
+    pub fn verify_uncached(
+        &mut self,
+        keys: &LocalKeys,
+        tokens: &[&str],
+        now_unix: i64,
+        opts: &VerifyOptions,
+    ) -> Vec<Result<Arc<Ident>, TokenError>> {
+        let results = verify_many(tokens, keys.get(), now_unix, opts);
+        tokens
+            .iter()
+            .zip(results)
+            .map(|(t, r)| r.map(|c| self.insert(t, &c)))
+            .collect()
+    }
+
+    fn insert(&mut self, token: &str, claims: &Claims) -> Arc<Ident> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let ident = Arc::new(Ident::new(claims));
         if self.current.len() >= self.half {
             self.previous = std::mem::take(&mut self.current);
         }
-        self.current.insert(digest, claims.clone());
-        Ok(claims)
+        self.current.insert(digest, ident.clone());
+        ident
     }
 
     pub fn len(&self) -> usize {

@@ -284,3 +284,57 @@ fn bad_tokens_get_1008_or_401() {
     let resp = raw_exchange(proxy.listen, good_head(&expired, "").as_bytes());
     assert_eq!(status_of(&resp), 401);
 }
+
+/// Fresh tokens arriving together (verified as one batch when they land in
+/// one loop turn): the good ones get their sessions, the forged one in their
+/// midst still gets its 1008, whatever the batching.
+#[test]
+fn a_forged_token_among_fresh_ones_is_refused_alone() {
+    use eval_proxy::token;
+    let conman = echo_conman();
+    let proxy = Proxy::start(&config_for(conman.local_addr, ""), &["--shards", "1"]);
+    let other_key = ed25519_dalek::SigningKey::from_bytes(&[42u8; 32]);
+    let tokens: Vec<(String, bool)> = (0..12)
+        .map(|i| {
+            let mut c = claims(&format!("r{i}"));
+            c.jti = format!("batch-{i}");
+            if i == 5 {
+                (token::mint(&c, token::DEV_KID, &other_key), false)
+            } else {
+                (
+                    token::mint(&c, token::DEV_KID, &token::dev_signing_key()),
+                    true,
+                )
+            }
+        })
+        .collect();
+    let mut conns: Vec<TcpStream> = tokens
+        .iter()
+        .map(|_| {
+            let s = TcpStream::connect(proxy.listen).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .unwrap();
+            s
+        })
+        .collect();
+    // All heads first, answers after: they reach the proxy together.
+    for (c, (t, _)) in conns.iter_mut().zip(&tokens) {
+        c.write_all(good_head(t, "").as_bytes()).unwrap();
+    }
+    for (c, (_, good)) in conns.iter_mut().zip(&tokens) {
+        let head = read_head(c);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        if *good {
+            c.write_all(&frame(true, 0x1, b"hi", Some([1, 2, 3, 4])))
+                .unwrap();
+            let (_, op, payload) = read_frame(c);
+            assert_eq!((op, payload.as_slice()), (0x1, &b"hi"[..]));
+        } else {
+            assert_eq!(
+                read_close(c),
+                (1008, "stage=token;reason=bad_signature".to_string())
+            );
+        }
+    }
+    assert_eq!(proxy.metric("eval_sessions_established_total", &[]), 11.0);
+}

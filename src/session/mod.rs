@@ -196,6 +196,9 @@ pub struct Session {
     pub injected_close_to_client: bool,
     pub injected_close_to_conman: bool,
     pub counted_active: bool,
+    /// The request head is complete and its token waits for the end of the
+    /// loop turn's batch verification.
+    pub verify_pending: bool,
 }
 
 /// Setup state, alive from the 101 until relaying starts: retries, the

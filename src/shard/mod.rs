@@ -28,7 +28,7 @@ use crate::config::{Config, RejectWith, UpgradeMode};
 use crate::control::wire::{Found, PlacementResult, ToControl, ToShard};
 use crate::control::LocalStatic;
 use crate::error::{SetupError, Stage};
-use crate::keys::{KeyStore, LocalKeys, VerifyCache};
+use crate::keys::{Ident, KeyStore, LocalKeys, VerifyCache};
 use crate::metrics::{CloseSide, Phase as Timing, ShardStats};
 use crate::proto::close;
 use crate::proto::frame::write_close;
@@ -326,6 +326,8 @@ struct Io {
     starved: Vec<(u32, u16, Who)>,
     /// Empty pipes from finished splices.
     pipes: Vec<Pipe>,
+    /// Sessions whose token is verified at the end of this loop turn.
+    verify_queue: Vec<(u32, u16)>,
 }
 
 pub struct Shard {
@@ -387,6 +389,7 @@ impl Shard {
                 last_trim: Instant::now(),
                 starved: Vec::new(),
                 pipes: Vec::new(),
+                verify_queue: Vec::new(),
                 cfg,
             },
             sessions: Vec::new(),
@@ -449,6 +452,7 @@ impl Shard {
             for &(u, res, flags) in &cqes {
                 self.complete(u, res, flags);
             }
+            self.verify_batch();
             self.fire_timers();
             self.retry_starved();
             if self.io.now.duration_since(self.io.last_trim) >= TRIM_EVERY {
@@ -690,12 +694,55 @@ impl Shard {
             injected_close_to_client: false,
             injected_close_to_conman: false,
             counted_active: false,
+            verify_pending: false,
         };
         let deadline = io.now + io.cfg.header_timeout();
         io.set_deadline(slot, &mut s, deadline);
         io.arm_recv(slot, &mut s, Who::Client);
         self.sessions[slot as usize] = Some(s);
         self.live += 1;
+    }
+
+    /// Verifies the fresh tokens queued during this loop turn together and
+    /// lets each of their sessions go on.
+    fn verify_batch(&mut self) {
+        if self.io.verify_queue.is_empty() {
+            return;
+        }
+        let queue = std::mem::take(&mut self.io.verify_queue);
+        let mut reqs = Vec::with_capacity(queue.len());
+        for &(slot, gen) in &queue {
+            let Some(Some(s)) = self.sessions.get_mut(slot as usize) else {
+                continue;
+            };
+            if s.gen != gen || !s.verify_pending || s.phase != Phase::Head {
+                continue;
+            }
+            s.verify_pending = false;
+            if let Some((req, head_len)) = self.io.pending_request(s) {
+                reqs.push((slot, req, head_len));
+            }
+        }
+        let t0 = Instant::now();
+        let tokens: Vec<&str> = reqs
+            .iter()
+            .map(|(_, r, _)| r.token.as_deref().unwrap_or(""))
+            .collect();
+        let io = &mut self.io;
+        let results = io
+            .verify_cache
+            .verify_uncached(&io.keys, &tokens, io.now_unix, &io.verify);
+        drop(tokens);
+        let each = t0.elapsed() / reqs.len().max(1) as u32;
+        for ((slot, req, head_len), claims) in reqs.into_iter().zip(results) {
+            let Some(s) = self.sessions[slot as usize].as_mut() else {
+                continue;
+            };
+            self.io.stats.setup_duration(Timing::Token, each);
+            self.io
+                .admit(slot, s, req, head_len, claims.map_err(|e| e.as_str()));
+            self.progress(slot);
+        }
     }
 
     fn fire_timers(&mut self) {
@@ -1235,7 +1282,9 @@ impl Io {
             Phase::Head if who == Who::Client => {
                 s.head.extend_from_slice(self.bufs.slice(bid, 0, len));
                 self.bufs.recycle(bid);
-                self.on_head(slot, s);
+                if !s.verify_pending {
+                    self.on_head(slot, s);
+                }
             }
             Phase::Placement | Phase::Connecting | Phase::ConmanHandshake | Phase::Backoff
                 if who == Who::Client =>
@@ -1582,19 +1631,55 @@ impl Io {
             }
             Route::WebSocket(req) => req,
         };
+        let t0 = Instant::now();
+        let claims = match req.token.as_deref() {
+            None => Err("missing"),
+            Some(t) => match self
+                .verify_cache
+                .cached(&self.keys, t, self.now_unix, &self.verify)
+            {
+                Some(hit) => hit.map_err(|e| e.as_str()),
+                None if self.cfg.token.batch_verify => {
+                    // Verified with the loop turn's other fresh tokens.
+                    s.verify_pending = true;
+                    self.verify_queue.push((slot, s.gen));
+                    return;
+                }
+                None => self
+                    .verify_cache
+                    .verify(&self.keys, t, self.now_unix, &self.verify)
+                    .map_err(|e| e.as_str()),
+            },
+        };
+        self.stats.setup_duration(Timing::Token, t0.elapsed());
+        self.admit(slot, s, req, head_len, claims);
+    }
+
+    /// The request head parsed again after its token was batch-verified.
+    fn pending_request(&self, s: &Session) -> Option<(http1::UpgradeRequest, usize)> {
+        let limits = http1::Limits {
+            max_request_line: self.cfg.limits.max_request_line,
+            max_head: self.cfg.limits.max_head,
+            max_headers: self.cfg.limits.max_headers,
+        };
+        match http1::parse_request(&s.head, &limits) {
+            Ok(Some((Route::WebSocket(req), head_len))) => Some((req, head_len)),
+            _ => None,
+        }
+    }
+
+    /// Goes on with a WebSocket upgrade whose token has been checked.
+    fn admit(
+        &mut self,
+        slot: u32,
+        s: &mut Session,
+        req: http1::UpgradeRequest,
+        head_len: usize,
+        claims: Result<Arc<Ident>, &'static str>,
+    ) {
         ShardStats::inc(&self.stats.attempts);
         s.held = s.head.split_off(head_len);
         s.head = Vec::new();
-        let t0 = self.now;
-        let claims = match req.token.as_deref() {
-            None => Err("missing"),
-            Some(t) => self
-                .verify_cache
-                .verify(&self.keys, t, self.now_unix, &self.verify)
-                .map_err(|e| e.as_str()),
-        };
-        self.stats
-            .setup_duration(Timing::Token, Instant::now() - t0);
         let accept = accept_key(&req.key);
         let claims = match claims {
             Ok(c) => c,
