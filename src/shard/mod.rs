@@ -1083,7 +1083,12 @@ impl Io {
                 self.arm_recv(slot, s, from);
                 return;
             }
-            if sp.in_pipe > 0 {
+            let remaining = tracker.data_payload_remaining();
+            // Fill the pipe while the source has bytes, then write it out
+            // in one go: fewer, larger sends wake the receiver less often.
+            let filling =
+                readable && remaining > 0 && relaying && !src.eof && sp.in_pipe < sp.pipe.cap;
+            if sp.in_pipe > 0 && !filling {
                 let res = splice_nb(sp.pipe.r, dst.fd, sp.in_pipe as usize);
                 if let Ok(n) = res {
                     sp.in_pipe -= n as u32;
@@ -1119,8 +1124,7 @@ impl Io {
                     }
                 }
             }
-            let remaining = tracker.data_payload_remaining();
-            if remaining == 0 || src.eof || !relaying {
+            if sp.in_pipe == 0 && (remaining == 0 || src.eof || !relaying) {
                 // The frame is through (or the session is ending): back to
                 // buffered receives, which see the next header.
                 let src = side(s, from);
@@ -1143,7 +1147,7 @@ impl Io {
                 self.push(e);
                 return;
             }
-            let want = remaining.min(u64::from(sp.pipe.cap)) as usize;
+            let want = remaining.min(u64::from(sp.pipe.cap - sp.in_pipe)) as usize;
             match splice_nb(src.fd, sp.pipe.w, want) {
                 Ok(0) => {
                     // FIN inside the frame.
