@@ -6,9 +6,27 @@
 //!   bits 2-7 = n with max_frame = 2^n;
 //! - byte 1: input length the stream is cut into (0 = all at once);
 //! - the rest: the stream.
+//!
+//! A second tracker sees the same inputs but skips (`skip_payload`) the
+//! data-frame payload left over at the start of each input, as the shard
+//! does when it splices; it must agree with the first at every input's end.
 
 use eval_proxy::proto::frame::MAX_CONTROL_PAYLOAD;
-use eval_proxy::proto::relay::{Direction, Event, Tracker, TrackerConfig};
+use eval_proxy::proto::relay::{Direction, Event, Tracker, TrackerConfig, Violation};
+
+/// Feeds `input`, skipping whatever data payload is due at its start.
+fn feed_skipping(t: &mut Tracker, input: &[u8]) -> Result<(), Violation> {
+    let mut at = 0;
+    let due = t.data_payload_remaining().min(input.len() as u64);
+    if due > 0 {
+        t.skip_payload(due);
+        at = due as usize;
+    }
+    while at < input.len() {
+        at += t.handle(&input[at..])?.consumed;
+    }
+    Ok(())
+}
 
 /// Panics if the tracker breaks its contract on this stream.
 pub fn run(data: &[u8]) {
@@ -31,7 +49,9 @@ pub fn run(data: &[u8]) {
     };
 
     let mut tracker = Tracker::new(dir, cfg);
+    let mut skipper = Tracker::new(dir, cfg);
     for input in stream.chunks(cut) {
+        let skipped = feed_skipping(&mut skipper, input);
         let mut at = 0;
         while at < input.len() {
             let rest = &input[at..];
@@ -42,6 +62,7 @@ pub fn run(data: &[u8]) {
                     assert!(matches!(violation.code, 1002 | 1007 | 1009), "{violation}");
                     assert!(tracker.bytes_valid_before_violation() <= rest.len());
                     assert_eq!(tracker.handle(rest), Err(violation), "violations stick");
+                    assert_eq!(skipped, Err(violation), "skipping changed the verdict");
                     return;
                 }
             };
@@ -64,5 +85,12 @@ pub fn run(data: &[u8]) {
             }
             at += scan.consumed;
         }
+        assert_eq!(skipped, Ok(()), "skipping changed the verdict");
+        assert_eq!(skipper.frames(), tracker.frames());
+        assert_eq!(skipper.at_frame_boundary(), tracker.at_frame_boundary());
+        assert_eq!(
+            skipper.data_payload_remaining(),
+            tracker.data_payload_remaining()
+        );
     }
 }
