@@ -91,6 +91,10 @@ pub struct ListenConfig {
     pub shards: usize,
     /// Pin shard N to core N (mod online cores).
     pub pin: bool,
+    /// Before sleeping, a shard polls its ring for this long for new
+    /// completions: lower latency (no wake-up from idle) for CPU burned
+    /// while polling. 0 = sleep at once.
+    pub busy_poll_us: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -236,6 +240,7 @@ impl Default for ListenConfig {
             backlog: 4096,
             shards: 0,
             pin: true,
+            busy_poll_us: 0,
         }
     }
 }
@@ -395,6 +400,9 @@ impl Config {
         }
         if b.size < 1024 || b.size > 1 << 20 {
             return Err(invalid("buffers.size", "must be in 1024..=1048576"));
+        }
+        if self.listen.busy_poll_us > 100_000 {
+            return Err(invalid("listen.busy_poll_us", "must be at most 100000"));
         }
         if b.pipe_size < 4096 || b.pipe_size > 1 << 30 {
             return Err(invalid("buffers.pipe_size", "must be in 4096..=1073741824"));

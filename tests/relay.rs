@@ -579,3 +579,23 @@ fn client_gone_mid_spliced_frame() {
     assert!(rest.is_empty(), "nothing may follow a partial frame");
     assert!(proxy.metric("eval_relay_spliced_bytes_total", &[]) > 0.0);
 }
+
+/// With `listen.busy_poll_us` the shard polls before sleeping; relaying,
+/// timers (the close handshake) and drain behave as without it.
+#[test]
+fn busy_polling_shard_relays_and_closes() {
+    let conman = echo_conman();
+    let proxy = Proxy::start(
+        &config_for(conman.local_addr, "[listen]\nbusy_poll_us = 200\n"),
+        &["--shards", "1"],
+    );
+    let mut ws = connect(&proxy.url(&dev_token("r1")));
+    for i in 0..50u32 {
+        let m = Message::binary(i.to_be_bytes().to_vec());
+        ws.send(m.clone()).unwrap();
+        assert_eq!(ws.read().unwrap(), m);
+    }
+    ws.close(None).unwrap();
+    while ws.read().is_ok() {}
+    assert_eq!(proxy.metric("eval_sessions_established_total", &[]), 1.0);
+}

@@ -422,6 +422,9 @@ impl Shard {
                 // Wake once more after traffic stops, to trim the pool.
                 timeout = Some(timeout.map_or(TRIM_EVERY, |t| t.min(TRIM_EVERY)));
             }
+            if self.io.cfg.listen.busy_poll_us > 0 {
+                self.busy_poll(timeout);
+            }
             let r = match timeout {
                 Some(d) => {
                     let ts = types::Timespec::from(d);
@@ -701,6 +704,32 @@ impl Shard {
         io.arm_recv(slot, &mut s, Who::Client);
         self.sessions[slot as usize] = Some(s);
         self.live += 1;
+    }
+
+    /// Submits, then polls the ring without sleeping until a completion
+    /// arrives or `listen.busy_poll_us` (or the next timer) has passed.
+    /// Task work (DEFER_TASKRUN) runs only inside `io_uring_enter` with
+    /// GETEVENTS, so each poll is one non-blocking enter.
+    fn busy_poll(&mut self, timeout: Option<Duration>) {
+        let budget = Duration::from_micros(u64::from(self.io.cfg.listen.busy_poll_us));
+        let budget = timeout.map_or(budget, |t| t.min(budget));
+        let start = Instant::now();
+        loop {
+            let to_submit = self.io.ring.submission().len();
+            // SAFETY: no signal mask; the ring is ours.
+            let r = unsafe {
+                self.io.ring.submitter().enter::<libc::sigset_t>(
+                    to_submit as u32,
+                    0,
+                    1, // IORING_ENTER_GETEVENTS
+                    None,
+                )
+            };
+            if r.is_err() || !self.io.ring.completion().is_empty() || start.elapsed() >= budget {
+                return;
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// Verifies the fresh tokens queued during this loop turn together and
