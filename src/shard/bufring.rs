@@ -57,6 +57,8 @@ pub struct BufRing {
     out: u32,
     /// Some buffer was filled since the last trim.
     dirty: bool,
+    /// Some buffer was taken since the last `trim_if_idle` call.
+    recent: bool,
 }
 
 impl BufRing {
@@ -86,6 +88,7 @@ impl BufRing {
             tail: 0,
             out: entries as u32,
             dirty: false,
+            recent: false,
         };
         for bid in 0..entries {
             br.push(bid);
@@ -127,10 +130,12 @@ impl BufRing {
     pub fn taken(&mut self, _bid: u16) {
         self.out += 1;
         self.dirty = true;
+        self.recent = true;
     }
 
-    /// Gives the pages of every buffer back to the kernel when user space
-    /// holds none: the ring cycles through all its buffers, so without this
+    /// Gives the pages of every buffer back to the kernel once no buffer
+    /// was taken for a whole period between two calls and user space holds
+    /// none: the ring cycles through all its buffers, so without this
     /// a shard that once saw traffic keeps the whole pool resident while
     /// its sessions sit idle. Returns whether it trimmed.
     ///
@@ -139,7 +144,10 @@ impl BufRing {
     /// thread's task work inside `io_uring_enter`, and a page dropped here
     /// is simply zero-filled again when next written.
     pub fn trim_if_idle(&mut self) -> bool {
-        if self.out != 0 || !self.dirty {
+        // Under traffic, user space often holds no buffer between two
+        // completions; trimming then would make the next 1024 receives
+        // fault in zeroed pages again (and stall the loop in madvise).
+        if std::mem::take(&mut self.recent) || self.out != 0 || !self.dirty {
             return false;
         }
         // SAFETY: our own mapping; no buffer is held by user space and the
