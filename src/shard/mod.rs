@@ -1629,12 +1629,7 @@ impl Io {
     }
 
     fn on_head(&mut self, slot: u32, s: &mut Session) {
-        let limits = http1::Limits {
-            max_request_line: self.cfg.limits.max_request_line,
-            max_head: self.cfg.limits.max_head,
-            max_headers: self.cfg.limits.max_headers,
-        };
-        let parsed = http1::parse_request(&s.head, &limits);
+        let parsed = http1::parse_request(&s.head, &self.head_limits());
         let (route, head_len) = match parsed {
             Ok(None) => return,
             Ok(Some(r)) => r,
@@ -1688,14 +1683,17 @@ impl Io {
         self.admit(slot, s, req, head_len, claims);
     }
 
-    /// The request head parsed again after its token was batch-verified.
-    fn pending_request(&self, s: &Session) -> Option<(http1::UpgradeRequest, usize)> {
-        let limits = http1::Limits {
+    fn head_limits(&self) -> http1::Limits {
+        http1::Limits {
             max_request_line: self.cfg.limits.max_request_line,
             max_head: self.cfg.limits.max_head,
             max_headers: self.cfg.limits.max_headers,
-        };
-        match http1::parse_request(&s.head, &limits) {
+        }
+    }
+
+    /// The request head parsed again after its token was batch-verified.
+    fn pending_request(&self, s: &Session) -> Option<(http1::UpgradeRequest, usize)> {
+        match http1::parse_request(&s.head, &self.head_limits()) {
             Ok(Some((Route::WebSocket(req), head_len))) => Some((req, head_len)),
             _ => None,
         }
