@@ -550,9 +550,13 @@ fn long_frames_pass_byte_for_byte(#[case] splice_min: u64, #[case] spliced: bool
 
 /// A client that leaves in the middle of a spliced frame: Conman gets every
 /// byte the client sent, then a FIN (no Close can be injected mid-frame),
-/// and the session ends on both sides.
-#[test]
-fn client_gone_mid_spliced_frame() {
+/// and the session ends on both sides. With a Conman that only starts
+/// reading once the client is gone, the FIN reaches the proxy while the
+/// pipe still holds bytes for Conman; those must still arrive.
+#[rstest::rstest]
+#[case::reading(false)]
+#[case::stalled(true)]
+fn client_gone_mid_spliced_frame(#[case] stalled: bool) {
     const SENT: usize = 3 << 20;
     let mask = [1, 2, 3, 4];
     let mut head = vec![0x82, 0x80 | 127];
@@ -562,15 +566,29 @@ fn client_gone_mid_spliced_frame() {
     let mut up = head.clone();
     up.extend_from_slice(&body);
     let want = up.clone();
+    let (gone_tx, gone_rx) = std::sync::mpsc::channel::<()>();
     let (addr, h) = raw_conman(move |mut s, _| {
+        if stalled {
+            // Bounded: should the client's write ever need Conman to read
+            // first, reading anyway still checks every byte.
+            let _ = gone_rx.recv_timeout(std::time::Duration::from_secs(5));
+        }
+        // Small reads keep the proxy's writes to Conman short, so its pipe
+        // is rarely empty when the client's FIN is read.
         let mut got = Vec::new();
-        s.read_to_end(&mut got).expect("conman reads to FIN");
-        got
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).expect("conman reads to FIN") {
+                0 => break got,
+                n => got.extend_from_slice(&buf[..n]),
+            }
+        }
     });
     let proxy = Proxy::start(&config_for(addr, ""), &["--shards", "1"]);
     let mut c = raw_client(proxy.listen, &dev_token("r1"));
     c.write_all(&up).unwrap();
     c.shutdown(std::net::Shutdown::Write).unwrap();
+    let _ = gone_tx.send(());
     let got = h.join().unwrap();
     assert_eq!(got.len(), want.len());
     assert!(got == want, "bytes differ");

@@ -1164,7 +1164,12 @@ impl Io {
                 }
                 src.paused = false;
                 src.probe = remaining == 0;
+                let lost = src.eof;
                 self.arm_recv(slot, s, from);
+                if lost {
+                    // Reported only now that the pipe has been delivered.
+                    self.on_side_lost(slot, s, from);
+                }
                 return;
             }
             if !readable {
@@ -1179,11 +1184,11 @@ impl Io {
             let want = remaining.min(u64::from(sp.pipe.cap - sp.in_pipe)) as usize;
             match splice_nb(src.fd, sp.pipe.w, want) {
                 Ok(0) => {
-                    // FIN inside the frame.
-                    src.splice = None;
+                    // FIN inside the frame. The pipe may still hold bytes
+                    // (it is refilled before a partial write is retried):
+                    // they go out first, then the loss is handled above.
                     src.eof = true;
-                    self.on_side_lost(slot, s, from);
-                    return;
+                    readable = false;
                 }
                 Ok(n) => {
                     readable = n == want;
@@ -1199,10 +1204,9 @@ impl Io {
                 Err(libc::EAGAIN) => readable = false,
                 Err(err) => {
                     debug!(session = id, err, "splice from peer failed");
-                    src.splice = None;
+                    // As for a FIN: what was read is still delivered.
                     src.eof = true;
-                    self.on_side_lost(slot, s, from);
-                    return;
+                    readable = false;
                 }
             }
         }
