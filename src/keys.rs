@@ -117,9 +117,21 @@ impl VerifyCache {
         now_unix: i64,
         opts: &VerifyOptions,
     ) -> Result<Arc<Ident>, TokenError> {
-        if let Some(hit) = self.cached(keys, token, now_unix, opts) {
-            return hit;
+        match self.cached(keys, token, now_unix, opts) {
+            Some(hit) => hit,
+            None => self.verify_fresh(keys, token, now_unix, opts),
         }
+    }
+
+    /// Verifies a token [`cached`](Self::cached) has just missed, and
+    /// caches it if good.
+    pub fn verify_fresh(
+        &mut self,
+        keys: &LocalKeys,
+        token: &str,
+        now_unix: i64,
+        opts: &VerifyOptions,
+    ) -> Result<Arc<Ident>, TokenError> {
         let claims = verify(token, keys.get(), now_unix, opts)?;
         Ok(self.insert(token, &claims))
     }

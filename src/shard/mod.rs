@@ -1106,10 +1106,7 @@ impl Io {
             }
             if dst.shut || dst.closed || dst.fd < 0 {
                 // Nobody left to deliver to; the closing path reads on.
-                sp.in_pipe = 0;
-                src.splice = None;
-                src.paused = false;
-                self.arm_recv(slot, s, from);
+                self.end_splice(slot, s, from, false);
                 return;
             }
             let remaining = tracker.data_payload_remaining();
@@ -1128,27 +1125,19 @@ impl Io {
                     Ok(_) | Err(libc::EAGAIN) => {
                         sp.poll_out = true;
                         dst.inflight += 1;
-                        let e = opcode::PollAdd::new(types::Fd(dst.fd), libc::POLLOUT as u32)
-                            .build()
-                            .user_data(ud(slot, gen, from.other().poll_out_op()));
-                        self.push(e);
+                        let fd = dst.fd;
+                        self.push_poll(
+                            fd,
+                            libc::POLLOUT,
+                            ud(slot, gen, from.other().poll_out_op()),
+                        );
                         return;
                     }
                     Err(err) => {
                         debug!(session = id, err, "splice to peer failed");
                         src.splice = None;
-                        for c in dst.sendq.drain() {
-                            if let Chunk::Buf { bid, .. } = c {
-                                self.bufs.recycle(bid);
-                            }
-                        }
-                        dst.queued = 0;
-                        dst.eof = true;
-                        dst.shut = true;
-                        self.on_side_lost(slot, s, from.other());
-                        let src = side(s, from);
-                        src.paused = false;
-                        self.arm_recv(slot, s, from);
+                        self.send_failed(slot, s, from.other());
+                        self.end_splice(slot, s, from, false);
                         return;
                     }
                 }
@@ -1156,16 +1145,8 @@ impl Io {
             if sp.in_pipe == 0 && (remaining == 0 || src.eof || !relaying) {
                 // The frame is through (or the session is ending): back to
                 // buffered receives, which see the next header.
-                let src = side(s, from);
-                if let Some(sp) = src.splice.take() {
-                    if self.pipes.len() < PIPE_POOL {
-                        self.pipes.push(sp.pipe);
-                    }
-                }
-                src.paused = false;
-                src.probe = remaining == 0;
                 let lost = src.eof;
-                self.arm_recv(slot, s, from);
+                self.end_splice(slot, s, from, remaining == 0);
                 if lost {
                     // Reported only now that the pipe has been delivered.
                     self.on_side_lost(slot, s, from);
@@ -1175,10 +1156,8 @@ impl Io {
             if !readable {
                 sp.poll_in = true;
                 src.inflight += 1;
-                let e = opcode::PollAdd::new(types::Fd(src.fd), libc::POLLIN as u32)
-                    .build()
-                    .user_data(ud(slot, gen, from.poll_in_op()));
-                self.push(e);
+                let fd = src.fd;
+                self.push_poll(fd, libc::POLLIN, ud(slot, gen, from.poll_in_op()));
                 return;
             }
             let want = remaining.min(u64::from(sp.pipe.cap - sp.in_pipe)) as usize;
@@ -1212,6 +1191,50 @@ impl Io {
         }
     }
 
+    /// Leaves splice mode: an empty pipe goes back to the pool (one still
+    /// holding bytes nobody will read is closed) and buffered receives
+    /// resume, single-buffer first if `probe`.
+    fn end_splice(&mut self, slot: u32, s: &mut Session, from: Who, probe: bool) {
+        let src = side(s, from);
+        if let Some(sp) = src.splice.take() {
+            if sp.in_pipe == 0 && self.pipes.len() < PIPE_POOL {
+                self.pipes.push(sp.pipe);
+            }
+        }
+        src.paused = false;
+        src.probe = probe;
+        self.arm_recv(slot, s, from);
+    }
+
+    fn push_poll(&mut self, fd: RawFd, events: libc::c_short, user_data: u64) {
+        self.push(
+            opcode::PollAdd::new(types::Fd(fd), events as u32)
+                .build()
+                .user_data(user_data),
+        );
+    }
+
+    /// Drops what is queued for a side, giving ring buffers back.
+    fn discard_queued(&mut self, s: &mut Session, who: Who) {
+        let sd = side(s, who);
+        for c in sd.sendq.drain() {
+            if let Chunk::Buf { bid, .. } = c {
+                self.bufs.recycle(bid);
+            }
+        }
+        sd.queued = 0;
+    }
+
+    /// Writing to `who` failed: the peer is gone, and what is queued for it
+    /// can never be sent.
+    fn send_failed(&mut self, slot: u32, s: &mut Session, who: Who) {
+        self.discard_queued(s, who);
+        let sd = side(s, who);
+        sd.eof = true;
+        sd.shut = true;
+        self.on_side_lost(slot, s, who);
+    }
+
     fn on_send(&mut self, slot: u32, s: &mut Session, who: Who, res: i32) {
         let sd = side(s, who);
         sd.inflight -= 1;
@@ -1222,18 +1245,8 @@ impl Io {
             return;
         }
         if res < 0 {
-            // The peer is gone: what is queued for it can never be sent.
             debug!(session = s.id, err = res, "send failed");
-            let sd = side(s, who);
-            for c in sd.sendq.drain() {
-                if let Chunk::Buf { bid, .. } = c {
-                    self.bufs.recycle(bid);
-                }
-            }
-            sd.queued = 0;
-            sd.eof = true;
-            sd.shut = true;
-            self.on_side_lost(slot, s, who);
+            self.send_failed(slot, s, who);
             return;
         }
         let mut n = res as usize;
@@ -1613,14 +1626,9 @@ impl Io {
             if sd.recv_armed {
                 self.pause_recv(slot, s, who);
             }
-            let sd = side(s, who);
-            if sd.inflight == 0 {
-                for c in sd.sendq.drain() {
-                    if let Chunk::Buf { bid, .. } = c {
-                        self.bufs.recycle(bid);
-                    }
-                }
-                sd.queued = 0;
+            if side(s, who).inflight == 0 {
+                self.discard_queued(s, who);
+                let sd = side(s, who);
                 // SAFETY: no operation on it is in flight.
                 unsafe { libc::close(sd.fd) };
                 sd.closed = true;
@@ -1679,7 +1687,7 @@ impl Io {
                 }
                 None => self
                     .verify_cache
-                    .verify(&self.keys, t, self.now_unix, &self.verify)
+                    .verify_fresh(&self.keys, t, self.now_unix, &self.verify)
                     .map_err(|e| e.as_str()),
             },
         };
