@@ -29,22 +29,20 @@ pub struct Shard {
 
 impl Shard {
     pub fn send(&mut self, repl: &str, attempt: u8, exclude: Option<&str>) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut out = Vec::new();
-        ToControl::Placement {
-            id,
-            repl: repl.into(),
-            cluster: "test".into(),
-            attempt,
-            exclude: exclude.map(Into::into),
-        }
-        .encode(&mut out);
-        self.sock.write_all(&out).unwrap();
-        id
+        self.send_placement(repl, "test", attempt, exclude)
     }
 
     pub fn send_in(&mut self, repl: &str, cluster: &str) -> u64 {
+        self.send_placement(repl, cluster, 0, None)
+    }
+
+    fn send_placement(
+        &mut self,
+        repl: &str,
+        cluster: &str,
+        attempt: u8,
+        exclude: Option<&str>,
+    ) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         let mut out = Vec::new();
@@ -52,8 +50,8 @@ impl Shard {
             id,
             repl: repl.into(),
             cluster: cluster.into(),
-            attempt: 0,
-            exclude: None,
+            attempt,
+            exclude: exclude.map(Into::into),
         }
         .encode(&mut out);
         self.sock.write_all(&out).unwrap();
