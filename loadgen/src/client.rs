@@ -17,7 +17,7 @@ use eval_proxy::proto::frame::{
     write_close, write_control, FrameHeader, OpCode, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN,
 };
 use eval_proxy::proto::handshake::{
-    accept_key, new_client_key, parse_client_response, write_client_request, HandshakeError,
+    accept_key, new_client_key, parse_conman_response, write_conman_request, HandshakeError,
 };
 use mio::net::TcpStream;
 
@@ -219,7 +219,7 @@ impl Conn {
         let sock = net::start_connect(dial.target, dial.source).map_err(ConnError::Connect)?;
         let key = new_client_key(dial.key_random);
         let mut request = Vec::with_capacity(dial.path.len() + 256);
-        write_client_request(&mut request, dial.host, dial.path, &key, &[], None, &[]);
+        write_conman_request(&mut request, dial.host, dial.path, &key, &[], None, &[]);
         Ok(Self {
             sock,
             id,
@@ -390,7 +390,7 @@ impl Conn {
         };
         upgrade.response.extend_from_slice(bytes);
         let head_len =
-            match parse_client_response(&upgrade.response, &upgrade.accept, MAX_RESPONSE_HEAD) {
+            match parse_conman_response(&upgrade.response, &upgrade.accept, MAX_RESPONSE_HEAD) {
                 Ok(Some((_, head_len))) => head_len,
                 Ok(None) => return Ok(()),
                 Err(HandshakeError::Status(status)) => return Err(ConnError::HttpStatus(status)),

@@ -51,7 +51,7 @@ pub fn new_client_key(random16: [u8; 16]) -> String {
 /// `extra` carries X-Eval-Session, X-Repl-Id, X-User, X-Forwarded-For; their
 /// values come partly from token claims, so control bytes are blanked
 /// rather than allowed to start a new header line.
-pub fn write_client_request(
+pub fn write_conman_request(
     out: &mut Vec<u8>,
     host: &str,
     path: &str,
@@ -87,7 +87,7 @@ pub fn write_client_request(
 
 /// What Conman's 101 settled.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ClientResponse {
+pub struct ConmanResponse {
     /// Not checked against what was offered; the caller knows that list.
     pub protocol: Option<String>,
     /// As sent, repeated headers joined with ", ".
@@ -122,16 +122,16 @@ impl HandshakeError {
     }
 }
 
-/// Checks Conman's answer to [`write_client_request`].
+/// Checks Conman's answer to [`write_conman_request`].
 ///
 /// `Ok(None)` while the head is incomplete and shorter than `max_head` (no
 /// allocation on that path); then `Ok(Some((response, head_len)))` for a
 /// valid 101, where `buf[head_len..]` already holds WebSocket frames.
-pub fn parse_client_response(
+pub fn parse_conman_response(
     buf: &[u8],
     expected_accept: &str,
     max_head: usize,
-) -> Result<Option<(ClientResponse, usize)>, HandshakeError> {
+) -> Result<Option<(ConmanResponse, usize)>, HandshakeError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     // Only the first max_head bytes can hold the head, and frames may follow.
@@ -194,7 +194,7 @@ pub fn parse_client_response(
         _ => return Err(HandshakeError::Malformed),
     };
     Ok(Some((
-        ClientResponse {
+        ConmanResponse {
             protocol,
             extensions,
         },
@@ -260,7 +260,7 @@ mod tests {
     fn client_request(protocols: &[&str]) -> Vec<u8> {
         let protocols: Vec<String> = protocols.iter().map(|s| s.to_string()).collect();
         let mut out = Vec::new();
-        write_client_request(
+        write_conman_request(
             &mut out,
             "127.0.0.1:9001",
             "/conman/ws?repl=r1",
@@ -310,7 +310,7 @@ mod tests {
     #[test]
     fn client_request_cannot_be_split() {
         let mut out = Vec::new();
-        write_client_request(
+        write_conman_request(
             &mut out,
             "h",
             "/a b#c\r\n",
@@ -332,8 +332,8 @@ mod tests {
         let mut stream = respond(&request, Some("ot.v1"));
         let head_len = stream.len();
         stream.extend_from_slice(b"\x81\x02hi");
-        let got = parse_client_response(&stream, &accept_key(KEY), 4096);
-        let want = ClientResponse {
+        let got = parse_conman_response(&stream, &accept_key(KEY), 4096);
+        let want = ConmanResponse {
             protocol: Some("ot.v1".into()),
             extensions: None,
         };
@@ -344,7 +344,7 @@ mod tests {
     fn own_server_accepts_new_client_key() {
         let key = new_client_key(*b"0123456789abcdef");
         let mut request = Vec::new();
-        write_client_request(&mut request, "h", "/wsv2/t", &key, &[], None, &[]);
+        write_conman_request(&mut request, "h", "/wsv2/t", &key, &[], None, &[]);
         let (route, n) = parse_request(&request, &Limits::default())
             .unwrap()
             .unwrap();
@@ -355,7 +355,7 @@ mod tests {
     #[rstest]
     #[case::ok_with_extensions(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Extensions: permessage-deflate\r\nsec-websocket-extensions: x-y\r\n\r\n",
-        Ok(ClientResponse { protocol: None, extensions: Some("permessage-deflate, x-y".into()) })
+        Ok(ConmanResponse { protocol: None, extensions: Some("permessage-deflate, x-y".into()) })
     )]
     #[case::wrong_accept(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n",
@@ -396,9 +396,9 @@ mod tests {
     #[case::garbage("SSH-2.0-OpenSSH\r\n\r\n", Err(HandshakeError::Malformed))]
     fn response_table(
         #[case] response: &str,
-        #[case] want: Result<ClientResponse, HandshakeError>,
+        #[case] want: Result<ConmanResponse, HandshakeError>,
     ) {
-        let got = parse_client_response(response.as_bytes(), ACCEPT, 4096);
+        let got = parse_conman_response(response.as_bytes(), ACCEPT, 4096);
         assert_eq!(got, want.map(|r| Some((r, response.len()))));
     }
 
@@ -409,11 +409,11 @@ mod tests {
             "p".repeat(200)
         );
         assert_eq!(
-            parse_client_response(big.as_bytes(), ACCEPT, 128),
+            parse_conman_response(big.as_bytes(), ACCEPT, 128),
             Err(HandshakeError::HeadTooLarge)
         );
         assert_eq!(
-            parse_client_response(&big.as_bytes()[..127], ACCEPT, 128),
+            parse_conman_response(&big.as_bytes()[..127], ACCEPT, 128),
             Ok(None)
         );
     }
@@ -424,10 +424,10 @@ mod tests {
         let response = respond(&request, Some("ot.v1"));
         let mut stream = response.clone();
         stream.extend_from_slice(b"\x88\x02\x03\xe8");
-        let whole = parse_client_response(&stream, ACCEPT, 4096);
+        let whole = parse_conman_response(&stream, ACCEPT, 4096);
         assert!(matches!(whole, Ok(Some((_, n))) if n == response.len()));
         for end in 0..=stream.len() {
-            let got = parse_client_response(&stream[..end], ACCEPT, 4096);
+            let got = parse_conman_response(&stream[..end], ACCEPT, 4096);
             if end < response.len() {
                 assert_eq!(got, Ok(None), "prefix of {end} bytes");
             } else {
@@ -442,7 +442,7 @@ mod tests {
             buf in proptest::collection::vec(any::<u8>(), 0..1024),
             max_head in 0usize..2048,
         ) {
-            let _ = parse_client_response(&buf, ACCEPT, max_head);
+            let _ = parse_conman_response(&buf, ACCEPT, max_head);
         }
     }
 
@@ -476,11 +476,11 @@ mod tests {
         };
         let ws = tungstenite::accept(stream).unwrap();
         let response = &ws.get_ref().output;
-        let (got, n) = parse_client_response(response, &accept_key(KEY), 4096)
+        let (got, n) = parse_conman_response(response, &accept_key(KEY), 4096)
             .unwrap()
             .unwrap();
         assert_eq!(n, response.len());
-        assert_eq!(got, ClientResponse::default());
+        assert_eq!(got, ConmanResponse::default());
     }
 
     /// Answers whatever the client wrote with our own server code once the

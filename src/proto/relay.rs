@@ -56,44 +56,86 @@ pub enum Event {
     Pong,
 }
 
-/// A frame the receiving endpoint would have to fail the connection for.
-/// `code` (1002, 1007 or 1009) and `reason` go into the Close the proxy sends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{reason} (close code {code})")]
-pub struct Violation {
-    pub code: u16,
-    /// A snake_case word for the Close reason text and the metric label.
-    pub reason: &'static str,
+/// What was wrong with a frame; `as_str` is the snake_case word of the
+/// Close reason text and the metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ViolationKind {
+    BadLength,
+    UnmaskedFrame,
+    MaskedFrame,
+    ReservedOpcode,
+    RsvBits,
+    ControlTooLong,
+    FragmentedControl,
+    UnexpectedContinuation,
+    ExpectedContinuation,
+    /// A frame after a Close: dropped by the relay rather than fought.
+    DataAfterClose,
+    BadClosePayload,
+    FrameTooBig,
 }
 
-impl Violation {
-    const fn protocol(reason: &'static str) -> Violation {
-        Violation {
-            code: close::PROTOCOL_ERROR,
-            reason,
+impl ViolationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ViolationKind::BadLength => "bad_length",
+            ViolationKind::UnmaskedFrame => "unmasked_frame",
+            ViolationKind::MaskedFrame => "masked_frame",
+            ViolationKind::ReservedOpcode => "reserved_opcode",
+            ViolationKind::RsvBits => "rsv_bits",
+            ViolationKind::ControlTooLong => "control_too_long",
+            ViolationKind::FragmentedControl => "fragmented_control",
+            ViolationKind::UnexpectedContinuation => "unexpected_continuation",
+            ViolationKind::ExpectedContinuation => "expected_continuation",
+            ViolationKind::DataAfterClose => "data_after_close",
+            ViolationKind::BadClosePayload => "bad_close_payload",
+            ViolationKind::FrameTooBig => "frame_too_big",
         }
     }
 }
 
-const BAD_LENGTH: Violation = Violation::protocol("bad_length");
-const UNMASKED_FRAME: Violation = Violation::protocol("unmasked_frame");
-const MASKED_FRAME: Violation = Violation::protocol("masked_frame");
-const RESERVED_OPCODE: Violation = Violation::protocol("reserved_opcode");
-const RSV_BITS: Violation = Violation::protocol("rsv_bits");
-const CONTROL_TOO_LONG: Violation = Violation::protocol("control_too_long");
-const FRAGMENTED_CONTROL: Violation = Violation::protocol("fragmented_control");
-const UNEXPECTED_CONTINUATION: Violation = Violation::protocol("unexpected_continuation");
-const EXPECTED_CONTINUATION: Violation = Violation::protocol("expected_continuation");
-const DATA_AFTER_CLOSE: Violation = Violation::protocol("data_after_close");
-const BAD_CLOSE_PAYLOAD: Violation = Violation::protocol("bad_close_payload");
+/// A frame the receiving endpoint would have to fail the connection for.
+/// `code` (1002, 1007 or 1009) and `kind` go into the Close the proxy sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{} (close code {code})", kind.as_str())]
+pub struct Violation {
+    pub code: u16,
+    pub kind: ViolationKind,
+}
+
+impl Violation {
+    const fn protocol(kind: ViolationKind) -> Violation {
+        Violation {
+            code: close::PROTOCOL_ERROR,
+            kind,
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        self.kind.as_str()
+    }
+}
+
+const BAD_LENGTH: Violation = Violation::protocol(ViolationKind::BadLength);
+const UNMASKED_FRAME: Violation = Violation::protocol(ViolationKind::UnmaskedFrame);
+const MASKED_FRAME: Violation = Violation::protocol(ViolationKind::MaskedFrame);
+const RESERVED_OPCODE: Violation = Violation::protocol(ViolationKind::ReservedOpcode);
+const RSV_BITS: Violation = Violation::protocol(ViolationKind::RsvBits);
+const CONTROL_TOO_LONG: Violation = Violation::protocol(ViolationKind::ControlTooLong);
+const FRAGMENTED_CONTROL: Violation = Violation::protocol(ViolationKind::FragmentedControl);
+const UNEXPECTED_CONTINUATION: Violation =
+    Violation::protocol(ViolationKind::UnexpectedContinuation);
+const EXPECTED_CONTINUATION: Violation = Violation::protocol(ViolationKind::ExpectedContinuation);
+const DATA_AFTER_CLOSE: Violation = Violation::protocol(ViolationKind::DataAfterClose);
+const BAD_CLOSE_PAYLOAD: Violation = Violation::protocol(ViolationKind::BadClosePayload);
 // RFC 6455 section 7.4.1 gives 1007 for text that is not UTF-8.
 const BAD_CLOSE_UTF8: Violation = Violation {
     code: 1007,
-    reason: "bad_close_payload",
+    kind: ViolationKind::BadClosePayload,
 };
 const FRAME_TOO_BIG: Violation = Violation {
     code: close::TOO_BIG,
-    reason: "frame_too_big",
+    kind: ViolationKind::FrameTooBig,
 };
 
 const RSV1: u8 = 0b100;
@@ -598,7 +640,7 @@ mod tests {
                     .and_then(|_| feed(&mut tracker, &stream[at..]).map_err(|(v, n)| (v, n + at))),
             };
             let (violation, valid_len) = result.expect_err("stream must be rejected");
-            assert_eq!((violation.code, violation.reason), (code, reason));
+            assert_eq!((violation.code, violation.as_str()), (code, reason));
             let expected_valid = match split {
                 None => valid.len(),
                 // The bad frame began in the earlier input.

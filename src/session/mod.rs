@@ -1,62 +1,101 @@
-//! One session's state, owned by one struct so that it stays small, explicit
-//! and (later) movable to another process at a frame boundary.
+//! One session's life as a sans-IO state machine: inputs are `handle_*`
+//! calls (bytes received, bytes sent, a connect's result, a placement, a
+//! token verdict, a timer), outputs are [`Op`]s the shard performs, queued
+//! in [`Env::out`]; the deadline to wake it at is [`Session::poll_timeout`].
+//! Nothing here makes a syscall or reads a clock: `now` comes in with every
+//! input, so tests drive a session byte by byte with a simulated clock
+//! (`tests.rs`).
 //!
-//! The shard feeds completions in and performs the IO this state asks for;
-//! protocol decisions (what a side's EOF means, what Close to inject) are
-//! made here from pure inputs.
+//! The session never owns memory the kernel can see. A send moves its chunks
+//! out of the side's queue into [`Op::Send`]; the shard keeps them in the
+//! operation's record until the completion and hands what is left back with
+//! [`Session::handle_sent`]. Addresses and timeouts travel inside the ops the
+//! same way.
+//!
+//! # Phases
+//! [`Phase`] carries each phase's data; every change of phase goes through
+//! [`Session::transition`], which debug-asserts that the move is in this
+//! table ([`ALLOWED`]):
+//!
+//! | from              | to                | when                                        |
+//! |-------------------|-------------------|---------------------------------------------|
+//! | `Head`            | `Verify`          | a WebSocket upgrade head is complete        |
+//! | `Head`            | `Closing`         | bad request, `/healthz`, timeout, client gone |
+//! | `Verify`          | `Placement`       | token accepted (101 queued in client-first) |
+//! | `Verify`          | `Closing`         | token rejected, client gone                 |
+//! | `Placement`       | `Connecting`      | placement found                             |
+//! | `Connecting`      | `ConmanHandshake` | TCP to Conman is up                         |
+//! | `Connecting`      | `Backoff`         | connect failed, attempts and time left      |
+//! | `ConmanHandshake` | `Backoff`         | Conman's answer failed, attempts left       |
+//! | `ConmanHandshake` | `Relay`           | Conman's 101 checked                        |
+//! | `Backoff`         | `Placement`       | backoff over, old socket closed             |
+//! | `Placement`, `Connecting`, `ConmanHandshake`, `Backoff` | `Closing` | setup failed for good, client gone, drain |
+//! | `Relay`           | `Closing`         | Close both ways, a side lost, violation, drain |
+//!
+//! `Closing` is final: queues drain, write sides shut, both sockets close,
+//! then [`Session::is_finished`] lets the shard free the slot.
 
+use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::error::{SetupError, Stage};
-use crate::proto::close;
-use crate::proto::relay::{Direction, Tracker};
+use rand::rngs::SmallRng;
 
+use crate::config::Config;
+use crate::error::SetupError;
+use crate::keys::Ident;
+use crate::metrics::ShardStats;
+use crate::proto::relay::{Direction, Tracker, TrackerConfig};
+
+mod relay;
 mod sendq;
+mod setup;
+mod splice;
+#[cfg(test)]
+mod tests;
+
 pub use sendq::SendQ;
 
-/// Lifecycle of a session, in order. Transitions only move forward.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Phase {
-    /// Reading the client's request head.
-    Head,
-    /// 101 sent; waiting for the control shard to say where the repl lives.
-    Placement,
-    /// Dialing Conman.
-    Connecting,
-    /// TCP to Conman up; waiting for its 101.
-    ConmanHandshake,
-    /// A Conman attempt failed; waiting (with jitter) before asking for a
-    /// new placement that excludes the failed VM.
-    Backoff,
-    /// Relaying frames both ways.
-    Relay,
-    /// Ending: queues drain, write sides shut, then sockets close.
-    Closing,
+/// Lingering after our FIN: how long a closing session may wait for the
+/// peer's FIN (or for a stuck send) before its sockets are forced shut.
+pub const LINGER: Duration = Duration::from_secs(5);
+/// After one side's Close frame, how long the other side has to answer.
+pub const CLOSE_HANDSHAKE: Duration = Duration::from_secs(10);
+/// Most chunks one gathered send takes.
+pub const GATHER_MAX: usize = 16;
+
+/// A session's two peers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Who {
+    Client,
+    Conman,
+}
+
+impl Who {
+    pub fn other(self) -> Who {
+        match self {
+            Who::Client => Who::Conman,
+            Who::Conman => Who::Client,
+        }
+    }
+
+    /// The direction of bytes received from this side.
+    pub fn outbound(self) -> Direction {
+        match self {
+            Who::Client => Direction::ToConman,
+            Who::Conman => Direction::ToClient,
+        }
+    }
 }
 
 /// Bytes queued toward a socket: a slice of a provided buffer (zero-copy
 /// relay) or bytes the proxy wrote itself (handshakes, injected frames).
+#[derive(Debug)]
 pub enum Chunk {
     Buf { bid: u16, off: u32, len: u32 },
     Owned { data: Box<[u8]>, off: u32 },
-}
-
-/// Most chunks one gathered send takes.
-pub const GATHER_MAX: usize = 16;
-
-/// Kernel-visible memory of one `sendmsg`: it must stay put until the send
-/// completes, so it lives in its own allocation.
-pub struct Gather {
-    pub iov: [libc::iovec; GATHER_MAX],
-    pub msg: libc::msghdr,
-}
-
-impl Gather {
-    pub fn new() -> Box<Gather> {
-        // SAFETY: iovec and msghdr are plain C structs; all-zero is valid.
-        Box::new(unsafe { std::mem::zeroed() })
-    }
 }
 
 impl Chunk {
@@ -66,40 +105,155 @@ impl Chunk {
             Chunk::Owned { data, off } => data.len() - *off as usize,
         }
     }
+
+    /// Consumes `n` sent bytes; true when nothing is left.
+    fn advance(&mut self, n: usize) -> bool {
+        match self {
+            Chunk::Buf { off, len, .. } => {
+                *off += n as u32;
+                *len -= n as u32;
+                *len == 0
+            }
+            Chunk::Owned { data, off } => {
+                *off += n as u32;
+                *off as usize == data.len()
+            }
+        }
+    }
 }
 
-/// One socket of a session and everything in flight on it.
+/// The chunks of one send: one (the common case, no allocation) or a
+/// gathered backlog of up to [`GATHER_MAX`].
+#[derive(Debug)]
+pub enum Batch {
+    One(Chunk),
+    Many(Vec<Chunk>),
+}
+
+impl Batch {
+    pub fn chunks(&self) -> &[Chunk] {
+        match self {
+            Batch::One(c) => std::slice::from_ref(c),
+            Batch::Many(v) => v,
+        }
+    }
+
+    fn into_vec(self) -> Vec<Chunk> {
+        match self {
+            Batch::One(c) => vec![c],
+            Batch::Many(v) => v,
+        }
+    }
+}
+
+/// A pipe for splice(2): two descriptors the shard created and will close or
+/// pool when the session gives it back ([`Op::ReleasePipe`]).
+#[derive(Debug)]
+pub struct Pipe {
+    pub r: RawFd,
+    pub w: RawFd,
+    /// Bytes it holds at most.
+    pub cap: u32,
+}
+
+/// What the shard is asked to do. Ops naming a side act on that side's
+/// socket ([`Session::fd`]).
+#[derive(Debug)]
+pub enum Op {
+    /// Receive into the shared buffer ring: multishot, or one buffer.
+    Recv { who: Who, fd: RawFd, single: bool },
+    /// Stop that receive; its last completion still comes.
+    CancelRecv { who: Who },
+    /// Send these chunks; they come back with [`Session::handle_sent`].
+    Send { who: Who, fd: RawFd, batch: Batch },
+    /// Check the token of [`Session::token`]; answer with `handle_token`.
+    Verify,
+    /// Ask where the repl lives; answer with `handle_placement(seq, ..)`.
+    Placement {
+        seq: u16,
+        attempt: u8,
+        exclude: Option<String>,
+    },
+    /// Open a socket to Conman (`handle_socket`), then connect it, giving up
+    /// after `timeout` (`handle_connected`).
+    Connect { addr: SocketAddr, timeout: Duration },
+    /// Stop the connect in flight; its completion still comes.
+    CancelConnect,
+    /// shutdown(2): the write side, or both (forcing pending ops to end).
+    Shutdown { fd: RawFd, both: bool },
+    /// close(2); nothing is in flight on the socket.
+    Close { fd: RawFd },
+    /// Give a provided buffer back to the ring.
+    Recycle { bid: u16 },
+    /// Splice: a pipe, answered with `handle_pipe`.
+    NeedPipe { from: Who },
+    /// The pipe is no longer needed: pooled if `empty`, else closed.
+    ReleasePipe { pipe: Pipe, empty: bool },
+    /// Put the socket in O_NONBLOCK (splice(2) needs it).
+    SetNonblocking { fd: RawFd },
+    /// Non-blocking splice(2) of at most `len` bytes from `fd_in` to
+    /// `fd_out`, for the frame spliced from `from`: socket to pipe
+    /// (`into_pipe`, answered with `handle_spliced_in`) or pipe to the
+    /// other side's socket (`handle_spliced_out`).
+    Splice {
+        from: Who,
+        into_pipe: bool,
+        fd_in: RawFd,
+        fd_out: RawFd,
+        len: usize,
+    },
+    /// Wait for `socket`'s readiness: readable if it is `from` (the spliced
+    /// side), writable otherwise (`handle_poll`).
+    Poll { socket: Who, fd: RawFd, from: Who },
+}
+
+/// What a session reads and writes besides its own state: the time, the
+/// config, the shard's counters, randomness and the op queue. No IO.
+pub struct Env<'a> {
+    pub now: Instant,
+    pub cfg: &'a Config,
+    pub stats: &'a ShardStats,
+    pub rng: &'a mut SmallRng,
+    pub out: &'a mut VecDeque<Op>,
+}
+
+impl Env<'_> {
+    fn op(&mut self, op: Op) {
+        self.out.push_back(op);
+    }
+}
+
+/// One socket of a session, as far as the machine is concerned.
 pub struct Side {
     pub fd: RawFd,
-    /// io_uring operations submitted on `fd` and not yet completed; the fd
-    /// is closed only when this is zero.
-    pub inflight: u16,
-    pub recv_armed: bool,
+    /// Operations on `fd` requested and not yet completed; the fd is closed
+    /// only when this is zero.
+    inflight: u16,
+    recv_armed: bool,
     /// Receiving paused (backpressure, held-bytes bound, buffer shortage).
-    pub paused: bool,
-    pub cancel_pending: bool,
-    pub sendq: SendQ,
-    pub queued: usize,
-    pub sending: bool,
-    /// iovecs of a gathered send in flight; allocated the first time a side
-    /// has more than one chunk queued, so idle sessions never carry it.
-    pub gather: Option<Box<Gather>>,
+    paused: bool,
+    cancel_pending: bool,
+    sendq: SendQ,
+    /// Bytes queued plus bytes in the send in flight.
+    queued: usize,
+    /// A send is in flight (its chunks are in the op, not in `sendq`).
+    sending: bool,
     /// The peer sent FIN (or the socket failed).
-    pub eof: bool,
+    eof: bool,
     /// The next receive is a single-buffer one (see `arm_recv`).
-    pub probe: bool,
+    probe: bool,
     /// O_NONBLOCK has been set (splice(2) needs it; io_uring does not).
-    pub nonblocking: bool,
+    nonblocking: bool,
     /// This side's current data frame is being spliced to the other side.
-    pub splice: Option<Box<Splice>>,
-    /// We shut down our write side once the queue drained.
-    pub want_shut: bool,
-    pub shut: bool,
-    pub closed: bool,
+    splice: Option<Box<splice::Splice>>,
+    /// Shut down our write side once the queue drained.
+    want_shut: bool,
+    shut: bool,
+    closed: bool,
 }
 
 impl Side {
-    pub fn new(fd: RawFd) -> Side {
+    fn new(fd: RawFd) -> Side {
         Side {
             fd,
             inflight: 0,
@@ -109,7 +263,6 @@ impl Side {
             sendq: SendQ::default(),
             queued: 0,
             sending: false,
-            gather: None,
             eof: false,
             probe: false,
             nonblocking: false,
@@ -120,12 +273,12 @@ impl Side {
         }
     }
 
-    pub fn push(&mut self, c: Chunk) {
+    fn push(&mut self, c: Chunk) {
         self.queued += c.remaining();
         self.sendq.push_back(c);
     }
 
-    pub fn push_owned(&mut self, data: Vec<u8>) {
+    fn push_owned(&mut self, data: Vec<u8>) {
         if !data.is_empty() {
             self.push(Chunk::Owned {
                 data: data.into_boxed_slice(),
@@ -134,190 +287,672 @@ impl Side {
         }
     }
 
-    pub fn drained(&self) -> bool {
+    fn drained(&self) -> bool {
         self.sendq.is_empty() && !self.sending
+    }
+
+    fn done_op(&mut self) {
+        debug_assert!(self.inflight > 0, "operation completed twice");
+        self.inflight = self.inflight.saturating_sub(1);
+    }
+
+    /// Bytes that can never be sent leave the count.
+    fn unqueue(&mut self, n: usize) {
+        debug_assert!(self.queued >= n, "queued {} < {n}", self.queued);
+        self.queued = self.queued.saturating_sub(n);
     }
 }
 
-/// A pipe for splice(2); both ends are closed on drop.
-pub struct Pipe {
-    pub r: RawFd,
-    pub w: RawFd,
-    /// Bytes it holds at most.
-    pub cap: u32,
+/// Setup state, alive from the token check until relaying starts.
+pub struct Setup {
+    /// The whole setup must finish by then.
+    deadline: Instant,
+    /// Conman attempts started so far.
+    attempt: u8,
+    /// Sequence number of the placement request awaiting its reply.
+    seq: u16,
+    /// VM of the current attempt, and the one that failed last.
+    vm: Option<String>,
+    exclude: Option<String>,
+    backoff_done: bool,
+    last_error: Option<SetupError>,
+    expected_accept: String,
+    /// The upgrade request for Conman, sent once the connect completes.
+    request: Vec<u8>,
+    protocol: Option<String>,
+    forwarded_for: String,
+    /// Upstream-first: the client still waits for its 101, with this
+    /// Sec-WebSocket-Accept; its offers go to Conman as they are.
+    client_accept: Option<String>,
+    offered_protocols: Vec<String>,
+    offered_extensions: Option<String>,
+    /// Conman's response head as it arrives.
+    head: Vec<u8>,
+    /// Client bytes received during setup, delivered in order once relaying.
+    held: Vec<u8>,
 }
 
-impl Drop for Pipe {
-    fn drop(&mut self) {
-        // SAFETY: both ends are ours and closed only here.
-        unsafe {
-            libc::close(self.r);
-            libc::close(self.w);
+/// A complete upgrade request whose token is being checked.
+pub struct Verify {
+    req: crate::proto::http1::UpgradeRequest,
+    /// Client bytes after the head.
+    held: Vec<u8>,
+}
+
+/// Lifecycle of a session; each variant carries its own data.
+pub enum Phase {
+    /// Reading the client's request head.
+    Head(Vec<u8>),
+    /// Head complete; the token is being checked.
+    Verify(Box<Verify>),
+    /// Waiting to learn where the repl lives.
+    Placement(Box<Setup>),
+    /// Dialing Conman.
+    Connecting(Box<Setup>),
+    /// TCP to Conman up; waiting for its 101.
+    ConmanHandshake(Box<Setup>),
+    /// A Conman attempt failed; waiting (with jitter) before asking for a
+    /// new placement that excludes the failed VM.
+    Backoff(Box<Setup>),
+    /// Relaying frames both ways.
+    Relay,
+    /// Ending: queues drain, write sides shut, then sockets close.
+    Closing,
+}
+
+/// A phase without its data, for the transition table and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Head,
+    Verify,
+    Placement,
+    Connecting,
+    ConmanHandshake,
+    Backoff,
+    Relay,
+    Closing,
+}
+
+impl Phase {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Phase::Head(_) => Kind::Head,
+            Phase::Verify(_) => Kind::Verify,
+            Phase::Placement(_) => Kind::Placement,
+            Phase::Connecting(_) => Kind::Connecting,
+            Phase::ConmanHandshake(_) => Kind::ConmanHandshake,
+            Phase::Backoff(_) => Kind::Backoff,
+            Phase::Relay => Kind::Relay,
+            Phase::Closing => Kind::Closing,
+        }
+    }
+
+    fn setup(&self) -> Option<&Setup> {
+        match self {
+            Phase::Placement(s)
+            | Phase::Connecting(s)
+            | Phase::ConmanHandshake(s)
+            | Phase::Backoff(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn setup_mut(&mut self) -> Option<&mut Setup> {
+        match self {
+            Phase::Placement(s)
+            | Phase::Connecting(s)
+            | Phase::ConmanHandshake(s)
+            | Phase::Backoff(s) => Some(s),
+            _ => None,
         }
     }
 }
 
-/// A side in splice mode: the payload of its current data frame goes
-/// socket → pipe → the other side's socket without entering user space.
-pub struct Splice {
-    pub pipe: Pipe,
-    /// Bytes in the pipe not yet written to the other side.
-    pub in_pipe: u32,
-    /// The multishot receive has ended and what it delivered is sent:
-    /// bytes now flow through the pipe only.
-    pub started: bool,
-    /// A POLLIN on this side's socket is in flight.
-    pub poll_in: bool,
-    /// A POLLOUT on the other side's socket is in flight.
-    pub poll_out: bool,
-}
+/// Every allowed change of phase (the module doc's table).
+pub const ALLOWED: &[(Kind, Kind)] = &[
+    (Kind::Head, Kind::Verify),
+    (Kind::Head, Kind::Closing),
+    (Kind::Verify, Kind::Placement),
+    (Kind::Verify, Kind::Closing),
+    (Kind::Placement, Kind::Connecting),
+    (Kind::Placement, Kind::Closing),
+    (Kind::Connecting, Kind::ConmanHandshake),
+    (Kind::Connecting, Kind::Backoff),
+    (Kind::Connecting, Kind::Closing),
+    (Kind::ConmanHandshake, Kind::Backoff),
+    (Kind::ConmanHandshake, Kind::Relay),
+    (Kind::ConmanHandshake, Kind::Closing),
+    (Kind::Backoff, Kind::Placement),
+    (Kind::Backoff, Kind::Closing),
+    (Kind::Relay, Kind::Closing),
+];
 
 pub struct Session {
     pub id: u64,
-    pub gen: u16,
-    pub phase: Phase,
-    pub client: Side,
-    pub conman: Side,
-    /// Request head while reading it; Conman's response head later.
-    pub head: Vec<u8>,
-    /// Client bytes received during setup, delivered in order once relaying.
-    pub held: Vec<u8>,
-    pub to_conman: Tracker,
-    pub to_client: Tracker,
-    pub deadline: Option<Instant>,
-    pub started: Instant,
-    pub phase_started: Instant,
+    phase: Phase,
+    client: Side,
+    conman: Side,
+    to_conman: Tracker,
+    to_client: Tracker,
+    deadline: Option<Instant>,
+    started: Instant,
+    phase_started: Instant,
     /// What the token said (repl, user, cluster), for headers, logs and
     /// the registry; shared with the shard's verification cache.
-    pub ident: Option<std::sync::Arc<crate::keys::Ident>>,
-    /// Setup state that only exists while connecting.
-    pub setup: Option<Box<Setup>>,
+    ident: Option<Arc<Ident>>,
     /// Close frames the proxy itself queued, per side.
-    pub injected_close_to_client: bool,
-    pub injected_close_to_conman: bool,
-    pub counted_active: bool,
-    /// The request head is complete and its token waits for the end of the
-    /// loop turn's batch verification.
-    pub verify_pending: bool,
-}
-
-/// Setup state, alive from the 101 until relaying starts: retries, the
-/// placement in use, kernel-visible memory for the connect op, and the
-/// handshake to check.
-pub struct Setup {
-    /// The whole setup must finish by then.
-    pub deadline: Instant,
-    /// Conman attempts started so far.
-    pub attempt: u8,
-    /// The placement request awaiting its reply.
-    pub request_id: u64,
-    /// VM of the current attempt, and the one that failed last.
-    pub vm: Option<String>,
-    pub exclude: Option<String>,
-    pub backoff_done: bool,
-    pub last_error: Option<crate::error::SetupError>,
-    pub addr: socket2::SockAddr,
-    pub timeout: io_uring::types::Timespec,
-    pub expected_accept: String,
-    pub request: Vec<u8>,
-    pub protocol: Option<String>,
-    pub forwarded_for: String,
-    /// Upstream-first: the client still waits for its 101, with this
-    /// Sec-WebSocket-Accept; its offers go to Conman as they are.
-    pub client_accept: Option<String>,
-    pub offered_protocols: Vec<String>,
-    pub offered_extensions: Option<String>,
-}
-
-/// Full-jitter exponential backoff before Conman attempt `attempt` (1 for
-/// the first retry): uniform in `[0, min(cap, base * 2^(attempt-1))]`,
-/// given a uniform `unit` in [0, 1).
-pub fn backoff(attempt: u8, base_ms: u64, cap_ms: u64, unit: f64) -> std::time::Duration {
-    let exp = base_ms.saturating_mul(1u64 << (attempt.saturating_sub(1)).min(20));
-    let ceiling = exp.min(cap_ms) as f64;
-    std::time::Duration::from_micros((ceiling * 1000.0 * unit.clamp(0.0, 1.0)) as u64)
+    injected_close_to_client: bool,
+    injected_close_to_conman: bool,
+    /// Counted in `eval_sessions_active` (it reached Relay).
+    established: bool,
+    finished: bool,
 }
 
 impl Session {
-    pub fn tracker(&mut self, dir: Direction) -> &mut Tracker {
+    /// A session for an accepted client socket; [`Session::start`] has it
+    /// read the head.
+    pub fn new(id: u64, client_fd: RawFd, now: Instant, cfg: &Config) -> Session {
+        let tcfg = TrackerConfig {
+            max_frame: cfg.limits.max_frame,
+            allow_rsv1: false,
+        };
+        Session {
+            id,
+            phase: Phase::Head(Vec::new()),
+            client: Side::new(client_fd),
+            conman: Side::new(-1),
+            to_conman: Tracker::new(Direction::ToConman, tcfg),
+            to_client: Tracker::new(Direction::ToClient, tcfg),
+            deadline: Some(now + cfg.header_timeout()),
+            started: now,
+            phase_started: now,
+            ident: None,
+            injected_close_to_client: false,
+            injected_close_to_conman: false,
+            established: false,
+            finished: false,
+        }
+    }
+
+    pub fn start(&mut self, env: &mut Env) {
+        self.arm_recv(env, Who::Client);
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.phase.kind()
+    }
+
+    pub fn fd(&self, who: Who) -> RawFd {
+        self.side_ref(who).fd
+    }
+
+    pub fn ident(&self) -> Option<&Arc<Ident>> {
+        self.ident.as_ref()
+    }
+
+    /// The token to check while in `Verify`.
+    pub fn token(&self) -> Option<&str> {
+        match &self.phase {
+            Phase::Verify(v) => v.req.token.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// When the shard must call [`Session::handle_timeout`].
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Both sockets are closed and nothing is in flight: free the slot.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// The one way to change phase: `next` builds the new phase from the
+    /// old one (moving its data), and the move must be in [`ALLOWED`].
+    fn transition(&mut self, now: Instant, next: impl FnOnce(Phase) -> Phase) {
+        let old = std::mem::replace(&mut self.phase, Phase::Closing);
+        let from = old.kind();
+        self.phase = next(old);
+        let to = self.phase.kind();
+        debug_assert!(
+            ALLOWED.contains(&(from, to)),
+            "session {}: {from:?} -> {to:?} is not allowed",
+            self.id
+        );
+        self.phase_started = now;
+    }
+
+    /// Moves the setup state from one setup phase to the next.
+    fn step(&mut self, now: Instant, to: fn(Box<Setup>) -> Phase) {
+        self.transition(now, |old| match old {
+            Phase::Placement(s)
+            | Phase::Connecting(s)
+            | Phase::ConmanHandshake(s)
+            | Phase::Backoff(s) => to(s),
+            // Not a setup phase: the same kind again fails the assertion.
+            other => other,
+        });
+    }
+
+    fn side(&mut self, who: Who) -> &mut Side {
+        match who {
+            Who::Client => &mut self.client,
+            Who::Conman => &mut self.conman,
+        }
+    }
+
+    fn side_ref(&self, who: Who) -> &Side {
+        match who {
+            Who::Client => &self.client,
+            Who::Conman => &self.conman,
+        }
+    }
+
+    fn tracker(&mut self, dir: Direction) -> &mut Tracker {
         match dir {
             Direction::ToConman => &mut self.to_conman,
             Direction::ToClient => &mut self.to_client,
         }
     }
-}
 
-/// What to do when a side's stream ends without a Close frame, decided from
-/// whether the stream toward the other side is at a frame boundary.
-#[derive(Debug, PartialEq, Eq)]
-pub enum EofAction {
-    /// Inject this Close toward the other side, then shut it down.
-    InjectClose { code: u16, reason: String },
-    /// Mid-frame: a Close cannot be injected, end the TCP stream cleanly.
-    Shutdown,
-}
-
-/// Source side `from` ended (FIN or error) during relay.
-pub fn on_eof(from_client: bool, peer_stream_at_boundary: bool, close_already: bool) -> EofAction {
-    if close_already || !peer_stream_at_boundary {
-        return EofAction::Shutdown;
-    }
-    if from_client {
-        // Conman only needs to know the client left.
-        EofAction::InjectClose {
-            code: close::GOING_AWAY,
-            reason: close::reason_text("client_gone", "eof", None),
-        }
-    } else {
-        let e = SetupError::new(Stage::Relay, "conman_lost");
-        EofAction::InjectClose {
-            code: e.close_code(),
-            reason: e.close_reason(),
+    /// The side bytes come from, the side they go to, and the tracker of
+    /// that direction, borrowed together.
+    fn split(&mut self, from: Who) -> (&mut Side, &mut Side, &mut Tracker) {
+        match from {
+            Who::Client => (&mut self.client, &mut self.conman, &mut self.to_conman),
+            Who::Conman => (&mut self.conman, &mut self.client, &mut self.to_client),
         }
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    fn set_deadline(&mut self, t: Instant) {
+        self.deadline = Some(t);
+    }
 
-    #[test]
-    fn conman_lost_at_boundary_closes_1014() {
-        match on_eof(false, true, false) {
-            EofAction::InjectClose { code, reason } => {
-                assert_eq!(code, 1014);
-                assert_eq!(reason, "stage=relay;reason=conman_lost");
+    // ---- receiving ------------------------------------------------------
+
+    fn arm_recv(&mut self, env: &mut Env, who: Who) {
+        let sd = self.side(who);
+        // In splice mode the bytes are read by splice(2), not into buffers.
+        if sd.recv_armed || sd.fd < 0 || sd.eof || sd.closed || sd.splice.is_some() {
+            return;
+        }
+        sd.recv_armed = true;
+        sd.inflight += 1;
+        // Right after a spliced frame the next one is likely long too: take
+        // one buffer (its header) instead of a multishot receive, which
+        // would copy up to 32 buffers of payload before a cancel could stop
+        // it.
+        let single = std::mem::take(&mut sd.probe);
+        let fd = sd.fd;
+        env.op(Op::Recv { who, fd, single });
+    }
+
+    /// Stops a side's multishot receive (it cannot be paused otherwise).
+    fn pause_recv(&mut self, env: &mut Env, who: Who) {
+        let sd = self.side(who);
+        sd.paused = true;
+        if sd.recv_armed && !sd.cancel_pending {
+            sd.cancel_pending = true;
+            env.op(Op::CancelRecv { who });
+        }
+    }
+
+    fn resume_recv(&mut self, env: &mut Env, who: Who) {
+        let sd = self.side(who);
+        if sd.paused {
+            sd.paused = false;
+            self.arm_recv(env, who);
+        }
+    }
+
+    /// The ring had no buffer for this side: it waits for
+    /// [`Session::handle_buffers_available`].
+    pub fn starved(&self, who: Who) -> bool {
+        let sd = self.side_ref(who);
+        sd.paused && !sd.recv_armed && !sd.eof && !sd.closed
+    }
+
+    /// Buffers are back after a shortage: a starved side reads again.
+    pub fn handle_buffers_available(&mut self, env: &mut Env, who: Who) {
+        if self.starved(who) {
+            self.side(who).paused = false;
+            self.arm_recv(env, who);
+            self.advance(env);
+        }
+    }
+
+    /// A receive completed: `data` with its buffer id, or `res` ≤ 0 (FIN or
+    /// -errno). `more` is false on a receive's last completion.
+    pub fn handle_recv(
+        &mut self,
+        env: &mut Env,
+        who: Who,
+        res: i32,
+        more: bool,
+        data: Option<(u16, &[u8])>,
+    ) -> RecvOutcome {
+        let mut outcome = RecvOutcome::Ok;
+        if !more {
+            let sd = self.side(who);
+            sd.recv_armed = false;
+            sd.done_op();
+            sd.cancel_pending = false;
+        }
+        match data {
+            Some((bid, bytes)) if res > 0 => {
+                self.on_data(env, who, bid, bytes);
+                // A multishot receive may end on its own (or a cancel may
+                // land after a resume): re-arm unless the side is meant to
+                // be quiet.
+                let sd = self.side(who);
+                if !more && !sd.paused && !sd.eof && !sd.closed {
+                    self.arm_recv(env, who);
+                }
             }
-            other => panic!("{other:?}"),
+            Some((bid, _)) => env.op(Op::Recycle { bid }),
+            None => match -res {
+                libc::ENOBUFS => {
+                    env.stats
+                        .buffer_exhausted
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.side(who).paused = true;
+                    outcome = RecvOutcome::Starved;
+                }
+                libc::ECANCELED | libc::EAGAIN => {
+                    // EAGAIN: an O_NONBLOCK socket (splice mode) with
+                    // nothing to read; the receive is simply re-armed.
+                    let sd = self.side(who);
+                    if !more && !sd.paused && !sd.eof && !sd.closed {
+                        self.arm_recv(env, who);
+                    }
+                }
+                _ => {
+                    // FIN (0) or a socket error: this side sends no more.
+                    self.side(who).eof = true;
+                    self.on_side_lost(env, who);
+                }
+            },
+        }
+        self.advance(env);
+        outcome
+    }
+
+    // ---- sending --------------------------------------------------------
+
+    fn kick_send(&mut self, env: &mut Env, who: Who) {
+        let conman_writable = !matches!(self.kind(), Kind::Head | Kind::Verify | Kind::Connecting);
+        // A frame is being spliced to this side: what is queued (an
+        // injected Close, say) follows it.
+        let spliced_to = self
+            .side_ref(who.other())
+            .splice
+            .as_ref()
+            .is_some_and(|sp| sp.started);
+        let sd = self.side(who);
+        if sd.sending || sd.fd < 0 || sd.shut || sd.closed || sd.sendq.is_empty() || spliced_to {
+            return;
+        }
+        // The Conman socket is not writable before its connect completes.
+        if who == Who::Conman && !conman_writable {
+            return;
+        }
+        let batch = if sd.sendq.len() == 1 {
+            match sd.sendq.pop_front() {
+                Some(c) => Batch::One(c),
+                None => return,
+            }
+        } else {
+            // A backlog (bulk transfer, slow peer): one sendmsg for up to
+            // GATHER_MAX chunks instead of a send per buffer.
+            let n = sd.sendq.len().min(GATHER_MAX);
+            Batch::Many((0..n).filter_map(|_| sd.sendq.pop_front()).collect())
+        };
+        sd.sending = true;
+        sd.inflight += 1;
+        let fd = sd.fd;
+        env.op(Op::Send { who, fd, batch });
+    }
+
+    /// A send completed with `res` (bytes or -errno); `batch` is what it
+    /// carried, back from the shard's operation record.
+    pub fn handle_sent(&mut self, env: &mut Env, who: Who, res: i32, batch: Batch) {
+        let sd = self.side(who);
+        sd.done_op();
+        sd.sending = false;
+        let mut chunks = batch.into_vec().into_iter();
+        if res == -libc::EAGAIN && !sd.eof {
+            // The socket is O_NONBLOCK (splice mode) and io_uring gave up
+            // retrying: nothing was sent, the next kick sends it again.
+            requeue_front(sd, chunks.collect());
+        } else if res < 0 {
+            let unsent: usize = chunks
+                .map(|c| {
+                    if let Chunk::Buf { bid, .. } = c {
+                        env.op(Op::Recycle { bid });
+                    }
+                    c.remaining()
+                })
+                .sum();
+            sd.unqueue(unsent);
+            tracing::debug!(session = self.id, err = res, "send failed");
+            self.send_failed(env, who);
+        } else {
+            let mut n = res as usize;
+            sd.unqueue(n);
+            let mut rest = Vec::new();
+            for mut c in chunks.by_ref() {
+                let take = n.min(c.remaining());
+                n -= take;
+                if c.advance(take) {
+                    if let Chunk::Buf { bid, .. } = c {
+                        env.op(Op::Recycle { bid });
+                    }
+                } else {
+                    rest.push(c);
+                }
+            }
+            if !rest.is_empty() {
+                if sd.shut || sd.closed {
+                    // Nobody will send them any more.
+                    for c in rest {
+                        sd.unqueue(c.remaining());
+                        if let Chunk::Buf { bid, .. } = c {
+                            env.op(Op::Recycle { bid });
+                        }
+                    }
+                } else {
+                    requeue_front(sd, rest);
+                }
+            }
+        }
+        self.advance(env);
+    }
+
+    /// Drops what is queued for a side, giving ring buffers back.
+    fn discard_queued(&mut self, env: &mut Env, who: Who) {
+        let sd = self.side(who);
+        let mut n = 0;
+        for c in sd.sendq.drain() {
+            n += c.remaining();
+            if let Chunk::Buf { bid, .. } = c {
+                env.op(Op::Recycle { bid });
+            }
+        }
+        sd.unqueue(n);
+    }
+
+    /// Writing to `who` failed: the peer is gone, and what is queued for it
+    /// can never be sent.
+    fn send_failed(&mut self, env: &mut Env, who: Who) {
+        self.discard_queued(env, who);
+        let sd = self.side(who);
+        sd.eof = true;
+        sd.shut = true;
+        self.on_side_lost(env, who);
+    }
+
+    // ---- moving forward -------------------------------------------------
+
+    /// After any input: splices to start, sends to kick, backpressure, the
+    /// retry after a backoff, and the closing sequence.
+    fn advance(&mut self, env: &mut Env) {
+        for who in [Who::Client, Who::Conman] {
+            self.start_splice(env, who);
+        }
+        for who in [Who::Client, Who::Conman] {
+            self.kick_send(env, who);
+        }
+        match self.kind() {
+            Kind::Relay => {
+                for who in [Who::Client, Who::Conman] {
+                    self.backpressure(env, who);
+                }
+            }
+            Kind::Backoff => self.retry_when_ready(env),
+            Kind::Closing => {
+                for who in [Who::Client, Who::Conman] {
+                    self.close_side(env, who);
+                }
+                if self.client.closed && self.conman.closed && !self.finished {
+                    self.finished = true;
+                    self.deadline = None;
+                    if self.established {
+                        env.stats
+                            .active
+                            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    tracing::debug!(session = self.id, "session ended");
+                }
+            }
+            _ => {}
         }
     }
 
-    #[test]
-    fn client_gone_tells_conman_1001() {
-        assert!(matches!(
-            on_eof(true, true, false),
-            EofAction::InjectClose { code: 1001, .. }
-        ));
+    fn backpressure(&mut self, env: &mut Env, src: Who) {
+        let limit = env.cfg.limits.send_queue_bytes;
+        let queued = self.side_ref(src.other()).queued;
+        let sd = self.side(src);
+        if queued > limit && !sd.paused {
+            env.stats
+                .backpressure_pauses
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.pause_recv(env, src);
+        } else if queued <= limit / 2 && sd.paused && !sd.recv_armed && sd.splice.is_none() {
+            self.resume_recv(env, src);
+        }
     }
 
-    #[test]
-    fn backoff_grows_then_caps_and_stays_within_jitter() {
-        use std::time::Duration;
-        assert_eq!(
-            backoff(1, 50, 1000, 0.999_999),
-            Duration::from_micros(49_999)
+    fn begin_closing(&mut self, env: &mut Env) {
+        if self.kind() == Kind::Closing {
+            return;
+        }
+        self.transition(env.now, |_| Phase::Closing);
+        self.client.want_shut = true;
+        self.conman.want_shut = true;
+        self.set_deadline(env.now + LINGER);
+    }
+
+    fn close_side(&mut self, env: &mut Env, who: Who) {
+        let sd = self.side(who);
+        if sd.closed {
+            return;
+        }
+        if sd.want_shut && !sd.shut && sd.drained() {
+            sd.shut = true;
+            env.op(Op::Shutdown {
+                fd: sd.fd,
+                both: false,
+            });
+        }
+        if sd.shut && sd.eof {
+            if sd.recv_armed {
+                self.pause_recv(env, who);
+            }
+            let sd = self.side(who);
+            if sd.inflight == 0 && sd.splice.is_none() {
+                self.discard_queued(env, who);
+                let sd = self.side(who);
+                sd.closed = true;
+                env.op(Op::Close { fd: sd.fd });
+            }
+        }
+        if self.deadline.is_none() {
+            self.set_deadline(env.now + LINGER);
+        }
+    }
+
+    /// The deadline passed (`now` ≥ [`Session::poll_timeout`]).
+    pub fn handle_timeout(&mut self, env: &mut Env) {
+        match self.deadline {
+            Some(d) if d <= env.now => self.deadline = None,
+            _ => return,
+        }
+        match self.kind() {
+            // A token check is answered within the loop turn it started in,
+            // so this is only a head that was too slow.
+            Kind::Head | Kind::Verify => self.head_timeout(env),
+            Kind::Placement | Kind::Connecting | Kind::ConmanHandshake | Kind::Backoff => {
+                self.setup_timeout(env)
+            }
+            // A Close went one way and no answer came back.
+            Kind::Relay => self.begin_closing(env),
+            Kind::Closing => {
+                // Peers that neither read nor close: force both sockets
+                // down so every pending operation completes.
+                for who in [Who::Client, Who::Conman] {
+                    let sd = self.side(who);
+                    if sd.fd >= 0 && !sd.closed {
+                        sd.shut = true;
+                        sd.eof = true;
+                        env.op(Op::Shutdown {
+                            fd: sd.fd,
+                            both: true,
+                        });
+                    }
+                }
+            }
+        }
+        self.advance(env);
+    }
+
+    /// The drain grace period is over: Close to both peers.
+    pub fn handle_grace_over(&mut self, env: &mut Env) {
+        self.end_session(
+            env,
+            crate::proto::close::GOING_AWAY,
+            "stage=drain;reason=grace_over",
         );
-        assert_eq!(backoff(3, 50, 1000, 0.5), Duration::from_millis(100));
-        assert_eq!(backoff(10, 50, 1000, 0.5), Duration::from_millis(500));
-        assert_eq!(backoff(200, 50, 1000, 1.0), Duration::from_millis(1000));
-        assert_eq!(backoff(2, 50, 1000, 0.0), Duration::ZERO);
+        self.advance(env);
     }
+}
 
-    #[test]
-    fn mid_frame_or_after_close_just_shuts_down() {
-        assert_eq!(on_eof(false, false, false), EofAction::Shutdown);
-        assert_eq!(on_eof(true, true, true), EofAction::Shutdown);
+/// What a receive completion left the shard to do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RecvOutcome {
+    Ok,
+    /// The ring ran out of buffers: retry this side when some are back.
+    Starved,
+}
+
+fn requeue_front(sd: &mut Side, chunks: Vec<Chunk>) {
+    let mut q = SendQ::default();
+    for c in chunks {
+        q.push_back(c);
     }
+    for c in sd.sendq.drain() {
+        q.push_back(c);
+    }
+    sd.sendq = q;
+}
+
+/// Full-jitter exponential backoff before Conman attempt `attempt` (1 for
+/// the first retry): uniform in `[0, min(cap, base * 2^(attempt-1))]`,
+/// given a uniform `unit` in [0, 1).
+pub fn backoff(attempt: u8, base_ms: u64, cap_ms: u64, unit: f64) -> Duration {
+    let exp = base_ms.saturating_mul(1u64 << (attempt.saturating_sub(1)).min(20));
+    let ceiling = exp.min(cap_ms) as f64;
+    Duration::from_micros((ceiling * 1000.0 * unit.clamp(0.0, 1.0)) as u64)
 }
 
 #[cfg(test)]

@@ -1,0 +1,593 @@
+//! From the request head to relaying: the upgrade request, the token
+//! verdict, placement, the Conman connect and handshake, retries with
+//! backoff, and failing a setup with the Close (or HTTP status) that names
+//! its stage.
+
+use std::net::IpAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+
+use super::{backoff, Env, Kind, Op, Phase, Session, Setup, Side, Verify, Who};
+use crate::config::{Config, RejectWith, UpgradeMode};
+use crate::control::wire::{Found, PlacementResult};
+use crate::error::{SetupError, Stage};
+use crate::keys::Ident;
+use crate::metrics::{CloseSide, Phase as Timing, ShardStats};
+use crate::proto::frame::write_close;
+use crate::proto::handshake::{self, accept_key, choose_protocol, new_client_key};
+use crate::proto::http1::{self, Route};
+use crate::proto::relay::{Direction, Tracker, TrackerConfig};
+
+pub fn head_limits(cfg: &Config) -> http1::Limits {
+    http1::Limits {
+        max_request_line: cfg.limits.max_request_line,
+        max_head: cfg.limits.max_head,
+        max_headers: cfg.limits.max_headers,
+    }
+}
+
+/// The Controlplane failure words the control shard sends, as the static
+/// labels metrics and Close reasons use; anything else is `error`.
+fn controlplane_reason(word: &str) -> &'static str {
+    const KNOWN: [&str; 9] = [
+        "unknown_repl",
+        "no_capacity",
+        "timeout",
+        "unavailable",
+        "circuit_open",
+        "bad_response",
+        "admission",
+        "control_unavailable",
+        "no_vm",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == word)
+        .copied()
+        .unwrap_or("error")
+}
+
+impl Session {
+    /// Client bytes while reading the head.
+    pub(super) fn on_head_bytes(&mut self, env: &mut Env, bytes: &[u8]) {
+        let Phase::Head(head) = &mut self.phase else {
+            return;
+        };
+        head.extend_from_slice(bytes);
+        let parsed = http1::parse_request(head, &head_limits(env.cfg));
+        match parsed {
+            Ok(None) => {}
+            Err(e) => {
+                let status = e.status();
+                if status != 404 {
+                    ShardStats::inc(&env.stats.attempts);
+                    env.stats.setup_failure(Stage::Request, e.as_str(), true);
+                }
+                tracing::debug!(
+                    session = self.id,
+                    status,
+                    reason = e.reason(),
+                    "bad request"
+                );
+                let mut out = Vec::new();
+                http1::write_error(&mut out, &e);
+                env.stats.http_response(status);
+                self.client.push_owned(out);
+                self.begin_closing(env);
+            }
+            Ok(Some((Route::Healthz, _))) => {
+                let mut out = Vec::new();
+                http1::write_healthz(&mut out);
+                env.stats.http_response(200);
+                self.client.push_owned(out);
+                self.begin_closing(env);
+            }
+            Ok(Some((Route::WebSocket(req), head_len))) => {
+                let held = head.split_off(head_len);
+                self.transition(env.now, |_| Phase::Verify(Box::new(Verify { req, held })));
+                env.op(Op::Verify);
+            }
+        }
+    }
+
+    /// The token's verdict: identity, or the reason it was rejected.
+    /// `client_ip` feeds X-Forwarded-For.
+    pub fn handle_token(
+        &mut self,
+        env: &mut Env,
+        verdict: Result<Arc<Ident>, &'static str>,
+        client_ip: Option<IpAddr>,
+    ) {
+        let Phase::Verify(v) = &mut self.phase else {
+            return;
+        };
+        ShardStats::inc(&env.stats.attempts);
+        let accept = accept_key(&v.req.key);
+        let held = std::mem::take(&mut v.held);
+        let ident = match verdict {
+            Ok(c) => c,
+            Err(reason) => {
+                env.stats.setup_failure(Stage::Token, reason, true);
+                tracing::debug!(session = self.id, reason, "token rejected");
+                let mut out = Vec::new();
+                match env.cfg.token.reject_with {
+                    RejectWith::Http => {
+                        http1::write_status(&mut out, 401, &format!("token rejected: {reason}"));
+                        env.stats.http_response(401);
+                    }
+                    RejectWith::Close => {
+                        http1::write_switching_protocols(&mut out, &accept, None, None);
+                        let e = SetupError::new(Stage::Token, reason);
+                        write_close(&mut out, e.close_code(), &e.close_reason(), None);
+                        env.stats
+                            .close_code(CloseSide::ProxyToClient, e.close_code());
+                        self.injected_close_to_client = true;
+                    }
+                }
+                self.client.push_owned(out);
+                self.begin_closing(env);
+                self.advance(env);
+                return;
+            }
+        };
+        let req = &mut v.req;
+        let upstream_first = env.cfg.websocket.mode == UpgradeMode::UpstreamFirst;
+        let protocol = if upstream_first {
+            None
+        } else {
+            let p =
+                choose_protocol(&req.protocols, &env.cfg.websocket.subprotocols).map(str::to_owned);
+            let mut out = Vec::new();
+            http1::write_switching_protocols(&mut out, &accept, p.as_deref(), None);
+            self.client.push_owned(out);
+            p
+        };
+        let forwarded_for = match (req.x_forwarded_for.take(), client_ip) {
+            (Some(prev), Some(ip)) => format!("{prev}, {ip}"),
+            (None, Some(ip)) => ip.to_string(),
+            (Some(prev), None) => prev,
+            (None, None) => String::new(),
+        };
+        let setup = Box::new(Setup {
+            deadline: env.now + Duration::from_millis(env.cfg.limits.setup_timeout_ms),
+            attempt: 0,
+            seq: 0,
+            vm: None,
+            exclude: None,
+            backoff_done: false,
+            last_error: None,
+            expected_accept: String::new(),
+            request: Vec::new(),
+            protocol,
+            forwarded_for,
+            client_accept: upstream_first.then_some(accept),
+            offered_protocols: if upstream_first {
+                std::mem::take(&mut req.protocols)
+            } else {
+                Vec::new()
+            },
+            offered_extensions: if upstream_first {
+                req.extensions.take()
+            } else {
+                None
+            },
+            head: Vec::new(),
+            held,
+        });
+        self.ident = Some(ident);
+        self.transition(env.now, |_| Phase::Placement(setup));
+        self.request_placement(env);
+        if self.held_len() >= env.cfg.limits.held_bytes {
+            self.pause_recv(env, Who::Client);
+        }
+        self.advance(env);
+    }
+
+    fn held_len(&self) -> usize {
+        match &self.phase {
+            Phase::Verify(v) => v.held.len(),
+            p => p.setup().map_or(0, |st| st.held.len()),
+        }
+    }
+
+    /// Client bytes received before relaying: kept, in order, up to
+    /// `limits.held_bytes`; beyond that the client is not read.
+    pub(super) fn hold(&mut self, env: &mut Env, bytes: &[u8]) {
+        match &mut self.phase {
+            Phase::Verify(v) => v.held.extend_from_slice(bytes),
+            p => {
+                if let Some(st) = p.setup_mut() {
+                    st.held.extend_from_slice(bytes);
+                }
+            }
+        }
+        if self.held_len() >= env.cfg.limits.held_bytes {
+            self.pause_recv(env, Who::Client);
+        }
+    }
+
+    /// Asks where the session's repl lives (again, after a failed attempt:
+    /// excluding the VM that failed). Called in `Placement` (first ask) or
+    /// `Backoff` (retry).
+    fn request_placement(&mut self, env: &mut Env) {
+        if self.kind() == Kind::Backoff {
+            self.step(env.now, Phase::Placement);
+        }
+        let Phase::Placement(st) = &mut self.phase else {
+            return;
+        };
+        st.seq = st.seq.wrapping_add(1);
+        st.backoff_done = false;
+        let op = Op::Placement {
+            seq: st.seq,
+            attempt: st.attempt,
+            exclude: st.exclude.clone(),
+        };
+        let deadline = st.deadline;
+        self.set_deadline(deadline);
+        env.op(op);
+    }
+
+    /// The answer to `Op::Placement { seq, .. }`; stale answers are ignored.
+    pub fn handle_placement(&mut self, env: &mut Env, seq: u16, result: PlacementResult) {
+        match &self.phase {
+            Phase::Placement(st) if st.seq == seq => {}
+            _ => return,
+        }
+        env.stats
+            .setup_duration(Timing::Controlplane, env.now - self.phase_started);
+        match result {
+            PlacementResult::Found(found) => self.connect(env, found),
+            PlacementResult::Failed {
+                reason,
+                retry_after_ms,
+            } => {
+                let mut e = SetupError::new(Stage::Controlplane, controlplane_reason(&reason));
+                e.retry_after_ms = retry_after_ms;
+                self.fail_setup(env, e);
+            }
+        }
+        self.advance(env);
+    }
+
+    /// The control shard is gone: a session waiting for a placement fails.
+    pub fn handle_control_lost(&mut self, env: &mut Env) {
+        if self.kind() == Kind::Placement {
+            let e = SetupError::new(Stage::Controlplane, "control_unavailable");
+            self.fail_setup(env, e);
+            self.advance(env);
+        }
+    }
+
+    fn connect(&mut self, env: &mut Env, found: Found) {
+        let key = new_client_key(env.rng.gen());
+        let session_hex = format!("{:016x}", self.id);
+        let (Some(ident), Phase::Placement(st)) = (self.ident.as_ref(), &mut self.phase) else {
+            return;
+        };
+        let mut request = Vec::with_capacity(512);
+        let protocols: Vec<String> = if st.client_accept.is_some() {
+            st.offered_protocols.clone()
+        } else {
+            st.protocol.iter().cloned().collect()
+        };
+        let mut extra: Vec<(&str, &str)> = vec![
+            ("X-Eval-Session", &session_hex),
+            ("X-Repl-Id", ident.repl()),
+            ("X-User", ident.user()),
+        ];
+        if !st.forwarded_for.is_empty() {
+            extra.push(("X-Forwarded-For", &st.forwarded_for));
+        }
+        handshake::write_conman_request(
+            &mut request,
+            &found.host,
+            &found.path,
+            &key,
+            &protocols,
+            st.offered_extensions.as_deref(),
+            &extra,
+        );
+        st.expected_accept = accept_key(&key);
+        st.request = request;
+        st.vm = Some(found.vm);
+        st.attempt = st.attempt.saturating_add(1);
+        let deadline = st.deadline;
+        self.step(env.now, Phase::Connecting);
+        self.set_deadline(deadline);
+        env.op(Op::Connect {
+            addr: found.addr,
+            timeout: Duration::from_millis(env.cfg.limits.connect_timeout_ms),
+        });
+    }
+
+    /// The socket for `Op::Connect`: its fd, or the errno of socket(2).
+    pub fn handle_socket(&mut self, env: &mut Env, res: Result<std::os::fd::RawFd, i32>) {
+        if self.kind() != Kind::Connecting {
+            debug_assert!(false, "socket outside Connecting");
+            return;
+        }
+        match res {
+            Ok(fd) => {
+                self.conman = Side::new(fd);
+                // The connect is in flight on it.
+                self.conman.inflight = 1;
+            }
+            Err(errno) => {
+                tracing::warn!(session = self.id, errno, "cannot create conman socket");
+                self.fail_setup(env, SetupError::new(Stage::ConmanConnect, "socket"));
+                self.advance(env);
+            }
+        }
+    }
+
+    /// The connect completed (0) or failed (-errno, -ECANCELED on timeout).
+    pub fn handle_connected(&mut self, env: &mut Env, res: i32) {
+        self.conman.done_op();
+        if self.kind() == Kind::Connecting {
+            if res < 0 {
+                let reason = match -res {
+                    libc::ECONNREFUSED => "refused",
+                    libc::ECANCELED | libc::ETIMEDOUT => "timeout",
+                    libc::ENETUNREACH | libc::EHOSTUNREACH => "unreachable",
+                    libc::ECONNRESET => "reset",
+                    _ => "error",
+                };
+                self.retry_or_fail(env, SetupError::new(Stage::ConmanConnect, reason));
+            } else {
+                self.connected(env);
+            }
+        }
+        self.advance(env);
+    }
+
+    fn connected(&mut self, env: &mut Env) {
+        env.stats
+            .setup_duration(Timing::ConmanDial, env.now - self.phase_started);
+        self.step(env.now, Phase::ConmanHandshake);
+        let Phase::ConmanHandshake(st) = &mut self.phase else {
+            return;
+        };
+        // Each attempt's handshake gets the connect timeout too, so a Conman
+        // that stalls before its 101 does not eat the whole setup deadline.
+        let t = st
+            .deadline
+            .min(env.now + Duration::from_millis(env.cfg.limits.connect_timeout_ms));
+        let request = std::mem::take(&mut st.request);
+        st.head.clear();
+        self.set_deadline(t);
+        self.conman.push_owned(request);
+        self.arm_recv(env, Who::Conman);
+    }
+
+    /// Conman bytes while waiting for its 101.
+    pub(super) fn on_conman_head(&mut self, env: &mut Env, bytes: &[u8]) {
+        let Phase::ConmanHandshake(st) = &mut self.phase else {
+            return;
+        };
+        st.head.extend_from_slice(bytes);
+        let parsed = handshake::parse_conman_response(
+            &st.head,
+            &st.expected_accept,
+            env.cfg.limits.max_head,
+        );
+        let (resp, head_len) = match parsed {
+            Ok(None) => return,
+            Ok(Some(r)) => r,
+            Err(e) => {
+                let e = SetupError::new(Stage::ConmanHandshake, e.as_str());
+                self.retry_or_fail(env, e);
+                return;
+            }
+        };
+        let mut deflate = false;
+        if let Some(accept) = st.client_accept.as_deref() {
+            // Upstream-first: Conman's choices become the client's answer.
+            let offered = |p: &String| st.offered_protocols.iter().any(|o| o == p);
+            if resp.protocol.as_ref().is_some_and(|p| !offered(p)) {
+                let e = SetupError::new(Stage::ConmanHandshake, "unoffered_protocol");
+                self.retry_or_fail(env, e);
+                return;
+            }
+            deflate = resp
+                .extensions
+                .as_deref()
+                .is_some_and(|e| e.to_ascii_lowercase().contains("permessage-deflate"));
+            let mut out = Vec::new();
+            http1::write_switching_protocols(
+                &mut out,
+                accept,
+                resp.protocol.as_deref(),
+                resp.extensions.as_deref(),
+            );
+            self.client.push_owned(out);
+        }
+        let early = st.head.split_off(head_len);
+        let held = std::mem::take(&mut st.held);
+        if deflate {
+            // Compressed messages carry RSV1; nothing was tracked yet.
+            let cfg = TrackerConfig {
+                max_frame: env.cfg.limits.max_frame,
+                allow_rsv1: true,
+            };
+            self.to_conman = Tracker::new(Direction::ToConman, cfg);
+            self.to_client = Tracker::new(Direction::ToClient, cfg);
+        }
+        env.stats
+            .setup_duration(Timing::ConmanUpgrade, env.now - self.phase_started);
+        env.stats
+            .setup_duration(Timing::Total, env.now - self.started);
+        self.transition(env.now, |_| Phase::Relay);
+        self.deadline = None;
+        self.established = true;
+        ShardStats::inc(&env.stats.established);
+        env.stats.active.fetch_add(1, Relaxed);
+        // Frames Conman sent right behind its 101, then the client's held
+        // frames: both pass through their trackers like any other bytes.
+        self.forward_owned(env, Who::Conman, early);
+        self.forward_owned(env, Who::Client, held);
+        if self.kind() == Kind::Relay {
+            self.resume_recv(env, Who::Client);
+            self.arm_recv(env, Who::Client);
+        }
+    }
+
+    /// A Conman attempt failed: back off and try another VM while the setup
+    /// deadline allows, else fail the session with this error.
+    pub(super) fn retry_or_fail(&mut self, env: &mut Env, err: SetupError) {
+        env.stats.attempt_failure(err.stage, err.reason);
+        let limits = &env.cfg.limits;
+        let (max, base, cap) = (
+            limits.max_attempts,
+            limits.retry_base_ms,
+            limits.retry_cap_ms,
+        );
+        let unit: f64 = env.rng.gen();
+        let now = env.now;
+        let Some(st) = self.phase.setup_mut() else {
+            return;
+        };
+        st.last_error = Some(err);
+        let delay = backoff(st.attempt, base, cap, unit);
+        if st.attempt >= max || now + delay >= st.deadline {
+            self.fail_setup(env, err);
+            return;
+        }
+        tracing::debug!(session = self.id, vm = ?st.vm, stage = err.stage.as_str(), reason = err.reason, attempt = st.attempt, "conman attempt failed, retrying");
+        st.exclude = st.vm.take();
+        st.backoff_done = false;
+        self.drop_conman(env);
+        self.step(now, Phase::Backoff);
+        self.set_deadline(now + delay);
+    }
+
+    /// In `Backoff`: the failed attempt's socket goes once nothing is in
+    /// flight on it; the retry starts once that and the backoff are done.
+    pub(super) fn retry_when_ready(&mut self, env: &mut Env) {
+        if self.conman.fd >= 0 && self.conman.inflight == 0 {
+            env.op(Op::Close { fd: self.conman.fd });
+            self.conman = Side::new(-1);
+        }
+        let ready = self.phase.setup().is_some_and(|st| st.backoff_done);
+        if ready && self.conman.fd < 0 {
+            self.request_placement(env);
+        }
+    }
+
+    /// Abandons the current Conman socket: nothing more is sent or read on
+    /// it; it is closed once its operations complete.
+    fn drop_conman(&mut self, env: &mut Env) {
+        self.discard_queued(env, Who::Conman);
+        if self.conman.fd < 0 {
+            return;
+        }
+        self.conman.eof = true;
+        self.conman.shut = true;
+        if self.conman.recv_armed {
+            self.pause_recv(env, Who::Conman);
+        }
+        if self.kind() == Kind::Connecting && self.conman.inflight > 0 {
+            env.op(Op::CancelConnect);
+        }
+    }
+
+    pub(super) fn head_timeout(&mut self, env: &mut Env) {
+        env.stats
+            .setup_failure(Stage::Request, "header_timeout", true);
+        let mut out = Vec::new();
+        http1::write_status(&mut out, 408, "request head not received in time");
+        env.stats.http_response(408);
+        self.client.push_owned(out);
+        self.begin_closing(env);
+    }
+
+    pub(super) fn setup_timeout(&mut self, env: &mut Env) {
+        let kind = self.kind();
+        let now = env.now;
+        let Some(st) = self.phase.setup_mut() else {
+            return;
+        };
+        let overall = now >= st.deadline;
+        let stage = match kind {
+            Kind::Placement => Stage::Controlplane,
+            Kind::Connecting => Stage::ConmanConnect,
+            _ => Stage::ConmanHandshake,
+        };
+        if kind == Kind::Backoff && !overall {
+            st.backoff_done = true;
+        } else if overall {
+            let e = match (kind, st.last_error) {
+                // Out of time while waiting to retry: the failure that
+                // caused the wait is the one to report.
+                (Kind::Backoff, Some(e)) => e,
+                _ => SetupError::new(stage, "timeout"),
+            };
+            self.fail_setup(env, e);
+        } else {
+            // One attempt's handshake took too long; others may not.
+            self.retry_or_fail(env, SetupError::new(stage, "timeout"));
+        }
+    }
+
+    /// Setup failed for good: the client hears why (a Close naming the
+    /// stage, or an HTTP status before a 101), and the session ends.
+    pub(super) fn fail_setup(&mut self, env: &mut Env, err: SetupError) {
+        env.stats.setup_failure(err.stage, err.reason, false);
+        let (repl, user) = self
+            .ident
+            .as_ref()
+            .map_or(("", ""), |i| (i.repl(), i.user()));
+        tracing::info!(
+            session = self.id,
+            repl,
+            user,
+            stage = err.stage.as_str(),
+            reason = err.reason,
+            "session setup failed"
+        );
+        let before_101 = self
+            .phase
+            .setup()
+            .is_some_and(|st| st.client_accept.is_some());
+        if err.stage == Stage::ClientGone {
+            // Nobody to tell.
+        } else if before_101 {
+            // Upstream-first: no 101 yet, so an HTTP status says it.
+            let status = match err.stage {
+                Stage::Controlplane => 503,
+                _ => 502,
+            };
+            let mut out = Vec::new();
+            http1::write_status(&mut out, status, &err.close_reason());
+            if let (Some(ms), Some(at)) = (
+                err.retry_after_ms,
+                out.windows(4).position(|w| w == b"\r\n\r\n"),
+            ) {
+                let hdr = format!("\r\nRetry-After: {}", ms.div_ceil(1000));
+                out.splice(at..at, hdr.into_bytes());
+            }
+            env.stats.http_response(status);
+            self.client.push_owned(out);
+        } else {
+            let mut frame = Vec::new();
+            write_close(&mut frame, err.close_code(), &err.close_reason(), None);
+            self.client.push_owned(frame);
+            env.stats
+                .close_code(CloseSide::ProxyToClient, err.close_code());
+        }
+        // Nothing Conman sends from here on is for the client.
+        self.injected_close_to_client = true;
+        if self.kind() == Kind::ConmanHandshake {
+            // Connected: Closing shuts our write side and reads to Conman's
+            // FIN, so its socket ends without a reset.
+            self.discard_queued(env, Who::Conman);
+        } else {
+            self.drop_conman(env);
+        }
+        self.deadline = None;
+        self.begin_closing(env);
+    }
+}

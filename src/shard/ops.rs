@@ -1,0 +1,167 @@
+//! The operation table: one record per submitted io_uring entry, owning
+//! every byte the kernel may read or write for it (buffers, iovecs, msghdr,
+//! sockaddr, timespec), until that entry's last completion arrives.
+//!
+//! This is tokio-uring's `Lifecycle::Ignored` without futures: a session
+//! that ends, fails or forgets an operation never frees its memory; the
+//! record does, when the completion comes. A record's memory sits behind a
+//! `Box` (or in the provided-buffer ring), so it stays put while the table
+//! grows.
+
+use crate::session::{Batch, Who};
+
+/// user_data of entries whose completion is only swallowed: cancels.
+pub const IGNORE: u64 = u64::MAX;
+
+/// Kernel-visible memory of one `sendmsg`.
+pub struct Gather {
+    pub iov: [libc::iovec; crate::session::GATHER_MAX],
+    pub msg: libc::msghdr,
+}
+
+impl Gather {
+    pub fn new() -> Box<Gather> {
+        // SAFETY: iovec and msghdr are plain C structs; all-zero is valid.
+        Box::new(unsafe { std::mem::zeroed() })
+    }
+}
+
+/// What an entry in flight is, and what it owns.
+pub enum Rec {
+    /// The listener's multishot accept.
+    Accept,
+    /// The eventfd read that wakes the shard; the kernel writes `buf`.
+    Wake {
+        #[allow(dead_code)] // held for the kernel, never read here
+        buf: Box<u64>,
+    },
+    /// Multishot receive from the control shard (into ring buffers).
+    CtlRecv,
+    /// Bytes to the control shard; the kernel reads `buf[off..]`.
+    CtlSend { buf: Vec<u8>, off: usize },
+    /// A session's receive into ring buffers (multishot or one).
+    Recv { slot: u32, gen: u16, who: Who },
+    /// A session's send: the kernel reads the chunks (ring buffers or owned
+    /// bytes) and, for a gathered send, `gather`.
+    Send {
+        slot: u32,
+        gen: u16,
+        who: Who,
+        batch: Batch,
+        gather: Option<Box<Gather>>,
+    },
+    /// Connect to Conman; the kernel reads `addr`.
+    Connect {
+        slot: u32,
+        gen: u16,
+        #[allow(dead_code)] // held for the kernel, never read here
+        addr: Box<socket2::SockAddr>,
+    },
+    /// The connect's linked timeout; the kernel reads `ts`.
+    Timeout {
+        #[allow(dead_code)] // held for the kernel, never read here
+        ts: Box<io_uring::types::Timespec>,
+    },
+    /// Readiness of a socket for a splice.
+    Poll {
+        slot: u32,
+        gen: u16,
+        socket: Who,
+        from: Who,
+    },
+}
+
+struct Slot {
+    gen: u32,
+    rec: Option<Rec>,
+}
+
+/// Records by user_data: slot index in the low 32 bits, the slot's
+/// generation above, so a stale user_data (a cancel aimed at an operation
+/// that already ended) can never match a newer operation.
+#[derive(Default)]
+pub struct OpTable {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    live: usize,
+}
+
+impl OpTable {
+    /// Stores `rec`; the returned user_data names it until `remove`.
+    pub fn insert(&mut self, rec: Rec) -> u64 {
+        self.live += 1;
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot { gen: 0, rec: None });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let slot = &mut self.slots[idx as usize];
+        debug_assert!(slot.rec.is_none());
+        slot.gen = slot.gen.wrapping_add(1);
+        slot.rec = Some(rec);
+        (u64::from(slot.gen) << 32) | u64::from(idx)
+    }
+
+    fn slot(&self, ud: u64) -> Option<&Slot> {
+        let s = self.slots.get((ud & 0xffff_ffff) as usize)?;
+        (s.gen == (ud >> 32) as u32).then_some(s)
+    }
+
+    /// The record of an entry still in flight (a multishot's next
+    /// completion).
+    pub fn get(&self, ud: u64) -> Option<&Rec> {
+        self.slot(ud)?.rec.as_ref()
+    }
+
+    /// The record of an entry whose last completion arrived: its memory is
+    /// the caller's now.
+    pub fn remove(&mut self, ud: u64) -> Option<Rec> {
+        self.slot(ud)?;
+        let idx = (ud & 0xffff_ffff) as u32;
+        let rec = self.slots[idx as usize].rec.take()?;
+        self.free.push(idx);
+        debug_assert!(self.live > 0);
+        self.live -= 1;
+        Some(rec)
+    }
+
+    /// Entries in flight.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// A storm is over: don't keep its peak.
+    pub fn shrink(&mut self) {
+        if self.live == 0 && self.slots.len() > 4096 {
+            self.slots = Vec::new();
+            self.free = Vec::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_user_data_never_matches_a_reused_slot() {
+        let mut t = OpTable::default();
+        let a = t.insert(Rec::Accept);
+        assert!(t.remove(a).is_some());
+        let b = t.insert(Rec::CtlRecv);
+        assert_eq!(a & 0xffff_ffff, b & 0xffff_ffff, "slot reused");
+        assert!(t.get(a).is_none());
+        assert!(t.remove(a).is_none());
+        assert!(matches!(t.get(b), Some(Rec::CtlRecv)));
+        assert_eq!(t.len(), 1);
+        assert!(t.remove(b).is_some());
+        assert!(t.is_empty());
+        assert!(t.remove(IGNORE).is_none());
+    }
+}

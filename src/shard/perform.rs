@@ -1,0 +1,280 @@
+//! A session's ops as io_uring entries and syscalls. Asynchronous ops get a
+//! record in the op table that owns their memory; synchronous ones (splice,
+//! shutdown, close, a pipe) run at once and their result goes straight back
+//! to the session.
+
+use std::collections::VecDeque;
+
+use io_uring::{opcode, squeue, types};
+use tracing::debug;
+
+use super::ops::{Gather, Rec};
+use super::{bufring, ctl, idx, listener, pipe, Entry, Io};
+use crate::control::wire::PlacementResult;
+use crate::metrics::Phase as Timing;
+use crate::session::{Batch, Chunk, Env, Op, Who};
+
+macro_rules! env {
+    ($io:expr, $out:expr) => {
+        Env {
+            now: $io.now,
+            cfg: &$io.cfg,
+            stats: &$io.stats,
+            rng: &mut $io.rng,
+            out: $out,
+        }
+    };
+}
+
+impl Io {
+    pub(super) fn perform(&mut self, slot: u32, e: &mut Entry, op: Op, out: &mut VecDeque<Op>) {
+        let gen = e.gen;
+        match op {
+            Op::Recv { who, fd, single } => {
+                let entry = if single {
+                    opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), self.cfg.buffers.size)
+                        .buf_group(bufring::BGID)
+                        .build()
+                        .flags(squeue::Flags::BUFFER_SELECT)
+                } else {
+                    opcode::RecvMulti::new(types::Fd(fd), bufring::BGID).build()
+                };
+                let ud = self.ops.insert(Rec::Recv { slot, gen, who });
+                e.recv[idx(who)] = ud;
+                self.push(entry.user_data(ud));
+            }
+            Op::CancelRecv { who } => {
+                let target = e.recv[idx(who)];
+                if target != super::NONE {
+                    self.cancel(target);
+                }
+            }
+            Op::Send { who, fd, batch } => self.send(slot, gen, who, fd, batch),
+            Op::Verify => self.verify(slot, e, out),
+            Op::Placement {
+                seq,
+                attempt,
+                exclude,
+            } => self.placement(slot, e, seq, attempt, exclude, out),
+            Op::Connect { addr, timeout } => {
+                let res = listener::conman_socket(&addr)
+                    .map_err(|err| err.raw_os_error().unwrap_or(libc::EIO));
+                e.s.handle_socket(&mut env!(self, out), res);
+                let Ok(fd) = res else {
+                    return;
+                };
+                let addr = Box::new(socket2::SockAddr::from(addr));
+                let connect = opcode::Connect::new(types::Fd(fd), addr.as_ptr(), addr.len())
+                    .build()
+                    .flags(squeue::Flags::IO_LINK);
+                let ts = Box::new(types::Timespec::from(timeout));
+                let timeout = opcode::LinkTimeout::new(&*ts).build();
+                let connect_ud = self.ops.insert(Rec::Connect { slot, gen, addr });
+                let timeout_ud = self.ops.insert(Rec::Timeout { ts });
+                e.connect = connect_ud;
+                // Both entries must land in the same submission for the link
+                // to hold: make room first.
+                let room = {
+                    let sq = self.ring.submission();
+                    sq.capacity() - sq.len()
+                };
+                if room < 2 {
+                    let _ = self.ring.submit();
+                }
+                self.push(connect.user_data(connect_ud));
+                self.push(timeout.user_data(timeout_ud));
+            }
+            Op::CancelConnect => {
+                if e.connect != super::NONE {
+                    self.cancel(e.connect);
+                }
+            }
+            Op::Shutdown { fd, both } => {
+                let how = if both { libc::SHUT_RDWR } else { libc::SHUT_WR };
+                // SAFETY: the session's socket, still open.
+                unsafe { libc::shutdown(fd, how) };
+            }
+            Op::Close { fd } => {
+                // SAFETY: the session's socket; it has nothing in flight.
+                unsafe { libc::close(fd) };
+            }
+            Op::Recycle { bid } => self.bufs.recycle(bid),
+            Op::NeedPipe { from } => {
+                let pipe = match self.pipes.pop() {
+                    Some(p) => Some(p),
+                    None => pipe::new_pipe(self.cfg.buffers.pipe_size)
+                        .inspect_err(|err| debug!(session = e.s.id, %err, "no pipe for splice"))
+                        .ok(),
+                };
+                e.s.handle_pipe(&mut env!(self, out), from, pipe);
+            }
+            Op::ReleasePipe { pipe, empty } => {
+                if empty && self.pipes.len() < pipe::POOL {
+                    self.pipes.push(pipe);
+                } else {
+                    pipe::close_pipe(pipe);
+                }
+            }
+            Op::SetNonblocking { fd } => pipe::set_nonblocking(fd),
+            Op::Splice {
+                from,
+                into_pipe,
+                fd_in,
+                fd_out,
+                len,
+            } => {
+                let res = pipe::splice_nb(fd_in, fd_out, len);
+                let env = &mut env!(self, out);
+                if into_pipe {
+                    e.s.handle_spliced_in(env, from, res);
+                } else {
+                    e.s.handle_spliced_out(env, from, res);
+                }
+            }
+            Op::Poll { socket, fd, from } => {
+                let events = if socket == from {
+                    libc::POLLIN
+                } else {
+                    libc::POLLOUT
+                };
+                let ud = self.ops.insert(Rec::Poll {
+                    slot,
+                    gen,
+                    socket,
+                    from,
+                });
+                self.push(
+                    opcode::PollAdd::new(types::Fd(fd), events as u32)
+                        .build()
+                        .user_data(ud),
+                );
+            }
+        }
+    }
+
+    fn send(&mut self, slot: u32, gen: u16, who: Who, fd: i32, batch: Batch) {
+        let chunk_ptr = |bufs: &bufring::BufRing, c: &Chunk| -> (*mut u8, usize) {
+            match c {
+                // SAFETY: within the buffer, which the send's record holds
+                // (it is recycled only on the completion).
+                Chunk::Buf { bid, off, len } => (
+                    unsafe { bufs.buf_ptr(*bid).add(*off as usize) },
+                    *len as usize,
+                ),
+                Chunk::Owned { data, off } => (
+                    data[*off as usize..].as_ptr() as *mut u8,
+                    data.len() - *off as usize,
+                ),
+            }
+        };
+        let (entry, gather) = match &batch {
+            Batch::One(c) => {
+                let (ptr, len) = chunk_ptr(&self.bufs, c);
+                let entry = opcode::Send::new(types::Fd(fd), ptr, len as u32)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build();
+                (entry, None)
+            }
+            Batch::Many(chunks) => {
+                let mut g = self.gathers.pop().unwrap_or_else(Gather::new);
+                for (i, c) in chunks.iter().enumerate() {
+                    let (ptr, len) = chunk_ptr(&self.bufs, c);
+                    g.iov[i] = libc::iovec {
+                        iov_base: ptr.cast(),
+                        iov_len: len,
+                    };
+                }
+                g.msg.msg_iov = g.iov.as_mut_ptr();
+                g.msg.msg_iovlen = chunks.len();
+                let entry = opcode::SendMsg::new(types::Fd(fd), &g.msg)
+                    .flags(libc::MSG_NOSIGNAL as u32)
+                    .build();
+                (entry, Some(g))
+            }
+        };
+        // Owned chunks are boxed and ring buffers stay where they are, so
+        // moving the batch into the record keeps every pointer valid.
+        let ud = self.ops.insert(Rec::Send {
+            slot,
+            gen,
+            who,
+            batch,
+            gather,
+        });
+        self.push(entry.user_data(ud));
+    }
+
+    /// Gives the ring buffers of a send nobody will complete back.
+    pub(super) fn recycle_batch(&mut self, batch: Batch) {
+        for c in batch.chunks() {
+            if let Chunk::Buf { bid, .. } = c {
+                self.bufs.recycle(*bid);
+            }
+        }
+    }
+
+    /// A token from the cache is answered at once; a fresh one waits for
+    /// the end of the loop turn to be verified with the turn's others, or
+    /// alone if batching is off.
+    fn verify(&mut self, slot: u32, e: &mut Entry, out: &mut VecDeque<Op>) {
+        let t0 = std::time::Instant::now();
+        let verdict = match e.s.token() {
+            None => Err("missing"),
+            Some(t) => match self
+                .verify_cache
+                .cached(&self.keys, t, self.now_unix, &self.verify)
+            {
+                Some(hit) => hit.map_err(|err| err.as_str()),
+                None if self.cfg.token.batch_verify => {
+                    self.verify_queue.push((slot, e.gen));
+                    return;
+                }
+                None => self
+                    .verify_cache
+                    .verify_fresh(&self.keys, t, self.now_unix, &self.verify)
+                    .map_err(|err| err.as_str()),
+            },
+        };
+        self.stats.setup_duration(Timing::Token, t0.elapsed());
+        let ip = listener::peer_ip(e.s.fd(Who::Client));
+        e.s.handle_token(&mut env!(self, out), verdict, ip);
+    }
+
+    /// Static placement is answered here; otherwise the control shard is
+    /// asked and its reply comes back through `Shard::on_ctl_recv`.
+    fn placement(
+        &mut self,
+        slot: u32,
+        e: &mut Entry,
+        seq: u16,
+        attempt: u8,
+        exclude: Option<String>,
+        out: &mut VecDeque<Op>,
+    ) {
+        let Some(ident) = e.s.ident().cloned() else {
+            return;
+        };
+        let result = if let Some(local) = &self.local_placement {
+            local.pick(ident.repl(), exclude.as_deref())
+        } else if self.ctl.dead {
+            PlacementResult::Failed {
+                reason: "control_unavailable".into(),
+                retry_after_ms: None,
+            }
+        } else {
+            let id = ctl::request_id(slot, e.gen, seq);
+            self.ctl_send(|buf| {
+                crate::control::wire::ToControl::Placement {
+                    id,
+                    repl: ident.repl().to_owned(),
+                    cluster: ident.cluster().to_owned(),
+                    attempt,
+                    exclude,
+                }
+                .encode(buf)
+            });
+            return;
+        };
+        e.s.handle_placement(&mut env!(self, out), seq, result);
+    }
+}
