@@ -4,7 +4,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use super::admission::Scope;
-use super::placer::Reason;
+use super::reason::Reason;
 
 pub const CONTROLPLANE_REQUESTS: &str = "eval_controlplane_requests_total";
 pub const CONTROLPLANE_CACHE_HITS: &str = "eval_controlplane_cache_hits_total";
