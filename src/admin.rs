@@ -11,7 +11,7 @@ use std::time::Duration;
 use tracing::{debug, warn};
 
 use crate::keys::KeyStore;
-use crate::metrics::{self, ShardStats};
+use crate::metrics::{self, names, ShardStats};
 use crate::shard::Control;
 
 pub struct Admin {
@@ -31,13 +31,13 @@ impl Admin {
         let mut body = metrics::render(&self.stats);
         metrics::gauge(
             &mut body,
-            "eval_draining",
+            names::DRAINING,
             "1 while the proxy drains (not accepting).",
             self.lifecycle.draining.load(Ordering::Relaxed) as u64,
         );
         metrics::counter(
             &mut body,
-            "eval_token_key_reloads_total",
+            names::TOKEN_KEY_RELOADS,
             "Successful reloads of the token keys (SIGHUP or keys_dir change).",
             self.keys.epoch(),
         );
@@ -141,7 +141,10 @@ fn respond(stream: &mut TcpStream, status: u16, ctype: &str, body: &str) -> io::
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Stage;
+    use crate::metrics::{CloseSide, Phase};
     use crate::token::KeySet;
+    use std::collections::BTreeMap;
 
     fn admin() -> Admin {
         Admin {
@@ -159,7 +162,43 @@ mod tests {
         a.keys.replace(KeySet::new());
         a.keys.replace(KeySet::new());
         let body = a.metrics();
-        assert!(body.contains("# TYPE eval_token_key_reloads_total counter\n"));
-        assert!(body.lines().any(|l| l == "eval_token_key_reloads_total 2"));
+        let reloads = names::TOKEN_KEY_RELOADS;
+        assert!(body.contains(&format!("# TYPE {reloads} counter\n")));
+        assert!(body.lines().any(|l| l == format!("{reloads} 2")));
+    }
+
+    /// `/metrics` exports every name in `names::ALL`, once, with its
+    /// declared type, and no series that is not declared there.
+    #[test]
+    fn metrics_exports_exactly_the_declared_names() {
+        let a = admin();
+        let s = &a.stats[0];
+        s.setup_failure(Stage::Token, "bad_signature", true);
+        s.attempt_failure(Stage::ConmanConnect, "refused");
+        s.close_code(CloseSide::Client, 1000);
+        s.http_response(404);
+        s.setup_duration(Phase::Token, Duration::from_millis(3));
+        let body = a.metrics();
+        let declared: BTreeMap<&str, &str> =
+            names::ALL.iter().map(|&(n, k)| (n, k.as_str())).collect();
+        let typed: Vec<(&str, &str)> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.split_once(' '))
+            .collect();
+        assert_eq!(typed.len(), declared.len(), "a name typed twice?\n{body}");
+        assert_eq!(typed.into_iter().collect::<BTreeMap<_, _>>(), declared);
+        for l in body.lines().filter(|l| !l.starts_with('#')) {
+            let series = l.split(['{', ' ']).next().unwrap();
+            let name = ["_bucket", "_sum", "_count"]
+                .iter()
+                .filter_map(|sfx| series.strip_suffix(sfx))
+                .find(|base| declared.get(base) == Some(&"histogram"))
+                .unwrap_or(series);
+            assert!(declared.contains_key(name), "{series} is not in names.rs");
+            assert!(
+                body.contains(&format!("# HELP {name} ")),
+                "{name} has no HELP"
+            );
+        }
     }
 }

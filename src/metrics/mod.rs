@@ -205,10 +205,11 @@ pub fn render(shards: &[std::sync::Arc<ShardStats>]) -> String {
         "Sessions relaying between client and Conman.",
         sum(|s| &s.established),
     );
-    let _ = writeln!(
-        out,
-        "# HELP eval_session_client_fault_rejections_total Rejections caused by the client (bad request, bad token); excluded from the success-rate SLO.\n# TYPE eval_session_client_fault_rejections_total counter\neval_session_client_fault_rejections_total {}",
-        sum(|s| &s.client_fault)
+    counter(
+        &mut out,
+        names::CLIENT_FAULT_REJECTIONS,
+        "Rejections caused by the client (bad request, bad token); excluded from the success-rate SLO.",
+        sum(|s| &s.client_fault),
     );
     let _ = writeln!(
         out,
