@@ -10,15 +10,40 @@ use std::time::Duration;
 
 use tracing::{debug, warn};
 
-use crate::metrics::{self, ShardStats};
+use crate::keys::KeyStore;
+use crate::metrics::{self, names, ShardStats};
 use crate::shard::Control;
 
 pub struct Admin {
     pub stats: Vec<Arc<ShardStats>>,
     pub control: Arc<crate::control::ControlStats>,
+    /// The token keys in force; their reload count is exported.
+    pub keys: Arc<KeyStore>,
     pub lifecycle: Arc<Control>,
     /// Called by `POST /drain`.
     pub drain: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Admin {
+    /// The `/metrics` body: the data shards', the process's, the control
+    /// shard's.
+    pub fn metrics(&self) -> String {
+        let mut body = metrics::render(&self.stats);
+        metrics::gauge(
+            &mut body,
+            names::DRAINING,
+            "1 while the proxy drains (not accepting).",
+            self.lifecycle.draining.load(Ordering::Relaxed) as u64,
+        );
+        metrics::counter(
+            &mut body,
+            names::TOKEN_KEY_RELOADS,
+            "Successful reloads of the token keys (SIGHUP or keys_dir change).",
+            self.keys.epoch(),
+        );
+        self.control.render(&mut body);
+        body
+    }
 }
 
 /// Serves until the process exits. Each request gets its own short-lived
@@ -72,24 +97,7 @@ fn handle(mut stream: TcpStream, admin: &Admin) -> io::Result<()> {
     let path = path.split('?').next().unwrap_or("");
     match (method.as_str(), path) {
         ("GET", "/metrics") => {
-            let draining = admin.lifecycle.draining.load(Ordering::Relaxed) as u64;
-            let reloads = crate::server::KEY_RELOADS.load(Ordering::Relaxed);
-            let mut body = metrics::render(
-                &admin.stats,
-                &[
-                    (
-                        "eval_draining",
-                        "1 while the proxy drains (not accepting).",
-                        draining,
-                    ),
-                    (
-                        "eval_token_key_reloads_total",
-                        "Successful reloads of the token keys (SIGHUP or keys_dir change).",
-                        reloads,
-                    ),
-                ],
-            );
-            admin.control.render(&mut body);
+            let body = admin.metrics();
             respond(&mut stream, 200, "text/plain; version=0.0.4", &body)
         }
         ("GET", "/healthz") => respond(&mut stream, 200, "text/plain", "ok\n"),
@@ -128,4 +136,69 @@ fn respond(stream: &mut TcpStream, status: u16, ctype: &str, body: &str) -> io::
     stream.write_all(head.as_bytes())?;
     stream.write_all(body.as_bytes())?;
     stream.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Stage;
+    use crate::metrics::{CloseSide, Phase};
+    use crate::token::KeySet;
+    use std::collections::BTreeMap;
+
+    fn admin() -> Admin {
+        Admin {
+            stats: vec![Arc::new(ShardStats::default())],
+            control: Default::default(),
+            keys: Arc::new(KeyStore::new(KeySet::new())),
+            lifecycle: Default::default(),
+            drain: Box::new(|| {}),
+        }
+    }
+
+    #[test]
+    fn key_reloads_are_a_counter_read_from_the_store() {
+        let a = admin();
+        a.keys.replace(KeySet::new());
+        a.keys.replace(KeySet::new());
+        let body = a.metrics();
+        let reloads = names::TOKEN_KEY_RELOADS;
+        assert!(body.contains(&format!("# TYPE {reloads} counter\n")));
+        assert!(body.lines().any(|l| l == format!("{reloads} 2")));
+    }
+
+    /// `/metrics` exports every name in `names::ALL`, once, with its
+    /// declared type, and no series that is not declared there.
+    #[test]
+    fn metrics_exports_exactly_the_declared_names() {
+        let a = admin();
+        let s = &a.stats[0];
+        s.setup_failure(Stage::Token, "bad_signature", true);
+        s.attempt_failure(Stage::ConmanConnect, "refused");
+        s.close_code(CloseSide::Client, 1000);
+        s.http_response(404);
+        s.setup_duration(Phase::Token, Duration::from_millis(3));
+        let body = a.metrics();
+        let declared: BTreeMap<&str, &str> =
+            names::ALL.iter().map(|&(n, k)| (n, k.as_str())).collect();
+        let typed: Vec<(&str, &str)> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.split_once(' '))
+            .collect();
+        assert_eq!(typed.len(), declared.len(), "a name typed twice?\n{body}");
+        assert_eq!(typed.into_iter().collect::<BTreeMap<_, _>>(), declared);
+        for l in body.lines().filter(|l| !l.starts_with('#')) {
+            let series = l.split(['{', ' ']).next().unwrap();
+            let name = ["_bucket", "_sum", "_count"]
+                .iter()
+                .filter_map(|sfx| series.strip_suffix(sfx))
+                .find(|base| declared.get(base) == Some(&"histogram"))
+                .unwrap_or(series);
+            assert!(declared.contains_key(name), "{series} is not in names.rs");
+            assert!(
+                body.contains(&format!("# HELP {name} ")),
+                "{name} has no HELP"
+            );
+        }
+    }
 }

@@ -26,6 +26,9 @@ impl KeyStore {
         }
     }
 
+    /// How many times the set was replaced since start: moves on every
+    /// successful reload (a failed one keeps the old set and this count),
+    /// so it is also the `eval_token_key_reloads_total` counter.
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
     }

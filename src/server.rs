@@ -66,20 +66,17 @@ impl Wakers {
 }
 
 /// Re-reads the key directory into the store; on any error the old keys
-/// stay in force and the error is logged.
+/// stay in force and the error is logged. The store counts the successful
+/// reloads ([`KeyStore::epoch`]).
 fn reload_keys(cfg: &Config, store: &KeyStore, why: &str) {
     match load_keys(cfg) {
         Ok(keys) => {
             info!(trigger = why, keys = keys.len(), "token keys reloaded");
             store.replace(keys);
-            KEY_RELOADS.fetch_add(1, Ordering::Relaxed);
         }
         Err(e) => error!(trigger = why, err = %e, "token key reload failed; keeping the old keys"),
     }
 }
-
-/// Successful key reloads, for /metrics and tests.
-pub static KEY_RELOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Watches `token.keys_dir` for changes (polling its entries' names and
 /// mtimes: cheap, and works on every filesystem) and reloads on change.
@@ -188,6 +185,7 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
         let admin = Arc::new(Admin {
             stats: stats.clone(),
             control: control_stats.clone(),
+            keys: keys.clone(),
             lifecycle: control.clone(),
             drain: Box::new(move || sd()),
         });

@@ -16,7 +16,8 @@ use glommio::sync::Semaphore;
 use tracing::debug;
 
 use super::http::{self, Response};
-use super::placer::{Failure, Placement, Reason};
+use super::placer::{Failure, Placement};
+use super::reason::Reason;
 use super::stats::ControlStats;
 use super::url::Url;
 use super::wire::Found;

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::placer::{Failure, Reason};
+use super::placer::Failure;
+use super::reason::Reason;
 use super::url::{self, Url};
 
 /// Response head limit; the Controlplane's answers are a few hundred bytes.

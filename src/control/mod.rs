@@ -8,6 +8,9 @@
 //! - `placer`: every decision, sans-IO: admission, cache, single flight,
 //!   breaker, static hashing; built from `admission`, `cache`, `flights`,
 //!   `breaker`, `rendezvous`.
+//! - `reason`, `stats`: why a placement failed, and the counters (by
+//!   reason) the placer writes and `/metrics` reads; neither depends on
+//!   `placer`.
 //! - `http`, `url`: the Controlplane contract and its HTTP/1.1 framing,
 //!   sans-IO.
 //! - `client`, `service`: the thin glommio glue (sockets, timers, tasks).
@@ -41,6 +44,7 @@ mod client;
 mod flights;
 mod http;
 mod placer;
+mod reason;
 mod rendezvous;
 mod service;
 mod stats;
@@ -54,7 +58,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use admission::Scope;
-pub use placer::Reason;
+pub use reason::Reason;
 pub use stats::*;
 
 use admission::{Admission, MAX_BUCKETS};

@@ -14,45 +14,10 @@ use super::admission::Admission;
 use super::breaker::{Breaker, Permit};
 use super::cache::Cache;
 use super::flights::Flights;
+use super::reason::Reason;
 use super::rendezvous::Rendezvous;
 use super::stats::ControlStats;
 use super::wire::{Found, PlacementResult, ToControl};
-
-/// Why a placement could not be had; the label words of `wire.rs`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    UnknownRepl,
-    NoCapacity,
-    Timeout,
-    Unavailable,
-    CircuitOpen,
-    BadResponse,
-    Admission,
-}
-
-impl Reason {
-    pub const ALL: [Reason; 7] = [
-        Reason::UnknownRepl,
-        Reason::NoCapacity,
-        Reason::Timeout,
-        Reason::Unavailable,
-        Reason::CircuitOpen,
-        Reason::BadResponse,
-        Reason::Admission,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::UnknownRepl => "unknown_repl",
-            Reason::NoCapacity => "no_capacity",
-            Reason::Timeout => "timeout",
-            Reason::Unavailable => "unavailable",
-            Reason::CircuitOpen => "circuit_open",
-            Reason::BadResponse => "bad_response",
-            Reason::Admission => "admission",
-        }
-    }
-}
 
 /// A failed Controlplane request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

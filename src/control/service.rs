@@ -13,7 +13,8 @@ use glommio::net::UnixStream;
 use tracing::{debug, error};
 
 use super::client::Client;
-use super::placer::{Action, Failure, Fetch, Placer, Reason};
+use super::placer::{Action, Failure, Fetch, Placer};
+use super::reason::Reason;
 use super::wire::{PlacementResult, ToControl, ToShard};
 
 /// One shard's socket, split: the reader and the writer each get their own

@@ -3,16 +3,14 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use super::admission::Scope;
-use super::placer::Reason;
+use crate::metrics::names::{
+    ADMISSION_REJECTIONS, CONTROLPLANE_BREAKER_STATE, CONTROLPLANE_CACHE_HITS,
+    CONTROLPLANE_CACHE_MISSES, CONTROLPLANE_COALESCED, CONTROLPLANE_ERRORS, CONTROLPLANE_REQUESTS,
+};
+use crate::metrics::{counter, gauge};
 
-pub const CONTROLPLANE_REQUESTS: &str = "eval_controlplane_requests_total";
-pub const CONTROLPLANE_CACHE_HITS: &str = "eval_controlplane_cache_hits_total";
-pub const CONTROLPLANE_CACHE_MISSES: &str = "eval_controlplane_cache_misses_total";
-pub const CONTROLPLANE_COALESCED: &str = "eval_controlplane_coalesced_total";
-pub const CONTROLPLANE_ERRORS: &str = "eval_controlplane_errors_total";
-pub const CONTROLPLANE_BREAKER_STATE: &str = "eval_controlplane_breaker_state";
-pub const ADMISSION_REJECTIONS: &str = "eval_admission_rejections_total";
+use super::admission::Scope;
+use super::reason::Reason;
 
 /// Written by the control shard only, read by `/metrics`.
 #[derive(Debug, Default)]
@@ -75,11 +73,7 @@ impl ControlStats {
             ),
         ];
         for (name, help, v) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Relaxed)
-            );
+            counter(out, name, help, v.load(Relaxed));
         }
         let _ = writeln!(
             out,
@@ -94,11 +88,11 @@ impl ControlStats {
                 self.errors(r)
             );
         }
-        let _ = writeln!(
+        gauge(
             out,
-            "# HELP {0} Controlplane circuit breaker: 0 closed, 1 open, 2 half-open.\n# TYPE {0} gauge\n{0} {1}",
             CONTROLPLANE_BREAKER_STATE,
-            self.breaker_state.load(Relaxed)
+            "Controlplane circuit breaker: 0 closed, 1 open, 2 half-open.",
+            self.breaker_state.load(Relaxed),
         );
         let _ = writeln!(
             out,
@@ -130,12 +124,12 @@ mod tests {
         let mut out = String::new();
         s.render(&mut out);
         for line in [
-            "eval_controlplane_cache_hits_total 3",
-            "eval_controlplane_errors_total{reason=\"timeout\"} 2",
-            "eval_controlplane_errors_total{reason=\"admission\"} 1",
-            "eval_admission_rejections_total{scope=\"cluster\"} 1",
-            "eval_admission_rejections_total{scope=\"repl\"} 0",
-            "eval_controlplane_breaker_state 1",
+            format!("{CONTROLPLANE_CACHE_HITS} 3"),
+            format!("{CONTROLPLANE_ERRORS}{{reason=\"timeout\"}} 2"),
+            format!("{CONTROLPLANE_ERRORS}{{reason=\"admission\"}} 1"),
+            format!("{ADMISSION_REJECTIONS}{{scope=\"cluster\"}} 1"),
+            format!("{ADMISSION_REJECTIONS}{{scope=\"repl\"}} 0"),
+            format!("{CONTROLPLANE_BREAKER_STATE} 1"),
         ] {
             assert!(out.lines().any(|l| l == line), "{line} missing in\n{out}");
         }

@@ -161,17 +161,24 @@ impl ShardStats {
     }
 }
 
+/// One unlabelled counter with its HELP and TYPE lines.
+pub fn counter(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+    );
+}
+
+/// One unlabelled gauge with its HELP and TYPE lines.
+pub fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+}
+
 /// Prometheus text exposition of all shards, merged at read time.
-pub fn render(shards: &[std::sync::Arc<ShardStats>], extra: &[(&str, &str, u64)]) -> String {
+pub fn render(shards: &[std::sync::Arc<ShardStats>]) -> String {
     let mut out = String::with_capacity(4096);
     let sum = |f: fn(&ShardStats) -> &AtomicU64| -> u64 {
         shards.iter().map(|s| f(s).load(Relaxed)).sum()
-    };
-    let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-        );
     };
     let _ = writeln!(
         out,
@@ -198,10 +205,11 @@ pub fn render(shards: &[std::sync::Arc<ShardStats>], extra: &[(&str, &str, u64)]
         "Sessions relaying between client and Conman.",
         sum(|s| &s.established),
     );
-    let _ = writeln!(
-        out,
-        "# HELP eval_session_client_fault_rejections_total Rejections caused by the client (bad request, bad token); excluded from the success-rate SLO.\n# TYPE eval_session_client_fault_rejections_total counter\neval_session_client_fault_rejections_total {}",
-        sum(|s| &s.client_fault)
+    counter(
+        &mut out,
+        names::CLIENT_FAULT_REJECTIONS,
+        "Rejections caused by the client (bad request, bad token); excluded from the success-rate SLO.",
+        sum(|s| &s.client_fault),
     );
     let _ = writeln!(
         out,
@@ -323,9 +331,6 @@ pub fn render(shards: &[std::sync::Arc<ShardStats>], extra: &[(&str, &str, u64)]
         let _ = writeln!(out, "{}{{status=\"{status}\"}} {v}", names::HTTP_RESPONSES);
     }
     render_histograms(&mut out, &setup);
-    for (name, help, v) in extra {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-    }
     out
 }
 
