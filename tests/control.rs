@@ -134,10 +134,10 @@ fn unknown_repl_and_timeout_have_their_reasons() {
     cfg.request_timeout = Duration::from_millis(100);
     let mut c = start(with_controlplane(cfg, Default::default()), 1);
     let s = &mut c.shards[0];
-    assert_eq!(s.failed("unknown-1", 0), ("unknown_repl".into(), None));
+    assert_eq!(s.failed("unknown-1", 0), (Reason::UnknownRepl, None));
     cp.set_mode(FakeMode::Slow(Duration::from_secs(3)));
     let t0 = Instant::now();
-    assert_eq!(s.failed("r", 0), ("timeout".into(), None));
+    assert_eq!(s.failed("r", 0), (Reason::Timeout, None));
     assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
     assert_eq!(c.stats.errors(Reason::Timeout), 1);
     assert_eq!(c.stats.errors(Reason::UnknownRepl), 1);
@@ -145,7 +145,7 @@ fn unknown_repl_and_timeout_have_their_reasons() {
 
 /// Three failures open the breaker; while open no request reaches the
 /// fake; after `breaker_open_for` one probe goes through and closes it.
-fn breaker_opens_and_recovers(mode: FakeMode, reason: &str, retry_after_ms: Option<u64>) {
+fn breaker_opens_and_recovers(mode: FakeMode, reason: Reason, retry_after_ms: Option<u64>) {
     let cp = fake(1, 60_000);
     let mut c = start(
         with_controlplane(cp_config(vec![url(&cp)]), Default::default()),
@@ -154,16 +154,13 @@ fn breaker_opens_and_recovers(mode: FakeMode, reason: &str, retry_after_ms: Opti
     let s = &mut c.shards[0];
     cp.set_mode(mode);
     for i in 0..3 {
-        assert_eq!(
-            s.failed(&format!("r{i}"), 0),
-            (reason.to_owned(), retry_after_ms)
-        );
+        assert_eq!(s.failed(&format!("r{i}"), 0), (reason, retry_after_ms));
     }
     assert_eq!(cp.requests(), 3);
     let mut wait = 0;
     for i in 0..20 {
         let (r, hint) = s.failed(&format!("storm{i}"), 0);
-        assert_eq!(r, "circuit_open");
+        assert_eq!(r, Reason::CircuitOpen);
         let hint = hint.expect("circuit_open carries a hint");
         assert!(hint <= 200, "{hint}");
         wait = wait.max(hint);
@@ -173,10 +170,10 @@ fn breaker_opens_and_recovers(mode: FakeMode, reason: &str, retry_after_ms: Opti
 
     // Still failing when the probe goes: open again for a full period.
     thread::sleep(Duration::from_millis(wait + 20));
-    assert_eq!(s.failed("probe-1", 0), (reason.to_owned(), retry_after_ms));
+    assert_eq!(s.failed("probe-1", 0), (reason, retry_after_ms));
     assert_eq!(cp.requests(), 4);
     let (r, hint) = s.failed("after-probe", 0);
-    assert_eq!(r, "circuit_open");
+    assert_eq!(r, Reason::CircuitOpen);
     assert!(hint.is_some_and(|h| h > 0 && h <= 200), "{hint:?}");
 
     cp.set_mode(FakeMode::Normal);
@@ -192,12 +189,12 @@ fn breaker_opens_and_recovers(mode: FakeMode, reason: &str, retry_after_ms: Opti
 
 #[test]
 fn breaker_opens_on_503_and_closes_after_recovery() {
-    breaker_opens_and_recovers(FakeMode::Unavailable503, "no_capacity", Some(1000));
+    breaker_opens_and_recovers(FakeMode::Unavailable503, Reason::NoCapacity, Some(1000));
 }
 
 #[test]
 fn breaker_opens_when_controlplane_is_down_and_closes_after_recovery() {
-    breaker_opens_and_recovers(FakeMode::Down, "unavailable", None);
+    breaker_opens_and_recovers(FakeMode::Down, Reason::Unavailable, None);
 }
 
 #[test]
@@ -226,7 +223,7 @@ fn fails_over_to_the_next_url_and_reports_unavailable_when_all_are_down() {
         ),
         1,
     );
-    assert_eq!(c.shards[0].failed("r", 0), ("unavailable".into(), None));
+    assert_eq!(c.shards[0].failed("r", 0), (Reason::Unavailable, None));
 }
 
 #[test]
@@ -266,7 +263,7 @@ fn admission_rejects_the_session_past_the_burst_with_a_hint() {
         s.found("r", 0, None);
     }
     let (reason, hint) = s.failed("r", 0);
-    assert_eq!(reason, "admission");
+    assert_eq!(reason, Reason::Admission);
     let hint = hint.unwrap();
     assert!((1000..=2000).contains(&hint), "{hint}");
     // Retries of admitted sessions are never refused.
@@ -274,7 +271,7 @@ fn admission_rejects_the_session_past_the_burst_with_a_hint() {
     // The cluster bucket (5) has 2 left: other repls in it get 2 more.
     s.found("x", 0, None);
     s.found("y", 0, None);
-    assert_eq!(s.failed("z", 0).0, "admission");
+    assert_eq!(s.failed("z", 0).0, Reason::Admission);
     // Another cluster has its own bucket.
     let id = s.send_in("z", "elsewhere");
     let (got, r) = s.recv();

@@ -193,7 +193,7 @@ impl LocalStatic {
         match self.0.pick(repl, exclude) {
             Some((_, found)) => PlacementResult::Found(found.clone()),
             None => PlacementResult::Failed {
-                reason: Reason::NoCapacity.as_str().into(),
+                reason: Reason::NoCapacity,
                 retry_after_ms: None,
             },
         }

@@ -18,41 +18,11 @@ use super::rendezvous::Rendezvous;
 use super::stats::ControlStats;
 use super::wire::{Found, PlacementResult, ToControl};
 
-/// Why a placement could not be had; the label words of `wire.rs`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    UnknownRepl,
-    NoCapacity,
-    Timeout,
-    Unavailable,
-    CircuitOpen,
-    BadResponse,
-    Admission,
-}
-
-impl Reason {
-    pub const ALL: [Reason; 7] = [
-        Reason::UnknownRepl,
-        Reason::NoCapacity,
-        Reason::Timeout,
-        Reason::Unavailable,
-        Reason::CircuitOpen,
-        Reason::BadResponse,
-        Reason::Admission,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::UnknownRepl => "unknown_repl",
-            Reason::NoCapacity => "no_capacity",
-            Reason::Timeout => "timeout",
-            Reason::Unavailable => "unavailable",
-            Reason::CircuitOpen => "circuit_open",
-            Reason::BadResponse => "bad_response",
-            Reason::Admission => "admission",
-        }
-    }
-}
+/// Why a placement could not be had: the wire's [`PlacementFailure`],
+/// under the short name the control shard's modules use.
+///
+/// [`PlacementFailure`]: super::wire::PlacementFailure
+pub use super::wire::PlacementFailure as Reason;
 
 /// A failed Controlplane request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,7 +104,7 @@ fn ms(d: Duration) -> u64 {
 
 fn failed(reason: Reason, retry_after: Option<Duration>) -> PlacementResult {
     PlacementResult::Failed {
-        reason: reason.as_str().to_owned(),
+        reason,
         retry_after_ms: retry_after.map(ms),
     }
 }
@@ -444,7 +414,7 @@ mod tests {
         assert_eq!(c.replies.len(), 2);
         assert!(c.replies.iter().all(|(_, r)| *r
             == PlacementResult::Failed {
-                reason: "timeout".into(),
+                reason: Reason::Timeout,
                 retry_after_ms: None
             }));
         assert_eq!(stats.errors(Reason::Timeout), 2);
@@ -458,7 +428,7 @@ mod tests {
         assert_eq!(
             p.handle_request(0, req(4, "t", 0, None), t0 + 50 * MS),
             Action::Reply(PlacementResult::Failed {
-                reason: "circuit_open".into(),
+                reason: Reason::CircuitOpen,
                 retry_after_ms: Some(150)
             })
         );
@@ -510,7 +480,7 @@ mod tests {
         assert_eq!(
             c.replies[0].1,
             PlacementResult::Failed {
-                reason: "no_capacity".into(),
+                reason: Reason::NoCapacity,
                 retry_after_ms: Some(2000)
             }
         );
@@ -535,7 +505,7 @@ mod tests {
         assert_eq!(
             p.handle_request(0, req(2, "r", 0, None), t0),
             Action::Reply(PlacementResult::Failed {
-                reason: "admission".into(),
+                reason: Reason::Admission,
                 retry_after_ms: Some(500)
             })
         );

@@ -55,27 +55,6 @@ const CLOSE_HANDSHAKE: Duration = Duration::from_secs(10);
 /// than treated as a violation.
 const DATA_AFTER_CLOSE: &str = "data_after_close";
 
-/// The Controlplane failure words the control shard sends, as the static
-/// labels metrics and Close reasons use; anything else is `error`.
-fn controlplane_reason(word: &str) -> &'static str {
-    const KNOWN: [&str; 9] = [
-        "unknown_repl",
-        "no_capacity",
-        "timeout",
-        "unavailable",
-        "circuit_open",
-        "bad_response",
-        "admission",
-        "control_unavailable",
-        "no_vm",
-    ];
-    KNOWN
-        .iter()
-        .find(|k| **k == word)
-        .copied()
-        .unwrap_or("error")
-}
-
 /// What tracking one run of bytes found.
 struct Scanned {
     /// Bytes that belong to valid frames (all of them without a violation).
@@ -1905,7 +1884,7 @@ impl Io {
                 reason,
                 retry_after_ms,
             } => {
-                let mut e = SetupError::new(Stage::Controlplane, controlplane_reason(&reason));
+                let mut e = SetupError::new(Stage::Controlplane, reason.as_str());
                 e.retry_after_ms = retry_after_ms;
                 self.fail_setup(slot, s, e);
             }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use eval_proxy::control::wire::{Found, PlacementResult, ToControl, ToShard};
+use eval_proxy::control::wire::{Found, PlacementFailure, PlacementResult, ToControl, ToShard};
 use eval_proxy::control::{
     self, AdmissionConfig, ControlConfig, ControlStats, ControlplaneConfig, PlacementMode,
 };
@@ -90,7 +90,7 @@ impl Shard {
     }
 
     /// (reason, retry_after_ms) of a failed placement.
-    pub fn failed(&mut self, repl: &str, attempt: u8) -> (String, Option<u64>) {
+    pub fn failed(&mut self, repl: &str, attempt: u8) -> (PlacementFailure, Option<u64>) {
         match self.place(repl, attempt, None) {
             PlacementResult::Failed {
                 reason,
