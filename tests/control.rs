@@ -69,8 +69,10 @@ fn cached_placement_expires_with_its_ttl() {
     s.found("r", 0, None);
     s.found("r", 0, None);
     assert_eq!(cp.requests(), 1);
-    // The expiry is the behaviour under test.
-    thread::sleep(Duration::from_millis(350));
+    c.clock.advance(Duration::from_millis(299));
+    s.found("r", 0, None);
+    assert_eq!(cp.requests(), 1, "still cached 1 ms before the ttl");
+    c.clock.advance(Duration::from_millis(1));
     s.found("r", 0, None);
     assert_eq!(cp.requests(), 2);
 }
@@ -157,34 +159,34 @@ fn breaker_opens_and_recovers(mode: FakeMode, reason: Reason, retry_after_ms: Op
         assert_eq!(s.failed(&format!("r{i}"), 0), (reason, retry_after_ms));
     }
     assert_eq!(cp.requests(), 3);
-    let mut wait = 0;
+    // The clock stands still: every hint is the whole open period.
     for i in 0..20 {
-        let (r, hint) = s.failed(&format!("storm{i}"), 0);
-        assert_eq!(r, Reason::CircuitOpen);
-        let hint = hint.expect("circuit_open carries a hint");
-        assert!(hint <= 200, "{hint}");
-        wait = wait.max(hint);
+        assert_eq!(
+            s.failed(&format!("storm{i}"), 0),
+            (Reason::CircuitOpen, Some(200))
+        );
     }
     assert_eq!(cp.requests(), 3, "no request storm while open");
     assert_eq!(c.stats.breaker_state.load(Relaxed), 1);
+    c.clock.advance(Duration::from_millis(199));
+    assert_eq!(s.failed("early", 0), (Reason::CircuitOpen, Some(1)));
+    assert_eq!(cp.requests(), 3, "no probe before the open period is over");
 
     // Still failing when the probe goes: open again for a full period.
-    thread::sleep(Duration::from_millis(wait + 20));
+    c.clock.advance(Duration::from_millis(1));
     assert_eq!(s.failed("probe-1", 0), (reason, retry_after_ms));
     assert_eq!(cp.requests(), 4);
-    let (r, hint) = s.failed("after-probe", 0);
-    assert_eq!(r, Reason::CircuitOpen);
-    assert!(hint.is_some_and(|h| h > 0 && h <= 200), "{hint:?}");
+    assert_eq!(s.failed("after-probe", 0), (Reason::CircuitOpen, Some(200)));
 
     cp.set_mode(FakeMode::Normal);
-    thread::sleep(Duration::from_millis(hint.unwrap() + 20));
+    c.clock.advance(Duration::from_millis(200));
     assert_eq!(s.found("probe-2", 0, None).vm, "vm-0");
     assert_eq!(c.stats.breaker_state.load(Relaxed), 0);
     for i in 0..3 {
         s.found(&format!("ok{i}"), 0, None);
     }
     assert_eq!(cp.requests(), 8);
-    assert_eq!(c.stats.errors(Reason::CircuitOpen), 21);
+    assert_eq!(c.stats.errors(Reason::CircuitOpen), 22);
 }
 
 #[test]
@@ -262,16 +264,17 @@ fn admission_rejects_the_session_past_the_burst_with_a_hint() {
     for _ in 0..3 {
         s.found("r", 0, None);
     }
-    let (reason, hint) = s.failed("r", 0);
-    assert_eq!(reason, Reason::Admission);
-    let hint = hint.unwrap();
-    assert!((1000..=2000).contains(&hint), "{hint}");
+    // The clock stands still: a token is exactly 1 / 0.5 per s away.
+    assert_eq!(s.failed("r", 0), (Reason::Admission, Some(2000)));
     // Retries of admitted sessions are never refused.
     s.found("r", 1, None);
     // The cluster bucket (5) has 2 left: other repls in it get 2 more.
     s.found("x", 0, None);
     s.found("y", 0, None);
-    assert_eq!(s.failed("z", 0).0, Reason::Admission);
+    assert_eq!(s.failed("z", 0), (Reason::Admission, Some(2000)));
+    // The hint is right: by then both buckets hold a token again.
+    c.clock.advance(Duration::from_millis(2000));
+    s.found("r", 0, None);
     // Another cluster has its own bucket.
     let id = s.send_in("z", "elsewhere");
     let (got, r) = s.recv();

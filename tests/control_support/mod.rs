@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use eval_proxy::control::wire::{Found, PlacementFailure, PlacementResult, ToControl, ToShard};
 use eval_proxy::control::{
-    self, AdmissionConfig, ControlConfig, ControlStats, ControlplaneConfig, PlacementMode,
+    self, AdmissionConfig, ControlConfig, ControlStats, ControlplaneConfig, ManualClock,
+    PlacementMode,
 };
 use eval_proxy::dev::controlplane::{self as fake, FakeControlplane, FakeControlplaneConfig};
 
@@ -105,6 +106,9 @@ pub struct Control {
     pub shards: Vec<Shard>,
     pub stats: Arc<ControlStats>,
     pub thread: JoinHandle<()>,
+    /// The control shard's clock: it stands still until a test advances
+    /// it (cache TTLs, the breaker's open period, admission refills).
+    pub clock: ManualClock,
 }
 
 pub fn start(cfg: ControlConfig, shards: usize) -> Control {
@@ -121,11 +125,14 @@ pub fn start(cfg: ControlConfig, shards: usize) -> Control {
         theirs.push(b.into());
     }
     let stats = Arc::new(ControlStats::default());
-    let thread = control::spawn(cfg, theirs, stats.clone()).expect("control shard starts");
+    let clock = ManualClock::new();
+    let thread = control::spawn_with_clock(cfg, theirs, stats.clone(), clock.clock())
+        .expect("control shard starts");
     Control {
         shards: ours,
         stats,
         thread,
+        clock,
     }
 }
 
