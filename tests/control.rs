@@ -202,8 +202,8 @@ fn breaker_opens_when_controlplane_is_down_and_closes_after_recovery() {
 #[test]
 fn fails_over_to_the_next_url_and_reports_unavailable_when_all_are_down() {
     let cp = fake(1, 60_000);
-    let (_hold, dead) = refusing_addr();
-    let (_hold2, dead2) = refusing_addr();
+    let dead = refusing_addr();
+    let dead2 = refusing_addr();
     let mut c = start(
         with_controlplane(
             cp_config(vec![format!("http://{dead}"), url(&cp)]),
@@ -398,4 +398,17 @@ fn fake_places_least_loaded_with_reported_load() {
     // Loads 2,1,0 → vm-2, then vm-1 and vm-2 tie at 1 (first wins), then
     // all at 2 → vm-0.
     assert_eq!(vms, ["vm-2", "vm-1", "vm-2", "vm-0"]);
+}
+
+/// The test helper the dead-URL tests rely on: refused for as long as it
+/// lives, and nobody else can listen on its port meanwhile.
+#[test]
+fn refusing_addr_refuses_and_keeps_its_port() {
+    let dead = refusing_addr();
+    for _ in 0..3 {
+        let err = TcpStream::connect(dead.addr).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+    let err = std::net::TcpListener::bind(dead.addr).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
 }

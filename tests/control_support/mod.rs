@@ -3,8 +3,12 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+#[path = "../support/refusing.rs"]
+mod refusing;
+#[allow(unused_imports)] // not every test binary refuses
+pub use refusing::{refusing_addr, RefusingAddr};
+
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -177,15 +181,4 @@ pub fn fake(n: usize, ttl_ms: u64) -> FakeControlplane {
 
 pub fn url(f: &FakeControlplane) -> String {
     format!("http://{}", f.local_addr)
-}
-
-/// A loopback address that refuses connections for as long as the
-/// returned socket lives (bound, never listening).
-pub fn refusing_addr() -> (socket2::Socket, SocketAddr) {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    let addr = s.local_addr().unwrap().as_socket().unwrap();
-    assert!(TcpStream::connect(addr).is_err());
-    (s, addr)
 }
