@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use control_support::*;
 use eval_proxy::control::wire::PlacementResult;
 use eval_proxy::control::{
-    self, AdmissionConfig, Bucket, ControlConfig, ControlStats, PlacementMode, Reason, Scope,
+    self, AdmissionConfig, Bucket, ControlConfig, ControlStats, PlacementFailure, PlacementMode,
+    Scope,
 };
 use eval_proxy::dev::controlplane::{FakeMode, WRONG_VM};
 
@@ -69,8 +70,10 @@ fn cached_placement_expires_with_its_ttl() {
     s.found("r", 0, None);
     s.found("r", 0, None);
     assert_eq!(cp.requests(), 1);
-    // The expiry is the behaviour under test.
-    thread::sleep(Duration::from_millis(350));
+    c.clock.advance(Duration::from_millis(299));
+    s.found("r", 0, None);
+    assert_eq!(cp.requests(), 1, "still cached 1 ms before the ttl");
+    c.clock.advance(Duration::from_millis(1));
     s.found("r", 0, None);
     assert_eq!(cp.requests(), 2);
 }
@@ -134,18 +137,25 @@ fn unknown_repl_and_timeout_have_their_reasons() {
     cfg.request_timeout = Duration::from_millis(100);
     let mut c = start(with_controlplane(cfg, Default::default()), 1);
     let s = &mut c.shards[0];
-    assert_eq!(s.failed("unknown-1", 0), ("unknown_repl".into(), None));
+    assert_eq!(
+        s.failed("unknown-1", 0),
+        (PlacementFailure::UnknownRepl, None)
+    );
     cp.set_mode(FakeMode::Slow(Duration::from_secs(3)));
     let t0 = Instant::now();
-    assert_eq!(s.failed("r", 0), ("timeout".into(), None));
+    assert_eq!(s.failed("r", 0), (PlacementFailure::Timeout, None));
     assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
-    assert_eq!(c.stats.errors(Reason::Timeout), 1);
-    assert_eq!(c.stats.errors(Reason::UnknownRepl), 1);
+    assert_eq!(c.stats.errors(PlacementFailure::Timeout), 1);
+    assert_eq!(c.stats.errors(PlacementFailure::UnknownRepl), 1);
 }
 
 /// Three failures open the breaker; while open no request reaches the
 /// fake; after `breaker_open_for` one probe goes through and closes it.
-fn breaker_opens_and_recovers(mode: FakeMode, reason: &str, retry_after_ms: Option<u64>) {
+fn breaker_opens_and_recovers(
+    mode: FakeMode,
+    reason: PlacementFailure,
+    retry_after_ms: Option<u64>,
+) {
     let cp = fake(1, 60_000);
     let mut c = start(
         with_controlplane(cp_config(vec![url(&cp)]), Default::default()),
@@ -154,57 +164,64 @@ fn breaker_opens_and_recovers(mode: FakeMode, reason: &str, retry_after_ms: Opti
     let s = &mut c.shards[0];
     cp.set_mode(mode);
     for i in 0..3 {
-        assert_eq!(
-            s.failed(&format!("r{i}"), 0),
-            (reason.to_owned(), retry_after_ms)
-        );
+        assert_eq!(s.failed(&format!("r{i}"), 0), (reason, retry_after_ms));
     }
     assert_eq!(cp.requests(), 3);
-    let mut wait = 0;
+    // The clock stands still: every hint is the whole open period.
     for i in 0..20 {
-        let (r, hint) = s.failed(&format!("storm{i}"), 0);
-        assert_eq!(r, "circuit_open");
-        let hint = hint.expect("circuit_open carries a hint");
-        assert!(hint <= 200, "{hint}");
-        wait = wait.max(hint);
+        assert_eq!(
+            s.failed(&format!("storm{i}"), 0),
+            (PlacementFailure::CircuitOpen, Some(200))
+        );
     }
     assert_eq!(cp.requests(), 3, "no request storm while open");
     assert_eq!(c.stats.breaker_state.load(Relaxed), 1);
+    c.clock.advance(Duration::from_millis(199));
+    assert_eq!(
+        s.failed("early", 0),
+        (PlacementFailure::CircuitOpen, Some(1))
+    );
+    assert_eq!(cp.requests(), 3, "no probe before the open period is over");
 
     // Still failing when the probe goes: open again for a full period.
-    thread::sleep(Duration::from_millis(wait + 20));
-    assert_eq!(s.failed("probe-1", 0), (reason.to_owned(), retry_after_ms));
+    c.clock.advance(Duration::from_millis(1));
+    assert_eq!(s.failed("probe-1", 0), (reason, retry_after_ms));
     assert_eq!(cp.requests(), 4);
-    let (r, hint) = s.failed("after-probe", 0);
-    assert_eq!(r, "circuit_open");
-    assert!(hint.is_some_and(|h| h > 0 && h <= 200), "{hint:?}");
+    assert_eq!(
+        s.failed("after-probe", 0),
+        (PlacementFailure::CircuitOpen, Some(200))
+    );
 
     cp.set_mode(FakeMode::Normal);
-    thread::sleep(Duration::from_millis(hint.unwrap() + 20));
+    c.clock.advance(Duration::from_millis(200));
     assert_eq!(s.found("probe-2", 0, None).vm, "vm-0");
     assert_eq!(c.stats.breaker_state.load(Relaxed), 0);
     for i in 0..3 {
         s.found(&format!("ok{i}"), 0, None);
     }
     assert_eq!(cp.requests(), 8);
-    assert_eq!(c.stats.errors(Reason::CircuitOpen), 21);
+    assert_eq!(c.stats.errors(PlacementFailure::CircuitOpen), 22);
 }
 
 #[test]
 fn breaker_opens_on_503_and_closes_after_recovery() {
-    breaker_opens_and_recovers(FakeMode::Unavailable503, "no_capacity", Some(1000));
+    breaker_opens_and_recovers(
+        FakeMode::Unavailable503,
+        PlacementFailure::NoCapacity,
+        Some(1000),
+    );
 }
 
 #[test]
 fn breaker_opens_when_controlplane_is_down_and_closes_after_recovery() {
-    breaker_opens_and_recovers(FakeMode::Down, "unavailable", None);
+    breaker_opens_and_recovers(FakeMode::Down, PlacementFailure::Unavailable, None);
 }
 
 #[test]
 fn fails_over_to_the_next_url_and_reports_unavailable_when_all_are_down() {
     let cp = fake(1, 60_000);
-    let (_hold, dead) = refusing_addr();
-    let (_hold2, dead2) = refusing_addr();
+    let dead = refusing_addr();
+    let dead2 = refusing_addr();
     let mut c = start(
         with_controlplane(
             cp_config(vec![format!("http://{dead}"), url(&cp)]),
@@ -226,7 +243,10 @@ fn fails_over_to_the_next_url_and_reports_unavailable_when_all_are_down() {
         ),
         1,
     );
-    assert_eq!(c.shards[0].failed("r", 0), ("unavailable".into(), None));
+    assert_eq!(
+        c.shards[0].failed("r", 0),
+        (PlacementFailure::Unavailable, None)
+    );
 }
 
 #[test]
@@ -265,16 +285,17 @@ fn admission_rejects_the_session_past_the_burst_with_a_hint() {
     for _ in 0..3 {
         s.found("r", 0, None);
     }
-    let (reason, hint) = s.failed("r", 0);
-    assert_eq!(reason, "admission");
-    let hint = hint.unwrap();
-    assert!((1000..=2000).contains(&hint), "{hint}");
+    // The clock stands still: a token is exactly 1 / 0.5 per s away.
+    assert_eq!(s.failed("r", 0), (PlacementFailure::Admission, Some(2000)));
     // Retries of admitted sessions are never refused.
     s.found("r", 1, None);
     // The cluster bucket (5) has 2 left: other repls in it get 2 more.
     s.found("x", 0, None);
     s.found("y", 0, None);
-    assert_eq!(s.failed("z", 0).0, "admission");
+    assert_eq!(s.failed("z", 0), (PlacementFailure::Admission, Some(2000)));
+    // The hint is right: by then both buckets hold a token again.
+    c.clock.advance(Duration::from_millis(2000));
+    s.found("r", 0, None);
     // Another cluster has its own bucket.
     let id = s.send_in("z", "elsewhere");
     let (got, r) = s.recv();
@@ -398,4 +419,17 @@ fn fake_places_least_loaded_with_reported_load() {
     // Loads 2,1,0 → vm-2, then vm-1 and vm-2 tie at 1 (first wins), then
     // all at 2 → vm-0.
     assert_eq!(vms, ["vm-2", "vm-1", "vm-2", "vm-0"]);
+}
+
+/// The test helper the dead-URL tests rely on: refused for as long as it
+/// lives, and nobody else can listen on its port meanwhile.
+#[test]
+fn refusing_addr_refuses_and_keeps_its_port() {
+    let dead = refusing_addr();
+    for _ in 0..3 {
+        let err = TcpStream::connect(dead.addr).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+    let err = std::net::TcpListener::bind(dead.addr).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
 }

@@ -55,8 +55,8 @@ fn python_websockets_client() {
         "py_client --expect-close 1008",
     );
     assert!(out.contains("stage=token;reason=malformed"), "{out}");
-    let dead = dead_port();
-    let proxy2 = Proxy::start(&config_for(dead, ""), &["--shards", "1"]);
+    let dead = refusing_addr();
+    let proxy2 = Proxy::start(&config_for(dead.addr, ""), &["--shards", "1"]);
     let out = run_script(
         python("py_client.py").args(["--expect-close", "1014", &proxy2.url(&dev_token("r1"))]),
         "py_client --expect-close 1014",
@@ -72,8 +72,8 @@ fn node_ws_client() {
         node("node_client.js").arg(proxy.url(&dev_token("r1"))),
         "node_client",
     );
-    let dead = dead_port();
-    let proxy2 = Proxy::start(&config_for(dead, ""), &["--shards", "1"]);
+    let dead = refusing_addr();
+    let proxy2 = Proxy::start(&config_for(dead.addr, ""), &["--shards", "1"]);
     let out = run_script(
         node("node_client.js").args(["--expect-close", "1014", &proxy2.url(&dev_token("r1"))]),
         "node_client --expect-close 1014",
@@ -216,7 +216,7 @@ fn upstream_first_negotiates_deflate_end_to_end() {
 /// Upstream-first failures come before the 101, as HTTP statuses.
 #[test]
 fn upstream_first_failure_is_an_http_status() {
-    let dead = dead_port();
+    let dead = refusing_addr();
     let proxy = Proxy::start(
         &format!(
             "[token]\nallow_dev_key = true\n[websocket]\nmode = \"upstream_first\"\n[limits]\nmax_attempts = 2\n[placement]\ndefault = \"ws://{dead}/\"\n"

@@ -150,8 +150,8 @@ fn close_from_conman_keeps_code_and_reason() {
 #[test]
 fn conman_refusing_gives_1014() {
     // A port with nothing listening: connection refused.
-    let port = dead_port();
-    let proxy = proxy_for(port);
+    let dead = refusing_addr();
+    let proxy = proxy_for(dead.addr);
     let mut c = raw_client(proxy.listen, &dev_token("r1"));
     assert_eq!(
         read_close(&mut c),

@@ -23,9 +23,10 @@ fn refusing_vm_is_retried_on_another_and_the_client_sees_nothing() {
         vm_id: "vm-2".into(),
         ..Default::default()
     });
+    let dead = refusing_addr();
     let cfg = format!(
         "[token]\nallow_dev_key = true\n[placement.vms]\nvm-1 = \"ws://{}/\"\nvm-2 = \"ws://{}/\"\n[placement.repls]\nr1 = \"vm-1\"\n",
-        dead_port(),
+        dead,
         good.local_addr
     );
     let proxy = Proxy::start(&cfg, &["--shards", "1"]);
@@ -54,10 +55,11 @@ fn refusing_vm_is_retried_on_another_and_the_client_sees_nothing() {
 
 #[test]
 fn all_vms_down_gives_1014_within_the_setup_deadline() {
+    let (dead1, dead2) = (refusing_addr(), refusing_addr());
     let cfg = format!(
         "[token]\nallow_dev_key = true\n[limits]\nsetup_timeout_ms = 3000\n[placement.vms]\nvm-1 = \"ws://{}/\"\nvm-2 = \"ws://{}/\"\n",
-        dead_port(),
-        dead_port()
+        dead1,
+        dead2
     );
     let proxy = Proxy::start(&cfg, &["--shards", "1"]);
     let t0 = std::time::Instant::now();
@@ -242,10 +244,11 @@ fn one_refusing_conman_of_three_keeps_success_at_100_percent() {
         vm_id: "vm-b".into(),
         ..Default::default()
     });
+    let dead = refusing_addr();
     let cp = controlplane_with(&[
         ("vm-a", a.local_addr),
         ("vm-b", b.local_addr),
-        ("vm-bad", dead_port()),
+        ("vm-bad", dead.addr),
     ]);
     let proxy = Proxy::start(&cp_config(&cp, ""), &["--shards", "2"]);
     for i in 0..60 {

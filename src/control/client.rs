@@ -17,10 +17,10 @@ use tracing::debug;
 
 use super::http::{self, Response};
 use super::placer::{Failure, Placement};
-use super::reason::Reason;
 use super::stats::ControlStats;
 use super::url::Url;
 use super::wire::Found;
+use super::wire::PlacementFailure;
 use super::ControlplaneConfig;
 
 struct Endpoint {
@@ -43,7 +43,7 @@ pub(crate) struct Client {
 
 /// How one attempt at one URL ended, when it did not end with a response.
 enum AttemptError {
-    Failed(Reason),
+    Failed(PlacementFailure),
     /// A reused keep-alive connection turned out closed before answering.
     Stale,
 }
@@ -97,13 +97,13 @@ impl Client {
     ) -> Result<Placement, Failure> {
         let n = self.endpoints.len();
         let start = self.preferred.get();
-        let mut last = Failure::from(Reason::Unavailable);
+        let mut last = Failure::from(PlacementFailure::Unavailable);
         for k in 0..n {
             let i = (start + k) % n;
             let ep = &self.endpoints[i];
             let response = within(
                 self.timeout,
-                Err(Reason::Timeout),
+                Err(PlacementFailure::Timeout),
                 self.attempt(ep, repl, exclude),
             )
             .await;
@@ -111,7 +111,9 @@ impl Client {
                 Ok(r) => r,
                 // Not a Controlplane, or a broken one: no other URL is
                 // asked, since they all run the same code.
-                Err(Reason::BadResponse) => return Err(Reason::BadResponse.into()),
+                Err(PlacementFailure::BadResponse) => {
+                    return Err(PlacementFailure::BadResponse.into())
+                }
                 // Timed out or unreachable: the next URL may do better.
                 Err(reason) => {
                     debug!(url = %ep.host_header, reason = reason.as_str(), "controlplane attempt failed");
@@ -121,7 +123,7 @@ impl Client {
             };
             match http::placement_answer(&response) {
                 // A gateway in front of a dead instance: try the next URL.
-                Err(f) if f.reason == Reason::Unavailable => last = f,
+                Err(f) if f.reason == PlacementFailure::Unavailable => last = f,
                 Err(f) => {
                     self.preferred.set(i);
                     return Err(f);
@@ -130,7 +132,7 @@ impl Client {
                     self.preferred.set(i);
                     let addr = within(self.timeout, None, resolve(&answer.conman))
                         .await
-                        .ok_or(Reason::BadResponse)?;
+                        .ok_or(PlacementFailure::BadResponse)?;
                     return Ok(Placement {
                         found: Found {
                             vm: answer.vm,
@@ -153,12 +155,12 @@ impl Client {
         ep: &Endpoint,
         repl: &str,
         exclude: Option<&str>,
-    ) -> Result<Response, Reason> {
+    ) -> Result<Response, PlacementFailure> {
         let _permit = ep
             .permits
             .acquire_permit(1)
             .await
-            .map_err(|_| Reason::Unavailable)?;
+            .map_err(|_| PlacementFailure::Unavailable)?;
         let mut request = Vec::with_capacity(256);
         http::write_placement_request(&mut request, &ep.url, &ep.host_header, repl, exclude);
         self.stats.controlplane_requests.fetch_add(1, Relaxed);
@@ -172,16 +174,18 @@ impl Client {
                 Err(AttemptError::Failed(reason)) => return Err(reason),
             }
         }
-        let addr = resolve(&ep.url).await.ok_or(Reason::Unavailable)?;
+        let addr = resolve(&ep.url)
+            .await
+            .ok_or(PlacementFailure::Unavailable)?;
         let conn = TcpStream::connect(addr).await.map_err(|e| {
             debug!(%addr, error = %e, "controlplane connect failed");
-            Reason::Unavailable
+            PlacementFailure::Unavailable
         })?;
         // Requests are one small write each; Nagle would only delay them.
         let _ = conn.set_nodelay(true);
         match self.exchange(ep, conn, &request, false).await {
             Ok(r) => Ok(r),
-            Err(AttemptError::Stale) => Err(Reason::Unavailable),
+            Err(AttemptError::Stale) => Err(PlacementFailure::Unavailable),
             Err(AttemptError::Failed(reason)) => Err(reason),
         }
     }
@@ -200,7 +204,7 @@ impl Client {
             if reused {
                 AttemptError::Stale
             } else {
-                AttemptError::Failed(Reason::Unavailable)
+                AttemptError::Failed(PlacementFailure::Unavailable)
             }
         };
         conn.write_all(request).await.map_err(|_| lost())?;
@@ -210,7 +214,7 @@ impl Client {
             let n = match conn.read(&mut chunk).await {
                 Ok(n) => n,
                 Err(_) if buf.is_empty() => return Err(lost()),
-                Err(_) => return Err(AttemptError::Failed(Reason::Unavailable)),
+                Err(_) => return Err(AttemptError::Failed(PlacementFailure::Unavailable)),
             };
             if n == 0 && buf.is_empty() {
                 return Err(lost());
@@ -226,9 +230,11 @@ impl Client {
                     }
                     return Ok(response);
                 }
-                Ok(None) if n == 0 => return Err(AttemptError::Failed(Reason::Unavailable)),
+                Ok(None) if n == 0 => {
+                    return Err(AttemptError::Failed(PlacementFailure::Unavailable))
+                }
                 Ok(None) => {}
-                Err(_) => return Err(AttemptError::Failed(Reason::BadResponse)),
+                Err(_) => return Err(AttemptError::Failed(PlacementFailure::BadResponse)),
             }
         }
     }

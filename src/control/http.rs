@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::placer::Failure;
-use super::reason::Reason;
 use super::url::{self, Url};
+use super::wire::PlacementFailure;
 
 /// Response head limit; the Controlplane's answers are a few hundred bytes.
 pub(crate) const MAX_HEAD: usize = 16 * 1024;
@@ -255,25 +255,26 @@ struct AnswerBody {
 pub(crate) fn placement_answer(r: &Response) -> Result<Answer, Failure> {
     match r.status {
         200 => {
-            let b: AnswerBody = serde_json::from_slice(&r.body).map_err(|_| Reason::BadResponse)?;
+            let b: AnswerBody =
+                serde_json::from_slice(&r.body).map_err(|_| PlacementFailure::BadResponse)?;
             if b.vm.is_empty() || b.vm.len() > 255 {
-                return Err(Reason::BadResponse.into());
+                return Err(PlacementFailure::BadResponse.into());
             }
-            let conman = url::parse_ws(&b.conman).map_err(|_| Reason::BadResponse)?;
+            let conman = url::parse_ws(&b.conman).map_err(|_| PlacementFailure::BadResponse)?;
             Ok(Answer {
                 vm: b.vm,
                 conman,
                 ttl: Duration::from_millis(b.ttl_ms).min(MAX_TTL),
             })
         }
-        404 => Err(Reason::UnknownRepl.into()),
+        404 => Err(PlacementFailure::UnknownRepl.into()),
         503 => Err(Failure {
-            reason: Reason::NoCapacity,
+            reason: PlacementFailure::NoCapacity,
             retry_after: r.retry_after,
         }),
         // A proxy in front of a dead or overloaded Controlplane.
-        500 | 502 | 504 => Err(Reason::Unavailable.into()),
-        _ => Err(Reason::BadResponse.into()),
+        500 | 502 | 504 => Err(PlacementFailure::Unavailable.into()),
+        _ => Err(PlacementFailure::BadResponse.into()),
     }
 }
 
@@ -416,25 +417,28 @@ mod tests {
         .unwrap();
         assert_eq!(a.ttl, MAX_TTL);
         let reason = |s, b| answer(s, b).unwrap_err().reason;
-        assert_eq!(reason(200, "{"), Reason::BadResponse);
-        assert_eq!(reason(200, r#"{"vm":"v","ttl_ms":1}"#), Reason::BadResponse);
+        assert_eq!(reason(200, "{"), PlacementFailure::BadResponse);
+        assert_eq!(
+            reason(200, r#"{"vm":"v","ttl_ms":1}"#),
+            PlacementFailure::BadResponse
+        );
         assert_eq!(
             reason(200, r#"{"vm":"v","conman":"wss://h/","ttl_ms":1}"#),
-            Reason::BadResponse
+            PlacementFailure::BadResponse
         );
         assert_eq!(
             reason(200, r#"{"vm":"","conman":"ws://h/","ttl_ms":1}"#),
-            Reason::BadResponse
+            PlacementFailure::BadResponse
         );
-        assert_eq!(reason(404, ""), Reason::UnknownRepl);
+        assert_eq!(reason(404, ""), PlacementFailure::UnknownRepl);
         assert_eq!(
             answer(503, "").unwrap_err(),
             Failure {
-                reason: Reason::NoCapacity,
+                reason: PlacementFailure::NoCapacity,
                 retry_after: Some(Duration::from_secs(2))
             }
         );
-        assert_eq!(reason(502, ""), Reason::Unavailable);
-        assert_eq!(reason(418, ""), Reason::BadResponse);
+        assert_eq!(reason(502, ""), PlacementFailure::Unavailable);
+        assert_eq!(reason(418, ""), PlacementFailure::BadResponse);
     }
 }

@@ -14,6 +14,7 @@
 //! - `http`, `url`: the Controlplane contract and its HTTP/1.1 framing,
 //!   sans-IO.
 //! - `client`, `service`: the thin glommio glue (sockets, timers, tasks).
+//! - [`Clock`]: where the glue reads `now`; tests move a [`ManualClock`].
 //!
 //! One thread runs a glommio `LocalExecutor`; traffic is light (a request
 //! per new session at most), so one core's share is plenty.
@@ -41,10 +42,10 @@ mod admission;
 mod breaker;
 mod cache;
 mod client;
+mod clock;
 mod flights;
 mod http;
 mod placer;
-mod reason;
 mod rendezvous;
 mod service;
 mod stats;
@@ -58,8 +59,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use admission::Scope;
-pub use reason::Reason;
+pub use clock::{Clock, ManualClock};
 pub use stats::*;
+pub use wire::PlacementFailure;
 
 use admission::{Admission, MAX_BUCKETS};
 use breaker::Breaker;
@@ -197,7 +199,7 @@ impl LocalStatic {
         match self.0.pick(repl, exclude) {
             Some((_, found)) => PlacementResult::Found(found.clone()),
             None => PlacementResult::Failed {
-                reason: Reason::NoCapacity.as_str().into(),
+                reason: PlacementFailure::NoCapacity,
                 retry_after_ms: None,
             },
         }
@@ -275,6 +277,17 @@ pub fn spawn(
     shard_fds: Vec<OwnedFd>,
     stats: Arc<ControlStats>,
 ) -> std::io::Result<JoinHandle<()>> {
+    spawn_with_clock(cfg, shard_fds, stats, Clock::real())
+}
+
+/// [`spawn`] with the placement decisions (cache TTL, breaker, admission)
+/// reading `clock`, which a test can move by hand.
+pub fn spawn_with_clock(
+    cfg: ControlConfig,
+    shard_fds: Vec<OwnedFd>,
+    stats: Arc<ControlStats>,
+    clock: Clock,
+) -> std::io::Result<JoinHandle<()>> {
     check_bucket("per_repl", &cfg.admission.per_repl)?;
     check_bucket("per_cluster", &cfg.admission.per_cluster)?;
     let prepared = prepare(cfg.mode)?;
@@ -326,7 +339,7 @@ pub fn spawn(
                         (mode, Some(Client::new(&cp, urls, stats.clone())))
                     }
                 };
-                service::run(Placer::new(admission, mode, stats), client, shards).await
+                service::run(Placer::new(admission, mode, stats), client, shards, clock).await
             });
         })?;
     match ready_rx.recv() {

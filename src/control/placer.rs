@@ -14,20 +14,20 @@ use super::admission::Admission;
 use super::breaker::{Breaker, Permit};
 use super::cache::Cache;
 use super::flights::Flights;
-use super::reason::Reason;
 use super::rendezvous::Rendezvous;
 use super::stats::ControlStats;
+use super::wire::PlacementFailure;
 use super::wire::{Found, PlacementResult, ToControl};
 
 /// A failed Controlplane request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Failure {
-    pub reason: Reason,
+    pub reason: PlacementFailure,
     pub retry_after: Option<Duration>,
 }
 
-impl From<Reason> for Failure {
-    fn from(reason: Reason) -> Self {
+impl From<PlacementFailure> for Failure {
+    fn from(reason: PlacementFailure) -> Self {
         Failure {
             reason,
             retry_after: None,
@@ -97,9 +97,9 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX - 1)
 }
 
-fn failed(reason: Reason, retry_after: Option<Duration>) -> PlacementResult {
+fn failed(reason: PlacementFailure, retry_after: Option<Duration>) -> PlacementResult {
     PlacementResult::Failed {
-        reason: reason.as_str().to_owned(),
+        reason,
         retry_after_ms: retry_after.map(ms),
     }
 }
@@ -124,14 +124,14 @@ impl Placer {
         if attempt == 0 {
             if let Err(r) = self.admission.admit(&repl, &cluster, now) {
                 self.stats.add_rejection(r.scope);
-                return Action::Reply(failed(Reason::Admission, r.retry_after));
+                return Action::Reply(failed(PlacementFailure::Admission, r.retry_after));
             }
         }
         let d = match &mut self.mode {
             Mode::Static(ring) => {
                 return Action::Reply(match ring.pick(&repl, exclude.as_deref()) {
                     Some((_, found)) => PlacementResult::Found(found.clone()),
-                    None => failed(Reason::NoCapacity, None),
+                    None => failed(PlacementFailure::NoCapacity, None),
                 })
             }
             Mode::Controlplane(d) => d,
@@ -161,8 +161,8 @@ impl Placer {
         stats.breaker_state.store(d.breaker.gauge() as u64, Relaxed);
         match permit {
             Permit::Reject { retry_after } => {
-                stats.add_error(Reason::CircuitOpen, 1);
-                Action::Reply(failed(Reason::CircuitOpen, Some(retry_after)))
+                stats.add_error(PlacementFailure::CircuitOpen, 1);
+                Action::Reply(failed(PlacementFailure::CircuitOpen, Some(retry_after)))
             }
             Permit::Allow | Permit::Probe => {
                 d.flights.start(&repl, vec![waiter]);
@@ -212,7 +212,7 @@ impl Placer {
             }
             Err(f) => {
                 // A 404 is the Controlplane working as it should.
-                if f.reason == Reason::UnknownRepl {
+                if f.reason == PlacementFailure::UnknownRepl {
                     d.breaker.on_success();
                 } else {
                     d.breaker.on_failure(now);
@@ -402,28 +402,28 @@ mod tests {
     fn failures_reach_every_waiter_and_open_the_breaker() {
         let t0 = Instant::now();
         let (mut p, stats) = dynamic(no_admission());
-        let timeout = Failure::from(Reason::Timeout);
+        let timeout = Failure::from(PlacementFailure::Timeout);
         p.handle_request(0, req(1, "r", 0, None), t0);
         p.handle_request(0, req(2, "r", 0, None), t0);
         let c = p.handle_fetch_done("r", Err(timeout), t0);
         assert_eq!(c.replies.len(), 2);
         assert!(c.replies.iter().all(|(_, r)| *r
             == PlacementResult::Failed {
-                reason: "timeout".into(),
+                reason: PlacementFailure::Timeout,
                 retry_after_ms: None
             }));
-        assert_eq!(stats.errors(Reason::Timeout), 2);
+        assert_eq!(stats.errors(PlacementFailure::Timeout), 2);
         // Second consecutive failure opens it (threshold 2).
         assert_eq!(
             p.handle_request(0, req(3, "s", 0, None), t0),
             fetch("s", None)
         );
-        p.handle_fetch_done("s", Err(Failure::from(Reason::Unavailable)), t0);
+        p.handle_fetch_done("s", Err(Failure::from(PlacementFailure::Unavailable)), t0);
         assert_eq!(stats.breaker_state.load(Relaxed), 1);
         assert_eq!(
             p.handle_request(0, req(4, "t", 0, None), t0 + 50 * MS),
             Action::Reply(PlacementResult::Failed {
-                reason: "circuit_open".into(),
+                reason: PlacementFailure::CircuitOpen,
                 retry_after_ms: Some(150)
             })
         );
@@ -455,11 +455,15 @@ mod tests {
         let (mut p, stats) = dynamic(no_admission());
         for i in 0..5 {
             p.handle_request(0, req(i, "unknown", 0, None), t0);
-            let c = p.handle_fetch_done("unknown", Err(Failure::from(Reason::UnknownRepl)), t0);
+            let c = p.handle_fetch_done(
+                "unknown",
+                Err(Failure::from(PlacementFailure::UnknownRepl)),
+                t0,
+            );
             assert_eq!(c.replies.len(), 1);
         }
         assert_eq!(stats.breaker_state.load(Relaxed), 0);
-        assert_eq!(stats.errors(Reason::UnknownRepl), 5);
+        assert_eq!(stats.errors(PlacementFailure::UnknownRepl), 5);
     }
 
     #[test]
@@ -468,14 +472,14 @@ mod tests {
         let (mut p, _) = dynamic(no_admission());
         p.handle_request(0, req(1, "r", 0, None), t0);
         let f = Failure {
-            reason: Reason::NoCapacity,
+            reason: PlacementFailure::NoCapacity,
             retry_after: Some(Duration::from_secs(2)),
         };
         let c = p.handle_fetch_done("r", Err(f), t0);
         assert_eq!(
             c.replies[0].1,
             PlacementResult::Failed {
-                reason: "no_capacity".into(),
+                reason: PlacementFailure::NoCapacity,
                 retry_after_ms: Some(2000)
             }
         );
@@ -500,12 +504,12 @@ mod tests {
         assert_eq!(
             p.handle_request(0, req(2, "r", 0, None), t0),
             Action::Reply(PlacementResult::Failed {
-                reason: "admission".into(),
+                reason: PlacementFailure::Admission,
                 retry_after_ms: Some(500)
             })
         );
         assert_eq!(p.handle_request(0, req(3, "r", 1, None), t0), Action::Wait);
-        assert_eq!(stats.errors(Reason::Admission), 1);
+        assert_eq!(stats.errors(PlacementFailure::Admission), 1);
     }
 
     #[test]

@@ -6,15 +6,15 @@ use std::future::poll_fn;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
 use std::task::{Poll, Waker};
-use std::time::Instant;
 
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::UnixStream;
 use tracing::{debug, error};
 
 use super::client::Client;
+use super::clock::Clock;
 use super::placer::{Action, Failure, Fetch, Placer};
-use super::reason::Reason;
+use super::wire::PlacementFailure;
 use super::wire::{PlacementResult, ToControl, ToShard};
 
 /// One shard's socket, split: the reader and the writer each get their own
@@ -67,14 +67,21 @@ struct Service {
     placer: RefCell<Placer>,
     client: Option<Client>,
     outboxes: Vec<Outbox>,
+    clock: Clock,
 }
 
 /// Serves every shard until each has closed its end.
-pub(crate) async fn run(placer: Placer, client: Option<Client>, shards: Vec<ShardSocket>) {
+pub(crate) async fn run(
+    placer: Placer,
+    client: Option<Client>,
+    shards: Vec<ShardSocket>,
+    clock: Clock,
+) {
     let svc = Rc::new(Service {
         placer: RefCell::new(placer),
         client,
         outboxes: shards.iter().map(|_| Outbox::default()).collect(),
+        clock,
     });
     let mut readers = Vec::with_capacity(shards.len());
     for (shard, s) in shards.into_iter().enumerate() {
@@ -147,7 +154,7 @@ impl Service {
         let action = self
             .placer
             .borrow_mut()
-            .handle_request(shard, msg, Instant::now());
+            .handle_request(shard, msg, self.clock.now());
         match action {
             Action::Reply(result) => self.reply(shard, id, result),
             Action::Fetch(f) => self.fetch(f),
@@ -164,12 +171,12 @@ impl Service {
         glommio::spawn_local(async move {
             let outcome = match &svc.client {
                 Some(c) => c.fetch(&f.repl, f.exclude.as_deref()).await,
-                None => Err(Failure::from(Reason::Unavailable)),
+                None => Err(Failure::from(PlacementFailure::Unavailable)),
             };
             let done = svc
                 .placer
                 .borrow_mut()
-                .handle_fetch_done(&f.repl, outcome, Instant::now());
+                .handle_fetch_done(&f.repl, outcome, svc.clock.now());
             for (w, result) in done.replies {
                 svc.reply(w.shard, w.id, result);
             }

@@ -10,7 +10,7 @@ use crate::metrics::names::{
 use crate::metrics::{counter, gauge};
 
 use super::admission::Scope;
-use super::reason::Reason;
+use super::wire::PlacementFailure;
 
 /// Written by the control shard only, read by `/metrics`.
 #[derive(Debug, Default)]
@@ -25,13 +25,13 @@ pub struct ControlStats {
     pub coalesced: AtomicU64,
     /// 0 closed, 1 open, 2 half-open, as of the last placement request.
     pub breaker_state: AtomicU64,
-    errors: [AtomicU64; Reason::ALL.len()],
+    errors: [AtomicU64; PlacementFailure::ALL.len()],
     admission: [AtomicU64; 2],
 }
 
 impl ControlStats {
     /// Placement requests answered with `reason` (admission included).
-    pub fn errors(&self, reason: Reason) -> u64 {
+    pub fn errors(&self, reason: PlacementFailure) -> u64 {
         self.errors[reason as usize].load(Relaxed)
     }
 
@@ -39,13 +39,13 @@ impl ControlStats {
         self.admission[scope as usize].load(Relaxed)
     }
 
-    pub(crate) fn add_error(&self, reason: Reason, n: u64) {
+    pub(crate) fn add_error(&self, reason: PlacementFailure, n: u64) {
         self.errors[reason as usize].fetch_add(n, Relaxed);
     }
 
     pub(crate) fn add_rejection(&self, scope: Scope) {
         self.admission[scope as usize].fetch_add(1, Relaxed);
-        self.add_error(Reason::Admission, 1);
+        self.add_error(PlacementFailure::Admission, 1);
     }
 
     /// Prometheus text exposition, appended to `out`.
@@ -80,7 +80,7 @@ impl ControlStats {
             "# HELP {0} Placement requests answered with an error, by reason.\n# TYPE {0} counter",
             CONTROLPLANE_ERRORS
         );
-        for r in Reason::ALL {
+        for r in PlacementFailure::ALL {
             let _ = writeln!(
                 out,
                 "{CONTROLPLANE_ERRORS}{{reason=\"{}\"}} {}",
@@ -118,7 +118,7 @@ mod tests {
     fn every_series_has_help_and_type() {
         let s = ControlStats::default();
         s.cache_hits.fetch_add(3, Relaxed);
-        s.add_error(Reason::Timeout, 2);
+        s.add_error(PlacementFailure::Timeout, 2);
         s.add_rejection(Scope::Cluster);
         s.breaker_state.store(1, Relaxed);
         let mut out = String::new();

@@ -3,8 +3,8 @@
 //! io_uring on the shard side, glommio on the control side).
 //!
 //! Framing: `u32` little-endian length of the body, then the body. Bodies
-//! start with a kind byte. Strings are `u16` LE length + UTF-8 bytes. The
-//! decoder is sans-IO: `decode(buf)` returns `Ok(None)` until a whole
+//! start with a kind byte. Strings are `u16` LE length + UTF-8 bytes; a
+//! [`PlacementFailure`] is one tag byte. The decoder is sans-IO: `decode(buf)` returns `Ok(None)` until a whole
 //! message is there and consumes nothing.
 #![forbid(unsafe_code)]
 
@@ -38,14 +38,67 @@ pub enum ToShard {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PlacementResult {
     Found(Found),
-    /// The Controlplane answered or failed: `reason` is a metric label word
-    /// (`unknown_repl`, `no_capacity`, `timeout`, `unavailable`,
-    /// `circuit_open`, `bad_response`, `admission`), `retry_after_ms` a hint
-    /// for the client's Close reason.
+    /// No placement: `retry_after_ms` is a hint for the client's Close
+    /// reason.
     Failed {
-        reason: String,
+        reason: PlacementFailure,
         retry_after_ms: Option<u64>,
     },
+}
+
+/// Why a placement could not be had. [`as_str`](Self::as_str) is the
+/// metric label and the Close reason word. On the wire it is one tag byte,
+/// the variant's position in [`ALL`](Self::ALL); both ends are this
+/// program, so an unknown tag is a bug and decodes as
+/// [`WireError::Malformed`] rather than as some catch-all reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlacementFailure {
+    /// The Controlplane does not know the repl (404).
+    UnknownRepl,
+    /// No VM can take it (503, or static placement with every VM excluded).
+    NoCapacity,
+    Timeout,
+    /// The Controlplane could not be reached, or answered 5xx.
+    Unavailable,
+    /// The breaker fails placements fast while the Controlplane is down.
+    CircuitOpen,
+    BadResponse,
+    /// Admission control refused a new session.
+    Admission,
+}
+
+impl PlacementFailure {
+    /// Every variant, in tag order (`ALL[i] as usize == i`, which the
+    /// control shard's per-reason counters also index by).
+    pub const ALL: [PlacementFailure; 7] = [
+        PlacementFailure::UnknownRepl,
+        PlacementFailure::NoCapacity,
+        PlacementFailure::Timeout,
+        PlacementFailure::Unavailable,
+        PlacementFailure::CircuitOpen,
+        PlacementFailure::BadResponse,
+        PlacementFailure::Admission,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlacementFailure::UnknownRepl => "unknown_repl",
+            PlacementFailure::NoCapacity => "no_capacity",
+            PlacementFailure::Timeout => "timeout",
+            PlacementFailure::Unavailable => "unavailable",
+            PlacementFailure::CircuitOpen => "circuit_open",
+            PlacementFailure::BadResponse => "bad_response",
+            PlacementFailure::Admission => "admission",
+        }
+    }
+
+    fn tag(self) -> u8 {
+        self as u8
+    }
+
+    fn from_tag(tag: u8) -> Option<PlacementFailure> {
+        Self::ALL.get(usize::from(tag)).copied()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,7 +282,7 @@ impl ToShard {
             } => frame(out, |o| {
                 o.push(K_PLACEMENT_FAILED);
                 o.extend_from_slice(&id.to_le_bytes());
-                put_str(o, reason);
+                o.push(reason.tag());
                 o.extend_from_slice(&retry_after_ms.unwrap_or(u64::MAX).to_le_bytes());
             }),
         }
@@ -270,7 +323,7 @@ impl ToShard {
             }
             K_PLACEMENT_FAILED => {
                 let id = r.u64()?;
-                let reason = r.str()?;
+                let reason = PlacementFailure::from_tag(r.u8()?).ok_or(WireError::Malformed)?;
                 let ra = r.u64()?;
                 ToShard::Placement {
                     id,
@@ -324,13 +377,58 @@ mod tests {
                 path: "/conman".into(),
             }),
         });
-        roundtrip_shard(ToShard::Placement {
-            id: 1,
+        for (i, reason) in PlacementFailure::ALL.into_iter().enumerate() {
+            for retry_after_ms in [None, Some(0), Some(1500), Some(u64::MAX - 1)] {
+                roundtrip_shard(ToShard::Placement {
+                    id: i as u64,
+                    result: PlacementResult::Failed {
+                        reason,
+                        retry_after_ms,
+                    },
+                });
+            }
+        }
+    }
+
+    #[test]
+    fn failure_tags_and_labels_are_stable() {
+        let labels: Vec<&str> = PlacementFailure::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "unknown_repl",
+                "no_capacity",
+                "timeout",
+                "unavailable",
+                "circuit_open",
+                "bad_response",
+                "admission",
+            ]
+        );
+        for (i, reason) in PlacementFailure::ALL.into_iter().enumerate() {
+            assert_eq!(reason as usize, i);
+            assert_eq!(PlacementFailure::from_tag(reason.tag()), Some(reason));
+        }
+    }
+
+    #[test]
+    fn unknown_failure_tag_is_malformed() {
+        let mut out = Vec::new();
+        ToShard::Placement {
+            id: 9,
             result: PlacementResult::Failed {
-                reason: "circuit_open".into(),
-                retry_after_ms: Some(1500),
+                reason: PlacementFailure::Admission,
+                retry_after_ms: Some(5),
             },
-        });
+        }
+        .encode(&mut out);
+        // Kind byte, 8 bytes of id, then the tag.
+        let tag_at = 4 + 1 + 8;
+        assert_eq!(out[tag_at], PlacementFailure::Admission.tag());
+        for bad in [PlacementFailure::ALL.len() as u8, 0x80, u8::MAX] {
+            out[tag_at] = bad;
+            assert_eq!(ToShard::decode(&out), Err(WireError::Malformed), "{bad}");
+        }
     }
 
     #[test]

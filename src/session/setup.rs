@@ -29,27 +29,6 @@ pub fn head_limits(cfg: &Config) -> http1::Limits {
     }
 }
 
-/// The Controlplane failure words the control shard sends, as the static
-/// labels metrics and Close reasons use; anything else is `error`.
-fn controlplane_reason(word: &str) -> &'static str {
-    const KNOWN: [&str; 9] = [
-        "unknown_repl",
-        "no_capacity",
-        "timeout",
-        "unavailable",
-        "circuit_open",
-        "bad_response",
-        "admission",
-        "control_unavailable",
-        "no_vm",
-    ];
-    KNOWN
-        .iter()
-        .find(|k| **k == word)
-        .copied()
-        .unwrap_or("error")
-}
-
 impl Session {
     /// Client bytes while reading the head.
     pub(super) fn on_head_bytes(&mut self, env: &mut Env, bytes: &[u8]) {
@@ -245,7 +224,7 @@ impl Session {
                 reason,
                 retry_after_ms,
             } => {
-                let mut e = SetupError::new(Stage::Controlplane, controlplane_reason(&reason));
+                let mut e = SetupError::new(Stage::Controlplane, reason.as_str());
                 e.retry_after_ms = retry_after_ms;
                 self.fail_setup(env, e);
             }

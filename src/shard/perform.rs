@@ -10,7 +10,6 @@ use tracing::debug;
 
 use super::ops::{Gather, Rec};
 use super::{bufring, ctl, idx, listener, pipe, Entry, Io};
-use crate::control::wire::PlacementResult;
 use crate::metrics::Phase as Timing;
 use crate::session::{Batch, Chunk, Env, Op, Who};
 
@@ -257,10 +256,8 @@ impl Io {
         let result = if let Some(local) = &self.local_placement {
             local.pick(ident.repl(), exclude.as_deref())
         } else if self.ctl.dead {
-            PlacementResult::Failed {
-                reason: "control_unavailable".into(),
-                retry_after_ms: None,
-            }
+            e.s.handle_control_lost(&mut env!(self, out));
+            return;
         } else {
             let id = ctl::request_id(slot, e.gen, seq);
             self.ctl_send(|buf| {

@@ -3,17 +3,22 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+#[path = "../support/refusing.rs"]
+mod refusing;
+#[allow(unused_imports)] // not every test binary refuses
+pub use refusing::{refusing_addr, RefusingAddr};
+
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use eval_proxy::control::wire::{Found, PlacementResult, ToControl, ToShard};
+use eval_proxy::control::wire::{Found, PlacementFailure, PlacementResult, ToControl, ToShard};
 use eval_proxy::control::{
-    self, AdmissionConfig, ControlConfig, ControlStats, ControlplaneConfig, PlacementMode,
+    self, AdmissionConfig, ControlConfig, ControlStats, ControlplaneConfig, ManualClock,
+    PlacementMode,
 };
 use eval_proxy::dev::controlplane::{self as fake, FakeControlplane, FakeControlplaneConfig};
 
@@ -90,7 +95,7 @@ impl Shard {
     }
 
     /// (reason, retry_after_ms) of a failed placement.
-    pub fn failed(&mut self, repl: &str, attempt: u8) -> (String, Option<u64>) {
+    pub fn failed(&mut self, repl: &str, attempt: u8) -> (PlacementFailure, Option<u64>) {
         match self.place(repl, attempt, None) {
             PlacementResult::Failed {
                 reason,
@@ -105,6 +110,9 @@ pub struct Control {
     pub shards: Vec<Shard>,
     pub stats: Arc<ControlStats>,
     pub thread: JoinHandle<()>,
+    /// The control shard's clock: it stands still until a test advances
+    /// it (cache TTLs, the breaker's open period, admission refills).
+    pub clock: ManualClock,
 }
 
 pub fn start(cfg: ControlConfig, shards: usize) -> Control {
@@ -121,11 +129,14 @@ pub fn start(cfg: ControlConfig, shards: usize) -> Control {
         theirs.push(b.into());
     }
     let stats = Arc::new(ControlStats::default());
-    let thread = control::spawn(cfg, theirs, stats.clone()).expect("control shard starts");
+    let clock = ManualClock::new();
+    let thread = control::spawn_with_clock(cfg, theirs, stats.clone(), clock.clock())
+        .expect("control shard starts");
     Control {
         shards: ours,
         stats,
         thread,
+        clock,
     }
 }
 
@@ -170,15 +181,4 @@ pub fn fake(n: usize, ttl_ms: u64) -> FakeControlplane {
 
 pub fn url(f: &FakeControlplane) -> String {
     format!("http://{}", f.local_addr)
-}
-
-/// A loopback address that refuses connections for as long as the
-/// returned socket lives (bound, never listening).
-pub fn refusing_addr() -> (socket2::Socket, SocketAddr) {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    let addr = s.local_addr().unwrap().as_socket().unwrap();
-    assert!(TcpStream::connect(addr).is_err());
-    (s, addr)
 }

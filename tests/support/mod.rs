@@ -3,6 +3,10 @@
 //! tungstenite clients.
 #![allow(dead_code)]
 
+mod refusing;
+#[allow(unused_imports)] // not every test binary refuses
+pub use refusing::{refusing_addr, RefusingAddr};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -258,13 +262,6 @@ pub fn status_of(resp: &[u8]) -> u16 {
 }
 
 /// An address with nothing listening: connecting to it is refused.
-pub fn dead_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
