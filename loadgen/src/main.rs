@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - `main.rs`: the command line.
+//! - [`config`]: what a run is asked to do (mode and settings).
 //! - [`run`]: starts the load threads, progress, `holding N`, the report.
 //! - [`worker`]: one epoll loop per thread and the workload of each mode.
 //! - [`client`]: one client connection: connect, upgrade, send, verify.
@@ -13,6 +14,7 @@
 //! - [`echo_server`], [`conman`]: the backends.
 
 mod client;
+mod config;
 mod conman;
 mod echo_server;
 mod net;
@@ -34,7 +36,7 @@ use clap::{Args, Parser, Subcommand};
 use eval_proxy::dev::conman::Behavior;
 use eval_proxy::proto::handshake::parse_ws_url;
 
-use crate::run::{MixedShape, Mode, RunConfig};
+use crate::config::{MixedShape, Mode, RunConfig};
 use crate::tokens::{Paths, TokenSpec};
 
 /// Largest message the template is built for (it is held twice in memory).
