@@ -1,6 +1,5 @@
 //! What a load run is asked to do: the mode and its settings, built by
-//! `main.rs` from the command line and read by [`run`](crate::run),
-//! [`worker`](crate::worker) and [`report`](crate::report).
+//! `main.rs` from the command line and read by `run`, `worker` and `report`.
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! Runs a load: checks limits, starts the worker threads, shows progress,
 //! prints `holding N` for `idle`, merges the threads' results into a report.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Barrier};
@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::{Mode, RunConfig};
 use crate::net::{raise_nofile_limit, RESERVED_FDS};
+use crate::out::print_flushed;
 use crate::report::{Report, ThreadResult};
 use crate::wire::Payloads;
 use crate::worker::{Msg, Progress, Shared, Worker};
@@ -72,9 +73,7 @@ pub fn run(cfg: RunConfig, json: bool) -> Result<Report> {
                 ready += 1;
                 held += n;
                 if ready == threads {
-                    let mut out = std::io::stdout().lock();
-                    writeln!(out, "holding {held}")?;
-                    out.flush()?;
+                    print_flushed(&format!("holding {held}"))?;
                 }
             }
             Ok(Msg::Done(result)) => results.push(*result),
