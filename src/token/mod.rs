@@ -22,8 +22,9 @@
 //! - `time`: a small RFC 3339 `date-time` ⇄ unix seconds converter (no
 //!   chrono).
 //!
-//! Dependencies go one way: `verify` and `mint` use `time` and this file,
-//! `verify` uses `paserk`; none uses the other.
+//! Dependencies go one way: `verify` uses `paserk`, `time` and this file;
+//! `mint` uses `time` and this file; `paserk` and `time` use nothing here.
+//! Only tests cross between `verify` and `mint` (round trips).
 //!
 //! No clock (time is a parameter) and no IO except [`KeySet::load_dir`].
 //! Token text never appears in an error: tokens are credentials and errors
