@@ -21,6 +21,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
 use crate::net::{raise_nofile_limit, reuseport_listener};
+use crate::out::print_flushed;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 
@@ -50,7 +51,7 @@ pub fn run(listen: SocketAddr, threads: usize) -> Result<()> {
             .context("spawning an echo thread")?;
         handles.push(handle);
     }
-    crate::print_flushed(&format!("listening {addr}"))?;
+    print_flushed(&format!("listening {addr}"))?;
     for handle in handles {
         match handle.join() {
             Ok(result) => result?,

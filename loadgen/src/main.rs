@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - `main.rs`: the command line.
+//! - [`config`]: what a run is asked to do (mode and settings).
 //! - [`run`]: starts the load threads, progress, `holding N`, the report.
 //! - [`worker`]: one epoll loop per thread and the workload of each mode.
 //! - [`client`]: one client connection: connect, upgrade, send, verify.
@@ -10,12 +11,20 @@
 //! - [`report`]: histograms, counters, text and JSON output.
 //! - [`tokens`]: request paths with per-connection PASETO tokens.
 //! - [`net`]: open-files limit, source addresses over 127.0.0.0/8.
+//! - [`out`]: stdout lines another process waits for (`listening`,
+//!   `holding`, the JSON report).
 //! - [`echo_server`], [`conman`]: the backends.
+//!
+//! Dependencies go one way, down this chain: `main.rs` → `run` → `worker`
+//! → `client` → `report` → `config` → `tokens`. The backends use `net` and
+//! `out`; `net`, `out`, `tokens`, `units` and `wire` use no other module.
 
 mod client;
+mod config;
 mod conman;
 mod echo_server;
 mod net;
+mod out;
 mod report;
 mod run;
 mod tokens;
@@ -23,7 +32,6 @@ mod units;
 mod wire;
 mod worker;
 
-use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,7 +42,8 @@ use clap::{Args, Parser, Subcommand};
 use eval_proxy::dev::conman::Behavior;
 use eval_proxy::proto::handshake::parse_ws_url;
 
-use crate::run::{MixedShape, Mode, RunConfig};
+use crate::config::{MixedShape, Mode, RunConfig};
+use crate::out::print_flushed;
 use crate::tokens::{Paths, TokenSpec};
 
 /// Largest message the template is built for (it is held twice in memory).
@@ -358,13 +367,6 @@ impl std::error::Error for UsageError {}
 
 fn usage(msg: impl Into<String>) -> anyhow::Error {
     UsageError(msg.into()).into()
-}
-
-/// Prints a line that another process is waiting for, flushed at once.
-pub fn print_flushed(line: &str) -> std::io::Result<()> {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{line}")?;
-    out.flush()
 }
 
 fn controlplane(a: ControlplaneArgs) -> Result<()> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::run::Mode;
+use crate::config::Mode;
 
 /// Latencies above this are recorded as this (a minute is already a failure).
 const MAX_TRACKED_NS: u64 = 60_000_000_000;

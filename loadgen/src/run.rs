@@ -1,9 +1,8 @@
 //! Runs a load: checks limits, starts the worker threads, shows progress,
 //! prints `holding N` for `idle`, merges the threads' results into a report.
 
-use std::io::{IsTerminal, Write};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::IsTerminal;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -12,116 +11,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::config::{Mode, RunConfig};
 use crate::net::{raise_nofile_limit, RESERVED_FDS};
+use crate::out::print_flushed;
 use crate::report::{Report, ThreadResult};
-use crate::tokens::Paths;
 use crate::wire::Payloads;
-use crate::worker::Worker;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Echo,
-    Rate,
-    Handshake,
-    Idle,
-    Bulk,
-    Mixed,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Echo => "echo",
-            Self::Rate => "rate",
-            Self::Handshake => "handshake",
-            Self::Idle => "idle",
-            Self::Bulk => "bulk",
-            Self::Mixed => "mixed",
-        }
-    }
-}
-
-/// The shape of `mixed`: keystrokes with the occasional output burst.
-#[derive(Debug, Clone, Copy)]
-pub struct MixedShape {
-    /// Keystrokes per second per connection (Poisson arrivals).
-    pub key_rate: f64,
-    /// Keystroke messages are 1..=key_max bytes.
-    pub key_max: u32,
-    /// One message in this many is a burst.
-    pub burst_every: u32,
-    pub burst_min: u32,
-    pub burst_max: u32,
-}
-
-#[derive(Debug, Clone)]
-pub struct RunConfig {
-    pub mode: Mode,
-    pub target: SocketAddr,
-    /// Host header value.
-    pub host: String,
-    pub paths: Paths,
-    /// Connections (workers, in handshake mode).
-    pub conns: usize,
-    pub threads: usize,
-    /// Message size for every mode but `mixed`.
-    pub size: u32,
-    pub pipeline: usize,
-    pub duration: Option<Duration>,
-    pub messages: Option<u64>,
-    /// Total messages per second (`rate`).
-    pub rate: f64,
-    pub mixed: MixedShape,
-    /// How long `idle` holds its sessions; forever if `None`.
-    pub hold: Option<Duration>,
-    pub spread: bool,
-    pub connect_timeout: Duration,
-    pub echo_timeout: Duration,
-    /// Open-loop sends are grouped into wake-ups at least this far apart.
-    pub tick: Duration,
-    /// Connects in progress per thread during setup.
-    pub max_connecting: usize,
-    /// Handshake mode: paths with fresh tokens minted before the clock starts.
-    pub premint: usize,
-}
-
-impl RunConfig {
-    fn max_message(&self) -> usize {
-        match self.mode {
-            Mode::Mixed => self.mixed.burst_max.max(self.mixed.key_max) as usize,
-            _ => self.size as usize,
-        }
-    }
-
-    /// Sockets the run may hold at once.
-    fn max_sockets(&self) -> u64 {
-        self.conns as u64
-    }
-}
-
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub messages: AtomicU64,
-    pub handshakes: AtomicU64,
-    pub established: AtomicU64,
-    pub errors: AtomicU64,
-}
-
-/// What the worker threads share.
-pub struct Shared {
-    pub cfg: RunConfig,
-    pub payloads: Payloads,
-    pub barrier: Barrier,
-    pub progress: Progress,
-    /// The zero of every thread's nanosecond clock.
-    pub epoch: Instant,
-}
-
-pub enum Msg {
-    /// `idle`: this thread holds this many verified sessions.
-    Ready(u64),
-    Done(Box<ThreadResult>),
-}
+use crate::worker::{Msg, Progress, Shared, Worker};
 
 /// Runs the load and returns its report.
 pub fn run(cfg: RunConfig, json: bool) -> Result<Report> {
@@ -178,9 +73,7 @@ pub fn run(cfg: RunConfig, json: bool) -> Result<Report> {
                 ready += 1;
                 held += n;
                 if ready == threads {
-                    let mut out = std::io::stdout().lock();
-                    writeln!(out, "holding {held}")?;
-                    out.flush()?;
+                    print_flushed(&format!("holding {held}"))?;
                 }
             }
             Ok(Msg::Done(result)) => results.push(*result),

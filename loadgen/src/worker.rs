@@ -6,18 +6,46 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::client::{Conn, ConnError, Dial, Outcome, Phase, Readiness};
+use crate::config::{Mode, RunConfig};
 use crate::net::SourceAddrs;
 use crate::report::{Recorder, ThreadResult};
-use crate::run::{Mode, Msg, RunConfig, Shared};
 use crate::wire::Payloads;
+
+/// Counters the threads bump as they go; `run` reads them for the progress
+/// bar.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub messages: AtomicU64,
+    pub handshakes: AtomicU64,
+    pub established: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// What the worker threads share.
+pub struct Shared {
+    pub cfg: RunConfig,
+    pub payloads: Payloads,
+    pub barrier: Barrier,
+    pub progress: Progress,
+    /// The zero of every thread's nanosecond clock.
+    pub epoch: Instant,
+}
+
+/// What a thread tells `run`.
+pub enum Msg {
+    /// `idle`: this thread holds this many verified sessions.
+    Ready(u64),
+    Done(Box<ThreadResult>),
+}
 
 const TIMER: Token = Token(usize::MAX - 1);
 

@@ -3,8 +3,6 @@
 //! validation of Close payloads seen on the relay.
 #![forbid(unsafe_code)]
 
-use crate::proto::frame::MAX_CONTROL_PAYLOAD;
-
 pub const NORMAL: u16 = 1000;
 /// Drain grace period is over: reconnect.
 pub const GOING_AWAY: u16 = 1001;
@@ -21,8 +19,12 @@ pub const TRY_AGAIN_LATER: u16 = 1013;
 /// Conman unreachable, refused, or lost mid-session: reconnect with backoff.
 pub const BAD_GATEWAY: u16 = 1014;
 
-/// A Close reason must fit in a control frame after the 2-byte code.
-pub const MAX_REASON_LEN: usize = MAX_CONTROL_PAYLOAD - 2;
+/// Longest Close reason: a control frame carries at most 125 bytes (RFC 6455
+/// section 5.5), 2 of them the code. Stated here rather than derived from
+/// `frame::MAX_CONTROL_PAYLOAD` so that `close` does not depend on `frame`
+/// (frame writing depends on close); `frame` asserts the two agree at compile
+/// time.
+pub const MAX_REASON_LEN: usize = 123;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CloseError {

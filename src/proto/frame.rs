@@ -10,6 +10,9 @@ use crate::proto::close;
 /// Longest payload a control frame may carry (RFC 6455 section 5.5).
 pub const MAX_CONTROL_PAYLOAD: usize = 125;
 
+// A Close frame's payload is the 2-byte code, then the reason.
+const _: () = assert!(close::MAX_REASON_LEN + 2 == MAX_CONTROL_PAYLOAD);
+
 /// Longest header: 2 bytes, 8 bytes of extended length, 4 bytes of mask key.
 pub const MAX_HEADER_LEN: usize = 14;
 
