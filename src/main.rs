@@ -161,6 +161,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Some(p) => Config::from_file(p).map_err(|e| ConfigFault(e.to_string()))?,
         None => Config::default(),
     };
+    // Before any thread starts (the --dev fake Conman below, then everything
+    // `run` spawns): a thread that does not block these would take a
+    // SIGTERM with the default action and kill the process without a drain.
+    eval_proxy::server::block_signals();
     let mut dev_conman = None;
     if cli.dev {
         cfg.token.allow_dev_key = true;

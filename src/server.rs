@@ -36,9 +36,14 @@ pub fn load_keys(cfg: &Config) -> io::Result<KeySet> {
     Ok(keys)
 }
 
-/// Blocks SIGTERM/SIGINT in this thread (and so in every thread it spawns)
-/// so that only the signal thread sees them.
-fn block_signals() -> libc::sigset_t {
+/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread, and so in every
+/// thread it spawns afterwards, so that only `run`'s signal thread
+/// (`sigwait`) consumes them. The kernel hands a process-directed signal to
+/// any thread that does not block it, and there the default action kills the
+/// whole process with no drain; so a caller that starts threads of its own
+/// before `run` (`--dev`'s embedded fake Conman) calls this first. `run`
+/// calls it again; blocking twice is harmless.
+pub fn block_signals() -> libc::sigset_t {
     // SAFETY: plain libc signal-set manipulation on a local set.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();

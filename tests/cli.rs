@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use support::*;
 use tungstenite::Message;
 
-#[test]
-fn dev_mode_prints_a_working_url() {
+/// `eval-proxy --dev` on port 0, and the ws:// URL it prints.
+fn start_dev() -> (Proxy, String) {
     let mut cmd = Command::new(bin());
     cmd.args(["--dev", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .env("RUST_LOG", "warn")
@@ -25,12 +25,19 @@ fn dev_mode_prints_a_working_url() {
     let url = line
         .split_whitespace()
         .find(|w| w.starts_with("ws://"))
-        .unwrap();
+        .unwrap()
+        .to_string();
     assert!(
         url.starts_with(&format!("ws://{}/wsv2/v4.public.", proxy.listen)),
         "{url}"
     );
-    let mut ws = connect(url);
+    (proxy, url)
+}
+
+#[test]
+fn dev_mode_prints_a_working_url() {
+    let (_proxy, url) = start_dev();
+    let mut ws = connect(&url);
     ws.send(Message::text("hello dev")).unwrap();
     assert_eq!(ws.read().unwrap(), Message::text("hello dev"));
     ws.send(Message::text("__vm__")).unwrap();
@@ -146,30 +153,97 @@ fn sigterm_drains_then_exits() {
     assert_eq!(ws.read().unwrap(), Message::text("before"));
     proxy.signal(libc::SIGTERM);
     // Not ready any more, but the live session still relays.
-    let deadline = std::time::Instant::now() + WAIT;
-    while proxy.admin_get("/readyz").0 != 503 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "readyz never turned 503"
-        );
-        std::thread::yield_now();
-    }
+    wait_until("readyz never turned 503", || {
+        proxy.admin_get("/readyz").0 == 503
+    });
     ws.send(Message::text("during drain")).unwrap();
     assert_eq!(ws.read().unwrap(), Message::text("during drain"));
     // After the grace period: Close 1001, then exit 0.
-    loop {
-        match ws.read() {
-            Ok(Message::Close(Some(f))) => {
-                assert_eq!(u16::from(f.code), 1001);
-                assert_eq!(f.reason, "stage=drain;reason=grace_over");
-                break;
-            }
-            Ok(_) => continue,
-            Err(e) => panic!("expected Close 1001: {e}"),
-        }
-    }
+    assert_eq!(ws_close(ws), (1001, GRACE_OVER.into()));
     let st = proxy.wait_exit();
     assert_eq!(st.code(), Some(0));
+}
+
+const GRACE_OVER: &str = "stage=drain;reason=grace_over";
+
+/// Polls `cond` until it holds; panics naming `what` after `WAIT`.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::yield_now();
+    }
+}
+
+/// Names of the process's threads that do not block `signals`: each of
+/// them could be handed a process-directed signal and die of it.
+fn threads_not_blocking(pid: u32, signals: &[i32]) -> Vec<String> {
+    let mut open = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/PID/task") {
+        let Ok(status) = std::fs::read_to_string(task.unwrap().path().join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let blocked = u64::from_str_radix(&field("SigBlk:"), 16).expect("SigBlk mask");
+        let name = field("Name:");
+        // The signal thread unblocks them only inside sigwait(), by design.
+        if name != "signals" && signals.iter().any(|&s| blocked & (1 << (s - 1)) == 0) {
+            open.push(name);
+        }
+    }
+    open
+}
+
+/// The --dev quickstart runs threads of its own (the embedded fake Conman)
+/// besides the proxy's; none may take a signal meant for the signal thread.
+/// SIGHUP reloads keys and nothing else; the first drain signal (SIGTERM or
+/// SIGINT) drains, a live session relaying on; the other one ends the grace
+/// period: Close 1001, then exit 0, never death by a signal.
+fn dev_mode_drains_on(first: i32, second: i32) {
+    let (mut proxy, url) = start_dev();
+    let mut ws = connect(&url);
+    ws.send(Message::text("before")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("before"));
+    let pid = proxy.child.id();
+    let open = threads_not_blocking(pid, &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]);
+    assert!(open.is_empty(), "threads not blocking signals: {open:?}");
+
+    proxy.signal(libc::SIGHUP);
+    wait_until("no key reload on SIGHUP", || {
+        proxy.metric("eval_token_key_reloads_total", &[]) >= 1.0
+    });
+    assert_eq!(proxy.admin_get("/readyz").0, 200, "SIGHUP must not drain");
+    ws.send(Message::text("after hup")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("after hup"));
+
+    proxy.signal(first);
+    wait_until("readyz never turned 503", || {
+        proxy.admin_get("/readyz").0 == 503
+    });
+    ws.send(Message::text("during drain")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("during drain"));
+
+    proxy.signal(second);
+    assert_eq!(ws_close(ws), (1001, GRACE_OVER.into()));
+    let st = proxy.wait_exit();
+    assert_eq!(st.code(), Some(0), "{st}");
+}
+
+#[test]
+fn dev_mode_drains_on_sigterm() {
+    dev_mode_drains_on(libc::SIGTERM, libc::SIGINT);
+}
+
+#[test]
+fn dev_mode_drains_on_sigint() {
+    dev_mode_drains_on(libc::SIGINT, libc::SIGTERM);
 }
 
 /// Keys rotate without a restart: a token signed by a new key is refused,
@@ -215,11 +289,7 @@ fn keys_reload_on_sighup_and_on_change() {
     };
     let reloads = |p: &Proxy| p.metric("eval_token_key_reloads_total", &[]);
     let wait_reloads = |p: &Proxy, n: f64| {
-        let deadline = std::time::Instant::now() + WAIT;
-        while reloads(p) < n {
-            assert!(std::time::Instant::now() < deadline, "no key reload");
-            std::thread::yield_now();
-        }
+        wait_until("no key reload", || reloads(p) >= n);
     };
     let mut c = raw_client(proxy.listen, &mint("k2"));
     assert_eq!(

@@ -412,6 +412,23 @@ pub fn read_frame(s: &mut TcpStream) -> (bool, u8, Vec<u8>) {
     (h[0] & 0x80 != 0, h[0] & 0x0f, p)
 }
 
+/// Reads past data frames to the peer's Close, answers it (tungstenite
+/// queues the reply; the flush sends it) and closes the socket, so the proxy
+/// sees a complete closing handshake instead of lingering until its
+/// timeout. Returns (code, reason).
+pub fn ws_close(mut ws: Client) -> (u16, String) {
+    loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Close(Some(f))) => {
+                let _ = ws.flush();
+                return (u16::from(f.code), f.reason.into_owned());
+            }
+            Ok(_) => continue,
+            Err(e) => panic!("expected a Close frame: {e}"),
+        }
+    }
+}
+
 /// Reads frames until a Close; returns its (code, reason).
 pub fn read_close(s: &mut TcpStream) -> (u16, String) {
     loop {
