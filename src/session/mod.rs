@@ -191,15 +191,20 @@ pub enum Op {
     ReleasePipe { pipe: Pipe, empty: bool },
     /// Put the socket in O_NONBLOCK (splice(2) needs it).
     SetNonblocking { fd: RawFd },
-    /// Non-blocking splice(2) of at most `len` bytes from `fd_in` to
-    /// `fd_out`, for the frame spliced from `from`: socket to pipe
-    /// (`into_pipe`, answered with `handle_spliced_in`) or pipe to the
-    /// other side's socket (`handle_spliced_out`).
-    Splice {
+    /// Non-blocking splice(2) of at most `len` bytes from `from`'s socket
+    /// into its pipe (`handle_spliced_in`).
+    SpliceIn {
         from: Who,
-        into_pipe: bool,
-        fd_in: RawFd,
-        fd_out: RawFd,
+        socket: RawFd,
+        pipe: RawFd,
+        len: usize,
+    },
+    /// Non-blocking splice(2) of `len` bytes from `from`'s pipe to the
+    /// other side's socket (`handle_spliced_out`).
+    SpliceOut {
+        from: Who,
+        pipe: RawFd,
+        socket: RawFd,
         len: usize,
     },
     /// Wait for `socket`'s readiness: readable if it is `from` (the spliced
@@ -520,6 +525,8 @@ impl Session {
             "session {}: {from:?} -> {to:?} is not allowed",
             self.id
         );
+        #[cfg(test)]
+        tests::trail(from, to);
         self.phase_started = now;
     }
 

@@ -115,7 +115,7 @@ impl Session {
         self.advance(env);
     }
 
-    /// The result of `Op::Splice { into_pipe: true, .. }`.
+    /// The result of `Op::SpliceIn`.
     pub fn handle_spliced_in(&mut self, env: &mut Env, from: Who, res: Result<usize, i32>) {
         let (id, dir) = (self.id, from.outbound());
         let (src, _, tracker) = self.split(from);
@@ -151,7 +151,7 @@ impl Session {
         self.advance(env);
     }
 
-    /// The result of `Op::Splice { into_pipe: false, .. }`.
+    /// The result of `Op::SpliceOut`.
     pub fn handle_spliced_out(&mut self, env: &mut Env, from: Who, res: Result<usize, i32>) {
         let id = self.id;
         let (src, dst, _) = self.split(from);
@@ -208,11 +208,10 @@ impl Session {
         let filling = sp.readable && remaining > 0 && relaying && !src.eof && sp.in_pipe < pipe.cap;
         if sp.in_pipe > 0 && !filling {
             sp.busy = true;
-            env.op(Op::Splice {
+            env.op(Op::SpliceOut {
                 from,
-                into_pipe: false,
-                fd_in: pipe.r,
-                fd_out: dst.fd,
+                pipe: pipe.r,
+                socket: dst.fd,
                 len: sp.in_pipe as usize,
             });
             return;
@@ -241,11 +240,10 @@ impl Session {
         let want = remaining.min(u64::from(pipe.cap - sp.in_pipe)) as usize;
         sp.busy = true;
         sp.want = want;
-        env.op(Op::Splice {
+        env.op(Op::SpliceIn {
             from,
-            into_pipe: true,
-            fd_in: src.fd,
-            fd_out: pipe.w,
+            socket: src.fd,
+            pipe: pipe.w,
             len: want,
         });
     }

@@ -115,20 +115,23 @@ impl Io {
                 }
             }
             Op::SetNonblocking { fd } => pipe::set_nonblocking(fd),
-            Op::Splice {
+            Op::SpliceIn {
                 from,
-                into_pipe,
-                fd_in,
-                fd_out,
+                socket,
+                pipe,
                 len,
             } => {
-                let res = pipe::splice_nb(fd_in, fd_out, len);
-                let env = &mut env!(self, out);
-                if into_pipe {
-                    e.s.handle_spliced_in(env, from, res);
-                } else {
-                    e.s.handle_spliced_out(env, from, res);
-                }
+                let res = pipe::splice_nb(socket, pipe, len);
+                e.s.handle_spliced_in(&mut env!(self, out), from, res);
+            }
+            Op::SpliceOut {
+                from,
+                pipe,
+                socket,
+                len,
+            } => {
+                let res = pipe::splice_nb(pipe, socket, len);
+                e.s.handle_spliced_out(&mut env!(self, out), from, res);
             }
             Op::Poll { socket, fd, from } => {
                 let events = if socket == from {
