@@ -1,0 +1,514 @@
+//! Deterministic tests of one session's life (quinn-proto's `Pair::drive`
+//! idea): a simulated shard performs the session's ops on simulated
+//! sockets, a scripted client and Conman write and read bytes, and the
+//! clock only moves when a test moves it.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::control::wire::{Found, PlacementFailure, PlacementResult};
+use crate::keys::Ident;
+use crate::metrics::ShardStats;
+use crate::proto::frame::{write_close, FrameHeader, OpCode};
+use crate::proto::handshake::accept_key;
+use crate::token::Claims;
+
+mod random;
+mod relay;
+mod setup;
+
+pub(in crate::session) use random::trail;
+
+const CLIENT_FD: RawFd = 10;
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const BUF: usize = 64;
+
+fn request() -> Vec<u8> {
+    format!(
+        "GET /wsv2/tok HTTP/1.1\r\nHost: eval\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+fn ident() -> Arc<Ident> {
+    Arc::new(Ident::new(&Claims {
+        repl: "repl-1".into(),
+        user: "alice".into(),
+        cluster: "dev".into(),
+        exp: i64::MAX,
+        nbf: 0,
+        jti: String::new(),
+    }))
+}
+
+fn found(vm: &str) -> PlacementResult {
+    PlacementResult::Found(Found {
+        vm: vm.into(),
+        addr: "127.0.0.1:7000".parse::<SocketAddr>().unwrap(),
+        host: "127.0.0.1:7000".into(),
+        path: "/".into(),
+    })
+}
+
+/// A WebSocket frame; client frames are masked.
+fn frame(op: OpCode, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mask = masked.then_some([1, 2, 3, 4]);
+    let h = FrameHeader {
+        fin: true,
+        rsv: 0,
+        opcode: op,
+        mask,
+        payload_len: payload.len() as u64,
+    };
+    let mut head = [0u8; crate::proto::frame::MAX_HEADER_LEN];
+    let n = h.encode(&mut head);
+    let mut out = head[..n].to_vec();
+    let mut p = payload.to_vec();
+    if let Some(m) = mask {
+        crate::proto::frame::apply_mask(&mut p, m, 0);
+    }
+    out.extend_from_slice(&p);
+    out
+}
+
+/// A peer as the simulated shard sees it: bytes it wrote and the proxy has
+/// not read, bytes the proxy sent it, and the ops in flight on its socket.
+#[derive(Default)]
+struct Peer {
+    fd: Option<RawFd>,
+    unread: VecDeque<u8>,
+    /// It sent FIN (after `unread`), or reset.
+    fin: bool,
+    reset: bool,
+    got: Vec<u8>,
+    recv: Option<bool>,
+    cancel: bool,
+    send: Option<Batch>,
+    poll: Option<Who>,
+    pipe: VecDeque<u8>,
+    shut_wr: bool,
+    closed: Vec<RawFd>,
+}
+
+struct Harness {
+    cfg: Config,
+    stats: ShardStats,
+    rng: SmallRng,
+    now: Instant,
+    s: Session,
+    peers: [Peer; 2],
+    bufs: HashMap<u16, Vec<u8>>,
+    next_bid: u16,
+    verify: bool,
+    placement: Option<u16>,
+    connect: Option<bool>,
+    next_fd: RawFd,
+    ops: Vec<String>,
+}
+
+fn at(who: Who) -> usize {
+    match who {
+        Who::Client => 0,
+        Who::Conman => 1,
+    }
+}
+
+impl Harness {
+    fn new(cfg: Config) -> Harness {
+        let now = Instant::now();
+        let s = Session::new(1, CLIENT_FD, now, &cfg);
+        let mut h = Harness {
+            cfg,
+            stats: ShardStats::default(),
+            rng: SmallRng::seed_from_u64(7),
+            now,
+            s,
+            peers: Default::default(),
+            bufs: HashMap::new(),
+            next_bid: 0,
+            verify: false,
+            placement: None,
+            connect: None,
+            next_fd: 100,
+            ops: Vec::new(),
+        };
+        h.peers[0].fd = Some(CLIENT_FD);
+        h.run(|s, env| s.start(env));
+        h
+    }
+
+    fn cfg() -> Config {
+        let mut cfg = Config::default();
+        cfg.buffers.splice_min = 0;
+        cfg
+    }
+
+    /// Feeds one input, then performs every op it produced.
+    fn run(&mut self, input: impl FnOnce(&mut Session, &mut Env)) {
+        let mut out = VecDeque::new();
+        {
+            let mut env = Env {
+                now: self.now,
+                cfg: &self.cfg,
+                stats: &self.stats,
+                rng: &mut self.rng,
+                out: &mut out,
+            };
+            input(&mut self.s, &mut env);
+        }
+        while let Some(op) = out.pop_front() {
+            self.perform(op, &mut out);
+        }
+    }
+
+    fn peer_of(&mut self, fd: RawFd) -> &mut Peer {
+        let i = self
+            .peers
+            .iter()
+            .position(|p| p.fd == Some(fd))
+            .unwrap_or_else(|| panic!("op on fd {fd}, which no live side has"));
+        &mut self.peers[i]
+    }
+
+    fn perform(&mut self, op: Op, out: &mut VecDeque<Op>) {
+        self.ops.push(format!("{op:?}"));
+        let mut env = Env {
+            now: self.now,
+            cfg: &self.cfg,
+            stats: &self.stats,
+            rng: &mut self.rng,
+            out,
+        };
+        match op {
+            Op::Recv { who, fd, single } => {
+                let p = &mut self.peers[at(who)];
+                assert_eq!(p.fd, Some(fd));
+                assert!(p.recv.is_none(), "two receives on one socket");
+                p.recv = Some(single);
+            }
+            Op::CancelRecv { who } => self.peers[at(who)].cancel = true,
+            Op::Send { who, fd, batch } => {
+                let p = &mut self.peers[at(who)];
+                assert_eq!(p.fd, Some(fd));
+                assert!(p.send.is_none(), "two sends on one socket");
+                assert!(!p.shut_wr, "send after shutdown");
+                p.send = Some(batch);
+            }
+            Op::Verify => self.verify = true,
+            Op::Placement { seq, .. } => self.placement = Some(seq),
+            Op::Connect { .. } => {
+                let fd = self.next_fd;
+                self.next_fd += 1;
+                self.peers[1] = Peer {
+                    fd: Some(fd),
+                    closed: std::mem::take(&mut self.peers[1].closed),
+                    ..Peer::default()
+                };
+                self.s.handle_socket(&mut env, Ok(fd));
+                self.connect = Some(false);
+            }
+            Op::CancelConnect => {
+                if self.connect.is_some() {
+                    self.connect = Some(true);
+                }
+            }
+            Op::Shutdown { fd, both } => {
+                let p = self.peer_of(fd);
+                p.shut_wr = true;
+                if both {
+                    p.reset = true;
+                }
+            }
+            Op::Close { fd } => {
+                let p = self.peer_of(fd);
+                assert!(
+                    p.recv.is_none() && p.send.is_none() && p.poll.is_none(),
+                    "close with an op in flight"
+                );
+                p.fd = None;
+                p.closed.push(fd);
+                if fd != CLIENT_FD {
+                    assert!(self.connect.is_none(), "close with a connect in flight");
+                }
+            }
+            Op::Recycle { bid } => {
+                assert!(
+                    self.bufs.remove(&bid).is_some(),
+                    "buffer {bid} recycled twice"
+                );
+            }
+            Op::NeedPipe { from } => {
+                let pipe = Pipe {
+                    r: 1000,
+                    w: 1001,
+                    cap: 4096,
+                };
+                self.s.handle_pipe(&mut env, from, Some(pipe));
+            }
+            Op::ReleasePipe { .. } | Op::SetNonblocking { .. } => {}
+            Op::SpliceIn { from, len, .. } => {
+                let p = &mut self.peers[at(from)];
+                let res = if p.reset {
+                    Err(libc::ECONNRESET)
+                } else if p.unread.is_empty() {
+                    if p.fin {
+                        Ok(0)
+                    } else {
+                        Err(libc::EAGAIN)
+                    }
+                } else {
+                    let n = len.min(p.unread.len());
+                    let moved: Vec<u8> = p.unread.drain(..n).collect();
+                    p.pipe.extend(moved);
+                    Ok(n)
+                };
+                self.s.handle_spliced_in(&mut env, from, res);
+            }
+            Op::SpliceOut { from, len, .. } => {
+                let n = len.min(self.peers[at(from)].pipe.len());
+                let moved: Vec<u8> = self.peers[at(from)].pipe.drain(..n).collect();
+                self.peers[at(from.other())].got.extend(moved);
+                self.s.handle_spliced_out(&mut env, from, Ok(n));
+            }
+            Op::Poll { socket, from, .. } => self.peers[at(socket)].poll = Some(from),
+        }
+    }
+
+    // ---- what the peers do ----------------------------------------------
+
+    fn write(&mut self, who: Who, bytes: &[u8]) {
+        self.peers[at(who)].unread.extend(bytes);
+    }
+
+    /// The kernel completes a receive on `who` with up to `max` bytes.
+    /// False if nothing could happen.
+    fn deliver(&mut self, who: Who, max: usize) -> bool {
+        let p = &mut self.peers[at(who)];
+        let Some(single) = p.recv else {
+            return false;
+        };
+        if p.cancel {
+            p.recv = None;
+            p.cancel = false;
+            self.run(|s, env| {
+                s.handle_recv(env, who, -libc::ECANCELED, false, None);
+            });
+            return true;
+        }
+        if p.reset {
+            p.recv = None;
+            self.run(|s, env| {
+                s.handle_recv(env, who, -libc::ECONNRESET, false, None);
+            });
+            return true;
+        }
+        if p.unread.is_empty() {
+            if !p.fin {
+                return false;
+            }
+            p.recv = None;
+            self.run(|s, env| {
+                s.handle_recv(env, who, 0, false, None);
+            });
+            return true;
+        }
+        let n = max.clamp(1, BUF).min(p.unread.len());
+        let data: Vec<u8> = p.unread.drain(..n).collect();
+        if single {
+            p.recv = None;
+        }
+        let bid = self.next_bid;
+        self.next_bid = self.next_bid.wrapping_add(1);
+        self.bufs.insert(bid, data.clone());
+        self.run(|s, env| {
+            s.handle_recv(env, who, n as i32, !single, Some((bid, &data)));
+        });
+        true
+    }
+
+    /// The kernel completes the send to `who`, taking up to `max` bytes.
+    fn complete_send(&mut self, who: Who, max: usize) -> bool {
+        let p = &mut self.peers[at(who)];
+        let Some(batch) = p.send.take() else {
+            return false;
+        };
+        let res = if p.reset {
+            -libc::EPIPE
+        } else {
+            let mut left = max.max(1);
+            for c in batch.chunks() {
+                let bytes: &[u8] = match c {
+                    Chunk::Buf { bid, off, len } => {
+                        let b = self.bufs.get(bid).expect("sent buffer still owned");
+                        &b[*off as usize..(*off + *len) as usize]
+                    }
+                    Chunk::Owned { data, off } => &data[*off as usize..],
+                };
+                let take = left.min(bytes.len());
+                p.got.extend_from_slice(&bytes[..take]);
+                left -= take;
+                if left == 0 {
+                    break;
+                }
+            }
+            (max.max(1) - left) as i32
+        };
+        self.run(|s, env| s.handle_sent(env, who, res, batch));
+        true
+    }
+
+    fn complete_poll(&mut self, who: Who) -> bool {
+        let Some(from) = self.peers[at(who)].poll.take() else {
+            return false;
+        };
+        self.run(|s, env| s.handle_poll(env, who, from));
+        true
+    }
+
+    fn answer_token(&mut self, verdict: Result<Arc<Ident>, &'static str>) {
+        assert!(std::mem::take(&mut self.verify), "no token check asked for");
+        self.run(|s, env| s.handle_token(env, verdict, None));
+    }
+
+    fn answer_placement(&mut self, result: PlacementResult) {
+        let seq = self.placement.take().expect("no placement asked for");
+        self.run(|s, env| s.handle_placement(env, seq, result));
+    }
+
+    fn answer_connect(&mut self, res: i32) {
+        let cancelled = self.connect.take().expect("no connect in flight");
+        let res = if cancelled { -libc::ECANCELED } else { res };
+        self.run(|s, env| s.handle_connected(env, res));
+    }
+
+    fn advance_to_deadline(&mut self) {
+        let t = self.s.poll_timeout().expect("a deadline");
+        self.now = self.now.max(t);
+        self.run(|s, env| s.handle_timeout(env));
+    }
+
+    /// Lets the kernel do everything it can, whole chunks at a time.
+    fn settle(&mut self) {
+        for _ in 0..10_000 {
+            let mut any = false;
+            for who in [Who::Client, Who::Conman] {
+                any |= self.complete_send(who, usize::MAX);
+                any |= self.deliver(who, BUF);
+                any |= self.complete_poll(who);
+            }
+            if !any {
+                return;
+            }
+        }
+        panic!("no quiescence");
+    }
+
+    /// Conman's 101 for the request it was sent.
+    fn conman_101(&mut self) {
+        let req = String::from_utf8(self.peers[1].got.clone()).unwrap();
+        let key = req
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .expect("a key in Conman's request");
+        let resp = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {}\r\n\r\n",
+            accept_key(key)
+        );
+        self.write(Who::Conman, resp.as_bytes());
+    }
+
+    /// From accept to relaying, every step answered at once.
+    fn established(cfg: Config) -> Harness {
+        let mut h = Harness::new(cfg);
+        h.write(Who::Client, &request());
+        h.settle();
+        h.answer_token(Ok(ident()));
+        h.answer_placement(found("vm-1"));
+        h.answer_connect(0);
+        h.settle();
+        h.conman_101();
+        h.settle();
+        assert_eq!(h.s.kind(), Kind::Relay);
+        h.peers[0].got.clear();
+        h.peers[1].got.clear();
+        h
+    }
+
+    /// The Close frames a peer received: (code, reason).
+    fn closes(&self, who: Who) -> Vec<(u16, String)> {
+        parse_frames(&self.peers[at(who)].got, who == Who::Conman)
+            .into_iter()
+            .filter(|(op, _)| *op == OpCode::Close)
+            .map(|(_, p)| {
+                let code = u16::from_be_bytes([p[0], p[1]]);
+                (code, String::from_utf8_lossy(&p[2..]).into_owned())
+            })
+            .collect()
+    }
+
+    fn all_closed(&self) -> bool {
+        self.s.is_finished() && self.peers.iter().all(|p| p.fd.is_none())
+    }
+
+    /// Ends the session: peers answer and FIN, the linger deadline passes.
+    fn finish(&mut self) {
+        self.settle();
+        for who in [Who::Client, Who::Conman] {
+            self.peers[at(who)].fin = true;
+        }
+        self.settle();
+        if !self.s.is_finished() {
+            self.advance_to_deadline();
+            self.settle();
+        }
+        assert!(
+            self.all_closed(),
+            "session not finished: {:?}",
+            self.s.kind()
+        );
+        assert!(
+            self.bufs.is_empty(),
+            "buffers never recycled: {:?}",
+            self.bufs.keys()
+        );
+    }
+}
+
+/// Frames of a byte stream (skipping an HTTP head if there is one):
+/// opcode and unmasked payload.
+fn parse_frames(bytes: &[u8], masked: bool) -> Vec<(OpCode, Vec<u8>)> {
+    let mut rest = bytes;
+    if rest.starts_with(b"HTTP/1.1") {
+        let end = rest.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        rest = &rest[end..];
+    }
+    let mut out = Vec::new();
+    while let Ok(Some((h, n))) = FrameHeader::parse(rest) {
+        assert_eq!(h.mask.is_some(), masked, "mask bit");
+        let len = h.payload_len as usize;
+        if rest.len() < n + len {
+            break;
+        }
+        let mut p = rest[n..n + len].to_vec();
+        if let Some(m) = h.mask {
+            crate::proto::frame::apply_mask(&mut p, m, 0);
+        }
+        out.push((h.opcode, p));
+        rest = &rest[n + len..];
+    }
+    out
+}
+
+fn status(bytes: &[u8]) -> u16 {
+    std::str::from_utf8(&bytes[9..12]).unwrap().parse().unwrap()
+}
