@@ -4,14 +4,17 @@
 //! # Layout
 //! Data flows top to bottom:
 //! - [`shard`]: one pinned thread per core, each with its own io_uring loop,
-//!   provided-buffer ring and `SO_REUSEPORT` listener. Drives sessions from
-//!   completions; does all the IO.
-//! - [`session`]: one session's state (phase, both sockets, queues,
-//!   trackers) and the pure decisions about it.
+//!   provided-buffer ring and `SO_REUSEPORT` listener. Performs the
+//!   operations sessions ask for and feeds the results back; its op table
+//!   owns every byte the kernel can see until the completion. No protocol
+//!   decision lives here.
+//! - [`session`]: one session's life as a sans-IO state machine (`handle_*`
+//!   in, operations out, `now` passed in): setup, retries, relay, splice
+//!   steps, Close logic.
 //! - [`proto`]: sans-IO protocol code: the HTTP/1.1 upgrade, the WebSocket
 //!   handshake both ways, frame headers, the per-direction relay tracker,
 //!   close codes. Bytes and time in, decisions out; no sockets, no clock.
-//! - [`token`]: PASETO v4.public verification (pure).
+//! - [`token`]: PASETO v4.public: verification (pure), minting, key files.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `POST /drain`.
 //! - [`metrics`]: per-shard counters merged on read; every metric name.
 //! - [`config`], [`error`]: the TOML config and the setup-stage error.
