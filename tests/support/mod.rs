@@ -22,8 +22,12 @@ use tungstenite::WebSocket;
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// The binary under test: this build's, or `EVAL_PROXY_BIN` (e.g. a
+/// release build for a long stress run).
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_eval-proxy"))
+    std::env::var_os("EVAL_PROXY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_eval-proxy")))
 }
 
 pub struct Proxy {
@@ -70,19 +74,32 @@ impl Proxy {
     /// Starts the proxy with a config (TOML text) plus extra flags, on
     /// loopback port 0, and waits for its readiness line.
     pub fn start(config: &str, args: &[&str]) -> Proxy {
-        Self::start_inner(config, args, false)
+        Self::start_inner(config, args, None)
     }
 
     /// Like `start`, with debug logs written to `self.log_path()`.
     pub fn start_logged(config: &str, args: &[&str]) -> Proxy {
-        Self::start_inner(config, args, true)
+        Self::start_inner(config, args, Some("debug"))
+    }
+
+    /// Like `start`, with stderr (at the usual level) written to
+    /// `self.log_path()`, for tests that read it afterwards.
+    pub fn start_captured(config: &str, args: &[&str]) -> Proxy {
+        let level = std::env::var("EVAL_TEST_LOG").unwrap_or_else(|_| "warn".into());
+        Self::start_inner(config, args, Some(&level))
+    }
+
+    /// The captured stderr so far (empty unless started with a log file).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("stderr.log")
     }
 
-    fn start_inner(config: &str, args: &[&str], logged: bool) -> Proxy {
+    /// `log_level`: write stderr to `self.log_path()` at this level.
+    fn start_inner(config: &str, args: &[&str], log_level: Option<&str>) -> Proxy {
         let dir = tempdir::Dir::new("proxy");
         let cfg_path = dir.path().join("eval.toml");
         std::fs::write(&cfg_path, config).expect("write config");
@@ -98,9 +115,9 @@ impl Proxy {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        if logged {
+        if let Some(level) = log_level {
             let f = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
-            cmd.env("RUST_LOG", "debug").stderr(f);
+            cmd.env("RUST_LOG", level).stderr(f);
         }
         Self::spawn(cmd, dir)
     }
