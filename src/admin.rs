@@ -49,6 +49,7 @@ impl Admin {
 /// Serves until the process exits. Each request gets its own short-lived
 /// thread with read/write timeouts, so a stuck scraper cannot block others.
 pub fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    let mut accept_warn = crate::log_every::LogEvery::default();
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
@@ -63,7 +64,9 @@ pub fn serve(listener: TcpListener, admin: Arc<Admin>) {
                     });
             }
             Err(e) => {
-                warn!(err = %e, "admin accept failed");
+                if let Some(held_back) = accept_warn.check(std::time::Instant::now()) {
+                    warn!(err = %e, held_back, "admin accept failed");
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
         }

@@ -46,6 +46,9 @@ impl Stage {
     }
 }
 
+/// The reason word when the proxy itself has no descriptor left.
+pub const OUT_OF_FDS: &str = "out_of_fds";
+
 /// A failed setup: `reason` is a snake_case word (metric label and close reason).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SetupError {
@@ -68,6 +71,10 @@ impl SetupError {
         // will not help, a fresh token (which names the repl anew) may.
         if self.stage == Stage::Controlplane && self.reason == "unknown_repl" {
             return close::POLICY;
+        }
+        // The proxy ran out of descriptors: its own fault, not Conman's.
+        if self.reason == OUT_OF_FDS {
+            return close::INTERNAL;
         }
         self.stage.close_code()
     }

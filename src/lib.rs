@@ -27,6 +27,7 @@ pub mod control;
 pub mod dev;
 pub mod error;
 pub mod keys;
+pub(crate) mod log_every;
 pub mod metrics;
 pub mod proto;
 pub mod server;

@@ -89,16 +89,27 @@ fn watch_keys(cfg: Arc<Config>, store: Arc<KeyStore>) -> io::Result<()> {
     let Some(dir) = cfg.token.keys_dir.clone() else {
         return Ok(());
     };
-    let snapshot = move || -> Vec<(std::path::PathBuf, Option<std::time::SystemTime>)> {
-        let mut v: Vec<_> = std::fs::read_dir(&dir)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .map(|e| (e.path(), e.metadata().and_then(|m| m.modified()).ok()))
-                    .collect()
-            })
-            .unwrap_or_default();
+    // `None` when the process is out of descriptors: that says nothing
+    // about the directory, and a reload now would only fail the same way.
+    let snapshot = move || -> Option<Vec<(std::path::PathBuf, Option<std::time::SystemTime>)>> {
+        let out_of_fds =
+            |e: &io::Error| matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+        let mut v = Vec::new();
+        match std::fs::read_dir(&dir) {
+            Ok(rd) => {
+                for e in rd {
+                    match e {
+                        Ok(e) => v.push((e.path(), e.metadata().and_then(|m| m.modified()).ok())),
+                        Err(e) if out_of_fds(&e) => return None,
+                        Err(_) => {}
+                    }
+                }
+            }
+            Err(e) if out_of_fds(&e) => return None,
+            Err(_) => {}
+        }
         v.sort();
-        v
+        Some(v)
     };
     std::thread::Builder::new()
         .name("key-watch".into())
@@ -106,9 +117,11 @@ fn watch_keys(cfg: Arc<Config>, store: Arc<KeyStore>) -> io::Result<()> {
             let mut last = snapshot();
             loop {
                 std::thread::sleep(KEY_POLL);
-                let now = snapshot();
-                if now != last {
-                    last = now;
+                let Some(now) = snapshot() else {
+                    continue;
+                };
+                if last.as_ref() != Some(&now) {
+                    last = Some(now);
                     reload_keys(&cfg, &store, "keys_dir changed");
                 }
             }

@@ -74,6 +74,8 @@ impl CloseSide {
 #[derive(Default)]
 pub struct ShardStats {
     pub accepted: AtomicU64,
+    /// accept(2) failures (out of descriptors or memory).
+    pub accept_errors: AtomicU64,
     pub attempts: AtomicU64,
     pub established: AtomicU64,
     pub active: AtomicU64,
@@ -193,6 +195,12 @@ pub fn render(shards: &[std::sync::Arc<ShardStats>]) -> String {
             s.accepted.load(Relaxed)
         );
     }
+    counter(
+        &mut out,
+        names::ACCEPT_ERRORS,
+        "Accepts that failed (out of file descriptors or memory); the shard backs off, then accepts again.",
+        sum(|s| &s.accept_errors),
+    );
     counter(
         &mut out,
         names::SESSION_ATTEMPTS,

@@ -24,6 +24,7 @@ impl Kind {
 
 // Data shards (`metrics::render`).
 pub const CONNECTIONS_ACCEPTED: &str = "eval_connections_accepted_total";
+pub const ACCEPT_ERRORS: &str = "eval_accept_errors_total";
 pub const SESSION_ATTEMPTS: &str = "eval_session_attempts_total";
 pub const SESSIONS_ESTABLISHED: &str = "eval_sessions_established_total";
 pub const CLIENT_FAULT_REJECTIONS: &str = "eval_session_client_fault_rejections_total";
@@ -55,6 +56,7 @@ pub const ADMISSION_REJECTIONS: &str = "eval_admission_rejections_total";
 /// Every name above with its type.
 pub const ALL: &[(&str, Kind)] = &[
     (CONNECTIONS_ACCEPTED, Kind::Counter),
+    (ACCEPT_ERRORS, Kind::Counter),
     (SESSION_ATTEMPTS, Kind::Counter),
     (SESSIONS_ESTABLISHED, Kind::Counter),
     (CLIENT_FAULT_REJECTIONS, Kind::Counter),

@@ -296,8 +296,11 @@ impl Session {
                 self.conman.inflight = 1;
             }
             Err(errno) => {
-                tracing::warn!(session = self.id, errno, "cannot create conman socket");
-                self.fail_setup(env, SetupError::new(Stage::ConmanConnect, "socket"));
+                let reason = match errno {
+                    libc::EMFILE | libc::ENFILE => crate::error::OUT_OF_FDS,
+                    _ => "socket",
+                };
+                self.fail_setup(env, SetupError::new(Stage::ConmanConnect, reason));
                 self.advance(env);
             }
         }

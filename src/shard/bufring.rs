@@ -42,6 +42,9 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        if self.len == 0 {
+            return; // leaked (see `BufRing::leak`)
+        }
         // SAFETY: we own the mapping.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
@@ -199,5 +202,16 @@ impl BufRing {
 
     pub fn unregister(&self, uring: &IoUring) {
         let _ = uring.submitter().unregister_buf_ring(BGID);
+    }
+
+    /// Never unmaps: for an exit with operations still in flight, whose
+    /// kernel side may yet write into these pages.
+    pub fn leak(&mut self) {
+        let empty = || Mapping {
+            ptr: std::ptr::NonNull::dangling(),
+            len: 0,
+        };
+        std::mem::forget(std::mem::replace(&mut self.ring, empty()));
+        std::mem::forget(std::mem::replace(&mut self.bufs, empty()));
     }
 }

@@ -19,6 +19,10 @@ pub struct Ctl {
     pub recv_armed: bool,
     /// The control shard went away: placements fail fast.
     pub dead: bool,
+    /// A send failed: the sessions waiting for a reply must be failed.
+    pub lost: bool,
+    /// The receive found no buffer: armed again once buffers are back.
+    pub starved: bool,
 }
 
 impl Ctl {
@@ -30,6 +34,8 @@ impl Ctl {
             send_in_flight: false,
             recv_armed: false,
             dead: false,
+            lost: false,
+            starved: false,
         }
     }
 }
@@ -42,7 +48,7 @@ pub fn request_id(slot: u32, gen: u16, seq: u16) -> u64 {
 
 impl Io {
     pub(super) fn arm_ctl_recv(&mut self) {
-        if self.ctl.recv_armed || self.ctl.dead {
+        if self.ctl.recv_armed || self.ctl.dead || self.ctl.starved {
             return;
         }
         self.ctl.recv_armed = true;
@@ -90,7 +96,7 @@ impl Io {
 
     pub(super) fn on_ctl_send(&mut self, res: i32, buf: Vec<u8>, off: usize) {
         self.ctl.send_in_flight = false;
-        if res < 0 {
+        if res <= 0 {
             // The receive side notices the loss and fails waiting sessions.
             warn!(
                 shard = self.shard,
@@ -98,6 +104,7 @@ impl Io {
                 "send to the control shard failed"
             );
             self.ctl.dead = true;
+            self.ctl.lost = true;
             return;
         }
         self.ctl_kick(buf, off + res as usize);
@@ -114,6 +121,7 @@ impl Io {
             return match -res {
                 libc::ENOBUFS => {
                     ShardStats::inc(&self.stats.buffer_exhausted);
+                    self.ctl.starved = true;
                     Ok(Vec::new())
                 }
                 libc::ECANCELED if self.ctl.dead => Ok(Vec::new()),

@@ -54,6 +54,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::control::LocalStatic;
 use crate::keys::{KeyStore, LocalKeys, VerifyCache};
+use crate::log_every::LogEvery;
 use crate::metrics::{Phase as Timing, ShardStats};
 use crate::session::{Env, Kind, Op, Pipe, RecvOutcome, Session, Who};
 use crate::token::VerifyOptions;
@@ -68,6 +69,11 @@ const TRIM_EVERY: Duration = Duration::from_secs(1);
 const EXIT_WAIT: Duration = Duration::from_secs(2);
 /// No entry in the op table.
 const NONE: u64 = IGNORE;
+/// After a failed accept (no descriptor or memory left), the first wait
+/// before accepting again; it doubles up to `ACCEPT_BACKOFF_MAX` while
+/// accepts keep failing, so a shortage never spins the loop.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Process-wide lifecycle flags, read by shards when woken.
 #[derive(Default)]
@@ -143,6 +149,9 @@ struct Io {
     verify_queue: Vec<(u32, u16)>,
     /// Ops a session asked for, performed in order (reused).
     out: VecDeque<Op>,
+    /// Warnings that can repeat fast: failed accepts, failed sockets.
+    accept_warn: LogEvery,
+    socket_warn: LogEvery,
 }
 
 pub struct Shard {
@@ -155,6 +164,10 @@ pub struct Shard {
     listener: RawFd,
     accept_ud: u64,
     accepting: bool,
+    /// Accept again at this time (after a failure), and the wait after the
+    /// next failure.
+    accept_retry: Option<Instant>,
+    accept_backoff: Duration,
     wake_fd: RawFd,
     control: Arc<Control>,
     grace_done: bool,
@@ -198,6 +211,8 @@ impl Shard {
                 gathers: Vec::new(),
                 verify_queue: Vec::new(),
                 out: VecDeque::new(),
+                accept_warn: LogEvery::default(),
+                socket_warn: LogEvery::default(),
                 cfg,
             },
             sessions: Vec::new(),
@@ -208,6 +223,8 @@ impl Shard {
             listener: spec.listener,
             accept_ud: NONE,
             accepting: true,
+            accept_retry: None,
+            accept_backoff: ACCEPT_BACKOFF_MIN,
             wake_fd: spec.wake_fd,
             control: spec.control,
             grace_done: false,
@@ -230,7 +247,15 @@ impl Shard {
                 // Wake once more after traffic stops, to trim the pool.
                 timeout = Some(timeout.map_or(TRIM_EVERY, |t| t.min(TRIM_EVERY)));
             }
-            self.io.wait(timeout, &mut cqes)?;
+            if let Some(t) = self.accept_retry {
+                let d = t.saturating_duration_since(Instant::now());
+                timeout = Some(timeout.map_or(d, |t| t.min(d)));
+            }
+            if let Err(e) = self.io.wait(timeout, &mut cqes) {
+                // Operations are in flight: their memory must outlive them.
+                self.io.finish(&mut cqes);
+                return Err(e);
+            }
             self.io.keys.refresh();
             self.io.now_unix = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -239,9 +264,21 @@ impl Shard {
             for &(u, res, flags) in &cqes {
                 self.complete(u, res, flags);
             }
+            if std::mem::take(&mut self.io.ctl.lost) {
+                self.control_lost();
+            }
             self.verify_batch();
             self.fire_timers();
             self.retry_starved();
+            if self.accept_retry.is_some_and(|t| t <= self.io.now) {
+                self.accept_retry = None;
+                if self.accepting {
+                    self.arm_accept();
+                } else {
+                    // SAFETY: our listener; no accept is armed on it.
+                    unsafe { libc::close(self.listener) };
+                }
+            }
             if self.io.now.duration_since(self.io.last_trim) >= TRIM_EVERY {
                 self.io.last_trim = self.io.now;
                 self.io.bufs.trim_if_idle();
@@ -253,9 +290,9 @@ impl Shard {
             "shard stopped"
         );
         self.io.finish(&mut cqes);
-        // SAFETY: our end of the control socketpair; nothing is in flight
-        // on it any more. The control shard sees EOF and ends once every
-        // shard is gone.
+        // SAFETY: our end of the control socketpair. Anything still in
+        // flight on it holds its own reference to the file. The control
+        // shard sees EOF and ends once every shard is gone.
         unsafe { libc::close(self.io.ctl.fd) };
         Ok(())
     }
@@ -487,19 +524,34 @@ impl Shard {
     }
 
     fn on_accept(&mut self, res: i32, more: bool) {
-        if res < 0 {
-            if res == -libc::ECANCELED {
-                // SAFETY: our listener; the accept op that used it is done.
-                unsafe { libc::close(self.listener) };
-                return;
-            }
-            // EMFILE / ENFILE / ENOBUFS: the multishot accept ends; re-arm
-            // so a transient shortage does not stop the shard for good.
-            warn!(shard = self.io.shard, err = res, "accept failed");
-        } else {
-            ShardStats::inc(&self.io.stats.accepted);
-            self.new_session(res);
+        if res == -libc::ECANCELED {
+            // SAFETY: our listener; the accept op that used it is done.
+            unsafe { libc::close(self.listener) };
+            return;
         }
+        if res < 0 {
+            // EMFILE / ENFILE / ENOBUFS / ENOMEM: the multishot accept has
+            // ended. Connections wait in the listen queue while the shard
+            // backs off, rather than the loop spinning on the same error.
+            ShardStats::inc(&self.io.stats.accept_errors);
+            if let Some(held_back) = self.io.accept_warn.check(self.io.now) {
+                warn!(
+                    shard = self.io.shard,
+                    err = res,
+                    held_back,
+                    retry_in_ms = self.accept_backoff.as_millis() as u64,
+                    "accept failed"
+                );
+            }
+            if !more {
+                self.accept_retry = Some(self.io.now + self.accept_backoff);
+                self.accept_backoff = (self.accept_backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+            return;
+        }
+        ShardStats::inc(&self.io.stats.accepted);
+        self.accept_backoff = ACCEPT_BACKOFF_MIN;
+        self.new_session(res);
         if !more && self.accepting {
             self.arm_accept();
         } else if !more {
@@ -588,6 +640,12 @@ impl Shard {
                 }
                 Some(_) => {
                     self.drive(slot, |s, env, _| s.handle_timeout(env));
+                    // The entry that covered the session is gone, and a
+                    // deadline set by the handler is later than it, which
+                    // `drive` does not schedule: keep the invariant here.
+                    if let Some(d) = self.entry(slot, gen).and_then(|e| e.s.poll_timeout()) {
+                        self.io.timers.push(Reverse((d, slot, gen)));
+                    }
                 }
             }
         }
@@ -599,7 +657,13 @@ impl Shard {
     }
 
     fn retry_starved(&mut self) {
-        if self.io.starved.is_empty() || self.io.bufs.available() < 8 {
+        if self.io.bufs.available() < 8 {
+            return;
+        }
+        if std::mem::take(&mut self.io.ctl.starved) {
+            self.io.arm_ctl_recv();
+        }
+        if self.io.starved.is_empty() {
             return;
         }
         let starved = std::mem::take(&mut self.io.starved);
@@ -714,16 +778,17 @@ impl Io {
             }
         }
         if !self.ops.is_empty() {
-            // Leak rather than free memory the kernel may still touch.
+            // Leak rather than free memory the kernel may still touch: the
+            // records and the buffer ring they point into.
             warn!(
                 shard = self.shard,
                 left = self.ops.len(),
                 "operations still in flight at exit"
             );
             std::mem::forget(std::mem::take(&mut self.ops));
+            self.bufs.leak();
             return;
         }
-        self.ops.shrink();
         self.bufs.unregister(&self.ring);
     }
 }

@@ -135,14 +135,6 @@ impl OpTable {
     pub fn is_empty(&self) -> bool {
         self.live == 0
     }
-
-    /// A storm is over: don't keep its peak.
-    pub fn shrink(&mut self) {
-        if self.live == 0 && self.slots.len() > 4096 {
-            self.slots = Vec::new();
-            self.free = Vec::new();
-        }
-    }
 }
 
 #[cfg(test)]

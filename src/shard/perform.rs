@@ -56,8 +56,12 @@ impl Io {
                 exclude,
             } => self.placement(slot, e, seq, attempt, exclude, out),
             Op::Connect { addr, timeout } => {
-                let res = listener::conman_socket(&addr)
-                    .map_err(|err| err.raw_os_error().unwrap_or(libc::EIO));
+                let res = listener::conman_socket(&addr).map_err(|err| {
+                    if let Some(held_back) = self.socket_warn.check(self.now) {
+                        tracing::warn!(shard = self.shard, %err, held_back, "cannot create a Conman socket");
+                    }
+                    err.raw_os_error().unwrap_or(libc::EIO)
+                });
                 e.s.handle_socket(&mut env!(self, out), res);
                 let Ok(fd) = res else {
                     return;
@@ -73,11 +77,11 @@ impl Io {
                 e.connect = connect_ud;
                 // Both entries must land in the same submission for the link
                 // to hold: make room first.
-                let room = {
-                    let sq = self.ring.submission();
+                let room = |ring: &mut io_uring::IoUring| {
+                    let sq = ring.submission();
                     sq.capacity() - sq.len()
                 };
-                if room < 2 {
+                while room(&mut self.ring) < 2 {
                     let _ = self.ring.submit();
                 }
                 self.push(connect.user_data(connect_ud));
