@@ -65,6 +65,9 @@ pub const LINGER: Duration = Duration::from_secs(5);
 pub const CLOSE_HANDSHAKE: Duration = Duration::from_secs(10);
 /// Most chunks one gathered send takes.
 pub const GATHER_MAX: usize = 16;
+/// Ring buffers a side may have waiting in its queue; later bytes wait in
+/// the session's own memory (see `relay::forward`).
+pub const RING_HOLD_MAX: usize = 4;
 
 /// A session's two peers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -216,6 +219,10 @@ pub enum Op {
 /// config, the shard's counters, randomness and the op queue. No IO.
 pub struct Env<'a> {
     pub now: Instant,
+    /// The shard's provided-buffer ring is running low: received bytes are
+    /// copied into the session's own memory and their buffer given back at
+    /// once, so that no set of sessions can drain the ring.
+    pub ring_low: bool,
     pub cfg: &'a Config,
     pub stats: &'a ShardStats,
     pub rng: &'a mut SmallRng,

@@ -4,7 +4,7 @@
 
 use rand::Rng;
 
-use super::{Chunk, Env, Kind, Op, Phase, Session, Who, CLOSE_HANDSHAKE};
+use super::{Chunk, Env, Kind, Op, Phase, Session, Who, CLOSE_HANDSHAKE, RING_HOLD_MAX};
 use crate::error::{SetupError, Stage};
 use crate::metrics::CloseSide;
 use crate::proto::close;
@@ -137,11 +137,20 @@ impl Session {
         account(env, from, &scanned);
         let dest = self.side(from.other());
         if scanned.good > 0 && !dest.shut && !dest.closed {
-            dest.push(Chunk::Buf {
-                bid,
-                off: 0,
-                len: scanned.good as u32,
-            });
+            if env.ring_low || dest.sendq.len() >= RING_HOLD_MAX {
+                // A peer that does not read keeps what is queued for it:
+                // in the session's own memory (bounded by backpressure),
+                // never in the shard's shared ring, which every session
+                // needs to receive anything at all.
+                dest.push_owned(data[..scanned.good].to_vec());
+                env.op(Op::Recycle { bid });
+            } else {
+                dest.push(Chunk::Buf {
+                    bid,
+                    off: 0,
+                    len: scanned.good as u32,
+                });
+            }
         } else {
             env.op(Op::Recycle { bid });
         }

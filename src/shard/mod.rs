@@ -415,6 +415,7 @@ impl Shard {
         let r = {
             let mut env = Env {
                 now: io.now,
+                ring_low: io.ring_low(),
                 cfg: &io.cfg,
                 stats: &io.stats,
                 rng: &mut io.rng,
@@ -666,7 +667,10 @@ impl Shard {
         if self.io.starved.is_empty() {
             return;
         }
-        let starved = std::mem::take(&mut self.io.starved);
+        // At most half of what is free goes to re-armed receives per turn,
+        // so a shortage is a slow path, not a loop of ENOBUFS.
+        let n = (self.io.bufs.available() as usize / 2).min(self.io.starved.len());
+        let starved: Vec<_> = self.io.starved.drain(..n).collect();
         for (slot, gen, who) in starved {
             if self.entry(slot, gen).is_some() {
                 self.drive(slot, |s, env, _| s.handle_buffers_available(env, who));
@@ -676,6 +680,12 @@ impl Shard {
 }
 
 impl Io {
+    /// Under a quarter of the ring left: sessions copy what they must hold
+    /// (see `Env::ring_low`).
+    fn ring_low(&self) -> bool {
+        self.bufs.available() < self.cfg.buffers.count / 4
+    }
+
     fn push(&mut self, e: squeue::Entry) {
         // SAFETY: every pointer in our entries refers to memory owned by the
         // entry's record in `self.ops` (or the provided-buffer ring), which

@@ -17,6 +17,7 @@ macro_rules! env {
     ($io:expr, $out:expr) => {
         Env {
             now: $io.now,
+            ring_low: $io.ring_low(),
             cfg: &$io.cfg,
             stats: &$io.stats,
             rng: &mut $io.rng,

@@ -113,6 +113,7 @@ struct Harness {
     connect: Option<bool>,
     next_fd: RawFd,
     ops: Vec<String>,
+    ring_low: bool,
 }
 
 fn at(who: Who) -> usize {
@@ -140,6 +141,7 @@ impl Harness {
             connect: None,
             next_fd: 100,
             ops: Vec::new(),
+            ring_low: false,
         };
         h.peers[0].fd = Some(CLIENT_FD);
         h.run(|s, env| s.start(env));
@@ -158,6 +160,7 @@ impl Harness {
         {
             let mut env = Env {
                 now: self.now,
+                ring_low: self.ring_low,
                 cfg: &self.cfg,
                 stats: &self.stats,
                 rng: &mut self.rng,
@@ -183,6 +186,7 @@ impl Harness {
         self.ops.push(format!("{op:?}"));
         let mut env = Env {
             now: self.now,
+            ring_low: self.ring_low,
             cfg: &self.cfg,
             stats: &self.stats,
             rng: &mut self.rng,

@@ -166,3 +166,40 @@ fn send_failure_discards_the_queue_and_ends_the_session() {
     assert_eq!(h.s.kind(), Kind::Closing);
     h.finish();
 }
+
+#[test]
+fn a_backlog_past_the_hold_limit_waits_in_session_memory_not_the_ring() {
+    let mut h = Harness::established(Harness::cfg());
+    let frames: Vec<u8> = (0..12u8)
+        .flat_map(|i| frame(OpCode::Binary, &[i; 58], false))
+        .collect();
+    h.write(Who::Conman, &frames);
+    // The client reads nothing: its send stays in flight.
+    for _ in 0..20 {
+        h.deliver(Who::Conman, BUF);
+    }
+    assert!(h.peers[1].unread.is_empty(), "everything was received");
+    assert!(
+        h.bufs.len() <= 1 + RING_HOLD_MAX,
+        "{} ring buffers held for one stuck side",
+        h.bufs.len()
+    );
+    h.settle();
+    assert_eq!(h.peers[0].got, frames);
+    h.finish();
+}
+
+#[test]
+fn with_the_ring_low_every_buffer_goes_back_at_once() {
+    let mut h = Harness::established(Harness::cfg());
+    h.ring_low = true;
+    let f = frame(OpCode::Binary, &[7; 500], false);
+    h.write(Who::Conman, &f);
+    for _ in 0..20 {
+        h.deliver(Who::Conman, BUF);
+    }
+    assert!(h.bufs.is_empty(), "ring buffers held: {:?}", h.bufs.keys());
+    h.settle();
+    assert_eq!(h.peers[0].got, f);
+    h.finish();
+}
