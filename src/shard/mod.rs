@@ -20,7 +20,9 @@
 //! session meanwhile: a session that closes or fails cancels its
 //! operations, and their memory is freed only as their completions arrive.
 //! Ring buffers queued for sending belong to the send's record and go back
-//! to the ring on its completion. At exit the shard cancels what is still
+//! to the ring on its completion. Receives (into the ring) and polls own no
+//! memory: their user_data names the session directly (`ops::Direct`), so
+//! an idle session costs no record. At exit the shard cancels what is still
 //! armed and waits for every record to come back before the ring goes.
 //!
 //! # Layout
@@ -60,7 +62,7 @@ use crate::session::{Env, Kind, Op, Pipe, RecvOutcome, Session, Who};
 use crate::token::VerifyOptions;
 use bufring::BufRing;
 use ctl::Ctl;
-use ops::{OpTable, Rec, IGNORE};
+use ops::{Direct, OpTable, Rec, IGNORE};
 
 /// How often an idle shard may hand its buffer pages back (see
 /// `BufRing::trim_if_idle`).
@@ -100,22 +102,13 @@ pub struct ShardSpec {
     pub wake_fd: RawFd,
 }
 
-/// A live session and the user_data of its operations that may need a
-/// cancel.
+/// A live session and the user_data of its connect, which may need a
+/// cancel (its receives and polls are named by `ops::Direct`).
 struct Entry {
     s: Session,
     gen: u16,
-    /// The receive armed per side (client, conman), or `NONE`.
-    recv: [u64; 2],
     /// The connect in flight, or `NONE`.
     connect: u64,
-}
-
-fn idx(who: Who) -> usize {
-    match who {
-        Who::Client => 0,
-        Who::Conman => 1,
-    }
 }
 
 /// The ring, buffers and timers: everything but the sessions, so that a
@@ -124,6 +117,8 @@ struct Io {
     ring: IoUring,
     bufs: BufRing,
     ops: OpTable,
+    /// Record-less operations in flight (`ops::Direct`).
+    direct_inflight: usize,
     stats: Arc<ShardStats>,
     cfg: Arc<Config>,
     keys: LocalKeys,
@@ -194,6 +189,7 @@ impl Shard {
                 ring,
                 bufs,
                 ops: OpTable::default(),
+                direct_inflight: 0,
                 stats: spec.stats,
                 keys: LocalKeys::new(spec.keys),
                 verify_cache: VerifyCache::new(4096),
@@ -324,13 +320,24 @@ impl Shard {
             return;
         }
         let more = cqueue::more(flags);
+        if let Some((op, slot, gen)) = Direct::parse(ud) {
+            if !more {
+                self.io.direct_inflight -= 1;
+            }
+            match op {
+                Direct::Recv(who) => self.on_recv(slot, gen, who, res, flags),
+                Direct::Poll { socket, from } => {
+                    if self.entry(slot, gen).is_some() {
+                        self.drive(slot, |s, env, _| s.handle_poll(env, socket, from));
+                    }
+                }
+            }
+            return;
+        }
         let rec = if more {
             match self.io.ops.get(ud) {
                 Some(Rec::Accept) => return self.on_accept(res, true),
                 Some(Rec::CtlRecv) => return self.on_ctl_recv(res, flags),
-                Some(&Rec::Recv { slot, gen, who }) => {
-                    return self.on_recv(slot, gen, who, res, flags);
-                }
                 _ => self.io.ops.remove(ud),
             }
         } else {
@@ -351,12 +358,6 @@ impl Shard {
                 self.on_ctl_recv(res, flags);
             }
             Rec::CtlSend { buf, off } => self.io.on_ctl_send(res, buf, off),
-            Rec::Recv { slot, gen, who } => {
-                if let Some(e) = self.entry(slot, gen) {
-                    e.recv[idx(who)] = NONE;
-                }
-                self.on_recv(slot, gen, who, res, flags);
-            }
             Rec::Send {
                 slot,
                 gen,
@@ -381,16 +382,6 @@ impl Shard {
                 }
             }
             Rec::Timeout { .. } => {}
-            Rec::Poll {
-                slot,
-                gen,
-                socket,
-                from,
-            } => {
-                if self.entry(slot, gen).is_some() {
-                    self.drive(slot, |s, env, _| s.handle_poll(env, socket, from));
-                }
-            }
         }
     }
 
@@ -435,7 +426,7 @@ impl Shard {
             }
         }
         if e.s.is_finished() {
-            debug_assert!(e.recv == [NONE; 2] && e.connect == NONE);
+            debug_assert!(e.connect == NONE);
             self.sessions[slot as usize] = None;
             self.free.push(slot);
             self.live -= 1;
@@ -581,7 +572,6 @@ impl Shard {
         self.sessions[slot as usize] = Some(Entry {
             s,
             gen,
-            recv: [NONE; 2],
             connect: NONE,
         });
         self.live += 1;
@@ -774,20 +764,23 @@ impl Io {
                 .build()
                 .user_data(IGNORE),
         );
-        while !self.ops.is_empty() {
+        while !self.ops.is_empty() || self.direct_inflight > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || self.wait(Some(left), cqes).is_err() {
                 break;
             }
             for &(ud, _, flags) in cqes.iter() {
-                if ud != IGNORE && !cqueue::more(flags) {
-                    if let Some(Rec::Send { batch, .. }) = self.ops.remove(ud) {
-                        self.recycle_batch(batch);
-                    }
+                if ud == IGNORE || cqueue::more(flags) {
+                    continue;
+                }
+                if Direct::parse(ud).is_some() {
+                    self.direct_inflight -= 1;
+                } else if let Some(Rec::Send { batch, .. }) = self.ops.remove(ud) {
+                    self.recycle_batch(batch);
                 }
             }
         }
-        if !self.ops.is_empty() {
+        if !self.ops.is_empty() || self.direct_inflight > 0 {
             // Leak rather than free memory the kernel may still touch: the
             // records and the buffer ring they point into.
             warn!(

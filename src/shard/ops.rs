@@ -13,6 +13,58 @@ use crate::session::{Batch, Who};
 /// user_data of entries whose completion is only swallowed: cancels.
 pub const IGNORE: u64 = u64::MAX;
 
+/// Operations that own no memory (a receive into the provided-buffer ring,
+/// a readiness poll) need no record: their user_data says what they are.
+/// The top bit tells them from records, whose generation stays below it.
+const DIRECT: u64 = 1 << 63;
+
+/// What a record-less operation is, for one session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direct {
+    Recv(Who),
+    /// Readiness of `socket` for the splice from `from`.
+    Poll {
+        socket: Who,
+        from: Who,
+    },
+}
+
+impl Direct {
+    fn code(self) -> u64 {
+        let w = |who| matches!(who, Who::Conman) as u64;
+        match self {
+            Direct::Recv(who) => 1 + w(who),
+            Direct::Poll { socket, from } => 3 + w(socket) * 2 + w(from),
+        }
+    }
+
+    fn from_code(code: u64) -> Option<Direct> {
+        let w = |b| if b == 0 { Who::Client } else { Who::Conman };
+        match code {
+            1 | 2 => Some(Direct::Recv(w(code - 1))),
+            3..=6 => Some(Direct::Poll {
+                socket: w((code - 3) / 2),
+                from: w((code - 3) % 2),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The user_data of this operation for session `slot`/`gen`.
+    pub fn user_data(self, slot: u32, gen: u16) -> u64 {
+        DIRECT | (self.code() << 48) | (u64::from(slot) << 16) | u64::from(gen)
+    }
+
+    /// The operation, slot and generation named by `ud`, if it names one.
+    pub fn parse(ud: u64) -> Option<(Direct, u32, u16)> {
+        if ud & DIRECT == 0 {
+            return None;
+        }
+        let d = Direct::from_code((ud >> 48) & 0x7fff)?;
+        Some((d, (ud >> 16) as u32, ud as u16))
+    }
+}
+
 /// Kernel-visible memory of one `sendmsg`.
 pub struct Gather {
     pub iov: [libc::iovec; crate::session::GATHER_MAX],
@@ -39,8 +91,6 @@ pub enum Rec {
     CtlRecv,
     /// Bytes to the control shard; the kernel reads `buf[off..]`.
     CtlSend { buf: Vec<u8>, off: usize },
-    /// A session's receive into ring buffers (multishot or one).
-    Recv { slot: u32, gen: u16, who: Who },
     /// A session's send: the kernel reads the chunks (ring buffers or owned
     /// bytes) and, for a gathered send, `gather`.
     Send {
@@ -61,13 +111,6 @@ pub enum Rec {
     Timeout {
         #[allow(dead_code)] // held for the kernel, never read here
         ts: Box<io_uring::types::Timespec>,
-    },
-    /// Readiness of a socket for a splice.
-    Poll {
-        slot: u32,
-        gen: u16,
-        socket: Who,
-        from: Who,
     },
 }
 
@@ -99,7 +142,8 @@ impl OpTable {
         };
         let slot = &mut self.slots[idx as usize];
         debug_assert!(slot.rec.is_none());
-        slot.gen = slot.gen.wrapping_add(1);
+        // Below the top bit, which marks record-less operations.
+        slot.gen = slot.gen.wrapping_add(1) & 0x7fff_ffff;
         slot.rec = Some(rec);
         (u64::from(slot.gen) << 32) | u64::from(idx)
     }
@@ -155,5 +199,38 @@ mod tests {
         assert!(t.remove(b).is_some());
         assert!(t.is_empty());
         assert!(t.remove(IGNORE).is_none());
+        assert!(Direct::parse(a).is_none() && Direct::parse(b).is_none());
+    }
+
+    #[test]
+    fn direct_user_data_round_trips_and_never_meets_ignore() {
+        let all = [
+            Direct::Recv(Who::Client),
+            Direct::Recv(Who::Conman),
+            Direct::Poll {
+                socket: Who::Client,
+                from: Who::Client,
+            },
+            Direct::Poll {
+                socket: Who::Client,
+                from: Who::Conman,
+            },
+            Direct::Poll {
+                socket: Who::Conman,
+                from: Who::Client,
+            },
+            Direct::Poll {
+                socket: Who::Conman,
+                from: Who::Conman,
+            },
+        ];
+        for d in all {
+            for (slot, gen) in [(0, 0), (u32::MAX, u16::MAX), (12345, 7)] {
+                let ud = d.user_data(slot, gen);
+                assert_ne!(ud, IGNORE);
+                assert_eq!(Direct::parse(ud), Some((d, slot, gen)));
+            }
+        }
+        assert_eq!(Direct::parse(IGNORE), None);
     }
 }

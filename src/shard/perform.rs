@@ -8,8 +8,8 @@ use std::collections::VecDeque;
 use io_uring::{opcode, squeue, types};
 use tracing::debug;
 
-use super::ops::{Gather, Rec};
-use super::{bufring, ctl, idx, listener, pipe, Entry, Io};
+use super::ops::{Direct, Gather, Rec};
+use super::{bufring, ctl, listener, pipe, Entry, Io};
 use crate::metrics::Phase as Timing;
 use crate::session::{Batch, Chunk, Env, Op, Who};
 
@@ -39,16 +39,10 @@ impl Io {
                 } else {
                     opcode::RecvMulti::new(types::Fd(fd), bufring::BGID).build()
                 };
-                let ud = self.ops.insert(Rec::Recv { slot, gen, who });
-                e.recv[idx(who)] = ud;
-                self.push(entry.user_data(ud));
+                self.direct_inflight += 1;
+                self.push(entry.user_data(Direct::Recv(who).user_data(slot, gen)));
             }
-            Op::CancelRecv { who } => {
-                let target = e.recv[idx(who)];
-                if target != super::NONE {
-                    self.cancel(target);
-                }
-            }
+            Op::CancelRecv { who } => self.cancel(Direct::Recv(who).user_data(slot, gen)),
             Op::Send { who, fd, batch } => self.send(slot, gen, who, fd, batch),
             Op::Verify => self.verify(slot, e, out),
             Op::Placement {
@@ -144,12 +138,8 @@ impl Io {
                 } else {
                     libc::POLLOUT
                 };
-                let ud = self.ops.insert(Rec::Poll {
-                    slot,
-                    gen,
-                    socket,
-                    from,
-                });
+                let ud = Direct::Poll { socket, from }.user_data(slot, gen);
+                self.direct_inflight += 1;
                 self.push(
                     opcode::PollAdd::new(types::Fd(fd), events as u32)
                         .build()
