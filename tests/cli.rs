@@ -153,7 +153,7 @@ fn sigterm_drains_then_exits() {
     assert_eq!(ws.read().unwrap(), Message::text("before"));
     proxy.signal(libc::SIGTERM);
     // Not ready any more, but the live session still relays.
-    wait_until("readyz never turned 503", || {
+    wait_until("readyz never turned 503", WAIT, || {
         proxy.admin_get("/readyz").0 == 503
     });
     ws.send(Message::text("during drain")).unwrap();
@@ -165,15 +165,6 @@ fn sigterm_drains_then_exits() {
 }
 
 const GRACE_OVER: &str = "stage=drain;reason=grace_over";
-
-/// Polls `cond` until it holds; panics naming `what` after `WAIT`.
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + WAIT;
-    while !cond() {
-        assert!(std::time::Instant::now() < deadline, "{what}");
-        std::thread::yield_now();
-    }
-}
 
 /// Names of the process's threads that do not block `signals`: each of
 /// them could be handed a process-directed signal and die of it.
@@ -216,7 +207,7 @@ fn dev_mode_drains_on(first: i32, second: i32) {
     assert!(open.is_empty(), "threads not blocking signals: {open:?}");
 
     proxy.signal(libc::SIGHUP);
-    wait_until("no key reload on SIGHUP", || {
+    wait_until("no key reload on SIGHUP", WAIT, || {
         proxy.metric("eval_token_key_reloads_total", &[]) >= 1.0
     });
     assert_eq!(proxy.admin_get("/readyz").0, 200, "SIGHUP must not drain");
@@ -224,7 +215,7 @@ fn dev_mode_drains_on(first: i32, second: i32) {
     assert_eq!(ws.read().unwrap(), Message::text("after hup"));
 
     proxy.signal(first);
-    wait_until("readyz never turned 503", || {
+    wait_until("readyz never turned 503", WAIT, || {
         proxy.admin_get("/readyz").0 == 503
     });
     ws.send(Message::text("during drain")).unwrap();
@@ -289,7 +280,7 @@ fn keys_reload_on_sighup_and_on_change() {
     };
     let reloads = |p: &Proxy| p.metric("eval_token_key_reloads_total", &[]);
     let wait_reloads = |p: &Proxy, n: f64| {
-        wait_until("no key reload", || reloads(p) >= n);
+        wait_until("no key reload", WAIT, || reloads(p) >= n);
     };
     let mut c = raw_client(proxy.listen, &mint("k2"));
     assert_eq!(

@@ -13,12 +13,6 @@ use std::time::{Duration, Instant};
 use support::*;
 use tungstenite::Message;
 
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
 /// User + system CPU time of a process, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -51,14 +45,6 @@ fn echo(ws: &mut Client, text: &str) {
     match ws.read().unwrap() {
         Message::Text(t) => assert_eq!(t.as_str(), text),
         other => panic!("{other:?}"),
-    }
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -105,7 +91,9 @@ fn out_of_fds_accept_backs_off_live_sessions_go_on_and_service_recovers() {
         .map(|_| TcpStream::connect(proxy.listen).expect("connect (backlog)"))
         .collect();
     // The admin port is out of descriptors too: the log says when.
-    wait_until("a failed accept", || proxy.log().contains("accept failed"));
+    wait_until("a failed accept", Duration::from_secs(10), || {
+        proxy.log().contains("accept failed")
+    });
     // The window in which old code spun at 100 % of a core.
     let (t0, cpu0) = (Instant::now(), cpu_ticks(pid));
     echo(&mut live, "during");
@@ -126,7 +114,7 @@ fn out_of_fds_accept_backs_off_live_sessions_go_on_and_service_recovers() {
 
     drop(extra);
     set_nofile(pid, 20000);
-    wait_until("a new session", || {
+    wait_until("a new session", Duration::from_secs(10), || {
         let req = tungstenite::client::IntoClientRequest::into_client_request(
             proxy.url(&dev_token("after")),
         )

@@ -123,14 +123,6 @@ fn flood_client(proxy: SocketAddr, n: usize) -> TcpStream {
     s
 }
 
-fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn clients_that_never_read_do_not_starve_the_shard() {
     let floods: usize = std::env::var("FLOOD_SESSIONS")
@@ -148,14 +140,16 @@ fn clients_that_never_read_do_not_starve_the_shard() {
         &[],
     );
     let flooded: Vec<TcpStream> = (0..floods).map(|n| flood_client(proxy.listen, n)).collect();
-    wait_until("every flood to stream", 30, || {
+    wait_until("every flood to stream", Duration::from_secs(30), || {
         conman.streaming.load(Relaxed) == floods
     });
     // Every flooded session has filled what the proxy queues for it and
     // stopped reading Conman: the worst state it can reach.
-    wait_until("backpressure on every flood", 60, || {
-        proxy.metric("eval_backpressure_pauses_total", &[]) >= floods as f64
-    });
+    wait_until(
+        "backpressure on every flood",
+        Duration::from_secs(60),
+        || proxy.metric("eval_backpressure_pauses_total", &[]) >= floods as f64,
+    );
 
     let echoers: Vec<_> = (0..50)
         .map(|i| {

@@ -6,15 +6,9 @@ mod support;
 
 use std::io::Read;
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::*;
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
 
 #[test]
 fn a_timed_out_head_is_closed_after_linger_though_the_client_stays() {
@@ -33,14 +27,11 @@ fn a_timed_out_head_is_closed_after_linger_though_the_client_stays() {
     assert_eq!(status_of(&out), 408);
     // The client neither closes nor reads: after the linger time the
     // proxy forces the socket shut and frees it.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while fd_count(pid) > base {
-        assert!(
-            Instant::now() < deadline,
-            "the proxy still holds the socket of a timed-out head"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        "the proxy to free the socket of a timed-out head",
+        Duration::from_secs(15),
+        || fd_count(pid) <= base,
+    );
     drop(s);
 }
 

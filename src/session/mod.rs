@@ -735,7 +735,7 @@ impl Session {
         sd.done_op();
         sd.sending = false;
         let mut chunks = batch.into_vec().into_iter();
-        if res == -libc::EAGAIN && !sd.eof {
+        if res == -libc::EAGAIN {
             // The socket is O_NONBLOCK (splice mode) and io_uring gave up
             // retrying: nothing was sent, the next kick sends it again.
             requeue_front(sd, chunks.collect());

@@ -33,6 +33,21 @@
 //! - `pipe.rs`: splice(2) and its pipes.
 //! - `listener.rs`, `bufring.rs`: the listening sockets, the buffer ring.
 
+/// The session's view of the shard for one input: built from `Io`'s
+/// fields, so the buffer ring stays borrowable beside it.
+macro_rules! env {
+    ($io:expr, $out:expr) => {
+        crate::session::Env {
+            now: $io.now,
+            ring_low: $io.ring_low(),
+            cfg: &$io.cfg,
+            stats: &$io.stats,
+            rng: &mut $io.rng,
+            out: $out,
+        }
+    };
+}
+
 pub mod bufring;
 mod ctl;
 pub mod listener;
@@ -404,14 +419,7 @@ impl Shard {
         let before = e.s.poll_timeout();
         let mut out = std::mem::take(&mut io.out);
         let r = {
-            let mut env = Env {
-                now: io.now,
-                ring_low: io.ring_low(),
-                cfg: &io.cfg,
-                stats: &io.stats,
-                rng: &mut io.rng,
-                out: &mut out,
-            };
+            let mut env = env!(io, &mut out);
             input(&mut e.s, &mut env, &io.bufs)
         };
         while let Some(op) = out.pop_front() {

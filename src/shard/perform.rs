@@ -11,20 +11,7 @@ use tracing::debug;
 use super::ops::{Direct, Gather, Rec};
 use super::{bufring, ctl, listener, pipe, Entry, Io};
 use crate::metrics::Phase as Timing;
-use crate::session::{Batch, Chunk, Env, Op, Who};
-
-macro_rules! env {
-    ($io:expr, $out:expr) => {
-        Env {
-            now: $io.now,
-            ring_low: $io.ring_low(),
-            cfg: &$io.cfg,
-            stats: &$io.stats,
-            rng: &mut $io.rng,
-            out: $out,
-        }
-    };
-}
+use crate::session::{Batch, Chunk, Op, Who};
 
 impl Io {
     pub(super) fn perform(&mut self, slot: u32, e: &mut Entry, op: Op, out: &mut VecDeque<Op>) {
