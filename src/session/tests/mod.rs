@@ -99,6 +99,21 @@ struct Peer {
     closed: Vec<RawFd>,
 }
 
+/// The harness's fields as a session's `Env`, leaving `s` and the peers
+/// borrowable beside it.
+macro_rules! env {
+    ($h:expr, $out:expr) => {
+        Env {
+            now: $h.now,
+            ring_low: $h.ring_low,
+            cfg: &$h.cfg,
+            stats: &$h.stats,
+            rng: &mut $h.rng,
+            out: $out,
+        }
+    };
+}
+
 struct Harness {
     cfg: Config,
     stats: ShardStats,
@@ -157,17 +172,7 @@ impl Harness {
     /// Feeds one input, then performs every op it produced.
     fn run(&mut self, input: impl FnOnce(&mut Session, &mut Env)) {
         let mut out = VecDeque::new();
-        {
-            let mut env = Env {
-                now: self.now,
-                ring_low: self.ring_low,
-                cfg: &self.cfg,
-                stats: &self.stats,
-                rng: &mut self.rng,
-                out: &mut out,
-            };
-            input(&mut self.s, &mut env);
-        }
+        input(&mut self.s, &mut env!(self, &mut out));
         while let Some(op) = out.pop_front() {
             self.perform(op, &mut out);
         }
@@ -184,14 +189,7 @@ impl Harness {
 
     fn perform(&mut self, op: Op, out: &mut VecDeque<Op>) {
         self.ops.push(format!("{op:?}"));
-        let mut env = Env {
-            now: self.now,
-            ring_low: self.ring_low,
-            cfg: &self.cfg,
-            stats: &self.stats,
-            rng: &mut self.rng,
-            out,
-        };
+        let mut env = env!(self, out);
         match op {
             Op::Recv { who, fd, single } => {
                 let p = &mut self.peers[at(who)];
@@ -431,12 +429,19 @@ impl Harness {
         self.write(Who::Conman, resp.as_bytes());
     }
 
-    /// From accept to relaying, every step answered at once.
-    fn established(cfg: Config) -> Harness {
+    /// From accept to waiting for a placement: head read, token accepted.
+    fn placing(cfg: Config) -> Harness {
         let mut h = Harness::new(cfg);
         h.write(Who::Client, &request());
         h.settle();
         h.answer_token(Ok(ident()));
+        assert_eq!(h.s.kind(), Kind::Placement);
+        h
+    }
+
+    /// From accept to relaying, every step answered at once.
+    fn established(cfg: Config) -> Harness {
+        let mut h = Harness::placing(cfg);
         h.answer_placement(found("vm-1"));
         h.answer_connect(0);
         h.settle();

@@ -95,10 +95,7 @@ fn rejected_token_gets_101_then_1008_or_401() {
 
 #[test]
 fn placement_failure_closes_1013_with_the_hint() {
-    let mut h = Harness::new(Harness::cfg());
-    h.write(Who::Client, &request());
-    h.settle();
-    h.answer_token(Ok(ident()));
+    let mut h = Harness::placing(Harness::cfg());
     h.answer_placement(PlacementResult::Failed {
         reason: PlacementFailure::NoCapacity,
         retry_after_ms: Some(1500),
@@ -116,10 +113,7 @@ fn placement_failure_closes_1013_with_the_hint() {
 
 #[test]
 fn stale_placement_answer_is_ignored() {
-    let mut h = Harness::new(Harness::cfg());
-    h.write(Who::Client, &request());
-    h.settle();
-    h.answer_token(Ok(ident()));
+    let mut h = Harness::placing(Harness::cfg());
     let seq = h.placement.unwrap();
     h.run(|s, env| s.handle_placement(env, seq.wrapping_add(9), found("vm-x")));
     assert_eq!(h.s.kind(), Kind::Placement);
@@ -127,10 +121,7 @@ fn stale_placement_answer_is_ignored() {
 
 #[test]
 fn refused_connect_backs_off_and_retries_excluding_the_vm() {
-    let mut h = Harness::new(Harness::cfg());
-    h.write(Who::Client, &request());
-    h.settle();
-    h.answer_token(Ok(ident()));
+    let mut h = Harness::placing(Harness::cfg());
     h.answer_placement(found("vm-1"));
     let first_fd = h.peers[1].fd.unwrap();
     h.answer_connect(-libc::ECONNREFUSED);
@@ -181,10 +172,7 @@ fn attempts_exhausted_fail_with_the_last_error() {
 
 #[test]
 fn setup_deadline_fails_a_stalled_conman_handshake() {
-    let mut h = Harness::new(Harness::cfg());
-    h.write(Who::Client, &request());
-    h.settle();
-    h.answer_token(Ok(ident()));
+    let mut h = Harness::placing(Harness::cfg());
     h.answer_placement(found("vm-1"));
     h.answer_connect(0);
     h.settle();
@@ -212,10 +200,7 @@ fn setup_deadline_fails_a_stalled_conman_handshake() {
 
 #[test]
 fn client_gone_during_connect_cancels_it_and_closes_quietly() {
-    let mut h = Harness::new(Harness::cfg());
-    h.write(Who::Client, &request());
-    h.settle();
-    h.answer_token(Ok(ident()));
+    let mut h = Harness::placing(Harness::cfg());
     h.answer_placement(found("vm-1"));
     h.peers[0].fin = true;
     h.settle();
@@ -236,10 +221,7 @@ fn client_gone_during_connect_cancels_it_and_closes_quietly() {
 
 #[test]
 fn held_client_frames_arrive_in_order_after_conman_answers() {
-    let mut h = Harness::new(Harness::cfg());
-    h.write(Who::Client, &request());
-    h.settle();
-    h.answer_token(Ok(ident()));
+    let mut h = Harness::placing(Harness::cfg());
     let early: Vec<u8> = (1..=3u8)
         .flat_map(|i| frame(OpCode::Binary, &[i; 100], true))
         .collect();
@@ -274,10 +256,7 @@ fn upstream_first_answers_the_client_only_after_conman() {
 
 #[test]
 fn control_shard_lost_fails_a_waiting_placement() {
-    let mut h = Harness::new(Harness::cfg());
-    h.write(Who::Client, &request());
-    h.settle();
-    h.answer_token(Ok(ident()));
+    let mut h = Harness::placing(Harness::cfg());
     h.run(|s, env| s.handle_control_lost(env));
     h.settle();
     assert_eq!(
