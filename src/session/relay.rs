@@ -112,11 +112,8 @@ impl Session {
                 // the socket can end with a FIN rather than a reset.
                 // Conman's answer to the client's Close still reaches the
                 // client, unless the proxy already closed toward it.
-                let wanted = self.kind() == Kind::Closing
-                    && who == Who::Conman
-                    && !self.injected_close_to_client;
-                let dest = self.side(who.other());
-                if wanted && !dest.shut && !dest.closed {
+                let wanted = self.kind() == Kind::Closing && who == Who::Conman;
+                if wanted && self.deliverable(Who::Client) {
                     self.forward(env, who, bid, data);
                 } else {
                     env.op(Op::Recycle { bid });
@@ -135,8 +132,9 @@ impl Session {
         }
         let scanned = scan(self.tracker(dir), data);
         account(env, from, &scanned);
+        let deliverable = self.deliverable(from.other());
         let dest = self.side(from.other());
-        if scanned.good > 0 && !dest.shut && !dest.closed {
+        if scanned.good > 0 && deliverable {
             if env.ring_low || dest.sendq.len() >= RING_HOLD_MAX {
                 // A peer that does not read keeps what is queued for it:
                 // in the session's own memory (bounded by backpressure),
@@ -165,8 +163,22 @@ impl Session {
         let scanned = scan(self.tracker(from.outbound()), &data);
         account(env, from, &scanned);
         data.truncate(scanned.good);
-        self.side(from.other()).push_owned(data);
+        if self.deliverable(from.other()) {
+            self.side(from.other()).push_owned(data);
+        }
         self.after_scan(env, from, &scanned);
+    }
+
+    /// Bytes may still be queued toward `to`: its socket is writable and
+    /// the proxy has not sent it a Close, after which nothing may follow
+    /// (RFC 6455 5.5.1), whatever was received or held before.
+    fn deliverable(&self, to: Who) -> bool {
+        let closed_by_proxy = match to {
+            Who::Client => self.injected_close_to_client,
+            Who::Conman => self.injected_close_to_conman,
+        };
+        let sd = self.side_ref(to);
+        !closed_by_proxy && !sd.shut && !sd.closed
     }
 
     fn after_scan(&mut self, env: &mut Env, from: Who, scanned: &Scanned) {

@@ -365,15 +365,28 @@ impl Session {
                 return;
             }
         };
+        // RFC 6455 4.1: a client fails the handshake when the server picks
+        // a subprotocol or an extension it did not offer.
+        let protocol_offered = match (&resp.protocol, &st.client_accept) {
+            (None, _) => true,
+            (Some(p), Some(_)) => st.offered_protocols.iter().any(|o| o == p),
+            (Some(p), None) => st.protocol.as_ref() == Some(p),
+        };
+        let unoffered = if !protocol_offered {
+            Some("unoffered_protocol")
+        } else if !extensions_offered(resp.extensions.as_deref(), st.offered_extensions.as_deref())
+        {
+            Some("unoffered_extension")
+        } else {
+            None
+        };
+        if let Some(reason) = unoffered {
+            self.retry_or_fail(env, SetupError::new(Stage::ConmanHandshake, reason));
+            return;
+        }
         let mut deflate = false;
         if let Some(accept) = st.client_accept.as_deref() {
             // Upstream-first: Conman's choices become the client's answer.
-            let offered = |p: &String| st.offered_protocols.iter().any(|o| o == p);
-            if resp.protocol.as_ref().is_some_and(|p| !offered(p)) {
-                let e = SetupError::new(Stage::ConmanHandshake, "unoffered_protocol");
-                self.retry_or_fail(env, e);
-                return;
-            }
             deflate = resp
                 .extensions
                 .as_deref()
@@ -571,5 +584,42 @@ impl Session {
         }
         self.deadline = None;
         self.begin_closing(env);
+    }
+}
+
+/// Every extension in Conman's answer was among those offered (by name;
+/// parameters are the extension's own negotiation).
+fn extensions_offered(answer: Option<&str>, offered: Option<&str>) -> bool {
+    let names = |list: &str| -> Vec<String> {
+        list.split(',')
+            .filter_map(|e| e.split(';').next())
+            .map(|n| n.trim().to_ascii_lowercase())
+            .filter(|n| !n.is_empty())
+            .collect()
+    };
+    let Some(answer) = answer else {
+        return true;
+    };
+    let offered = offered.map(names).unwrap_or_default();
+    names(answer).iter().all(|n| offered.contains(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::extensions_offered;
+
+    #[test]
+    fn extensions_must_have_been_offered_by_name() {
+        assert!(extensions_offered(None, None));
+        assert!(extensions_offered(Some(""), None));
+        assert!(!extensions_offered(Some("permessage-deflate"), None));
+        assert!(extensions_offered(
+            Some("permessage-deflate; server_no_context_takeover"),
+            Some("permessage-deflate; client_max_window_bits, x-webkit-deflate-frame")
+        ));
+        assert!(!extensions_offered(
+            Some("permessage-deflate, x-other"),
+            Some("Permessage-Deflate")
+        ));
     }
 }

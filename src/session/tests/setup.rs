@@ -265,3 +265,27 @@ fn control_shard_lost_fails_a_waiting_placement() {
     );
     h.finish();
 }
+
+#[test]
+fn held_frames_never_follow_the_proxys_close_to_conman() {
+    let mut h = Harness::placing(Harness::cfg());
+    let held: Vec<u8> = (1..=3u8)
+        .flat_map(|i| frame(OpCode::Text, &[b'a' + i; 10], true))
+        .collect();
+    h.write(Who::Client, &held);
+    h.settle();
+    h.answer_placement(found("vm-1"));
+    h.answer_connect(0);
+    h.settle();
+    // Conman's 101 and a frame it must not send (masked) in one segment.
+    h.conman_101();
+    h.write(Who::Conman, &frame(OpCode::Text, b"bad", true));
+    h.settle();
+    let got = &h.peers[1].got;
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let frames = parse_frames(&got[head_end..], true);
+    assert_eq!(frames.len(), 1, "after the Close: {frames:?}");
+    assert_eq!(frames[0].0, OpCode::Close);
+    assert_eq!(u16::from_be_bytes([frames[0].1[0], frames[0].1[1]]), 1002);
+    h.finish();
+}
