@@ -44,6 +44,24 @@ fn conman_sees_session_headers() {
     assert_eq!(v["path"], "/conman", "{text}");
 }
 
+/// X-Eval-Session is unique across processes (restarts, a fleet), not a
+/// counter that starts again at 1 in each.
+#[test]
+fn session_ids_differ_across_processes() {
+    let conman = echo_conman();
+    let ids: Vec<String> = (0..2)
+        .map(|_| {
+            let proxy = proxy_for(conman.local_addr);
+            let mut ws = connect(&proxy.url(&dev_token("repl-7")));
+            ws.send(Message::text("__headers__")).unwrap();
+            let text = ws.read().unwrap().into_text().unwrap().to_string();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            v["headers"]["x-eval-session"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_ne!(ids[0], ids[1]);
+}
+
 /// Fragmented messages with pings between the fragments reach Conman as
 /// the exact bytes the client sent: no unmasking, no re-framing.
 #[test]

@@ -65,7 +65,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use rand::rngs::SmallRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -170,7 +170,6 @@ pub struct Shard {
     free: Vec<u32>,
     gens: Vec<u16>,
     live: usize,
-    next_session: u64,
     listener: RawFd,
     accept_ud: u64,
     accepting: bool,
@@ -230,7 +229,6 @@ impl Shard {
             free: Vec::new(),
             gens: Vec::new(),
             live: 0,
-            next_session: 0,
             listener: spec.listener,
             accept_ud: NONE,
             accepting: true,
@@ -571,8 +569,9 @@ impl Shard {
         };
         let gen = self.gens[slot as usize].wrapping_add(1);
         self.gens[slot as usize] = gen;
-        self.next_session += 1;
-        let id = ((self.io.shard as u64) << 48) | self.next_session;
+        // X-Eval-Session: random, so ids stay unique across restarts and
+        // across every proxy of the fleet (64 bits: no coordination).
+        let id = self.io.rng.gen::<u64>();
         let s = Session::new(id, fd, self.io.now, &self.io.cfg);
         if let Some(d) = s.poll_timeout() {
             self.io.timers.push(Reverse((d, slot, gen)));
