@@ -95,6 +95,56 @@ pub struct ListenConfig {
     /// completions: lower latency (no wake-up from idle) for CPU burned
     /// while polling. 0 = sleep at once.
     pub busy_poll_us: u32,
+    /// Peers whose `X-Forwarded-For` is believed (load balancers in front
+    /// of the proxy); from anyone else the header is dropped, so a client
+    /// cannot put an address of its choosing in front of its own.
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// An address block, `10.0.0.0/8` or `2001:db8::/32`; a bare address is
+/// the block of that one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl TryFrom<String> for Cidr {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Cidr, String> {
+        let bad = || format!("{s:?} is not an address or an address/prefix");
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s.as_str(), None),
+        };
+        let addr: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?,
+            None => max,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        // An IPv4 peer on a dual-stack listener shows as ::ffff:a.b.c.d.
+        let ip = match ip {
+            V6(v6) => v6.to_ipv4_mapped().map_or(ip, V4),
+            v4 => v4,
+        };
+        let (a, b, bits) = match (self.addr, ip) {
+            (V4(a), V4(b)) => (u128::from(u32::from(a)), u128::from(u32::from(b)), 32),
+            (V6(a), V6(b)) => (u128::from(a), u128::from(b), 128),
+            _ => return false,
+        };
+        let shift = bits - u32::from(self.prefix);
+        shift >= bits || (a >> shift) == (b >> shift)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -241,6 +291,7 @@ impl Default for ListenConfig {
             shards: 0,
             pin: true,
             busy_poll_us: 0,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -581,5 +632,31 @@ mod tests {
         c.placement.repls.insert("r1".into(), "vm9".into());
         let e = c.validate().unwrap_err();
         assert!(e.to_string().contains("placement.repls.r1"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod cidr_tests {
+    use super::Cidr;
+
+    fn cidr(s: &str) -> Cidr {
+        Cidr::try_from(s.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn blocks_contain_their_addresses_and_no_others() {
+        let ip = |s: &str| s.parse().unwrap();
+        assert!(cidr("10.0.0.0/8").contains(ip("10.200.3.4")));
+        assert!(!cidr("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(cidr("127.0.0.1").contains(ip("127.0.0.1")));
+        assert!(!cidr("127.0.0.1").contains(ip("127.0.0.2")));
+        assert!(cidr("0.0.0.0/0").contains(ip("8.8.8.8")));
+        assert!(cidr("10.0.0.0/8").contains(ip("::ffff:10.1.2.3")));
+        assert!(cidr("2001:db8::/32").contains(ip("2001:db8:1::7")));
+        assert!(!cidr("2001:db8::/32").contains(ip("2001:db9::1")));
+        assert!(!cidr("2001:db8::/32").contains(ip("10.0.0.1")));
+        for bad in ["10.0.0.0/33", "x", "10.0.0.0/", "::/129", "10.0.0.0/-1"] {
+            assert!(Cidr::try_from(bad.to_owned()).is_err(), "{bad}");
+        }
     }
 }

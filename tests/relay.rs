@@ -44,6 +44,32 @@ fn conman_sees_session_headers() {
     assert_eq!(v["path"], "/conman", "{text}");
 }
 
+/// X-Forwarded-For as Conman sees it when the client sent its own.
+fn forwarded_for_seen(extra: &str) -> String {
+    use tungstenite::client::IntoClientRequest;
+    let conman = echo_conman();
+    let proxy = Proxy::start(&config_for(conman.local_addr, extra), &[]);
+    let mut req = proxy.url(&dev_token("r")).into_client_request().unwrap();
+    req.headers_mut()
+        .insert("X-Forwarded-For", "6.6.6.6".parse().unwrap());
+    let (mut ws, _) = tungstenite::connect(req).unwrap();
+    ws.send(Message::text("__headers__")).unwrap();
+    let text = ws.read().unwrap().into_text().unwrap().to_string();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["headers"]["x-forwarded-for"].as_str().unwrap().to_owned()
+}
+
+/// A client cannot put an address of its choosing in front of its own;
+/// a trusted proxy in front of us can.
+#[test]
+fn forwarded_for_is_believed_only_from_trusted_proxies() {
+    assert_eq!(forwarded_for_seen(""), "127.0.0.1");
+    assert_eq!(
+        forwarded_for_seen("[listen]\ntrusted_proxies = [\"127.0.0.0/8\"]\n"),
+        "6.6.6.6, 127.0.0.1"
+    );
+}
+
 /// X-Eval-Session is unique across processes (restarts, a fleet), not a
 /// counter that starts again at 1 in each.
 #[test]

@@ -124,7 +124,17 @@ impl Session {
             self.client.push_owned(out);
             p
         };
-        let forwarded_for = match (req.x_forwarded_for.take(), client_ip) {
+        // A client's own X-Forwarded-For is believed only from a trusted
+        // proxy in front of us; anyone else could claim any address.
+        let trusted = client_ip.is_some_and(|ip| {
+            env.cfg
+                .listen
+                .trusted_proxies
+                .iter()
+                .any(|c| c.contains(ip))
+        });
+        let claimed = req.x_forwarded_for.take().filter(|_| trusted);
+        let forwarded_for = match (claimed, client_ip) {
             (Some(prev), Some(ip)) => format!("{prev}, {ip}"),
             (None, Some(ip)) => ip.to_string(),
             (Some(prev), None) => prev,
