@@ -180,6 +180,12 @@ pub struct Limits {
     /// Backoff before retry N: full jitter over min(cap, base * 2^(N-1)).
     pub retry_base_ms: u64,
     pub retry_cap_ms: u64,
+    /// After one side's Close, how long the other side has to answer with
+    /// its own before the proxy ends the session.
+    pub close_timeout_ms: u64,
+    /// After the proxy's FIN, how long a peer may take to send its own (or
+    /// to read what is queued for it) before its socket is forced shut.
+    pub linger_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -320,6 +326,8 @@ impl Default for Limits {
             max_attempts: 5,
             retry_base_ms: 50,
             retry_cap_ms: 1_000,
+            close_timeout_ms: 10_000,
+            linger_ms: 5_000,
         }
     }
 }

@@ -14,7 +14,10 @@ use support::*;
 fn a_timed_out_head_is_closed_after_linger_though_the_client_stays() {
     let conman = echo_conman();
     let proxy = Proxy::start(
-        &config_for(conman.local_addr, "[limits]\nheader_timeout_ms = 200\n"),
+        &config_for(
+            conman.local_addr,
+            "[limits]\nheader_timeout_ms = 200\nlinger_ms = 300\n",
+        ),
         &["--shards", "1"],
     );
     let pid = proxy.child.id();
@@ -58,4 +61,33 @@ fn a_stalled_conman_handshake_is_retried_until_the_attempts_run_out() {
         3,
         "each attempt gets its own deadline"
     );
+}
+
+#[test]
+fn a_close_conman_never_answers_ends_the_session() {
+    // Conman reads on and never answers the client's Close.
+    let (addr, conman) = raw_conman(|mut s, _| {
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+        sink
+    });
+    let proxy = Proxy::start(
+        &config_for(addr, "[limits]\nclose_timeout_ms = 300\nlinger_ms = 300\n"),
+        &["--shards", "1"],
+    );
+    let mut s = raw_client(proxy.listen, &dev_token("r1"));
+    std::io::Write::write_all(&mut s, &frame(true, 0x8, &[3, 232], Some([1, 2, 3, 4]))).unwrap();
+    // The client waits for an answer that never comes: the proxy ends the
+    // session, and both sockets close, within the close and linger times.
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut rest = Vec::new();
+    let r = s.read_to_end(&mut rest);
+    assert!(
+        r.is_ok()
+            || r.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the proxy kept the client's socket: {r:?}"
+    );
+    let got = conman.join().unwrap();
+    assert_eq!(got[0], 0x88, "Conman got the client's Close first");
 }

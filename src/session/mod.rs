@@ -58,11 +58,6 @@ mod tests;
 
 pub use sendq::SendQ;
 
-/// Lingering after our FIN: how long a closing session may wait for the
-/// peer's FIN (or for a stuck send) before its sockets are forced shut.
-pub const LINGER: Duration = Duration::from_secs(5);
-/// After one side's Close frame, how long the other side has to answer.
-pub const CLOSE_HANDSHAKE: Duration = Duration::from_secs(10);
 /// Most chunks one gathered send takes.
 pub const GATHER_MAX: usize = 16;
 /// Ring buffers a side may have waiting in its queue; later bytes wait in
@@ -864,7 +859,7 @@ impl Session {
         self.transition(env.now, |_| Phase::Closing);
         self.client.want_shut = true;
         self.conman.want_shut = true;
-        self.set_deadline(env.now + LINGER);
+        self.set_deadline(env.now + Duration::from_millis(env.cfg.limits.linger_ms));
     }
 
     fn close_side(&mut self, env: &mut Env, who: Who) {
@@ -892,7 +887,7 @@ impl Session {
             }
         }
         if self.deadline.is_none() {
-            self.set_deadline(env.now + LINGER);
+            self.set_deadline(env.now + Duration::from_millis(env.cfg.limits.linger_ms));
         }
     }
 

@@ -4,7 +4,7 @@
 
 use rand::Rng;
 
-use super::{Chunk, Env, Kind, Op, Phase, Session, Who, CLOSE_HANDSHAKE, RING_HOLD_MAX};
+use super::{Chunk, Env, Kind, Op, Phase, Session, Who, RING_HOLD_MAX};
 use crate::error::{SetupError, Stage};
 use crate::metrics::CloseSide;
 use crate::proto::close;
@@ -204,6 +204,14 @@ impl Session {
             return;
         }
         self.maybe_splice(env, from);
+        self.close_progress(env);
+    }
+
+    /// After bytes were relayed: a Close seen both ways ends the session
+    /// once both are out; a Close seen one way gives the other side
+    /// `limits.close_timeout_ms` to answer. Also run for the bytes held
+    /// during setup, which may carry a Close of their own.
+    pub(super) fn close_progress(&mut self, env: &mut Env) {
         let both_closed = self.to_conman.close_seen() && self.to_client.close_seen();
         if both_closed {
             // The close handshake is complete: end the TCP streams once
@@ -212,7 +220,9 @@ impl Session {
         } else if (self.to_conman.close_seen() || self.to_client.close_seen())
             && self.deadline.is_none()
         {
-            self.set_deadline(env.now + CLOSE_HANDSHAKE);
+            self.set_deadline(
+                env.now + std::time::Duration::from_millis(env.cfg.limits.close_timeout_ms),
+            );
         }
     }
 

@@ -435,6 +435,9 @@ impl Session {
         self.forward_owned(env, Who::Conman, early);
         self.forward_owned(env, Who::Client, held);
         if self.kind() == Kind::Relay {
+            self.close_progress(env);
+        }
+        if self.kind() == Kind::Relay {
             self.resume_recv(env, Who::Client);
             self.arm_recv(env, Who::Client);
         }

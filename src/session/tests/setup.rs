@@ -289,3 +289,21 @@ fn held_frames_never_follow_the_proxys_close_to_conman() {
     assert_eq!(u16::from_be_bytes([frames[0].1[0], frames[0].1[1]]), 1002);
     h.finish();
 }
+
+#[test]
+fn a_held_close_starts_the_close_timeout() {
+    let mut h = Harness::placing(Harness::cfg());
+    let mut close = Vec::new();
+    write_close(&mut close, 1000, "", Some([1, 2, 3, 4]));
+    h.write(Who::Client, &close);
+    h.settle();
+    h.answer_placement(found("vm-1"));
+    h.answer_connect(0);
+    h.settle();
+    h.conman_101();
+    h.settle();
+    assert_eq!(h.s.kind(), Kind::Relay);
+    // Conman never answers: the session must not wait forever.
+    h.advance_to_deadline();
+    assert_eq!(h.s.kind(), Kind::Closing);
+}
