@@ -285,6 +285,69 @@ fn bad_tokens_get_1008_or_401() {
     assert_eq!(status_of(&resp), 401);
 }
 
+/// Claims that travel on to Conman (`X-Repl-Id`, `X-User`) and the
+/// Controlplane (`cluster`) are refused when empty (`missing_claim`) or when
+/// they hold a control character (`malformed`), instead of being forwarded
+/// with the character blanked (`a\nb` used to reach Conman as `a b`, another
+/// repl's id). Non-ASCII printable text is still accepted.
+#[test]
+fn claims_empty_or_with_control_characters_get_1008() {
+    use eval_proxy::token::{self, Claims};
+    let conman = echo_conman();
+    let proxy = Proxy::start(&config_for(conman.local_addr, ""), &["--shards", "1"]);
+    let mint = |edit: fn(&mut Claims)| {
+        let mut c = claims("r1");
+        edit(&mut c);
+        token::mint(&c, token::DEV_KID, &token::dev_signing_key())
+    };
+    let cases = [
+        ("repl a\\nb", mint(|c| c.repl = "a\nb".into()), "malformed"),
+        (
+            "repl empty",
+            mint(|c| c.repl = String::new()),
+            "missing_claim",
+        ),
+        (
+            "user CRLF",
+            mint(|c| c.user = "eve\r\nX-Admin: 1".into()),
+            "malformed",
+        ),
+        ("user DEL", mint(|c| c.user = "a\x7f".into()), "malformed"),
+        ("user C1", mint(|c| c.user = "a\u{85}".into()), "malformed"),
+        (
+            "cluster empty",
+            mint(|c| c.cluster = String::new()),
+            "missing_claim",
+        ),
+    ];
+    for (name, t, reason) in &cases {
+        let mut c = raw_client(proxy.listen, t);
+        // An accepted token gets a session and no Close: fail fast.
+        c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(
+            read_close(&mut c),
+            (1008, format!("stage=token;reason={reason}")),
+            "{name}"
+        );
+    }
+    for reason in ["malformed", "missing_claim"] {
+        let want = cases.iter().filter(|(_, _, r)| *r == reason).count() as f64;
+        assert_eq!(
+            proxy.metric(
+                "eval_session_setup_failures_total",
+                &["stage=\"token\"", &format!("reason=\"{reason}\"")]
+            ),
+            want,
+            "{reason}"
+        );
+    }
+    assert_eq!(proxy.metric("eval_sessions_established_total", &[]), 0.0);
+    let mut ws = connect(&proxy.url(&mint(|c| c.repl = "répl-é".into())));
+    ws.send(tungstenite::Message::text("é")).unwrap();
+    assert_eq!(ws.read().unwrap(), tungstenite::Message::text("é"));
+}
+
 /// Fresh tokens arriving together (verified as one batch when they land in
 /// one loop turn): the good ones get their sessions, the forged one in their
 /// midst still gets its 1008, whatever the batching.

@@ -14,7 +14,8 @@
 //!   the header and PAE.
 //! - `verify`: [`verify()`] runs its checks in a fixed order so each token
 //!   gets exactly one [`TokenError`]: shape and base64 → footer kid →
-//!   signature → claims → `nbf`/`exp` with leeway → cluster;
+//!   signature → claims (missing or empty, then malformed: control
+//!   characters, times) → `nbf`/`exp` with leeway → cluster;
 //!   [`verify_many`] batches the signatures.
 //! - `mint`: [`mint()`] and the insecure [`dev_signing_key`].
 //! - `paserk`: the PASERK-style key text forms (`k4.public.`, `k4.secret.`),
@@ -65,13 +66,15 @@ pub struct Claims {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenError {
     /// Not a well-formed v4.public token with a JSON `kid` footer, or claims
-    /// that are not the JSON object / RFC 3339 times the spec requires.
+    /// that are not the JSON object / RFC 3339 times the spec requires, or a
+    /// `repl`, `user` or `cluster` holding a control character.
     Malformed,
     UnknownKid,
     BadSignature,
     Expired,
     NotYetValid,
     WrongCluster,
+    /// A required claim absent, `null`, or (`repl`, `user`, `cluster`) empty.
     MissingClaim,
 }
 

@@ -32,6 +32,18 @@ pub struct VerifyOptions {
 /// `keys`. A token is valid for `nbf - leeway <= now_unix <= exp + leeway`.
 /// `iat`, if present, must be a valid RFC 3339 time but is not compared with
 /// `now_unix`. Other claims and footer fields are ignored.
+///
+/// `repl`, `user` and `cluster` travel on: to Conman as `X-Repl-Id` and
+/// `X-User`, to the Controlplane with each placement request, and into
+/// per-repl and per-cluster admission as keys. So an empty one counts as
+/// missing ([`TokenError::MissingClaim`]) and one holding a control
+/// character (C0 including tab, CR and LF; DEL; C1) is
+/// [`TokenError::Malformed`], rather than being passed on, where a header
+/// writer would have to blank it (`a\nb` would reach Conman as `a b`, the
+/// same `X-Repl-Id` as another repl's). `cluster` gets this check whether or
+/// not [`VerifyOptions::cluster`] is set: it is required either way and used
+/// either way. Any other printable character, non-ASCII included, is
+/// accepted. `jti` is only read here, never passed on, and is not checked.
 pub fn verify(
     token: &str,
     keys: &KeySet,
@@ -102,6 +114,13 @@ fn claims_of(opened: &Opened, now_unix: i64, opts: &VerifyOptions) -> Result<Cla
     else {
         return Err(TokenError::MissingClaim);
     };
+    let forwarded = [&repl.0, &user.0, &cluster.0];
+    if forwarded.iter().any(|s| s.is_empty()) {
+        return Err(TokenError::MissingClaim);
+    }
+    if forwarded.iter().any(|s| s.chars().any(char::is_control)) {
+        return Err(TokenError::Malformed);
+    }
     let exp = parse_rfc3339(&exp.0).ok_or(TokenError::Malformed)?;
     let nbf = parse_rfc3339(&nbf.0).ok_or(TokenError::Malformed)?;
     if let Some(iat) = raw.iat {
@@ -469,6 +488,81 @@ mod tests {
         // Errors carry no token text.
         let shown = format!("{err} {err:?}");
         assert!(shown.len() < 40, "{shown}");
+    }
+
+    /// `repl`, `user` and `cluster` are passed on (headers to Conman, the
+    /// Controlplane, admission keys): empty is missing, a control character
+    /// (C0, DEL, C1) is malformed, anything else printable stays accepted.
+    /// `mint` writes C0 as JSON escapes and DEL and C1 as raw UTF-8, so both
+    /// ways into the decoded string are covered.
+    #[rstest]
+    #[case::empty("", Some(TokenError::MissingClaim))]
+    #[case::lf("a\nb", Some(TokenError::Malformed))]
+    #[case::cr("a\rb", Some(TokenError::Malformed))]
+    #[case::crlf_header("a\r\nX-Admin: 1", Some(TokenError::Malformed))]
+    #[case::tab("a\tb", Some(TokenError::Malformed))]
+    #[case::nul("\0", Some(TokenError::Malformed))]
+    #[case::x1f_last_c0("a\x1fb", Some(TokenError::Malformed))]
+    #[case::x20_space("a b", None)]
+    #[case::only_space(" ", None)]
+    #[case::x7e_tilde("a~b", None)]
+    #[case::x7f_del("a\x7fb", Some(TokenError::Malformed))]
+    #[case::u80_first_c1("a\u{80}b", Some(TokenError::Malformed))]
+    #[case::u85_nel("a\u{85}b", Some(TokenError::Malformed))]
+    #[case::u9f_last_c1("a\u{9f}b", Some(TokenError::Malformed))]
+    #[case::ua0_nbsp("a\u{a0}b", None)]
+    #[case::e_acute("é", None)]
+    #[case::cjk("日本-1", None)]
+    #[case::emoji("🦀", None)]
+    fn forwarded_claims_text(
+        #[values("repl", "user", "cluster")] field: &str,
+        #[case] value: &str,
+        #[case] want: Option<TokenError>,
+    ) {
+        let mut c = claims();
+        match field {
+            "repl" => c.repl = value.into(),
+            "user" => c.user = value.into(),
+            _ => c.cluster = value.into(),
+        }
+        let token = mint(&c, "k1", &key(1));
+        let any_cluster = VerifyOptions {
+            cluster: None,
+            ..opts()
+        };
+        let got = verify(&token, &keys(), NOW, &any_cluster);
+        match want {
+            None => assert_eq!(got, Ok(c)),
+            Some(e) => assert_eq!(got, Err(e)),
+        }
+    }
+
+    /// Claim text is checked with the other claims, before the cluster
+    /// comparison: a required cluster that is empty is missing, not wrong.
+    #[rstest]
+    #[case::empty("", TokenError::MissingClaim)]
+    #[case::lf("us-east-1\n", TokenError::Malformed)]
+    #[case::other("eu-west-1", TokenError::WrongCluster)]
+    fn required_cluster_text_checked_first(#[case] cluster: &str, #[case] want: TokenError) {
+        let mut c = claims();
+        c.cluster = cluster.into();
+        let token = mint(&c, "k1", &key(1));
+        assert_eq!(verify(&token, &keys(), NOW, &opts()), Err(want));
+    }
+
+    /// Escapes in the JSON are decoded before the check, and an empty
+    /// claim is missing even when another one is also malformed.
+    #[rstest]
+    #[case::escaped_lf(r#""repl":"a\u000ab","user":"u""#, TokenError::Malformed)]
+    #[case::escaped_nul(r#""repl":"r","user":"\u0000""#, TokenError::Malformed)]
+    #[case::escaped_del(r#""repl":"r","user":"\u007f""#, TokenError::Malformed)]
+    #[case::escaped_c1(r#""repl":"\u009f","user":"u""#, TokenError::Malformed)]
+    #[case::empty_beats_malformed(r#""repl":"","user":"a\nb""#, TokenError::MissingClaim)]
+    fn forwarded_claims_escaped(#[case] repl_user: &str, #[case] want: TokenError) {
+        let token = sealed(&format!(
+            r#"{{{repl_user},"cluster":"us-east-1","exp":"2027-01-01T00:00:00Z","nbf":"2026-01-01T00:00:00Z","jti":"j"}}"#
+        ));
+        assert_eq!(verify(&token, &keys(), NOW, &opts()), Err(want));
     }
 
     #[rstest]
