@@ -22,6 +22,31 @@
 //!   after `max_head`.
 //! - Sec-WebSocket-Key must be the canonical base64 (with padding) of exactly
 //!   16 bytes, as RFC 6455 §4.1 requires and every client sends.
+//! - An absolute-form target (`GET http://host/wsv2/<token>`) is accepted, as
+//!   RFC 9112 §3.2.2 says a server MUST, for the `http` and `ws` schemes only
+//!   (this listener speaks neither TLS nor anything else; other schemes are a
+//!   400). Its path and query route the request as an origin-form target's
+//!   would. When its authority and the Host header disagree, RFC 9112 lets
+//!   the target win; we refuse with 400 (`host_mismatch`) instead: no client
+//!   that means well sends two different hosts, and a proxy in front of us
+//!   that routed on one while we log and forward the other is the confusion
+//!   request smuggling feeds on. Authorities compare case-insensitively, with
+//!   an absent or empty port meaning 80 (the default of both schemes).
+//!   `/healthz` reads no headers, so it gets no Host check either way.
+//!   A target in neither form (`*`, `wsv2/x`) is a 400 (`invalid_target`).
+//! - A missing Sec-WebSocket-Version is a 400 (RFC 6455 §4.2.1: a required
+//!   header is missing, so the request is bad); one present but not 13 is a
+//!   426 carrying `Sec-WebSocket-Version: 13` (§4.2.2), so the client can
+//!   retry with a version we speak.
+//! - The token from the path segment or the `token` query parameter is
+//!   percent-decoded (a client may URL-encode the dots of a PASETO token); a
+//!   malformed escape, or an encoding of something that is not UTF-8, is a 400
+//!   (`token_encoding`). `+` stays `+` in both places: RFC 3986 gives it no
+//!   meaning, the plus-is-space rule belongs to HTML form bodies, and a token
+//!   (base64url and dots) never holds a space, so decoding it could only turn
+//!   a token the token check calls malformed into another one. Only the token
+//!   source actually used is decoded; other query parameters are not ours.
+//!   Routing looks at the raw path: `/wsv%32` is not `/wsv2`.
 #![forbid(unsafe_code)]
 
 use std::fmt;
@@ -113,10 +138,22 @@ pub enum RequestError {
     HttpVersion,
     MethodNotAllowed,
     NotFound,
+    /// A request target in neither origin-form nor absolute-form, or an
+    /// absolute-form one with no host, userinfo, or characters a Host may not
+    /// hold.
+    InvalidTarget,
+    /// An absolute-form target whose scheme is not `http` or `ws`.
+    UnsupportedScheme,
+    /// An absolute-form target whose authority is not the Host header's.
+    HostMismatch,
+    /// A malformed `%XX` escape in the token, or one decoding to non-UTF-8.
+    TokenEncoding,
     /// A known WebSocket path without `Upgrade: websocket` and
     /// `Connection: upgrade`.
     NotUpgrade,
-    /// Sec-WebSocket-Version missing, repeated, or not 13.
+    /// No Sec-WebSocket-Version at all.
+    MissingWebSocketVersion,
+    /// Sec-WebSocket-Version repeated, or not 13.
     WebSocketVersion,
     MissingKey,
     InvalidKey,
@@ -135,6 +172,11 @@ impl RequestError {
         match self {
             Self::Malformed(_)
             | Self::HttpVersion
+            | Self::InvalidTarget
+            | Self::UnsupportedScheme
+            | Self::HostMismatch
+            | Self::TokenEncoding
+            | Self::MissingWebSocketVersion
             | Self::MissingKey
             | Self::InvalidKey
             | Self::DuplicateKey
@@ -167,7 +209,12 @@ impl RequestError {
             Self::HttpVersion => "HTTP/1.1 required",
             Self::MethodNotAllowed => "method not allowed",
             Self::NotFound => "not found",
+            Self::InvalidTarget => "invalid request target",
+            Self::UnsupportedScheme => "request target scheme must be http or ws",
+            Self::HostMismatch => "request target and Host disagree",
+            Self::TokenEncoding => "invalid percent-encoding in token",
             Self::NotUpgrade => "WebSocket upgrade required",
+            Self::MissingWebSocketVersion => "missing Sec-WebSocket-Version",
             Self::WebSocketVersion => "Sec-WebSocket-Version must be 13",
             Self::MissingKey => "missing Sec-WebSocket-Key",
             Self::InvalidKey => "invalid Sec-WebSocket-Key",
@@ -189,7 +236,12 @@ impl RequestError {
             Self::HttpVersion => "http_version",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::NotFound => "not_found",
+            Self::InvalidTarget => "invalid_target",
+            Self::UnsupportedScheme => "unsupported_scheme",
+            Self::HostMismatch => "host_mismatch",
+            Self::TokenEncoding => "token_encoding",
             Self::NotUpgrade => "upgrade_required",
+            Self::MissingWebSocketVersion => "missing_websocket_version",
             Self::WebSocketVersion => "websocket_version",
             Self::MissingKey => "missing_key",
             Self::InvalidKey => "invalid_key",
@@ -224,11 +276,8 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<(Route, usize
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
         return Err(RequestError::Malformed(httparse::Error::Token));
     };
-    let (path, query) = match target.split_once('?') {
-        Some((path, query)) => (path, Some(query)),
-        None => (target, None),
-    };
-    let route = match classify(path) {
+    let target = RequestTarget::parse(target)?;
+    let route = match classify(target.path) {
         Target::Unknown => return Err(RequestError::NotFound),
         Target::Healthz => {
             require_get(method)?;
@@ -236,7 +285,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<(Route, usize
         }
         Target::WebSocket(path_token) => {
             require_get(method)?;
-            Route::WebSocket(upgrade_request(version, path_token, query, req.headers)?)
+            Route::WebSocket(upgrade_request(version, path_token, &target, req.headers)?)
         }
     };
     Ok(Some((route, head_len)))
@@ -277,6 +326,130 @@ fn find_head_end(buf: &[u8], limits: &Limits) -> Result<Option<usize>, RequestEr
     Ok(None)
 }
 
+/// A request target split into what routing and the Host check need
+/// (RFC 9112 §3.2.1 origin-form, §3.2.2 absolute-form).
+#[derive(Debug, PartialEq, Eq)]
+struct RequestTarget<'a> {
+    /// The authority of an absolute-form target: host, optional port.
+    authority: Option<&'a str>,
+    path: &'a str,
+    query: Option<&'a str>,
+}
+
+impl<'a> RequestTarget<'a> {
+    fn parse(target: &'a str) -> Result<Self, RequestError> {
+        if target.starts_with('/') {
+            let (path, query) = split_query(target);
+            return Ok(Self {
+                authority: None,
+                path,
+                query,
+            });
+        }
+        // Anything else must be an absolute URI: scheme ":" hier-part.
+        let Some((scheme, rest)) = target.split_once(':').filter(|(s, _)| is_scheme(s)) else {
+            return Err(RequestError::InvalidTarget);
+        };
+        if !(scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("ws")) {
+            return Err(RequestError::UnsupportedScheme);
+        }
+        // An http URI always has an authority with a non-empty host
+        // (RFC 9110 §4.2.1); userinfo is refused by valid_host ('@').
+        let rest = rest.strip_prefix("//").ok_or(RequestError::InvalidTarget)?;
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, path_and_query) = rest.split_at(end);
+        if !valid_host(authority) || host_and_port(authority).0.is_empty() {
+            return Err(RequestError::InvalidTarget);
+        }
+        let (path, query) = split_query(path_and_query);
+        Ok(Self {
+            authority: Some(authority),
+            path,
+            query,
+        })
+    }
+}
+
+fn split_query(path_and_query: &str) -> (&str, Option<&str>) {
+    match path_and_query.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path_and_query, None),
+    }
+}
+
+/// RFC 3986 §3.1: ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ).
+fn is_scheme(s: &str) -> bool {
+    let mut bytes = s.bytes();
+    bytes.next().is_some_and(|b| b.is_ascii_alphabetic())
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+}
+
+/// `host[:port]` split at the port's colon; an IPv6 literal keeps its
+/// brackets. The port is `None` when absent and `Some("")` when empty.
+fn host_and_port(authority: &str) -> (&str, Option<&str>) {
+    let colon = match authority.rfind(']') {
+        Some(close) => authority[close..].find(':').map(|i| close + i),
+        None => authority.rfind(':'),
+    };
+    match colon {
+        Some(i) => (&authority[..i], Some(&authority[i + 1..])),
+        None => (authority, None),
+    }
+}
+
+/// Whether two authorities name the same host and port, host in any case,
+/// an absent or empty port being 80 (the default of both http and ws).
+fn same_authority(a: &str, b: &str) -> bool {
+    let port = |p: Option<&str>| -> Option<u32> {
+        match p {
+            None | Some("") => Some(80),
+            // Leading zeros name the same port; anything else that is not
+            // a number falls back to comparing the text.
+            Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => {
+                let digits = p.trim_start_matches('0');
+                if digits.is_empty() {
+                    Some(0)
+                } else {
+                    digits.parse().ok()
+                }
+            }
+            Some(_) => None,
+        }
+    };
+    let ((host_a, port_a), (host_b, port_b)) = (host_and_port(a), host_and_port(b));
+    host_a.eq_ignore_ascii_case(host_b)
+        && match (port(port_a), port(port_b)) {
+            (Some(x), Some(y)) => x == y,
+            _ => port_a == port_b,
+        }
+}
+
+/// Decodes `%XX` escapes (either case of hex digit); `+` is left alone.
+/// Allocates only for what is returned.
+fn percent_decode(s: &str) -> Result<String, RequestError> {
+    if !s.contains('%') {
+        return Ok(s.to_owned());
+    }
+    let hex = |b: u8| (b as char).to_digit(16);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let digits = bytes.get(i + 1..i + 3).ok_or(RequestError::TokenEncoding)?;
+            let (Some(hi), Some(lo)) = (hex(digits[0]), hex(digits[1])) else {
+                return Err(RequestError::TokenEncoding);
+            };
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| RequestError::TokenEncoding)
+}
+
 enum Target<'a> {
     Healthz,
     /// The token from the path segment, if there is a non-empty one.
@@ -312,7 +485,7 @@ fn require_get(method: &str) -> Result<(), RequestError> {
 fn upgrade_request(
     version: u8,
     path_token: Option<&str>,
-    query: Option<&str>,
+    target: &RequestTarget<'_>,
     headers: &[httparse::Header<'_>],
 ) -> Result<UpgradeRequest, RequestError> {
     if version != 1 {
@@ -382,11 +555,19 @@ fn upgrade_request(
         (1, _) => return Err(RequestError::InvalidHost),
         _ => return Err(RequestError::DuplicateHost),
     }
+    if let (Some(authority), Some(host)) = (target.authority, host) {
+        if !same_authority(authority, host) {
+            return Err(RequestError::HostMismatch);
+        }
+    }
     if body {
         return Err(RequestError::BodyOnUpgrade);
     }
     if !(upgrade_websocket && connection_upgrade) {
         return Err(RequestError::NotUpgrade);
+    }
+    if ws_versions == 0 {
+        return Err(RequestError::MissingWebSocketVersion);
     }
     if !(ws_versions == 1 && ws_version_13) {
         return Err(RequestError::WebSocketVersion);
@@ -400,12 +581,16 @@ fn upgrade_request(
     // valid_key accepted only base64 characters, so this is ASCII.
     let key = String::from_utf8_lossy(key).into_owned();
 
-    let query_token = query.and_then(|q| {
+    let query_token = target.query.and_then(|q| {
         q.split('&')
             .find_map(|pair| pair.strip_prefix("token="))
             .filter(|t| !t.is_empty())
     });
-    let token = path_token.or(query_token).or(bearer).map(str::to_owned);
+    // Headers are not URL-encoded, so a Bearer token is taken as sent.
+    let token = match path_token.or(query_token) {
+        Some(encoded) => Some(percent_decode(encoded)?),
+        None => bearer.map(str::to_owned),
+    };
 
     Ok(UpgradeRequest {
         token,
@@ -668,7 +853,8 @@ mod tests {
     #[case::key_not_base64(chrome("GET /wsv2/t HTTP/1.1", &["Sec-WebSocket-Key"], &["Sec-WebSocket-Key: !!!!!!!!!!!!!!!!!!!!!!=="]), Want::Err(400, "invalid_key"))]
     #[case::duplicate_key(chrome("GET /wsv2/t HTTP/1.1", &[], &["Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA=="]), Want::Err(400, "duplicate_key"))]
     #[case::version_8(chrome("GET /wsv2/t HTTP/1.1", &["Sec-WebSocket-Version"], &["Sec-WebSocket-Version: 8"]), Want::Err(426, "websocket_version"))]
-    #[case::no_version(chrome("GET /wsv2/t HTTP/1.1", &["Sec-WebSocket-Version"], &[]), Want::Err(426, "websocket_version"))]
+    #[case::no_version(chrome("GET /wsv2/t HTTP/1.1", &["Sec-WebSocket-Version"], &[]), Want::Err(400, "missing_websocket_version"))]
+    #[case::empty_version(chrome("GET /wsv2/t HTTP/1.1", &["Sec-WebSocket-Version"], &["Sec-WebSocket-Version:"]), Want::Err(426, "websocket_version"))]
     #[case::two_versions(chrome("GET /wsv2/t HTTP/1.1", &[], &["Sec-WebSocket-Version: 8"]), Want::Err(426, "websocket_version"))]
     #[case::post(chrome("POST /wsv2/t HTTP/1.1", &[], &[]), Want::Err(405, "method_not_allowed"))]
     #[case::healthz(head("GET /healthz HTTP/1.1", &["Host: a"]), Want::Healthz)]
@@ -706,6 +892,55 @@ mod tests {
     #[case::space_before_colon(chrome("GET /wsv2/t HTTP/1.1", &[], &["X-A : b"]), Want::Err(400, "malformed"))]
     #[case::utf8_origin(chrome("GET /wsv2/t HTTP/1.1", &["Origin"], &["Origin: https://\u{e9}.example"]), ws("t"))]
     #[case::partial(b"GET /wsv2/t HTTP/1.1\r\nHost: a\r\n".to_vec(), Want::More)]
+    // Absolute-form targets (RFC 9112 §3.2.2).
+    #[case::absolute(chrome("GET http://eval.example.com/wsv2/t HTTP/1.1", &[], &[]), ws("t"))]
+    #[case::absolute_ws_scheme(chrome("GET ws://eval.example.com/wsv2/t HTTP/1.1", &[], &[]), ws("t"))]
+    #[case::absolute_any_case(chrome("GET HTTP://EVAL.Example.COM/wsv2/t HTTP/1.1", &[], &[]), ws("t"))]
+    #[case::absolute_default_port(chrome("GET http://eval.example.com:80/wsv2/t HTTP/1.1", &[], &[]), ws("t"))]
+    #[case::absolute_empty_port(chrome("GET http://eval.example.com:/wsv2/t HTTP/1.1", &[], &[]), ws("t"))]
+    #[case::absolute_port_both(chrome("GET http://eval.example.com:8080/wsv2/t HTTP/1.1", &["Host"], &["Host: eval.example.com:08080"]), ws("t"))]
+    #[case::absolute_ipv6(chrome("GET http://[::1]:8080/wsv2/t HTTP/1.1", &["Host"], &["Host: [::1]:8080"]), ws("t"))]
+    #[case::absolute_query(chrome("GET http://eval.example.com/wsv2?token=q HTTP/1.1", &[], &[]), ws("q"))]
+    #[case::absolute_query_no_path(chrome("GET http://eval.example.com?token=q HTTP/1.1", &[], &[]), Want::Err(404, "not_found"))]
+    #[case::absolute_no_path(chrome("GET http://eval.example.com HTTP/1.1", &[], &[]), Want::Err(404, "not_found"))]
+    #[case::absolute_healthz(head("GET http://a/healthz HTTP/1.1", &["Host: a"]), Want::Healthz)]
+    #[case::absolute_other_path(chrome("GET http://eval.example.com/other HTTP/1.1", &[], &[]), Want::Err(404, "not_found"))]
+    #[case::absolute_host_mismatch(chrome("GET http://evil.example/wsv2/t HTTP/1.1", &[], &[]), Want::Err(400, "host_mismatch"))]
+    #[case::absolute_port_mismatch(chrome("GET http://eval.example.com:8080/wsv2/t HTTP/1.1", &[], &[]), Want::Err(400, "host_mismatch"))]
+    #[case::absolute_port_80_vs_8080(chrome("GET http://eval.example.com/wsv2/t HTTP/1.1", &["Host"], &["Host: eval.example.com:8080"]), Want::Err(400, "host_mismatch"))]
+    #[case::absolute_missing_host(chrome("GET http://eval.example.com/wsv2/t HTTP/1.1", &["Host"], &[]), Want::Err(400, "missing_host"))]
+    #[case::absolute_https(chrome("GET https://eval.example.com/wsv2/t HTTP/1.1", &[], &[]), Want::Err(400, "unsupported_scheme"))]
+    #[case::absolute_wss(chrome("GET wss://eval.example.com/wsv2/t HTTP/1.1", &[], &[]), Want::Err(400, "unsupported_scheme"))]
+    #[case::absolute_ftp(chrome("GET ftp://eval.example.com/wsv2/t HTTP/1.1", &[], &[]), Want::Err(400, "unsupported_scheme"))]
+    #[case::absolute_urn(chrome("GET urn:wsv2:t HTTP/1.1", &[], &[]), Want::Err(400, "unsupported_scheme"))]
+    #[case::absolute_no_slashes(chrome("GET http:/wsv2/t HTTP/1.1", &[], &[]), Want::Err(400, "invalid_target"))]
+    #[case::absolute_empty_authority(chrome("GET http:///wsv2/t HTTP/1.1", &[], &[]), Want::Err(400, "invalid_target"))]
+    #[case::absolute_port_only(chrome("GET http://:80/wsv2/t HTTP/1.1", &[], &[]), Want::Err(400, "invalid_target"))]
+    #[case::absolute_userinfo(chrome("GET http://u:p@eval.example.com/wsv2/t HTTP/1.1", &[], &[]), Want::Err(400, "invalid_target"))]
+    #[case::asterisk(chrome("GET * HTTP/1.1", &[], &[]), Want::Err(400, "invalid_target"))]
+    #[case::relative(chrome("GET wsv2/t HTTP/1.1", &[], &[]), Want::Err(400, "invalid_target"))]
+    #[case::bad_scheme_char(chrome("GET 1http://eval.example.com/wsv2/t HTTP/1.1", &[], &[]), Want::Err(400, "invalid_target"))]
+    // Percent-encoded tokens.
+    #[case::path_escapes(chrome("GET /wsv2/v4%2Epublic%2eabc HTTP/1.1", &[], &[]), ws("v4.public.abc"))]
+    #[case::path_every_byte_escaped(chrome("GET /wsv2/%76%34%2E%71 HTTP/1.1", &[], &[]), ws("v4.q"))]
+    #[case::path_plus_is_plus(chrome("GET /wsv2/a+b HTTP/1.1", &[], &[]), ws("a+b"))]
+    #[case::path_escaped_plus(chrome("GET /wsv2/a%2Bb HTTP/1.1", &[], &[]), ws("a+b"))]
+    #[case::path_escaped_percent(chrome("GET /wsv2/a%25b HTTP/1.1", &[], &[]), ws("a%b"))]
+    #[case::path_escaped_utf8(chrome("GET /wsv2/%C3%A9 HTTP/1.1", &[], &[]), ws("\u{e9}"))]
+    #[case::query_escapes(chrome("GET /wsv2?token=v4%2Eq HTTP/1.1", &[], &[]), ws("v4.q"))]
+    #[case::query_plus_is_plus(chrome("GET /wsv2?token=a+b HTTP/1.1", &[], &[]), ws("a+b"))]
+    #[case::absolute_escapes(chrome("GET http://eval.example.com/wsv2/v4%2Eq HTTP/1.1", &[], &[]), ws("v4.q"))]
+    #[case::bearer_not_decoded(chrome("GET /wsv2 HTTP/1.1", &[], &["Authorization: Bearer a%2Eb"]), ws("a%2Eb"))]
+    #[case::path_bad_hex(chrome("GET /wsv2/a%zzb HTTP/1.1", &[], &[]), Want::Err(400, "token_encoding"))]
+    #[case::path_half_hex(chrome("GET /wsv2/a%2zb HTTP/1.1", &[], &[]), Want::Err(400, "token_encoding"))]
+    #[case::path_truncated(chrome("GET /wsv2/a%2 HTTP/1.1", &[], &[]), Want::Err(400, "token_encoding"))]
+    #[case::path_lone_percent(chrome("GET /wsv2/% HTTP/1.1", &[], &[]), Want::Err(400, "token_encoding"))]
+    #[case::path_not_utf8(chrome("GET /wsv2/a%FFb HTTP/1.1", &[], &[]), Want::Err(400, "token_encoding"))]
+    #[case::query_truncated(chrome("GET /wsv2?token=a%2 HTTP/1.1", &[], &[]), Want::Err(400, "token_encoding"))]
+    #[case::query_bad_hex(chrome("GET /wsv2?token=%zz&x=1 HTTP/1.1", &[], &[]), Want::Err(400, "token_encoding"))]
+    #[case::unused_query_not_decoded(chrome("GET /wsv2/p?token=%zz HTTP/1.1", &[], &[]), ws("p"))]
+    #[case::other_param_not_decoded(chrome("GET /wsv2?x=%zz&token=q HTTP/1.1", &[], &[]), ws("q"))]
+    #[case::routing_is_not_decoded(chrome("GET /wsv%32/t HTTP/1.1", &[], &[]), Want::Err(404, "not_found"))]
     fn request_table(#[case] input: Vec<u8>, #[case] want: Want) {
         let got = parse_request(&input, &Limits::default());
         match (&got, &want) {
@@ -720,6 +955,38 @@ mod tests {
             }
             _ => panic!("got {got:?}, want {want:?}"),
         }
+    }
+
+    #[rstest]
+    #[case::same("a.example", "a.example", true)]
+    #[case::host_case("A.Example", "a.EXAMPLE", true)]
+    #[case::default_port("a", "a:80", true)]
+    #[case::empty_port("a:", "a", true)]
+    #[case::leading_zeros("a:0080", "a:80", true)]
+    #[case::zero_port("a:0", "a:000", true)]
+    #[case::other_port("a:8080", "a", false)]
+    #[case::other_host("a", "b", false)]
+    #[case::ipv6("[::1]:80", "[::1]", true)]
+    #[case::ipv6_other_port("[::1]:81", "[::1]", false)]
+    #[case::ipv6_is_not_its_last_group("[::1]", "[:", false)]
+    #[case::huge_port("a:99999999999", "a:99999999999", true)]
+    #[case::huge_ports_differ("a:99999999999", "a:99999999998", false)]
+    #[case::huge_port_is_not_zero("a:99999999999", "a:0", false)]
+    fn authorities(#[case] a: &str, #[case] b: &str, #[case] same: bool) {
+        assert_eq!(same_authority(a, b), same, "{a} vs {b}");
+        assert_eq!(same_authority(b, a), same, "{b} vs {a}");
+    }
+
+    #[test]
+    fn missing_version_is_a_plain_400() {
+        let mut out = Vec::new();
+        write_error(&mut out, &RequestError::MissingWebSocketVersion);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+        assert!(
+            text.ends_with("\r\n\r\nmissing Sec-WebSocket-Version\n"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -835,6 +1102,12 @@ mod tests {
                 &["Authorization: Bearer v4.public.b"],
             ),
             head("GET /healthz HTTP/1.0", &[]),
+            chrome(
+                "GET http://eval.example.com/wsv2/v4.public.a HTTP/1.1",
+                &[],
+                &[],
+            ),
+            chrome("GET /wsv2?token=v4%2Epublic%2Eq HTTP/1.1", &[], &[]),
         ]
     }
 
@@ -968,7 +1241,7 @@ mod tests {
 
         #[test]
         fn never_panics_on_mutated_requests(
-            which in 0usize..3,
+            which in 0..valid_requests().len(),
             edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
             limits in prop_oneof![Just(Limits::default()), small_limits()],
         ) {
@@ -984,7 +1257,7 @@ mod tests {
 
         #[test]
         fn trailing_bytes_do_not_matter(
-            which in 0usize..3,
+            which in 0..valid_requests().len(),
             tail in proptest::collection::vec(any::<u8>(), 0..512),
         ) {
             let request = valid_requests().swap_remove(which);
@@ -992,6 +1265,55 @@ mod tests {
             let mut stream = request.clone();
             stream.extend_from_slice(&tail);
             prop_assert_eq!(parse_request(&stream, &Limits::default()), whole);
+        }
+
+        /// Any token, with any of its bytes percent-encoded (the rest left
+        /// as they are where a path may hold them), comes back as it was.
+        #[test]
+        fn percent_encoded_tokens_round_trip(
+            token in "[A-Za-z0-9._~+\\-]{1,40}|\\PC{1,20}",
+            encode in proptest::collection::vec(any::<bool>(), 0..160),
+            in_query in any::<bool>(),
+        ) {
+            let mut encoded = String::new();
+            for (i, b) in token.bytes().enumerate() {
+                let plain = b.is_ascii_alphanumeric() || b"._~+-".contains(&b);
+                if plain && !encode.get(i).copied().unwrap_or(false) {
+                    encoded.push(b as char);
+                } else {
+                    encoded.push_str(&format!("%{b:02X}"));
+                }
+            }
+            let line = if in_query {
+                format!("GET /wsv2?token={encoded} HTTP/1.1")
+            } else {
+                format!("GET /wsv2/{encoded} HTTP/1.1")
+            };
+            let got = parse_request(&chrome(&line, &[], &[]), &Limits::default());
+            let Ok(Some((Route::WebSocket(req), _))) = got else {
+                return Err(TestCaseError::fail(format!("{line}: {got:?}")));
+            };
+            prop_assert_eq!(req.token, Some(token));
+        }
+
+        /// An absolute-form target routes exactly as its origin-form path and
+        /// query do, whatever they are.
+        #[test]
+        fn absolute_form_routes_like_origin_form(
+            prefix in prop_oneof![Just("/wsv2"), Just("/wsv2/"), Just("/healthz"), Just("/"), Just("/x")],
+            rest in "[A-Za-z0-9.%?=&+_/-]{0,16}",
+            scheme in prop_oneof![Just("http"), Just("ws"), Just("Http")],
+        ) {
+            let origin = chrome(&format!("GET {prefix}{rest} HTTP/1.1"), &[], &[]);
+            let absolute = chrome(
+                &format!("GET {scheme}://eval.example.com{prefix}{rest} HTTP/1.1"),
+                &[],
+                &[],
+            );
+            let route = |input: &[u8]| {
+                parse_request(input, &Limits::default()).map(|r| r.map(|(route, _)| route))
+            };
+            prop_assert_eq!(route(&origin), route(&absolute));
         }
     }
 }

@@ -1,8 +1,10 @@
 //! `http1::parse_request` on arbitrary bytes: never panics, and "need more
 //! bytes" stays true for every prefix of an input that needs more bytes;
-//! a complete head's length lies within the input.
+//! a complete head's length lies within the input; an upgrade accepted with
+//! an origin-form target is accepted alike with the absolute-form target that
+//! names its Host.
 
-use eval_proxy::proto::http1::{parse_request, Limits};
+use eval_proxy::proto::http1::{parse_request, Limits, Route};
 
 pub fn run(data: &[u8]) {
     let limits = Limits {
@@ -17,6 +19,7 @@ pub fn run(data: &[u8]) {
             let mut more = data[..head_len].to_vec();
             more.extend_from_slice(b"\x81\x80junk");
             assert!(matches!(parse_request(&more, &limits), Ok(Some((_, n))) if n == head_len));
+            absolute_form_agrees(&data[..head_len], &limits);
         }
         Ok(None) => {
             for cut in 0..data.len() {
@@ -30,4 +33,36 @@ pub fn run(data: &[u8]) {
             assert!((400..=431).contains(&e.status()), "status {}", e.status());
         }
     }
+}
+
+/// Rewrites `GET /…` to `GET http://<Host>/…` and expects the same route.
+fn absolute_form_agrees(head: &[u8], limits: &Limits) {
+    let Ok(Some((route, _))) = parse_request(head, limits) else {
+        return;
+    };
+    let Route::WebSocket(req) = &route else {
+        return;
+    };
+    let Some(host) = req.host.as_deref() else {
+        return;
+    };
+    // A Host of only a port is a valid Host header but no authority.
+    if !head.starts_with(b"GET /") || host.starts_with(':') {
+        return;
+    }
+    let prefix = format!("http://{host}");
+    let mut absolute = b"GET ".to_vec();
+    absolute.extend_from_slice(prefix.as_bytes());
+    absolute.extend_from_slice(&head[4..]);
+    let wider = Limits {
+        max_request_line: limits.max_request_line + prefix.len(),
+        max_head: limits.max_head + prefix.len(),
+        ..*limits
+    };
+    assert_eq!(
+        parse_request(&absolute, &wider).map(|r| r.map(|(route, _)| route)),
+        Ok(Some(route)),
+        "absolute-form of {:?}",
+        String::from_utf8_lossy(head)
+    );
 }
