@@ -410,6 +410,11 @@ impl Config {
 
     /// Checks cross-field rules; run after CLI overrides are applied.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.token.cluster.as_deref() == Some("") {
+            // Tokens with an empty cluster are refused, so this would
+            // refuse every token.
+            return Err(invalid("token.cluster", "must not be empty"));
+        }
         let l = &self.limits;
         if l.max_request_line < 1024 {
             return Err(invalid("limits.max_request_line", "must be at least 1024"));

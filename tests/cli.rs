@@ -68,6 +68,7 @@ fn bad_config_exits_2_naming_the_key() {
         ("[placement]\ndefault = \"ws://127.0.0.1:1/\"\n", "token.keys_dir"),
         ("[limits]\nheader_timeout_ms = \"soon\"\n", "header_timeout_ms"),
         ("[listen]\ntrusted_proxies = [\"10.0.0.0/33\"]\n", "trusted_proxies"),
+        ("[token]\ncluster = \"\"\n", "token.cluster"),
     ] {
         std::fs::write(&p, text).unwrap();
         let (code, _, err) = run(&["--config", p.to_str().unwrap(), "--check"]);
