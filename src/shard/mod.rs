@@ -26,7 +26,8 @@
 //! armed and waits for every record to come back before the ring goes.
 //!
 //! # Layout
-//! - `mod.rs`: the loop, accept, wake-ups and drain, timers, token batches.
+//! - `mod.rs`: the loop, accept, wake-ups and drain, token batches.
+//! - `timers.rs`: session deadlines.
 //! - `ops.rs`: the operation table.
 //! - `perform.rs`: a session's ops as entries and syscalls.
 //! - `ctl.rs`: the socketpair to the control shard.
@@ -54,9 +55,9 @@ pub mod listener;
 mod ops;
 mod perform;
 mod pipe;
+mod timers;
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -141,7 +142,7 @@ struct Io {
     verify: VerifyOptions,
     ctl: Ctl,
     local_placement: Option<Arc<LocalStatic>>,
-    timers: BinaryHeap<Reverse<(Instant, u32, u16)>>,
+    timers: timers::Timers,
     rng: SmallRng,
     now: Instant,
     now_unix: i64,
@@ -210,7 +211,7 @@ impl Shard {
                 verify,
                 local_placement: spec.local_placement,
                 ctl: Ctl::new(spec.control_fd),
-                timers: BinaryHeap::new(),
+                timers: timers::Timers::default(),
                 rng: SmallRng::from_seed(seed),
                 now: Instant::now(),
                 now_unix: 0,
@@ -250,8 +251,8 @@ impl Shard {
             let mut timeout = self
                 .io
                 .timers
-                .peek()
-                .map(|Reverse((t, _, _))| t.saturating_duration_since(Instant::now()));
+                .next()
+                .map(|t| t.saturating_duration_since(Instant::now()));
             if self.io.bufs.dirty() {
                 // Wake once more after traffic stops, to trim the pool.
                 timeout = Some(timeout.map_or(TRIM_EVERY, |t| t.min(TRIM_EVERY)));
@@ -424,11 +425,11 @@ impl Shard {
             io.perform(slot, e, op, &mut out);
         }
         io.out = out;
-        // Invariant: while a session has a deadline, the heap holds an
-        // entry for it at or before that time (see `fire_timers`).
+        // Keep the timers' invariant (see timers.rs): a deadline that is
+        // new or earlier needs an entry; a later one is covered.
         if let Some(d) = e.s.poll_timeout() {
             if before.is_none_or(|b| d < b) {
-                io.timers.push(Reverse((d, slot, e.gen)));
+                io.timers.push(d, slot, e.gen);
             }
         }
         if e.s.is_finished() {
@@ -574,7 +575,7 @@ impl Shard {
         let id = self.io.rng.gen::<u64>();
         let s = Session::new(id, fd, self.io.now, &self.io.cfg);
         if let Some(d) = s.poll_timeout() {
-            self.io.timers.push(Reverse((d, slot, gen)));
+            self.io.timers.push(d, slot, gen);
         }
         self.sessions[slot as usize] = Some(Entry {
             s,
@@ -620,38 +621,28 @@ impl Shard {
     }
 
     fn fire_timers(&mut self) {
-        while let Some(&Reverse((t, slot, gen))) = self.io.timers.peek() {
-            if t > self.io.now {
-                break;
-            }
-            self.io.timers.pop();
-            let now = self.io.now;
+        let now = self.io.now;
+        while let Some((slot, gen)) = self.io.timers.pop_due(now) {
             let Some(e) = self.entry(slot, gen) else {
                 continue;
             };
             match e.s.poll_timeout() {
                 None => {}
-                Some(d) if d > now => {
-                    // Moved later since this entry was pushed: wait on for
-                    // the real one.
-                    self.io.timers.push(Reverse((d, slot, gen)));
-                }
+                // Moved later since this entry was pushed: wait on for the
+                // real one.
+                Some(d) if d > now => self.io.timers.push(d, slot, gen),
                 Some(_) => {
                     self.drive(slot, |s, env, _| s.handle_timeout(env));
                     // The entry that covered the session is gone, and a
                     // deadline set by the handler is later than it, which
                     // `drive` does not schedule: keep the invariant here.
                     if let Some(d) = self.entry(slot, gen).and_then(|e| e.s.poll_timeout()) {
-                        self.io.timers.push(Reverse((d, slot, gen)));
+                        self.io.timers.push(d, slot, gen);
                     }
                 }
             }
         }
-        let cap = self.io.timers.capacity();
-        if cap > 1024 && self.io.timers.len() < cap / 8 {
-            // A storm of handshakes is over: don't keep its peak.
-            self.io.timers.shrink_to(cap / 4);
-        }
+        self.io.timers.shrink();
     }
 
     fn retry_starved(&mut self) {
