@@ -1,16 +1,19 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz`, `/readyz`
 //! and `POST /drain`. Plain blocking HTTP/1.1 on its own thread: it serves
-//! operators and scrapers, never user traffic.
+//! operators and scrapers, never user traffic. A thread per connection, at
+//! most `MAX_CONNS` of them, each with a whole-request and a whole-response
+//! deadline.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
 use crate::keys::KeyStore;
+use crate::log_every::LogEvery;
 use crate::metrics::{self, names, ShardStats};
 use crate::shard::Control;
 
@@ -46,25 +49,58 @@ impl Admin {
     }
 }
 
-/// Serves until the process exits. Each request gets its own short-lived
-/// thread with read/write timeouts, so a stuck scraper cannot block others.
+/// At most this many admin connections are served at once, each on its own
+/// thread; one more is answered `503` (`Connection: close`) from the accept
+/// loop and closed, without a thread. Scrapers and probes open a handful;
+/// idle or hostile connections cannot pile up threads past this.
+pub const MAX_CONNS: usize = 32;
+
+/// The whole request head must arrive within this, however it is dripped:
+/// the socket's read timeout is reset to what is left before each read.
+/// It is also what frees a slot held by an idle connection, so a scrape
+/// refused at the cap succeeds again within about this long.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The whole response must be written within this (same rule, for writes).
+pub const RESPONSE_DEADLINE: Duration = Duration::from_secs(5);
+
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbusy\n";
+
+/// Serves until the process exits. Each connection gets its own
+/// short-lived thread, at most `MAX_CONNS` at once, and `REQUEST_DEADLINE`
+/// plus `RESPONSE_DEADLINE` in total, so a stuck or hostile client cannot
+/// block others for long nor pile up threads.
 pub fn serve(listener: TcpListener, admin: Arc<Admin>) {
-    let mut accept_warn = crate::log_every::LogEvery::default();
+    let active = Arc::new(AtomicUsize::new(0));
+    let mut accept_warn = LogEvery::default();
+    let mut busy_warn = LogEvery::default();
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
+                let Some(slot) = Slot::take(&active) else {
+                    if let Some(held_back) = busy_warn.check(Instant::now()) {
+                        warn!(
+                            max = MAX_CONNS,
+                            held_back, "admin connections at the cap; refusing"
+                        );
+                    }
+                    refuse(stream);
+                    continue;
+                };
                 let admin = admin.clone();
+                // On a failed spawn the closure, and with it `slot`, drops.
                 let _ = std::thread::Builder::new()
                     .name("admin-conn".into())
                     .stack_size(128 * 1024)
                     .spawn(move || {
+                        let _slot = slot;
                         if let Err(e) = handle(stream, &admin) {
                             debug!(err = %e, "admin request failed");
                         }
                     });
             }
             Err(e) => {
-                if let Some(held_back) = accept_warn.check(std::time::Instant::now()) {
+                if let Some(held_back) = accept_warn.check(Instant::now()) {
                     warn!(err = %e, held_back, "admin accept failed");
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -73,12 +109,47 @@ pub fn serve(listener: TcpListener, admin: Arc<Admin>) {
     }
 }
 
+/// One of the `MAX_CONNS` connection slots, given back on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(active: &Arc<AtomicUsize>) -> Option<Slot> {
+        active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_CONNS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(active.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Over the cap: a `503` if the socket takes it without blocking, then close.
+fn refuse(mut stream: TcpStream) {
+    if stream.set_nonblocking(true).is_ok() {
+        let _ = stream.write(BUSY);
+    }
+}
+
+/// The time left until `deadline`, or `TimedOut` when none is.
+fn remaining(deadline: Instant) -> io::Result<Duration> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "admin deadline passed"))
+}
+
 fn handle(mut stream: TcpStream, admin: &Admin) -> io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     let (method, path) = loop {
+        stream.set_read_timeout(Some(remaining(deadline)?))?;
         let n = stream.read(&mut chunk)?;
         if n == 0 {
             return Ok(());
@@ -136,9 +207,24 @@ fn respond(stream: &mut TcpStream, status: u16, ctype: &str, body: &str) -> io::
         "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body.as_bytes())?;
-    stream.flush()
+    let deadline = Instant::now() + RESPONSE_DEADLINE;
+    write_all_by(stream, head.as_bytes(), deadline)?;
+    write_all_by(stream, body.as_bytes(), deadline)
+}
+
+/// `write_all`, with the socket's write timeout reset to what is left of
+/// `deadline` before each write, so a slow reader cannot stretch it.
+fn write_all_by(stream: &mut TcpStream, mut buf: &[u8], deadline: Instant) -> io::Result<()> {
+    while !buf.is_empty() {
+        stream.set_write_timeout(Some(remaining(deadline)?))?;
+        match stream.write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -157,6 +243,24 @@ mod tests {
             lifecycle: Default::default(),
             drain: Box::new(|| {}),
         }
+    }
+
+    #[test]
+    fn slots_stop_at_the_cap_and_come_back_on_drop() {
+        let active = Arc::new(AtomicUsize::new(0));
+        let held: Vec<Slot> = (0..MAX_CONNS).map_while(|_| Slot::take(&active)).collect();
+        assert_eq!(held.len(), MAX_CONNS);
+        assert!(Slot::take(&active).is_none());
+        drop(held);
+        assert_eq!(active.load(Ordering::Acquire), 0);
+        assert!(Slot::take(&active).is_some());
+    }
+
+    #[test]
+    fn a_passed_deadline_is_a_timeout() {
+        let e = remaining(Instant::now()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(remaining(Instant::now() + Duration::from_secs(1)).is_ok());
     }
 
     #[test]
