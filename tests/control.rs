@@ -25,7 +25,7 @@ fn placement_found_then_served_from_cache_over_one_connection() {
         1,
     );
     let s = &mut c.shards[0];
-    let f = s.found("repl-a", 0, None);
+    let f = s.found("repl-a", 0, &[]);
     assert_eq!(f.vm, "vm-0");
     assert_eq!(f.addr, "127.0.0.1:7000".parse().unwrap());
     assert_eq!(
@@ -33,12 +33,12 @@ fn placement_found_then_served_from_cache_over_one_connection() {
         ("127.0.0.1:7000", "/conman-0")
     );
     assert_eq!(cp.requests(), 1);
-    assert_eq!(s.found("repl-a", 0, None), f);
+    assert_eq!(s.found("repl-a", 0, &[]), f);
     assert_eq!(cp.requests(), 1, "second placement comes from the cache");
     assert_eq!(c.stats.cache_hits.load(Relaxed), 1);
     // Least loaded: the next repl lands on the other VM, over the same
     // keep-alive connection.
-    assert_eq!(s.found("repl-b", 0, None).vm, "vm-1");
+    assert_eq!(s.found("repl-b", 0, &[]).vm, "vm-1");
     assert_eq!(cp.requests(), 2);
     assert_eq!(cp.connections(), 1);
     assert_eq!(c.stats.controlplane_requests.load(Relaxed), 2);
@@ -52,9 +52,9 @@ fn closed_keep_alive_connection_is_replaced_without_an_error() {
         1,
     );
     let s = &mut c.shards[0];
-    s.found("a", 0, None);
+    s.found("a", 0, &[]);
     cp.drop_connections();
-    s.found("b", 0, None);
+    s.found("b", 0, &[]);
     assert_eq!(cp.requests(), 2);
     assert_eq!(cp.connections(), 2);
 }
@@ -67,14 +67,14 @@ fn cached_placement_expires_with_its_ttl() {
         1,
     );
     let s = &mut c.shards[0];
-    s.found("r", 0, None);
-    s.found("r", 0, None);
+    s.found("r", 0, &[]);
+    s.found("r", 0, &[]);
     assert_eq!(cp.requests(), 1);
     c.clock.advance(Duration::from_millis(299));
-    s.found("r", 0, None);
+    s.found("r", 0, &[]);
     assert_eq!(cp.requests(), 1, "still cached 1 ms before the ttl");
     c.clock.advance(Duration::from_millis(1));
-    s.found("r", 0, None);
+    s.found("r", 0, &[]);
     assert_eq!(cp.requests(), 2);
 }
 
@@ -86,16 +86,39 @@ fn exclude_of_the_cached_vm_asks_again_and_lands_elsewhere() {
         1,
     );
     let s = &mut c.shards[0];
-    let first = s.found("r", 0, None);
+    let first = s.found("r", 0, &[]);
     // Excluding a VM the repl is not on changes nothing.
-    assert_eq!(s.found("r", 1, Some("vm-2")), first);
+    assert_eq!(s.found("r", 1, &["vm-2"]), first);
     assert_eq!(cp.requests(), 1);
-    let second = s.found("r", 1, Some(&first.vm));
+    let second = s.found("r", 1, &[&first.vm]);
     assert_ne!(second.vm, first.vm);
     assert_eq!(cp.requests(), 2);
     // The new placement is what the cache holds now.
-    assert_eq!(s.found("r", 0, None), second);
+    assert_eq!(s.found("r", 0, &[]), second);
     assert_eq!(cp.requests(), 2);
+}
+
+#[test]
+fn every_failed_vm_is_excluded_and_none_left_is_no_capacity() {
+    let cp = fake(3, 60_000);
+    let mut c = start(
+        with_controlplane(cp_config(vec![url(&cp)]), Default::default()),
+        1,
+    );
+    let s = &mut c.shards[0];
+    let first = s.found("r", 0, &[]);
+    let second = s.found("r", 1, &[&first.vm]);
+    // The cached VM second in the list is not served either.
+    let third = s.found("r", 2, &[&first.vm, &second.vm]);
+    assert!(third.vm != first.vm && third.vm != second.vm, "{third:?}");
+    assert_eq!(cp.requests(), 3);
+    assert_eq!(
+        s.place("r", 3, &[&first.vm, &second.vm, &third.vm]),
+        PlacementResult::Failed {
+            reason: PlacementFailure::NoCapacity,
+            retry_after_ms: Some(1000)
+        }
+    );
 }
 
 #[test]
@@ -109,7 +132,7 @@ fn hundred_concurrent_sessions_for_one_repl_make_one_request() {
     );
     let mut sent = [Vec::new(), Vec::new()];
     for i in 0..100 {
-        sent[i % 2].push(c.shards[i % 2].send("hot", 0, None));
+        sent[i % 2].push(c.shards[i % 2].send("hot", 0, &[]));
     }
     let mut vms = Vec::new();
     for (shard, ids) in sent.iter().enumerate() {
@@ -194,10 +217,10 @@ fn breaker_opens_and_recovers(
 
     cp.set_mode(FakeMode::Normal);
     c.clock.advance(Duration::from_millis(200));
-    assert_eq!(s.found("probe-2", 0, None).vm, "vm-0");
+    assert_eq!(s.found("probe-2", 0, &[]).vm, "vm-0");
     assert_eq!(c.stats.breaker_state.load(Relaxed), 0);
     for i in 0..3 {
-        s.found(&format!("ok{i}"), 0, None);
+        s.found(&format!("ok{i}"), 0, &[]);
     }
     assert_eq!(cp.requests(), 8);
     assert_eq!(c.stats.errors(PlacementFailure::CircuitOpen), 22);
@@ -229,8 +252,8 @@ fn fails_over_to_the_next_url_and_reports_unavailable_when_all_are_down() {
         ),
         1,
     );
-    assert_eq!(c.shards[0].found("r", 0, None).vm, "vm-0");
-    assert_eq!(c.shards[0].found("s", 0, None).vm, "vm-0");
+    assert_eq!(c.shards[0].found("r", 0, &[]).vm, "vm-0");
+    assert_eq!(c.shards[0].found("s", 0, &[]).vm, "vm-0");
     // Both requests reached the fake; the dead URL was tried only once
     // since the one that answered is asked first.
     assert_eq!(cp.requests(), 2);
@@ -258,12 +281,12 @@ fn wrong_vm_refuses_and_exclude_moves_the_repl() {
         1,
     );
     let s = &mut c.shards[0];
-    let wrong = s.found("r", 0, None);
+    let wrong = s.found("r", 0, &[]);
     assert_eq!(wrong.vm, WRONG_VM);
     let err = TcpStream::connect(wrong.addr).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
     cp.set_mode(FakeMode::Normal);
-    let right = s.found("r", 1, Some(WRONG_VM));
+    let right = s.found("r", 1, &[WRONG_VM]);
     assert_eq!(right.vm, "vm-0");
 }
 
@@ -283,19 +306,19 @@ fn admission_rejects_the_session_past_the_burst_with_a_hint() {
     let mut c = start(with_controlplane(cp_config(vec![url(&cp)]), admission), 1);
     let s = &mut c.shards[0];
     for _ in 0..3 {
-        s.found("r", 0, None);
+        s.found("r", 0, &[]);
     }
     // The clock stands still: a token is exactly 1 / 0.5 per s away.
     assert_eq!(s.failed("r", 0), (PlacementFailure::Admission, Some(2000)));
     // Retries of admitted sessions are never refused.
-    s.found("r", 1, None);
+    s.found("r", 1, &[]);
     // The cluster bucket (5) has 2 left: other repls in it get 2 more.
-    s.found("x", 0, None);
-    s.found("y", 0, None);
+    s.found("x", 0, &[]);
+    s.found("y", 0, &[]);
     assert_eq!(s.failed("z", 0), (PlacementFailure::Admission, Some(2000)));
     // The hint is right: by then both buckets hold a token again.
     c.clock.advance(Duration::from_millis(2000));
-    s.found("r", 0, None);
+    s.found("r", 0, &[]);
     // Another cluster has its own bucket.
     let id = s.send_in("z", "elsewhere");
     let (got, r) = s.recv();
@@ -320,19 +343,19 @@ fn static_mode_hashes_consistently_and_honours_exclude_and_pins() {
     let mut per_vm = [0; 3];
     for i in 0..60 {
         let repl = format!("repl-{i}");
-        let f = a.shards[0].found(&repl, 0, None);
+        let f = a.shards[0].found(&repl, 0, &[]);
         // Another instance (another proxy process) agrees.
-        assert_eq!(b.shards[0].found(&repl, 0, None), f);
-        assert_eq!(a.shards[0].found(&repl, 0, None), f);
+        assert_eq!(b.shards[0].found(&repl, 0, &[]), f);
+        assert_eq!(a.shards[0].found(&repl, 0, &[]), f);
         let i: usize = f.vm.strip_prefix("vm-").unwrap().parse().unwrap();
         assert_eq!(f.addr.port(), 7000 + i as u16);
         per_vm[i] += 1;
-        let next = a.shards[0].found(&repl, 1, Some(&f.vm));
+        let next = a.shards[0].found(&repl, 1, &[&f.vm]);
         assert_ne!(next.vm, f.vm);
     }
     assert!(per_vm.iter().all(|&n| n > 5), "{per_vm:?}");
-    assert_eq!(a.shards[0].found("pinned", 0, None).vm, "vm-2");
-    assert_ne!(a.shards[0].found("pinned", 1, Some("vm-2")).vm, "vm-2");
+    assert_eq!(a.shards[0].found("pinned", 0, &[]).vm, "vm-2");
+    assert_ne!(a.shards[0].found("pinned", 1, &["vm-2"]).vm, "vm-2");
 }
 
 #[test]
@@ -342,10 +365,10 @@ fn thread_exits_when_every_shard_socket_is_closed() {
         with_controlplane(cp_config(vec![url(&cp)]), Default::default()),
         3,
     );
-    c.shards[1].found("r", 0, None);
+    c.shards[1].found("r", 0, &[]);
     // A request still in flight when the shards go must not keep it alive.
     cp.set_mode(FakeMode::Slow(Duration::from_secs(5)));
-    c.shards[0].send("slow", 0, None);
+    c.shards[0].send("slow", 0, &[]);
     let (done_tx, done_rx) = mpsc::channel();
     let thread = c.thread;
     thread::spawn(move || {
@@ -414,7 +437,7 @@ fn fake_places_least_loaded_with_reported_load() {
     let s = &mut c.shards[0];
     let vms: Vec<String> = ["a", "b", "c", "d"]
         .iter()
-        .map(|r| s.found(r, 0, None).vm)
+        .map(|r| s.found(r, 0, &[]).vm)
         .collect();
     // Loads 2,1,0 → vm-2, then vm-1 and vm-2 tie at 1 (first wins), then
     // all at 2 → vm-0.

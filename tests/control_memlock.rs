@@ -42,5 +42,5 @@ fn spawn_raises_a_low_memlock_soft_limit() {
     };
     let mut c = start(cfg, 1);
     assert_eq!(memlock().rlim_cur, 512 * 1024);
-    c.shards[0].found("r", 0, None);
+    c.shards[0].found("r", 0, &[]);
 }

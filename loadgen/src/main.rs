@@ -77,7 +77,7 @@ enum Command {
     Conman(ConmanArgs),
     /// Run the fake Controlplane (the placement HTTP contract) until killed.
     ///
-    /// `GET /v1/placement?repl=ID[&exclude=VM]` places each new repl on the
+    /// `GET /v1/placement?repl=ID[&exclude=VM]...` places each new repl on the
     /// least-loaded Conman and keeps it there unless excluded; repl ids
     /// starting with `unknown` get 404. Prints `listening ADDR` once bound.
     Controlplane(ControlplaneArgs),

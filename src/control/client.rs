@@ -90,11 +90,7 @@ impl Client {
         }
     }
 
-    pub(crate) async fn fetch(
-        &self,
-        repl: &str,
-        exclude: Option<&str>,
-    ) -> Result<Placement, Failure> {
+    pub(crate) async fn fetch(&self, repl: &str, exclude: &[String]) -> Result<Placement, Failure> {
         let n = self.endpoints.len();
         let start = self.preferred.get();
         let mut last = Failure::from(PlacementFailure::Unavailable);
@@ -154,7 +150,7 @@ impl Client {
         &self,
         ep: &Endpoint,
         repl: &str,
-        exclude: Option<&str>,
+        exclude: &[String],
     ) -> Result<Response, PlacementFailure> {
         let _permit = ep
             .permits

@@ -32,18 +32,19 @@ pub(crate) enum HttpError {
     TooLarge,
 }
 
-/// `GET {prefix}/v1/placement?repl=R[&exclude=VM]`.
+/// `GET {prefix}/v1/placement?repl=R[&exclude=VM]...`: one `exclude` per
+/// VM that failed in the session's attempts.
 pub(crate) fn write_placement_request(
     out: &mut Vec<u8>,
     base: &Url,
     host_header: &str,
     repl: &str,
-    exclude: Option<&str>,
+    exclude: &[String],
 ) {
     let mut target = base.path.trim_end_matches('/').to_owned();
     target.push_str("/v1/placement?repl=");
     url::encode_query_value(&mut target, repl);
-    if let Some(vm) = exclude {
+    for vm in exclude {
         target.push_str("&exclude=");
         url::encode_query_value(&mut target, vm);
     }
@@ -296,7 +297,8 @@ mod tests {
     fn request_line_and_encoding() {
         let base = url::parse_http("http://127.0.0.1:9000/cp/").unwrap();
         let mut out = Vec::new();
-        write_placement_request(&mut out, &base, "127.0.0.1:9000", "r 1", Some("vm&2"));
+        let one = ["vm&2".to_owned()];
+        write_placement_request(&mut out, &base, "127.0.0.1:9000", "r 1", &one);
         let s = String::from_utf8(out).unwrap();
         assert!(
             s.starts_with("GET /cp/v1/placement?repl=r%201&exclude=vm%262 HTTP/1.1\r\nHost: 127.0.0.1:9000\r\n"),
@@ -305,7 +307,17 @@ mod tests {
         assert!(s.ends_with("\r\n\r\n"));
         let base = url::parse_http("http://h").unwrap();
         let mut out = Vec::new();
-        write_placement_request(&mut out, &base, "h", "r", None);
+        let several = ["vm-1".to_owned(), "vm 2".to_owned(), "vm=3&x".to_owned()];
+        write_placement_request(&mut out, &base, "h", "r", &several);
+        assert!(
+            out.starts_with(
+                b"GET /v1/placement?repl=r&exclude=vm-1&exclude=vm%202&exclude=vm%3D3%26x HTTP/1.1\r\n"
+            ),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        let mut out = Vec::new();
+        write_placement_request(&mut out, &base, "h", "r", &[]);
         assert!(out.starts_with(b"GET /v1/placement?repl=r HTTP/1.1\r\n"));
     }
 

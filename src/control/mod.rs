@@ -82,8 +82,8 @@ pub struct ControlConfig {
 #[derive(Debug, Clone)]
 pub enum PlacementMode {
     /// Rendezvous hashing of the repl id over `vms` (vm id, `ws://` Conman
-    /// URL); `repls` pins a repl to a vm id. An `exclude` skips that VM
-    /// (the repl's next VM by hash) unless it is the only one.
+    /// URL); `repls` pins a repl to a vm id. Excluded VMs are skipped (the
+    /// repl's next VM by hash), except the only VM of a one-VM list.
     Static {
         vms: Vec<(String, String)>,
         repls: Vec<(String, String)>,
@@ -195,7 +195,8 @@ impl LocalStatic {
         }
     }
 
-    pub fn pick(&self, repl: &str, exclude: Option<&str>) -> PlacementResult {
+    /// `exclude`: every VM that failed in the session's attempts.
+    pub fn pick(&self, repl: &str, exclude: &[String]) -> PlacementResult {
         match self.0.pick(repl, exclude) {
             Some((_, found)) => PlacementResult::Found(found.clone()),
             None => PlacementResult::Failed {

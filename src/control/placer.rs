@@ -40,8 +40,9 @@ impl From<PlacementFailure> for Failure {
 pub(crate) struct Waiter {
     pub shard: usize,
     pub id: u64,
-    exclude: Option<String>,
-    /// Already asked again because the answer was the VM it excluded.
+    /// The VMs that failed in the session's attempts.
+    exclude: Vec<String>,
+    /// Already asked again because the answer was a VM it excluded.
     refetched: bool,
 }
 
@@ -50,7 +51,7 @@ pub(crate) struct Waiter {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Fetch {
     pub repl: String,
-    pub exclude: Option<String>,
+    pub exclude: Vec<String>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -129,7 +130,7 @@ impl Placer {
         }
         let d = match &mut self.mode {
             Mode::Static(ring) => {
-                return Action::Reply(match ring.pick(&repl, exclude.as_deref()) {
+                return Action::Reply(match ring.pick(&repl, &exclude) {
                     Some((_, found)) => PlacementResult::Found(found.clone()),
                     None => failed(PlacementFailure::NoCapacity, None),
                 })
@@ -137,10 +138,13 @@ impl Placer {
             Mode::Controlplane(d) => d,
         };
         let stats = &self.stats;
-        if let Some(vm) = &exclude {
-            if d.cache.get(&repl, now).is_some_and(|f| f.vm == *vm) {
-                d.cache.remove(&repl);
-            }
+        // A cached placement naming any VM the session saw fail is not
+        // served: the Controlplane is asked again, excluding them all.
+        if d.cache
+            .get(&repl, now)
+            .is_some_and(|f| exclude.contains(&f.vm))
+        {
+            d.cache.remove(&repl);
         }
         if let Some(found) = d.cache.get(&repl, now) {
             stats.cache_hits.fetch_add(1, Relaxed);
@@ -192,9 +196,10 @@ impl Placer {
                 }
                 let mut again = Vec::new();
                 for mut w in waiters {
-                    // Joined a flight that was not told about its failed VM,
-                    // and got that VM: ask once more, excluding it.
-                    if !w.refetched && w.exclude.as_deref() == Some(p.found.vm.as_str()) {
+                    // Joined a flight that was not told about its failed
+                    // VMs, and got one of them: ask once more, excluding
+                    // them.
+                    if !w.refetched && w.exclude.contains(&p.found.vm) {
                         w.refetched = true;
                         again.push(w);
                     } else {
@@ -202,10 +207,18 @@ impl Placer {
                             .push((w, PlacementResult::Found(p.found.clone())));
                     }
                 }
-                if let Some(first) = again.first() {
+                if !again.is_empty() {
+                    // Every such waiter's failed VMs, so that no one of
+                    // them is sent back to a VM it saw fail.
+                    let mut exclude: Vec<String> = Vec::new();
+                    for vm in again.iter().flat_map(|w| &w.exclude) {
+                        if !exclude.contains(vm) {
+                            exclude.push(vm.clone());
+                        }
+                    }
                     done.refetch = Some(Fetch {
                         repl: repl.to_owned(),
-                        exclude: first.exclude.clone(),
+                        exclude,
                     });
                     d.flights.start(repl, again);
                 }
@@ -252,20 +265,24 @@ mod tests {
         })
     }
 
-    fn req(id: u64, repl: &str, attempt: u8, exclude: Option<&str>) -> ToControl {
+    fn vms(list: &[&str]) -> Vec<String> {
+        list.iter().map(|&vm| vm.to_owned()).collect()
+    }
+
+    fn req(id: u64, repl: &str, attempt: u8, exclude: &[&str]) -> ToControl {
         ToControl::Placement {
             id,
             repl: repl.into(),
             cluster: "c".into(),
             attempt,
-            exclude: exclude.map(Into::into),
+            exclude: vms(exclude),
         }
     }
 
-    fn fetch(repl: &str, exclude: Option<&str>) -> Action {
+    fn fetch(repl: &str, exclude: &[&str]) -> Action {
         Action::Fetch(Fetch {
             repl: repl.into(),
-            exclude: exclude.map(Into::into),
+            exclude: vms(exclude),
         })
     }
 
@@ -296,19 +313,19 @@ mod tests {
         let t0 = Instant::now();
         let (mut p, stats) = dynamic(no_admission());
         assert_eq!(
-            p.handle_request(0, req(1, "r", 0, None), t0),
-            fetch("r", None)
+            p.handle_request(0, req(1, "r", 0, &[]), t0),
+            fetch("r", &[])
         );
         let c = p.handle_fetch_done("r", placement("vm-1", 100), t0);
         assert_eq!(found_ids(&c), [1]);
         assert_eq!(c.refetch, None);
         assert_eq!(
-            p.handle_request(1, req(2, "r", 0, None), t0 + 99 * MS),
+            p.handle_request(1, req(2, "r", 0, &[]), t0 + 99 * MS),
             Action::Reply(PlacementResult::Found(found("vm-1")))
         );
         assert_eq!(
-            p.handle_request(1, req(3, "r", 0, None), t0 + 100 * MS),
-            fetch("r", None)
+            p.handle_request(1, req(3, "r", 0, &[]), t0 + 100 * MS),
+            fetch("r", &[])
         );
         assert_eq!(stats.cache_hits.load(Relaxed), 1);
         assert_eq!(stats.cache_misses.load(Relaxed), 2);
@@ -319,12 +336,12 @@ mod tests {
         let t0 = Instant::now();
         let (mut p, stats) = dynamic(no_admission());
         assert_eq!(
-            p.handle_request(0, req(0, "r", 0, None), t0),
-            fetch("r", None)
+            p.handle_request(0, req(0, "r", 0, &[]), t0),
+            fetch("r", &[])
         );
         for id in 1..100 {
             assert_eq!(
-                p.handle_request(id as usize % 4, req(id, "r", 0, None), t0),
+                p.handle_request(id as usize % 4, req(id, "r", 0, &[]), t0),
                 Action::Wait
             );
         }
@@ -338,16 +355,16 @@ mod tests {
     fn exclude_of_the_cached_vm_invalidates_and_asks_with_exclude() {
         let t0 = Instant::now();
         let (mut p, _) = dynamic(no_admission());
-        p.handle_request(0, req(1, "r", 0, None), t0);
+        p.handle_request(0, req(1, "r", 0, &[]), t0);
         p.handle_fetch_done("r", placement("vm-1", 10_000), t0);
         // Excluding some other VM still hits.
         assert!(matches!(
-            p.handle_request(0, req(2, "r", 1, Some("vm-9")), t0),
+            p.handle_request(0, req(2, "r", 1, &["vm-9"]), t0),
             Action::Reply(PlacementResult::Found(_))
         ));
         assert_eq!(
-            p.handle_request(0, req(3, "r", 1, Some("vm-1")), t0),
-            fetch("r", Some("vm-1"))
+            p.handle_request(0, req(3, "r", 1, &["vm-1"]), t0),
+            fetch("r", &["vm-1"])
         );
         let c = p.handle_fetch_done("r", placement("vm-2", 10_000), t0);
         assert_eq!(
@@ -358,7 +375,7 @@ mod tests {
             )]
         );
         assert_eq!(
-            p.handle_request(0, req(4, "r", 0, None), t0),
+            p.handle_request(0, req(4, "r", 0, &[]), t0),
             Action::Reply(PlacementResult::Found(found("vm-2")))
         );
     }
@@ -368,11 +385,11 @@ mod tests {
         let t0 = Instant::now();
         let (mut p, _) = dynamic(no_admission());
         assert_eq!(
-            p.handle_request(0, req(1, "r", 0, None), t0),
-            fetch("r", None)
+            p.handle_request(0, req(1, "r", 0, &[]), t0),
+            fetch("r", &[])
         );
         assert_eq!(
-            p.handle_request(0, req(2, "r", 1, Some("vm-1")), t0),
+            p.handle_request(0, req(2, "r", 1, &["vm-1"]), t0),
             Action::Wait
         );
         let c = p.handle_fetch_done("r", placement("vm-1", 10_000), t0);
@@ -381,12 +398,12 @@ mod tests {
             c.refetch,
             Some(Fetch {
                 repl: "r".into(),
-                exclude: Some("vm-1".into())
+                exclude: vms(&["vm-1"])
             })
         );
         // Joining the refetch works like any flight.
         assert_eq!(
-            p.handle_request(0, req(3, "r", 1, Some("vm-1")), t0),
+            p.handle_request(0, req(3, "r", 1, &["vm-1"]), t0),
             Action::Wait
         );
         // A Controlplane that ignores `exclude` does not loop us forever.
@@ -399,12 +416,57 @@ mod tests {
     }
 
     #[test]
+    fn any_excluded_vm_invalidates_the_cache_and_every_one_is_asked_to_skip() {
+        let t0 = Instant::now();
+        let (mut p, _) = dynamic(no_admission());
+        p.handle_request(0, req(1, "r", 0, &[]), t0);
+        p.handle_fetch_done("r", placement("vm-2", 10_000), t0);
+        // Two failed VMs, neither of them the cached one: still a hit.
+        assert_eq!(
+            p.handle_request(0, req(2, "r", 2, &["vm-1", "vm-3"]), t0),
+            Action::Reply(PlacementResult::Found(found("vm-2")))
+        );
+        // The cached VM second in the list: not served, and the fetch
+        // carries the whole list.
+        assert_eq!(
+            p.handle_request(0, req(3, "r", 2, &["vm-1", "vm-2"]), t0),
+            fetch("r", &["vm-1", "vm-2"])
+        );
+        // Waiters with other lists join; one that got a VM it excluded is
+        // asked for again with every such waiter's VMs excluded.
+        assert_eq!(
+            p.handle_request(0, req(4, "r", 1, &["vm-3"]), t0),
+            Action::Wait
+        );
+        assert_eq!(
+            p.handle_request(0, req(5, "r", 2, &["vm-4", "vm-3"]), t0),
+            Action::Wait
+        );
+        assert_eq!(
+            p.handle_request(0, req(6, "r", 1, &["vm-4"]), t0),
+            Action::Wait
+        );
+        let c = p.handle_fetch_done("r", placement("vm-3", 10_000), t0);
+        assert_eq!(found_ids(&c), [3, 6]);
+        assert_eq!(
+            c.refetch,
+            Some(Fetch {
+                repl: "r".into(),
+                exclude: vms(&["vm-3", "vm-4"])
+            })
+        );
+        let c = p.handle_fetch_done("r", placement("vm-5", 10_000), t0);
+        assert_eq!(found_ids(&c), [4, 5]);
+        assert_eq!(c.refetch, None);
+    }
+
+    #[test]
     fn failures_reach_every_waiter_and_open_the_breaker() {
         let t0 = Instant::now();
         let (mut p, stats) = dynamic(no_admission());
         let timeout = Failure::from(PlacementFailure::Timeout);
-        p.handle_request(0, req(1, "r", 0, None), t0);
-        p.handle_request(0, req(2, "r", 0, None), t0);
+        p.handle_request(0, req(1, "r", 0, &[]), t0);
+        p.handle_request(0, req(2, "r", 0, &[]), t0);
         let c = p.handle_fetch_done("r", Err(timeout), t0);
         assert_eq!(c.replies.len(), 2);
         assert!(c.replies.iter().all(|(_, r)| *r
@@ -415,13 +477,13 @@ mod tests {
         assert_eq!(stats.errors(PlacementFailure::Timeout), 2);
         // Second consecutive failure opens it (threshold 2).
         assert_eq!(
-            p.handle_request(0, req(3, "s", 0, None), t0),
-            fetch("s", None)
+            p.handle_request(0, req(3, "s", 0, &[]), t0),
+            fetch("s", &[])
         );
         p.handle_fetch_done("s", Err(Failure::from(PlacementFailure::Unavailable)), t0);
         assert_eq!(stats.breaker_state.load(Relaxed), 1);
         assert_eq!(
-            p.handle_request(0, req(4, "t", 0, None), t0 + 50 * MS),
+            p.handle_request(0, req(4, "t", 0, &[]), t0 + 50 * MS),
             Action::Reply(PlacementResult::Failed {
                 reason: PlacementFailure::CircuitOpen,
                 retry_after_ms: Some(150)
@@ -430,22 +492,22 @@ mod tests {
         // Half-open: one probe, the rest fail fast.
         let t1 = t0 + 200 * MS;
         assert_eq!(
-            p.handle_request(0, req(5, "t", 0, None), t1),
-            fetch("t", None)
+            p.handle_request(0, req(5, "t", 0, &[]), t1),
+            fetch("t", &[])
         );
         assert_eq!(stats.breaker_state.load(Relaxed), 2);
         assert!(matches!(
-            p.handle_request(0, req(6, "u", 0, None), t1),
+            p.handle_request(0, req(6, "u", 0, &[]), t1),
             Action::Reply(PlacementResult::Failed { .. })
         ));
         // The probe's own repl joins the probe instead.
-        assert_eq!(p.handle_request(0, req(7, "t", 0, None), t1), Action::Wait);
+        assert_eq!(p.handle_request(0, req(7, "t", 0, &[]), t1), Action::Wait);
         let c = p.handle_fetch_done("t", placement("vm-1", 1000), t1);
         assert_eq!(found_ids(&c), [5, 7]);
         assert_eq!(stats.breaker_state.load(Relaxed), 0);
         assert_eq!(
-            p.handle_request(0, req(8, "u", 0, None), t1),
-            fetch("u", None)
+            p.handle_request(0, req(8, "u", 0, &[]), t1),
+            fetch("u", &[])
         );
     }
 
@@ -454,7 +516,7 @@ mod tests {
         let t0 = Instant::now();
         let (mut p, stats) = dynamic(no_admission());
         for i in 0..5 {
-            p.handle_request(0, req(i, "unknown", 0, None), t0);
+            p.handle_request(0, req(i, "unknown", 0, &[]), t0);
             let c = p.handle_fetch_done(
                 "unknown",
                 Err(Failure::from(PlacementFailure::UnknownRepl)),
@@ -470,7 +532,7 @@ mod tests {
     fn no_capacity_passes_retry_after_on() {
         let t0 = Instant::now();
         let (mut p, _) = dynamic(no_admission());
-        p.handle_request(0, req(1, "r", 0, None), t0);
+        p.handle_request(0, req(1, "r", 0, &[]), t0);
         let f = Failure {
             reason: PlacementFailure::NoCapacity,
             retry_after: Some(Duration::from_secs(2)),
@@ -498,17 +560,17 @@ mod tests {
         );
         let (mut p, stats) = dynamic(admission);
         assert_eq!(
-            p.handle_request(0, req(1, "r", 0, None), t0),
-            fetch("r", None)
+            p.handle_request(0, req(1, "r", 0, &[]), t0),
+            fetch("r", &[])
         );
         assert_eq!(
-            p.handle_request(0, req(2, "r", 0, None), t0),
+            p.handle_request(0, req(2, "r", 0, &[]), t0),
             Action::Reply(PlacementResult::Failed {
                 reason: PlacementFailure::Admission,
                 retry_after_ms: Some(500)
             })
         );
-        assert_eq!(p.handle_request(0, req(3, "r", 1, None), t0), Action::Wait);
+        assert_eq!(p.handle_request(0, req(3, "r", 1, &[]), t0), Action::Wait);
         assert_eq!(stats.errors(PlacementFailure::Admission), 1);
     }
 
@@ -526,16 +588,20 @@ mod tests {
         let stats = Arc::new(ControlStats::default());
         let mut p = Placer::new(no_admission(), Mode::Static(ring), stats);
         let Action::Reply(PlacementResult::Found(first)) =
-            p.handle_request(0, req(1, "r", 0, None), t0)
+            p.handle_request(0, req(1, "r", 0, &[]), t0)
         else {
             panic!("static mode answers at once")
         };
         let Action::Reply(PlacementResult::Found(second)) =
-            p.handle_request(0, req(2, "r", 1, Some(&first.vm)), t0)
+            p.handle_request(0, req(2, "r", 1, &[&first.vm]), t0)
         else {
             panic!("static mode answers at once")
         };
         assert_ne!(first.vm, second.vm);
+        assert_eq!(
+            p.handle_request(0, req(3, "r", 2, &[&first.vm, &second.vm]), t0),
+            Action::Reply(failed(PlacementFailure::NoCapacity, None))
+        );
     }
 
     #[test]

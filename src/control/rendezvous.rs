@@ -51,11 +51,13 @@ impl<T> Rendezvous<T> {
         Ok(Rendezvous { vms, pins: map })
     }
 
-    /// The VM for `repl`: its pin, else the highest score. `exclude` skips
-    /// that VM unless it is the only one, since retrying the one VM there is
-    /// beats failing the session.
-    pub(crate) fn pick(&self, repl: &str, exclude: Option<&str>) -> Option<(&str, &T)> {
-        let allowed = |id: &str| exclude != Some(id) || self.vms.len() == 1;
+    /// The VM for `repl`: its pin, else the highest score among the VMs not
+    /// in `exclude` (the VMs that failed in the session's attempts); `None`
+    /// once every VM is excluded. The only VM of a one-VM list is never
+    /// excluded, since retrying the one VM there is beats failing the
+    /// session.
+    pub(crate) fn pick(&self, repl: &str, exclude: &[String]) -> Option<(&str, &T)> {
+        let allowed = |id: &str| self.vms.len() == 1 || !exclude.iter().any(|x| x == id);
         if let Some(&i) = self.pins.get(repl) {
             let (id, _, v) = &self.vms[i];
             if allowed(id) {
@@ -85,8 +87,8 @@ mod tests {
         let mut counts = [0usize; 4];
         for i in 0..4000 {
             let repl = format!("repl-{i}");
-            let (_, &v) = r.pick(&repl, None).unwrap();
-            assert_eq!(r.pick(&repl, None).unwrap().1, &v);
+            let (_, &v) = r.pick(&repl, &[]).unwrap();
+            assert_eq!(r.pick(&repl, &[]).unwrap().1, &v);
             counts[v] += 1;
         }
         for c in counts {
@@ -100,8 +102,8 @@ mod tests {
         let three = Rendezvous::new((0..3).map(|i| (format!("vm-{i}"), i)).collect(), []).unwrap();
         for i in 0..2000 {
             let repl = format!("repl-{i}");
-            let (id4, _) = four.pick(&repl, None).unwrap();
-            let (id3, _) = three.pick(&repl, None).unwrap();
+            let (id4, _) = four.pick(&repl, &[]).unwrap();
+            let (id3, _) = three.pick(&repl, &[]).unwrap();
             if id4 != "vm-3" {
                 assert_eq!(id4, id3, "{repl}");
             }
@@ -113,20 +115,65 @@ mod tests {
         let r = ring(4);
         for i in 0..500 {
             let repl = format!("repl-{i}");
-            let (first, _) = r.pick(&repl, None).unwrap();
-            let (second, _) = r.pick(&repl, Some(first)).unwrap();
+            let (first, _) = r.pick(&repl, &[]).unwrap();
+            let (second, _) = r.pick(&repl, &[first.to_owned()]).unwrap();
             assert_ne!(first, second);
             // Excluding some other VM changes nothing.
             let other = if first == "vm-0" { "vm-1" } else { "vm-0" };
-            assert_eq!(r.pick(&repl, Some(other)).unwrap().0, first);
+            assert_eq!(r.pick(&repl, &[other.to_owned()]).unwrap().0, first);
             let without: Vec<_> = (0..4)
                 .map(|i| format!("vm-{i}"))
                 .filter(|id| id != first)
                 .map(|id| (id, 0))
                 .collect();
             let smaller = Rendezvous::new(without, []).unwrap();
-            assert_eq!(smaller.pick(&repl, None).unwrap().0, second);
+            assert_eq!(smaller.pick(&repl, &[]).unwrap().0, second);
         }
+    }
+
+    #[test]
+    fn several_excludes_give_the_best_of_the_rest_then_none() {
+        let r = ring(4);
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for i in 0..500 {
+            let repl = format!("repl-{i}");
+            // Excluding the VMs in order of preference walks down the
+            // repl's order, never back to an excluded one.
+            let mut excluded: Vec<String> = Vec::new();
+            for _ in 0..4 {
+                let (next, _) = r.pick(&repl, &excluded).unwrap();
+                assert!(!excluded.iter().any(|x| x == next), "{repl}");
+                // The best of the rest is what a ring without them picks.
+                let rest: Vec<_> = (0..4)
+                    .map(|i| format!("vm-{i}"))
+                    .filter(|id| !excluded.contains(id))
+                    .map(|id| (id, 0))
+                    .collect();
+                let smaller = Rendezvous::new(rest, []).unwrap();
+                assert_eq!(smaller.pick(&repl, &[]).unwrap().0, next);
+                excluded.push(next.to_owned());
+            }
+            assert!(r.pick(&repl, &excluded).is_none());
+            // Unknown and repeated names change nothing.
+            assert_eq!(
+                r.pick(&repl, &ids(&["zz", "zz"])).unwrap().0,
+                r.pick(&repl, &[]).unwrap().0
+            );
+        }
+        let pinned = Rendezvous::new(
+            vec![
+                ("a".to_owned(), 1),
+                ("b".to_owned(), 2),
+                ("c".to_owned(), 3),
+            ],
+            [("special".to_owned(), "b".to_owned())],
+        )
+        .unwrap();
+        assert_eq!(pinned.pick("special", &ids(&["a", "c"])).unwrap().0, "b");
+        let other = pinned.pick("special", &ids(&["b"])).unwrap().0;
+        let last = if other == "a" { "c" } else { "a" };
+        assert_eq!(pinned.pick("special", &ids(&["b", other])).unwrap().0, last);
+        assert!(pinned.pick("special", &ids(&["a", "b", "c"])).is_none());
     }
 
     #[test]
@@ -136,12 +183,12 @@ mod tests {
             [("special".to_owned(), "b".to_owned())],
         )
         .unwrap();
-        assert_eq!(r.pick("special", None).unwrap().0, "b");
-        assert_eq!(r.pick("special", Some("b")).unwrap().0, "a");
+        assert_eq!(r.pick("special", &[]).unwrap().0, "b");
+        assert_eq!(r.pick("special", &["b".to_owned()]).unwrap().0, "a");
         let one = Rendezvous::new(vec![("a".to_owned(), 1)], []).unwrap();
-        assert_eq!(one.pick("x", Some("a")).unwrap().0, "a");
+        assert_eq!(one.pick("x", &["a".to_owned()]).unwrap().0, "a");
         let none = Rendezvous::<u8>::new(vec![], []).unwrap();
-        assert!(none.pick("x", None).is_none());
+        assert!(none.pick("x", &[]).is_none());
     }
 
     #[test]
@@ -161,7 +208,7 @@ mod tests {
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
         let r = ring(3);
         let got: Vec<_> = (0..8)
-            .map(|i| r.pick(&format!("repl-{i}"), None).unwrap().1.to_string())
+            .map(|i| r.pick(&format!("repl-{i}"), &[]).unwrap().1.to_string())
             .collect();
         assert_eq!(got.concat(), "12001002");
     }

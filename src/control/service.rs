@@ -170,7 +170,7 @@ impl Service {
         let svc = self.clone();
         glommio::spawn_local(async move {
             let outcome = match &svc.client {
-                Some(c) => c.fetch(&f.repl, f.exclude.as_deref()).await,
+                Some(c) => c.fetch(&f.repl, &f.exclude).await,
                 None => Err(Failure::from(PlacementFailure::Unavailable)),
             };
             let done = svc

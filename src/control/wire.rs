@@ -4,6 +4,7 @@
 //!
 //! Framing: `u32` little-endian length of the body, then the body. Bodies
 //! start with a kind byte. Strings are `u16` LE length + UTF-8 bytes; a
+//! list of strings is a `u8` count, then the strings; a
 //! [`PlacementFailure`] is one tag byte. The decoder is sans-IO: `decode(buf)` returns `Ok(None)` until a whole
 //! message is there and consumes nothing.
 #![forbid(unsafe_code)]
@@ -16,16 +17,17 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// Shard → control.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ToControl {
-    /// Where does `repl` live? `exclude` names a VM that just failed (the
-    /// control shard also drops its cached placement for the repl if it
-    /// points there). `id` is echoed in the reply. `attempt` is 0 for a new
+    /// Where does `repl` live? `exclude` names every VM that failed in the
+    /// session's attempts (at most `limits.max_attempts`, so a `u8` count
+    /// suffices); the control shard also drops its cached placement for
+    /// the repl if it points at one of them. `id` is echoed in the reply. `attempt` is 0 for a new
     /// session (admission control applies) and counts retries after it.
     Placement {
         id: u64,
         repl: String,
         cluster: String,
         attempt: u8,
-        exclude: Option<String>,
+        exclude: Vec<String>,
     },
 }
 
@@ -130,6 +132,15 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&b[..n]);
 }
 
+/// At most 255 strings: the count is one byte.
+fn put_strs(out: &mut Vec<u8>, list: &[String]) {
+    let n = list.len().min(usize::from(u8::MAX));
+    out.push(n as u8);
+    for s in &list[..n] {
+        put_str(out, s);
+    }
+}
+
 fn frame(out: &mut Vec<u8>, body: impl FnOnce(&mut Vec<u8>)) {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
@@ -166,6 +177,11 @@ impl<'a> Reader<'a> {
         let n = self.u16()? as usize;
         let b = self.bytes(n)?;
         String::from_utf8(b.to_vec()).map_err(|_| WireError::Malformed)
+    }
+    /// A `u8` count bounds the list whatever the body says.
+    fn strs(&mut self) -> Result<Vec<String>, WireError> {
+        let n = self.u8()?;
+        (0..n).map(|_| self.str()).collect()
     }
     fn end(&self) -> Result<(), WireError> {
         if self.b.is_empty() {
@@ -206,13 +222,7 @@ impl ToControl {
                 put_str(o, repl);
                 put_str(o, cluster);
                 o.push(*attempt);
-                match exclude {
-                    Some(vm) => {
-                        o.push(1);
-                        put_str(o, vm);
-                    }
-                    None => o.push(0),
-                }
+                put_strs(o, exclude);
             }),
         }
     }
@@ -228,11 +238,7 @@ impl ToControl {
                 let repl = r.str()?;
                 let cluster = r.str()?;
                 let attempt = r.u8()?;
-                let exclude = match r.u8()? {
-                    0 => None,
-                    1 => Some(r.str()?),
-                    _ => return Err(WireError::Malformed),
-                };
+                let exclude = r.strs()?;
                 ToControl::Placement {
                     id,
                     repl,
@@ -353,21 +359,26 @@ mod tests {
         assert_eq!(ToShard::decode(&out), Ok(Some((m, out.len()))));
     }
 
-    #[test]
-    fn messages_round_trip_and_wait_for_whole_frames() {
-        let req = ToControl::Placement {
-            id: 7,
-            repl: "repl-1".into(),
-            cluster: "us-east".into(),
-            attempt: 2,
-            exclude: Some("vm-2".into()),
-        };
+    fn roundtrip_control(m: ToControl) {
         let mut out = Vec::new();
-        req.encode(&mut out);
+        m.encode(&mut out);
         for cut in 0..out.len() {
             assert_eq!(ToControl::decode(&out[..cut]), Ok(None));
         }
-        assert_eq!(ToControl::decode(&out), Ok(Some((req, out.len()))));
+        assert_eq!(ToControl::decode(&out), Ok(Some((m, out.len()))));
+    }
+
+    #[test]
+    fn messages_round_trip_and_wait_for_whole_frames() {
+        for exclude in [vec![], vec!["vm-2"], vec!["vm-2", "", "vm-0 é"]] {
+            roundtrip_control(ToControl::Placement {
+                id: 7,
+                repl: "repl-1".into(),
+                cluster: "us-east".into(),
+                attempt: 2,
+                exclude: exclude.into_iter().map(Into::into).collect(),
+            });
+        }
         roundtrip_shard(ToShard::Placement {
             id: u64::MAX - 1,
             result: PlacementResult::Found(Found {
@@ -388,6 +399,36 @@ mod tests {
                 });
             }
         }
+    }
+
+    #[test]
+    fn exclude_list_is_counted_and_bounded() {
+        let req = |exclude: Vec<String>| ToControl::Placement {
+            id: 1,
+            repl: "r".into(),
+            cluster: "c".into(),
+            attempt: 3,
+            exclude,
+        };
+        // Encoding keeps the first 255; the count byte cannot say more.
+        let many: Vec<String> = (0..300).map(|i| format!("vm-{i}")).collect();
+        let mut out = Vec::new();
+        req(many.clone()).encode(&mut out);
+        let (got, used) = ToControl::decode(&out).unwrap().unwrap();
+        assert_eq!(used, out.len());
+        assert_eq!(got, req(many[..255].to_vec()));
+        // A count larger than the strings that follow is malformed, and so
+        // is a string left over after the count.
+        let mut out = Vec::new();
+        req(vec!["vm-1".into()]).encode(&mut out);
+        let count_at = out.len() - (2 + 4) - 1;
+        assert_eq!(out[count_at], 1);
+        let mut more = out.clone();
+        more[count_at] = 2;
+        assert_eq!(ToControl::decode(&more), Err(WireError::Malformed));
+        let mut fewer = out;
+        fewer[count_at] = 0;
+        assert_eq!(ToControl::decode(&fewer), Err(WireError::Malformed));
     }
 
     #[test]

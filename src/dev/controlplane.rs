@@ -7,14 +7,15 @@
 //! that it shares nothing with the control shard it is testing.
 //!
 //! # Contract
-//! `GET /v1/placement?repl=ID[&exclude=VM]` →
+//! `GET /v1/placement?repl=ID[&exclude=VM]...` (one `exclude` per VM to
+//! skip) →
 //! `200 {"vm":"ID","conman":"ws://HOST:PORT/PATH","ttl_ms":N}`; `404` for
 //! repl ids starting with `unknown`; `503` (with `Retry-After: 1`) when every
 //! VM is excluded; `400` without `repl`. Any other path is a 404 and is not
 //! counted as a placement request.
 //!
 //! # Placement
-//! Least loaded: a repl seen for the first time, or whose VM it excludes,
+//! Least loaded: a repl seen for the first time, or whose VM is excluded,
 //! goes to the VM with the fewest repls placed on it (plus what
 //! [`FakeControlplane::report_load`] added), ties to the first configured;
 //! otherwise a repl keeps its VM.
@@ -75,21 +76,17 @@ struct Placements {
 
 impl Placements {
     /// `None` when every VM is excluded.
-    fn place(
-        &mut self,
-        vms: &[(String, String)],
-        repl: &str,
-        exclude: Option<&str>,
-    ) -> Option<usize> {
+    fn place(&mut self, vms: &[(String, String)], repl: &str, exclude: &[String]) -> Option<usize> {
+        let excluded = |i: usize| exclude.contains(&vms[i].0);
         if let Some(&i) = self.by_repl.get(repl) {
-            if exclude != Some(vms[i].0.as_str()) {
+            if !excluded(i) {
                 return Some(i);
             }
             self.load[i] -= 1;
             self.by_repl.remove(repl);
         }
         let i = (0..vms.len())
-            .filter(|&i| exclude != Some(vms[i].0.as_str()))
+            .filter(|&i| !excluded(i))
             .min_by_key(|&i| (self.load[i], i))?;
         self.load[i] += 1;
         self.by_repl.insert(repl.to_owned(), i);
@@ -456,13 +453,13 @@ fn respond(shared: &Shared, target: &str) -> Option<Response> {
         FakeMode::WrongVm => {}
     }
     let mut repl = None;
-    let mut exclude = None;
+    let mut exclude = Vec::new();
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let v = percent_decode(v);
         match k {
             "repl" => repl = v,
-            "exclude" => exclude = v,
+            "exclude" => exclude.extend(v),
             _ => {}
         }
     }
@@ -475,8 +472,7 @@ fn respond(shared: &Shared, target: &str) -> Option<Response> {
     let (vm, conman) = if mode == FakeMode::WrongVm {
         (WRONG_VM, shared.wrong_url.as_str())
     } else {
-        let Some(i) = lock(&shared.placements).place(&shared.conmans, &repl, exclude.as_deref())
-        else {
+        let Some(i) = lock(&shared.placements).place(&shared.conmans, &repl, &exclude) else {
             return Some(json_error(
                 "503 Service Unavailable",
                 "every VM excluded",
@@ -500,6 +496,10 @@ mod tests {
             .collect()
     }
 
+    fn ex(list: &[&str]) -> Vec<String> {
+        list.iter().map(|&vm| vm.to_owned()).collect()
+    }
+
     #[test]
     fn least_loaded_sticky_and_exclude() {
         let vms = vms(3);
@@ -507,27 +507,31 @@ mod tests {
             by_repl: HashMap::new(),
             load: vec![0; 3],
         };
-        assert_eq!(p.place(&vms, "a", None), Some(0));
-        assert_eq!(p.place(&vms, "b", None), Some(1));
-        assert_eq!(p.place(&vms, "c", None), Some(2));
-        assert_eq!(p.place(&vms, "d", None), Some(0));
-        assert_eq!(p.place(&vms, "a", None), Some(0), "sticky");
+        assert_eq!(p.place(&vms, "a", &[]), Some(0));
+        assert_eq!(p.place(&vms, "b", &[]), Some(1));
+        assert_eq!(p.place(&vms, "c", &[]), Some(2));
+        assert_eq!(p.place(&vms, "d", &[]), Some(0));
+        assert_eq!(p.place(&vms, "a", &[]), Some(0), "sticky");
         assert_eq!(
-            p.place(&vms, "a", Some("vm-2")),
+            p.place(&vms, "a", &ex(&["vm-2"])),
             Some(0),
             "excluding another VM"
         );
         // a moves off vm-0 (load 2 → 1) to the least loaded other VM.
-        assert_eq!(p.place(&vms, "a", Some("vm-0")), Some(1));
+        assert_eq!(p.place(&vms, "a", &ex(&["vm-0"])), Some(1));
         assert_eq!(p.load, [1, 2, 1]);
         p.load[2] += 10;
-        assert_eq!(p.place(&vms, "e", None), Some(0));
+        assert_eq!(p.place(&vms, "e", &[]), Some(0));
+        // Every excluded VM is skipped, the sticky one included.
+        assert_eq!(p.place(&vms, "e", &ex(&["vm-1", "vm-0"])), Some(2));
+        assert_eq!(p.place(&vms, "b", &ex(&["vm-1", "vm-2"])), Some(0));
+        assert_eq!(p.place(&vms, "b", &ex(&["vm-0", "vm-1", "vm-2"])), None);
         let one = &vms[..1];
         let mut p = Placements {
             by_repl: HashMap::new(),
             load: vec![0],
         };
-        assert_eq!(p.place(one, "a", Some("vm-0")), None);
+        assert_eq!(p.place(one, "a", &ex(&["vm-0"])), None);
     }
 
     #[test]

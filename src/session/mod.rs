@@ -170,7 +170,8 @@ pub enum Op {
     Placement {
         seq: u16,
         attempt: u8,
-        exclude: Option<String>,
+        /// Every VM that failed in this session's attempts.
+        exclude: Vec<String>,
     },
     /// Open a socket to Conman (`handle_socket`), then connect it, giving up
     /// after `timeout` (`handle_connected`).
@@ -318,9 +319,11 @@ pub struct Setup {
     attempt: u8,
     /// Sequence number of the placement request awaiting its reply.
     seq: u16,
-    /// VM of the current attempt, and the one that failed last.
+    /// VM of the current attempt.
     vm: Option<String>,
-    exclude: Option<String>,
+    /// Every VM that failed in this session's attempts, so a retry never
+    /// bounces back to one; at most `limits.max_attempts` entries.
+    exclude: Vec<String>,
     backoff_done: bool,
     last_error: Option<SetupError>,
     expected_accept: String,
@@ -359,7 +362,7 @@ pub enum Phase {
     /// TCP to Conman up; waiting for its 101.
     ConmanHandshake(Box<Setup>),
     /// A Conman attempt failed; waiting (with jitter) before asking for a
-    /// new placement that excludes the failed VM.
+    /// new placement that excludes every VM that failed so far.
     Backoff(Box<Setup>),
     /// Relaying frames both ways.
     Relay,

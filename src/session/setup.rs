@@ -12,7 +12,7 @@ use rand::Rng;
 
 use super::{backoff, Env, Kind, Op, Phase, Session, Setup, Side, Verify, Who};
 use crate::config::{Config, RejectWith, UpgradeMode};
-use crate::control::wire::{Found, PlacementResult};
+use crate::control::wire::{Found, PlacementFailure, PlacementResult};
 use crate::error::{SetupError, Stage};
 use crate::keys::Ident;
 use crate::metrics::{CloseSide, Phase as Timing, ShardStats};
@@ -145,7 +145,7 @@ impl Session {
             attempt: 0,
             seq: 0,
             vm: None,
-            exclude: None,
+            exclude: Vec::new(),
             backoff_done: false,
             last_error: None,
             expected_accept: String::new(),
@@ -199,7 +199,7 @@ impl Session {
     }
 
     /// Asks where the session's repl lives (again, after a failed attempt:
-    /// excluding the VM that failed). Called in `Placement` (first ask) or
+    /// excluding every VM that failed). Called in `Placement` (first ask) or
     /// `Backoff` (retry).
     fn request_placement(&mut self, env: &mut Env) {
         if self.kind() == Kind::Backoff {
@@ -222,10 +222,10 @@ impl Session {
 
     /// The answer to `Op::Placement { seq, .. }`; stale answers are ignored.
     pub fn handle_placement(&mut self, env: &mut Env, seq: u16, result: PlacementResult) {
-        match &self.phase {
-            Phase::Placement(st) if st.seq == seq => {}
+        let last_error = match &self.phase {
+            Phase::Placement(st) if st.seq == seq => st.last_error,
             _ => return,
-        }
+        };
         env.stats
             .setup_duration(Timing::Controlplane, env.now - self.phase_started);
         match result {
@@ -234,8 +234,16 @@ impl Session {
                 reason,
                 retry_after_ms,
             } => {
-                let mut e = SetupError::new(Stage::Controlplane, reason.as_str());
-                e.retry_after_ms = retry_after_ms;
+                // No VM left on a retry: every one failed this session, and
+                // the last Conman error says why better than "no capacity".
+                let e = match last_error {
+                    Some(e) if reason == PlacementFailure::NoCapacity => e,
+                    _ => {
+                        let mut e = SetupError::new(Stage::Controlplane, reason.as_str());
+                        e.retry_after_ms = retry_after_ms;
+                        e
+                    }
+                };
                 self.fail_setup(env, e);
             }
         }
@@ -465,7 +473,11 @@ impl Session {
             return;
         }
         tracing::debug!(session = self.id, vm = ?st.vm, stage = err.stage.as_str(), reason = err.reason, attempt = st.attempt, "conman attempt failed, retrying");
-        st.exclude = st.vm.take();
+        if let Some(vm) = st.vm.take() {
+            if !st.exclude.contains(&vm) && st.exclude.len() < usize::from(max) {
+                st.exclude.push(vm);
+            }
+        }
         st.backoff_done = false;
         self.drop_conman(env);
         self.step(now, Phase::Backoff);

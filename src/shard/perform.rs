@@ -232,14 +232,14 @@ impl Io {
         e: &mut Entry,
         seq: u16,
         attempt: u8,
-        exclude: Option<String>,
+        exclude: Vec<String>,
         out: &mut VecDeque<Op>,
     ) {
         let Some(ident) = e.s.ident().cloned() else {
             return;
         };
         let result = if let Some(local) = &self.local_placement {
-            local.pick(ident.repl(), exclude.as_deref())
+            local.pick(ident.repl(), &exclude)
         } else if self.ctl.dead {
             e.s.handle_control_lost(&mut env!(self, out));
             return;

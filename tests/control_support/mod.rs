@@ -33,21 +33,15 @@ pub struct Shard {
 }
 
 impl Shard {
-    pub fn send(&mut self, repl: &str, attempt: u8, exclude: Option<&str>) -> u64 {
+    pub fn send(&mut self, repl: &str, attempt: u8, exclude: &[&str]) -> u64 {
         self.send_placement(repl, "test", attempt, exclude)
     }
 
     pub fn send_in(&mut self, repl: &str, cluster: &str) -> u64 {
-        self.send_placement(repl, cluster, 0, None)
+        self.send_placement(repl, cluster, 0, &[])
     }
 
-    fn send_placement(
-        &mut self,
-        repl: &str,
-        cluster: &str,
-        attempt: u8,
-        exclude: Option<&str>,
-    ) -> u64 {
+    fn send_placement(&mut self, repl: &str, cluster: &str, attempt: u8, exclude: &[&str]) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         let mut out = Vec::new();
@@ -56,7 +50,7 @@ impl Shard {
             repl: repl.into(),
             cluster: cluster.into(),
             attempt,
-            exclude: exclude.map(Into::into),
+            exclude: exclude.iter().map(|&vm| vm.to_owned()).collect(),
         }
         .encode(&mut out);
         self.sock.write_all(&out).unwrap();
@@ -80,14 +74,14 @@ impl Shard {
         }
     }
 
-    pub fn place(&mut self, repl: &str, attempt: u8, exclude: Option<&str>) -> PlacementResult {
+    pub fn place(&mut self, repl: &str, attempt: u8, exclude: &[&str]) -> PlacementResult {
         let id = self.send(repl, attempt, exclude);
         let (got, result) = self.recv();
         assert_eq!(got, id);
         result
     }
 
-    pub fn found(&mut self, repl: &str, attempt: u8, exclude: Option<&str>) -> Found {
+    pub fn found(&mut self, repl: &str, attempt: u8, exclude: &[&str]) -> Found {
         match self.place(repl, attempt, exclude) {
             PlacementResult::Found(f) => f,
             other => panic!("{repl}: expected a placement, got {other:?}"),
@@ -96,7 +90,7 @@ impl Shard {
 
     /// (reason, retry_after_ms) of a failed placement.
     pub fn failed(&mut self, repl: &str, attempt: u8) -> (PlacementFailure, Option<u64>) {
-        match self.place(repl, attempt, None) {
+        match self.place(repl, attempt, &[]) {
             PlacementResult::Failed {
                 reason,
                 retry_after_ms,

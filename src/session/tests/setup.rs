@@ -150,6 +150,63 @@ fn refused_connect_backs_off_and_retries_excluding_the_vm() {
 }
 
 #[test]
+fn every_failed_vm_stays_excluded_not_only_the_last() {
+    let mut h = Harness::placing(Harness::cfg());
+    let last_placement = |h: &Harness| {
+        h.ops
+            .iter()
+            .rev()
+            .find(|o| o.starts_with("Placement"))
+            .unwrap()
+            .clone()
+    };
+    assert!(last_placement(&h).contains("exclude: []"));
+    // The third placement names vm-1 anyway (a Controlplane that ignores
+    // the list): it is not listed twice.
+    let table = [
+        ("vm-1", "attempt: 1", r#"exclude: ["vm-1"]"#),
+        ("vm-2", "attempt: 2", r#"exclude: ["vm-1", "vm-2"]"#),
+        ("vm-1", "attempt: 3", r#"exclude: ["vm-1", "vm-2"]"#),
+    ];
+    for (vm, attempt, exclude) in table {
+        h.answer_placement(found(vm));
+        h.answer_connect(-libc::ECONNREFUSED);
+        h.advance_to_deadline();
+        let asked = last_placement(&h);
+        assert!(
+            asked.contains(attempt) && asked.contains(exclude),
+            "{asked}"
+        );
+    }
+    h.answer_placement(found("vm-3"));
+    h.answer_connect(0);
+    h.settle();
+    h.conman_101();
+    h.settle();
+    assert_eq!(h.s.kind(), Kind::Relay);
+}
+
+#[test]
+fn no_vm_left_on_a_retry_fails_with_the_last_conman_error() {
+    let mut h = Harness::placing(Harness::cfg());
+    for vm in ["vm-1", "vm-2"] {
+        h.answer_placement(found(vm));
+        h.answer_connect(-libc::ECONNREFUSED);
+        h.advance_to_deadline();
+    }
+    h.answer_placement(PlacementResult::Failed {
+        reason: PlacementFailure::NoCapacity,
+        retry_after_ms: None,
+    });
+    h.settle();
+    assert_eq!(
+        h.closes(Who::Client),
+        vec![(1014, "stage=conman_connect;reason=refused".into())]
+    );
+    h.finish();
+}
+
+#[test]
 fn attempts_exhausted_fail_with_the_last_error() {
     let mut cfg = Harness::cfg();
     cfg.limits.max_attempts = 2;
