@@ -136,11 +136,14 @@ impl Batch {
         }
     }
 
-    fn into_vec(self) -> Vec<Chunk> {
-        match self {
-            Batch::One(c) => vec![c],
-            Batch::Many(v) => v,
-        }
+    /// The chunks, by value; a one-chunk batch (nearly every send) costs
+    /// no allocation.
+    fn into_chunks(self) -> impl Iterator<Item = Chunk> {
+        let (one, many) = match self {
+            Batch::One(c) => (Some(c), Vec::new()),
+            Batch::Many(v) => (None, v),
+        };
+        one.into_iter().chain(many)
     }
 }
 
@@ -732,7 +735,7 @@ impl Session {
         let sd = self.side(who);
         sd.done_op();
         sd.sending = false;
-        let mut chunks = batch.into_vec().into_iter();
+        let mut chunks = batch.into_chunks();
         if res == -libc::EAGAIN {
             // The socket is O_NONBLOCK (splice mode) and io_uring gave up
             // retrying: nothing was sent, the next kick sends it again.

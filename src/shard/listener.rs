@@ -50,6 +50,7 @@ pub fn conman_socket(addr: &SocketAddr) -> io::Result<RawFd> {
 
 /// The peer's IP, for X-Forwarded-For.
 pub fn peer_ip(fd: RawFd) -> Option<std::net::IpAddr> {
+    // SAFETY: sockaddr_storage is a plain C struct; all-zero is valid.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: buffers sized for any address family.
