@@ -19,6 +19,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub limits: Limits,
     pub buffers: Buffers,
+    pub relay: RelayConfig,
     pub token: TokenConfig,
     pub placement: PlacementConfig,
     pub websocket: WebSocketConfig,
@@ -202,6 +203,24 @@ pub struct Buffers {
     /// Capacity asked for each splice pipe (F_SETPIPE_SZ; the kernel caps
     /// it at /proc/sys/fs/pipe-max-size).
     pub pipe_size: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// A data frame with at most this many payload bytes is passed on only
+    /// once it is complete, so a peer lost mid-frame leaves the other side a
+    /// Close rather than a torn frame. Longer frames stream (and splice);
+    /// if their source is lost mid-frame, the other side is reset.
+    pub hold_max: u64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            hold_max: 64 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -464,6 +483,14 @@ impl Config {
         }
         if b.size < 1024 || b.size > 1 << 20 {
             return Err(invalid("buffers.size", "must be in 1024..=1048576"));
+        }
+        // A held frame enters the send queue all at once when complete, so
+        // one larger than the queue's bound would defeat backpressure.
+        if self.relay.hold_max > l.send_queue_bytes as u64 {
+            return Err(invalid(
+                "relay.hold_max",
+                "must be at most limits.send_queue_bytes",
+            ));
         }
         if self.listen.busy_poll_us > 100_000 {
             return Err(invalid("listen.busy_poll_us", "must be at most 100000"));

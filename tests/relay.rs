@@ -362,6 +362,46 @@ fn protocol_violations_get_their_close_codes() {
     }
 }
 
+/// Issue 11, defect 4: a bad client frame (a Close whose reason is not
+/// UTF-8) split across two segments. Its first bytes used to reach Conman
+/// at once, leaving it a torn frame and a bare FIN; now the frame is held
+/// until complete, found bad, and Conman gets exactly the good frame and a
+/// Close 1001.
+#[test]
+fn bad_client_frame_split_across_segments_leaves_conman_a_close() {
+    let (addr, h) = raw_conman(|mut s, _| {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        got
+    });
+    let proxy = proxy_for(addr);
+    let mut c = raw_client(proxy.listen, &dev_token("r1"));
+    let good = frame(true, 1, b"fine", Some([9, 9, 9, 9]));
+    let mut bad = frame(true, 8, &[0x03, 0xe8, 0xff, 0xfe], Some([0, 0, 0, 0]));
+    let n = bad.len();
+    c.write_all(&[good.as_slice(), &bad[..n - 2]].concat())
+        .unwrap();
+    let relayed = || proxy.metric("eval_relay_bytes_total", &["direction=\"to_conman\""]);
+    wait_until("the first segment read", WAIT, || {
+        relayed() >= (good.len() + n - 2) as f64
+    });
+    c.write_all(&bad.split_off(n - 2)).unwrap();
+    assert_eq!(read_close(&mut c).0, 1007);
+    drop(c);
+    let got = h.join().unwrap();
+    assert_eq!(&got[..good.len()], &good[..], "the good frame, unchanged");
+    let mut rest = &got[good.len()..];
+    let (_, op, payload) = read_frame(&mut rest);
+    assert_eq!(
+        op,
+        8,
+        "a Close right after the good frame: {:?}",
+        &got[good.len()..]
+    );
+    assert_eq!(&payload[..2], &1001u16.to_be_bytes());
+    assert!(rest.is_empty(), "nothing after the Close: {rest:?}");
+}
+
 #[test]
 fn two_shards_both_accept() {
     let conman = echo_conman();
@@ -410,7 +450,9 @@ fn rss_kib(pid: u32) -> u64 {
 fn slow_reader_backpressure_bounds_memory_and_loses_nothing(#[case] splice_min: u64) {
     use std::os::fd::AsRawFd;
     let conman = echo_conman();
-    let extra = format!("[buffers]\nsplice_min = {splice_min}\n");
+    // 64 KiB frames are held whole by default; a lower hold_max lets
+    // them stream and splice.
+    let extra = format!("[buffers]\nsplice_min = {splice_min}\n[relay]\nhold_max = 16384\n");
     let proxy = Proxy::start(&config_for(conman.local_addr, &extra), &["--shards", "1"]);
     let mut c = raw_client(proxy.listen, &dev_token("r1"));
     c.set_nonblocking(true).unwrap();
@@ -592,15 +634,15 @@ fn long_frames_pass_byte_for_byte(#[case] splice_min: u64, #[case] spliced: bool
     assert_eq!(relayed, up.len() as f64);
 }
 
-/// A client that leaves in the middle of a spliced frame: Conman gets every
-/// byte the client sent, then a FIN (no Close can be injected mid-frame),
-/// and the session ends on both sides. With a Conman that only starts
-/// reading once the client is gone, the FIN reaches the proxy while the
-/// pipe still holds bytes for Conman; those must still arrive.
+/// A client that leaves in the middle of a spliced frame (longer than
+/// `relay.hold_max`): its bytes so far reach Conman unchanged, and then
+/// Conman's connection is reset (issue 11: a FIN after a torn frame would
+/// look like a clean end), whether Conman was reading along or only starts
+/// once the client is gone. The metric counts the torn frame.
 #[rstest::rstest]
 #[case::reading(false)]
 #[case::stalled(true)]
-fn client_gone_mid_spliced_frame(#[case] stalled: bool) {
+fn client_gone_mid_spliced_frame_resets_conman(#[case] stalled: bool) {
     const SENT: usize = 3 << 20;
     let mask = [1, 2, 3, 4];
     let mut head = vec![0x82, 0x80 | 127];
@@ -613,18 +655,15 @@ fn client_gone_mid_spliced_frame(#[case] stalled: bool) {
     let (gone_tx, gone_rx) = std::sync::mpsc::channel::<()>();
     let (addr, h) = raw_conman(move |mut s, _| {
         if stalled {
-            // Bounded: should the client's write ever need Conman to read
-            // first, reading anyway still checks every byte.
             let _ = gone_rx.recv_timeout(std::time::Duration::from_secs(5));
         }
-        // Small reads keep the proxy's writes to Conman short, so its pipe
-        // is rarely empty when the client's FIN is read.
         let mut got = Vec::new();
         let mut buf = [0u8; 4096];
         loop {
-            match s.read(&mut buf).expect("conman reads to FIN") {
-                0 => break got,
-                n => got.extend_from_slice(&buf[..n]),
+            match s.read(&mut buf) {
+                Ok(0) => break (got, None),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => break (got, Some(e.kind())),
             }
         }
     });
@@ -633,13 +672,109 @@ fn client_gone_mid_spliced_frame(#[case] stalled: bool) {
     c.write_all(&up).unwrap();
     c.shutdown(std::net::Shutdown::Write).unwrap();
     let _ = gone_tx.send(());
-    let got = h.join().unwrap();
-    assert_eq!(got.len(), want.len());
-    assert!(got == want, "bytes differ");
+    let (got, end) = h.join().unwrap();
+    assert_eq!(
+        end,
+        Some(std::io::ErrorKind::ConnectionReset),
+        "after {} bytes",
+        got.len()
+    );
+    assert!(
+        got.len() <= want.len() && got == want[..got.len()],
+        "bytes differ"
+    );
     let mut rest = Vec::new();
-    c.read_to_end(&mut rest).expect("proxy closes the client");
+    let _ = c.read_to_end(&mut rest);
     assert!(rest.is_empty(), "nothing may follow a partial frame");
-    assert!(proxy.metric("eval_relay_spliced_bytes_total", &[]) > 0.0);
+    wait_until("the torn frame counted", WAIT, || {
+        proxy.metric(
+            "eval_relay_torn_frames_total",
+            &["direction=\"to_conman\"", "outcome=\"reset\""],
+        ) == 1.0
+    });
+}
+
+/// Conman sends the first half of a 1,000-byte frame and resets: the
+/// client gets none of it, then Close 1014 (issue 11, torn frames); the
+/// same for a Conman that sends half then a FIN. A frame longer than
+/// `relay.hold_max` streams, so the client is reset instead.
+#[rstest::rstest]
+#[case::reset_held(true, 1000, false)]
+#[case::fin_held(false, 1000, false)]
+#[case::reset_long(true, 200_000, true)]
+fn conman_lost_mid_frame(#[case] reset: bool, #[case] len: usize, #[case] long: bool) {
+    let (addr, h) = raw_conman(move |mut s, _| {
+        let (_, _, p) = read_frame(&mut s);
+        s.write_all(&frame(true, 2, &p, None)).unwrap();
+        let f = frame(true, 2, &vec![7u8; len], None);
+        s.write_all(&f[..f.len() / 2]).unwrap();
+        // The client's go-ahead: the proxy has the half frame by then.
+        let _ = read_frame(&mut s);
+        if reset {
+            let l = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: a valid socket and a linger struct of the right size.
+            unsafe {
+                use std::os::fd::AsRawFd;
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&l as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                );
+            }
+        }
+        drop(s);
+    });
+    let extra = if long {
+        "[buffers]\nsplice_min = 0\n"
+    } else {
+        ""
+    };
+    let proxy = Proxy::start(&config_for(addr, extra), &["--shards", "1"]);
+    let mut c = raw_client(proxy.listen, &dev_token("r1"));
+    c.write_all(&frame(true, 2, b"go", Some([1, 2, 3, 4])))
+        .unwrap();
+    assert_eq!(read_frame(&mut c).2, b"go");
+    let torn = |outcome: &str| {
+        proxy.metric(
+            "eval_relay_torn_frames_total",
+            &["direction=\"to_client\"", &format!("outcome=\"{outcome}\"")],
+        )
+    };
+    if long {
+        // Wait until the proxy passed some of the long frame on.
+        let mut first = [0u8; 1];
+        c.read_exact(&mut first).unwrap();
+        c.write_all(&frame(true, 2, b"now", Some([1, 2, 3, 4])))
+            .unwrap();
+        h.join().unwrap();
+        let mut rest = Vec::new();
+        let err = c.read_to_end(&mut rest).expect_err("a reset, not a FIN");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+        wait_until("the reset counted", WAIT, || torn("reset") == 1.0);
+    } else {
+        // The proxy holds the half frame: nothing of it may arrive, so
+        // the client can only learn it is in by the metric of bytes relayed.
+        wait_until("the half frame received", WAIT, || {
+            proxy.metric("eval_relay_bytes_total", &["direction=\"to_client\""])
+                >= (2 + 2 + len / 2) as f64
+        });
+        c.write_all(&frame(true, 2, b"now", Some([1, 2, 3, 4])))
+            .unwrap();
+        h.join().unwrap();
+        assert_eq!(
+            read_close(&mut c),
+            (1014, "stage=relay;reason=conman_lost".into()),
+            "a Close, with no torn bytes before it"
+        );
+        wait_until("the dropped frame counted", WAIT, || {
+            torn("dropped_held") == 1.0
+        });
+    }
 }
 
 /// With `listen.busy_poll_us` the shard polls before sleeping; relaying,

@@ -70,6 +70,25 @@ impl CloseSide {
     }
 }
 
+/// What became of a frame whose source was lost before its last byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TornFrame {
+    /// Short enough to hold: dropped whole, the other side got a Close.
+    Held,
+    /// Longer than `relay.hold_max` and partly passed on: the other side
+    /// was reset.
+    Reset,
+}
+
+impl TornFrame {
+    fn as_str(self) -> &'static str {
+        match self {
+            TornFrame::Held => "dropped_held",
+            TornFrame::Reset => "reset",
+        }
+    }
+}
+
 #[repr(align(128))]
 #[derive(Default)]
 pub struct ShardStats {
@@ -98,6 +117,7 @@ struct Rare {
     failures: BTreeMap<(&'static str, &'static str), u64>,
     attempt_failures: BTreeMap<(&'static str, &'static str), u64>,
     closes: BTreeMap<(CloseSide, u16), u64>,
+    torn: BTreeMap<(&'static str, TornFrame), u64>,
     http: BTreeMap<u16, u64>,
     setup: Vec<(Phase, Histogram<u64>)>,
 }
@@ -144,6 +164,13 @@ impl ShardStats {
 
     pub fn close_code(&self, side: CloseSide, code: u16) {
         *lock(&self.rare).closes.entry((side, code)).or_default() += 1;
+    }
+
+    pub fn torn_frame(&self, dir: crate::proto::relay::Direction, what: TornFrame) {
+        *lock(&self.rare)
+            .torn
+            .entry((dir.as_str(), what))
+            .or_default() += 1;
     }
 
     pub fn http_response(&self, status: u16) {
@@ -268,6 +295,7 @@ pub fn render(shards: &[std::sync::Arc<ShardStats>]) -> String {
     let mut failures: BTreeMap<(&str, &str), u64> = BTreeMap::new();
     let mut attempt_failures: BTreeMap<(&str, &str), u64> = BTreeMap::new();
     let mut closes: BTreeMap<(CloseSide, u16), u64> = BTreeMap::new();
+    let mut torn: BTreeMap<(&str, TornFrame), u64> = BTreeMap::new();
     let mut http: BTreeMap<u16, u64> = BTreeMap::new();
     let mut setup: Vec<(Phase, Histogram<u64>)> = Vec::new();
     for s in shards {
@@ -280,6 +308,9 @@ pub fn render(shards: &[std::sync::Arc<ShardStats>]) -> String {
         }
         for (k, v) in &r.closes {
             *closes.entry(*k).or_default() += v;
+        }
+        for (k, v) in &r.torn {
+            *torn.entry(*k).or_default() += v;
         }
         for (k, v) in &r.http {
             *http.entry(*k).or_default() += v;
@@ -328,6 +359,19 @@ pub fn render(shards: &[std::sync::Arc<ShardStats>]) -> String {
             "{}{{side=\"{}\",code=\"{code}\"}} {v}",
             names::CLOSE_CODES,
             side.as_str()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {0} Frames whose source was lost before their last byte, by direction and outcome: dropped_held (no byte passed on, the other side got a Close) or reset (longer than relay.hold_max, the other side was reset).\n# TYPE {0} counter",
+        names::RELAY_TORN_FRAMES
+    );
+    for ((dir, what), v) in &torn {
+        let _ = writeln!(
+            out,
+            "{}{{direction=\"{dir}\",outcome=\"{}\"}} {v}",
+            names::RELAY_TORN_FRAMES,
+            what.as_str()
         );
     }
     let _ = writeln!(

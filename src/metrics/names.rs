@@ -35,6 +35,7 @@ pub const RELAY_BYTES: &str = "eval_relay_bytes_total";
 pub const RELAY_FRAMES: &str = "eval_relay_frames_total";
 pub const RELAY_SPLICED_BYTES: &str = "eval_relay_spliced_bytes_total";
 pub const CLOSE_CODES: &str = "eval_close_codes_total";
+pub const RELAY_TORN_FRAMES: &str = "eval_relay_torn_frames_total";
 pub const HTTP_RESPONSES: &str = "eval_http_responses_total";
 pub const BUFFER_EXHAUSTED: &str = "eval_buffer_ring_exhausted_total";
 pub const BACKPRESSURE_PAUSES: &str = "eval_backpressure_pauses_total";
@@ -67,6 +68,7 @@ pub const ALL: &[(&str, Kind)] = &[
     (RELAY_FRAMES, Kind::Counter),
     (RELAY_SPLICED_BYTES, Kind::Counter),
     (CLOSE_CODES, Kind::Counter),
+    (RELAY_TORN_FRAMES, Kind::Counter),
     (HTTP_RESPONSES, Kind::Counter),
     (BUFFER_EXHAUSTED, Kind::Counter),
     (BACKPRESSURE_PAUSES, Kind::Counter),

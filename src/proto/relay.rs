@@ -158,6 +158,8 @@ struct Current {
     opcode: OpCode,
     mask: Option<[u8; 4]>,
     header_len: u8,
+    /// Payload length from the header.
+    len: u64,
     remaining: u64,
 }
 
@@ -348,6 +350,21 @@ impl Tracker {
         }
     }
 
+    /// Bytes fed so far of the frame not yet complete (a partial header,
+    /// or a header and part of its payload); 0 at a frame boundary. Not
+    /// meaningful after a violation (see `at_frame_boundary`).
+    pub fn frame_bytes_fed(&self) -> u64 {
+        match self.current {
+            Some(cur) => u64::from(cur.header_len) + (cur.len - cur.remaining),
+            None => u64::from(self.head_len),
+        }
+    }
+
+    /// Payload length of the frame under way, once its header is complete.
+    pub fn frame_payload_len(&self) -> Option<u64> {
+        self.current.map(|cur| cur.len)
+    }
+
     /// Bytes already fed of an unfinished frame that is, or may yet turn out
     /// to be, a control frame: a partial header, or a control frame's header
     /// and payload so far. A caller that wants to swallow a control frame
@@ -407,6 +424,7 @@ impl Tracker {
             opcode: header.opcode,
             mask: header.mask,
             header_len: header_len as u8,
+            len: header.payload_len,
             remaining: header.payload_len,
         })
     }

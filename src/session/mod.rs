@@ -185,8 +185,15 @@ pub enum Op {
     Shutdown { fd: RawFd, both: bool },
     /// close(2); nothing is in flight on the socket.
     Close { fd: RawFd },
-    /// Give a provided buffer back to the ring.
+    /// Drop one reference to a provided buffer; the last gives it back to
+    /// the ring.
     Recycle { bid: u16 },
+    /// One more chunk refers to this buffer (a receive split into bytes
+    /// passed on and bytes held back); each reference gets its `Recycle`.
+    Retain { bid: u16 },
+    /// Abort the connection with a RST: its stream was cut inside a frame,
+    /// and a FIN would look like a clean end.
+    Reset { fd: RawFd },
     /// Splice: a pipe, answered with `handle_pipe`.
     NeedPipe { from: Who },
     /// The pipe is no longer needed: pooled if `empty`, else closed.
@@ -447,6 +454,9 @@ pub struct Session {
     conman: Side,
     to_conman: Tracker,
     to_client: Tracker,
+    /// The start of a frame not yet complete, per direction.
+    hold_to_conman: Option<Box<relay::FrameHold>>,
+    hold_to_client: Option<Box<relay::FrameHold>>,
     deadline: Option<Instant>,
     started: Instant,
     phase_started: Instant,
@@ -476,6 +486,8 @@ impl Session {
             conman: Side::new(-1),
             to_conman: Tracker::new(Direction::ToConman, tcfg),
             to_client: Tracker::new(Direction::ToClient, tcfg),
+            hold_to_conman: None,
+            hold_to_client: None,
             deadline: Some(now + cfg.header_timeout()),
             started: now,
             phase_started: now,
@@ -568,6 +580,27 @@ impl Session {
         match dir {
             Direction::ToConman => &mut self.to_conman,
             Direction::ToClient => &mut self.to_client,
+        }
+    }
+
+    fn tracker_ref(&self, dir: Direction) -> &Tracker {
+        match dir {
+            Direction::ToConman => &self.to_conman,
+            Direction::ToClient => &self.to_client,
+        }
+    }
+
+    fn hold_mut(&mut self, dir: Direction) -> &mut Option<Box<relay::FrameHold>> {
+        match dir {
+            Direction::ToConman => &mut self.hold_to_conman,
+            Direction::ToClient => &mut self.hold_to_client,
+        }
+    }
+
+    fn hold_ref(&self, dir: Direction) -> Option<&relay::FrameHold> {
+        match dir {
+            Direction::ToConman => self.hold_to_conman.as_deref(),
+            Direction::ToClient => self.hold_to_client.as_deref(),
         }
     }
 
@@ -786,6 +819,7 @@ impl Session {
 
     /// Drops what is queued for a side, giving ring buffers back.
     fn discard_queued(&mut self, env: &mut Env, who: Who) {
+        self.drop_hold(env, who.other().outbound());
         let sd = self.side(who);
         let mut n = 0;
         for c in sd.sendq.drain() {

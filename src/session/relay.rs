@@ -6,9 +6,10 @@ use rand::Rng;
 
 use super::{Chunk, Env, Kind, Op, Phase, Session, Who, RING_HOLD_MAX};
 use crate::error::{SetupError, Stage};
-use crate::metrics::CloseSide;
+use crate::metrics::{CloseSide, TornFrame};
 use crate::proto::close;
 use crate::proto::frame::write_close;
+use crate::proto::relay::Direction;
 use crate::proto::relay::{Event, Tracker, Violation, ViolationKind};
 
 /// What tracking one run of bytes found.
@@ -52,20 +53,104 @@ fn scan(tracker: &mut Tracker, data: &[u8]) -> Scanned {
     }
 }
 
+/// Received bytes, in a ring buffer or copied.
+enum Input<'a> {
+    Ring { bid: u16, data: &'a [u8] },
+    Owned(Vec<u8>),
+}
+
+impl Input<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Input::Ring { data, .. } => data,
+            Input::Owned(v) => v,
+        }
+    }
+
+    fn discard(&self, env: &mut Env) {
+        if let Input::Ring { bid, .. } = self {
+            env.op(Op::Recycle { bid: *bid });
+        }
+    }
+}
+
+/// The start of a frame not yet complete, held back from the other side
+/// (`relay.hold_max`). Boxed in the session and kept once used, so a session
+/// that never splits a frame across receives carries none.
+#[derive(Default)]
+pub struct FrameHold {
+    /// Every byte of the unfinished frame so far is here (or was dropped):
+    /// none has been passed on.
+    holding: bool,
+    bytes: usize,
+    /// Slices of ring buffers, in order; at most what the side's share of
+    /// the ring allows.
+    ring: Vec<Chunk>,
+    /// Copied bytes, after `ring`.
+    tail: Vec<u8>,
+}
+
+/// How an input divides between the other side and the hold.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Split {
+    /// Release what is held, pass on the first `now` bytes, then hold the
+    /// next `hold` (the start of a frame short enough to hold).
+    Pass { now: usize, hold: usize },
+    /// The whole input continues the held frame.
+    Keep,
+    /// Nothing goes (the rest of a rejected frame).
+    Drop,
+}
+
+/// Where the tracker stands after an input of `len` bytes decides how much
+/// of it may go now: a frame whose payload is at most `hold_max` goes only
+/// once complete; a header is held until its length is known.
+pub fn hold_split(t: &Tracker, len: usize, held: usize, holding: bool, hold_max: u64) -> Split {
+    let all = Split::Pass { now: len, hold: 0 };
+    if t.at_frame_boundary() || t.frame_payload_len().is_some_and(|n| n > hold_max) {
+        return all;
+    }
+    let fed = t.frame_bytes_fed();
+    match usize::try_from(fed) {
+        Ok(fed) if fed <= len => Split::Pass {
+            now: len - fed,
+            hold: fed,
+        },
+        // Begun in an earlier input: keep holding it if all of it so far
+        // is held, else its start is out already and the rest follows.
+        _ if holding && (held as u64).saturating_add(len as u64) == fed => Split::Keep,
+        _ => all,
+    }
+}
+
+/// The side that bytes travelling in `dir` go to.
+fn dir_target(dir: Direction) -> Who {
+    match dir {
+        Direction::ToConman => Who::Conman,
+        Direction::ToClient => Who::Client,
+    }
+}
+
 /// What to do when a side's stream ends without a Close frame, decided from
-/// whether the stream toward the other side is at a frame boundary.
+/// whether what was passed on toward the other side ends between frames.
 #[derive(Debug, PartialEq, Eq)]
 pub enum EofAction {
     /// Inject this Close toward the other side, then shut it down.
     InjectClose { code: u16, reason: String },
-    /// Mid-frame: a Close cannot be injected, end the TCP stream cleanly.
+    /// A Close already went: end the TCP stream cleanly.
     Shutdown,
+    /// Cut inside a frame too long to hold: reset the other side, since a
+    /// FIN after a torn frame would look like a clean end.
+    Reset,
 }
 
 /// Side `from` ended (FIN or error) during relay.
 pub fn on_eof(from: Who, peer_stream_at_boundary: bool, close_already: bool) -> EofAction {
-    if close_already || !peer_stream_at_boundary {
+    if close_already {
         return EofAction::Shutdown;
+    }
+    if !peer_stream_at_boundary {
+        return EofAction::Reset;
     }
     match from {
         // Conman only needs to know the client left.
@@ -124,49 +209,184 @@ impl Session {
 
     /// Queues a received buffer toward the other side after tracking it.
     fn forward(&mut self, env: &mut Env, from: Who, bid: u16, data: &[u8]) {
+        self.pass_on(env, from, Input::Ring { bid, data });
+    }
+
+    /// Like `forward`, for bytes the proxy had to copy (setup leftovers).
+    pub(super) fn forward_owned(&mut self, env: &mut Env, from: Who, data: Vec<u8>) {
+        if !data.is_empty() {
+            self.pass_on(env, from, Input::Owned(data));
+        }
+    }
+
+    /// Tracks received bytes and queues toward the other side every byte
+    /// that may go now: complete frames, and the part of a frame longer
+    /// than `relay.hold_max` received so far. The start of a shorter frame
+    /// waits in the direction's [`FrameHold`] until its last byte is in,
+    /// and then leaves with it in one gathered send.
+    fn pass_on(&mut self, env: &mut Env, from: Who, input: Input) {
         let dir = from.outbound();
+        let to = from.other();
         if self.tracker(dir).close_seen() {
             // RFC 6455 5.5.1: nothing follows a Close; ignore what does.
-            env.op(Op::Recycle { bid });
+            input.discard(env);
             return;
         }
+        let data = input.bytes();
         let scanned = scan(self.tracker(dir), data);
         account(env, from, &scanned);
-        let deliverable = self.deliverable(from.other());
-        let dest = self.side(from.other());
-        if scanned.good > 0 && deliverable {
-            if env.ring_low || dest.sendq.len() >= RING_HOLD_MAX {
-                // A peer that does not read keeps what is queued for it:
-                // in the session's own memory (bounded by backpressure),
-                // never in the shard's shared ring, which every session
-                // needs to receive anything at all.
-                dest.push_owned(data[..scanned.good].to_vec());
-                env.op(Op::Recycle { bid });
+        let len = data.len();
+        let split = if scanned.violation.is_some() {
+            if self.tracker(dir).at_frame_boundary() {
+                // The bad frame began in this input: what precedes it is
+                // whole frames, including the end of any frame held.
+                Split::Pass {
+                    now: scanned.good,
+                    hold: 0,
+                }
             } else {
-                dest.push(Chunk::Buf {
-                    bid,
-                    off: 0,
-                    len: scanned.good as u32,
-                });
+                // It began earlier: its start is held (and dropped here, so
+                // the other side's stream still ends between frames) or
+                // already streamed.
+                self.drop_hold(env, dir);
+                Split::Drop
             }
         } else {
-            env.op(Op::Recycle { bid });
+            let hold = self.hold_ref(dir);
+            hold_split(
+                self.tracker_ref(dir),
+                len,
+                hold.map_or(0, |h| h.bytes),
+                hold.is_some_and(|h| h.holding),
+                env.cfg.relay.hold_max,
+            )
+        };
+        if !self.deliverable(to) {
+            self.drop_hold(env, dir);
+            input.discard(env);
+            self.after_scan(env, from, &scanned);
+            return;
+        }
+        let mut refs = 0u8;
+        match split {
+            Split::Drop => {}
+            Split::Keep => self.hold_more(env, dir, &input, 0..len, &mut refs),
+            Split::Pass { now, hold } => {
+                self.release_hold(dir);
+                if now > 0 {
+                    let ring_ok = !env.ring_low && self.side_ref(to).sendq.len() < RING_HOLD_MAX;
+                    let dest = self.side(to);
+                    match &input {
+                        Input::Ring { bid, .. } if ring_ok => {
+                            refs += 1;
+                            dest.push(Chunk::Buf {
+                                bid: *bid,
+                                off: 0,
+                                len: now as u32,
+                            });
+                        }
+                        // A peer that does not read keeps what is queued
+                        // for it: in the session's own memory (bounded by
+                        // backpressure), never in the shard's shared ring,
+                        // which every session needs to receive anything.
+                        _ => dest.push_owned(data[..now].to_vec()),
+                    }
+                }
+                if hold > 0 {
+                    self.hold_more(env, dir, &input, now..now + hold, &mut refs);
+                }
+            }
+        }
+        if let Input::Ring { bid, .. } = input {
+            // The receive gave the session one reference.
+            if refs == 0 {
+                env.op(Op::Recycle { bid });
+            }
+            for _ in 1..refs {
+                env.op(Op::Retain { bid });
+            }
         }
         self.after_scan(env, from, &scanned);
     }
 
-    /// Like `forward`, for bytes the proxy had to copy (setup leftovers).
-    pub(super) fn forward_owned(&mut self, env: &mut Env, from: Who, mut data: Vec<u8>) {
-        if data.is_empty() {
+    /// Adds `range` of the input to the frame held in direction `dir`: as a
+    /// slice of its ring buffer while the side's share of the ring allows,
+    /// else copied (after the first copy, always, to keep the order).
+    fn hold_more(
+        &mut self,
+        env: &mut Env,
+        dir: Direction,
+        input: &Input,
+        range: std::ops::Range<usize>,
+        refs: &mut u8,
+    ) {
+        let to = dir_target(dir);
+        let queued = self.side_ref(to).sendq.len();
+        let hold = self.hold_mut(dir).get_or_insert_with(Box::default);
+        hold.holding = true;
+        hold.bytes += range.len();
+        let ring_ok =
+            !env.ring_low && hold.tail.is_empty() && queued + hold.ring.len() < RING_HOLD_MAX;
+        match input {
+            Input::Ring { bid, .. } if ring_ok => {
+                *refs += 1;
+                hold.ring.push(Chunk::Buf {
+                    bid: *bid,
+                    off: range.start as u32,
+                    len: range.len() as u32,
+                });
+            }
+            _ => hold.tail.extend_from_slice(&input.bytes()[range]),
+        }
+    }
+
+    /// The held frame is complete (or long enough to stream): it joins the
+    /// send queue, ahead of what follows it.
+    fn release_hold(&mut self, dir: Direction) {
+        let Some(hold) = self.hold_mut(dir).as_mut() else {
+            return;
+        };
+        if !hold.holding {
             return;
         }
-        let scanned = scan(self.tracker(from.outbound()), &data);
-        account(env, from, &scanned);
-        data.truncate(scanned.good);
-        if self.deliverable(from.other()) {
-            self.side(from.other()).push_owned(data);
+        hold.holding = false;
+        hold.bytes = 0;
+        let ring = std::mem::take(&mut hold.ring);
+        let tail = std::mem::take(&mut hold.tail);
+        let dest = self.side(dir_target(dir));
+        for c in ring {
+            dest.push(c);
         }
-        self.after_scan(env, from, &scanned);
+        dest.push_owned(tail);
+    }
+
+    /// Gives up the bytes of the frame held in `dir` (its source is gone,
+    /// broke the protocol, or its destination was closed). `holding` stays
+    /// set: the other side's stream still ends between frames.
+    pub(super) fn drop_hold(&mut self, env: &mut Env, dir: Direction) -> bool {
+        let Some(hold) = self.hold_mut(dir).as_mut() else {
+            return false;
+        };
+        let had = hold.bytes > 0;
+        for c in hold.ring.drain(..) {
+            if let Chunk::Buf { bid, .. } = c {
+                env.op(Op::Recycle { bid });
+            }
+        }
+        hold.tail = Vec::new();
+        hold.bytes = 0;
+        had
+    }
+
+    /// The frame under way in `dir` is being held back.
+    pub(super) fn holding(&self, dir: Direction) -> bool {
+        self.hold_ref(dir).is_some_and(|h| h.holding)
+    }
+
+    /// Everything passed on toward the destination of `dir` ends between
+    /// two frames, so a Close may follow it.
+    fn passed_at_boundary(&self, dir: Direction) -> bool {
+        self.tracker_ref(dir).at_frame_boundary() || self.holding(dir)
     }
 
     /// Bytes may still be queued toward `to`: its socket is writable and
@@ -255,22 +475,25 @@ impl Session {
     /// Queues a Close frame toward `to` if its stream is at a frame boundary
     /// and it has not had one; otherwise only its TCP stream will end.
     fn inject_close(&mut self, env: &mut Env, to: Who, code: u16, reason: &str) {
-        let (tracker_ok, already, mask) = match to {
+        let dir = to.other().outbound();
+        let at_boundary = self.passed_at_boundary(dir);
+        let (already, mask) = match to {
             Who::Client => (
-                self.to_client.at_frame_boundary(),
                 self.injected_close_to_client || self.to_client.close_seen(),
                 None,
             ),
             Who::Conman => (
-                self.to_conman.at_frame_boundary(),
                 self.injected_close_to_conman || self.to_conman.close_seen(),
                 Some(env.rng.gen::<[u8; 4]>()),
             ),
         };
-        let sd = self.side(to);
-        if !tracker_ok || already || sd.fd < 0 || sd.shut || sd.closed {
+        let sd = self.side_ref(to);
+        if !at_boundary || already || sd.fd < 0 || sd.shut || sd.closed {
             return;
         }
+        // The held start of a frame can never be completed after a Close.
+        self.drop_hold(env, dir);
+        let sd = self.side(to);
         let mut frame = Vec::with_capacity(4 + reason.len() + 8);
         write_close(&mut frame, code, reason, mask);
         sd.push_owned(frame);
@@ -284,6 +507,18 @@ impl Session {
                 env.stats.close_code(CloseSide::ProxyToConman, code);
             }
         }
+    }
+
+    /// Aborts `who`'s connection with a RST; nothing queued for it is sent.
+    fn reset_side(&mut self, env: &mut Env, who: Who) {
+        self.discard_queued(env, who);
+        let sd = self.side(who);
+        if sd.fd < 0 || sd.closed {
+            return;
+        }
+        sd.shut = true;
+        sd.eof = true;
+        env.op(Op::Reset { fd: sd.fd });
     }
 
     /// Ends a session from the proxy's side with a Close to both peers.
@@ -315,12 +550,20 @@ impl Session {
                     Who::Client => self.to_conman.close_seen(),
                     Who::Conman => self.to_client.close_seen(),
                 };
-                let at_boundary = self.tracker(who.outbound()).at_frame_boundary();
+                let dir = who.outbound();
+                let at_boundary = self.passed_at_boundary(dir);
+                if self.drop_hold(env, dir) {
+                    env.stats.torn_frame(dir, TornFrame::Held);
+                }
                 match on_eof(who, at_boundary, close_already) {
                     EofAction::InjectClose { code, reason } => {
                         self.inject_close(env, who.other(), code, &reason);
                     }
                     EofAction::Shutdown => {}
+                    EofAction::Reset => {
+                        env.stats.torn_frame(dir, TornFrame::Reset);
+                        self.reset_side(env, who.other());
+                    }
                 }
                 if who == Who::Conman && !close_already {
                     tracing::debug!(session = self.id, "conman lost mid-session");
@@ -368,8 +611,10 @@ mod tests {
     }
 
     #[test]
-    fn mid_frame_or_after_close_just_shuts_down() {
-        assert_eq!(on_eof(Who::Conman, false, false), EofAction::Shutdown);
+    fn after_close_shuts_down_and_mid_frame_resets() {
         assert_eq!(on_eof(Who::Client, true, true), EofAction::Shutdown);
+        assert_eq!(on_eof(Who::Conman, false, true), EofAction::Shutdown);
+        assert_eq!(on_eof(Who::Conman, false, false), EofAction::Reset);
+        assert_eq!(on_eof(Who::Client, false, false), EofAction::Reset);
     }
 }

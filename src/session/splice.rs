@@ -34,8 +34,15 @@ impl Session {
     /// way, stop the buffered receive so its payload can be spliced.
     pub(super) fn maybe_splice(&mut self, env: &mut Env, from: Who) {
         let min = env.cfg.buffers.splice_min;
+        // A frame being held goes out whole, from the buffers it came in.
+        let held = self.holding(from.outbound());
         let (src, _, tracker) = self.split(from);
-        if min == 0 || src.splice.is_some() || src.eof || tracker.data_payload_remaining() < min {
+        if min == 0
+            || held
+            || src.splice.is_some()
+            || src.eof
+            || tracker.data_payload_remaining() < min
+        {
             return;
         }
         src.splice = Some(Box::new(Splice {

@@ -58,6 +58,11 @@ pub struct BufRing {
     tail: u16,
     /// Buffers currently owned by user space (received, not yet recycled).
     out: u32,
+    /// Per buffer owned by user space: how many queued chunks refer to it.
+    /// A receive split between bytes passed on and bytes held back (a frame
+    /// not yet complete) is two chunks of one buffer; it goes back to the
+    /// kernel only when both are done.
+    refs: Box<[u8]>,
     /// Some buffer was filled since the last trim.
     dirty: bool,
     /// Some buffer was taken since the last `trim_if_idle` call.
@@ -90,6 +95,7 @@ impl BufRing {
             buf_size,
             tail: 0,
             out: entries as u32,
+            refs: vec![0; usize::from(entries)].into_boxed_slice(),
             dirty: false,
             recent: false,
         };
@@ -130,7 +136,9 @@ impl BufRing {
     }
 
     /// Marks `bid` as handed to user space by a completion.
-    pub fn taken(&mut self, _bid: u16) {
+    pub fn taken(&mut self, bid: u16) {
+        debug_assert_eq!(self.refs[usize::from(bid)], 0, "buffer {bid} taken twice");
+        self.refs[usize::from(bid)] = 1;
         self.out += 1;
         self.dirty = true;
         self.recent = true;
@@ -166,9 +174,31 @@ impl BufRing {
         true
     }
 
-    /// Returns a buffer to the kernel (visible after the next `publish`).
+    /// One more chunk refers to `bid` (see `refs`).
+    pub fn retain(&mut self, bid: u16) {
+        let r = &mut self.refs[usize::from(bid)];
+        debug_assert!(
+            *r > 0,
+            "retain of buffer {bid}, which user space does not own"
+        );
+        *r = r.saturating_add(1);
+    }
+
+    /// Drops one reference to a buffer; the last returns it to the kernel
+    /// (visible after the next `publish`).
     pub fn recycle(&mut self, bid: u16) {
-        self.push(bid);
+        let r = &mut self.refs[usize::from(bid)];
+        debug_assert!(*r > 0, "buffer {bid} recycled twice");
+        match *r {
+            // Pushing it twice would hand the kernel one buffer for two
+            // receives.
+            0 => {}
+            1 => {
+                *r = 0;
+                self.push(bid);
+            }
+            _ => *r -= 1,
+        }
     }
 
     pub fn buf_ptr(&self, bid: u16) -> *mut u8 {

@@ -84,6 +84,8 @@ impl Io {
                 unsafe { libc::close(fd) };
             }
             Op::Recycle { bid } => self.bufs.recycle(bid),
+            Op::Retain { bid } => self.bufs.retain(bid),
+            Op::Reset { fd } => reset(fd),
             Op::NeedPipe { from } => {
                 let pipe = match self.pipes.pop() {
                     Some(p) => Some(p),
@@ -258,5 +260,36 @@ impl Io {
             return;
         };
         e.s.handle_placement(&mut env!(self, out), seq, result);
+    }
+}
+
+/// Aborts a connection with a RST now: SO_LINGER 0 makes the eventual
+/// close(2) reset too, and connect(AF_UNSPEC) disconnects at once (Linux's
+/// tcp_disconnect sends the RST and fails pending operations, so nothing
+/// in flight waits for the close).
+fn reset(fd: std::os::fd::RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let unspec = libc::sockaddr {
+        sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+        sa_data: [0; 14],
+    };
+    // SAFETY: the session's socket, still open; both pointers are to
+    // locals that outlive the calls, with their exact sizes.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+        libc::connect(
+            fd,
+            &unspec,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        );
     }
 }

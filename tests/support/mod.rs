@@ -399,7 +399,7 @@ pub fn frame(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Ve
 }
 
 /// Reads one whole frame: (fin, opcode, payload unmasked).
-pub fn read_frame(s: &mut TcpStream) -> (bool, u8, Vec<u8>) {
+pub fn read_frame(s: &mut impl Read) -> (bool, u8, Vec<u8>) {
     let mut h = [0u8; 2];
     s.read_exact(&mut h).expect("frame header");
     let mut len = (h[1] & 0x7f) as u64;

@@ -89,6 +89,8 @@ struct Peer {
     /// It sent FIN (after `unread`), or reset.
     fin: bool,
     reset: bool,
+    /// The proxy reset this connection (`Op::Reset`).
+    proxy_reset: bool,
     got: Vec<u8>,
     recv: Option<bool>,
     cancel: bool,
@@ -122,6 +124,8 @@ struct Harness {
     s: Session,
     peers: [Peer; 2],
     bufs: HashMap<u16, Vec<u8>>,
+    /// References beyond the first to each buffer in `bufs` (`Op::Retain`).
+    extra_refs: HashMap<u16, u8>,
     next_bid: u16,
     verify: bool,
     placement: Option<u16>,
@@ -150,6 +154,7 @@ impl Harness {
             s,
             peers: Default::default(),
             bufs: HashMap::new(),
+            extra_refs: HashMap::new(),
             next_bid: 0,
             verify: false,
             placement: None,
@@ -242,11 +247,30 @@ impl Harness {
                     assert!(self.connect.is_none(), "close with a connect in flight");
                 }
             }
-            Op::Recycle { bid } => {
-                assert!(
+            Op::Recycle { bid } => match self.extra_refs.get_mut(&bid) {
+                Some(n) => {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.extra_refs.remove(&bid);
+                    }
+                }
+                None => assert!(
                     self.bufs.remove(&bid).is_some(),
                     "buffer {bid} recycled twice"
+                ),
+            },
+            Op::Retain { bid } => {
+                assert!(
+                    self.bufs.contains_key(&bid),
+                    "retain of a free buffer {bid}"
                 );
+                *self.extra_refs.entry(bid).or_default() += 1;
+            }
+            Op::Reset { fd } => {
+                let p = self.peer_of(fd);
+                p.reset = true;
+                p.proxy_reset = true;
+                p.shut_wr = true;
             }
             Op::NeedPipe { from } => {
                 let pipe = Pipe {

@@ -52,14 +52,123 @@ fn conman_lost_gives_the_client_1014_and_client_lost_gives_conman_1001() {
 }
 
 #[test]
-fn conman_lost_mid_frame_injects_no_close_into_the_frame() {
+fn conman_lost_mid_held_frame_gives_the_client_1014_and_no_torn_bytes() {
     let mut h = Harness::established(Harness::cfg());
+    let whole = frame(OpCode::Text, b"whole", false);
+    let f = frame(OpCode::Binary, &[5; 40], false);
+    h.write(Who::Conman, &[whole.as_slice(), &f[..20]].concat());
+    h.peers[1].fin = true;
+    h.settle();
+    assert_eq!(parse_frames(&h.peers[0].got, false)[0].1, b"whole");
+    assert_eq!(
+        h.closes(Who::Client),
+        vec![(1014, "stage=relay;reason=conman_lost".into())]
+    );
+    assert_eq!(
+        h.peers[0].got.len(),
+        whole.len() + 4 + "stage=relay;reason=conman_lost".len(),
+        "the held half frame stayed in the proxy"
+    );
+    assert!(!h.peers[0].proxy_reset);
+    h.finish();
+}
+
+#[test]
+fn conman_lost_mid_long_frame_resets_the_client() {
+    let mut cfg = Harness::cfg();
+    cfg.relay.hold_max = 16;
+    let mut h = Harness::established(cfg);
     let f = frame(OpCode::Binary, &[5; 40], false);
     h.write(Who::Conman, &f[..20]);
     h.peers[1].fin = true;
     h.settle();
-    assert_eq!(h.peers[0].got, &f[..20]);
+    assert_eq!(h.peers[0].got, &f[..20], "a long frame streams");
     assert!(h.closes(Who::Client).is_empty());
+    assert!(
+        h.peers[0].proxy_reset,
+        "the client must see a reset, not a FIN"
+    );
+    h.finish();
+}
+
+#[test]
+fn a_short_frame_goes_only_once_complete_in_one_gathered_send() {
+    let mut h = Harness::established(Harness::cfg());
+    let f = frame(OpCode::Binary, &[3; 150], false);
+    h.write(Who::Conman, &f[..100]);
+    h.settle();
+    assert!(h.peers[0].got.is_empty(), "part of a held frame went out");
+    let sends_before = h.ops.iter().filter(|o| o.starts_with("Send")).count();
+    h.write(Who::Conman, &f[100..]);
+    h.settle();
+    assert_eq!(h.peers[0].got, f);
+    let sends: Vec<_> = h.ops.iter().filter(|o| o.starts_with("Send")).collect();
+    assert_eq!(sends.len() - sends_before, 1, "{sends:?}");
+    assert!(
+        sends.last().unwrap().contains("Many"),
+        "gathered from its buffers"
+    );
+    h.finish();
+}
+
+#[test]
+fn a_receive_split_between_passed_and_held_bytes_is_shared_not_copied() {
+    let mut h = Harness::established(Harness::cfg());
+    let a = frame(OpCode::Text, b"first", false);
+    let b = frame(OpCode::Binary, &[4; 100], false);
+    let stream = [a.as_slice(), &b].concat();
+    h.write(Who::Conman, &stream);
+    h.deliver(Who::Conman, BUF);
+    assert!(h.ops.iter().any(|o| o.starts_with("Retain")), "{:?}", h.ops);
+    h.settle();
+    assert_eq!(h.peers[0].got, stream);
+    h.finish();
+}
+
+#[test]
+fn a_dripping_peer_holds_a_bounded_share_of_the_ring() {
+    let mut h = Harness::established(Harness::cfg());
+    let f = frame(OpCode::Binary, &[6; 120], false);
+    h.write(Who::Conman, &f);
+    for _ in 0..f.len() - 1 {
+        h.deliver(Who::Conman, 1);
+        assert!(
+            h.bufs.len() <= RING_HOLD_MAX,
+            "{} buffers held",
+            h.bufs.len()
+        );
+    }
+    assert!(h.peers[0].got.is_empty());
+    h.settle();
+    assert_eq!(h.peers[0].got, f);
+    h.finish();
+}
+
+#[test]
+fn a_bad_client_frame_split_across_receives_leaves_conman_no_torn_bytes() {
+    // Defect 4 of issue 11: a Close whose reason is not UTF-8, in two
+    // segments. Its start used to reach Conman, then only a FIN.
+    let mut h = Harness::established(Harness::cfg());
+    let ok = frame(OpCode::Text, b"fine", true);
+    let mut bad = Vec::new();
+    write_close(&mut bad, 1000, "ab", Some([1, 2, 3, 4]));
+    let n = bad.len();
+    let (k0, k1) = (bad[n - 2] ^ 3, bad[n - 1] ^ 4);
+    bad[n - 2] = 0xff ^ 3;
+    bad[n - 1] = 0xfe ^ 4;
+    assert_ne!((k0, k1), (0xff, 0xfe));
+    h.write(Who::Client, &[ok.as_slice(), &bad[..n - 2]].concat());
+    h.settle();
+    h.write(Who::Client, &bad[n - 2..]);
+    h.settle();
+    let frames = parse_frames(&h.peers[1].got, true);
+    assert_eq!(frames[0], (OpCode::Text, b"fine".to_vec()));
+    assert_eq!(
+        h.closes(Who::Conman),
+        vec![(1001, "stage=client_gone;reason=protocol_error".into())]
+    );
+    assert_eq!(frames.len(), 2, "nothing torn before the Close");
+    assert_eq!(h.closes(Who::Client)[0].0, 1007);
     h.finish();
 }
 
@@ -146,6 +255,7 @@ fn partial_sends_resume_where_they_stopped() {
 fn long_frames_are_spliced_and_arrive_whole() {
     let mut cfg = Harness::cfg();
     cfg.buffers.splice_min = 256;
+    cfg.relay.hold_max = 1024;
     let mut h = Harness::established(cfg);
     let big = frame(OpCode::Binary, &[9; 5000], false);
     let small = frame(OpCode::Text, b"after", false);
@@ -202,4 +312,78 @@ fn with_the_ring_low_every_buffer_goes_back_at_once() {
     h.settle();
     assert_eq!(h.peers[0].got, f);
     h.finish();
+}
+
+proptest! {
+    /// Conman sends frames of random lengths around `relay.hold_max`, cut
+    /// into random receives, then ends at a random byte. The client gets
+    /// every frame before the cut whole, and then: a Close 1014 if the cut
+    /// fell between frames or inside a frame short enough to hold (none of
+    /// whose bytes went out); a reset if it fell inside a longer frame.
+    #[test]
+    fn a_stream_cut_anywhere_leaves_whole_frames_then_close_or_reset(
+        sizes in proptest::collection::vec(0..400usize, 1..8),
+        hold_max in 0..300u64,
+        splice in any::<bool>(),
+        cut_at in any::<prop::sample::Index>(),
+        reads in proptest::collection::vec(1..BUF, 1..20),
+    ) {
+        let mut cfg = Harness::cfg();
+        cfg.relay.hold_max = hold_max;
+        cfg.buffers.splice_min = if splice { 64 } else { 0 };
+        let mut h = Harness::established(cfg);
+        let frames: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| frame(OpCode::Binary, &vec![i as u8; *n], false))
+            .collect();
+        let stream = frames.concat();
+        let cut = cut_at.index(stream.len() + 1);
+        h.write(Who::Conman, &stream[..cut]);
+        let mut i = 0;
+        while !h.peers[1].unread.is_empty() {
+            if !h.deliver(Who::Conman, reads[i % reads.len()]) {
+                h.settle();
+            }
+            h.complete_send(Who::Client, usize::MAX);
+            i += 1;
+            prop_assert!(i < 100_000);
+        }
+        h.peers[1].fin = true;
+        h.settle();
+        // Which frame the cut fell in, and where that frame began.
+        let mut start = 0;
+        let mut torn = None;
+        for (f, n) in frames.iter().zip(&sizes) {
+            if cut > start && cut < start + f.len() {
+                // A header is held until the length in it is known.
+                let header = f.len() - n;
+                let long = *n as u64 > hold_max && cut >= start + header;
+                torn = Some((start, long));
+                break;
+            }
+            start += f.len();
+            if start >= cut {
+                break;
+            }
+        }
+        let got = &h.peers[0].got;
+        match torn {
+            Some((start, true)) => {
+                prop_assert!(h.peers[0].proxy_reset, "no reset after a torn long frame");
+                prop_assert!(got.len() <= cut && got.len() >= start, "{} of {}", got.len(), cut);
+                prop_assert_eq!(&got[..], &stream[..got.len()]);
+            }
+            _ => {
+                let whole = torn.map_or(cut, |(start, _)| start);
+                prop_assert!(!h.peers[0].proxy_reset);
+                prop_assert_eq!(&got[..whole], &stream[..whole]);
+                let rest = parse_frames(&got[whole..], false);
+                prop_assert_eq!(rest.len(), 1, "bytes after the whole frames: {:?}", &got[whole..]);
+                prop_assert_eq!(rest[0].0, OpCode::Close);
+                prop_assert_eq!(&rest[0].1[..2], &1014u16.to_be_bytes());
+            }
+        }
+        h.finish();
+    }
 }
