@@ -175,6 +175,10 @@ pub struct Limits {
     pub held_bytes: usize,
     /// Bytes queued toward one side before the other side stops being read.
     pub send_queue_bytes: usize,
+    /// Bytes all of a shard's sessions may hold in their own memory (queued
+    /// toward slow peers, frames held back); past it, every side whose peer
+    /// has such bytes queued stops being read until they are sent.
+    pub shard_buffer_bytes: usize,
     /// Conman attempts per session (first try included), within
     /// `setup_timeout_ms`.
     pub max_attempts: u8,
@@ -342,6 +346,7 @@ impl Default for Limits {
             setup_timeout_ms: 10_000,
             held_bytes: 64 * 1024,
             send_queue_bytes: 256 * 1024,
+            shard_buffer_bytes: 256 << 20,
             max_attempts: 5,
             retry_base_ms: 50,
             retry_cap_ms: 1_000,
@@ -472,6 +477,12 @@ impl Config {
             return Err(invalid(
                 "limits.send_queue_bytes",
                 "must be at least buffers.size",
+            ));
+        }
+        if l.shard_buffer_bytes < l.send_queue_bytes {
+            return Err(invalid(
+                "limits.shard_buffer_bytes",
+                "must be at least limits.send_queue_bytes",
             ));
         }
         let b = &self.buffers;

@@ -431,14 +431,6 @@ fn two_shards_both_accept() {
     let _ = CloseCode::Normal;
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// A client that writes without reading: the proxy must stop reading it
 /// once Conman's echoes pile up, rather than buffer without bound; then,
 /// once the client reads again, every byte arrives intact and in order.

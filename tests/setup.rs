@@ -127,7 +127,10 @@ fn controlplane_placement_and_single_flight() {
 fn controlplane_down_gives_1013_breaker_opens_then_recovers() {
     let conman = echo_conman();
     let cp = controlplane_with(&[("vm-1", conman.local_addr)]);
-    let proxy = Proxy::start(&cp_config(&cp, ""), &["--shards", "1"]);
+    // Open long enough that ten sessions on a loaded machine fit in it, so
+    // no second half-open probe slips in before the count below.
+    let config = cp_config(&cp, "").replace("breaker_open_ms = 400", "breaker_open_ms = 2000");
+    let proxy = Proxy::start(&config, &["--shards", "1"]);
     for mode in [
         FakeMode::Unavailable503,
         FakeMode::Down,

@@ -27,6 +27,13 @@ struct Streamer {
 
 impl Streamer {
     fn start() -> Streamer {
+        Streamer::start_with(None)
+    }
+
+    /// With `sndbuf`, each stream's socket buffer is that small, so that
+    /// thousands of stuck streams do not spend the kernel's TCP memory
+    /// (`net.ipv4.tcp_mem`), past which it resets connections.
+    fn start_with(sndbuf: Option<usize>) -> Streamer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let streaming = Arc::new(AtomicUsize::new(0));
@@ -35,6 +42,11 @@ impl Streamer {
         thread::spawn(move || {
             for tcp in listener.incoming() {
                 let Ok(tcp) = tcp else { continue };
+                if let Some(n) = sndbuf {
+                    socket2::SockRef::from(&tcp)
+                        .set_send_buffer_size(n)
+                        .unwrap();
+                }
                 if stop2.load(Relaxed) {
                     return;
                 }
@@ -178,5 +190,67 @@ fn clients_that_never_read_do_not_starve_the_shard() {
     let ring_exhausted = proxy.metric("eval_buffer_ring_exhausted_total", &[]);
     eprintln!("floods={floods} ring_exhausted={ring_exhausted}");
     drop(flooded);
+    drop(conman);
+}
+
+/// Issue 11, memory exhaustion: thousands of clients that never read while
+/// Conman streams at them. Each session may queue `limits.send_queue_bytes`
+/// (256 KiB) toward its client, so without a shard-wide bound 1,000 of them
+/// would hold 250 MiB; with `limits.shard_buffer_bytes` at 16 MiB, sides
+/// stop being read instead, and the proxy's RSS stays within the process
+/// and its ring, the budget, and about one buffer per slow reader (what it
+/// received last). `SLOW_READERS=5000` for the issue's figure.
+#[test]
+fn slow_readers_are_held_to_the_shard_buffer_budget() {
+    let floods: usize = std::env::var("SLOW_READERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let conman = Streamer::start_with(Some(64 << 10));
+    let budget: u64 = 16 << 20;
+    let proxy = Proxy::start_captured(
+        &config_for(
+            conman.addr,
+            &format!("[listen]\nshards = 1\n\n[limits]\nshard_buffer_bytes = {budget}\n"),
+        ),
+        &[],
+    );
+    let flooded: Vec<TcpStream> = (0..floods).map(|n| flood_client(proxy.listen, n)).collect();
+    wait_until("every flood to stream", Duration::from_secs(60), || {
+        conman.streaming.load(Relaxed) == floods
+    });
+    let pauses = || {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| proxy.metrics())).is_err() {
+            panic!(
+                "admin failed; fds {} log: {}",
+                fd_count(proxy.child.id()),
+                proxy.log()
+            );
+        }
+        proxy.metric("eval_backpressure_pauses_total", &[])
+            + proxy.metric("eval_buffer_budget_pauses_total", &[])
+    };
+    wait_until("every flood paused", Duration::from_secs(120), || {
+        pauses() >= floods as f64
+    });
+    let buffered = proxy.metric("eval_buffered_bytes", &[]);
+    let rss = rss_kib(proxy.child.id());
+    eprintln!(
+        "slow readers={floods} rss={rss} KiB buffered={buffered} budget_pauses={}",
+        proxy.metric("eval_buffer_budget_pauses_total", &[])
+    );
+    assert!(proxy.metric("eval_buffer_budget_pauses_total", &[]) > 0.0);
+    // The process itself and its ring (48 MiB, debug build included), the
+    // budget, and per slow reader about the one buffer it last received.
+    let bound_kib = 48 * 1024 + budget / 1024 + floods as u64 * 24;
+    assert!(
+        rss < bound_kib,
+        "proxy RSS {rss} KiB with {floods} slow readers (bound {bound_kib} KiB)"
+    );
+    // Once the clients go, everything they held is given back.
+    drop(flooded);
+    wait_until("buffers given back", Duration::from_secs(60), || {
+        proxy.metric("eval_buffered_bytes", &[]) == 0.0
+    });
     drop(conman);
 }

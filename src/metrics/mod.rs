@@ -109,6 +109,11 @@ pub struct ShardStats {
     pub backpressure_pauses: AtomicU64,
     /// Payload bytes moved with splice(2) (also in the relayed bytes).
     pub spliced_bytes: AtomicU64,
+    /// Bytes sessions hold in their own memory (queued toward a peer or
+    /// held back mid-frame), against `limits.shard_buffer_bytes`.
+    pub buffered_bytes: AtomicU64,
+    /// Times a side stopped being read because the shard's budget was spent.
+    pub budget_pauses: AtomicU64,
     rare: Mutex<Rare>,
 }
 
@@ -285,6 +290,25 @@ pub fn render(shards: &[std::sync::Arc<ShardStats>]) -> String {
         "Times a side stopped being read because its peer had too much queued.",
         sum(|s| &s.backpressure_pauses),
     );
+    counter(
+        &mut out,
+        names::BUDGET_PAUSES,
+        "Times a side stopped being read because the shard's sessions held limits.shard_buffer_bytes in their own memory.",
+        sum(|s| &s.budget_pauses),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP {0} Bytes sessions hold in their own memory (queued toward a slow peer, or the start of a frame held back), per shard; bounded by limits.shard_buffer_bytes.\n# TYPE {0} gauge",
+        names::BUFFERED_BYTES
+    );
+    for (i, s) in shards.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{}{{shard=\"{i}\"}} {}",
+            names::BUFFERED_BYTES,
+            s.buffered_bytes.load(Relaxed)
+        );
+    }
     counter(
         &mut out,
         names::RELAY_SPLICED_BYTES,

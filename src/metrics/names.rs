@@ -39,6 +39,8 @@ pub const RELAY_TORN_FRAMES: &str = "eval_relay_torn_frames_total";
 pub const HTTP_RESPONSES: &str = "eval_http_responses_total";
 pub const BUFFER_EXHAUSTED: &str = "eval_buffer_ring_exhausted_total";
 pub const BACKPRESSURE_PAUSES: &str = "eval_backpressure_pauses_total";
+pub const BUDGET_PAUSES: &str = "eval_buffer_budget_pauses_total";
+pub const BUFFERED_BYTES: &str = "eval_buffered_bytes";
 pub const CONMAN_ATTEMPT_FAILURES: &str = "eval_conman_attempt_failures_total";
 
 // The process (`admin`).
@@ -72,6 +74,8 @@ pub const ALL: &[(&str, Kind)] = &[
     (HTTP_RESPONSES, Kind::Counter),
     (BUFFER_EXHAUSTED, Kind::Counter),
     (BACKPRESSURE_PAUSES, Kind::Counter),
+    (BUDGET_PAUSES, Kind::Counter),
+    (BUFFERED_BYTES, Kind::Gauge),
     (CONMAN_ATTEMPT_FAILURES, Kind::Counter),
     (DRAINING, Kind::Gauge),
     (TOKEN_KEY_RELOADS, Kind::Counter),

@@ -239,6 +239,15 @@ impl Env<'_> {
     fn op(&mut self, op: Op) {
         self.out.push_back(op);
     }
+
+    /// The shard's sessions hold `limits.shard_buffer_bytes` or more in
+    /// their own memory.
+    fn over_budget(&self) -> bool {
+        self.stats
+            .buffered_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= self.cfg.limits.shard_buffer_bytes as u64
+    }
 }
 
 /// One socket of a session, as far as the machine is concerned.
@@ -254,6 +263,9 @@ pub struct Side {
     sendq: SendQ,
     /// Bytes queued plus bytes in the send in flight.
     queued: usize,
+    /// The part of `queued` in the session's own memory (`Chunk::Owned`),
+    /// which counts against `limits.shard_buffer_bytes`.
+    owned: usize,
     /// A send is in flight (its chunks are in the op, not in `sendq`).
     sending: bool,
     /// The peer sent FIN (or the socket failed).
@@ -280,6 +292,7 @@ impl Side {
             cancel_pending: false,
             sendq: SendQ::default(),
             queued: 0,
+            owned: 0,
             sending: false,
             eof: false,
             probe: false,
@@ -293,7 +306,19 @@ impl Side {
 
     fn push(&mut self, c: Chunk) {
         self.queued += c.remaining();
+        if let Chunk::Owned { .. } = c {
+            self.owned += c.remaining();
+        }
         self.sendq.push_back(c);
+    }
+
+    /// `n` bytes of `c` were sent or dropped: they leave `owned` if they
+    /// were the session's own.
+    fn disown(&mut self, c: &Chunk, n: usize) {
+        if let Chunk::Owned { .. } = c {
+            debug_assert!(self.owned >= n, "owned {} < {n}", self.owned);
+            self.owned = self.owned.saturating_sub(n);
+        }
     }
 
     fn push_owned(&mut self, data: Vec<u8>) {
@@ -466,6 +491,8 @@ pub struct Session {
     /// Close frames the proxy itself queued, per side.
     injected_close_to_client: bool,
     injected_close_to_conman: bool,
+    /// What this session adds to the shard's `buffered_bytes` right now.
+    buffered: usize,
     /// Counted in `eval_sessions_active` (it reached Relay).
     established: bool,
     finished: bool,
@@ -494,6 +521,7 @@ impl Session {
             ident: None,
             injected_close_to_client: false,
             injected_close_to_conman: false,
+            buffered: 0,
             established: false,
             finished: false,
         }
@@ -631,7 +659,10 @@ impl Session {
         // one buffer (its header) instead of a multishot receive, which
         // would copy up to 32 buffers of payload before a cancel could stop
         // it.
-        let single = std::mem::take(&mut sd.probe);
+        // Past the shard's buffer budget, one buffer at a time: a multishot
+        // receive can deliver dozens before a pause takes effect, and each
+        // would be copied into memory the budget is meant to bound.
+        let single = std::mem::take(&mut sd.probe) || env.over_budget();
         let fd = sd.fd;
         env.op(Op::Recv { who, fd, single });
     }
@@ -776,6 +807,7 @@ impl Session {
         } else if res < 0 {
             let unsent: usize = chunks
                 .map(|c| {
+                    sd.disown(&c, c.remaining());
                     if let Chunk::Buf { bid, .. } = c {
                         env.op(Op::Recycle { bid });
                     }
@@ -792,6 +824,7 @@ impl Session {
             for mut c in chunks.by_ref() {
                 let take = n.min(c.remaining());
                 n -= take;
+                sd.disown(&c, take);
                 if c.advance(take) {
                     if let Chunk::Buf { bid, .. } = c {
                         env.op(Op::Recycle { bid });
@@ -805,6 +838,7 @@ impl Session {
                     // Nobody will send them any more.
                     for c in rest {
                         sd.unqueue(c.remaining());
+                        sd.disown(&c, c.remaining());
                         if let Chunk::Buf { bid, .. } = c {
                             env.op(Op::Recycle { bid });
                         }
@@ -822,13 +856,17 @@ impl Session {
         self.drop_hold(env, who.other().outbound());
         let sd = self.side(who);
         let mut n = 0;
+        let mut owned = 0;
         for c in sd.sendq.drain() {
             n += c.remaining();
-            if let Chunk::Buf { bid, .. } = c {
-                env.op(Op::Recycle { bid });
+            match c {
+                Chunk::Buf { bid, .. } => env.op(Op::Recycle { bid }),
+                Chunk::Owned { .. } => owned += c.remaining(),
             }
         }
         sd.unqueue(n);
+        debug_assert!(sd.owned >= owned);
+        sd.owned = sd.owned.saturating_sub(owned);
     }
 
     /// Writing to `who` failed: the peer is gone, and what is queued for it
@@ -846,6 +884,7 @@ impl Session {
     /// After any input: splices to start, sends to kick, backpressure, the
     /// retry after a backoff, and the closing sequence.
     fn advance(&mut self, env: &mut Env) {
+        self.account_buffered(env);
         for who in [Who::Client, Who::Conman] {
             self.start_splice(env, who);
         }
@@ -865,6 +904,8 @@ impl Session {
                 }
                 if self.client.closed && self.conman.closed && !self.finished {
                     self.finished = true;
+                    self.account_buffered(env);
+                    debug_assert_eq!(self.buffered, 0, "session {} ends holding bytes", self.id);
                     self.deadline = None;
                     if self.established {
                         env.stats
@@ -878,16 +919,56 @@ impl Session {
         }
     }
 
-    fn backpressure(&mut self, env: &mut Env, src: Who) {
-        let limit = env.cfg.limits.send_queue_bytes;
-        let queued = self.side_ref(src.other()).queued;
-        let sd = self.side(src);
-        if queued > limit && !sd.paused {
+    /// Brings the shard's `buffered_bytes` up to date with what this
+    /// session holds in its own memory, once per input.
+    fn account_buffered(&mut self, env: &mut Env) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let held: usize = [&self.hold_to_conman, &self.hold_to_client]
+            .iter()
+            .filter_map(|h| h.as_deref())
+            .map(relay::FrameHold::owned)
+            .sum();
+        let now = self.client.owned + self.conman.owned + held;
+        if now > self.buffered {
             env.stats
-                .backpressure_pauses
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                .buffered_bytes
+                .fetch_add((now - self.buffered) as u64, Relaxed);
+        } else if now < self.buffered {
+            env.stats
+                .buffered_bytes
+                .fetch_sub((self.buffered - now) as u64, Relaxed);
+        }
+        self.buffered = now;
+    }
+
+    /// Stops reading `src` while its peer has more than
+    /// `limits.send_queue_bytes` queued, or, once the shard's sessions hold
+    /// `limits.shard_buffer_bytes` in their own memory, while its peer has
+    /// anything queued at all (it is not keeping up): then a session costs
+    /// at most the buffer it last received, memory stops growing, and every
+    /// paused side resumes by its own peer's sends, with no wake-up from
+    /// outside. Sessions whose peers keep up still move, a buffer at a time.
+    fn backpressure(&mut self, env: &mut Env, src: Who) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let limit = env.cfg.limits.send_queue_bytes;
+        let over_budget = env.over_budget();
+        let dest = self.side_ref(src.other());
+        let (queued, budget_bound) = (dest.queued, over_budget && dest.queued > 0);
+        let sd = self.side(src);
+        if (queued > limit || budget_bound) && !sd.paused {
+            let counter = if queued > limit {
+                &env.stats.backpressure_pauses
+            } else {
+                &env.stats.budget_pauses
+            };
+            counter.fetch_add(1, Relaxed);
             self.pause_recv(env, src);
-        } else if queued <= limit / 2 && sd.paused && !sd.recv_armed && sd.splice.is_none() {
+        } else if queued <= limit / 2
+            && !budget_bound
+            && sd.paused
+            && !sd.recv_armed
+            && sd.splice.is_none()
+        {
             self.resume_recv(env, src);
         }
     }

@@ -90,6 +90,13 @@ pub struct FrameHold {
     tail: Vec<u8>,
 }
 
+impl FrameHold {
+    /// Bytes it holds in the session's own memory.
+    pub fn owned(&self) -> usize {
+        self.tail.len()
+    }
+}
+
 /// How an input divides between the other side and the hold.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Split {

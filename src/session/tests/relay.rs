@@ -387,3 +387,68 @@ proptest! {
         h.finish();
     }
 }
+
+#[test]
+fn past_the_shard_budget_a_side_whose_peer_is_behind_stops_being_read() {
+    let mut cfg = Harness::cfg();
+    cfg.limits.shard_buffer_bytes = cfg.limits.send_queue_bytes;
+    let mut h = Harness::established(cfg);
+    // Other sessions of the shard already hold the whole budget.
+    let others = h.cfg.limits.shard_buffer_bytes as u64;
+    h.stats.buffered_bytes.store(others, Relaxed);
+    let frames: Vec<u8> = (0..40u8)
+        .flat_map(|i| frame(OpCode::Binary, &[i; 58], false))
+        .collect();
+    h.write(Who::Conman, &frames);
+    h.ops.clear();
+    // The client reads nothing, so Conman is read no further than one
+    // buffer beyond what is in flight to it.
+    for _ in 0..200 {
+        h.deliver(Who::Conman, BUF);
+    }
+    assert!(
+        h.peers[1].unread.len() >= frames.len() - 3 * BUF,
+        "Conman was read on: {} of {} left",
+        h.peers[1].unread.len(),
+        frames.len()
+    );
+    assert!(h.stats.budget_pauses.load(Relaxed) >= 1);
+    let mine = h.stats.buffered_bytes.load(Relaxed) - others;
+    assert!(mine <= BUF as u64, "{mine} bytes held past the budget");
+    assert!(
+        h.ops
+            .iter()
+            .filter(|o| o.starts_with("Recv"))
+            .all(|o| o.contains("single: true")),
+        "a multishot receive past the budget: {:?}",
+        h.ops
+    );
+    // A client that reads gets everything, and the count goes back.
+    h.settle();
+    assert_eq!(h.peers[0].got, frames);
+    assert_eq!(h.stats.buffered_bytes.load(Relaxed), others);
+    h.finish();
+    assert_eq!(h.stats.buffered_bytes.load(Relaxed), others);
+}
+
+#[test]
+fn buffered_bytes_come_back_to_zero_whatever_the_end() {
+    for end in 0..3 {
+        let mut h = Harness::established(Harness::cfg());
+        let frames: Vec<u8> = (0..20u8)
+            .flat_map(|i| frame(OpCode::Binary, &[i; 58], false))
+            .collect();
+        h.write(Who::Conman, &frames);
+        for _ in 0..40 {
+            h.deliver(Who::Conman, BUF);
+        }
+        assert!(h.stats.buffered_bytes.load(Relaxed) > 0);
+        match end {
+            0 => h.peers[0].reset = true,
+            1 => h.peers[1].fin = true,
+            _ => h.run(|s, env| s.handle_grace_over(env)),
+        }
+        h.finish();
+        assert_eq!(h.stats.buffered_bytes.load(Relaxed), 0, "end {end}");
+    }
+}
