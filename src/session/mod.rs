@@ -259,6 +259,11 @@ pub struct Side {
     recv_armed: bool,
     /// Receiving paused (backpressure, held-bytes bound, buffer shortage).
     paused: bool,
+    /// Paused because the ring had no buffer (ENOBUFS): only the shard's
+    /// paced retry (`handle_buffers_available`) resumes it, never
+    /// backpressure easing, which would re-arm into the same shortage at
+    /// once, again and again.
+    starved: bool,
     cancel_pending: bool,
     sendq: SendQ,
     /// Bytes queued plus bytes in the send in flight.
@@ -289,6 +294,7 @@ impl Side {
             inflight: 0,
             recv_armed: false,
             paused: false,
+            starved: false,
             cancel_pending: false,
             sendq: SendQ::default(),
             queued: 0,
@@ -659,10 +665,11 @@ impl Session {
         // one buffer (its header) instead of a multishot receive, which
         // would copy up to 32 buffers of payload before a cancel could stop
         // it.
-        // Past the shard's buffer budget, one buffer at a time: a multishot
-        // receive can deliver dozens before a pause takes effect, and each
-        // would be copied into memory the budget is meant to bound.
-        let single = std::mem::take(&mut sd.probe) || env.over_budget();
+        // With the ring low or past the shard's buffer budget, one buffer at
+        // a time: a multishot receive can take dozens of buffers in one go
+        // (emptying the ring others wait on) and deliver them before a pause
+        // takes effect, each copied into memory the budget is meant to bound.
+        let single = std::mem::take(&mut sd.probe) || env.ring_low || env.over_budget();
         let fd = sd.fd;
         env.op(Op::Recv { who, fd, single });
     }
@@ -689,13 +696,17 @@ impl Session {
     /// [`Session::handle_buffers_available`].
     pub fn starved(&self, who: Who) -> bool {
         let sd = self.side_ref(who);
-        sd.paused && !sd.recv_armed && !sd.eof && !sd.closed
+        sd.starved && !sd.recv_armed && !sd.eof && !sd.closed
     }
 
     /// Buffers are back after a shortage: a starved side reads again.
     pub fn handle_buffers_available(&mut self, env: &mut Env, who: Who) {
         if self.starved(who) {
-            self.side(who).paused = false;
+            let sd = self.side(who);
+            sd.starved = false;
+            sd.paused = false;
+            // One buffer: the ring has only just recovered.
+            sd.probe = true;
             self.arm_recv(env, who);
             self.advance(env);
         }
@@ -735,7 +746,9 @@ impl Session {
                     env.stats
                         .buffer_exhausted
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    self.side(who).paused = true;
+                    let sd = self.side(who);
+                    sd.paused = true;
+                    sd.starved = true;
                     outcome = RecvOutcome::Starved;
                 }
                 libc::ECANCELED | libc::EAGAIN => {
@@ -966,6 +979,7 @@ impl Session {
         } else if queued <= limit / 2
             && !budget_bound
             && sd.paused
+            && !sd.starved
             && !sd.recv_armed
             && sd.splice.is_none()
         {

@@ -150,6 +150,12 @@ struct Io {
     last_trim: Instant,
     /// Sessions whose receive stopped for want of buffers (ENOBUFS).
     starved: Vec<(u32, u16, Who)>,
+    /// Pacing of their retries: the next round, and the pause after it.
+    starved_next: Instant,
+    starved_pause: Duration,
+    /// Receives the last round re-armed, and the ENOBUFS count then.
+    starved_retried: u64,
+    starved_seen: u64,
     /// Empty pipes from finished splices.
     pipes: Vec<Pipe>,
     /// iovec arrays of finished gathered sends.
@@ -218,6 +224,10 @@ impl Shard {
                 shard: spec.id,
                 last_trim: Instant::now(),
                 starved: Vec::new(),
+                starved_next: Instant::now(),
+                starved_pause: Duration::ZERO,
+                starved_retried: 0,
+                starved_seen: 0,
                 pipes: Vec::new(),
                 gathers: Vec::new(),
                 verify_queue: Vec::new(),
@@ -259,6 +269,13 @@ impl Shard {
             }
             if let Some(t) = self.accept_retry {
                 let d = t.saturating_duration_since(Instant::now());
+                timeout = Some(timeout.map_or(d, |t| t.min(d)));
+            }
+            if !self.io.starved.is_empty() {
+                let d = self
+                    .io
+                    .starved_next
+                    .saturating_duration_since(Instant::now());
                 timeout = Some(timeout.map_or(d, |t| t.min(d)));
             }
             if let Err(e) = self.io.wait(timeout, &mut cqes) {
@@ -646,19 +663,36 @@ impl Shard {
     }
 
     fn retry_starved(&mut self) {
-        if self.io.bufs.available() < 8 {
+        // Wait until the ring is out of its low state (or has a few buffers,
+        // for small rings): retrying on every freed buffer would be a loop
+        // of receives failing with ENOBUFS.
+        if self.io.bufs.available() < (self.io.cfg.buffers.count / 4).max(8) {
             return;
         }
         if std::mem::take(&mut self.io.ctl.starved) {
             self.io.arm_ctl_recv();
         }
-        if self.io.starved.is_empty() {
+        if self.io.starved.is_empty() || self.io.now < self.io.starved_next {
             return;
         }
-        // At most half of what is free goes to re-armed receives per turn,
-        // so a shortage is a slow path, not a loop of ENOBUFS.
+        // Paced: when at least half the receives of the last round ran dry
+        // again, the next round waits twice as long (up to 8 ms); else half
+        // as long. A long shortage is then a slow path, not a loop of
+        // receives failing with ENOBUFS.
+        let io = &mut self.io;
+        let seen = io.stats.buffer_exhausted.load(Ordering::Relaxed);
+        let failed = seen - io.starved_seen;
+        io.starved_pause = if io.starved_retried > 0 && failed * 2 >= io.starved_retried {
+            (io.starved_pause * 2).clamp(Duration::from_micros(250), Duration::from_millis(8))
+        } else {
+            io.starved_pause / 2
+        };
+        io.starved_next = io.now + io.starved_pause;
+        // At most half of what is free goes to re-armed receives per round.
         let n = (self.io.bufs.available() as usize / 2).min(self.io.starved.len());
         let starved: Vec<_> = self.io.starved.drain(..n).collect();
+        self.io.starved_retried = n as u64;
+        self.io.starved_seen = seen;
         for (slot, gen, who) in starved {
             if self.entry(slot, gen).is_some() {
                 self.drive(slot, |s, env, _| s.handle_buffers_available(env, who));

@@ -452,3 +452,29 @@ fn buffered_bytes_come_back_to_zero_whatever_the_end() {
         assert_eq!(h.stats.buffered_bytes.load(Relaxed), 0, "end {end}");
     }
 }
+
+#[test]
+fn a_side_the_ring_starved_waits_for_buffers_not_for_its_peer() {
+    let mut h = Harness::established(Harness::cfg());
+    h.write(Who::Conman, &frame(OpCode::Binary, &[1; 40], false));
+    // The ring is empty when Conman's bytes arrive.
+    h.peers[1].recv = None;
+    let mut outcome = None;
+    h.run(|s, env| {
+        outcome = Some(s.handle_recv(env, Who::Conman, -libc::ENOBUFS, false, None));
+    });
+    assert_eq!(outcome, Some(RecvOutcome::Starved));
+    assert!(h.s.starved(Who::Conman));
+    // Sends completing toward the client must not re-arm it (that was a
+    // loop of ENOBUFS under a long shortage) ...
+    h.write(Who::Client, &frame(OpCode::Text, b"up", true));
+    h.settle();
+    assert!(h.peers[1].recv.is_none(), "re-armed into the shortage");
+    assert!(h.s.starved(Who::Conman));
+    // ... only the shard's retry does, with one buffer.
+    h.run(|s, env| s.handle_buffers_available(env, Who::Conman));
+    assert_eq!(h.peers[1].recv, Some(true));
+    h.settle();
+    assert_eq!(h.peers[0].got, frame(OpCode::Binary, &[1; 40], false));
+    h.finish();
+}
