@@ -100,6 +100,18 @@ pub struct ListenConfig {
     /// of the proxy); from anyone else the header is dropped, so a client
     /// cannot put an address of its choosing in front of its own.
     pub trusted_proxies: Vec<Cidr>,
+    /// Every accepted connection starts with a PROXY protocol header (v1 or
+    /// v2) naming the real client, and only peers in `trusted_proxies` may
+    /// send one; other peers, and connections without a valid header, are
+    /// closed unanswered.
+    pub proxy_protocol: bool,
+}
+
+impl ListenConfig {
+    /// Whether `peer` is one of `trusted_proxies`.
+    pub fn trusts(&self, peer: Option<std::net::IpAddr>) -> bool {
+        peer.is_some_and(|ip| self.trusted_proxies.iter().any(|c| c.contains(ip)))
+    }
 }
 
 /// An address block, `10.0.0.0/8` or `2001:db8::/32`; a bare address is
@@ -191,6 +203,16 @@ pub struct Limits {
     /// After the proxy's FIN, how long a peer may take to send its own (or
     /// to read what is queued for it) before its socket is forced shut.
     pub linger_ms: u64,
+    /// Sessions one client address (IPv6: its /64) may have open at once,
+    /// across all shards; more get 429. 0 = no cap.
+    pub per_ip_sessions: u32,
+    /// Handshakes per second one client address may start (token bucket,
+    /// across all shards); more get 429. 0 = no limit.
+    pub per_ip_handshake_rate: f64,
+    /// That bucket's size: handshakes allowed at once after a quiet spell.
+    pub per_ip_handshake_burst: f64,
+    /// Sessions one shard admits at once; more get 503. 0 = no cap.
+    pub max_sessions_per_shard: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -283,6 +305,10 @@ pub struct WebSocketConfig {
     /// client-first mode only.
     pub subprotocols: Vec<String>,
     pub mode: UpgradeMode,
+    /// Origins (`scheme://host[:port]`, as browsers send them) allowed to
+    /// open a session; others get 403. Empty = any. A request without an
+    /// Origin (not a browser) is allowed either way.
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -321,6 +347,7 @@ impl Default for ListenConfig {
             pin: true,
             busy_poll_us: 0,
             trusted_proxies: Vec::new(),
+            proxy_protocol: false,
         }
     }
 }
@@ -352,6 +379,10 @@ impl Default for Limits {
             retry_cap_ms: 1_000,
             close_timeout_ms: 10_000,
             linger_ms: 5_000,
+            per_ip_sessions: 0,
+            per_ip_handshake_rate: 0.0,
+            per_ip_handshake_burst: 0.0,
+            max_sessions_per_shard: 0,
         }
     }
 }
@@ -470,6 +501,20 @@ impl Config {
                 "must be at least limits.retry_base_ms, which must be > 0",
             ));
         }
+        if !(l.per_ip_handshake_rate.is_finite() && l.per_ip_handshake_rate >= 0.0) {
+            return Err(invalid(
+                "limits.per_ip_handshake_rate",
+                "must be a number >= 0",
+            ));
+        }
+        if l.per_ip_handshake_rate > 0.0
+            && !(l.per_ip_handshake_burst.is_finite() && l.per_ip_handshake_burst >= 1.0)
+        {
+            return Err(invalid(
+                "limits.per_ip_handshake_burst",
+                "must be >= 1 when limits.per_ip_handshake_rate is set",
+            ));
+        }
         if l.max_frame < 125 {
             return Err(invalid("limits.max_frame", "must be at least 125"));
         }
@@ -514,6 +559,23 @@ impl Config {
         }
         if self.listen.shards > 1024 {
             return Err(invalid("listen.shards", "must be at most 1024"));
+        }
+        if self.listen.proxy_protocol && self.listen.trusted_proxies.is_empty() {
+            return Err(invalid(
+                "listen.proxy_protocol",
+                "needs listen.trusted_proxies: the load balancers allowed to send a PROXY header",
+            ));
+        }
+        for (i, origin) in self.websocket.allowed_origins.iter().enumerate() {
+            if !is_origin(origin) {
+                return Err(invalid(
+                    &format!("websocket.allowed_origins[{i}]"),
+                    format!(
+                        "{origin:?} is not an origin: scheme://host or scheme://host:port, \
+                         without path or trailing slash (or \"null\")"
+                    ),
+                ));
+            }
         }
         self.control_config()?;
         if self.token.keys_dir.is_none() && !self.token.allow_dev_key {
@@ -639,6 +701,33 @@ impl Config {
     }
 }
 
+/// An origin as RFC 6454 serializes it: `scheme://host[:port]` (no path,
+/// query, userinfo or trailing slash), or `null`.
+fn is_origin(s: &str) -> bool {
+    if s == "null" {
+        return true;
+    }
+    let Some((scheme, authority)) = s.split_once("://") else {
+        return false;
+    };
+    let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(':') && !p.contains(']') => (h, Some(p)),
+        _ => (authority, None),
+    };
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._[]:".contains(c))
+        && (host.starts_with('[') == host.ends_with(']'))
+        && (host.starts_with('[') || !host.contains(':'));
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.parse::<u16>().is_ok());
+    scheme_ok && host_ok && port_ok
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -673,6 +762,74 @@ mod tests {
         c.placement.default = Some("ws://127.0.0.1:1/".into());
         let e = c.validate().unwrap_err();
         assert!(e.to_string().contains("placement.vms.vm1"), "{e}");
+    }
+
+    fn valid() -> Config {
+        let mut c = Config::default();
+        c.token.allow_dev_key = true;
+        c.placement.default = Some("ws://127.0.0.1:1/".into());
+        c
+    }
+
+    #[test]
+    fn hostile_client_keys_are_checked() {
+        let err = |f: fn(&mut Config)| {
+            let mut c = valid();
+            f(&mut c);
+            c.validate().err().map(|e| e.to_string())
+        };
+        assert_eq!(err(|_| {}), None);
+        let e = err(|c| c.listen.proxy_protocol = true).unwrap();
+        assert!(
+            e.contains("listen.proxy_protocol") && e.contains("trusted_proxies"),
+            "{e}"
+        );
+        let e = err(|c| c.limits.per_ip_handshake_rate = -1.0).unwrap();
+        assert!(e.contains("limits.per_ip_handshake_rate"), "{e}");
+        let e = err(|c| c.limits.per_ip_handshake_rate = f64::NAN).unwrap();
+        assert!(e.contains("limits.per_ip_handshake_rate"), "{e}");
+        let e = err(|c| c.limits.per_ip_handshake_rate = 5.0).unwrap();
+        assert!(e.contains("limits.per_ip_handshake_burst"), "{e}");
+        assert_eq!(
+            err(|c| {
+                c.limits.per_ip_handshake_rate = 5.0;
+                c.limits.per_ip_handshake_burst = 10.0;
+            }),
+            None
+        );
+        let e = err(|c| c.websocket.allowed_origins = vec!["https://a.example/".into()]).unwrap();
+        assert!(e.contains("websocket.allowed_origins[0]"), "{e}");
+    }
+
+    #[test]
+    fn origins() {
+        for good in [
+            "https://replit.com",
+            "http://localhost:3000",
+            "https://[::1]:8443",
+            "https://[2001:db8::1]",
+            "chrome-extension://abcdef",
+            "null",
+        ] {
+            assert!(is_origin(good), "{good}");
+        }
+        for bad in [
+            "",
+            "replit.com",
+            "https://replit.com/",
+            "https://replit.com/path",
+            "https://",
+            "https://a:",
+            "https://a:99999",
+            "https://u@a",
+            "https://a?x",
+            "1http://a",
+            "https://[::1",
+            "https://a:b:80",
+            "*",
+        ] {
+            assert!(!is_origin(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -8,6 +8,9 @@ use crate::proto::close;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Stage {
     Request,
+    /// Turned away before the upgrade by a limit on sessions or handshakes
+    /// (per client address, per shard).
+    Admission,
     Token,
     Controlplane,
     ConmanConnect,
@@ -23,6 +26,7 @@ impl Stage {
     pub fn as_str(self) -> &'static str {
         match self {
             Stage::Request => "request",
+            Stage::Admission => "admission",
             Stage::Token => "token",
             Stage::Controlplane => "controlplane",
             Stage::ConmanConnect => "conman_connect",
@@ -38,7 +42,7 @@ impl Stage {
         match self {
             Stage::Request => close::PROTOCOL_ERROR,
             Stage::Token => close::POLICY,
-            Stage::Controlplane => close::TRY_AGAIN_LATER,
+            Stage::Admission | Stage::Controlplane => close::TRY_AGAIN_LATER,
             Stage::ConmanConnect | Stage::ConmanHandshake | Stage::Relay => close::BAD_GATEWAY,
             Stage::ClientGone => close::GOING_AWAY,
             Stage::Drain => close::SERVICE_RESTART,

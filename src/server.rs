@@ -247,6 +247,7 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
 
     watch_keys(cfg.clone(), keys.clone())?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let per_ip = crate::session::PerIp::for_config(&cfg).map(Arc::new);
     let mut handles = Vec::with_capacity(n);
     for ((id, sock), ctl) in sockets.into_iter().enumerate().zip(shard_ctl) {
         let spec = ShardSpec {
@@ -259,6 +260,7 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
             stats: stats[id].clone(),
             control: control.clone(),
             wake_fd: wake_fds[id],
+            per_ip: per_ip.clone(),
         };
         let core = if cfg.listen.pin && !cores.is_empty() {
             Some(cores[id % cores.len()])

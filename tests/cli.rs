@@ -69,6 +69,18 @@ fn bad_config_exits_2_naming_the_key() {
         ("[limits]\nheader_timeout_ms = \"soon\"\n", "header_timeout_ms"),
         ("[listen]\ntrusted_proxies = [\"10.0.0.0/33\"]\n", "trusted_proxies"),
         ("[token]\ncluster = \"\"\n", "token.cluster"),
+        (
+            "[token]\nallow_dev_key = true\n[placement]\ndefault = \"ws://127.0.0.1:1/\"\n[listen]\nproxy_protocol = true\n",
+            "listen.proxy_protocol",
+        ),
+        (
+            "[token]\nallow_dev_key = true\n[placement]\ndefault = \"ws://127.0.0.1:1/\"\n[limits]\nper_ip_handshake_rate = 5\n",
+            "limits.per_ip_handshake_burst",
+        ),
+        (
+            "[token]\nallow_dev_key = true\n[placement]\ndefault = \"ws://127.0.0.1:1/\"\n[websocket]\nallowed_origins = [\"https://a.example/\"]\n",
+            "websocket.allowed_origins[0]",
+        ),
     ] {
         std::fs::write(&p, text).unwrap();
         let (code, _, err) = run(&["--config", p.to_str().unwrap(), "--check"]);

@@ -13,6 +13,8 @@ mod conman_response;
 mod frame_header;
 #[path = "fuzz/harness/http_request.rs"]
 mod http_request;
+#[path = "fuzz/harness/proxy_header.rs"]
+mod proxy_header;
 #[path = "fuzz/harness/relay_tracker.rs"]
 mod relay_tracker;
 #[path = "fuzz/harness/token.rs"]
@@ -70,4 +72,9 @@ fn conman_response_corpus() {
 #[test]
 fn token_corpus() {
     replay("token", token::run);
+}
+
+#[test]
+fn proxy_header_corpus() {
+    replay("proxy_header", proxy_header::run);
 }

@@ -54,7 +54,7 @@ impl TokenBucket {
         self.tokens -= 1.0;
     }
 
-    fn is_full(&mut self, cfg: &Bucket, now: Instant) -> bool {
+    pub(crate) fn is_full(&mut self, cfg: &Bucket, now: Instant) -> bool {
         self.refill(cfg, now);
         self.tokens >= cfg.burst
     }

@@ -59,6 +59,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use admission::Scope;
+pub(crate) use admission::TokenBucket;
 pub use clock::{Clock, ManualClock};
 pub use stats::*;
 pub use wire::PlacementFailure;

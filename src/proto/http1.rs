@@ -725,6 +725,19 @@ pub fn write_status(out: &mut Vec<u8>, status: u16, reason_body: &str) {
     write_plain(out, status, "close", &[], reason_body);
 }
 
+/// Like [`write_status`], with `Retry-After` in seconds: a refusal that
+/// another attempt later may pass (429, 502, 503).
+pub fn write_status_retry(out: &mut Vec<u8>, status: u16, reason_body: &str, retry_after_s: u64) {
+    let after = retry_after_s.to_string();
+    write_plain(
+        out,
+        status,
+        "close",
+        &[("Retry-After", &after)],
+        reason_body,
+    );
+}
+
 pub fn write_healthz(out: &mut Vec<u8>) {
     write_plain(out, 200, "close", &[], "ok");
 }
@@ -1161,6 +1174,7 @@ mod tests {
     #[rstest]
     #[case::status_401(|out: &mut Vec<u8>| write_status(out, 401, "stage=token;reason=expired"), 401, "stage=token;reason=expired\n")]
     #[case::status_503(|out: &mut Vec<u8>| write_status(out, 503, "draining"), 503, "draining\n")]
+    #[case::retry_429(|out: &mut Vec<u8>| write_status_retry(out, 429, "stage=admission;reason=per_ip_rate", 3), 429, "stage=admission;reason=per_ip_rate\n")]
     #[case::unknown_status(|out: &mut Vec<u8>| write_status(out, 599, "x"), 599, "x\n")]
     #[case::healthz(write_healthz, 200, "ok\n")]
     #[case::head_too_large(|out: &mut Vec<u8>| write_error(out, &RequestError::HeadTooLarge), 431, "request head too large\n")]

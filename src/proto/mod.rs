@@ -6,5 +6,6 @@ pub mod close;
 pub mod frame;
 pub mod handshake;
 pub mod http1;
+pub mod proxy_header;
 pub mod relay;
 pub mod url;

@@ -19,8 +19,10 @@
 //!
 //! | from              | to                | when                                        |
 //! |-------------------|-------------------|---------------------------------------------|
-//! | `Head`            | `Verify`          | a WebSocket upgrade head is complete        |
-//! | `Head`            | `Closing`         | bad request, `/healthz`, timeout, client gone |
+//! | `ProxyHeader`     | `Head`            | the PROXY header is complete                |
+//! | `ProxyHeader`     | `Closing`         | untrusted peer, bad or late header, client gone |
+//! | `Head`            | `Verify`          | a WebSocket upgrade head is complete and admitted |
+//! | `Head`            | `Closing`         | bad request, refused (Origin, caps), `/healthz`, timeout, client gone |
 //! | `Verify`          | `Placement`       | token accepted (101 queued in client-first) |
 //! | `Verify`          | `Closing`         | token rejected, client gone                 |
 //! | `Placement`       | `Connecting`      | placement found                             |
@@ -36,7 +38,7 @@
 //! then [`Session::is_finished`] lets the shard free the slot.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,6 +51,7 @@ use crate::keys::Ident;
 use crate::metrics::ShardStats;
 use crate::proto::relay::{Direction, Tracker, TrackerConfig};
 
+mod per_ip;
 mod relay;
 mod sendq;
 mod setup;
@@ -56,6 +59,7 @@ mod splice;
 #[cfg(test)]
 mod tests;
 
+pub use per_ip::{Gate, PerIp, Refused};
 pub use sendq::SendQ;
 
 /// Most chunks one gathered send takes.
@@ -222,7 +226,8 @@ pub enum Op {
 }
 
 /// What a session reads and writes besides its own state: the time, the
-/// config, the shard's counters, randomness and the op queue. No IO.
+/// config, the shard's counters and admission state, randomness and the op
+/// queue. No IO.
 pub struct Env<'a> {
     pub now: Instant,
     /// The shard's provided-buffer ring is running low: received bytes are
@@ -231,6 +236,9 @@ pub struct Env<'a> {
     pub ring_low: bool,
     pub cfg: &'a Config,
     pub stats: &'a ShardStats,
+    /// The shard's session count and the process-wide per-address table,
+    /// consulted once at admission and once when the session finishes.
+    pub gate: &'a mut Gate,
     pub rng: &'a mut SmallRng,
     pub out: &'a mut VecDeque<Op>,
 }
@@ -392,6 +400,9 @@ pub struct Verify {
 
 /// Lifecycle of a session; each variant carries its own data.
 pub enum Phase {
+    /// `listen.proxy_protocol`: reading the PROXY header in front of the
+    /// request head (the bytes so far).
+    ProxyHeader(Vec<u8>),
     /// Reading the client's request head.
     Head(Vec<u8>),
     /// Head complete; the token is being checked.
@@ -414,6 +425,7 @@ pub enum Phase {
 /// A phase without its data, for the transition table and tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
+    ProxyHeader,
     Head,
     Verify,
     Placement,
@@ -427,6 +439,7 @@ pub enum Kind {
 impl Phase {
     pub fn kind(&self) -> Kind {
         match self {
+            Phase::ProxyHeader(_) => Kind::ProxyHeader,
             Phase::Head(_) => Kind::Head,
             Phase::Verify(_) => Kind::Verify,
             Phase::Placement(_) => Kind::Placement,
@@ -461,6 +474,8 @@ impl Phase {
 
 /// Every allowed change of phase (the module doc's table).
 pub const ALLOWED: &[(Kind, Kind)] = &[
+    (Kind::ProxyHeader, Kind::Head),
+    (Kind::ProxyHeader, Kind::Closing),
     (Kind::Head, Kind::Verify),
     (Kind::Head, Kind::Closing),
     (Kind::Verify, Kind::Placement),
@@ -502,19 +517,37 @@ pub struct Session {
     /// Counted in `eval_sessions_active` (it reached Relay).
     established: bool,
     finished: bool,
+    /// The client: the TCP peer, or the source a trusted PROXY header
+    /// named. Per-address limits, X-Forwarded-For and logs use it.
+    client_ip: Option<IpAddr>,
+    /// Counted in the shard's admitted sessions ([`Gate::sessions`]) and,
+    /// if `holds_ip_slot`, in `client_ip`'s entry of the per-address table,
+    /// until it finishes.
+    admitted: bool,
+    holds_ip_slot: bool,
 }
 
 impl Session {
-    /// A session for an accepted client socket; [`Session::start`] has it
-    /// read the head.
-    pub fn new(id: u64, client_fd: RawFd, now: Instant, cfg: &Config) -> Session {
+    /// A session for an accepted client socket from `peer`;
+    /// [`Session::start`] has it read the PROXY header or the head.
+    pub fn new(
+        id: u64,
+        client_fd: RawFd,
+        peer: Option<IpAddr>,
+        now: Instant,
+        cfg: &Config,
+    ) -> Session {
         let tcfg = TrackerConfig {
             max_frame: cfg.limits.max_frame,
             allow_rsv1: false,
         };
         Session {
             id,
-            phase: Phase::Head(Vec::new()),
+            phase: if cfg.listen.proxy_protocol {
+                Phase::ProxyHeader(Vec::new())
+            } else {
+                Phase::Head(Vec::new())
+            },
             client: Side::new(client_fd),
             conman: Side::new(-1),
             to_conman: Tracker::new(Direction::ToConman, tcfg),
@@ -530,10 +563,20 @@ impl Session {
             buffered: 0,
             established: false,
             finished: false,
+            client_ip: peer,
+            admitted: false,
+            holds_ip_slot: false,
         }
     }
 
     pub fn start(&mut self, env: &mut Env) {
+        // Anyone may claim any client in a PROXY header: only the load
+        // balancers we were told about may send one.
+        if self.kind() == Kind::ProxyHeader && !env.cfg.listen.trusts(self.client_ip) {
+            self.refuse_connection(env, "proxy_untrusted");
+            self.advance(env);
+            return;
+        }
         self.arm_recv(env, Who::Client);
     }
 
@@ -773,7 +816,10 @@ impl Session {
     // ---- sending --------------------------------------------------------
 
     fn kick_send(&mut self, env: &mut Env, who: Who) {
-        let conman_writable = !matches!(self.kind(), Kind::Head | Kind::Verify | Kind::Connecting);
+        let conman_writable = !matches!(
+            self.kind(),
+            Kind::ProxyHeader | Kind::Head | Kind::Verify | Kind::Connecting
+        );
         // A frame is being spliced to this side: what is queued (an
         // injected Close, say) follows it.
         let spliced_to = self
@@ -925,6 +971,7 @@ impl Session {
                             .active
                             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     }
+                    self.leave_gate(env);
                     tracing::debug!(session = self.id, "session ended");
                 }
             }
@@ -1033,6 +1080,7 @@ impl Session {
             _ => return,
         }
         match self.kind() {
+            Kind::ProxyHeader => self.refuse_connection(env, "proxy_header_timeout"),
             // A token check is answered within the loop turn it started in,
             // so this is only a head that was too slow.
             Kind::Head | Kind::Verify => self.head_timeout(env),

@@ -179,6 +179,10 @@ impl Session {
     /// Received bytes, by phase.
     pub(super) fn on_data(&mut self, env: &mut Env, who: Who, bid: u16, data: &[u8]) {
         match (self.kind(), who) {
+            (Kind::ProxyHeader, Who::Client) => {
+                env.op(Op::Recycle { bid });
+                self.on_proxy_bytes(env, data);
+            }
             (Kind::Head, Who::Client) => {
                 env.op(Op::Recycle { bid });
                 self.on_head_bytes(env, data);
@@ -541,7 +545,7 @@ impl Session {
     pub(super) fn on_side_lost(&mut self, env: &mut Env, who: Who) {
         match (self.kind(), who) {
             // Nothing was promised yet: just go.
-            (Kind::Head | Kind::Verify, _) => self.begin_closing(env),
+            (Kind::ProxyHeader | Kind::Head | Kind::Verify, _) => self.begin_closing(env),
             (
                 Kind::Placement | Kind::Connecting | Kind::ConmanHandshake | Kind::Backoff,
                 Who::Client,

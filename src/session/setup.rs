@@ -1,16 +1,27 @@
-//! From the request head to relaying: the upgrade request, the token
-//! verdict, placement, the Conman connect and handshake, retries with
-//! backoff, and failing a setup with the Close (or HTTP status) that names
-//! its stage.
+//! From the first byte to relaying: the PROXY header, the upgrade request,
+//! admission (Origin, caps), the token verdict, placement, the Conman
+//! connect and handshake, retries with backoff, and failing a setup with the
+//! Close (or HTTP status) that names its stage.
+//!
+//! Bytes that follow the request head in the same stream are the client's
+//! first WebSocket bytes: they are held and later pass through the relay's
+//! tracker like any others. RFC 6455 §4.1 has a client wait for the 101
+//! before it sends anything, but refusing early would gain nothing, since a
+//! client can send the same bytes a moment after its 101; and the tracker
+//! already refuses what cannot be a client frame. A second HTTP request
+//! pipelined behind the upgrade is such bytes: it is ASCII, so whatever its
+//! first byte says (`G` is a reserved opcode), its second has the mask bit
+//! clear, and the session fails with 1002 before a byte of it is relayed.
+//! Conman gets the proxy's upgrade and then a Close (1001), never the
+//! request (`tests/hostile.rs`).
 
-use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
 
-use super::{backoff, Env, Kind, Op, Phase, Session, Setup, Side, Verify, Who};
+use super::{backoff, Env, Kind, Op, Phase, Refused, Session, Setup, Side, Verify, Who};
 use crate::config::{Config, RejectWith, UpgradeMode};
 use crate::control::wire::{Found, PlacementFailure, PlacementResult};
 use crate::error::{SetupError, Stage};
@@ -18,7 +29,8 @@ use crate::keys::Ident;
 use crate::metrics::{CloseSide, Phase as Timing, ShardStats};
 use crate::proto::frame::write_close;
 use crate::proto::handshake::{self, accept_key, choose_protocol, new_client_key};
-use crate::proto::http1::{self, Route};
+use crate::proto::http1::{self, Route, UpgradeRequest};
+use crate::proto::proxy_header;
 use crate::proto::relay::{Direction, Tracker, TrackerConfig};
 
 pub fn head_limits(cfg: &Config) -> http1::Limits {
@@ -29,7 +41,101 @@ pub fn head_limits(cfg: &Config) -> http1::Limits {
     }
 }
 
+/// An upgrade request turned away by a rule of ours rather than by its
+/// syntax.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// 403: its Origin is not in `websocket.allowed_origins`.
+    Origin,
+    /// 503: this shard has `limits.max_sessions_per_shard` sessions.
+    ShardFull,
+    /// 429: its address is over a per-address limit.
+    PerIp(Refused),
+}
+
+impl Refusal {
+    fn status(self) -> u16 {
+        match self {
+            Refusal::Origin => 403,
+            Refusal::ShardFull => 503,
+            Refusal::PerIp(_) => 429,
+        }
+    }
+
+    fn error(self) -> SetupError {
+        match self {
+            Refusal::Origin => SetupError::new(Stage::Request, "origin_not_allowed"),
+            Refusal::ShardFull => SetupError::new(Stage::Admission, "shard_full"),
+            Refusal::PerIp(Refused::Sessions) => {
+                SetupError::new(Stage::Admission, "per_ip_sessions")
+            }
+            Refusal::PerIp(Refused::Rate(_)) => SetupError::new(Stage::Admission, "per_ip_rate"),
+        }
+    }
+
+    /// An Origin we do not serve, or an address over its own allowance, is
+    /// the client's doing and stays out of the success rate; a full shard
+    /// is ours and counts against it.
+    fn client_fault(self) -> bool {
+        self != Refusal::ShardFull
+    }
+
+    /// Seconds for Retry-After: when the address's next handshake token
+    /// comes; otherwise (a slot must free up, no telling when) 1 to 5 s at
+    /// random, so that refused clients do not come back all at once.
+    fn retry_after_s(self, unit: f64) -> Option<u64> {
+        match self {
+            Refusal::Origin => None,
+            Refusal::PerIp(Refused::Rate(wait)) => Some(
+                wait.map_or(u64::from(u32::MAX), |w| w.as_secs_f64().ceil() as u64)
+                    .max(1),
+            ),
+            Refusal::ShardFull | Refusal::PerIp(Refused::Sessions) => {
+                Some(1 + (unit.clamp(0.0, 1.0) * 4.0).round() as u64)
+            }
+        }
+    }
+}
+
 impl Session {
+    /// Client bytes while reading the PROXY header. Once it is complete its
+    /// source (if it names one) becomes the client, and what follows it is
+    /// the request head.
+    pub(super) fn on_proxy_bytes(&mut self, env: &mut Env, bytes: &[u8]) {
+        let Phase::ProxyHeader(buf) = &mut self.phase else {
+            return;
+        };
+        buf.extend_from_slice(bytes);
+        match proxy_header::parse(buf) {
+            Ok(None) => {}
+            Ok(Some(header)) => {
+                let rest = buf.split_off(header.len);
+                if let Some(source) = header.source {
+                    self.client_ip = Some(source.ip());
+                }
+                self.transition(env.now, |_| Phase::Head(rest));
+                self.on_head_bytes(env, &[]);
+            }
+            Err(e) => {
+                tracing::debug!(session = self.id, peer = ?self.client_ip, err = %e, "bad PROXY header");
+                self.refuse_connection(env, e.as_str());
+            }
+        }
+    }
+
+    /// Ends a connection without a word: it came from a peer that may not
+    /// send a PROXY header, or its header was missing, malformed or late.
+    /// No request was read, so it is no session attempt, and the success
+    /// rate does not see it; the failure metric does. What the peer sent
+    /// is not read: the socket closes as soon as its receive is cancelled.
+    pub(super) fn refuse_connection(&mut self, env: &mut Env, reason: &'static str) {
+        env.stats.setup_failure(Stage::Request, reason, false);
+        tracing::debug!(session = self.id, peer = ?self.client_ip, reason, "connection refused");
+        self.begin_closing(env);
+        self.client.eof = true;
+        self.client.shut = true;
+    }
+
     /// Client bytes while reading the head.
     pub(super) fn on_head_bytes(&mut self, env: &mut Env, bytes: &[u8]) {
         let Phase::Head(head) = &mut self.phase else {
@@ -47,39 +153,103 @@ impl Session {
                 }
                 tracing::debug!(
                     session = self.id,
+                    client = ?self.client_ip,
                     status,
                     reason = e.reason(),
                     "bad request"
                 );
                 let mut out = Vec::new();
                 http1::write_error(&mut out, &e);
-                env.stats.http_response(status);
-                self.client.push_owned(out);
-                self.begin_closing(env);
+                self.answer_and_close(env, status, out);
             }
             Ok(Some((Route::Healthz, _))) => {
                 let mut out = Vec::new();
                 http1::write_healthz(&mut out);
-                env.stats.http_response(200);
-                self.client.push_owned(out);
-                self.begin_closing(env);
+                self.answer_and_close(env, 200, out);
             }
             Ok(Some((Route::WebSocket(req), head_len))) => {
                 let held = head.split_off(head_len);
+                if let Err(refusal) = self.admit(env, &req) {
+                    self.refuse(env, refusal);
+                    return;
+                }
                 self.transition(env.now, |_| Phase::Verify(Box::new(Verify { req, held })));
                 env.op(Op::Verify);
             }
         }
     }
 
+    fn answer_and_close(&mut self, env: &mut Env, status: u16, out: Vec<u8>) {
+        env.stats.http_response(status);
+        self.client.push_owned(out);
+        self.begin_closing(env);
+    }
+
+    /// The checks between a valid upgrade head and its token, before any
+    /// token is verified (the costly part of a handshake): the Origin
+    /// allowlist, this shard's session cap, then the client address's
+    /// handshake rate and session cap. A refusal takes nothing from any
+    /// limit; an admission holds a place in both counts until the session
+    /// finishes ([`Session::leave_gate`]).
+    fn admit(&mut self, env: &mut Env, req: &UpgradeRequest) -> Result<(), Refusal> {
+        if !origin_allowed(&env.cfg.websocket.allowed_origins, req.origin.as_deref()) {
+            return Err(Refusal::Origin);
+        }
+        let cap = env.cfg.limits.max_sessions_per_shard;
+        if cap > 0 && env.gate.sessions >= cap {
+            return Err(Refusal::ShardFull);
+        }
+        // A peer whose address could not be read was gone by its accept;
+        // it is not counted, and its session ends on its own.
+        if let (Some(table), Some(ip)) = (&env.gate.per_ip, self.client_ip) {
+            table.admit(ip, env.now).map_err(Refusal::PerIp)?;
+            self.holds_ip_slot = true;
+        }
+        env.gate.sessions += 1;
+        self.admitted = true;
+        Ok(())
+    }
+
+    /// The session has finished: its places in the shard's count and its
+    /// address's entry are free again.
+    pub(super) fn leave_gate(&mut self, env: &mut Env) {
+        if !std::mem::take(&mut self.admitted) {
+            return;
+        }
+        env.gate.sessions = env.gate.sessions.saturating_sub(1);
+        if std::mem::take(&mut self.holds_ip_slot) {
+            if let (Some(table), Some(ip)) = (&env.gate.per_ip, self.client_ip) {
+                table.release(ip, env.now);
+            }
+        }
+    }
+
+    /// An HTTP answer before the upgrade, with Retry-After where another
+    /// attempt later may pass; the body is the machine-readable
+    /// `stage=…;reason=…` a Close would carry.
+    fn refuse(&mut self, env: &mut Env, refusal: Refusal) {
+        let e = refusal.error();
+        ShardStats::inc(&env.stats.attempts);
+        env.stats
+            .setup_failure(e.stage, e.reason, refusal.client_fault());
+        tracing::debug!(
+            session = self.id,
+            client = ?self.client_ip,
+            stage = e.stage.as_str(),
+            reason = e.reason,
+            "upgrade refused"
+        );
+        let status = refusal.status();
+        let mut out = Vec::new();
+        match refusal.retry_after_s(env.rng.gen()) {
+            Some(after) => http1::write_status_retry(&mut out, status, &e.close_reason(), after),
+            None => http1::write_status(&mut out, status, &e.close_reason()),
+        }
+        self.answer_and_close(env, status, out);
+    }
+
     /// The token's verdict: identity, or the reason it was rejected.
-    /// `client_ip` feeds X-Forwarded-For.
-    pub fn handle_token(
-        &mut self,
-        env: &mut Env,
-        verdict: Result<Arc<Ident>, &'static str>,
-        client_ip: Option<IpAddr>,
-    ) {
+    pub fn handle_token(&mut self, env: &mut Env, verdict: Result<Arc<Ident>, &'static str>) {
         let Phase::Verify(v) = &mut self.phase else {
             return;
         };
@@ -125,14 +295,11 @@ impl Session {
             p
         };
         // A client's own X-Forwarded-For is believed only from a trusted
-        // proxy in front of us; anyone else could claim any address.
-        let trusted = client_ip.is_some_and(|ip| {
-            env.cfg
-                .listen
-                .trusted_proxies
-                .iter()
-                .any(|c| c.contains(ip))
-        });
+        // proxy in front of us; anyone else could claim any address. Behind
+        // a PROXY header the request's sender is the client it names, not
+        // the balancer (which does not touch HTTP).
+        let client_ip = self.client_ip;
+        let trusted = env.cfg.listen.trusts(client_ip);
         let claimed = req.x_forwarded_for.take().filter(|_| trusted);
         let forwarded_for = match (claimed, client_ip) {
             (Some(prev), Some(ip)) => format!("{prev}, {ip}"),
@@ -562,6 +729,7 @@ impl Session {
             .map_or(("", ""), |i| (i.repl(), i.user()));
         tracing::info!(
             session = self.id,
+            client = ?self.client_ip,
             repl,
             user,
             stage = err.stage.as_str(),
@@ -581,13 +749,14 @@ impl Session {
                 _ => 502,
             };
             let mut out = Vec::new();
-            http1::write_status(&mut out, status, &err.close_reason());
-            if let (Some(ms), Some(at)) = (
-                err.retry_after_ms,
-                out.windows(4).position(|w| w == b"\r\n\r\n"),
-            ) {
-                let hdr = format!("\r\nRetry-After: {}", ms.div_ceil(1000));
-                out.splice(at..at, hdr.into_bytes());
+            match err.retry_after_ms {
+                Some(ms) => http1::write_status_retry(
+                    &mut out,
+                    status,
+                    &err.close_reason(),
+                    ms.div_ceil(1000),
+                ),
+                None => http1::write_status(&mut out, status, &err.close_reason()),
             }
             env.stats.http_response(status);
             self.client.push_owned(out);
@@ -612,6 +781,18 @@ impl Session {
     }
 }
 
+/// A request may open a session from `origin`: no allowlist, no Origin
+/// header (not a browser, so not the cross-site case an allowlist is for),
+/// or an exact match of a listed origin, in any case (schemes and hosts
+/// are case-insensitive; browsers send them lower-case).
+fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
+    match origin {
+        _ if allowed.is_empty() => true,
+        None => true,
+        Some(o) => allowed.iter().any(|a| a.eq_ignore_ascii_case(o)),
+    }
+}
+
 /// Every extension in Conman's answer was among those offered (by name;
 /// parameters are the extension's own negotiation).
 fn extensions_offered(answer: Option<&str>, offered: Option<&str>) -> bool {
@@ -631,7 +812,46 @@ fn extensions_offered(answer: Option<&str>, offered: Option<&str>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::extensions_offered;
+    use super::*;
+
+    #[test]
+    fn origins_must_be_listed_when_a_list_is_set() {
+        let list = vec!["https://replit.com".to_string(), "null".to_string()];
+        assert!(origin_allowed(&[], Some("https://evil.example")));
+        assert!(origin_allowed(&list, None));
+        assert!(origin_allowed(&list, Some("https://replit.com")));
+        assert!(origin_allowed(&list, Some("HTTPS://Replit.COM")));
+        assert!(origin_allowed(&list, Some("null")));
+        for bad in [
+            "https://evil.example",
+            "http://replit.com",
+            "https://replit.com:8443",
+            "https://replit.com.evil.example",
+            "https://sub.replit.com",
+            "",
+        ] {
+            assert!(!origin_allowed(&list, Some(bad)), "{bad}");
+        }
+    }
+
+    #[test]
+    fn refusals_say_when_to_come_back() {
+        use std::time::Duration;
+        let rate = |ms| Refusal::PerIp(Refused::Rate(Some(Duration::from_millis(ms))));
+        assert_eq!(rate(1).retry_after_s(0.5), Some(1));
+        assert_eq!(rate(1500).retry_after_s(0.5), Some(2));
+        assert_eq!(
+            Refusal::PerIp(Refused::Rate(None)).retry_after_s(0.5),
+            Some(u64::from(u32::MAX))
+        );
+        for unit in [0.0, 0.3, 0.999] {
+            let s = Refusal::ShardFull.retry_after_s(unit).unwrap();
+            assert!((1..=5).contains(&s), "{s}");
+        }
+        assert_eq!(Refusal::Origin.retry_after_s(0.5), None);
+        assert!(!Refusal::ShardFull.client_fault());
+        assert!(Refusal::PerIp(Refused::Sessions).client_fault());
+    }
 
     #[test]
     fn extensions_must_have_been_offered_by_name() {

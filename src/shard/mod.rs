@@ -43,6 +43,7 @@ macro_rules! env {
             ring_low: $io.ring_low(),
             cfg: &$io.cfg,
             stats: &$io.stats,
+            gate: &mut $io.gate,
             rng: &mut $io.rng,
             out: $out,
         }
@@ -74,7 +75,7 @@ use crate::control::LocalStatic;
 use crate::keys::{KeyStore, LocalKeys, VerifyCache};
 use crate::log_every::LogEvery;
 use crate::metrics::{Phase as Timing, ShardStats};
-use crate::session::{Env, Kind, Op, Pipe, RecvOutcome, Session, Who};
+use crate::session::{Env, Gate, Kind, Op, PerIp, Pipe, RecvOutcome, Session, Who};
 use crate::token::VerifyOptions;
 use bufring::BufRing;
 use ctl::Ctl;
@@ -116,6 +117,8 @@ pub struct ShardSpec {
     pub control: Arc<Control>,
     /// eventfd the control side writes to wake this shard.
     pub wake_fd: RawFd,
+    /// The process-wide per-address limits, if any is set.
+    pub per_ip: Option<Arc<PerIp>>,
 }
 
 /// A live session and the user_data of its connect, which may need a
@@ -136,6 +139,7 @@ struct Io {
     /// Record-less operations in flight (`ops::Direct`).
     direct_inflight: usize,
     stats: Arc<ShardStats>,
+    gate: Gate,
     cfg: Arc<Config>,
     keys: LocalKeys,
     verify_cache: VerifyCache,
@@ -212,6 +216,10 @@ impl Shard {
                 ops: OpTable::default(),
                 direct_inflight: 0,
                 stats: spec.stats,
+                gate: Gate {
+                    sessions: 0,
+                    per_ip: spec.per_ip,
+                },
                 keys: LocalKeys::new(spec.keys),
                 verify_cache: VerifyCache::new(4096),
                 verify,
@@ -590,7 +598,8 @@ impl Shard {
         // X-Eval-Session: random, so ids stay unique across restarts and
         // across every proxy of the fleet (64 bits: no coordination).
         let id = self.io.rng.gen::<u64>();
-        let s = Session::new(id, fd, self.io.now, &self.io.cfg);
+        let peer = listener::peer_ip(fd);
+        let s = Session::new(id, fd, peer, self.io.now, &self.io.cfg);
         if let Some(d) = s.poll_timeout() {
             self.io.timers.push(d, slot, gen);
         }
@@ -631,8 +640,7 @@ impl Shard {
         for (slot, verdict) in waiting.into_iter().zip(results) {
             self.io.stats.setup_duration(Timing::Token, each);
             self.drive(slot, |s, env, _| {
-                let ip = listener::peer_ip(s.fd(Who::Client));
-                s.handle_token(env, verdict.map_err(|e| e.as_str()), ip)
+                s.handle_token(env, verdict.map_err(|e| e.as_str()))
             });
         }
     }

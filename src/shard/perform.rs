@@ -222,8 +222,7 @@ impl Io {
             },
         };
         self.stats.setup_duration(Timing::Token, t0.elapsed());
-        let ip = listener::peer_ip(e.s.fd(Who::Client));
-        e.s.handle_token(&mut env!(self, out), verdict, ip);
+        e.s.handle_token(&mut env!(self, out), verdict);
     }
 
     /// Static placement is answered here; otherwise the control shard is

@@ -4,7 +4,7 @@
 //! clock only moves when a test moves it.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use crate::proto::frame::{write_close, FrameHeader, OpCode};
 use crate::proto::handshake::accept_key;
 use crate::token::Claims;
 
+mod admission;
 mod random;
 mod relay;
 mod setup;
@@ -28,6 +29,10 @@ mod setup;
 pub(in crate::session) use random::trail;
 
 const CLIENT_FD: RawFd = 10;
+/// The TCP peer of the harness's client socket.
+const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 10));
+/// The client a PROXY header names in [`Harness::proxied`].
+const PROXIED: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 7));
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 const BUF: usize = 64;
 
@@ -110,6 +115,7 @@ macro_rules! env {
             ring_low: $h.ring_low,
             cfg: &$h.cfg,
             stats: &$h.stats,
+            gate: &mut $h.gate,
             rng: &mut $h.rng,
             out: $out,
         }
@@ -119,6 +125,9 @@ macro_rules! env {
 struct Harness {
     cfg: Config,
     stats: ShardStats,
+    gate: Gate,
+    /// What the client sends before its request head (a PROXY header).
+    preamble: Vec<u8>,
     rng: SmallRng,
     now: Instant,
     s: Session,
@@ -144,11 +153,17 @@ fn at(who: Who) -> usize {
 
 impl Harness {
     fn new(cfg: Config) -> Harness {
+        Harness::with_peer(cfg, Some(PEER))
+    }
+
+    fn with_peer(cfg: Config, peer: Option<IpAddr>) -> Harness {
         let now = Instant::now();
-        let s = Session::new(1, CLIENT_FD, now, &cfg);
+        let s = Session::new(1, CLIENT_FD, peer, now, &cfg);
         let mut h = Harness {
             cfg,
             stats: ShardStats::default(),
+            gate: Gate::default(),
+            preamble: Vec::new(),
             rng: SmallRng::seed_from_u64(7),
             now,
             s,
@@ -402,7 +417,7 @@ impl Harness {
 
     fn answer_token(&mut self, verdict: Result<Arc<Ident>, &'static str>) {
         assert!(std::mem::take(&mut self.verify), "no token check asked for");
-        self.run(|s, env| s.handle_token(env, verdict, None));
+        self.run(|s, env| s.handle_token(env, verdict));
     }
 
     fn answer_placement(&mut self, result: PlacementResult) {
@@ -451,6 +466,16 @@ impl Harness {
             accept_key(key)
         );
         self.write(Who::Conman, resp.as_bytes());
+    }
+
+    /// A session behind a load balancer that sends PROXY v1 headers, from
+    /// `peer` (trusted if it is [`PEER`]) for client [`PROXIED`].
+    fn proxied(mut cfg: Config, peer: Option<IpAddr>) -> Harness {
+        cfg.listen.proxy_protocol = true;
+        cfg.listen.trusted_proxies = vec![crate::config::Cidr::try_from(PEER.to_string()).unwrap()];
+        let mut h = Harness::with_peer(cfg, peer);
+        h.preamble = format!("PROXY TCP4 {PROXIED} 10.0.0.1 4000 443\r\n").into_bytes();
+        h
     }
 
     /// From accept to waiting for a placement: head read, token accepted.

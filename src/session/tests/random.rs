@@ -31,8 +31,11 @@ fn random_setup_event(rng: &mut SmallRng) -> SetupEvent {
 #[test]
 fn every_allowed_transition_is_taken() {
     let mut rng = SmallRng::seed_from_u64(42);
-    for _ in 0..3000 {
-        let mut h = Harness::new(Harness::cfg());
+    for i in 0..3000 {
+        let mut h = match i % 4 {
+            0 => Harness::proxied(Harness::cfg(), Some(PEER)),
+            _ => Harness::new(Harness::cfg()),
+        };
         let mut sent = 0;
         for _ in 0..rng.gen_range(1..120) {
             let e = random_setup_event(&mut rng);
@@ -233,7 +236,7 @@ impl Harness {
 /// Plays one setup event on the harness; `sent` counts the request bytes
 /// the client has written so far.
 fn apply(h: &mut Harness, e: SetupEvent, sent: &mut usize) {
-    let req = request();
+    let req = [h.preamble.as_slice(), &request()].concat();
     let sent_head = sent;
     match e {
         SetupEvent::Io(Event::Deliver(c, n)) => {
@@ -299,8 +302,15 @@ proptest! {
     /// and relay ends with both sockets closed, every buffer back, the
     /// active gauge at zero, no op on a closed socket and no panic.
     #[test]
-    fn random_setups_end_cleanly(events in proptest::collection::vec(setup_event(), 1..150)) {
-        let mut h = Harness::new(Harness::cfg());
+    fn random_setups_end_cleanly(
+        events in proptest::collection::vec(setup_event(), 1..150),
+        proxied in any::<bool>(),
+    ) {
+        let mut h = if proxied {
+            Harness::proxied(Harness::cfg(), Some(PEER))
+        } else {
+            Harness::new(Harness::cfg())
+        };
         let mut sent = 0;
         for e in events {
             apply(&mut h, e, &mut sent);
@@ -309,6 +319,7 @@ proptest! {
         prop_assert!(h.all_closed(), "not finished in {:?}", h.s.kind());
         prop_assert!(h.bufs.is_empty(), "buffers held: {:?}", h.bufs.keys().collect::<Vec<_>>());
         prop_assert_eq!(h.stats.active.load(Relaxed), 0);
+        prop_assert_eq!(h.gate.sessions, 0, "the shard's admitted count");
         prop_assert!(h.connect.is_none() && h.peers.iter().all(|p| p.send.is_none() && p.recv.is_none()));
     }
 }
