@@ -277,8 +277,9 @@ pub struct Side {
     /// Bytes queued plus bytes in the send in flight.
     queued: usize,
     /// The part of `queued` in the session's own memory (`Chunk::Owned`),
-    /// which counts against `limits.shard_buffer_bytes`.
-    owned: usize,
+    /// which counts against `limits.shard_buffer_bytes`. Below `queued`,
+    /// which backpressure keeps far under 4 GiB.
+    owned: u32,
     /// A send is in flight (its chunks are in the op, not in `sendq`).
     sending: bool,
     /// The peer sent FIN (or the socket failed).
@@ -321,7 +322,7 @@ impl Side {
     fn push(&mut self, c: Chunk) {
         self.queued += c.remaining();
         if let Chunk::Owned { .. } = c {
-            self.owned += c.remaining();
+            self.owned += c.remaining() as u32;
         }
         self.sendq.push_back(c);
     }
@@ -330,8 +331,8 @@ impl Side {
     /// were the session's own.
     fn disown(&mut self, c: &Chunk, n: usize) {
         if let Chunk::Owned { .. } = c {
-            debug_assert!(self.owned >= n, "owned {} < {n}", self.owned);
-            self.owned = self.owned.saturating_sub(n);
+            debug_assert!(self.owned as usize >= n, "owned {} < {n}", self.owned);
+            self.owned = self.owned.saturating_sub(n as u32);
         }
     }
 
@@ -501,8 +502,9 @@ pub struct Session {
     to_conman: Tracker,
     to_client: Tracker,
     /// The start of a frame not yet complete, per direction.
-    hold_to_conman: Option<Box<relay::FrameHold>>,
-    hold_to_client: Option<Box<relay::FrameHold>>,
+    /// (Both in one box, allocated at the first frame split across
+    /// receives: a session that never splits one carries a pointer.)
+    holds: Option<Box<[relay::FrameHold; 2]>>,
     deadline: Option<Instant>,
     started: Instant,
     phase_started: Instant,
@@ -552,8 +554,7 @@ impl Session {
             conman: Side::new(-1),
             to_conman: Tracker::new(Direction::ToConman, tcfg),
             to_client: Tracker::new(Direction::ToClient, tcfg),
-            hold_to_conman: None,
-            hold_to_client: None,
+            holds: None,
             deadline: Some(now + cfg.header_timeout()),
             started: now,
             phase_started: now,
@@ -667,18 +668,13 @@ impl Session {
         }
     }
 
-    fn hold_mut(&mut self, dir: Direction) -> &mut Option<Box<relay::FrameHold>> {
-        match dir {
-            Direction::ToConman => &mut self.hold_to_conman,
-            Direction::ToClient => &mut self.hold_to_client,
-        }
+    /// The hold of `dir`, allocated if need be.
+    fn hold_mut(&mut self, dir: Direction) -> &mut relay::FrameHold {
+        &mut self.holds.get_or_insert_with(Box::default)[hold_index(dir)]
     }
 
     fn hold_ref(&self, dir: Direction) -> Option<&relay::FrameHold> {
-        match dir {
-            Direction::ToConman => self.hold_to_conman.as_deref(),
-            Direction::ToClient => self.hold_to_client.as_deref(),
-        }
+        self.holds.as_deref().map(|h| &h[hold_index(dir)])
     }
 
     /// The side bytes come from, the side they go to, and the tracker of
@@ -924,8 +920,8 @@ impl Session {
             }
         }
         sd.unqueue(n);
-        debug_assert!(sd.owned >= owned);
-        sd.owned = sd.owned.saturating_sub(owned);
+        debug_assert!(sd.owned as usize >= owned);
+        sd.owned = sd.owned.saturating_sub(owned as u32);
     }
 
     /// Writing to `who` failed: the peer is gone, and what is queued for it
@@ -983,12 +979,11 @@ impl Session {
     /// session holds in its own memory, once per input.
     fn account_buffered(&mut self, env: &mut Env) {
         use std::sync::atomic::Ordering::Relaxed;
-        let held: usize = [&self.hold_to_conman, &self.hold_to_client]
-            .iter()
-            .filter_map(|h| h.as_deref())
-            .map(relay::FrameHold::owned)
-            .sum();
-        let now = self.client.owned + self.conman.owned + held;
+        let held: usize = self
+            .holds
+            .as_deref()
+            .map_or(0, |h| h.iter().map(relay::FrameHold::owned).sum());
+        let now = self.client.owned as usize + self.conman.owned as usize + held;
         if now > self.buffered {
             env.stats
                 .buffered_bytes
@@ -1125,6 +1120,13 @@ pub enum RecvOutcome {
     Ok,
     /// The ring ran out of buffers: retry this side when some are back.
     Starved,
+}
+
+fn hold_index(dir: Direction) -> usize {
+    match dir {
+        Direction::ToConman => 0,
+        Direction::ToClient => 1,
+    }
 }
 
 fn requeue_front(sd: &mut Side, chunks: Vec<Chunk>) {

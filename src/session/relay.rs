@@ -333,7 +333,7 @@ impl Session {
     ) {
         let to = dir_target(dir);
         let queued = self.side_ref(to).sendq.len();
-        let hold = self.hold_mut(dir).get_or_insert_with(Box::default);
+        let hold = self.hold_mut(dir);
         hold.holding = true;
         hold.bytes += range.len();
         let ring_ok =
@@ -354,12 +354,10 @@ impl Session {
     /// The held frame is complete (or long enough to stream): it joins the
     /// send queue, ahead of what follows it.
     fn release_hold(&mut self, dir: Direction) {
-        let Some(hold) = self.hold_mut(dir).as_mut() else {
-            return;
-        };
-        if !hold.holding {
+        if !self.holding(dir) {
             return;
         }
+        let hold = self.hold_mut(dir);
         hold.holding = false;
         hold.bytes = 0;
         let ring = std::mem::take(&mut hold.ring);
@@ -375,9 +373,10 @@ impl Session {
     /// broke the protocol, or its destination was closed). `holding` stays
     /// set: the other side's stream still ends between frames.
     pub(super) fn drop_hold(&mut self, env: &mut Env, dir: Direction) -> bool {
-        let Some(hold) = self.hold_mut(dir).as_mut() else {
+        if self.holds.is_none() {
             return false;
-        };
+        }
+        let hold = self.hold_mut(dir);
         let had = hold.bytes > 0;
         for c in hold.ring.drain(..) {
             if let Chunk::Buf { bid, .. } = c {
