@@ -772,11 +772,18 @@ impl Session {
             Some((bid, bytes)) if res > 0 => {
                 self.on_data(env, who, bid, bytes);
                 // A multishot receive may end on its own (or a cancel may
-                // land after a resume): re-arm unless the side is meant to
-                // be quiet.
+                // land after a resume), and a single-shot one always does:
+                // re-arm unless the side is meant to be quiet, which
+                // backpressure decides first (what was just queued may be
+                // one buffer too many).
                 let sd = self.side(who);
                 if !more && !sd.paused && !sd.eof && !sd.closed {
-                    self.arm_recv(env, who);
+                    if self.kind() == Kind::Relay {
+                        self.backpressure(env, who);
+                    }
+                    if !self.side(who).paused {
+                        self.arm_recv(env, who);
+                    }
                 }
             }
             Some((bid, _)) => env.op(Op::Recycle { bid }),
