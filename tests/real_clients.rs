@@ -5,9 +5,8 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use support::*;
 
@@ -92,38 +91,31 @@ fn headless_chromium() {
     assert!(proxy.metric("eval_sessions_established_total", &[]) >= 1.0);
 }
 
-/// The conformant echo server of the Autobahn comparison, as a process.
+/// The conformant echo server of the Autobahn comparison, as a process
+/// (it also exits when this test process goes away and its stdin closes).
 struct EchoServer {
-    child: Child,
+    _process: Listening,
     port: u16,
 }
 
 impl EchoServer {
-    fn start() -> EchoServer {
-        let mut child = Command::new("python3")
-            .arg(root().join("tests/autobahn/echo_server.py"))
-            .arg("--exit-on-stdin-eof")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 echo_server.py (run .ci/install-deps.sh)");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("echo server ready line");
-        let port = line
-            .trim()
-            .strip_prefix("listening ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("echo server said {line:?}"));
-        EchoServer { child, port }
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// `args`: more of echo_server.py's flags.
+    fn start(args: &[&str]) -> EchoServer {
+        let process = Listening::start(
+            Command::new("python3")
+                .arg(root().join("tests/autobahn/echo_server.py"))
+                .arg("--exit-on-stdin-eof")
+                .args(args)
+                .stdin(Stdio::piped()),
+        );
+        let port = process
+            .at
+            .parse()
+            .unwrap_or_else(|_| panic!("echo server said {:?}", process.at));
+        EchoServer {
+            _process: process,
+            port,
+        }
     }
 }
 
@@ -142,7 +134,7 @@ fn autobahn(url: &str, out: &Path, cases: &str) -> PathBuf {
 /// is `tests/autobahn/full.sh`.
 #[test]
 fn autobahn_quick_no_case_worse_than_direct() {
-    let echo = EchoServer::start();
+    let echo = EchoServer::start(&[]);
     let dir = tempdir::Dir::new("autobahn");
     let direct = autobahn(
         &format!("ws://127.0.0.1:{}/", echo.port),
@@ -176,29 +168,7 @@ fn autobahn_quick_no_case_worse_than_direct() {
 /// `websockets` on both sides) and compressed frames (RSV1) relay.
 #[test]
 fn upstream_first_negotiates_deflate_end_to_end() {
-    let mut child = Command::new("python3")
-        .arg(root().join("tests/autobahn/echo_server.py"))
-        .args([
-            "--exit-on-stdin-eof",
-            "--deflate",
-            "--subprotocol",
-            "chat.v2",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3 echo_server.py");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port: u16 = line
-        .trim()
-        .strip_prefix("listening ")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let echo = EchoServer { child, port };
+    let echo = EchoServer::start(&["--deflate", "--subprotocol", "chat.v2"]);
     let proxy = Proxy::start(
         &format!(
             "[token]\nallow_dev_key = true\n[websocket]\nmode = \"upstream_first\"\n[placement]\ndefault = \"ws://127.0.0.1:{}/\"\n",

@@ -30,6 +30,70 @@ pub fn bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_eval-proxy")))
 }
 
+/// `eval-loadgen`, built beside the proxy: `cargo test --workspace` builds
+/// it for its own tests; a lone `cargo test --test NAME` builds it here.
+pub fn loadgen() -> PathBuf {
+    let path = bin().with_file_name("eval-loadgen");
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = Command::new(cargo)
+            .args(["build", "-q", "-p", "eval-loadgen"])
+            .status()
+            .expect("cargo build -p eval-loadgen");
+        assert!(ok.success(), "building eval-loadgen failed");
+    }
+    path
+}
+
+/// A child process that printed `listening WHERE` as its first stdout
+/// line (`eval-loadgen echo-server`, the Autobahn echo server); killed
+/// when dropped.
+pub struct Listening {
+    pub child: Child,
+    /// What followed `listening `: an address or a port.
+    pub at: String,
+}
+
+impl Listening {
+    pub fn start(cmd: &mut Command) -> Listening {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped stdout"))
+            .read_line(&mut line)
+            .expect("read the `listening` line");
+        let at = match line.trim().strip_prefix("listening ") {
+            Some(at) => at.to_owned(),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{cmd:?} printed {line:?}, not `listening ...`");
+            }
+        };
+        Listening { child, at }
+    }
+
+    /// `eval-loadgen echo-server` on a free loopback port.
+    pub fn echo_server() -> Listening {
+        Listening::start(Command::new(loadgen()).args(["echo-server", "--listen", "127.0.0.1:0"]))
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.at
+            .parse()
+            .unwrap_or_else(|_| panic!("not an address: {:?}", self.at))
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub struct Proxy {
     pub child: Child,
     pub listen: SocketAddr,
