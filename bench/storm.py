@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
 import os
 import re
 import shutil
@@ -83,6 +84,22 @@ def metrics_change(before: dict[str, float], after: dict[str, float]) -> dict[st
             if v != before.get(k, 0)}
 
 
+TCP_COUNTERS = ("TCPSynRetrans", "ListenOverflows", "ListenDrops")
+
+
+def tcp_counters() -> dict[str, int]:
+    """The kernel's TcpExt counters named in TCP_COUNTERS (machine-wide)."""
+    out = {}
+    with open("/proc/net/netstat") as f:
+        lines = f.read().splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            for k, v in zip(names.split()[1:], values.split()[1:]):
+                if k in TCP_COUNTERS:
+                    out[k] = int(v)
+    return out
+
+
 def nginx_upstream_failures(procs: C.Procs, proxy: C.Proxy) -> dict[str, int] | None:
     path = procs.workdir / proxy.leader.bench_name / "error.log"  # type: ignore[union-attr]
     try:
@@ -117,6 +134,7 @@ def run_one(a: argparse.Namespace, bench: C.Bench, rep: int, subject: str) -> di
             argv += ["--watch-pid", str(pid)]
         rec["argv"] = ["eval-loadgen"] + argv[1:]
         others0 = C.others_cpu_ticks()
+        tcp0 = tcp_counters()
         be0 = C.proc_cpu(vm_a.pid)
         t0 = time.monotonic()
         lg = procs.spawn(bench.name(f"storm-{subject}"), argv, a.load_cpu)
@@ -128,6 +146,7 @@ def run_one(a: argparse.Namespace, bench: C.Bench, rep: int, subject: str) -> di
         code, ru = procs.wait_exit(lg, 120 + a.sessions / 200 + a.settle + a.storm_timeout)
         rec["wall_s"] = time.monotonic() - t0
         rec["others_cpu_s"] = max(0, C.others_cpu_ticks() - others0) / C.HZ
+        rec["tcp"] = {k: v - tcp0.get(k, 0) for k, v in tcp_counters().items()}
         be1 = C.proc_cpu(vm_a.pid)
         rec["backend_cpu_s"] = (sum(be1) - sum(be0)) / C.HZ
         rec["loadgen_cpu_s"] = ru.ru_utime + ru.ru_stime
@@ -200,6 +219,7 @@ def kernel_share(s: dict):
 ROWS = [
     ("sessions lost by the kill", lambda s: s["lost"], False),
     ("**time until all relay again (ms)**", lambda s: s["all_relaying_ms"], True),
+    ("reconnect: 101 received, p50 (ms)", lambda s: s["upgrade_us"]["p50"] / 1000, True),
     ("**reconnect setup p50 (ms)**: connect → 101 → first echo", lambda s: s["setup_us"]["p50"] / 1000, True),
     ("**reconnect setup p99 (ms)**", lambda s: s["setup_us"]["p99"] / 1000, True),
     ("reconnect setup max (ms)", lambda s: s["setup_us"]["max"] / 1000, True),
@@ -283,12 +303,13 @@ def eval_inside(m: dict[str, float]) -> str:
 
 
 def details(runs: list[dict]) -> list[str]:
-    out = ["| run | lost by | failed attempts (client) | reconnects | inside the proxy | others' CPU |",
-           "|---|---|---|---|---|---|"]
+    out = ["| run | lost by | failed attempts (client) | reconnects | inside the proxy | "
+           "SYN retransmits, listen overflows | others' CPU |",
+           "|---|---|---|---|---|---|---|"]
     for r in runs:
         s = storm_of(r)
         if not s:
-            out.append(f"| {r['rep']} {C.NAMES[r['subject']]} | – | – | – | – | – |")
+            out.append(f"| {r['rep']} {C.NAMES[r['subject']]} | – | – | – | – | – | – |")
             continue
         kinds = lambda m: ", ".join(f"{k} {n}" for k, n in m.items()) or "none"
         inside = "–"
@@ -299,8 +320,11 @@ def details(runs: list[dict]) -> list[str]:
             inside = (f"{n['connect_failed']:,} upstream connects failed, backend marked down "
                       f"{n['marked_down']} time(s) (error.log)")
         share = r.get("others_cpu_s", 0) / r["wall_s"] if r.get("wall_s") else 0
+        tcp = r.get("tcp", {})
+        syn = f"{tcp.get('TCPSynRetrans', 0):,}, {tcp.get('ListenOverflows', 0):,}" if tcp else "–"
         out.append(f"| {r['rep']} {C.NAMES[r['subject']]} | {kinds(s['lost_by'])} | "
-                   f"{kinds(s['attempt_failures'])} | {s['reconnects']} | {inside} | {share:.0%} |")
+                   f"{kinds(s['attempt_failures'])} | {s['reconnects']:,} | {inside} | {syn} | "
+                   f"{share:.0%} |")
     return out
 
 
@@ -328,6 +352,17 @@ def markdown(meta: dict, runs: list[dict]) -> tuple[str, list[dict]]:
     return "\n".join(L), figs
 
 
+def ticks(lo: float, hi: float) -> list[float]:
+    """Round values (1, 2 or 5 × 10^k apart) from lo to hi, at most 7."""
+    step = 10 ** math.floor(math.log10(max(hi - lo, 1e-9)))
+    for m in (0.1, 0.2, 0.5, 1, 2, 5, 10):
+        if (hi - lo) / (step * m) <= 6:
+            step *= m
+            break
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step) + 1)]
+
+
 def svg(meta: dict, runs: list[dict]) -> str:
     """Sessions relaying against time since the kill, one line per run."""
     W, H, left, right, top, bottom = 760, 360, 70, 150, 40, 50
@@ -350,11 +385,11 @@ def svg(meta: dict, runs: list[dict]) -> str:
            f'<rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{left}" y="22" font-size="14">Sessions relaying after one of two backends '
            f'is killed ({n:,} sessions)</text>']
-    for i in range(6):
-        v = y0 + (n - y0) * i / 5
+    for v in ticks(y0, n):
         out.append(f'<line x1="{left}" x2="{W - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#ddd"/>')
         out.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:,.0f}</text>')
-        t = span * i / 5
+    for t in ticks(0, span):
+        out.append(f'<line x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{H - bottom}" y2="{H - bottom + 5}" stroke="#999"/>')
         out.append(f'<text x="{x(t):.1f}" y="{H - bottom + 18}" text-anchor="middle">{t:,.0f}</text>')
     out.append(f'<text x="{(left + W - right) / 2}" y="{H - 12}" text-anchor="middle">ms since the kill</text>')
     for k, (r, s) in enumerate(series):
@@ -458,6 +493,7 @@ def main(argv: list[str]) -> int:
     })
     for k in ("duration", "quick", "idle_conns", "max_others"):
         meta.pop(k, None)
+    meta["versions"] = re.sub(r", Caddy \S+", "", meta["versions"])
 
     def body(procs: C.Procs, runs: list[dict]) -> None:
         bench = C.Bench(a, procs, bins)
