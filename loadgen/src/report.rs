@@ -80,22 +80,29 @@ pub struct ThreadResult {
 /// One thread's storm records; `storm::report` merges them.
 #[derive(Debug)]
 pub struct StormRecorder {
+    /// Relaying sessions lost, by how (a `ConnError` kind).
     pub lost: BTreeMap<String, u64>,
+    /// Of those, lost before the storm started.
     pub lost_before_start: u64,
+    /// Reconnect attempts that failed before relaying, by how.
     pub attempt_failures: BTreeMap<String, u64>,
+    /// Reconnect attempts started.
     pub reconnects: u64,
+    /// Waits the peer asked for that were longer than the backoff.
     pub retry_after_waits: u64,
+    /// Lost sessions relaying again, and those that gave up.
     pub recovered: u64,
     pub gave_up: u64,
+    /// Lost sessions neither relaying again nor given up at the end.
     pub still_down: u64,
-    /// Storm start to loss seen.
+    /// Storm start to loss seen; connect to 101 (reconnects only); connect
+    /// to the first echo of the attempt that succeeded; loss seen to
+    /// relaying again.
     pub detect_ns: Histogram<u64>,
-    /// Connect to 101, reconnects only.
     pub upgrade_ns: Histogram<u64>,
-    /// Connect to first echo verified on the attempt that succeeded.
     pub setup_ns: Histogram<u64>,
-    /// Loss seen to relaying again.
     pub recovery_ns: Histogram<u64>,
+    /// When each loss was seen and each session relayed again (run clock).
     pub loss_at: Vec<u64>,
     pub recovered_at: Vec<u64>,
 }
