@@ -48,6 +48,13 @@ NAMES = {
     "haproxy": "HAProxy",
     "caddy": "Caddy",
 }
+# Each subject's config template in bench/configs.
+TEMPLATES = {
+    "eval-proxy": "eval-proxy.toml",
+    "nginx": "nginx.conf",
+    "haproxy": "haproxy.cfg",
+    "caddy": "Caddyfile",
+}
 PEER_BINARIES = {
     "nginx": ["/usr/sbin/nginx"],
     "haproxy": ["/usr/sbin/haproxy"],
@@ -363,12 +370,17 @@ class Bench:
         self.seq += 1
         return f"{self.seq:03d}-{what}"
 
-    def start_subject(self, subject: str, backend: str) -> Proxy:
+    def start_subject(self, subject: str, backend: str, templates: dict[str, str] | None = None,
+                      **values: str) -> Proxy:
+        """Starts `subject` in front of `backend` from its config template
+        (`templates` names other ones; `values` fills their other @KEY@s)."""
         if subject == "direct":
             return Proxy(backend, None)
+        t = dict(TEMPLATES, **(templates or {}))
         if subject == "eval-proxy":
             name = self.name("eval-proxy")
-            conf = render("eval-proxy.toml", self.procs.workdir / f"{name}.toml", BACKEND=backend)
+            conf = render(t[subject], self.procs.workdir / f"{name}.toml", BACKEND=backend,
+                          **values)
             p = self.procs.spawn(name, [self.bins["proxy"], "--config", str(conf),
                                         "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
                                         "--shards", "1"], self.a.proxy_cpu)
@@ -385,14 +397,16 @@ class Bench:
             rundir.mkdir()
             env = None
             if subject == "nginx":
-                conf = render("nginx.conf", rundir / "nginx.conf", LISTEN=listen,
-                              BACKEND=backend, DIR=str(rundir))
+                conf = render(t[subject], rundir / "nginx.conf", LISTEN=listen,
+                              BACKEND=backend, DIR=str(rundir), **values)
                 argv = ["nginx", "-p", str(rundir), "-c", str(conf), "-e", str(rundir / "error.log")]
             elif subject == "haproxy":
-                conf = render("haproxy.cfg", rundir / "haproxy.cfg", LISTEN=listen, BACKEND=backend)
+                conf = render(t[subject], rundir / "haproxy.cfg", LISTEN=listen, BACKEND=backend,
+                              **values)
                 argv = ["haproxy", "-db", "-f", str(conf)]
             else:
-                conf = render("Caddyfile", rundir / "Caddyfile", LISTEN=listen, BACKEND=backend)
+                conf = render(t[subject], rundir / "Caddyfile", LISTEN=listen, BACKEND=backend,
+                              **values)
                 argv = ["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"]
                 env = {"GOMAXPROCS": "1", "HOME": str(rundir), "XDG_CONFIG_HOME": str(rundir),
                        "XDG_DATA_HOME": str(rundir)}
@@ -465,15 +479,7 @@ class Bench:
             rec["wall_s"] = wall
             rec["others_cpu_s"] = max(0, others1 - others0) / HZ
             rec["exit_code"] = code
-            out = self.procs.out_text(lg)
-            report = None
-            for line in reversed(out.splitlines()):
-                if line.startswith("{"):
-                    try:
-                        report = json.loads(line)
-                        break
-                    except json.JSONDecodeError:
-                        pass
+            report = json_report(self.procs.out_text(lg))
             rec["loadgen"] = report
             stderr = self.procs.out_text(lg, "err").strip()
             if report is None:
@@ -501,6 +507,17 @@ class Bench:
             r = rec["loadgen"]
             log(f"  {summary_line(load, rec, r)}")
         return rec
+
+
+def json_report(stdout: str) -> dict | None:
+    """The loadgen's JSON report: the last line of its stdout that parses."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                pass
+    return None
 
 
 def summary_line(load: Load, rec: dict, r: dict) -> str:
@@ -957,12 +974,15 @@ def make_notes(runs: list[dict], loads: dict[str, Load], meta: dict) -> list[str
     return notes
 
 
-def update_readme(md: str) -> None:
+def update_readme(md: str, marker: str = "results", stem: str = "latest",
+                  chart: str = "CPU per unit of work, relative to the best peer") -> None:
+    """Puts md's headline table between bench/README.md's `<!-- MARKER:begin -->`
+    and `:end -->` markers, with results/STEM.svg (alt text `chart`) below it."""
     readme = BENCH / "README.md"
     if not readme.exists():
         return
     text = readme.read_text()
-    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     if begin not in text or end not in text:
         return
     head, rest = text.split(begin, 1)
@@ -972,9 +992,8 @@ def update_readme(md: str) -> None:
     start = next(i for i, l in enumerate(lines) if l.startswith("| figure"))
     stop = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
     body = "\n".join(lines[2:4] + [""] + lines[start:stop])
-    readme.write_text(f"{head}{begin}\n{body}\n\n![CPU per unit of work, relative to the best peer]"
-                      f"(results/latest.svg)\n\nAll tables and notes: [results/latest.md]"
-                      f"(results/latest.md).\n{end}{tail}")
+    readme.write_text(f"{head}{begin}\n{body}\n\n![{chart}](results/{stem}.svg)\n\n"
+                      f"All tables and notes: [results/{stem}.md](results/{stem}.md).\n{end}{tail}")
 
 
 # ---------------------------------------------------------------- setup
@@ -1158,17 +1177,12 @@ def render_only(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
-    a = parse_args(argv)
-    if a.render:
-        return render_only(a)
-    loads = make_loads(a)
-    ensure_peers(a)
-    if not shutil.which("taskset"):
-        raise BenchError("taskset not found (package util-linux)")
-    bins = build(a)
-    meta = machine_meta(a, bins)
-    workdir = Path(tempfile.mkdtemp(prefix="eval-bench-"))
+def run_all(a: argparse.Namespace, prefix: str, body) -> tuple[list[dict], float]:
+    """Calls body(procs, runs) with a fresh work folder, Ctrl-C and SIGTERM
+    turned into a clean stop; then stops everything it started and removes
+    the folder unless --keep or a run failed. Returns the runs appended by
+    body and the elapsed seconds."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
     procs = Procs(workdir)
 
     def on_signal(signum, _frame):
@@ -1179,12 +1193,44 @@ def main(argv: list[str]) -> int:
         signal.signal(s, on_signal)
     runs: list[dict] = []
     started = time.monotonic()
-    failed = False
+    try:
+        body(procs, runs)
+    finally:
+        # A second Ctrl-C must not cut the clean-up short.
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        procs.stop_all()
+        if a.keep or any(r.get("error") for r in runs):
+            log(f"work folder with configs and logs kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return runs, round(time.monotonic() - started, 1)
+
+
+def exit_status(runs: list[dict]) -> int:
+    if any(r.get("error") for r in runs):
+        log("some runs failed (see Notes); exit status 1")
+        return 1
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    a = parse_args(argv)
+    if a.render:
+        return render_only(a)
+    loads = make_loads(a)
+    ensure_peers(a)
+    if not shutil.which("taskset"):
+        raise BenchError("taskset not found (package util-linux)")
+    bins = build(a)
+    meta = machine_meta(a, bins)
     total = a.reps * sum(len(l.subjects) for l in loads)
     # Repeat runs that other work on the machine disturbed, within a budget
     # that keeps the whole benchmark near its planned length.
     budget = math.ceil(total * a.rerun_share)
-    try:
+
+    def body(procs: Procs, runs: list[dict]) -> None:
+        nonlocal budget
         bench = Bench(a, procs, bins)
         for rep in range(1, a.reps + 1):
             for load in loads:
@@ -1205,27 +1251,20 @@ def main(argv: list[str]) -> int:
                     kept["attempts"] = len(tries)
                     kept["others_cpu_s_each"] = [t.get("others_cpu_s") for t in tries]
                     runs.append(kept)
-    finally:
-        # A second Ctrl-C must not cut the clean-up short.
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, signal.SIG_IGN)
-        procs.stop_all()
-        failed = any(r.get("error") for r in runs)
-        if a.keep or failed:
-            log(f"work folder with configs and logs kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    meta["elapsed_s"] = round(time.monotonic() - started, 1)
+
+    runs, meta["elapsed_s"] = run_all(a, "eval-bench-", body)
     write_outputs(a, meta, loads, runs)
-    if failed:
-        log("some runs failed (see Notes); exit status 1")
-        return 1
-    return 0
+    return exit_status(runs)
 
 
-if __name__ == "__main__":
+def entry(main_fn) -> None:
+    """The scripts' entry point: exit 2 when the setup failed."""
     try:
-        sys.exit(main(sys.argv[1:]))
+        sys.exit(main_fn(sys.argv[1:]))
     except BenchError as e:
         log(f"error: {e}")
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    entry(main)

@@ -161,21 +161,6 @@ fn conman_dial_without_a_descriptor_is_the_proxys_fault_1011() {
     assert_eq!(failures, 1.0);
 }
 
-/// `eval-loadgen`, built beside the proxy: `cargo test --workspace` builds
-/// it for its own tests; a lone `cargo test --test exhaustion` builds it here.
-fn loadgen() -> std::path::PathBuf {
-    let path = bin().with_file_name("eval-loadgen");
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let ok = Command::new(cargo)
-            .args(["build", "-q", "-p", "eval-loadgen"])
-            .status()
-            .expect("cargo build -p eval-loadgen");
-        assert!(ok.success(), "building eval-loadgen failed");
-    }
-    path
-}
-
 /// Issue 11, provided buffers: 5,000 sessions send at once through a shard
 /// whose ring has 64 buffers of 4 KiB (256 KiB for 5,000 sockets). Receives
 /// that find the ring empty wait and are re-armed as buffers come back:
@@ -187,23 +172,8 @@ fn five_thousand_sessions_on_a_tiny_ring_lose_nothing() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5000);
-    let mut backend = Command::new(loadgen())
-        .args(["echo-server", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(backend.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let addr: std::net::SocketAddr = line
-        .trim()
-        .strip_prefix("listening ")
-        .expect("echo-server prints `listening ADDR`")
-        .parse()
-        .unwrap();
+    let backend = Listening::echo_server();
+    let addr = backend.addr();
     let proxy = Proxy::start(
         &config_for(
             addr,
@@ -229,8 +199,7 @@ fn five_thousand_sessions_on_a_tiny_ring_lose_nothing() {
         ])
         .output()
         .unwrap();
-    let _ = backend.kill();
-    let _ = backend.wait();
+    drop(backend);
     assert!(
         out.status.success(),
         "loadgen: {}\n{}",

@@ -6,9 +6,8 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use support::*;
 
@@ -93,39 +92,31 @@ fn headless_chromium() {
     assert!(proxy.metric("eval_sessions_established_total", &[]) >= 1.0);
 }
 
-/// The conformant echo server of the Autobahn comparison, as a process.
+/// The conformant echo server of the Autobahn comparison, as a process
+/// (it also exits when this test process goes away and its stdin closes).
 struct EchoServer {
-    child: Child,
+    _process: Listening,
     port: u16,
 }
 
 impl EchoServer {
+    /// `args`: more of echo_server.py's flags.
     fn start(args: &[&str]) -> EchoServer {
-        let mut child = Command::new("python3")
-            .arg(root().join("tests/autobahn/echo_server.py"))
-            .arg("--exit-on-stdin-eof")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 echo_server.py (run .ci/install-deps.sh)");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("echo server ready line");
-        let port = line
-            .trim()
-            .strip_prefix("listening ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("echo server said {line:?}"));
-        EchoServer { child, port }
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let process = Listening::start(
+            Command::new("python3")
+                .arg(root().join("tests/autobahn/echo_server.py"))
+                .arg("--exit-on-stdin-eof")
+                .args(args)
+                .stdin(Stdio::piped()),
+        );
+        let port = process
+            .at
+            .parse()
+            .unwrap_or_else(|_| panic!("echo server said {:?}", process.at));
+        EchoServer {
+            _process: process,
+            port,
+        }
     }
 }
 

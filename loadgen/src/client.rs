@@ -56,7 +56,8 @@ pub enum ConnError {
     Io(io::Error),
     /// TCP closed without a Close frame.
     Eof,
-    HttpStatus(u16),
+    /// With the `Retry-After` it gave, in milliseconds.
+    HttpStatus(u16, Option<u64>),
     Handshake(HandshakeError),
     /// The peer sent a Close we did not ask for.
     PeerClose(u16, String),
@@ -81,7 +82,7 @@ impl ConnError {
             Self::Io(e) if e.kind() == io::ErrorKind::ConnectionReset => "reset".into(),
             Self::Io(_) => "io".into(),
             Self::Eof => "eof_without_close".into(),
-            Self::HttpStatus(status) => format!("http_{status}"),
+            Self::HttpStatus(status, _) => format!("http_{status}"),
             Self::Handshake(e) => format!("handshake_{}", e.as_str()),
             Self::PeerClose(code, _) => format!("close_{code}"),
             Self::Protocol(what) => format!("protocol_{what}"),
@@ -92,13 +93,52 @@ impl ConnError {
     }
 }
 
+impl ConnError {
+    /// When the peer asked the client to come back: `retry_after_ms=N` in
+    /// a Close reason (eval-proxy's format), or an HTTP `Retry-After`.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            Self::PeerClose(_, reason) => reason
+                .split(';')
+                .find_map(|kv| kv.strip_prefix("retry_after_ms="))
+                .and_then(|ms| ms.parse().ok()),
+            Self::HttpStatus(_, retry_after) => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// Whether the bytes that did arrive were wrong: an echo that differs, a
+    /// frame nobody asked for, a broken protocol. Never a storm's doing.
+    pub fn is_verification(&self) -> bool {
+        matches!(
+            self,
+            Self::Mismatch { .. } | Self::Unsolicited | Self::Protocol(_)
+        )
+    }
+}
+
+/// `Retry-After` of a refused upgrade's head, in delay-seconds (the date
+/// form is not used by any peer here), as milliseconds.
+fn retry_after_header(head: &[u8]) -> Option<u64> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    resp.parse(&head[..head.len().min(MAX_RESPONSE_HEAD)])
+        .ok()?;
+    let h = resp
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("retry-after"))?;
+    let secs: u64 = std::str::from_utf8(h.value).ok()?.trim().parse().ok()?;
+    Some(secs.saturating_mul(1000))
+}
+
 impl fmt::Display for ConnError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Connect(e) => write!(f, "connect: {e}"),
             Self::Io(e) => write!(f, "socket: {e}"),
             Self::Eof => f.write_str("connection closed without a Close frame"),
-            Self::HttpStatus(status) => write!(f, "upgrade answered with HTTP {status}"),
+            Self::HttpStatus(status, _) => write!(f, "upgrade answered with HTTP {status}"),
             Self::Handshake(e) => write!(f, "upgrade: {e}"),
             Self::PeerClose(code, reason) => write!(f, "peer sent Close {code} {reason:?}"),
             Self::Protocol(what) => write!(f, "protocol violation: {what}"),
@@ -290,6 +330,19 @@ impl Conn {
         self.phase_started_ns = now_ns;
     }
 
+    /// Answers a Close the peer started, just before the connection is
+    /// dropped, so the peer sees a complete close handshake. Best effort:
+    /// skipped if a frame of ours is half written, and a full socket is
+    /// not waited for.
+    pub fn answer_close(&mut self) {
+        if self.out_pos < self.out.len() || !self.tail.is_empty() {
+            return;
+        }
+        let mut close = Vec::with_capacity(8);
+        write_close(&mut close, 1000, "", Some(CLIENT_MASK));
+        let _ = self.sock.write(&close);
+    }
+
     /// Handles a readiness event. `rxbuf` is the worker's shared read buffer.
     pub fn on_event(
         &mut self,
@@ -393,7 +446,10 @@ impl Conn {
             match parse_conman_response(&upgrade.response, &upgrade.accept, MAX_RESPONSE_HEAD) {
                 Ok(Some((_, head_len))) => head_len,
                 Ok(None) => return Ok(()),
-                Err(HandshakeError::Status(status)) => return Err(ConnError::HttpStatus(status)),
+                Err(HandshakeError::Status(status)) => {
+                    let retry_after = retry_after_header(&upgrade.response);
+                    return Err(ConnError::HttpStatus(status, retry_after));
+                }
                 Err(e) => return Err(ConnError::Handshake(e)),
             };
         let Some(upgrade) = self.upgrade.take() else {
@@ -664,5 +720,36 @@ impl Conn {
             }
             self.unwritten -= 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_hints_from_a_close_reason_or_retry_after() {
+        let close = |reason: &str| ConnError::PeerClose(1013, reason.into());
+        assert_eq!(
+            close("stage=controlplane;reason=no_capacity;retry_after_ms=1500").retry_after_ms(),
+            Some(1500)
+        );
+        assert_eq!(
+            close("stage=relay;reason=conman_lost").retry_after_ms(),
+            None
+        );
+        assert_eq!(close("retry_after_ms=soon").retry_after_ms(), None);
+        let head = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 2\r\n\r\n";
+        assert_eq!(retry_after_header(head), Some(2000));
+        assert_eq!(
+            retry_after_header(b"HTTP/1.1 502 Bad Gateway\r\n\r\n"),
+            None
+        );
+        assert_eq!(
+            ConnError::HttpStatus(503, Some(2000)).retry_after_ms(),
+            Some(2000)
+        );
+        assert!(ConnError::Mismatch { seq: 0, at: 0 }.is_verification());
+        assert!(!ConnError::Eof.is_verification());
     }
 }

@@ -14,6 +14,7 @@ pub enum Mode {
     Idle,
     Bulk,
     Mixed,
+    Storm,
 }
 
 impl Mode {
@@ -25,6 +26,7 @@ impl Mode {
             Self::Idle => "idle",
             Self::Bulk => "bulk",
             Self::Mixed => "mixed",
+            Self::Storm => "storm",
         }
     }
 }
@@ -40,6 +42,33 @@ pub struct MixedShape {
     pub burst_every: u32,
     pub burst_min: u32,
     pub burst_max: u32,
+}
+
+/// The shape of `storm`: sessions held with a light periodic echo, one
+/// backend killed, every lost session reconnected at once.
+#[derive(Debug, Clone, Default)]
+pub struct StormShape {
+    /// Sent SIGKILL once every session is held and `settle` has passed;
+    /// without it the storm starts at the first session lost.
+    pub kill_pid: Option<i32>,
+    /// Holding time before the kill (the CPU baseline is taken over it).
+    pub settle: Duration,
+    /// The storm is over once every session is relaying again and at
+    /// least this long has passed since it started.
+    pub observe: Duration,
+    /// Ends the storm (sessions still down count as failed) this long
+    /// after it started, or after `settle` if nothing is ever lost.
+    pub timeout: Duration,
+    /// Each held session sends one message this often.
+    pub echo_every: Duration,
+    /// After a failed reconnect attempt: full jitter over
+    /// min(cap, base * 2^(n-1)), and never less than a `retry_after` hint.
+    pub retry_base: Duration,
+    pub retry_cap: Duration,
+    /// A session not relaying again this long after it was lost has failed.
+    pub give_up: Duration,
+    /// Processes whose CPU time is read at the start and end of the storm.
+    pub watch_pids: Vec<i32>,
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +100,7 @@ pub struct RunConfig {
     pub max_connecting: usize,
     /// Handshake mode: paths with fresh tokens minted before the clock starts.
     pub premint: usize,
+    pub storm: StormShape,
 }
 
 impl RunConfig {
@@ -81,7 +111,8 @@ impl RunConfig {
         }
     }
 
-    /// Sockets the run may hold at once.
+    /// Sockets the run may hold at once. A storm drops a lost session's
+    /// socket before it opens the next one.
     pub fn max_sockets(&self) -> u64 {
         self.conns as u64
     }

@@ -6,6 +6,8 @@
 //! - [`config`]: what a run is asked to do (mode and settings).
 //! - [`run`]: starts the load threads, progress, `holding N`, the report.
 //! - [`worker`]: one epoll loop per thread and the workload of each mode.
+//! - [`storm`]: the `storm` mode's sessions across reconnects, its
+//!   conductor (kill, CPU of watched processes, when it is over).
 //! - [`client`]: one client connection: connect, upgrade, send, verify.
 //! - [`wire`]: the stamped payload template and frame assembly.
 //! - [`report`]: histograms, counters, text and JSON output.
@@ -16,7 +18,7 @@
 //! - [`echo_server`], [`conman`]: the backends.
 //!
 //! Dependencies go one way, down this chain: `main.rs` → `run` → `worker`
-//! → `client` → `report` → `config` → `tokens`. The backends use `net` and
+//! → `storm` → `client` → `report` → `config` → `tokens`. The backends use `net` and
 //! `out`; `net`, `out`, `tokens`, `units` and `wire` use no other module.
 
 mod client;
@@ -27,6 +29,7 @@ mod net;
 mod out;
 mod report;
 mod run;
+mod storm;
 mod tokens;
 mod units;
 mod wire;
@@ -42,7 +45,7 @@ use clap::{Args, Parser, Subcommand};
 use eval_proxy::dev::conman::Behavior;
 use eval_proxy::proto::handshake::parse_ws_url;
 
-use crate::config::{MixedShape, Mode, RunConfig};
+use crate::config::{MixedShape, Mode, RunConfig, StormShape};
 use crate::out::print_flushed;
 use crate::tokens::{Paths, TokenSpec};
 
@@ -102,6 +105,19 @@ enum Command {
     /// Terminal-like: keystrokes (1-16 B, Poisson per connection) with
     /// occasional output bursts of a few KiB.
     Mixed(MixedArgs),
+    /// Reconnect storm: hold N sessions with a light periodic echo, kill a
+    /// backend, reconnect every lost session at once; report how long until
+    /// all relay again.
+    ///
+    /// Prints `holding N` once every session echoed, then `killed PID` when
+    /// it sends --kill-pid SIGKILL (after --settle). A session closed or
+    /// reset by the peer reconnects at once, or after the `retry_after_ms`
+    /// of its Close reason (or an HTTP Retry-After); a failed attempt backs
+    /// off with full jitter. The storm is over when every lost session
+    /// relays again (first echo verified) and --observe has passed, or at
+    /// --storm-timeout. Exit 1 if a session never relayed again, nothing
+    /// was lost, or an echo was wrong.
+    Storm(StormArgs),
 }
 
 #[derive(Args, Debug)]
@@ -337,6 +353,66 @@ struct MixedArgs {
     target: Target,
 }
 
+#[derive(Args, Debug)]
+struct StormArgs {
+    /// Sessions.
+    #[arg(long, value_name = "N", default_value_t = 8000)]
+    sessions: usize,
+    /// Size of each echo.
+    #[arg(long, value_name = "BYTES", default_value = "32", value_parser = message_size)]
+    size: u32,
+    /// Each held session echoes one message this often.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = duration)]
+    echo_every: Duration,
+    /// Process to SIGKILL once every session is held and --settle has
+    /// passed (a backend, standing for a Conman VM). Without it the storm
+    /// starts at the first session lost.
+    #[arg(long, value_name = "PID")]
+    kill_pid: Option<i32>,
+    /// Hold this long before the kill; the CPU baseline is taken over it.
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = duration)]
+    settle: Duration,
+    /// Once every session relays again, end if this long has passed since
+    /// the storm started.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = duration)]
+    observe: Duration,
+    /// End the storm this long after it started even if sessions are still
+    /// down (they count as failed).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration)]
+    storm_timeout: Duration,
+    /// Backoff after a failed reconnect attempt: full jitter over
+    /// min(--retry-cap, this * 2^(n-1)).
+    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = duration)]
+    retry_base: Duration,
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = duration)]
+    retry_cap: Duration,
+    /// A session not relaying again this long after it was lost has failed.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration)]
+    give_up: Duration,
+    /// Report this process's CPU time (all threads) over the storm, e.g. the
+    /// proxy's (repeatable: nginx's master and worker).
+    #[arg(long = "watch-pid", value_name = "PID")]
+    watch_pids: Vec<i32>,
+    #[command(flatten, next_help_heading = "Target and client")]
+    target: Target,
+}
+
+impl From<StormArgs> for StormShape {
+    fn from(a: StormArgs) -> Self {
+        Self {
+            kill_pid: a.kill_pid,
+            settle: a.settle,
+            observe: a.observe,
+            timeout: a.storm_timeout,
+            echo_every: a.echo_every,
+            retry_base: a.retry_base,
+            retry_cap: a.retry_cap,
+            give_up: a.give_up,
+            watch_pids: a.watch_pids,
+        }
+    }
+}
+
 fn size(s: &str) -> Result<u64, String> {
     units::parse_size(s)
 }
@@ -485,6 +561,16 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             cfg.messages = a.messages;
             (cfg, a.target.json)
         }
+        Command::Storm(a) => {
+            if a.echo_every.is_zero() {
+                return Err(usage("--echo-every must be more than 0"));
+            }
+            let mut cfg = base_config(Mode::Storm, &a.target, a.sessions)?;
+            cfg.size = a.size;
+            let json = a.target.json;
+            cfg.storm = a.into();
+            (cfg, json)
+        }
         Command::Mixed(a) => {
             if !(a.key_rate.is_finite() && a.key_rate > 0.0) {
                 return Err(usage("--key-rate must be a positive number"));
@@ -580,5 +666,6 @@ fn base_config(mode: Mode, t: &Target, conns: usize) -> Result<RunConfig> {
         tick: Duration::from_micros(50),
         max_connecting: t.max_connecting as usize,
         premint: 0,
+        storm: StormShape::default(),
     })
 }

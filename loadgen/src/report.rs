@@ -13,7 +13,7 @@ use crate::config::Mode;
 /// Latencies above this are recorded as this (a minute is already a failure).
 const MAX_TRACKED_NS: u64 = 60_000_000_000;
 
-fn histogram() -> Histogram<u64> {
+pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_TRACKED_NS, 3).expect("constant histogram bounds are valid")
 }
 
@@ -73,6 +73,59 @@ pub struct ThreadResult {
     pub errors: BTreeMap<String, u64>,
     /// From the common start to the thread's last echo.
     pub elapsed: Duration,
+    /// `storm`: the thread's record of its sessions' losses and reconnects.
+    pub storm: Option<Box<StormRecorder>>,
+}
+
+/// One thread's storm records; `storm::report` merges them.
+#[derive(Debug)]
+pub struct StormRecorder {
+    /// Relaying sessions lost, by how (a `ConnError` kind).
+    pub lost: BTreeMap<String, u64>,
+    /// Of those, lost before the storm started.
+    pub lost_before_start: u64,
+    /// Reconnect attempts that failed before relaying, by how.
+    pub attempt_failures: BTreeMap<String, u64>,
+    /// Reconnect attempts started.
+    pub reconnects: u64,
+    /// Waits the peer asked for that were longer than the backoff.
+    pub retry_after_waits: u64,
+    /// Lost sessions relaying again, and those that gave up.
+    pub recovered: u64,
+    pub gave_up: u64,
+    /// Lost sessions neither relaying again nor given up at the end.
+    pub still_down: u64,
+    /// Storm start to loss seen; connect to 101 (reconnects only); connect
+    /// to the first echo of the attempt that succeeded; loss seen to
+    /// relaying again.
+    pub detect_ns: Histogram<u64>,
+    pub upgrade_ns: Histogram<u64>,
+    pub setup_ns: Histogram<u64>,
+    pub recovery_ns: Histogram<u64>,
+    /// When each loss was seen and each session relayed again (run clock).
+    pub loss_at: Vec<u64>,
+    pub recovered_at: Vec<u64>,
+}
+
+impl Default for StormRecorder {
+    fn default() -> Self {
+        Self {
+            lost: BTreeMap::new(),
+            lost_before_start: 0,
+            attempt_failures: BTreeMap::new(),
+            reconnects: 0,
+            retry_after_waits: 0,
+            recovered: 0,
+            gave_up: 0,
+            still_down: 0,
+            detect_ns: histogram(),
+            upgrade_ns: histogram(),
+            setup_ns: histogram(),
+            recovery_ns: histogram(),
+            loss_at: Vec::new(),
+            recovered_at: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -85,7 +138,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(h: &Histogram<u64>) -> Self {
+    pub fn of(h: &Histogram<u64>) -> Self {
         let us = |ns: u64| (ns as f64 / 100.0).round() / 10.0;
         Self {
             p50: us(h.value_at_quantile(0.5)),
@@ -117,6 +170,74 @@ pub struct Report {
     /// Connect to 101.
     pub upgrade_us: Percentiles,
     pub errors: BTreeMap<String, u64>,
+    /// `storm` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storm: Option<StormReport>,
+}
+
+/// What a `storm` did: the section of the report only that mode has.
+/// Latencies in µs, durations in ms.
+#[derive(Debug, Serialize)]
+pub struct StormReport {
+    pub sessions: usize,
+    /// `kill` (`--kill-pid`), `first_loss`, or `nothing` (no session lost).
+    pub started_by: &'static str,
+    pub killed_pid: Option<i32>,
+    /// Sessions lost (after relaying), by how: `close_1014`, `eof_without_close`, ...
+    pub lost: u64,
+    pub lost_by: BTreeMap<String, u64>,
+    /// Of those, lost before the kill (none are expected).
+    pub lost_before_start: u64,
+    /// Reconnect attempts started.
+    pub reconnects: u64,
+    /// Reconnect attempts that failed before relaying, by how; each was
+    /// retried with backoff.
+    pub attempt_failures: BTreeMap<String, u64>,
+    /// Waits longer than the backoff because the peer asked for them.
+    pub retry_after_waits: u64,
+    /// Lost sessions relaying again.
+    pub recovered: u64,
+    /// Lost sessions that never relayed again (gave up, or still down at
+    /// the end). The goal is 0.
+    pub failed_sessions: u64,
+    /// From the storm's start until the last lost session relayed again;
+    /// none if any failed.
+    pub all_relaying_ms: Option<f64>,
+    /// Storm start to the loss seen by the client.
+    pub detect_us: Percentiles,
+    /// Reconnects: connect to 101.
+    pub upgrade_us: Percentiles,
+    /// Reconnects that succeeded: connect to the first echo verified.
+    pub setup_us: Percentiles,
+    /// Loss seen to relaying again (retries and waits included).
+    pub recovery_us: Percentiles,
+    /// CPU of the `--watch-pid` processes, if any.
+    pub cpu: Option<StormCpu>,
+    /// `relaying[i]`: sessions relaying at `i * timeline_step_ms` after the start.
+    pub timeline_step_ms: f64,
+    pub relaying: Vec<u64>,
+}
+
+/// CPU time of the watched processes (all threads, from schedstat).
+#[derive(Debug, Serialize)]
+pub struct StormCpu {
+    /// From every session held to the storm's start: background echoes.
+    pub baseline_s: f64,
+    pub baseline_cpu_ms: f64,
+    /// From the storm's start until every session relays again (or, if
+    /// some never do, until the storm is declared over).
+    pub storm_s: f64,
+    pub storm_cpu_ms: f64,
+    /// The user / kernel split over the storm (clock ticks, 10 ms resolution).
+    pub storm_user_ms: f64,
+    pub storm_sys_ms: f64,
+    /// Time the watched processes were runnable but waited for a CPU over
+    /// the storm: other work on their core.
+    pub storm_wait_ms: f64,
+    /// The storm's CPU minus the baseline rate over the same time.
+    pub above_baseline_ms: f64,
+    /// That, per reconnect attempt.
+    pub per_reconnect_us: Option<f64>,
 }
 
 impl Report {
@@ -151,6 +272,7 @@ impl Report {
             latency_us: Percentiles::of(latency),
             upgrade_us: Percentiles::of(&rec.upgrade_ns),
             errors,
+            storm: None,
         }
     }
 
@@ -198,6 +320,9 @@ impl Report {
         if self.established > 0 {
             let _ = writeln!(s, "  upgrade µs {}", p(&self.upgrade_us));
         }
+        if let Some(storm) = &self.storm {
+            storm.write_text(&mut s);
+        }
         if self.errors.is_empty() {
             let _ = writeln!(s, "  errors      none");
         } else {
@@ -214,6 +339,68 @@ impl Report {
             );
         }
         s
+    }
+}
+
+impl StormReport {
+    fn write_text(&self, s: &mut String) {
+        let p = |p: &Percentiles| format!("p50 {}  p99 {}  max {}", p.p50, p.p99, p.max);
+        let kinds = |m: &BTreeMap<String, u64>| {
+            m.iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            s,
+            "  storm       started by {}; {} of {} sessions lost ({}), {} before the start",
+            self.started_by,
+            self.lost,
+            self.sessions,
+            kinds(&self.lost_by),
+            self.lost_before_start
+        );
+        let _ = writeln!(
+            s,
+            "  reconnects  {} attempts, {} failed ({}), {} waits asked for by the peer",
+            self.reconnects,
+            self.attempt_failures.values().sum::<u64>(),
+            kinds(&self.attempt_failures),
+            self.retry_after_waits
+        );
+        let all = self
+            .all_relaying_ms
+            .map_or("never".to_owned(), |ms| format!("after {ms} ms"));
+        let _ = writeln!(
+            s,
+            "  relaying    {} recovered, {} failed; all relaying again {all}",
+            self.recovered, self.failed_sessions
+        );
+        let _ = writeln!(s, "  detect µs   {}", p(&self.detect_us));
+        let _ = writeln!(s, "  reconnect µs {} (to first echo)", p(&self.setup_us));
+        let _ = writeln!(
+            s,
+            "  recovery µs {} (loss to relaying)",
+            p(&self.recovery_us)
+        );
+        if let Some(c) = &self.cpu {
+            let _ = writeln!(
+                s,
+                "  watched CPU {:.1} ms over {:.3} s of storm ({:.1} ms above the baseline of \
+                 {:.1} ms/s), user {:.0} ms, sys {:.0} ms, {:.1} ms waiting for a CPU",
+                c.storm_cpu_ms,
+                c.storm_s,
+                c.above_baseline_ms,
+                if c.baseline_s > 0.0 {
+                    c.baseline_cpu_ms / c.baseline_s
+                } else {
+                    0.0
+                },
+                c.storm_user_ms,
+                c.storm_sys_ms,
+                c.storm_wait_ms
+            );
+        }
     }
 }
 
@@ -236,11 +423,13 @@ mod tests {
                 rec: a,
                 errors: BTreeMap::from([("mismatch".to_string(), 1)]),
                 elapsed: Duration::from_secs(1),
+                storm: None,
             },
             ThreadResult {
                 rec: b,
                 errors: BTreeMap::from([("mismatch".to_string(), 2)]),
                 elapsed: Duration::from_secs(2),
+                storm: None,
             },
         ];
         let r = Report::new(Mode::Echo, 2, &results);

@@ -1,5 +1,6 @@
 //! Runs a load: checks limits, starts the worker threads, shows progress,
-//! prints `holding N` for `idle`, merges the threads' results into a report.
+//! prints `holding N` for `idle` and `storm`, conducts a storm (`killed
+//! PID`), merges the threads' results into a report.
 
 use std::io::IsTerminal;
 use std::sync::atomic::Ordering;
@@ -15,6 +16,7 @@ use crate::config::{Mode, RunConfig};
 use crate::net::{raise_nofile_limit, RESERVED_FDS};
 use crate::out::print_flushed;
 use crate::report::{Report, ThreadResult};
+use crate::storm::{self, Conductor, StormShared};
 use crate::wire::Payloads;
 use crate::worker::{Msg, Progress, Shared, Worker};
 
@@ -36,13 +38,21 @@ pub fn run(cfg: RunConfig, json: bool) -> Result<Report> {
         Mode::Idle => cfg.hold,
         _ => cfg.duration,
     };
+    let mut conductor = (mode == Mode::Storm).then(|| Conductor::new(cfg.storm.clone()));
     let shared = Arc::new(Shared {
         payloads: Payloads::new(cfg.max_message()),
         barrier: Barrier::new(threads),
         progress: Progress::default(),
         epoch: Instant::now(),
+        storm: StormShared::new(cfg.storm.watch_pids.clone()),
         cfg,
     });
+    let clock = |shared: &Shared| shared.epoch.elapsed().as_nanos() as u64;
+    // A storm's kill and end are timed from this loop.
+    let tick = match mode {
+        Mode::Storm => Duration::from_millis(5),
+        _ => Duration::from_millis(200),
+    };
     let (tx, rx) = mpsc::channel();
     let mut handles = Vec::with_capacity(threads);
     for index in 0..threads {
@@ -68,17 +78,34 @@ pub fn run(cfg: RunConfig, json: bool) -> Result<Report> {
     let mut held = 0;
     let mut results = Vec::with_capacity(threads);
     while results.len() < threads {
-        match rx.recv_timeout(Duration::from_millis(200)) {
+        match rx.recv_timeout(tick) {
             Ok(Msg::Ready(n)) => {
                 ready += 1;
                 held += n;
                 if ready == threads {
                     print_flushed(&format!("holding {held}"))?;
+                    if let Some(c) = &mut conductor {
+                        c.on_holding(&shared.storm, clock(&shared));
+                    }
                 }
             }
             Ok(Msg::Done(result)) => results.push(*result),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
+        }
+        if let Some(c) = &mut conductor {
+            match c.tick(&shared.storm, clock(&shared)) {
+                Ok(Some(line)) => print_flushed(&line)?,
+                Ok(None) => {}
+                Err(e) => {
+                    // The workers must still end, or the join waits forever.
+                    shared
+                        .storm
+                        .stop
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    eprintln!("eval-loadgen: {e}");
+                }
+            }
         }
         if let Some(bar) = &bar {
             update_bar(bar, &shared.progress, started, duration);
@@ -92,20 +119,36 @@ pub fn run(cfg: RunConfig, json: bool) -> Result<Report> {
             bail!("a load thread panicked");
         }
     }
-    Ok(Report::new(mode, conns, &results))
+    let mut report = Report::new(mode, conns, &results);
+    if mode == Mode::Storm {
+        let recs: Vec<_> = results.iter().filter_map(|r| r.storm.as_deref()).collect();
+        let storm = storm::report(&shared.cfg.storm, conns, &recs, &shared.storm);
+        if storm.failed_sessions > 0 {
+            report
+                .errors
+                .insert("session_failed".into(), storm.failed_sessions);
+        }
+        if storm.lost == 0 {
+            // Nothing to recover from: the run proves nothing.
+            report.errors.insert("no_session_lost".into(), 1);
+        }
+        report.storm = Some(storm);
+    }
+    Ok(report)
 }
 
 /// A thread that could not even start still meets the others at the
 /// barrier, or they would wait for it forever.
 fn failed_thread(shared: &Shared, e: &std::io::Error) -> ThreadResult {
     eprintln!("eval-loadgen: starting a load thread: {e}");
-    if shared.cfg.mode != Mode::Idle {
+    if !matches!(shared.cfg.mode, Mode::Idle | Mode::Storm) {
         shared.barrier.wait();
     }
     ThreadResult {
         rec: Default::default(),
         errors: [("worker".to_owned(), 1)].into(),
         elapsed: Duration::ZERO,
+        storm: None,
     }
 }
 

@@ -18,6 +18,7 @@ use crate::client::{Conn, ConnError, Dial, Outcome, Phase, Readiness};
 use crate::config::{Mode, RunConfig};
 use crate::net::SourceAddrs;
 use crate::report::{Recorder, ThreadResult};
+use crate::storm::{StormBook, StormShared};
 use crate::wire::Payloads;
 
 /// Counters the threads bump as they go; `run` reads them for the progress
@@ -38,6 +39,8 @@ pub struct Shared {
     pub progress: Progress,
     /// The zero of every thread's nanosecond clock.
     pub epoch: Instant,
+    /// `storm`: the start, sessions still down, the stop flag.
+    pub storm: StormShared,
 }
 
 /// What a thread tells `run`.
@@ -58,6 +61,10 @@ const HOUSEKEEPING: Duration = Duration::from_millis(20);
 /// Held idle sessions have no deadlines; scanning them is only for the
 /// record (a peer's Close or a ping is handled when it arrives).
 const IDLE_HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+/// A storm's held sessions have echo and setup deadlines of seconds; its
+/// echoes and reconnects are timed by their own schedule, not by this.
+const STORM_HOUSEKEEPING: Duration = Duration::from_millis(100);
 
 /// A peer that echoed our Close gets this long to close TCP.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -80,9 +87,11 @@ enum RunPhase {
 
 struct Slot {
     conn: Conn,
-    /// Counted in `Worker::settling` until the upgrade (or, for `idle`, the
-    /// verification echo) is done.
+    /// Counted in `Worker::settling` until the upgrade (or, for `idle` and
+    /// `storm`, the verification echo) is done.
     settling: bool,
+    /// `storm`: the first echo is verified; losing it now is a lost session.
+    relaying: bool,
 }
 
 /// xorshift64*: enough randomness for schedules, sizes and handshake keys.
@@ -94,6 +103,11 @@ impl Rng {
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `[0, 1)`.
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// Uniform in `lo..=hi`.
@@ -200,6 +214,8 @@ pub struct Worker<'a> {
     run_end_ns: Option<u64>,
     next_housekeeping_ns: u64,
     reported: (u64, u64, u64, u64),
+    /// `storm`: this thread's sessions across reconnects.
+    storm: Option<StormBook>,
 }
 
 impl<'a> Worker<'a> {
@@ -217,6 +233,8 @@ impl<'a> Worker<'a> {
             let t = threads as u64;
             m / t + u64::from((index as u64) < m % t)
         });
+        let storm =
+            (cfg.mode == Mode::Storm).then(|| StormBook::new(cfg.storm.clone(), conn_ids.len()));
         let poll = Poll::new()?;
         let timer = match cfg.mode {
             Mode::Rate | Mode::Mixed => Some(Timer::new(&poll)?),
@@ -256,6 +274,7 @@ impl<'a> Worker<'a> {
             run_end_ns: None,
             next_housekeeping_ns: 0,
             reported: (0, 0, 0, 0),
+            storm,
         })
     }
 
@@ -272,6 +291,7 @@ impl<'a> Worker<'a> {
             rec: self.rec,
             errors: self.errors,
             elapsed: Duration::from_nanos(end.saturating_sub(self.start_ns)),
+            storm: self.storm.map(|book| Box::new(book.finish())),
         }
     }
 
@@ -283,6 +303,7 @@ impl<'a> Worker<'a> {
                 self.housekeeping(now, tx);
                 let every = match (self.cfg.mode, self.phase) {
                     (Mode::Idle, RunPhase::Running) => IDLE_HOUSEKEEPING,
+                    (Mode::Storm, RunPhase::Running) => STORM_HOUSEKEEPING,
                     _ => HOUSEKEEPING,
                 };
                 self.next_housekeeping_ns = now + every.as_nanos() as u64;
@@ -317,6 +338,9 @@ impl<'a> Worker<'a> {
             if self.timer.is_some() && self.phase == RunPhase::Running {
                 self.issue_due()?;
             }
+            if self.storm.is_some() && self.phase == RunPhase::Running {
+                self.storm_due();
+            }
             self.flush_dirty();
             self.publish_progress();
         }
@@ -327,12 +351,29 @@ impl<'a> Worker<'a> {
         if let (Some(end), RunPhase::Running) = (self.run_end_ns, self.phase) {
             wait = wait.min(end.saturating_sub(now));
         }
+        if let (Some(book), RunPhase::Running) = (&self.storm, self.phase) {
+            if let Some(due) = book.next_due() {
+                // epoll counts whole milliseconds; round up, never spin.
+                let left = due.saturating_sub(now).div_ceil(1_000_000) * 1_000_000;
+                wait = wait.min(left);
+            }
+        }
         Duration::from_nanos(wait)
     }
 
     // ---- connections -------------------------------------------------------
 
     fn open(&mut self, id: u32, settling: bool, now: u64) {
+        if let Err(e) = self.try_open(id, settling, now) {
+            self.count_error(&e.kind(), &format!("conn {id}: {e}"));
+            if self.cfg.mode == Mode::Handshake && self.phase == RunPhase::Running {
+                self.to_start += 1;
+            }
+        }
+    }
+
+    /// Starts connecting `id`; returns its slot.
+    fn try_open(&mut self, id: u32, settling: bool, now: u64) -> Result<usize, ConnError> {
         let path = match self.preminted.pop_front() {
             Some(path) => path,
             None => self.cfg.paths.path(id, self.attempts),
@@ -355,17 +396,7 @@ impl<'a> Worker<'a> {
             path: &path,
             key_random: key,
         };
-        let conn = Conn::connect(id, &dial, capacity, now);
-        let mut conn = match conn {
-            Ok(conn) => conn,
-            Err(e) => {
-                self.count_error(&e.kind(), &format!("conn {id}: {e}"));
-                if self.cfg.mode == Mode::Handshake && self.phase == RunPhase::Running {
-                    self.to_start += 1;
-                }
-                return;
-            }
-        };
+        let mut conn = Conn::connect(id, &dial, capacity, now)?;
         let index = self.free.pop().unwrap_or(self.slots.len());
         if let Err(e) = self.poll.registry().register(
             conn.source(),
@@ -373,17 +404,24 @@ impl<'a> Worker<'a> {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             self.free.push(index);
-            self.count_error("register", &format!("conn {id}: {e}"));
-            return;
+            return Err(ConnError::Io(e));
         }
         if index == self.slots.len() {
             self.slots.push(None);
         }
-        self.slots[index] = Some(Slot { conn, settling });
+        self.slots[index] = Some(Slot {
+            conn,
+            settling,
+            relaying: false,
+        });
         self.live += 1;
         if settling {
             self.settling += 1;
         }
+        if let Some(book) = &mut self.storm {
+            book.set_slot((id as usize - self.index) / self.cfg.threads, index);
+        }
+        Ok(index)
     }
 
     /// Starts connects: during setup up to `max_connecting` at a time, and
@@ -433,10 +471,14 @@ impl<'a> Worker<'a> {
                 .saturating_record(now.saturating_sub(conn.connect_started_ns).max(1));
             self.rec.established += 1;
             match mode {
-                Mode::Idle | Mode::Handshake => conn.issue(self.cfg.size, now),
+                Mode::Idle | Mode::Handshake | Mode::Storm => conn.issue(self.cfg.size, now),
                 _ => {}
             }
-            if slot.settling && mode != Mode::Idle {
+            if let (Some(book), true) = (&mut self.storm, running) {
+                let s = (conn.id as usize - self.index) / self.cfg.threads;
+                book.upgraded(s, now.saturating_sub(conn.connect_started_ns));
+            }
+            if slot.settling && mode != Mode::Idle && mode != Mode::Storm {
                 slot.settling = false;
                 self.settling -= 1;
             }
@@ -451,11 +493,19 @@ impl<'a> Worker<'a> {
                         conn.issue(self.cfg.size, now);
                     }
                 }
-                Mode::Idle if slot.settling => {
+                Mode::Idle | Mode::Storm if slot.settling => {
                     let session = now.saturating_sub(conn.connect_started_ns).max(1);
                     self.rec.session_ns.saturating_record(session);
                     slot.settling = false;
+                    slot.relaying = true;
                     self.settling -= 1;
+                }
+                Mode::Storm if !slot.relaying => {
+                    slot.relaying = true;
+                    let s = (conn.id as usize - self.index) / self.cfg.threads;
+                    if let Some(book) = &mut self.storm {
+                        book.relaying(s, conn.connect_started_ns, now, &self.shared.storm);
+                    }
                 }
                 Mode::Handshake => {
                     let session = now.saturating_sub(conn.connect_started_ns).max(1);
@@ -486,6 +536,10 @@ impl<'a> Worker<'a> {
     }
 
     fn fail(&mut self, index: usize, e: &ConnError) {
+        if self.storm.is_some() && self.phase == RunPhase::Running {
+            self.storm_fail(index, e);
+            return;
+        }
         let id = self.slots[index].as_ref().map_or(0, |s| s.conn.id);
         self.count_error(&e.kind(), &format!("conn {id}: {e}"));
         self.remove(index);
@@ -507,6 +561,68 @@ impl<'a> Worker<'a> {
         }
     }
 
+    // ---- storm -------------------------------------------------------------
+
+    /// A storm's connection ended: a relaying session is lost and
+    /// reconnects; a reconnect attempt that failed retries after a backoff.
+    /// Only wrong bytes are errors.
+    fn storm_fail(&mut self, index: usize, e: &ConnError) {
+        let now = self.now();
+        let Some(slot) = self.slots[index].as_mut() else {
+            return;
+        };
+        let (id, relaying) = (slot.conn.id, slot.relaying);
+        if let ConnError::PeerClose(..) = e {
+            slot.conn.answer_close();
+        }
+        if e.is_verification() {
+            self.count_error(&e.kind(), &format!("conn {id}: {e}"));
+        }
+        self.remove(index);
+        let s = (id as usize - self.index) / self.cfg.threads;
+        let unit = self.rng.unit();
+        let Some(book) = &mut self.storm else {
+            return;
+        };
+        let shared = &self.shared.storm;
+        if relaying {
+            book.lost(s, &e.kind(), e.retry_after_ms(), now, shared);
+        } else {
+            book.attempt_failed(s, &e.kind(), e.retry_after_ms(), now, unit, shared);
+        }
+    }
+
+    /// Issues the periodic echoes and starts the reconnects that are due.
+    fn storm_due(&mut self) {
+        let now = self.now();
+        let size = self.cfg.size;
+        while let Some(s) = self.storm.as_mut().and_then(|b| b.due_echo(now)) {
+            let id = self.conn_ids[s];
+            let Some(i) = self.storm.as_ref().and_then(|b| b.slot(s)) else {
+                continue;
+            };
+            let Some(Some(slot)) = self.slots.get_mut(i) else {
+                continue;
+            };
+            // The slot may since hold another session's connection; one
+            // echo at a time (a slow one is caught by its deadline).
+            let conn = &mut slot.conn;
+            if conn.id == id && slot.relaying && conn.phase == Phase::Open && conn.inflight() == 0 {
+                conn.issue(size, now);
+                self.dirty.push(i);
+            }
+        }
+        while let Some(s) = self.storm.as_mut().and_then(|b| b.due_reconnect(now)) {
+            let id = self.conn_ids[s];
+            if let Err(e) = self.try_open(id, false, now) {
+                let unit = self.rng.unit();
+                if let Some(book) = &mut self.storm {
+                    book.attempt_failed(s, &e.kind(), None, now, unit, &self.shared.storm);
+                }
+            }
+        }
+    }
+
     fn count_error(&mut self, kind: &str, detail: &str) {
         *self.errors.entry(kind.to_owned()).or_insert(0) += 1;
         if self.printed < MAX_PRINTED_ERRORS {
@@ -524,9 +640,12 @@ impl<'a> Worker<'a> {
                 self.setup_done(tx);
             }
             RunPhase::Running => {
-                let over = self.run_end_ns.is_some_and(|end| now >= end);
+                let over = self.run_end_ns.is_some_and(|end| now >= end)
+                    || self.shared.storm.stop.load(Ordering::Acquire);
                 let spent = self.budget == Some(0) && self.all_drained();
-                let deserted = self.live == 0 && self.cfg.mode != Mode::Handshake;
+                // A storm's sessions may all be down at once, about to reconnect.
+                let deserted =
+                    self.live == 0 && !matches!(self.cfg.mode, Mode::Handshake | Mode::Storm);
                 if over || spent || deserted {
                     self.phase = RunPhase::Draining;
                     self.schedule.clear();
@@ -567,7 +686,7 @@ impl<'a> Worker<'a> {
 
     fn setup_done(&mut self, tx: &Sender<Msg>) {
         let cfg = self.cfg;
-        if cfg.mode == Mode::Idle {
+        if matches!(cfg.mode, Mode::Idle | Mode::Storm) {
             // The main thread prints `holding N` once every thread is here.
             tx.send(Msg::Ready(self.live as u64)).ok();
         } else {
@@ -625,6 +744,12 @@ impl<'a> Worker<'a> {
                 }
             }
             Mode::Handshake => self.to_start = self.conn_share(),
+            Mode::Storm => {
+                let rng = &mut self.rng;
+                if let Some(book) = &mut self.storm {
+                    book.start_echoes(now, || rng.unit());
+                }
+            }
             Mode::Idle => {}
         }
     }

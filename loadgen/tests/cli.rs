@@ -416,3 +416,90 @@ fn controlplane_serves_the_placement_contract() {
     );
     assert!(get("/v1/placement?repl=unknown-1").starts_with("HTTP/1.1 404"));
 }
+
+/// Runs `storm` with `args` (plus `--json`); returns its exit status, its
+/// stdout lines before the report, and the report.
+fn storm(args: &[&str]) -> (std::process::ExitStatus, Vec<String>, Value) {
+    let output = Command::new(BIN)
+        .arg("storm")
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut lines: Vec<String> = stdout.lines().map(str::to_owned).collect();
+    let report = lines.pop().unwrap_or_default();
+    let json = serde_json::from_str(&report).unwrap_or_else(|e| {
+        panic!(
+            "expected a JSON report last ({e}); stdout {stdout:?}, stderr {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output.status, lines, json)
+}
+
+#[test]
+fn storm_reconnects_what_a_killed_backend_held_to_its_twin() {
+    // Two echo servers share one port (SO_REUSEPORT): when one dies, the
+    // kernel sends every reconnect to the other.
+    let (_a, url) = echo_server();
+    let addr = url.trim_start_matches("ws://").trim_end_matches('/');
+    let (b, _) = backend(&["echo-server", "--listen", addr]);
+    let pid = b.child.id().to_string();
+    let (status, lines, json) = storm(&[
+        "--url",
+        &url,
+        "--sessions",
+        "100",
+        "--kill-pid",
+        &pid,
+        "--settle",
+        "300ms",
+        "--observe",
+        "300ms",
+        "--echo-every",
+        "100ms",
+    ]);
+    assert!(status.success(), "{json}");
+    assert_eq!(lines, ["holding 100".to_owned(), format!("killed {pid}")]);
+    let s = &json["storm"];
+    let lost = s["lost"].as_u64().unwrap_or(0);
+    assert!(lost > 0 && lost < 100, "both servers held sessions: {s}");
+    // A killed process's sockets close without a WebSocket Close (a FIN,
+    // a reset, or EPIPE for an echo written after the reset came in).
+    let kinds = s["lost_by"].as_object().expect("lost_by");
+    assert!(
+        kinds
+            .keys()
+            .all(|k| ["eof_without_close", "reset", "io"].contains(&k.as_str())),
+        "{s}"
+    );
+    assert_eq!(s["recovered"], lost, "{s}");
+    assert_eq!(s["failed_sessions"], 0, "{s}");
+    assert_eq!(s["started_by"], "kill", "{s}");
+    assert!(s["all_relaying_ms"].as_f64().is_some(), "{s}");
+    assert_eq!(json["established"], 100 + lost, "{json}");
+    assert!(
+        json["messages"].as_u64().unwrap_or(0) >= 100 + lost,
+        "periodic echoes and one per (re)connect: {json}"
+    );
+}
+
+#[test]
+fn a_storm_that_loses_nothing_fails() {
+    let (_server, url) = echo_server();
+    let (status, lines, json) = storm(&[
+        "--url",
+        &url,
+        "--sessions",
+        "4",
+        "--settle",
+        "100ms",
+        "--storm-timeout",
+        "300ms",
+    ]);
+    assert_eq!(status.code(), Some(1), "{json}");
+    assert_eq!(lines, ["holding 4"]);
+    assert_eq!(json["errors"], serde_json::json!({"no_session_lost": 1}));
+    assert_eq!(json["storm"]["started_by"], "nothing");
+}

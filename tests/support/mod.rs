@@ -9,7 +9,7 @@ pub use refusing::{refusing_addr, RefusingAddr};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -28,6 +28,79 @@ pub fn bin() -> PathBuf {
     std::env::var_os("EVAL_PROXY_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_eval-proxy")))
+}
+
+/// `eval-loadgen`, built beside the proxy: `cargo test --workspace` builds
+/// it for its own tests; a lone `cargo test --test NAME` builds it here when
+/// it is missing or older than its sources. (Only then: a nested cargo would
+/// wait on the lock the outer `cargo test` holds.)
+pub fn loadgen() -> PathBuf {
+    let path = bin().with_file_name("eval-loadgen");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("loadgen/src");
+    let newest_src = std::fs::read_dir(&src)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| modified(&e.ok()?.path()))
+        .max();
+    if modified(&path).is_none_or(|built| newest_src.is_some_and(|s| s > built)) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = Command::new(cargo)
+            .args(["build", "-q", "-p", "eval-loadgen"])
+            .status()
+            .expect("cargo build -p eval-loadgen");
+        assert!(ok.success(), "building eval-loadgen failed");
+    }
+    path
+}
+
+/// A child process that printed `listening WHERE` as its first stdout
+/// line (`eval-loadgen echo-server`, the Autobahn echo server); killed
+/// when dropped.
+pub struct Listening {
+    pub child: Child,
+    /// What followed `listening `: an address or a port.
+    pub at: String,
+}
+
+impl Listening {
+    pub fn start(cmd: &mut Command) -> Listening {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped stdout"))
+            .read_line(&mut line)
+            .expect("read the `listening` line");
+        let at = match line.trim().strip_prefix("listening ") {
+            Some(at) => at.to_owned(),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{cmd:?} printed {line:?}, not `listening ...`");
+            }
+        };
+        Listening { child, at }
+    }
+
+    /// `eval-loadgen echo-server` on a free loopback port.
+    pub fn echo_server() -> Listening {
+        Listening::start(Command::new(loadgen()).args(["echo-server", "--listen", "127.0.0.1:0"]))
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.at
+            .parse()
+            .unwrap_or_else(|_| panic!("not an address: {:?}", self.at))
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 pub struct Proxy {
