@@ -286,7 +286,7 @@ pub enum PlacementSource {
     Controlplane,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PlacementConfig {
     pub mode: PlacementSource,
@@ -296,6 +296,22 @@ pub struct PlacementConfig {
     pub vms: BTreeMap<String, String>,
     /// repl id → VM id, pinning a repl to a VM.
     pub repls: BTreeMap<String, String>,
+    /// Static placement: after a failed Conman attempt on a VM, new
+    /// sessions are placed elsewhere for this long (unless no other VM is
+    /// left); 0 = off.
+    pub fail_timeout_ms: u64,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        PlacementConfig {
+            mode: PlacementSource::default(),
+            default: None,
+            vms: BTreeMap::new(),
+            repls: BTreeMap::new(),
+            fail_timeout_ms: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

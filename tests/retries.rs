@@ -28,7 +28,7 @@ fn vm_of(proxy: SocketAddr, repl: &str) -> String {
 }
 
 /// Static placement over vm-1, vm-2 and vm-3, of which vm-1 and vm-3
-/// refuse connections. By rendezvous order (pinned in `control::rendezvous`'s tests,
+/// refuse connections (passive health off, so each session meets them). By rendezvous order (pinned in `control::rendezvous`'s tests,
 /// so stable across builds) the repls below rank the VMs:
 /// - `retry-0`: vm-2 first, no retry;
 /// - `retry-4`: vm-1, vm-2: one retry;
@@ -44,7 +44,7 @@ fn two_refusing_vms_of_three_are_both_excluded_and_the_third_is_reached() {
     });
     let (dead1, dead3) = (refusing_addr(), refusing_addr());
     let cfg = format!(
-        "[token]\nallow_dev_key = true\n[limits]\nmax_attempts = 3\n[placement.vms]\nvm-1 = \"ws://{}/\"\nvm-2 = \"ws://{}/\"\nvm-3 = \"ws://{}/\"\n",
+        "[token]\nallow_dev_key = true\n[limits]\nmax_attempts = 3\n[placement]\nfail_timeout_ms = 0\n[placement.vms]\nvm-1 = \"ws://{}/\"\nvm-2 = \"ws://{}/\"\nvm-3 = \"ws://{}/\"\n",
         dead1, good.local_addr, dead3
     );
     let proxy = Proxy::start(&cfg, &["--shards", "1"]);
@@ -81,4 +81,31 @@ fn two_refusing_vms_of_three_are_both_excluded_and_the_third_is_reached() {
         metric_value(&m, "eval_sessions_established_total", &[]),
         repls.len() as f64
     );
+}
+
+/// Passive health (`placement.fail_timeout_ms`): once a session's attempt
+/// on a VM fails, later sessions are placed elsewhere at once instead of
+/// each dialing the dead VM first, which is what a reconnect storm after a
+/// VM dies looks like (bench/storm.sh measured one failed dial per session
+/// without it).
+#[test]
+fn a_vm_that_failed_is_passed_over_by_the_sessions_after() {
+    let good = fake_conman(eval_proxy::dev::conman::Behavior {
+        vm_id: "vm-2".into(),
+        ..Default::default()
+    });
+    let (dead1, dead3) = (refusing_addr(), refusing_addr());
+    let cfg = format!(
+        "[token]\nallow_dev_key = true\n[placement.vms]\nvm-1 = \"ws://{}/\"\nvm-2 = \"ws://{}/\"\nvm-3 = \"ws://{}/\"\n",
+        dead1, good.local_addr, dead3
+    );
+    let proxy = Proxy::start(&cfg, &["--shards", "1"]);
+    let repls: Vec<String> = (0..40).map(|i| format!("storm-{i}")).collect();
+    for repl in &repls {
+        assert_eq!(vm_of(proxy.listen, repl), "vm-2", "{repl}");
+    }
+    // Without passive health about two thirds of these sessions would fail
+    // one or two attempts first; with it, each dead VM fails once.
+    let failed = proxy.metric("eval_conman_attempt_failures_total", &[]);
+    assert!(failed <= 2.0, "{failed} failed attempts for 40 sessions");
 }

@@ -54,9 +54,10 @@ pub mod wire;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use admission::Scope;
 pub(crate) use admission::TokenBucket;
@@ -183,27 +184,68 @@ fn resolve_static(
 /// Static placement a data shard can answer itself: a pure function of the
 /// repl id, so the round trip to the control shard buys nothing. Only
 /// offered when no admission limit needs the control shard's global view.
-pub struct LocalStatic(Rendezvous<Found>);
+pub struct LocalStatic {
+    vms: Rendezvous<Found>,
+    /// Passive health shared by every shard: per VM, until when (ms since
+    /// `epoch`) a failed attempt keeps it out of new placements.
+    down_until: Vec<(String, AtomicU64)>,
+    epoch: Instant,
+}
 
 impl LocalStatic {
     pub fn for_config(cfg: &ControlConfig) -> std::io::Result<Option<LocalStatic>> {
         let admission = cfg.admission.per_repl.is_some() || cfg.admission.per_cluster.is_some();
         match &cfg.mode {
-            PlacementMode::Static { vms, repls } if !admission => Ok(Some(LocalStatic(
-                resolve_static(vms.clone(), repls.clone())?,
-            ))),
+            PlacementMode::Static { vms, repls } if !admission => Ok(Some(LocalStatic {
+                down_until: vms
+                    .iter()
+                    .map(|(id, _)| (id.clone(), AtomicU64::new(0)))
+                    .collect(),
+                vms: resolve_static(vms.clone(), repls.clone())?,
+                epoch: Instant::now(),
+            })),
             _ => Ok(None),
         }
     }
 
-    /// `exclude`: every VM that failed in the session's attempts.
-    pub fn pick(&self, repl: &str, exclude: &[String]) -> PlacementResult {
-        match self.0.pick(repl, exclude) {
+    fn ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// `exclude`: every VM that failed in the session's attempts. VMs that
+    /// failed any session's attempt within `placement.fail_timeout_ms` are
+    /// passed over too (nginx's `max_fails=1 fail_timeout`), unless that
+    /// leaves none: then they get their chance again.
+    pub fn pick(&self, repl: &str, exclude: &[String], now: Instant) -> PlacementResult {
+        let now = self.ms(now);
+        let down = || {
+            self.down_until
+                .iter()
+                .filter(|(_, until)| until.load(Ordering::Relaxed) > now)
+        };
+        let picked = if down().next().is_none() {
+            self.vms.pick(repl, exclude)
+        } else {
+            let mut skip = exclude.to_vec();
+            skip.extend(down().map(|(id, _)| id.clone()));
+            self.vms
+                .pick(repl, &skip)
+                .or_else(|| self.vms.pick(repl, exclude))
+        };
+        match picked {
             Some((_, found)) => PlacementResult::Found(found.clone()),
             None => PlacementResult::Failed {
                 reason: PlacementFailure::NoCapacity,
                 retry_after_ms: None,
             },
+        }
+    }
+
+    /// An attempt on `vm` failed (connect or Conman's handshake): new
+    /// placements avoid it until `now + timeout`.
+    pub fn mark_down(&self, vm: &str, now: Instant, timeout: Duration) {
+        if let Some((_, until)) = self.down_until.iter().find(|(id, _)| id == vm) {
+            until.fetch_max(self.ms(now + timeout), Ordering::Relaxed);
         }
     }
 }
@@ -356,5 +398,61 @@ pub fn spawn_with_clock(
                 "control shard thread died while starting",
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod local_static_tests {
+    use super::*;
+
+    fn two_vms() -> LocalStatic {
+        LocalStatic {
+            vms: resolve_static(
+                vec![
+                    ("vm-a".into(), "ws://127.0.0.1:1/".into()),
+                    ("vm-b".into(), "ws://127.0.0.1:2/".into()),
+                ],
+                vec![],
+            )
+            .unwrap(),
+            down_until: ["vm-a", "vm-b"]
+                .iter()
+                .map(|id| (id.to_string(), AtomicU64::new(0)))
+                .collect(),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn vm(r: PlacementResult) -> String {
+        match r {
+            PlacementResult::Found(f) => f.vm,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_failed_vm_is_passed_over_until_its_timeout_then_used_again() {
+        let p = two_vms();
+        let t0 = Instant::now();
+        let home = vm(p.pick("repl-7", &[], t0));
+        p.mark_down(&home, t0, Duration::from_secs(10));
+        let other = vm(p.pick("repl-7", &[], t0 + Duration::from_secs(1)));
+        assert_ne!(other, home);
+        assert_eq!(
+            vm(p.pick("repl-7", &[], t0 + Duration::from_secs(11))),
+            home
+        );
+    }
+
+    #[test]
+    fn with_every_vm_down_placement_still_answers() {
+        let p = two_vms();
+        let t0 = Instant::now();
+        p.mark_down("vm-a", t0, Duration::from_secs(10));
+        p.mark_down("vm-b", t0, Duration::from_secs(10));
+        let home = vm(p.pick("repl-7", &[], t0));
+        // And the session's own exclusions still hold.
+        let other = vm(p.pick("repl-7", std::slice::from_ref(&home), t0));
+        assert_ne!(other, home);
     }
 }

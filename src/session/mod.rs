@@ -195,6 +195,9 @@ pub enum Op {
     /// One more chunk refers to this buffer (a receive split into bytes
     /// passed on and bytes held back); each reference gets its `Recycle`.
     Retain { bid: u16 },
+    /// A Conman attempt on this VM failed by the VM's doing (refused, timed
+    /// out, a bad answer): placement may pass it over for a while.
+    VmFailed { vm: String },
     /// Abort the connection with a RST: its stream was cut inside a frame,
     /// and a FIN would look like a clean end.
     Reset { fd: RawFd },

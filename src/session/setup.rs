@@ -634,6 +634,10 @@ impl Session {
             return;
         };
         st.last_error = Some(err);
+        // A socket the proxy could not even create says nothing of the VM.
+        if let (Some(vm), false) = (&st.vm, err.reason == "socket" || err.reason == "out_of_fds") {
+            env.out.push_back(Op::VmFailed { vm: vm.clone() });
+        }
         let delay = backoff(st.attempt, base, cap, unit);
         if st.attempt >= max || now + delay >= st.deadline {
             self.fail_setup(env, err);

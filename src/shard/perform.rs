@@ -85,6 +85,14 @@ impl Io {
             }
             Op::Recycle { bid } => self.bufs.recycle(bid),
             Op::Retain { bid } => self.bufs.retain(bid),
+            Op::VmFailed { vm } => {
+                // Static placement keeps this; the Controlplane judges VM
+                // health itself.
+                let timeout = std::time::Duration::from_millis(self.cfg.placement.fail_timeout_ms);
+                if let (Some(local), false) = (&self.local_placement, timeout.is_zero()) {
+                    local.mark_down(&vm, self.now, timeout);
+                }
+            }
             Op::Reset { fd } => reset(fd),
             Op::NeedPipe { from } => {
                 let pipe = match self.pipes.pop() {
@@ -240,7 +248,7 @@ impl Io {
             return;
         };
         let result = if let Some(local) = &self.local_placement {
-            local.pick(ident.repl(), &exclude)
+            local.pick(ident.repl(), &exclude, self.now)
         } else if self.ctl.dead {
             e.s.handle_control_lost(&mut env!(self, out));
             return;

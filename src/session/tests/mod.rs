@@ -295,7 +295,7 @@ impl Harness {
                 };
                 self.s.handle_pipe(&mut env, from, Some(pipe));
             }
-            Op::ReleasePipe { .. } | Op::SetNonblocking { .. } => {}
+            Op::ReleasePipe { .. } | Op::SetNonblocking { .. } | Op::VmFailed { .. } => {}
             Op::SpliceIn { from, len, .. } => {
                 let p = &mut self.peers[at(from)];
                 let res = if p.reset {
