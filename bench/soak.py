@@ -64,6 +64,10 @@ RECOVERY_S = {"conman_kill": 2.0, "torn_clients": 1.0, "controlplane_down": 6.0}
 FIXED_PORTS = range(20000, 32000)
 # Warm-up and end figures are medians of this many snapshots, 1 s apart.
 MARK_SNAPSHOTS = 5
+# A shard keeps up to this many splice pipes (two fds each) for reuse
+# (src/shard/pipe.rs, POOL); the pool grows with concurrent long frames and
+# is not drift.
+PIPE_POOL = 32
 # A victim's close counts as deliberate if it came this soon after its
 # Conman was killed.
 KILL_ATTRIBUTION_S = 5.0
@@ -701,10 +705,12 @@ class Soak:
         kinds = fd_kinds(pid, roles)
         fds = fd_count(pid)
         # The keep-alive connections to the Controlplane come and go with it
-        # (a restart cuts them, the pool refills on demand); not sessions.
+        # (a restart cuts them, the pool refills on demand), and pooled
+        # splice pipes stay for reuse: neither is per session.
+        pooled = kinds.get("controlplane", 0) + min(kinds.get("pipe", 0), 2 * PIPE_POOL)
         rss, anon = proc_mem_kib(pid)
         return {"t": round(self.now(), 1), "rss_kib": rss, "anon_kib": anon, "fds": fds,
-                "fds_net": fds - kinds.get("controlplane", 0), "fd_kinds": kinds,
+                "fds_net": fds - pooled, "fd_kinds": kinds,
                 "active": metric_sum(m, "eval_sessions_active")}
 
     def mark(self, name: str, snapshots: int = 1) -> None:
@@ -979,9 +985,14 @@ def last_json(text: str) -> dict | None:
 # ------------------------------------------------------------- figures
 
 
-def analyse(a: argparse.Namespace, soak: Soak, res: dict) -> dict:
+def analyse(rec: dict) -> dict:
+    """The criteria and figures, from what a run recorded (as in its JSON)."""
+    res, cfg, samples = rec["run"], rec["settings"], rec["samples"]
+    faults, marks = res["faults"], rec["marks"]
+    victim_events, torn = rec["victim_events"], rec["torn"]
+    hs_by_second = {int(k): v for k, v in rec["handshakes_by_second"].items()}
     t0, t1 = res["load_t0"], res["load_t1"]
-    windows = [(f.start, f.recovered) for f in soak.faults]
+    windows = [(f["start"], f["end"] + RECOVERY_S[f["kind"]]) for f in faults]
 
     def in_fault(lo: float, hi: float) -> bool:
         return any(ws < hi and lo < we for ws, we in windows)
@@ -990,7 +1001,7 @@ def analyse(a: argparse.Namespace, soak: Soak, res: dict) -> dict:
     # that failed through no fault of the client's.
     rate = []
     ok = {"all": [0, 0], "outside": [0, 0]}
-    for prev, cur in zip(soak.samples, soak.samples[1:]):
+    for prev, cur in zip(samples, samples[1:]):
         if "established" not in prev or "established" not in cur:
             continue
         est = cur["established"] - prev["established"]
@@ -1002,20 +1013,20 @@ def analyse(a: argparse.Namespace, soak: Soak, res: dict) -> dict:
                 ok[key][0] += est
                 ok[key][1] += failed
     hs = {"all": [0, 0], "outside": [0, 0]}
-    for sec, (n_ok, n_fail) in soak.hs_by_second.items():
+    for sec, (n_ok, n_fail) in hs_by_second.items():
         if not t0 <= sec <= t1:
             continue
         for key in ("all",) + (() if in_fault(sec, sec + 1) else ("outside",)):
             hs[key][0] += n_ok
             hs[key][1] += n_fail
-    hs_fail_outside = [f for f in soak.hs_failures if not in_fault(f["t"] - 1, f["t"] + 1)]
+    hs_fail_outside = [f for f in rec["handshake_failures"] if not in_fault(f["t"] - 1, f["t"] + 1)]
 
     def share(pair: list[int]) -> float | None:
         return pair[0] / (pair[0] + pair[1]) if pair[0] + pair[1] else None
 
-    kills = [(f.target, f.start) for f in soak.faults if f.kind == "conman_kill"]
+    kills = [(f["target"], f["start"]) for f in faults if f["kind"] == "conman_kill"]
     deliberate, unexpected = [], []
-    for e in soak.victim_events:
+    for e in victim_events:
         if e["event"] != "lost":
             continue
         killed = any(vm == e["vm"] and start - 0.5 <= e["t"] <= start + KILL_ATTRIBUTION_S
@@ -1024,9 +1035,9 @@ def analyse(a: argparse.Namespace, soak: Soak, res: dict) -> dict:
             deliberate.append(e)
         else:
             unexpected.append(e)
-    reconnects = [e["reconnect_s"] for e in soak.victim_events
+    reconnects = [e["reconnect_s"] for e in victim_events
                   if e["event"] == "open" and e.get("reconnect_s") is not None]
-    stopped = {e["victim"] for e in soak.victim_events if e["event"] == "stopped"}
+    stopped = {e["victim"] for e in victim_events if e["event"] == "stopped"}
     killed_not_back = sorted({e["victim"] for e in deliberate} - stopped)
 
     survivors = []
@@ -1045,12 +1056,12 @@ def analyse(a: argparse.Namespace, soak: Soak, res: dict) -> dict:
                           "lost": lost, "stderr": s.get("stderr")})
     survivors_lost = sum(s["lost"] for s in survivors)
 
-    m = soak.marks
+    m = marks
 
     mid = (t0 + t1) / 2
 
     def median_of(key: str, lo: float, hi: float) -> float | None:
-        vals = [s[key] for s in soak.samples if lo <= s["t"] <= hi and key in s]
+        vals = [s[key] for s in samples if lo <= s["t"] <= hi and key in s]
         return statistics.median(vals) if vals else None
 
     # "Flat": the second half of the load adds (almost) nothing. The first
@@ -1059,15 +1070,15 @@ def analyse(a: argparse.Namespace, soak: Soak, res: dict) -> dict:
     anon_end = median_of("anon_kib", t1 - 10, t1)
     growth = anon_end - anon_mid if anon_mid is not None and anon_end is not None else None
     slope = None
-    late = [s for s in soak.samples if mid <= s["t"] <= t1]
+    late = [s for s in samples if mid <= s["t"] <= t1]
     if len(late) >= 10:
         xs = [s["t"] / 60 for s in late]
         ys = [s["anon_kib"] for s in late]
         mx, my = statistics.fmean(xs), statistics.fmean(ys)
         var = sum((x - mx) ** 2 for x in xs)
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else None
-    grow_allowed = max(a.rss_tolerance_mib * 1024, 0.10 * (anon_mid or 0))
-    back_allowed = a.rss_tolerance_mib * 1024
+    grow_allowed = max(cfg["rss_tolerance_mib"] * 1024, 0.10 * (anon_mid or 0))
+    back_allowed = cfg["rss_tolerance_mib"] * 1024
     anon_back = m["after"]["anon_kib"] - m["start"]["anon_kib"]
     # Each session holds two sockets; should a victim be between Conmans
     # at one mark, that is not drift.
@@ -1075,10 +1086,10 @@ def analyse(a: argparse.Namespace, soak: Soak, res: dict) -> dict:
                        - 2 * (m["end"]["active_median"] - m["warm"]["active_median"]))
     fd_drift_after = m["after"]["fds_net"] - m["start"]["fds_net"]
 
-    torn_clean = [t for t in soak.torn if (g := t.get("conman_got")) and g.get("close") == 1001
+    torn_clean = [t for t in torn if (g := t.get("conman_got")) and g.get("close") == 1001
                   and g.get("partial") == 0 and g.get("after_close") == 0]
     torn_summary: dict[str, int] = {}
-    for t in soak.torn:
+    for t in torn:
         g = t.get("conman_got")
         if g is None:
             what = "client setup failed"
@@ -1095,7 +1106,7 @@ def analyse(a: argparse.Namespace, soak: Soak, res: dict) -> dict:
         torn_summary[what] = torn_summary.get(what, 0) + 1
 
     # The machine's TCP memory, over the whole run.
-    with_tcp = [s for s in soak.samples if "tcp" in s]
+    with_tcp = [s for s in samples if "tcp" in s]
     stressed = [(p["t"], c["t"]) for p, c in zip(with_tcp, with_tcp[1:])
                 if any(c["tcp"].get(k, 0) > p["tcp"].get(k, 0) for k in TCP_STRESS[1:])]
     machine = {"tcp_mem_pressure_pages": tcp_mem_limits()[1],
@@ -1113,11 +1124,12 @@ def analyse(a: argparse.Namespace, soak: Soak, res: dict) -> dict:
          ok["outside"][1] == 0),
         ("handshake-loop failures outside fault windows", len(hs_fail_outside), "0",
          not hs_fail_outside),
-        ("fds after the load minus fds before it (Controlplane connections aside)",
-         fd_drift_after, f"|x| ≤ {a.fd_tolerance}", abs(fd_drift_after) <= a.fd_tolerance),
-        ("fds at the end minus after warm-up, under the same load (medians, Controlplane "
-         "connections aside, 2 per session of difference allowed)", fd_drift_loaded,
-         f"|x| ≤ {a.fd_tolerance}", abs(fd_drift_loaded) <= a.fd_tolerance),
+        ("fds after the load minus fds before it (Controlplane connections and pooled splice "
+         "pipes aside)",
+         fd_drift_after, f"|x| ≤ {cfg['fd_tolerance']}", abs(fd_drift_after) <= cfg["fd_tolerance"]),
+        ("fds at the end minus after warm-up, under the same load (medians, as above, 2 per "
+         "session of difference allowed)", fd_drift_loaded,
+         f"|x| ≤ {cfg['fd_tolerance']}", abs(fd_drift_loaded) <= cfg["fd_tolerance"]),
         ("anonymous RSS growth over the second half of the load (10 s medians, KiB)",
          None if growth is None else round(growth), f"≤ {grow_allowed:.0f}",
          growth is not None and growth <= grow_allowed),
@@ -1133,13 +1145,13 @@ def analyse(a: argparse.Namespace, soak: Soak, res: dict) -> dict:
                          "handshakes_outside_faults": share(hs["outside"]), "handshake_counts": hs},
         "survivors": survivors,
         "survivors_lost": survivors_lost,
-        "victims": {"count": a.victims, "deliberately_killed": len(deliberate),
+        "victims": {"count": cfg["victims"], "deliberately_killed": len(deliberate),
                     "unexpected": unexpected, "killed_not_back": killed_not_back,
                     "reconnect_s": {"p50": percentile(reconnects, 0.5),
                                     "p99": percentile(reconnects, 0.99),
                                     "max": max(reconnects) if reconnects else None,
                                     "n": len(reconnects)},
-                    "failed_attempts": sum(1 for e in soak.victim_events
+                    "failed_attempts": sum(1 for e in victim_events
                                            if e["event"] == "attempt_failed")},
         "handshake_failures_outside_faults": hs_fail_outside[:20],
         "memory": {"rss_kib": {k: m[k]["rss_kib"] for k in m},
@@ -1153,10 +1165,10 @@ def analyse(a: argparse.Namespace, soak: Soak, res: dict) -> dict:
                    "fd_kinds": {k: m[k]["fd_kinds"] for k in m},
                    "sessions": {k: m[k]["active"] for k in m},
                    "fd_drift_after": fd_drift_after, "fd_drift_loaded": fd_drift_loaded},
-        "faults": {kind: sum(1 for f in soak.faults if f.kind == kind) for kind in RECOVERY_S},
+        "faults": {kind: sum(1 for f in faults if f["kind"] == kind) for kind in RECOVERY_S},
         "machine": machine,
         "load_window": [t0, t1],
-        "torn": {"clients": len(soak.torn), "clean": len(torn_clean), "outcomes": torn_summary},
+        "torn": {"clients": len(torn), "clean": len(torn_clean), "outcomes": torn_summary},
         "rate_series": rate,
     }
 
@@ -1220,7 +1232,8 @@ def markdown(meta: dict, fig: dict, res: dict) -> str:
                       f"{mem['fd_kinds']['after'].get(k, 0)}"
                       for k in sorted(mem["fd_kinds"]["start"] | mem["fd_kinds"]["after"]))
           + " |",
-          f"| fd drift: end − warm-up (medians) / after − start (Controlplane sockets aside) | "
+          f"| fd drift: end − warm-up (medians) / after − start (Controlplane sockets, pooled "
+          f"pipes aside) | "
           f"{mem['fd_drift_loaded']:+.0f} / {mem['fd_drift_after']:+d} |",
           f"| faults injected | " + ", ".join(f"{n} {k}" for k, n in fig["faults"].items()) + " |",
           f"| proxy stderr (RUST_LOG=warn) | {res['proxy_log']['lines']} lines, "
@@ -1411,10 +1424,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bench/soak.sh",
         description="eval-proxy under mixed load with faults injected (see bench/README.md, Soak).")
-    p.add_argument("minutes", type=float, help="how long the load runs (warm-up and cool-down "
-                   "included)")
-    p.add_argument("--out", type=Path, default=BENCH / "results",
-                   help="folder for soak.{json,md,svg} (bench/results)")
+    p.add_argument("minutes", type=float, nargs="?",
+                   help="how long the load runs (warm-up and cool-down included)")
+    p.add_argument("--out", type=Path,
+                   help="folder for soak.{json,md,svg} (bench/results; with --render, the "
+                   "JSON's folder)")
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="only judge a saved soak.json again and rewrite its md, svg and json")
     p.add_argument("--proxy-cpu", type=int, help="CPU for the proxy (the first one allowed)")
     p.add_argument("--load-cpu", type=int,
                    help="CPU for everything else (the second one allowed, or the first)")
@@ -1452,6 +1468,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="RSS drift allowed, MiB, or 10 %% of the warm RSS if more (4)")
     a = p.parse_args(argv)
     a.argv = argv
+    if a.render:
+        return a
+    if a.minutes is None:
+        p.error("MINUTES is required")
+    a.out = a.out or BENCH / "results"
     a.seconds = a.minutes * 60
     edge = min(30.0, max(8.0, a.seconds / 10))
     a.warmup = edge if a.warmup is None else a.warmup
@@ -1471,8 +1492,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
+def write_outputs(out: Path, rec: dict) -> bool:
+    """Judges a recorded run and writes soak.{md,svg,json}; whether it passed."""
+    fig = analyse(rec)
+    hs = {int(k): v for k, v in rec["handshakes_by_second"].items()}
+    md = markdown(rec["meta"], fig, rec["run"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "soak.md").write_text(md)
+    (out / "soak.svg").write_text(svg_chart(rec["meta"], fig, rec["samples"],
+                                            rec["run"]["faults"], hs))
+    (out / "soak.json").write_text(json.dumps({**rec, "figures": fig}, indent=1,
+                                              ensure_ascii=False) + "\n")
+    print(md)
+    log(f"wrote {out}/soak.{{md,json,svg}}")
+    return fig["passed"]
+
+
 def main(argv: list[str]) -> int:
     a = parse_args(argv)
+    if a.render:
+        try:
+            rec = json.loads(a.render.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise BenchError(f"cannot read {a.render}: {e}") from e
+        rec.pop("figures", None)
+        return 0 if write_outputs(a.out or a.render.parent, rec) else 1
     if a.proxy_bin:
         bins = {"proxy": a.proxy_bin, "loadgen": a.loadgen_bin}
     else:
@@ -1488,22 +1532,18 @@ def main(argv: list[str]) -> int:
     ok = False
     try:
         res = soak.run()
-        fig = analyse(a, soak, res)
         res["faults"] = [dataclasses.asdict(f) for f in soak.faults]
-        a.out.mkdir(parents=True, exist_ok=True)
-        md = markdown(meta, fig, res)
-        (a.out / "soak.md").write_text(md)
-        (a.out / "soak.svg").write_text(svg_chart(meta, fig, soak.samples, res["faults"],
-                                                  soak.hs_by_second))
-        (a.out / "soak.json").write_text(json.dumps({
-            "meta": meta, "figures": fig, "run": {k: v for k, v in res.items()},
-            "marks": soak.marks, "samples": soak.samples, "victim_events": soak.victim_events,
-            "handshakes_by_second": soak.hs_by_second, "handshake_failures": soak.hs_failures,
-            "torn": soak.torn,
-        }, indent=1, ensure_ascii=False, default=str) + "\n")
-        print(md)
-        log(f"wrote {a.out}/soak.{{md,json,svg}}")
-        ok = fig["passed"]
+        rec = {
+            "meta": meta,
+            "settings": {"victims": a.victims, "fd_tolerance": a.fd_tolerance,
+                         "rss_tolerance_mib": a.rss_tolerance_mib},
+            "run": res, "marks": soak.marks, "samples": soak.samples,
+            "victim_events": soak.victim_events, "handshakes_by_second": soak.hs_by_second,
+            "handshake_failures": soak.hs_failures, "torn": soak.torn,
+        }
+        # Through JSON first, so that --render of the saved file judges
+        # exactly what this run judged.
+        ok = write_outputs(a.out, json.loads(json.dumps(rec, default=str)))
     except RunError as e:
         raise BenchError(str(e)) from e
     finally:
