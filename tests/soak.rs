@@ -50,6 +50,10 @@ fn one_minute_soak_with_faults_loses_no_session_and_comes_back_flat() {
             "2",
         ])
         .args(["--victims", "4", "--handshake-rate", "4"])
+        // Leaves room for a second Conman kill on a slow machine: with the
+        // default 6 s gap, a restart that takes a few seconds longer pushes
+        // it past the cool-down and it is skipped.
+        .args(["--gap", "4"])
         .output()
         .expect("python3 bench/soak.py (python3 3.11+ and taskset are needed)");
     let log = String::from_utf8_lossy(&run.stderr);
