@@ -319,6 +319,25 @@ class Procs:
             self.stop(p, grace=1.0)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def stop_on_signals(who: str) -> None:
+    """Ctrl-C, SIGTERM and SIGHUP become SystemExit, so that `finally`
+    stops every process `who` started."""
+    def on_signal(signum, _frame):
+        log(f"{signal.Signals(signum).name}: stopping everything {who} started")
+        raise SystemExit(128 + signum)
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, on_signal)
+
+
+def ignore_signals() -> None:
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -846,6 +865,22 @@ def markdown(meta: dict, figs: list[dict], runs: list[dict], loads: list[Load],
     return "\n".join(L) + "\n"
 
 
+def svg_grid(y, lo: float, hi: float, step: float, x0: float, x1: float, label,
+             label_gap: float, color: str) -> list[str]:
+    """Horizontal grid lines from `lo` to `hi` (the first one dark), each
+    labelled `label(value)` left of `x0`; `y` maps a value to a y coordinate."""
+    out = []
+    v = lo
+    while v <= hi + 1e-9:
+        yy = y(v)
+        out.append(f'<line x1="{x0}" y1="{yy:.1f}" x2="{x1}" y2="{yy:.1f}" '
+                   f'stroke="{"#333" if v == lo else color}"/>')
+        out.append(f'<text x="{x0 - label_gap}" y="{yy + 4:.1f}" text-anchor="end">'
+                   f'{label(v)}</text>')
+        v += step
+    return out
+
+
 def svg_chart(meta: dict, figs: list[dict], busy_runs: int) -> str:
     groups = [f for f in figs if f["chart"]]
     colors = {"eval-proxy": "#1f77b4", "nginx": "#2ca02c", "haproxy": "#ff7f0e", "caddy": "#9467bd"}
@@ -873,14 +908,8 @@ def svg_chart(meta: dict, figs: list[dict], busy_runs: int) -> str:
            f'{meta["reps"]} repetition(s), 1 proxy core{" · QUICK SMOKE RUN" if meta["quick"] else ""}'
            f'{f" · {busy_runs} run(s) disturbed by other processes" if busy_runs else ""}'
            f'</text>']
-    step = 0.5 if ymax <= 4 else 1.0
-    t = 0.0
-    while t <= ymax + 1e-9:
-        yy = y(t)
-        out.append(f'<line x1="{left}" y1="{yy:.1f}" x2="{W - right}" y2="{yy:.1f}" '
-                   f'stroke="{"#333" if t == 0 else "#ddd"}"/>')
-        out.append(f'<text x="{left - 8}" y="{yy + 4:.1f}" text-anchor="end">{t:.1f}×</text>')
-        t += step
+    out += svg_grid(y, 0.0, ymax, 0.5 if ymax <= 4 else 1.0, left, W - right,
+                    lambda t: f"{t:.1f}×", label_gap=8, color="#ddd")
     out.append(f'<line x1="{left}" y1="{y(1):.1f}" x2="{W - right}" y2="{y(1):.1f}" '
                f'stroke="#333" stroke-dasharray="6,4"/>')
     labels: list[str] = []
@@ -1061,7 +1090,8 @@ def capture(argv: list[str]) -> str:
         return "?"
 
 
-def machine_meta(a: argparse.Namespace, bins: dict[str, str]) -> dict:
+def host_meta() -> dict:
+    """When, which commit, on what machine."""
     model = "?"
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -1073,15 +1103,21 @@ def machine_meta(a: argparse.Namespace, bins: dict[str, str]) -> dict:
                      "--untracked-files=no"])
     if dirty and dirty != "?":
         commit += "+dirty"
-    nginx = re.search(r"nginx/(\S+)", capture(["nginx", "-v"]))
-    haproxy = re.search(r"version (\S+)", capture(["haproxy", "-v"]))
-    caddy = capture(["caddy", "version"]).split()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit,
         "cpu_model": model,
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
+    }
+
+
+def machine_meta(a: argparse.Namespace, bins: dict[str, str]) -> dict:
+    nginx = re.search(r"nginx/(\S+)", capture(["nginx", "-v"]))
+    haproxy = re.search(r"version (\S+)", capture(["haproxy", "-v"]))
+    caddy = capture(["caddy", "version"]).split()
+    return {
+        **host_meta(),
         "versions": (f"nginx {nginx.group(1) if nginx else '?'}, HAProxy "
                      f"{haproxy.group(1) if haproxy else '?'}, Caddy {caddy[0] if caddy else '?'}"),
         "eval_proxy_version": capture([bins["proxy"], "--version"]),
@@ -1185,20 +1221,14 @@ def run_all(a: argparse.Namespace, prefix: str, body) -> tuple[list[dict], float
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
     procs = Procs(workdir)
 
-    def on_signal(signum, _frame):
-        log(f"{signal.Signals(signum).name}: stopping everything the benchmark started")
-        raise SystemExit(128 + signum)
-
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, on_signal)
+    stop_on_signals("the benchmark")
     runs: list[dict] = []
     started = time.monotonic()
     try:
         body(procs, runs)
     finally:
         # A second Ctrl-C must not cut the clean-up short.
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, signal.SIG_IGN)
+        ignore_signals()
         procs.stop_all()
         if a.keep or any(r.get("error") for r in runs):
             log(f"work folder with configs and logs kept: {workdir}")
@@ -1264,6 +1294,10 @@ def entry(main_fn) -> None:
     except BenchError as e:
         log(f"error: {e}")
         sys.exit(2)
+
+
+# The name bench/soak.py calls it by.
+run_main = entry
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ fn controlplane_with(conmans: &[(&str, SocketAddr)]) -> FakeControlplane {
             .map(|(vm, a)| (vm.to_string(), format!("ws://{a}/")))
             .collect(),
         ttl_ms: 60_000,
+        pins: Vec::new(),
     })
     .expect("fake controlplane")
 }

@@ -159,6 +159,10 @@ struct ControlplaneArgs {
     /// Misbehaviour: normal, slow:MS, 503, down, wrong-vm.
     #[arg(long, value_name = "MODE", default_value = "normal")]
     mode: String,
+    /// Place repls whose id starts with PREFIX only on these VMs (repeatable;
+    /// the first matching prefix wins).
+    #[arg(long = "pin", value_name = "PREFIX=VM[,VM...]")]
+    pins: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -446,13 +450,24 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
 }
 
 fn controlplane(a: ControlplaneArgs) -> Result<()> {
-    use eval_proxy::dev::controlplane::{spawn, FakeControlplaneConfig, FakeMode};
+    use eval_proxy::dev::controlplane::{spawn, FakeControlplaneConfig, FakeMode, Pin};
     let mut conmans = Vec::new();
     for c in &a.conmans {
         let (vm, url) = c
             .split_once('=')
             .ok_or_else(|| UsageError(format!("--conman {c:?}: expected VM=URL")))?;
         conmans.push((vm.to_string(), url.to_string()));
+    }
+    let mut pins = Vec::new();
+    for p in &a.pins {
+        let (prefix, vms) = p
+            .split_once('=')
+            .filter(|(_, vms)| !vms.is_empty())
+            .ok_or_else(|| UsageError(format!("--pin {p:?}: expected PREFIX=VM[,VM...]")))?;
+        pins.push(Pin {
+            prefix: prefix.to_string(),
+            vms: vms.split(',').map(str::to_string).collect(),
+        });
     }
     let mode = match a.mode.as_str() {
         "normal" => FakeMode::Normal,
@@ -473,8 +488,15 @@ fn controlplane(a: ControlplaneArgs) -> Result<()> {
         listen: a.listen,
         conmans,
         ttl_ms: a.ttl_ms,
+        pins,
     })
-    .with_context(|| format!("starting the fake Controlplane on {}", a.listen))?;
+    .map_err(|e| match e.kind() {
+        // A pin naming a VM that is not among the --conman flags.
+        std::io::ErrorKind::InvalidInput => usage(e.to_string()),
+        _ => {
+            anyhow::Error::new(e).context(format!("starting the fake Controlplane on {}", a.listen))
+        }
+    })?;
     cp.set_mode(mode);
     print_flushed(&format!("listening {}", cp.local_addr))?;
     loop {

@@ -390,6 +390,10 @@ fn controlplane_serves_the_placement_contract() {
         "127.0.0.1:0",
         "--conman",
         "vm-1=ws://127.0.0.1:1/",
+        "--conman",
+        "vm-2=ws://127.0.0.1:2/",
+        "--pin",
+        "keep-=vm-2",
         "--ttl-ms",
         "5000",
     ]);
@@ -415,6 +419,23 @@ fn controlplane_serves_the_placement_contract() {
         "{ok}"
     );
     assert!(get("/v1/placement?repl=unknown-1").starts_with("HTTP/1.1 404"));
+    // With r1 on vm-1 and keep-a on vm-2, least loaded would send keep-b
+    // to vm-1; the pin holds it on vm-2, and refuses rather than leave vm-2.
+    for repl in ["keep-a", "keep-b"] {
+        let pinned = get(&format!("/v1/placement?repl={repl}"));
+        assert!(pinned.contains("\"vm\":\"vm-2\""), "{pinned}");
+    }
+    assert!(get("/v1/placement?repl=keep-a&exclude=vm-2").starts_with("HTTP/1.1 503"));
+}
+
+#[test]
+fn controlplane_pin_to_an_unknown_vm_is_a_usage_error() {
+    let output = Command::new(BIN)
+        .args(["controlplane", "--listen", "127.0.0.1:0"])
+        .args(["--conman", "vm-1=ws://127.0.0.1:1/", "--pin", "a-=vm-9"])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
 }
 
 /// Runs `storm` with `args` (plus `--json`); returns its exit status, its

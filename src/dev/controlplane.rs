@@ -18,7 +18,10 @@
 //! Least loaded: a repl seen for the first time, or whose VM is excluded,
 //! goes to the VM with the fewest repls placed on it (plus what
 //! [`FakeControlplane::report_load`] added), ties to the first configured;
-//! otherwise a repl keeps its VM.
+//! otherwise a repl keeps its VM. A repl whose id starts with the prefix of
+//! a [`Pin`] (the first that matches) is placed only on that pin's VMs, so a
+//! soak can keep the sessions that must survive away from the Conman it
+//! kills; with all of them excluded it gets the `503`.
 //!
 //! # Misbehaviour
 //! [`FakeMode`], switchable at runtime with [`FakeControlplane::set_mode`],
@@ -51,6 +54,14 @@ pub struct FakeControlplaneConfig {
     /// (vm id, Conman `ws://` URL), in tie-break order.
     pub conmans: Vec<(String, String)>,
     pub ttl_ms: u64,
+    pub pins: Vec<Pin>,
+}
+
+/// Repls whose id starts with `prefix` are placed only on `vms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    pub prefix: String,
+    pub vms: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -75,9 +86,19 @@ struct Placements {
 }
 
 impl Placements {
-    /// `None` when every VM is excluded.
-    fn place(&mut self, vms: &[(String, String)], repl: &str, exclude: &[String]) -> Option<usize> {
-        let excluded = |i: usize| exclude.contains(&vms[i].0);
+    /// `None` when every VM is excluded (or, for a pinned repl, every VM
+    /// of its pin).
+    fn place(
+        &mut self,
+        vms: &[(String, String)],
+        pins: &[Pin],
+        repl: &str,
+        exclude: &[String],
+    ) -> Option<usize> {
+        let pin = pins.iter().find(|p| repl.starts_with(&p.prefix));
+        let excluded = |i: usize| {
+            exclude.contains(&vms[i].0) || pin.is_some_and(|p| !p.vms.contains(&vms[i].0))
+        };
         if let Some(&i) = self.by_repl.get(repl) {
             if !excluded(i) {
                 return Some(i);
@@ -98,6 +119,7 @@ impl Placements {
 struct Shared {
     conmans: Vec<(String, String)>,
     ttl_ms: u64,
+    pins: Vec<Pin>,
     /// Bound and never listening, so connections to it are refused for as
     /// long as the fake runs (a closed port could be reused by anyone).
     _refusing: socket2::Socket,
@@ -199,6 +221,17 @@ pub fn spawn(cfg: FakeControlplaneConfig) -> io::Result<FakeControlplane> {
             "fake controlplane needs at least one conman",
         ));
     }
+    if let Some(vm) = cfg
+        .pins
+        .iter()
+        .flat_map(|p| &p.vms)
+        .find(|vm| !cfg.conmans.iter().any(|(id, _)| id == *vm))
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("fake controlplane: pinned VM {vm:?} is not one of the conmans"),
+        ));
+    }
     let listener = TcpListener::bind(cfg.listen)?;
     let local_addr = listener.local_addr()?;
     let refusing = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
@@ -214,6 +247,7 @@ pub fn spawn(cfg: FakeControlplaneConfig) -> io::Result<FakeControlplane> {
         }),
         conmans: cfg.conmans,
         ttl_ms: cfg.ttl_ms,
+        pins: cfg.pins,
         _refusing: refusing,
         wrong_url: format!("ws://{refusing_addr}/"),
         mode: Mutex::new(FakeMode::Normal),
@@ -472,7 +506,9 @@ fn respond(shared: &Shared, target: &str) -> Option<Response> {
     let (vm, conman) = if mode == FakeMode::WrongVm {
         (WRONG_VM, shared.wrong_url.as_str())
     } else {
-        let Some(i) = lock(&shared.placements).place(&shared.conmans, &repl, &exclude) else {
+        let Some(i) =
+            lock(&shared.placements).place(&shared.conmans, &shared.pins, &repl, &exclude)
+        else {
             return Some(json_error(
                 "503 Service Unavailable",
                 "every VM excluded",
@@ -507,31 +543,63 @@ mod tests {
             by_repl: HashMap::new(),
             load: vec![0; 3],
         };
-        assert_eq!(p.place(&vms, "a", &[]), Some(0));
-        assert_eq!(p.place(&vms, "b", &[]), Some(1));
-        assert_eq!(p.place(&vms, "c", &[]), Some(2));
-        assert_eq!(p.place(&vms, "d", &[]), Some(0));
-        assert_eq!(p.place(&vms, "a", &[]), Some(0), "sticky");
+        assert_eq!(p.place(&vms, &[], "a", &[]), Some(0));
+        assert_eq!(p.place(&vms, &[], "b", &[]), Some(1));
+        assert_eq!(p.place(&vms, &[], "c", &[]), Some(2));
+        assert_eq!(p.place(&vms, &[], "d", &[]), Some(0));
+        assert_eq!(p.place(&vms, &[], "a", &[]), Some(0), "sticky");
         assert_eq!(
-            p.place(&vms, "a", &ex(&["vm-2"])),
+            p.place(&vms, &[], "a", &ex(&["vm-2"])),
             Some(0),
             "excluding another VM"
         );
         // a moves off vm-0 (load 2 → 1) to the least loaded other VM.
-        assert_eq!(p.place(&vms, "a", &ex(&["vm-0"])), Some(1));
+        assert_eq!(p.place(&vms, &[], "a", &ex(&["vm-0"])), Some(1));
         assert_eq!(p.load, [1, 2, 1]);
         p.load[2] += 10;
-        assert_eq!(p.place(&vms, "e", &[]), Some(0));
+        assert_eq!(p.place(&vms, &[], "e", &[]), Some(0));
         // Every excluded VM is skipped, the sticky one included.
-        assert_eq!(p.place(&vms, "e", &ex(&["vm-1", "vm-0"])), Some(2));
-        assert_eq!(p.place(&vms, "b", &ex(&["vm-1", "vm-2"])), Some(0));
-        assert_eq!(p.place(&vms, "b", &ex(&["vm-0", "vm-1", "vm-2"])), None);
+        assert_eq!(p.place(&vms, &[], "e", &ex(&["vm-1", "vm-0"])), Some(2));
+        assert_eq!(p.place(&vms, &[], "b", &ex(&["vm-1", "vm-2"])), Some(0));
+        assert_eq!(
+            p.place(&vms, &[], "b", &ex(&["vm-0", "vm-1", "vm-2"])),
+            None
+        );
         let one = &vms[..1];
         let mut p = Placements {
             by_repl: HashMap::new(),
             load: vec![0],
         };
-        assert_eq!(p.place(one, "a", &ex(&["vm-0"])), None);
+        assert_eq!(p.place(one, &[], "a", &ex(&["vm-0"])), None);
+    }
+
+    #[test]
+    fn pinned_repls_stay_on_their_vms() {
+        let vms = vms(3);
+        let pins = [
+            Pin {
+                prefix: "keep-".into(),
+                vms: ex(&["vm-0"]),
+            },
+            Pin {
+                prefix: "k".into(),
+                vms: ex(&["vm-1", "vm-2"]),
+            },
+        ];
+        let mut p = Placements {
+            by_repl: HashMap::new(),
+            load: vec![0; 3],
+        };
+        assert_eq!(p.place(&vms, &pins, "keep-a", &[]), Some(0));
+        assert_eq!(p.place(&vms, &pins, "keep-b", &[]), Some(0), "not spread");
+        assert_eq!(p.place(&vms, &pins, "keep-a", &ex(&["vm-0"])), None);
+        // The first matching pin wins: "kx" is not a "keep-" repl.
+        assert_eq!(p.place(&vms, &pins, "kx", &[]), Some(1));
+        assert_eq!(p.place(&vms, &pins, "kx", &ex(&["vm-1"])), Some(2));
+        assert_eq!(p.place(&vms, &pins, "kx", &ex(&["vm-1", "vm-2"])), None);
+        // Unpinned repls use every VM, least loaded first.
+        assert_eq!(p.load, [1, 0, 0]);
+        assert_eq!(p.place(&vms, &pins, "other", &[]), Some(1));
     }
 
     #[test]

@@ -169,6 +169,7 @@ pub fn fake(n: usize, ttl_ms: u64) -> FakeControlplane {
         listen: "127.0.0.1:0".parse().unwrap(),
         conmans: conmans(n),
         ttl_ms,
+        pins: Vec::new(),
     })
     .unwrap()
 }
