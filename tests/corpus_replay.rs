@@ -7,8 +7,12 @@ use std::fs;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
+#[path = "fuzz/harness/chunks.rs"]
+mod chunks;
 #[path = "fuzz/harness/conman_response.rs"]
 mod conman_response;
+#[path = "fuzz/harness/controlplane_response.rs"]
+mod controlplane_response;
 #[path = "fuzz/harness/frame_header.rs"]
 mod frame_header;
 #[path = "fuzz/harness/http_request.rs"]
@@ -67,6 +71,11 @@ fn http_request_corpus() {
 #[test]
 fn conman_response_corpus() {
     replay("conman_response", conman_response::run);
+}
+
+#[test]
+fn controlplane_response_corpus() {
+    replay("controlplane_response", controlplane_response::run);
 }
 
 #[test]

@@ -2,6 +2,10 @@
 //! placement request, the response parser (Content-Length, chunked, or
 //! close-delimited bodies) and the mapping of an answer to a placement or
 //! a failure reason.
+//!
+//! Public so the fuzz target (tests/fuzz) can feed the parser and the
+//! placement mapping bytes from nowhere; the proxy itself only uses it from
+//! `client`.
 #![forbid(unsafe_code)]
 
 use std::time::Duration;
@@ -13,8 +17,8 @@ use super::url::{self, Url};
 use super::wire::PlacementFailure;
 
 /// Response head limit; the Controlplane's answers are a few hundred bytes.
-pub(crate) const MAX_HEAD: usize = 16 * 1024;
-pub(crate) const MAX_BODY: usize = 64 * 1024;
+pub const MAX_HEAD: usize = 16 * 1024;
+pub const MAX_BODY: usize = 64 * 1024;
 const MAX_HEADERS: usize = 32;
 /// A chunk-size line (hex size plus extensions).
 const MAX_CHUNK_LINE: usize = 1024;
@@ -22,10 +26,10 @@ const MAX_CHUNK_LINE: usize = 1024;
 /// would rather hear "later".
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// A placement cached longer than this is asked for again anyway.
-pub(crate) const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum HttpError {
+pub enum HttpError {
     #[error("malformed response")]
     Malformed,
     #[error("response too large")]
@@ -56,7 +60,7 @@ pub(crate) fn write_placement_request(
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Response {
+pub struct Response {
     pub status: u16,
     pub retry_after: Option<Duration>,
     /// The connection may carry the next request.
@@ -74,10 +78,7 @@ enum Framing {
 /// One response off the front of `buf`: `Ok(None)` until it is complete
 /// (consuming and allocating nothing). `eof` says the peer closed, which
 /// completes a close-delimited body.
-pub(crate) fn parse_response(
-    buf: &[u8],
-    eof: bool,
-) -> Result<Option<(Response, usize)>, HttpError> {
+pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<(Response, usize)>, HttpError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut res = httparse::Response::new(&mut headers);
     let head_len = match res.parse(buf) {
@@ -228,18 +229,22 @@ fn dechunk(mut b: &[u8], mut sink: Option<&mut Vec<u8>>) -> Result<Option<usize>
     }
 }
 
+/// Where the line at the front of `b` ends, for a line of at most `max`
+/// bytes before its CRLF.
 fn find_crlf(b: &[u8], max: usize) -> Result<Option<usize>, HttpError> {
     match b.windows(2).position(|w| w == b"\r\n") {
         Some(i) if i > max => Err(HttpError::TooLarge),
         Some(i) => Ok(Some(i)),
-        None if b.len() > max => Err(HttpError::TooLarge),
+        // A line of `max` bytes may have arrived with only the CR after it,
+        // so the verdict must not depend on where the read ended.
+        None if b.len() > max + 1 => Err(HttpError::TooLarge),
         None => Ok(None),
     }
 }
 
 /// A 200 answer, before the Conman host is resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Answer {
+pub struct Answer {
     pub vm: String,
     pub conman: Url,
     pub ttl: Duration,
@@ -253,7 +258,7 @@ struct AnswerBody {
 }
 
 /// Maps a complete response to the contract's outcomes.
-pub(crate) fn placement_answer(r: &Response) -> Result<Answer, Failure> {
+pub fn placement_answer(r: &Response) -> Result<Answer, Failure> {
     match r.status {
         200 => {
             let b: AnswerBody =
@@ -344,6 +349,23 @@ mod tests {
         assert_eq!(parse_response(bad, false), Err(HttpError::Malformed));
         let bad = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
         assert_eq!(parse_response(bad, false), Err(HttpError::Malformed));
+    }
+
+    #[test]
+    fn line_at_the_limit_is_judged_alike_however_it_arrives() {
+        // A chunk-size line of exactly MAX_CHUNK_LINE bytes; a read that
+        // ended between its CR and LF once made it too large.
+        let line = format!("2;{}", "a".repeat(MAX_CHUNK_LINE - 2));
+        let raw = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{line}\r\n{{}}\r\n0\r\n\r\n"
+        );
+        let (r, used) = parse_all(raw.as_bytes(), false).unwrap().unwrap();
+        assert_eq!((r.body.as_slice(), used), (&b"{}"[..], raw.len()));
+        let long = raw.replacen(";", ";a", 1);
+        assert_eq!(
+            parse_response(long.as_bytes(), false),
+            Err(HttpError::TooLarge)
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! - `reason`, `stats`: why a placement failed, and the counters (by
 //!   reason) the placer writes and `/metrics` reads; neither depends on
 //!   `placer`.
-//! - `http`, `url`: the Controlplane contract and its HTTP/1.1 framing,
+//! - [`http`], `url`: the Controlplane contract and its HTTP/1.1 framing,
 //!   sans-IO.
 //! - `client`, `service`: the thin glommio glue (sockets, timers, tasks).
 //! - [`Clock`]: where the glue reads `now`; tests move a [`ManualClock`].
@@ -44,7 +44,7 @@ mod cache;
 mod client;
 mod clock;
 mod flights;
-mod http;
+pub mod http;
 mod placer;
 mod rendezvous;
 mod service;
@@ -62,6 +62,7 @@ use std::time::{Duration, Instant};
 pub use admission::Scope;
 pub(crate) use admission::TokenBucket;
 pub use clock::{Clock, ManualClock};
+pub use placer::Failure;
 pub use stats::*;
 pub use wire::PlacementFailure;
 

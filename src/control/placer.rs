@@ -21,7 +21,7 @@ use super::wire::{Found, PlacementResult, ToControl};
 
 /// A failed Controlplane request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Failure {
+pub struct Failure {
     pub reason: PlacementFailure,
     pub retry_after: Option<Duration>,
 }

@@ -127,6 +127,11 @@ impl HandshakeError {
 /// `Ok(None)` while the head is incomplete and shorter than `max_head` (no
 /// allocation on that path); then `Ok(Some((response, head_len)))` for a
 /// valid 101, where `buf[head_len..]` already holds WebSocket frames.
+///
+/// Lines may end in a bare LF, as RFC 9112 §2.2 lets a recipient accept and
+/// httparse does: unlike a client's request head (see `http1`), this head
+/// comes from our own upstream, and no proxy in front of us could read it
+/// differently.
 pub fn parse_conman_response(
     buf: &[u8],
     expected_accept: &str,
@@ -356,6 +361,10 @@ mod tests {
     #[case::ok_with_extensions(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Extensions: permessage-deflate\r\nsec-websocket-extensions: x-y\r\n\r\n",
         Ok(ConmanResponse { protocol: None, extensions: Some("permessage-deflate, x-y".into()) })
+    )]
+    #[case::bare_lf(
+        "HTTP/1.1 101 Switching Protocols\nUpgrade: websocket\r\nConnection: Upgrade\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\n",
+        Ok(ConmanResponse::default())
     )]
     #[case::wrong_accept(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n",

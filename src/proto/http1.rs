@@ -302,13 +302,16 @@ fn find_head_end(buf: &[u8], limits: &Limits) -> Result<Option<usize>, RequestEr
     let mut from = 0;
     while let Some(offset) = window[from..].iter().position(|&b| b == b'\n') {
         let lf = from + offset;
+        // The length first: a read that ended before this LF was already
+        // refused for it (below the loop), and a verdict must not depend on
+        // where reads end.
+        if !request_line_seen && lf > limits.max_request_line + 1 {
+            return Err(RequestError::RequestLineTooLong);
+        }
         if lf == 0 || window[lf - 1] != b'\r' {
             return Err(RequestError::Malformed(httparse::Error::NewLine));
         }
         if !request_line_seen {
-            if lf - 1 > limits.max_request_line {
-                return Err(RequestError::RequestLineTooLong);
-            }
             request_line_seen = true;
         } else if lf >= 3 && window[lf - 3..lf - 1] == *b"\r\n" {
             return Ok(Some(lf + 1));
@@ -1069,6 +1072,26 @@ mod tests {
         );
         let fits = head("GET /wsv2/a HTTP/1.1", &["Host: h"]);
         assert_eq!(parse_request(&fits, &limits), Err(RequestError::NotUpgrade));
+        // A too-long line ending in a bare LF: refused for its length,
+        // whether the LF came in the same read or not (it used to be
+        // `malformed` when it did).
+        let mut bare = line[..22].to_vec();
+        assert_eq!(
+            parse_request(&bare, &limits),
+            Err(RequestError::RequestLineTooLong)
+        );
+        bare.extend_from_slice(b"\nHost: h\r\n\r\n");
+        assert_eq!(
+            parse_request(&bare, &limits),
+            Err(RequestError::RequestLineTooLong)
+        );
+        // One that fits is still refused for its bare LF.
+        let mut short = line[..20].to_vec();
+        short.extend_from_slice(b"\nHost: h\r\n\r\n");
+        assert_eq!(
+            parse_request(&short, &limits),
+            Err(RequestError::Malformed(httparse::Error::NewLine))
+        );
     }
 
     #[test]

@@ -1,5 +1,7 @@
 #![no_main]
 
+#[path = "../harness/chunks.rs"]
+mod chunks;
 #[path = "../harness/relay_tracker.rs"]
 mod harness;
 

@@ -1,30 +1,54 @@
-//! `http1::parse_request` on arbitrary bytes: never panics, and "need more
-//! bytes" stays true for every prefix of an input that needs more bytes;
-//! a complete head's length lies within the input; an upgrade accepted with
-//! an origin-form target is accepted alike with the absolute-form target that
-//! names its Host.
+//! `http1::parse_request` on arbitrary bytes cut at arbitrary points (see
+//! chunks.rs for the input layout). Fed as the session feeds it (each chunk
+//! appended, the whole buffer parsed again until a verdict), it must reach
+//! the verdict it reaches on the stream in one piece. On the whole stream:
+//! never panics; "need more bytes" holds for every prefix of an input that
+//! needs more bytes; a complete head's length lies within the input and
+//! bytes after it change nothing; an upgrade accepted with an origin-form
+//! target is accepted alike with the absolute-form target that names its
+//! Host.
 
 use eval_proxy::proto::http1::{parse_request, Limits, Route};
 
+use crate::chunks;
+
+const LIMITS: Limits = Limits {
+    max_request_line: 256,
+    max_head: 1024,
+    max_headers: 16,
+};
+
 pub fn run(data: &[u8]) {
-    let limits = Limits {
-        max_request_line: 256,
-        max_head: 1024,
-        max_headers: 16,
+    let Some((stream, chunks)) = chunks::split(data) else {
+        return;
     };
-    match parse_request(data, &limits) {
+    let whole = parse_request(stream, &LIMITS);
+    let mut buf = Vec::new();
+    let mut verdict = Ok(None);
+    for chunk in chunks {
+        buf.extend_from_slice(chunk);
+        verdict = parse_request(&buf, &LIMITS);
+        if !matches!(verdict, Ok(None)) {
+            break;
+        }
+    }
+    assert_eq!(verdict, whole, "chunking changed the verdict");
+
+    match whole {
         Ok(Some((_, head_len))) => {
-            assert!(head_len <= data.len(), "head_len {head_len} past the input");
-            // Bytes after the head never change the verdict.
-            let mut more = data[..head_len].to_vec();
+            assert!(
+                head_len <= stream.len(),
+                "head_len {head_len} past the input"
+            );
+            let mut more = stream[..head_len].to_vec();
             more.extend_from_slice(b"\x81\x80junk");
-            assert!(matches!(parse_request(&more, &limits), Ok(Some((_, n))) if n == head_len));
-            absolute_form_agrees(&data[..head_len], &limits);
+            assert!(matches!(parse_request(&more, &LIMITS), Ok(Some((_, n))) if n == head_len));
+            absolute_form_agrees(&stream[..head_len], &LIMITS);
         }
         Ok(None) => {
-            for cut in 0..data.len() {
+            for cut in 0..stream.len() {
                 assert!(
-                    matches!(parse_request(&data[..cut], &limits), Ok(None)),
+                    matches!(parse_request(&stream[..cut], &LIMITS), Ok(None)),
                     "prefix {cut} of an incomplete head was rejected"
                 );
             }
