@@ -49,7 +49,8 @@ import time
 from pathlib import Path
 
 from compare import (BENCH, HZ, BenchError, Procs, RunError, build, host_meta, ignore_signals,
-                     log, others_cpu_ticks, proc_cpu, run_main, stop_on_signals, svg_grid)
+                     json_report, log, others_cpu_ticks, proc_cpu, run_main, stop_on_signals,
+                     svg_grid)
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
@@ -941,7 +942,7 @@ class Soak:
             elif p in self.procs.live:
                 self.procs.live.remove(p)
             s["exit"] = p.returncode
-            s["report"] = last_json(self.procs.out_text(s["proc"]))
+            s["report"] = json_report(self.procs.out_text(s["proc"]))
             s["stderr"] = self.procs.out_text(s["proc"], "err").strip().splitlines()[-5:]
             del s["proc"]
         deadline = time.monotonic() + 30
@@ -970,16 +971,6 @@ class Soak:
 def retry_after(reason: str, default: float) -> float:
     m = re.search(r"retry_after_ms=(\d+)", reason)
     return int(m.group(1)) / 1000 if m else default
-
-
-def last_json(text: str) -> dict | None:
-    for line in reversed(text.splitlines()):
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                pass
-    return None
 
 
 # ------------------------------------------------------------- figures
