@@ -11,25 +11,12 @@ use std::process::Command;
 
 use serde_json::Value;
 
-/// `eval-loadgen` from the same build as the proxy under test (`cargo test
-/// --workspace` builds both), or `EVAL_LOADGEN_BIN`.
-fn loadgen_bin(proxy: &std::path::Path) -> PathBuf {
-    let bin = std::env::var_os("EVAL_LOADGEN_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| proxy.with_file_name("eval-loadgen"));
-    assert!(
-        bin.exists(),
-        "{} not found: build it with `cargo build -p eval-loadgen` (cargo test --workspace \
-         does) or point EVAL_LOADGEN_BIN at one",
-        bin.display()
-    );
-    bin
-}
-
 #[test]
 fn one_minute_soak_with_faults_loses_no_session_and_comes_back_flat() {
     let proxy = support::bin();
-    let loadgen = loadgen_bin(&proxy);
+    let loadgen = std::env::var_os("EVAL_LOADGEN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(support::loadgen);
     let out = support::tempdir::Dir::new("soak");
     let run = Command::new("python3")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/soak.py"))
