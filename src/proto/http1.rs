@@ -318,12 +318,17 @@ fn find_head_end(buf: &[u8], limits: &Limits) -> Result<Option<usize>, RequestEr
         }
         from = lf + 1;
     }
-    // Without a LF, max_request_line + 2 bytes hold more than max_request_line
-    // bytes of line whatever the last one is.
-    if !request_line_seen && buf.len() > limits.max_request_line + 1 {
+    // Only the window decides from here on, so that a longer read of the same
+    // stream reaches the same verdict. Without a LF, max_request_line + 2 bytes
+    // hold more than max_request_line bytes of line whatever the last one is;
+    // a full window with the request line still open is that line's fault
+    // too, even when max_head leaves less than max_request_line + 2 bytes.
+    if !request_line_seen
+        && (window.len() > limits.max_request_line + 1 || window.len() >= limits.max_head)
+    {
         return Err(RequestError::RequestLineTooLong);
     }
-    if buf.len() >= limits.max_head {
+    if window.len() >= limits.max_head {
         return Err(RequestError::HeadTooLarge);
     }
     Ok(None)
@@ -1162,6 +1167,37 @@ mod tests {
                     assert_eq!(got, Ok(None), "prefix of {end} bytes");
                 } else {
                     assert_eq!(got.as_ref(), Ok(&Some(whole.clone())), "{end} bytes");
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the bytes, the verdict on a stream must not depend on
+        /// where reads ended: once a prefix gets a verdict, every longer
+        /// prefix gets the same one. Small limits (including max_head equal
+        /// to max_request_line, which the config allows) and an alphabet
+        /// heavy in CR and LF reach the limit branches.
+        #[test]
+        fn verdict_does_not_depend_on_where_reads_end(
+            bytes in proptest::collection::vec(
+                proptest::sample::select(&b"AB :\r\n\r\n"[..]), 0..64),
+            max_request_line in 4usize..20,
+            head_extra in 0usize..12,
+        ) {
+            let limits = Limits {
+                max_request_line,
+                max_head: max_request_line + head_extra,
+                ..Limits::default()
+            };
+            let mut first: Option<(usize, Result<Option<usize>, RequestError>)> = None;
+            for end in 0..=bytes.len() {
+                let got = find_head_end(&bytes[..end], &limits);
+                match &first {
+                    Some((at, verdict)) => proptest::prop_assert_eq!(
+                        &got, verdict, "{} bytes gave another verdict than {} bytes", end, at),
+                    None if got != Ok(None) => first = Some((end, got)),
+                    None => {}
                 }
             }
         }
