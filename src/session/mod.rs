@@ -1054,14 +1054,29 @@ impl Session {
         if sd.closed {
             return;
         }
+        // A peer that sent FIN, or a complete Close frame (after which it
+        // must send nothing, RFC 6455 §5.5.1), has nothing left for us to
+        // read, so close(2) alone sends our FIN after what is queued and no
+        // RST: no shutdown(2) first, and no waiting for its FIN. Any other
+        // peer may still be sending, and closing on unread bytes would
+        // reset the connection and lose our last frames: shut down our
+        // side and read until its FIN (bounded by `limits.linger_ms`).
+        let finished = sd.eof
+            || match who {
+                Who::Client => self.to_conman.close_seen(),
+                Who::Conman => self.to_client.close_seen(),
+            };
+        let sd = self.side(who);
         if sd.want_shut && !sd.shut && sd.drained() {
             sd.shut = true;
-            env.op(Op::Shutdown {
-                fd: sd.fd,
-                both: false,
-            });
+            if !finished {
+                env.op(Op::Shutdown {
+                    fd: sd.fd,
+                    both: false,
+                });
+            }
         }
-        if sd.shut && sd.eof {
+        if sd.shut && finished {
             if sd.recv_armed {
                 self.pause_recv(env, who);
             }

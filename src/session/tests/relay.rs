@@ -31,6 +31,35 @@ fn close_from_client_is_relayed_and_answered() {
     h.finish();
 }
 
+/// Both peers sent a Close, so neither may send more: the sockets are
+/// closed as soon as the Closes are out, with no shutdown(2) and no wait
+/// for FINs; close(2) sends the FIN. A peer the proxy closes on first may
+/// still be sending, so that side is shut down and read until its FIN.
+#[test]
+fn sockets_close_without_lingering_only_after_a_close_handshake() {
+    let mut h = Harness::established(Harness::cfg());
+    let mut c = Vec::new();
+    write_close(&mut c, 1000, "", Some([3, 3, 3, 3]));
+    h.write(Who::Client, &c);
+    h.settle();
+    let mut answer = Vec::new();
+    write_close(&mut answer, 1000, "", None);
+    h.write(Who::Conman, &answer);
+    h.settle();
+    assert!(h.all_closed(), "still open after the close handshake");
+    assert!(!h.peers[0].shut_wr && !h.peers[1].shut_wr);
+
+    let mut h = Harness::established(Harness::cfg());
+    h.peers[1].fin = true;
+    h.settle();
+    assert!(h.peers[0].shut_wr, "client not shut down after its 1014");
+    assert!(h.peers[0].fd.is_some(), "client closed before its FIN");
+    assert!(!h.peers[1].shut_wr, "Conman sent FIN: close(2) alone ends it");
+    h.peers[0].fin = true;
+    h.settle();
+    assert!(h.all_closed());
+}
+
 #[test]
 fn conman_lost_gives_the_client_1014_and_client_lost_gives_conman_1001() {
     let mut h = Harness::established(Harness::cfg());
