@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use io_uring::{opcode, squeue, types};
 use tracing::debug;
 
-use super::ops::{Direct, Gather, Rec};
+use super::ops::{Direct, Gather, Rec, IGNORE};
 use super::{bufring, ctl, listener, pipe, Entry, Io};
 use crate::metrics::Phase as Timing;
 use crate::session::{Batch, Chunk, Op, Who};
@@ -80,8 +80,13 @@ impl Io {
                 unsafe { libc::shutdown(fd, how) };
             }
             Op::Close { fd } => {
-                // SAFETY: the session's socket; it has nothing in flight.
-                unsafe { libc::close(fd) };
+                // In the ring rather than a close(2) of its own: it goes in
+                // the turn's one io_uring_enter with everything else. The
+                // number stays taken until then, so no socket made
+                // meanwhile can be handed the same fd, and the session has
+                // nothing in flight on it. Its result is of no use: close
+                // fails only for a bad fd.
+                self.push(opcode::Close::new(types::Fd(fd)).build().user_data(IGNORE));
             }
             Op::Recycle { bid } => self.bufs.recycle(bid),
             Op::Retain { bid } => self.bufs.retain(bid),
