@@ -360,6 +360,11 @@ impl Tracker {
         }
     }
 
+    /// The frame under way is a control frame (its header is complete).
+    pub fn in_control_frame(&self) -> bool {
+        self.current.is_some_and(|cur| cur.opcode.is_control())
+    }
+
     /// Payload length of the frame under way, once its header is complete.
     pub fn frame_payload_len(&self) -> Option<u64> {
         self.current.map(|cur| cur.len)

@@ -51,6 +51,7 @@ use crate::keys::Ident;
 use crate::metrics::ShardStats;
 use crate::proto::relay::{Direction, Tracker, TrackerConfig};
 
+pub(crate) mod live;
 mod per_ip;
 mod relay;
 mod sendq;
@@ -420,8 +421,8 @@ pub enum Phase {
     /// A Conman attempt failed; waiting (with jitter) before asking for a
     /// new placement that excludes every VM that failed so far.
     Backoff(Box<Setup>),
-    /// Relaying frames both ways.
-    Relay,
+    /// Relaying frames both ways; the keepalive state rides along.
+    Relay(live::Live),
     /// Ending: queues drain, write sides shut, then sockets close.
     Closing,
 }
@@ -450,7 +451,7 @@ impl Phase {
             Phase::Connecting(_) => Kind::Connecting,
             Phase::ConmanHandshake(_) => Kind::ConmanHandshake,
             Phase::Backoff(_) => Kind::Backoff,
-            Phase::Relay => Kind::Relay,
+            Phase::Relay(_) => Kind::Relay,
             Phase::Closing => Kind::Closing,
         }
     }
@@ -773,6 +774,7 @@ impl Session {
         }
         match data {
             Some((bid, bytes)) if res > 0 => {
+                self.note_heard(env.now, who);
                 self.on_data(env, who, bid, bytes);
                 // A multishot receive may end on its own (or a cancel may
                 // land after a resume), and a single-shot one always does:
@@ -1092,8 +1094,15 @@ impl Session {
             Kind::Placement | Kind::Connecting | Kind::ConmanHandshake | Kind::Backoff => {
                 self.setup_timeout(env)
             }
-            // A Close went one way and no answer came back.
-            Kind::Relay => self.begin_closing(env),
+            // A Close went one way and no answer came back; or it is time
+            // to look at liveness.
+            Kind::Relay => {
+                if self.live().is_some_and(|l| l.closing) {
+                    self.begin_closing(env);
+                } else {
+                    self.check_liveness(env);
+                }
+            }
             Kind::Closing => {
                 // Peers that neither read nor close: force both sockets
                 // down so every pending operation completes.

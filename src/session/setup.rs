@@ -600,8 +600,10 @@ impl Session {
             .setup_duration(Timing::ConmanUpgrade, env.now - self.phase_started);
         env.stats
             .setup_duration(Timing::Total, env.now - self.started);
-        self.transition(env.now, |_| Phase::Relay);
+        let t = self.clock(env.now);
+        self.transition(env.now, |_| Phase::Relay(super::live::Live::new(t)));
         self.deadline = None;
+        self.schedule_liveness(env);
         self.established = true;
         ShardStats::inc(&env.stats.established);
         env.stats.active.fetch_add(1, Relaxed);

@@ -154,6 +154,10 @@ impl Session {
                 sp.readable = false;
             }
         }
+        if matches!(res, Ok(n) if n > 0) {
+            // The peer is alive, though its bytes never pass the session.
+            self.note_heard(env.now, from);
+        }
         self.pump(env, from);
         self.advance(env);
     }

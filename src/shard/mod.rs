@@ -203,6 +203,10 @@ impl Shard {
             .setup_cqsize(16384)
             .build(4096)?;
         let bufs = BufRing::new(&ring, cfg.buffers.count as u16, cfg.buffers.size)?;
+        // Here rather than where the listener is made, so that a listener
+        // however obtained (bound, or handed over) gives its client sockets
+        // the configured keepalive.
+        listener::set_keepalive_fd(spec.listener, &cfg.keepalive)?;
         let verify = VerifyOptions {
             leeway_s: cfg.token.leeway_s,
             cluster: cfg.token.cluster.clone(),
