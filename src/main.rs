@@ -256,8 +256,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
 fn init_logging(cfg: &Config) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
+    // Colours only for a person at a terminal: escape codes in a log file
+    // or a journal get in the way of every grep.
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match cfg.log.format {
         LogFormat::Json => b.json().init(),
