@@ -214,6 +214,7 @@ impl Session {
         }
         if idle > 0 && t.wrapping_sub(l.data) >= idle {
             tracing::debug!(session = self.id, "idle timeout");
+            self.ended(super::access::End::IdleTimeout);
             env.stats.peer_timeout("idle");
             let reason = close::reason_text("relay", "idle_timeout", None);
             self.end_session(env, close::GOING_AWAY, &reason);

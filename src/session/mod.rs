@@ -51,6 +51,7 @@ use crate::keys::Ident;
 use crate::metrics::ShardStats;
 use crate::proto::relay::{Direction, Tracker, TrackerConfig};
 
+mod access;
 pub(crate) mod live;
 mod per_ip;
 mod relay;
@@ -239,6 +240,8 @@ pub struct Env<'a> {
     /// once, so that no set of sessions can drain the ring.
     pub ring_low: bool,
     pub cfg: &'a Config,
+    /// The shard's index (for logs).
+    pub shard: usize,
     pub stats: &'a ShardStats,
     /// The shard's session count and the process-wide per-address table,
     /// consulted once at admission and once when the session finishes.
@@ -367,6 +370,8 @@ impl Side {
 
 /// Setup state, alive from the token check until relaying starts.
 pub struct Setup {
+    /// When the current setup phase began (its duration is a metric).
+    phase_started: Instant,
     /// The whole setup must finish by then.
     deadline: Instant,
     /// Conman attempts started so far.
@@ -511,7 +516,6 @@ pub struct Session {
     holds: Option<Box<[relay::FrameHold; 2]>>,
     deadline: Option<Instant>,
     started: Instant,
-    phase_started: Instant,
     /// What the token said (repl, user, cluster), for headers, logs and
     /// the registry; shared with the shard's verification cache.
     ident: Option<Arc<Ident>>,
@@ -520,6 +524,14 @@ pub struct Session {
     injected_close_to_conman: bool,
     /// What this session adds to the shard's `buffered_bytes` right now.
     buffered: usize,
+    /// Bytes relayed from the client and from Conman.
+    bytes: [u64; 2],
+    /// The VM relayed to.
+    vm: Option<Arc<str>>,
+    /// Close codes the proxy itself sent to the client and to Conman (0:
+    /// none), and what ended the relay: for the access log.
+    proxy_close: [u16; 2],
+    end: access::End,
     /// Counted in `eval_sessions_active` (it reached Relay).
     established: bool,
     finished: bool,
@@ -561,11 +573,14 @@ impl Session {
             holds: None,
             deadline: Some(now + cfg.header_timeout()),
             started: now,
-            phase_started: now,
             ident: None,
             injected_close_to_client: false,
             injected_close_to_conman: false,
             buffered: 0,
+            bytes: [0; 2],
+            vm: None,
+            proxy_close: [0; 2],
+            end: access::End::Open,
             established: false,
             finished: false,
             client_ip: peer,
@@ -595,6 +610,11 @@ impl Session {
 
     pub fn ident(&self) -> Option<&Arc<Ident>> {
         self.ident.as_ref()
+    }
+
+    /// The VM of the Conman the session relays to.
+    pub fn vm(&self) -> Option<&str> {
+        self.vm.as_deref()
     }
 
     /// The token to check while in `Verify`.
@@ -629,7 +649,16 @@ impl Session {
         );
         #[cfg(test)]
         tests::trail(from, to);
-        self.phase_started = now;
+        if let Some(st) = self.phase.setup_mut() {
+            st.phase_started = now;
+        }
+    }
+
+    /// How long the current setup phase has lasted.
+    fn in_phase(&self, now: Instant) -> Duration {
+        self.phase
+            .setup()
+            .map_or(Duration::ZERO, |st| now - st.phase_started)
     }
 
     /// Moves the setup state from one setup phase to the next.
@@ -980,7 +1009,9 @@ impl Session {
                             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     self.leave_gate(env);
-                    tracing::debug!(session = self.id, "session ended");
+                    if self.established {
+                        self.log_ended(env);
+                    }
                 }
             }
             _ => {}
@@ -1124,6 +1155,7 @@ impl Session {
 
     /// The drain grace period is over: Close to both peers.
     pub fn handle_grace_over(&mut self, env: &mut Env) {
+        self.ended(access::End::Proxy);
         self.end_session(
             env,
             crate::proto::close::GOING_AWAY,

@@ -4,7 +4,8 @@
 
 use rand::Rng;
 
-use super::{Chunk, Env, Kind, Op, Phase, Session, Who, RING_HOLD_MAX};
+use super::access::End;
+use super::{hold_index, Chunk, Env, Kind, Op, Phase, Session, Who, RING_HOLD_MAX};
 use crate::error::{SetupError, Stage};
 use crate::metrics::{CloseSide, TornFrame};
 use crate::proto::close;
@@ -296,6 +297,13 @@ impl Session {
         let ours = super::live::ping_payload(self.id);
         let scanned = scan(self.tracker(dir), data, &ours);
         account(env, from, &scanned);
+        self.bytes[hold_index(dir)] += scanned.good as u64;
+        if scanned.close.is_some() {
+            self.ended(match from {
+                Who::Client => End::ClientClose,
+                Who::Conman => End::ConmanClose,
+            });
+        }
         if env.cfg.limits.idle_timeout_s > 0.0
             && (scanned.frames > scanned.controls
                 || self.tracker_ref(dir).data_payload_remaining() > 0)
@@ -585,6 +593,10 @@ impl Session {
     fn on_violation(&mut self, env: &mut Env, from: Who, v: Violation) {
         // The violating side gets the protocol close code; the other side
         // learns its peer is gone. Neither hears of the other's bytes again.
+        self.ended(match from {
+            Who::Client => End::ClientViolation,
+            Who::Conman => End::ConmanViolation,
+        });
         let text = close::reason_text("relay", v.as_str(), None);
         match from {
             Who::Client => {
@@ -633,6 +645,7 @@ impl Session {
         let mut frame = Vec::with_capacity(4 + reason.len() + 8);
         write_close(&mut frame, code, reason, mask);
         sd.push_owned(frame);
+        self.note_proxy_close(to, code);
         match to {
             Who::Client => {
                 self.injected_close_to_client = true;
@@ -659,6 +672,7 @@ impl Session {
 
     /// Ends a session from the proxy's side with a Close to both peers.
     pub(super) fn end_session(&mut self, env: &mut Env, code: u16, reason: &str) {
+        self.ended(End::Proxy);
         if self.kind() == Kind::Relay {
             self.inject_close(env, Who::Client, code, reason);
             self.inject_close(env, Who::Conman, close::GOING_AWAY, reason);
@@ -687,6 +701,12 @@ impl Session {
             // An abandoned attempt's socket ending changes nothing.
             (Kind::Placement | Kind::Backoff, Who::Conman) => {}
             (Kind::Relay, _) => {
+                self.ended(match (who, timed_out) {
+                    (Who::Client, false) => End::ClientGone,
+                    (Who::Conman, false) => End::ConmanLost,
+                    (Who::Client, true) => End::ClientTimeout,
+                    (Who::Conman, true) => End::ConmanTimeout,
+                });
                 let close_already = match who {
                     Who::Client => self.to_conman.close_seen(),
                     Who::Conman => self.to_client.close_seen(),

@@ -154,9 +154,10 @@ impl Session {
                 sp.readable = false;
             }
         }
-        if matches!(res, Ok(n) if n > 0) {
+        if let Ok(n @ 1..) = res {
             // The peer is alive, though its bytes never pass the session.
             self.note_heard(env.now, from);
+            self.bytes[super::hold_index(dir)] += n as u64;
         }
         self.pump(env, from);
         self.advance(env);

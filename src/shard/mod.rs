@@ -42,6 +42,7 @@ macro_rules! env {
             now: $io.now,
             ring_low: $io.ring_low(),
             cfg: &$io.cfg,
+            shard: $io.shard,
             stats: &$io.stats,
             gate: &mut $io.gate,
             rng: &mut $io.rng,
@@ -444,6 +445,18 @@ impl Shard {
     ) -> Option<R> {
         let io = &mut self.io;
         let e = self.sessions.get_mut(slot as usize)?.as_mut()?;
+        // Every line logged for this input carries the session's ids. A
+        // debug span: with the usual `info` filter it is never built, so
+        // the data path pays one check of the level.
+        let span = tracing::debug_span!(
+            "session",
+            id = e.s.id,
+            shard = io.shard,
+            repl = e.s.ident().map_or("", |i| i.repl()),
+            user = e.s.ident().map_or("", |i| i.user()),
+            vm = e.s.vm().unwrap_or(""),
+        );
+        let _in_session = span.enter();
         let before = e.s.poll_timeout();
         let mut out = std::mem::take(&mut io.out);
         let r = {

@@ -164,6 +164,8 @@ fn a_silent_client_is_dead_at_the_timeout_and_conman_gets_1001() {
         vec![(1001, "stage=relay;reason=client_timeout".into())]
     );
     assert!(h.peers[0].proxy_reset, "the dead client's socket is reset");
+    assert_eq!(h.s.end, crate::session::access::End::ClientTimeout);
+    assert_eq!(h.s.proxy_close, [0, 1001]);
     assert_eq!(h.stats.client_timeouts.load(Relaxed), 1);
     h.finish();
     assert_eq!(h.stats.active.load(Relaxed), active - 1);

@@ -115,6 +115,7 @@ macro_rules! env {
             now: $h.now,
             ring_low: $h.ring_low,
             cfg: &$h.cfg,
+            shard: 0,
             stats: &$h.stats,
             gate: &mut $h.gate,
             rng: &mut $h.rng,
