@@ -203,6 +203,19 @@ impl Session {
         let timeout = millis(env.cfg.keepalive.timeout());
         let idle = millis(env.cfg.limits.idle_timeout());
         let t = self.clock(env.now);
+        for who in [Who::Client, Who::Conman] {
+            // Silence the proxy causes or cannot see says nothing of the
+            // peer: a side it stopped reading (backpressure, no buffers),
+            // or one it is still sending to (a slow reader: that the data
+            // is acknowledged is TCP_USER_TIMEOUT's to judge). It counts
+            // as heard now, so it gets a whole timeout once that ends.
+            let sd = self.side_ref(who);
+            if sd.paused || sd.sending || self.splice_waits_on(who) {
+                if let Some(l) = self.live_mut() {
+                    l.heard(who, t);
+                }
+            }
+        }
         let Some(l) = self.live() else {
             return;
         };

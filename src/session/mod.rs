@@ -52,7 +52,7 @@ use crate::metrics::ShardStats;
 use crate::proto::relay::{Direction, Tracker, TrackerConfig};
 
 mod access;
-pub(crate) mod live;
+mod live;
 mod per_ip;
 mod relay;
 mod sendq;

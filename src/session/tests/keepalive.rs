@@ -192,6 +192,36 @@ fn a_silent_conman_is_dead_at_the_timeout_and_the_client_gets_1014() {
 }
 
 #[test]
+fn a_slow_reader_and_the_side_held_back_for_it_are_not_dead() {
+    let mut cfg = cfg(30.0, 75.0);
+    cfg.limits.send_queue_bytes = 1024;
+    let mut h = Harness::established(cfg);
+    // Conman has a lot to say; the client reads none of it for minutes, so
+    // a send to it stays in flight and the proxy stops reading Conman.
+    let frames: Vec<u8> = (0..200u8)
+        .flat_map(|i| frame(OpCode::Binary, &[i; 50], false))
+        .collect();
+    h.write(Who::Conman, &frames);
+    for _ in 0..100 {
+        h.deliver(Who::Conman, BUF);
+    }
+    assert!(
+        h.peers[0].send.is_some(),
+        "a send to the client is in flight"
+    );
+    for _ in 0..30 {
+        h.wait(Duration::from_secs(10));
+        h.deliver(Who::Conman, BUF);
+    }
+    assert_eq!(h.s.kind(), Kind::Relay, "300 s of a slow reader");
+    // Once it reads, everything arrives, the proxy's Pings between frames.
+    h.settle();
+    let (got, _) = strip_pings(&h.peers[0].got);
+    assert_eq!(got, frames);
+    h.finish();
+}
+
+#[test]
 fn a_ping_waits_for_the_end_of_a_frame_under_way() {
     let mut cfg = cfg(1.0, 0.0);
     cfg.relay.hold_max = 16;
