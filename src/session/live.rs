@@ -143,12 +143,16 @@ impl Session {
         }
     }
 
-    /// Bytes came from `who`.
+    /// Bytes came from `who`: the receive path's only liveness work, a
+    /// store (and no clock arithmetic outside `Relay`).
     #[inline]
     pub(super) fn note_heard(&mut self, now: Instant, who: Who) {
-        let t = self.clock(now);
+        let started = self.started;
         if let Phase::Relay(l) = &mut self.phase {
-            l.heard(who, t);
+            l.heard(
+                who,
+                now.saturating_duration_since(started).as_millis() as u32,
+            );
         }
     }
 

@@ -36,6 +36,11 @@
 //!
 //! `Closing` is final: queues drain, write sides shut, both sockets close,
 //! then [`Session::is_finished`] lets the shard free the slot.
+//!
+//! In `Relay` the deadline is liveness's (`live.rs`: the proxy's Pings to a
+//! silent side, dead-peer and idle timeouts) until a Close goes one way;
+//! then it is the close timer's. `access.rs` writes the session's one
+//! access-log line.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
