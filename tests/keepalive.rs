@@ -133,6 +133,51 @@ fn a_client_that_stops_answering_is_dead_within_the_timeout() {
 }
 
 #[test]
+fn a_conman_that_stops_answering_gives_the_client_1014() {
+    // Conman upgrades, then neither reads nor writes nor closes until the
+    // test is over (a VM frozen, its TCP stack still up).
+    let (release, frozen) = std::sync::mpsc::channel::<()>();
+    let (conman, held) = raw_conman(move |s, _| {
+        let _ = frozen.recv();
+        drop(s);
+    });
+    let proxy = proxy_with(conman, "interval_s = 0.3\ntimeout_s = 1");
+    let mut client = raw_client(proxy.listen, &dev_token("r1"));
+    let key = Some([4, 3, 2, 1]);
+    let start = Instant::now();
+    // The client keeps answering the proxy's Pings; what ends it is Conman.
+    let (code, reason) = loop {
+        let (_, op, p, masked) = read_frame_m(&mut client).expect("client read");
+        assert!(!masked);
+        match op {
+            9 => client.write_all(&frame(true, 10, &p, key)).unwrap(),
+            8 => {
+                break (
+                    u16::from_be_bytes([p[0], p[1]]),
+                    String::from_utf8(p[2..].to_vec()).unwrap(),
+                )
+            }
+            other => panic!("unexpected opcode {other}"),
+        }
+    };
+    let took = start.elapsed();
+    assert_eq!(
+        (code, reason.as_str()),
+        (1014, "stage=relay;reason=conman_timeout")
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took <= Duration::from_millis(2500),
+        "{took:?}"
+    );
+    assert_eq!(
+        proxy.metric("eval_peer_timeouts_total", &["reason=\"conman_timeout\""]),
+        1.0
+    );
+    release.send(()).unwrap();
+    held.join().unwrap();
+}
+
+#[test]
 fn a_client_that_answers_stays_and_peers_pings_go_end_to_end() {
     let (conman, done) = raw_conman(|mut s, _| {
         // Conman's own Ping, answered by the client through the proxy.
