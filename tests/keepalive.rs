@@ -132,6 +132,75 @@ fn a_client_that_stops_answering_is_dead_within_the_timeout() {
     assert!(proxy.metric("eval_keepalive_pings_total", &["to=\"client\""]) >= 1.0);
 }
 
+/// The same with a real client that answers Pings as WebSocket clients
+/// do (eval-loadgen), then is paused with SIGSTOP: no FIN, no RST, nothing.
+#[test]
+fn a_paused_real_client_is_dead_within_the_timeout() {
+    use std::io::BufRead;
+    let (conman, done) = raw_conman(|mut s, _| loop {
+        let (_, op, p, _) = read_frame_m(&mut s).expect("conman read");
+        match op {
+            9 => s.write_all(&frame(true, 10, &p, None)).unwrap(),
+            8 => {
+                let code = u16::from_be_bytes([p[0], p[1]]);
+                let reason = String::from_utf8(p[2..].to_vec()).unwrap();
+                return (code, reason, Instant::now());
+            }
+            _ => s.write_all(&frame(true, op, &p, None)).unwrap(),
+        }
+    });
+    let proxy = proxy_with(conman, "interval_s = 0.2\ntimeout_s = 1");
+    let pid = proxy.child.id();
+    let base_fds = fd_count(pid);
+    /// Killed (even if stopped) however the test ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut client = Killed(
+        std::process::Command::new(loadgen())
+            .args(["idle", "--conns", "1", "--no-spread", "--url"])
+            .arg(proxy.url(&dev_token("r1")))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn eval-loadgen"),
+    );
+    let mut lines = std::io::BufReader::new(client.0.stdout.take().unwrap()).lines();
+    let held = lines.find_map(|l| l.ok().filter(|l| l.starts_with("holding")));
+    assert!(held.is_some(), "eval-loadgen never held its session");
+    // A Ping goes again only once the last was answered: four to the client
+    // means it answered three, and is alive while it runs.
+    wait_until("the client answering Pings", WAIT, || {
+        proxy.metric("eval_keepalive_pings_total", &["to=\"client\""]) >= 4.0
+    });
+    assert_eq!(proxy.metric("eval_sessions_active", &[]), 1.0);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(client.0.id() as i32, libc::SIGSTOP) };
+    let stopped = Instant::now();
+    let (code, reason, at) = done.join().unwrap();
+    let detected = at - stopped;
+    eprintln!(
+        "paused client detected after {:.3} s (timeout_s = 1)",
+        detected.as_secs_f64()
+    );
+    assert_eq!(
+        (code, reason.as_str()),
+        (1001, "stage=relay;reason=client_timeout")
+    );
+    // Its last Pong may have come up to one interval before the pause.
+    assert!(
+        detected >= Duration::from_millis(750) && detected <= Duration::from_millis(2000),
+        "detected after {detected:?}"
+    );
+    wait_until("session gone", WAIT, || {
+        proxy.metric("eval_sessions_active", &[]) == 0.0 && fd_count(pid) == base_fds
+    });
+}
+
 #[test]
 fn a_conman_that_stops_answering_gives_the_client_1014() {
     // Conman upgrades, then neither reads nor writes nor closes until the
