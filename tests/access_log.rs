@@ -32,8 +32,10 @@ fn one_json_line_per_session_with_ids_sizes_and_ends() {
     let token = dev_token("good");
     let mut c = raw_client(proxy.listen, &token);
     let key = Some([1, 2, 3, 4]);
-    c.write_all(&frame(true, 1, b"hello", key)).unwrap();
-    assert_eq!(read_frame(&mut c).2, b"hello");
+    c.write_all(&frame(true, 1, b"__headers__", key)).unwrap();
+    let headers = read_frame(&mut c).2;
+    let v: serde_json::Value = serde_json::from_slice(&headers).unwrap();
+    let x_eval_session = v["headers"]["x-eval-session"].clone();
     c.write_all(&frame(true, 8, &1000u16.to_be_bytes(), key))
         .unwrap();
     assert_eq!(read_close(&mut c).0, 1000);
@@ -59,10 +61,11 @@ fn one_json_line_per_session_with_ids_sizes_and_ends() {
     assert_eq!(ended["vm"], "vm-good");
     assert_eq!(ended["shard"], 0);
     assert_eq!(ended["client"], "127.0.0.1");
-    // Frames as they went: 11 bytes of text and 8 of Close from the client
-    // (masked headers), 7 and 4 back.
-    assert_eq!(ended["bytes_from_client"], 11 + 8);
-    assert_eq!(ended["bytes_from_conman"], 7 + 4);
+    // Frames as they went: 6 + 11 bytes of text and 8 of Close from the
+    // client (masked headers), the answer and a Close of 4 back.
+    let answer = headers.len() + if headers.len() < 126 { 2 } else { 4 };
+    assert_eq!(ended["bytes_from_client"], 6 + 11 + 8);
+    assert_eq!(ended["bytes_from_conman"], answer + 4);
     assert_eq!(ended["client_close"], 1000);
     assert_eq!(ended["client_close_by"], "conman");
     assert_eq!(ended["conman_close"], 1000);
@@ -70,6 +73,8 @@ fn one_json_line_per_session_with_ids_sizes_and_ends() {
     assert_eq!(ended["end"], "client_close");
     assert_eq!(ended["ended_by"], "client");
     assert!(ended["duration_ms"].as_u64().is_some());
+    // As Conman got it.
+    assert_eq!(ended["session"], x_eval_session);
 
     let failed = lines
         .iter()

@@ -68,6 +68,16 @@ fn received(proxy_code: u16, peer_code: Option<u16>, peer: &'static str) -> (u16
     }
 }
 
+/// A session id as Conman sees it in `X-Eval-Session`: 16 hex digits (a
+/// string in JSON, where a 64-bit number would lose digits).
+pub struct SessionId(pub u64);
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
 impl Session {
     /// Records the first cause of a relaying session's end.
     pub(super) fn ended(&mut self, why: End) {
@@ -103,7 +113,7 @@ impl Session {
             received(self.proxy_close[1], self.to_conman.close_code(), "client");
         tracing::info!(
             target: "eval_proxy::access",
-            session = self.id,
+            session = %SessionId(self.id),
             repl,
             user,
             vm = self.vm.as_deref().unwrap_or(""),
@@ -131,7 +141,7 @@ impl Session {
             .map_or(("", ""), |i| (i.repl(), i.user()));
         tracing::info!(
             target: "eval_proxy::access",
-            session = self.id,
+            session = %SessionId(self.id),
             repl,
             user,
             vm = vm.unwrap_or(""),

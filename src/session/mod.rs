@@ -57,6 +57,7 @@ use crate::metrics::ShardStats;
 use crate::proto::relay::{Direction, Tracker, TrackerConfig};
 
 mod access;
+pub use access::SessionId;
 mod live;
 mod per_ip;
 mod relay;

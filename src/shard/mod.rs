@@ -450,7 +450,7 @@ impl Shard {
         // the data path pays one check of the level.
         let span = tracing::debug_span!(
             "session",
-            id = e.s.id,
+            id = %crate::session::SessionId(e.s.id),
             shard = io.shard,
             repl = e.s.ident().map_or("", |i| i.repl()),
             user = e.s.ident().map_or("", |i| i.user()),
