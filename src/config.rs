@@ -27,6 +27,54 @@ pub struct Config {
     pub drain: DrainConfig,
     pub controlplane: ControlplaneSection,
     pub admission: AdmissionSection,
+    pub keepalive: KeepaliveConfig,
+}
+
+/// Dead-peer detection: the proxy's own WebSocket Pings to a silent side,
+/// and TCP keepalive / `TCP_USER_TIMEOUT` on both sockets. Seconds may be
+/// fractional.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeepaliveConfig {
+    /// A side that has sent nothing for this long gets a Ping from the
+    /// proxy (at a frame boundary); 0 = no pings.
+    pub interval_s: f64,
+    /// A side that has sent nothing for this long is dead: the session
+    /// ends (1001 to Conman, 1014 to the client); 0 = never.
+    pub timeout_s: f64,
+    /// SO_KEEPALIVE on client and Conman sockets.
+    pub tcp_keepalive: bool,
+    /// TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT for those sockets.
+    pub tcp_keepidle_s: u32,
+    pub tcp_keepintvl_s: u32,
+    pub tcp_keepcnt: u32,
+    /// TCP_USER_TIMEOUT: data unacknowledged this long fails the
+    /// connection; 0 = the kernel's default (retransmissions for ~15 min).
+    pub tcp_user_timeout_ms: u32,
+}
+
+impl Default for KeepaliveConfig {
+    fn default() -> Self {
+        KeepaliveConfig {
+            interval_s: 30.0,
+            timeout_s: 75.0,
+            tcp_keepalive: true,
+            tcp_keepidle_s: 60,
+            tcp_keepintvl_s: 10,
+            tcp_keepcnt: 6,
+            tcp_user_timeout_ms: 75_000,
+        }
+    }
+}
+
+impl KeepaliveConfig {
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs_f64(self.interval_s)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.timeout_s)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -213,6 +261,15 @@ pub struct Limits {
     pub per_ip_handshake_burst: f64,
     /// Sessions one shard admits at once; more get 503. 0 = no cap.
     pub max_sessions_per_shard: u32,
+    /// A relaying session with no data frame either way for this long is
+    /// closed (1001, `stage=relay;reason=idle_timeout`); 0 = never.
+    pub idle_timeout_s: f64,
+}
+
+impl Limits {
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.idle_timeout_s)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -399,6 +456,7 @@ impl Default for Limits {
             per_ip_handshake_rate: 0.0,
             per_ip_handshake_burst: 0.0,
             max_sessions_per_shard: 0,
+            idle_timeout_s: 0.0,
         }
     }
 }
@@ -600,8 +658,43 @@ impl Config {
                 "no token keys: set token.keys_dir (or token.allow_dev_key for development)",
             ));
         }
+        self.validate_keepalive()?;
         if self.token.leeway_s < 0 {
             return Err(invalid("token.leeway_s", "must not be negative"));
+        }
+        Ok(())
+    }
+
+    fn validate_keepalive(&self) -> Result<(), ConfigError> {
+        // Session clocks count milliseconds in 32 bits (wrapping), which
+        // is sound while every period is far below 49 days.
+        const MAX_S: f64 = 30.0 * 86400.0;
+        let k = &self.keepalive;
+        for (key, v) in [
+            ("keepalive.interval_s", k.interval_s),
+            ("keepalive.timeout_s", k.timeout_s),
+            ("limits.idle_timeout_s", self.limits.idle_timeout_s),
+        ] {
+            if !(v.is_finite() && (0.0..=MAX_S).contains(&v)) {
+                return Err(invalid(key, "must be a number of seconds in 0..=2592000"));
+            }
+            if v > 0.0 && v < 0.01 {
+                return Err(invalid(key, "must be 0 (off) or at least 0.01"));
+            }
+        }
+        if k.timeout_s > 0.0 && k.interval_s > 0.0 && k.timeout_s <= k.interval_s {
+            return Err(invalid(
+                "keepalive.timeout_s",
+                "must be greater than keepalive.interval_s, so a Pong can come back",
+            ));
+        }
+        if k.tcp_keepalive
+            && (k.tcp_keepidle_s == 0 || k.tcp_keepintvl_s == 0 || k.tcp_keepcnt == 0)
+        {
+            return Err(invalid(
+                "keepalive.tcp_keepidle_s",
+                "tcp_keepidle_s, tcp_keepintvl_s and tcp_keepcnt must be > 0 with tcp_keepalive",
+            ));
         }
         Ok(())
     }
@@ -815,6 +908,36 @@ mod tests {
         );
         let e = err(|c| c.websocket.allowed_origins = vec!["https://a.example/".into()]).unwrap();
         assert!(e.contains("websocket.allowed_origins[0]"), "{e}");
+    }
+
+    #[test]
+    fn keepalive_keys_take_fractions_and_are_checked() {
+        let c = Config::from_toml("[keepalive]\ninterval_s = 1\ntimeout_s = 2.5\n").unwrap();
+        assert_eq!(c.keepalive.interval(), Duration::from_secs(1));
+        assert_eq!(c.keepalive.timeout(), Duration::from_millis(2500));
+        let err = |f: fn(&mut Config)| {
+            let mut c = valid();
+            f(&mut c);
+            c.validate().err().map(|e| e.to_string())
+        };
+        let e = err(|c| c.keepalive.timeout_s = 30.0).unwrap();
+        assert!(e.contains("keepalive.timeout_s"), "{e}");
+        let e = err(|c| c.keepalive.interval_s = -1.0).unwrap();
+        assert!(e.contains("keepalive.interval_s"), "{e}");
+        let e = err(|c| c.limits.idle_timeout_s = f64::INFINITY).unwrap();
+        assert!(e.contains("limits.idle_timeout_s"), "{e}");
+        let e = err(|c| c.keepalive.tcp_keepcnt = 0).unwrap();
+        assert!(e.contains("keepalive.tcp_keepidle_s"), "{e}");
+        // Each check can be turned off.
+        assert_eq!(
+            err(|c| {
+                c.keepalive.interval_s = 0.0;
+                c.keepalive.timeout_s = 0.0;
+                c.keepalive.tcp_keepalive = false;
+                c.keepalive.tcp_keepcnt = 0;
+            }),
+            None
+        );
     }
 
     #[test]

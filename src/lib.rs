@@ -10,7 +10,8 @@
 //!   decision lives here.
 //! - [`session`]: one session's life as a sans-IO state machine (`handle_*`
 //!   in, operations out, `now` passed in): setup, retries, relay, splice
-//!   steps, Close logic.
+//!   steps, Close logic, keepalive Pings and dead-peer timeouts, the
+//!   access log line.
 //! - [`proto`]: sans-IO protocol code: the HTTP/1.1 upgrade, the WebSocket
 //!   handshake both ways, frame headers, the per-direction relay tracker,
 //!   close codes. Bytes and time in, decisions out; no sockets, no clock.

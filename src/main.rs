@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
@@ -107,11 +107,11 @@ enum TokenCmd {
         #[arg(long, default_value = "dev")]
         cluster: String,
         /// Lifetime, e.g. 90s, 30m, 1h, 2d; negative values (e.g. -1h) mint expired tokens for tests.
-        #[arg(long, default_value = "1h", allow_hyphen_values = true)]
-        ttl: String,
+        #[arg(long, default_value = "1h", allow_hyphen_values = true, value_parser = parse_duration_s)]
+        ttl: i64,
         /// Not-before offset from now (e.g. 10m mints a token valid only later).
-        #[arg(long, default_value = "0s", allow_hyphen_values = true)]
-        nbf: String,
+        #[arg(long, default_value = "0s", allow_hyphen_values = true, value_parser = parse_duration_s)]
+        nbf: i64,
         #[arg(long)]
         jti: Option<String>,
     },
@@ -256,8 +256,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
 fn init_logging(cfg: &Config) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
+    // Colours only for a person at a terminal: escape codes in a log file
+    // or a journal get in the way of every grep.
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match cfg.log.format {
         LogFormat::Json => b.json().init(),
@@ -273,7 +276,10 @@ fn unix_now() -> i64 {
 }
 
 /// Parses `90s`, `30m`, `1h`, `2d`, with an optional leading `-`.
-fn parse_duration_s(s: &str) -> anyhow::Result<i64> {
+/// Seconds from `90s`, `30m`, `1h`, `2d` (or a bare number), possibly
+/// negative. A clap value parser, so a bad value is a flag error (exit 2,
+/// with the usage) like any other.
+fn parse_duration_s(s: &str) -> Result<i64, String> {
     let (neg, body) = match s.strip_prefix('-') {
         Some(b) => (true, b),
         None => (false, s),
@@ -282,15 +288,21 @@ fn parse_duration_s(s: &str) -> anyhow::Result<i64> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(body.len());
     let (num, unit) = body.split_at(split);
-    let n: i64 = num.parse().with_context(|| format!("bad duration {s:?}"))?;
+    let n: i64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 90s, 30m, 1h, 2d)"))?;
     let mult = match unit {
         "" | "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86400,
-        _ => bail!("bad duration unit in {s:?} (use s, m, h, d)"),
+        _ => return Err(format!("bad unit in {s:?} (use s, m, h, d)")),
     };
-    Ok(if neg { -n * mult } else { n * mult })
+    let secs = n
+        .checked_mul(mult)
+        .filter(|v| *v < 1 << 40)
+        .ok_or_else(|| format!("{s:?} is too long"))?;
+    Ok(if neg { -secs } else { secs })
 }
 
 fn token_cmd(cmd: TokenCmd) -> anyhow::Result<()> {
@@ -342,8 +354,8 @@ fn token_cmd(cmd: TokenCmd) -> anyhow::Result<()> {
                 repl,
                 user,
                 cluster,
-                exp: now + parse_duration_s(&ttl)?,
-                nbf: now + parse_duration_s(&nbf)?,
+                exp: now + ttl,
+                nbf: now + nbf,
                 jti: jti.unwrap_or_else(|| format!("{:016x}", rand::random::<u64>())),
             };
             println!("{}", token::mint(&claims, &kid, &sk));

@@ -26,7 +26,14 @@ pub struct Bound {
 
 pub fn load_keys(cfg: &Config) -> io::Result<KeySet> {
     let mut keys = match &cfg.token.keys_dir {
-        Some(dir) => KeySet::load_dir(dir).map_err(|e| io::Error::other(e.to_string()))?,
+        // Named as config errors are: the path alone does not say which
+        // setting to fix. InvalidInput makes it exit 2 (bad config).
+        Some(dir) => KeySet::load_dir(dir).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("config key `token.keys_dir`: {e}"),
+            )
+        })?,
         None => KeySet::new(),
     };
     if cfg.token.allow_dev_key {

@@ -81,6 +81,15 @@ fn bad_config_exits_2_naming_the_key() {
             "[token]\nallow_dev_key = true\n[placement]\ndefault = \"ws://127.0.0.1:1/\"\n[websocket]\nallowed_origins = [\"https://a.example/\"]\n",
             "websocket.allowed_origins[0]",
         ),
+        // A keys directory that is not there: the key, not only the path.
+        (
+            "[token]\nkeys_dir = \"/nonexistent\"\n[placement]\ndefault = \"ws://127.0.0.1:1/\"\n",
+            "token.keys_dir`: /nonexistent",
+        ),
+        (
+            "[token]\nallow_dev_key = true\n[placement]\ndefault = \"ws://127.0.0.1:1/\"\n[keepalive]\ninterval_s = 30\ntimeout_s = 10\n",
+            "keepalive.timeout_s",
+        ),
     ] {
         std::fs::write(&p, text).unwrap();
         let (code, _, err) = run(&["--config", p.to_str().unwrap(), "--check"]);
@@ -92,6 +101,52 @@ fn bad_config_exits_2_naming_the_key() {
     assert!(err.contains("/nonexistent/eval.toml"), "{err}");
     let (code, _, _) = run(&["--no-such-flag"]);
     assert_eq!(code, 2);
+}
+
+#[test]
+fn bad_token_flags_exit_2() {
+    for bad in [
+        ["--ttl", "5x"],
+        ["--ttl", "h"],
+        ["--nbf", "zz"],
+        ["--ttl", "99999999999d"],
+    ] {
+        let (code, out, err) = run(&["token", "mint", "--dev", "--repl", "r", bad[0], bad[1]]);
+        assert_eq!(code, 2, "{bad:?}: {err}");
+        assert!(out.is_empty(), "{bad:?} minted {out}");
+        assert!(err.contains(bad[0]), "the error names the flag: {err}");
+    }
+    let (code, out, err) = run(&["token", "mint", "--dev", "--repl", "r", "--ttl", "-1h"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("v4.public."));
+}
+
+#[test]
+fn tuning_apply_has_help_and_refuses_bad_arguments() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tuning/apply.sh");
+    let sh = |args: &[&str]| {
+        let out = Command::new("bash")
+            .arg(script)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = sh(&["--help"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("Usage: tuning/apply.sh"), "{out}");
+    assert!(out.contains("tuning/eval-proxy.conf"), "{out}");
+    assert_eq!(sh(&[]).0, 2);
+    assert_eq!(sh(&["--bogus"]).0, 2);
+    assert_eq!(sh(&["/nonexistent.conf"]).0, 2);
+    // A dry run reads the profile and writes nothing.
+    let profile = concat!(env!("CARGO_MANIFEST_DIR"), "/tuning/eval-proxy.conf");
+    let (code, out) = sh(&["--dry-run", profile]);
+    assert_eq!(code, 0);
+    assert!(out.contains("net.core.somaxconn"), "{out}");
 }
 
 #[test]

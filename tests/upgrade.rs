@@ -272,11 +272,39 @@ fn bad_tokens_get_1008_or_401() {
     let mut ws = connect(&proxy.url(&dev_token("r1")));
     ws.send(tungstenite::Message::text("x")).unwrap();
     assert_eq!(ws.read().unwrap(), tungstenite::Message::text("x"));
+    ws.close(None).unwrap();
+    // Until the closing handshake is through.
+    while ws.read().is_ok() {}
+    // Its access line comes once both its sockets are closed.
+    wait_until("the access line of the good session", WAIT, || {
+        proxy.log().contains("session ended")
+    });
     // Tokens never reach the logs or the metrics.
     assert!(!proxy.metrics().contains("v4.public"));
     let log = std::fs::read_to_string(proxy.log_path()).unwrap();
     assert!(log.contains("token rejected"), "debug log was not captured");
     assert!(!log.contains("v4.public"), "a token leaked into the log");
+    assert!(!log.contains('\x1b'), "colour codes in a log file");
+    // One access line per session: each rejection with its stage and
+    // reason, the good session with its ids.
+    let rejected = log
+        .lines()
+        .filter(|l| l.contains("session setup failed") && l.contains("stage=\"token\""))
+        .count();
+    assert_eq!(rejected, 7, "{log}");
+    let ended: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("session ended"))
+        .collect();
+    assert_eq!(ended.len(), 1, "{log}");
+    for field in [
+        "repl=\"r1\"",
+        "user=\"alice\"",
+        "vm=\"default\"",
+        "client=127.0.0.1",
+    ] {
+        assert!(ended[0].contains(field), "{field} not in {}", ended[0]);
+    }
     // The plain-HTTP switch.
     let cfg = format!(
         "[token]\nallow_dev_key = true\nreject_with = \"http\"\n[placement]\ndefault = \"ws://{}/\"\n",

@@ -114,6 +114,15 @@ pub struct ShardStats {
     pub buffered_bytes: AtomicU64,
     /// Times a side stopped being read because the shard's budget was spent.
     pub budget_pauses: AtomicU64,
+    /// The proxy's own keepalive Pings, by the side they went to.
+    pub pings_to_client: AtomicU64,
+    pub pings_to_conman: AtomicU64,
+    /// Pongs answering those Pings, swallowed.
+    pub pongs: AtomicU64,
+    /// Sessions ended for silence: client, Conman, no data either way.
+    pub client_timeouts: AtomicU64,
+    pub conman_timeouts: AtomicU64,
+    pub idle_timeouts: AtomicU64,
     rare: Mutex<Rare>,
 }
 
@@ -165,6 +174,29 @@ impl ShardStats {
             .attempt_failures
             .entry((stage.as_str(), reason))
             .or_default() += 1;
+    }
+
+    pub fn keepalive_ping(&self, to_client: bool) {
+        let c = if to_client {
+            &self.pings_to_client
+        } else {
+            &self.pings_to_conman
+        };
+        c.fetch_add(1, Relaxed);
+    }
+
+    pub fn keepalive_pong(&self) {
+        self.pongs.fetch_add(1, Relaxed);
+    }
+
+    /// `who`: "client", "conman" or "idle".
+    pub fn peer_timeout(&self, who: &str) {
+        let c = match who {
+            "client" => &self.client_timeouts,
+            "conman" => &self.conman_timeouts,
+            _ => &self.idle_timeouts,
+        };
+        c.fetch_add(1, Relaxed);
     }
 
     pub fn close_code(&self, side: CloseSide, code: u16) {
@@ -314,6 +346,28 @@ pub fn render(shards: &[std::sync::Arc<ShardStats>]) -> String {
         names::RELAY_SPLICED_BYTES,
         "Payload bytes of long data frames moved socket to pipe to socket, never copied to user space (also counted in eval_relay_bytes_total).",
         sum(|s| &s.spliced_bytes),
+    );
+
+    let _ = writeln!(
+        out,
+        "# HELP {0} The proxy's own Pings to a side silent for keepalive.interval_s, by the side they went to.\n# TYPE {0} counter\n{0}{{to=\"client\"}} {1}\n{0}{{to=\"conman\"}} {2}",
+        names::KEEPALIVE_PINGS,
+        sum(|s| &s.pings_to_client),
+        sum(|s| &s.pings_to_conman)
+    );
+    counter(
+        &mut out,
+        names::KEEPALIVE_PONGS,
+        "Pongs answering the proxy's own Pings, consumed (never relayed).",
+        sum(|s| &s.pongs),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP {0} Sessions ended for silence: a side silent past keepalive.timeout_s (client_timeout, conman_timeout) or no data frame past limits.idle_timeout_s (idle_timeout).\n# TYPE {0} counter\n{0}{{reason=\"client_timeout\"}} {1}\n{0}{{reason=\"conman_timeout\"}} {2}\n{0}{{reason=\"idle_timeout\"}} {3}",
+        names::PEER_TIMEOUTS,
+        sum(|s| &s.client_timeouts),
+        sum(|s| &s.conman_timeouts),
+        sum(|s| &s.idle_timeouts)
     );
 
     let mut failures: BTreeMap<(&str, &str), u64> = BTreeMap::new();

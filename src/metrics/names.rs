@@ -42,6 +42,9 @@ pub const BACKPRESSURE_PAUSES: &str = "eval_backpressure_pauses_total";
 pub const BUDGET_PAUSES: &str = "eval_buffer_budget_pauses_total";
 pub const BUFFERED_BYTES: &str = "eval_buffered_bytes";
 pub const CONMAN_ATTEMPT_FAILURES: &str = "eval_conman_attempt_failures_total";
+pub const KEEPALIVE_PINGS: &str = "eval_keepalive_pings_total";
+pub const KEEPALIVE_PONGS: &str = "eval_keepalive_pongs_total";
+pub const PEER_TIMEOUTS: &str = "eval_peer_timeouts_total";
 
 // The process (`admin`).
 pub const DRAINING: &str = "eval_draining";
@@ -77,6 +80,9 @@ pub const ALL: &[(&str, Kind)] = &[
     (BUDGET_PAUSES, Kind::Counter),
     (BUFFERED_BYTES, Kind::Gauge),
     (CONMAN_ATTEMPT_FAILURES, Kind::Counter),
+    (KEEPALIVE_PINGS, Kind::Counter),
+    (KEEPALIVE_PONGS, Kind::Counter),
+    (PEER_TIMEOUTS, Kind::Counter),
     (DRAINING, Kind::Gauge),
     (TOKEN_KEY_RELOADS, Kind::Counter),
     (CONTROLPLANE_REQUESTS, Kind::Counter),

@@ -166,7 +166,10 @@ struct Current {
 #[derive(Debug)]
 pub struct Tracker {
     dir: Direction,
-    cfg: TrackerConfig,
+    // `TrackerConfig`'s fields, flat: the struct would pad its bool to 8
+    // bytes, twice per session.
+    max_frame: u64,
+    allow_rsv1: bool,
     /// Start of a header split across inputs.
     head: [u8; MAX_HEADER_LEN],
     head_len: u8,
@@ -179,7 +182,9 @@ pub struct Tracker {
     control_len: u8,
     /// Inside a fragmented Text/Binary message.
     in_message: bool,
-    close_seen: bool,
+    /// Code of the Close that went this way (1005 if it had none); 0
+    /// before one did.
+    close_code: u16,
     frames: u64,
     failed: Option<Violation>,
     valid_before_violation: u32,
@@ -192,14 +197,15 @@ impl Tracker {
     pub fn new(dir: Direction, cfg: TrackerConfig) -> Self {
         Tracker {
             dir,
-            cfg,
+            max_frame: cfg.max_frame,
+            allow_rsv1: cfg.allow_rsv1,
             head: [0; MAX_HEADER_LEN],
             head_len: 0,
             current: None,
             control: None,
             control_len: 0,
             in_message: false,
-            close_seen: false,
+            close_code: 0,
             frames: 0,
             failed: None,
             valid_before_violation: 0,
@@ -311,7 +317,12 @@ impl Tracker {
     }
 
     pub fn close_seen(&self) -> bool {
-        self.close_seen
+        self.close_code != 0
+    }
+
+    /// The code of the Close that went this way (1005 for one without).
+    pub fn close_code(&self) -> Option<u16> {
+        (self.close_code != 0).then_some(self.close_code)
     }
 
     /// Frames completed so far.
@@ -358,6 +369,11 @@ impl Tracker {
             Some(cur) => u64::from(cur.header_len) + (cur.len - cur.remaining),
             None => u64::from(self.head_len),
         }
+    }
+
+    /// The frame under way is a control frame (its header is complete).
+    pub fn in_control_frame(&self) -> bool {
+        self.current.is_some_and(|cur| cur.opcode.is_control())
     }
 
     /// Payload length of the frame under way, once its header is complete.
@@ -430,7 +446,7 @@ impl Tracker {
     }
 
     fn check(&self, header: &FrameHeader) -> Result<(), Violation> {
-        if self.close_seen {
+        if self.close_seen() {
             return Err(DATA_AFTER_CLOSE);
         }
         if let OpCode::Reserved(_) = header.opcode {
@@ -441,7 +457,7 @@ impl Tracker {
             (Direction::ToClient, Some(_)) => return Err(MASKED_FRAME),
             _ => {}
         }
-        let rsv1_allowed = self.cfg.allow_rsv1
+        let rsv1_allowed = self.allow_rsv1
             && matches!(header.opcode, OpCode::Text | OpCode::Binary)
             && !self.in_message;
         if header.rsv & !RSV1 != 0 || (header.rsv & RSV1 != 0 && !rsv1_allowed) {
@@ -461,7 +477,7 @@ impl Tracker {
                 _ => {}
             }
         }
-        if header.payload_len > self.cfg.max_frame {
+        if header.payload_len > self.max_frame {
             return Err(FRAME_TOO_BIG);
         }
         Ok(())
@@ -480,7 +496,7 @@ impl Tracker {
                         return Err(BAD_CLOSE_PAYLOAD)
                     }
                 };
-                self.close_seen = true;
+                self.close_code = code.unwrap_or(1005);
                 Some(Event::Close {
                     code,
                     reason_len: usize::from(self.control_len).saturating_sub(2),

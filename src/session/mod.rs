@@ -36,6 +36,11 @@
 //!
 //! `Closing` is final: queues drain, write sides shut, both sockets close,
 //! then [`Session::is_finished`] lets the shard free the slot.
+//!
+//! In `Relay` the deadline is liveness's (`live.rs`: the proxy's Pings to a
+//! silent side, dead-peer and idle timeouts) until a Close goes one way;
+//! then it is the close timer's. `access.rs` writes the session's one
+//! access-log line.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
@@ -51,6 +56,9 @@ use crate::keys::Ident;
 use crate::metrics::ShardStats;
 use crate::proto::relay::{Direction, Tracker, TrackerConfig};
 
+mod access;
+pub use access::SessionId;
+mod live;
 mod per_ip;
 mod relay;
 mod sendq;
@@ -238,6 +246,8 @@ pub struct Env<'a> {
     /// once, so that no set of sessions can drain the ring.
     pub ring_low: bool,
     pub cfg: &'a Config,
+    /// The shard's index (for logs).
+    pub shard: usize,
     pub stats: &'a ShardStats,
     /// The shard's session count and the process-wide per-address table,
     /// consulted once at admission and once when the session finishes.
@@ -366,6 +376,8 @@ impl Side {
 
 /// Setup state, alive from the token check until relaying starts.
 pub struct Setup {
+    /// When the current setup phase began (its duration is a metric).
+    phase_started: Instant,
     /// The whole setup must finish by then.
     deadline: Instant,
     /// Conman attempts started so far.
@@ -420,8 +432,8 @@ pub enum Phase {
     /// A Conman attempt failed; waiting (with jitter) before asking for a
     /// new placement that excludes every VM that failed so far.
     Backoff(Box<Setup>),
-    /// Relaying frames both ways.
-    Relay,
+    /// Relaying frames both ways; the keepalive state rides along.
+    Relay(live::Live),
     /// Ending: queues drain, write sides shut, then sockets close.
     Closing,
 }
@@ -450,7 +462,7 @@ impl Phase {
             Phase::Connecting(_) => Kind::Connecting,
             Phase::ConmanHandshake(_) => Kind::ConmanHandshake,
             Phase::Backoff(_) => Kind::Backoff,
-            Phase::Relay => Kind::Relay,
+            Phase::Relay(_) => Kind::Relay,
             Phase::Closing => Kind::Closing,
         }
     }
@@ -510,7 +522,6 @@ pub struct Session {
     holds: Option<Box<[relay::FrameHold; 2]>>,
     deadline: Option<Instant>,
     started: Instant,
-    phase_started: Instant,
     /// What the token said (repl, user, cluster), for headers, logs and
     /// the registry; shared with the shard's verification cache.
     ident: Option<Arc<Ident>>,
@@ -519,6 +530,14 @@ pub struct Session {
     injected_close_to_conman: bool,
     /// What this session adds to the shard's `buffered_bytes` right now.
     buffered: usize,
+    /// Bytes relayed from the client and from Conman.
+    bytes: [u64; 2],
+    /// The VM relayed to.
+    vm: Option<Arc<str>>,
+    /// Close codes the proxy itself sent to the client and to Conman (0:
+    /// none), and what ended the relay: for the access log.
+    proxy_close: [u16; 2],
+    end: access::End,
     /// Counted in `eval_sessions_active` (it reached Relay).
     established: bool,
     finished: bool,
@@ -560,11 +579,14 @@ impl Session {
             holds: None,
             deadline: Some(now + cfg.header_timeout()),
             started: now,
-            phase_started: now,
             ident: None,
             injected_close_to_client: false,
             injected_close_to_conman: false,
             buffered: 0,
+            bytes: [0; 2],
+            vm: None,
+            proxy_close: [0; 2],
+            end: access::End::Open,
             established: false,
             finished: false,
             client_ip: peer,
@@ -594,6 +616,11 @@ impl Session {
 
     pub fn ident(&self) -> Option<&Arc<Ident>> {
         self.ident.as_ref()
+    }
+
+    /// The VM of the Conman the session relays to.
+    pub fn vm(&self) -> Option<&str> {
+        self.vm.as_deref()
     }
 
     /// The token to check while in `Verify`.
@@ -628,7 +655,16 @@ impl Session {
         );
         #[cfg(test)]
         tests::trail(from, to);
-        self.phase_started = now;
+        if let Some(st) = self.phase.setup_mut() {
+            st.phase_started = now;
+        }
+    }
+
+    /// How long the current setup phase has lasted.
+    fn in_phase(&self, now: Instant) -> Duration {
+        self.phase
+            .setup()
+            .map_or(Duration::ZERO, |st| now - st.phase_started)
     }
 
     /// Moves the setup state from one setup phase to the next.
@@ -773,6 +809,7 @@ impl Session {
         }
         match data {
             Some((bid, bytes)) if res > 0 => {
+                self.note_heard(env.now, who);
                 self.on_data(env, who, bid, bytes);
                 // A multishot receive may end on its own (or a cancel may
                 // land after a resume), and a single-shot one always does:
@@ -978,7 +1015,9 @@ impl Session {
                             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     self.leave_gate(env);
-                    tracing::debug!(session = self.id, "session ended");
+                    if self.established {
+                        self.log_ended(env);
+                    }
                 }
             }
             _ => {}
@@ -1107,8 +1146,15 @@ impl Session {
             Kind::Placement | Kind::Connecting | Kind::ConmanHandshake | Kind::Backoff => {
                 self.setup_timeout(env)
             }
-            // A Close went one way and no answer came back.
-            Kind::Relay => self.begin_closing(env),
+            // A Close went one way and no answer came back; or it is time
+            // to look at liveness.
+            Kind::Relay => {
+                if self.live().is_some_and(|l| l.closing) {
+                    self.begin_closing(env);
+                } else {
+                    self.check_liveness(env);
+                }
+            }
             Kind::Closing => {
                 // Peers that neither read nor close: force both sockets
                 // down so every pending operation completes.
@@ -1130,6 +1176,7 @@ impl Session {
 
     /// The drain grace period is over: Close to both peers.
     pub fn handle_grace_over(&mut self, env: &mut Env) {
+        self.ended(access::End::Proxy);
         self.end_session(
             env,
             crate::proto::close::GOING_AWAY,

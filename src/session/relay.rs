@@ -4,7 +4,8 @@
 
 use rand::Rng;
 
-use super::{Chunk, Env, Kind, Op, Phase, Session, Who, RING_HOLD_MAX};
+use super::access::End;
+use super::{hold_index, Chunk, Env, Kind, Op, Phase, Session, Who, RING_HOLD_MAX};
 use crate::error::{SetupError, Stage};
 use crate::metrics::{CloseSide, TornFrame};
 use crate::proto::close;
@@ -17,22 +18,71 @@ struct Scanned {
     /// Bytes that belong to valid frames (all of them without a violation).
     good: usize,
     frames: u64,
+    /// Of `frames`, the control frames.
+    controls: u64,
     /// Code of a Close frame completed in these bytes (1005 if it had none).
     close: Option<u16>,
     violation: Option<Violation>,
+    /// The first `pongs` Pongs in these bytes that answer the proxy's own
+    /// Pings (a Pong beyond those is relayed: the peer ignores it).
+    cuts: [Cut; MAX_CUTS],
+    pongs: u8,
 }
 
-fn scan(tracker: &mut Tracker, data: &[u8]) -> Scanned {
+/// Pongs to the proxy's Pings swallowed from one input at most. Pings go
+/// to a side only after `keepalive.interval_s` of silence, so a burst of
+/// their Pongs (a peer that was frozen, then answers all at once) is
+/// short.
+const MAX_CUTS: usize = 4;
+
+/// Bytes of an input that are not to be passed on: `start..end`, and, if
+/// `earlier`, the frame's start held from earlier inputs too.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cut {
+    start: u32,
+    end: u32,
+    earlier: bool,
+}
+
+/// Tracks `data`; a Pong carrying `ours` (the payload of the proxy's Pings)
+/// is reported as a [`Cut`]. Only control frames cost a look.
+fn scan(tracker: &mut Tracker, data: &[u8], ours: &[u8]) -> Scanned {
     let frames_before = tracker.frames();
+    let boundary_before = tracker.at_frame_boundary();
     let mut off = 0usize;
     let mut close = None;
     let mut violation = None;
+    let mut controls = 0;
+    let mut cuts = [Cut::default(); MAX_CUTS];
+    let mut pongs = 0u8;
     while off < data.len() {
         match tracker.handle(&data[off..]) {
             Ok(scan) => {
+                let start = off + scan.frame_start;
                 off += scan.consumed;
-                if let Some(Event::Close { code, .. }) = scan.event {
-                    close = Some(code.unwrap_or(1005));
+                match scan.event {
+                    Some(Event::Close { code, .. }) => close = Some(code.unwrap_or(1005)),
+                    Some(Event::Pong)
+                        if usize::from(pongs) < MAX_CUTS && tracker.control_payload() == ours =>
+                    {
+                        // `frame_start` is 0 both for a frame that began at
+                        // the input's first byte and for one that began in
+                        // an earlier input; only the second case leaves the
+                        // tracker inside a frame before this input.
+                        let earlier = start == 0 && !boundary_before;
+                        // Inputs are receive buffers or setup leftovers,
+                        // far below 4 GiB.
+                        cuts[usize::from(pongs)] = Cut {
+                            start: start as u32,
+                            end: off as u32,
+                            earlier,
+                        };
+                        pongs += 1;
+                    }
+                    _ => {}
+                }
+                if scan.event.is_some() {
+                    controls += 1;
                 }
                 if scan.consumed == 0 && scan.event.is_none() {
                     break;
@@ -48,8 +98,11 @@ fn scan(tracker: &mut Tracker, data: &[u8]) -> Scanned {
     Scanned {
         good: if violation.is_some() { off } else { data.len() },
         frames: tracker.frames() - frames_before,
+        controls,
         close,
         violation,
+        cuts,
+        pongs,
     }
 }
 
@@ -114,7 +167,10 @@ pub enum Split {
 /// once complete; a header is held until its length is known.
 pub fn hold_split(t: &Tracker, len: usize, held: usize, holding: bool, hold_max: u64) -> Split {
     let all = Split::Pass { now: len, hold: 0 };
-    if t.at_frame_boundary() || t.frame_payload_len().is_some_and(|n| n > hold_max) {
+    // A control frame (at most 131 bytes) is always held whole, whatever
+    // `hold_max`: the proxy may have to swallow it (a Pong to its Ping).
+    let long = t.frame_payload_len().is_some_and(|n| n > hold_max) && !t.in_control_frame();
+    if t.at_frame_boundary() || long {
         return all;
     }
     let fed = t.frame_bytes_fed();
@@ -151,28 +207,22 @@ pub enum EofAction {
     Reset,
 }
 
-/// Side `from` ended (FIN or error) during relay.
-pub fn on_eof(from: Who, peer_stream_at_boundary: bool, close_already: bool) -> EofAction {
+/// Side `from` ended (FIN or error, or silence past `keepalive.timeout_s`
+/// if `timed_out`) during relay.
+pub fn on_eof(
+    from: Who,
+    peer_stream_at_boundary: bool,
+    close_already: bool,
+    timed_out: bool,
+) -> EofAction {
     if close_already {
         return EofAction::Shutdown;
     }
     if !peer_stream_at_boundary {
         return EofAction::Reset;
     }
-    match from {
-        // Conman only needs to know the client left.
-        Who::Client => EofAction::InjectClose {
-            code: close::GOING_AWAY,
-            reason: close::reason_text("client_gone", "eof", None),
-        },
-        Who::Conman => {
-            let e = SetupError::new(Stage::Relay, "conman_lost");
-            EofAction::InjectClose {
-                code: e.close_code(),
-                reason: e.close_reason(),
-            }
-        }
-    }
+    let (code, reason) = Session::lost_close(from, timed_out);
+    EofAction::InjectClose { code, reason }
 }
 
 impl Session {
@@ -244,8 +294,22 @@ impl Session {
             return;
         }
         let data = input.bytes();
-        let scanned = scan(self.tracker(dir), data);
+        let ours = super::live::ping_payload(self.id);
+        let scanned = scan(self.tracker(dir), data, &ours);
         account(env, from, &scanned);
+        self.bytes[hold_index(dir)] += scanned.good as u64;
+        if scanned.close.is_some() {
+            self.ended(match from {
+                Who::Client => End::ClientClose,
+                Who::Conman => End::ConmanClose,
+            });
+        }
+        if env.cfg.limits.idle_timeout_s > 0.0
+            && (scanned.frames > scanned.controls
+                || self.tracker_ref(dir).data_payload_remaining() > 0)
+        {
+            self.note_data(env.now);
+        }
         let len = data.len();
         let split = if scanned.violation.is_some() {
             if self.tracker(dir).at_frame_boundary() {
@@ -278,30 +342,63 @@ impl Session {
             self.after_scan(env, from, &scanned);
             return;
         }
+        // A Ping waiting for a frame boundary toward `to` (rare: checked
+        // by one flag).
+        let ping_due = self.live().is_some_and(|l| l.ping_due(to))
+            && scanned.violation.is_none()
+            && self.ping_still_wanted(env, to);
         let mut refs = 0u8;
         match split {
             Split::Drop => {}
-            Split::Keep => self.hold_more(env, dir, &input, 0..len, &mut refs),
+            Split::Keep => {
+                self.hold_more(env, dir, &input, 0..len, &mut refs);
+                if ping_due {
+                    // What is queued for `to` ends before the held frame.
+                    self.inject_ping(env, to);
+                }
+            }
             Split::Pass { now, hold } => {
+                // The proxy's Pongs complete in these bytes; the first one's
+                // start may be held from earlier inputs (control frames
+                // always are).
+                let cuts = &scanned.cuts[..usize::from(scanned.pongs)];
+                let n_cuts = cuts
+                    .iter()
+                    .take_while(|c| c.end as usize <= now && (!c.earlier || self.holding(dir)))
+                    .count();
+                let cuts = &cuts[..n_cuts];
+                if cuts.first().is_some_and(|c| c.earlier) {
+                    self.drop_hold(env, dir);
+                }
                 self.release_hold(dir);
-                if now > 0 {
-                    let ring_ok = !env.ring_low && self.side_ref(to).sendq.len() < RING_HOLD_MAX;
-                    let dest = self.side(to);
-                    match &input {
-                        Input::Ring { bid, .. } if ring_ok => {
-                            refs += 1;
-                            dest.push(Chunk::Buf {
-                                bid: *bid,
-                                off: 0,
-                                len: now as u32,
-                            });
-                        }
-                        // A peer that does not read keeps what is queued
-                        // for it: in the session's own memory (bounded by
-                        // backpressure), never in the shard's shared ring,
-                        // which every session needs to receive anything.
-                        _ => dest.push_owned(data[..now].to_vec()),
+                let ping_at = if ping_due {
+                    let t = self.tracker_ref(dir);
+                    super::live::ping_offset(
+                        t.at_frame_boundary(),
+                        t.frame_bytes_fed(),
+                        now,
+                        hold,
+                        len,
+                    )
+                } else {
+                    None
+                };
+                if cuts.is_empty() && ping_at.is_none() {
+                    self.queue_input(env, to, &input, 0..now, &mut refs);
+                } else {
+                    let mut from_off = 0;
+                    for c in cuts {
+                        self.queue_input(env, to, &input, from_off..c.start as usize, &mut refs);
+                        from_off = c.end as usize;
+                        env.stats.keepalive_pong();
                     }
+                    // The last boundary is at or after the last Pong's end.
+                    let p = ping_at.unwrap_or(now).max(from_off);
+                    self.queue_input(env, to, &input, from_off..p, &mut refs);
+                    if ping_at.is_some() {
+                        self.inject_ping(env, to);
+                    }
+                    self.queue_input(env, to, &input, p..now, &mut refs);
                 }
                 if hold > 0 {
                     self.hold_more(env, dir, &input, now..now + hold, &mut refs);
@@ -318,6 +415,38 @@ impl Session {
             }
         }
         self.after_scan(env, from, &scanned);
+    }
+
+    /// Queues `range` of the input toward `to`: as a slice of its ring
+    /// buffer while the side's share of the ring allows, else copied.
+    fn queue_input(
+        &mut self,
+        env: &mut Env,
+        to: Who,
+        input: &Input,
+        range: std::ops::Range<usize>,
+        refs: &mut u8,
+    ) {
+        if range.is_empty() {
+            return;
+        }
+        let ring_ok = !env.ring_low && self.side_ref(to).sendq.len() < RING_HOLD_MAX;
+        let dest = self.side(to);
+        match input {
+            Input::Ring { bid, .. } if ring_ok => {
+                *refs += 1;
+                dest.push(Chunk::Buf {
+                    bid: *bid,
+                    off: range.start as u32,
+                    len: range.len() as u32,
+                });
+            }
+            // A peer that does not read keeps what is queued for it: in
+            // the session's own memory (bounded by backpressure), never in
+            // the shard's shared ring, which every session needs to
+            // receive anything.
+            _ => dest.push_owned(input.bytes()[range].to_vec()),
+        }
     }
 
     /// Adds `range` of the input to the frame held in direction `dir`: as a
@@ -395,14 +524,14 @@ impl Session {
 
     /// Everything passed on toward the destination of `dir` ends between
     /// two frames, so a Close may follow it.
-    fn passed_at_boundary(&self, dir: Direction) -> bool {
+    pub(super) fn passed_at_boundary(&self, dir: Direction) -> bool {
         self.tracker_ref(dir).at_frame_boundary() || self.holding(dir)
     }
 
     /// Bytes may still be queued toward `to`: its socket is writable and
     /// the proxy has not sent it a Close, after which nothing may follow
     /// (RFC 6455 5.5.1), whatever was received or held before.
-    fn deliverable(&self, to: Who) -> bool {
+    pub(super) fn deliverable(&self, to: Who) -> bool {
         let closed_by_proxy = match to {
             Who::Client => self.injected_close_to_client,
             Who::Conman => self.injected_close_to_conman,
@@ -447,18 +576,27 @@ impl Session {
             // The close handshake is complete: end the TCP streams once
             // both Close frames are out.
             self.begin_closing(env);
-        } else if (self.to_conman.close_seen() || self.to_client.close_seen())
-            && self.deadline.is_none()
-        {
-            self.set_deadline(
-                env.now + std::time::Duration::from_millis(env.cfg.limits.close_timeout_ms),
-            );
+        } else if self.to_conman.close_seen() || self.to_client.close_seen() {
+            // The close timer takes the deadline over from liveness.
+            let first = match self.live_mut() {
+                Some(l) => !std::mem::replace(&mut l.closing, true),
+                None => self.deadline.is_none(),
+            };
+            if first {
+                self.set_deadline(
+                    env.now + std::time::Duration::from_millis(env.cfg.limits.close_timeout_ms),
+                );
+            }
         }
     }
 
     fn on_violation(&mut self, env: &mut Env, from: Who, v: Violation) {
         // The violating side gets the protocol close code; the other side
         // learns its peer is gone. Neither hears of the other's bytes again.
+        self.ended(match from {
+            Who::Client => End::ClientViolation,
+            Who::Conman => End::ConmanViolation,
+        });
         let text = close::reason_text("relay", v.as_str(), None);
         match from {
             Who::Client => {
@@ -507,6 +645,7 @@ impl Session {
         let mut frame = Vec::with_capacity(4 + reason.len() + 8);
         write_close(&mut frame, code, reason, mask);
         sd.push_owned(frame);
+        self.note_proxy_close(to, code);
         match to {
             Who::Client => {
                 self.injected_close_to_client = true;
@@ -520,7 +659,7 @@ impl Session {
     }
 
     /// Aborts `who`'s connection with a RST; nothing queued for it is sent.
-    fn reset_side(&mut self, env: &mut Env, who: Who) {
+    pub(super) fn reset_side(&mut self, env: &mut Env, who: Who) {
         self.discard_queued(env, who);
         let sd = self.side(who);
         if sd.fd < 0 || sd.closed {
@@ -533,6 +672,7 @@ impl Session {
 
     /// Ends a session from the proxy's side with a Close to both peers.
     pub(super) fn end_session(&mut self, env: &mut Env, code: u16, reason: &str) {
+        self.ended(End::Proxy);
         if self.kind() == Kind::Relay {
             self.inject_close(env, Who::Client, code, reason);
             self.inject_close(env, Who::Conman, close::GOING_AWAY, reason);
@@ -542,6 +682,11 @@ impl Session {
 
     /// A side stopped sending (FIN, reset, failed send).
     pub(super) fn on_side_lost(&mut self, env: &mut Env, who: Who) {
+        self.side_lost_as(env, who, false);
+    }
+
+    /// A side stopped sending, or (`timed_out`) was silent too long.
+    pub(super) fn side_lost_as(&mut self, env: &mut Env, who: Who, timed_out: bool) {
         match (self.kind(), who) {
             // Nothing was promised yet: just go.
             (Kind::ProxyHeader | Kind::Head | Kind::Verify, _) => self.begin_closing(env),
@@ -556,6 +701,12 @@ impl Session {
             // An abandoned attempt's socket ending changes nothing.
             (Kind::Placement | Kind::Backoff, Who::Conman) => {}
             (Kind::Relay, _) => {
+                self.ended(match (who, timed_out) {
+                    (Who::Client, false) => End::ClientGone,
+                    (Who::Conman, false) => End::ConmanLost,
+                    (Who::Client, true) => End::ClientTimeout,
+                    (Who::Conman, true) => End::ConmanTimeout,
+                });
                 let close_already = match who {
                     Who::Client => self.to_conman.close_seen(),
                     Who::Conman => self.to_client.close_seen(),
@@ -565,7 +716,7 @@ impl Session {
                 if self.drop_hold(env, dir) {
                     env.stats.torn_frame(dir, TornFrame::Held);
                 }
-                match on_eof(who, at_boundary, close_already) {
+                match on_eof(who, at_boundary, close_already, timed_out) {
                     EofAction::InjectClose { code, reason } => {
                         self.inject_close(env, who.other(), code, &reason);
                     }
@@ -575,7 +726,7 @@ impl Session {
                         self.reset_side(env, who.other());
                     }
                 }
-                if who == Who::Conman && !close_already {
+                if who == Who::Conman && !close_already && !timed_out {
                     tracing::debug!(session = self.id, "conman lost mid-session");
                 }
                 self.begin_closing(env);
@@ -603,7 +754,7 @@ mod tests {
 
     #[test]
     fn conman_lost_at_boundary_closes_1014() {
-        match on_eof(Who::Conman, true, false) {
+        match on_eof(Who::Conman, true, false, false) {
             EofAction::InjectClose { code, reason } => {
                 assert_eq!(code, 1014);
                 assert_eq!(reason, "stage=relay;reason=conman_lost");
@@ -615,16 +766,44 @@ mod tests {
     #[test]
     fn client_gone_tells_conman_1001() {
         assert!(matches!(
-            on_eof(Who::Client, true, false),
+            on_eof(Who::Client, true, false, false),
             EofAction::InjectClose { code: 1001, .. }
         ));
+        match on_eof(Who::Client, true, false, true) {
+            EofAction::InjectClose { code, reason } => {
+                assert_eq!(code, 1001);
+                assert_eq!(reason, "stage=relay;reason=client_timeout");
+            }
+            other => panic!("{other:?}"),
+        }
+        match on_eof(Who::Conman, true, false, true) {
+            EofAction::InjectClose { code, reason } => {
+                assert_eq!(code, 1014);
+                assert_eq!(reason, "stage=relay;reason=conman_timeout");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
     fn after_close_shuts_down_and_mid_frame_resets() {
-        assert_eq!(on_eof(Who::Client, true, true), EofAction::Shutdown);
-        assert_eq!(on_eof(Who::Conman, false, true), EofAction::Shutdown);
-        assert_eq!(on_eof(Who::Conman, false, false), EofAction::Reset);
-        assert_eq!(on_eof(Who::Client, false, false), EofAction::Reset);
+        for timed_out in [false, true] {
+            assert_eq!(
+                on_eof(Who::Client, true, true, timed_out),
+                EofAction::Shutdown
+            );
+            assert_eq!(
+                on_eof(Who::Conman, false, true, timed_out),
+                EofAction::Shutdown
+            );
+            assert_eq!(
+                on_eof(Who::Conman, false, false, timed_out),
+                EofAction::Reset
+            );
+            assert_eq!(
+                on_eof(Who::Client, false, false, timed_out),
+                EofAction::Reset
+            );
+        }
     }
 }

@@ -261,6 +261,7 @@ impl Session {
             Err(reason) => {
                 env.stats.setup_failure(Stage::Token, reason, true);
                 tracing::debug!(session = self.id, reason, "token rejected");
+                self.log_setup_failed(env, &SetupError::new(Stage::Token, reason), None);
                 let mut out = Vec::new();
                 match env.cfg.token.reject_with {
                     RejectWith::Http => {
@@ -308,6 +309,7 @@ impl Session {
             (None, None) => String::new(),
         };
         let setup = Box::new(Setup {
+            phase_started: env.now,
             deadline: env.now + Duration::from_millis(env.cfg.limits.setup_timeout_ms),
             attempt: 0,
             seq: 0,
@@ -394,7 +396,7 @@ impl Session {
             _ => return,
         };
         env.stats
-            .setup_duration(Timing::Controlplane, env.now - self.phase_started);
+            .setup_duration(Timing::Controlplane, self.in_phase(env.now));
         match result {
             PlacementResult::Found(found) => self.connect(env, found),
             PlacementResult::Failed {
@@ -513,7 +515,7 @@ impl Session {
 
     fn connected(&mut self, env: &mut Env) {
         env.stats
-            .setup_duration(Timing::ConmanDial, env.now - self.phase_started);
+            .setup_duration(Timing::ConmanDial, self.in_phase(env.now));
         self.step(env.now, Phase::ConmanHandshake);
         let Phase::ConmanHandshake(st) = &mut self.phase else {
             return;
@@ -587,6 +589,8 @@ impl Session {
         }
         let early = st.head.split_off(head_len);
         let held = std::mem::take(&mut st.held);
+        let upgrade_took = env.now - st.phase_started;
+        let vm = st.vm.as_deref().map(Arc::from);
         if deflate {
             // Compressed messages carry RSV1; nothing was tracked yet.
             let cfg = TrackerConfig {
@@ -597,11 +601,14 @@ impl Session {
             self.to_client = Tracker::new(Direction::ToClient, cfg);
         }
         env.stats
-            .setup_duration(Timing::ConmanUpgrade, env.now - self.phase_started);
+            .setup_duration(Timing::ConmanUpgrade, upgrade_took);
         env.stats
             .setup_duration(Timing::Total, env.now - self.started);
-        self.transition(env.now, |_| Phase::Relay);
+        let t = self.clock(env.now);
+        self.transition(env.now, |_| Phase::Relay(super::live::Live::new(t)));
+        self.vm = vm;
         self.deadline = None;
+        self.schedule_liveness(env);
         self.established = true;
         ShardStats::inc(&env.stats.established);
         env.stats.active.fetch_add(1, Relaxed);
@@ -727,19 +734,11 @@ impl Session {
     /// stage, or an HTTP status before a 101), and the session ends.
     pub(super) fn fail_setup(&mut self, env: &mut Env, err: SetupError) {
         env.stats.setup_failure(err.stage, err.reason, false);
-        let (repl, user) = self
-            .ident
-            .as_ref()
-            .map_or(("", ""), |i| (i.repl(), i.user()));
-        tracing::info!(
-            session = self.id,
-            client = ?self.client_ip,
-            repl,
-            user,
-            stage = err.stage.as_str(),
-            reason = err.reason,
-            "session setup failed"
-        );
+        let vm = self
+            .phase
+            .setup()
+            .and_then(|st| st.vm.as_deref().or(st.exclude.last().map(String::as_str)));
+        self.log_setup_failed(env, &err, vm);
         let before_101 = self
             .phase
             .setup()

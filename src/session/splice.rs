@@ -122,6 +122,15 @@ impl Session {
         self.advance(env);
     }
 
+    /// A frame is being spliced to `to` and waits for its socket to take
+    /// more.
+    pub(super) fn splice_waits_on(&self, to: Who) -> bool {
+        self.side_ref(to.other())
+            .splice
+            .as_ref()
+            .is_some_and(|sp| sp.poll_out)
+    }
+
     /// The result of `Op::SpliceIn`.
     pub fn handle_spliced_in(&mut self, env: &mut Env, from: Who, res: Result<usize, i32>) {
         let (id, dir) = (self.id, from.outbound());
@@ -153,6 +162,11 @@ impl Session {
                 src.eof = true;
                 sp.readable = false;
             }
+        }
+        if let Ok(n @ 1..) = res {
+            // The peer is alive, though its bytes never pass the session.
+            self.note_heard(env.now, from);
+            self.bytes[super::hold_index(dir)] += n as u64;
         }
         self.pump(env, from);
         self.advance(env);

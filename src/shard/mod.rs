@@ -42,6 +42,7 @@ macro_rules! env {
             now: $io.now,
             ring_low: $io.ring_low(),
             cfg: &$io.cfg,
+            shard: $io.shard,
             stats: &$io.stats,
             gate: &mut $io.gate,
             rng: &mut $io.rng,
@@ -203,6 +204,10 @@ impl Shard {
             .setup_cqsize(16384)
             .build(4096)?;
         let bufs = BufRing::new(&ring, cfg.buffers.count as u16, cfg.buffers.size)?;
+        // Here rather than where the listener is made, so that a listener
+        // however obtained (bound, or handed over) gives its client sockets
+        // the configured keepalive.
+        listener::set_keepalive_fd(spec.listener, &cfg.keepalive)?;
         let verify = VerifyOptions {
             leeway_s: cfg.token.leeway_s,
             cluster: cfg.token.cluster.clone(),
@@ -440,6 +445,18 @@ impl Shard {
     ) -> Option<R> {
         let io = &mut self.io;
         let e = self.sessions.get_mut(slot as usize)?.as_mut()?;
+        // Every line logged for this input carries the session's ids. A
+        // debug span: with the usual `info` filter it is never built, so
+        // the data path pays one check of the level.
+        let span = tracing::debug_span!(
+            "session",
+            id = %crate::session::SessionId(e.s.id),
+            shard = io.shard,
+            repl = e.s.ident().map_or("", |i| i.repl()),
+            user = e.s.ident().map_or("", |i| i.user()),
+            vm = e.s.vm().unwrap_or(""),
+        );
+        let _in_session = span.enter();
         let before = e.s.poll_timeout();
         let mut out = std::mem::take(&mut io.out);
         let r = {

@@ -38,7 +38,7 @@ impl Io {
                 exclude,
             } => self.placement(slot, e, seq, attempt, exclude, out),
             Op::Connect { addr, timeout } => {
-                let res = listener::conman_socket(&addr).map_err(|err| {
+                let res = listener::conman_socket(&addr, &self.cfg.keepalive).map_err(|err| {
                     if let Some(held_back) = self.socket_warn.check(self.now) {
                         tracing::warn!(shard = self.shard, %err, held_back, "cannot create a Conman socket");
                     }

@@ -22,6 +22,7 @@ use crate::proto::handshake::accept_key;
 use crate::token::Claims;
 
 mod admission;
+mod keepalive;
 mod random;
 mod relay;
 mod setup;
@@ -114,6 +115,7 @@ macro_rules! env {
             now: $h.now,
             ring_low: $h.ring_low,
             cfg: &$h.cfg,
+            shard: 0,
             stats: &$h.stats,
             gate: &mut $h.gate,
             rng: &mut $h.rng,
@@ -565,6 +567,35 @@ fn parse_frames(bytes: &[u8], masked: bool) -> Vec<(OpCode, Vec<u8>)> {
         rest = &rest[n + len..];
     }
     out
+}
+
+/// A peer's received stream without the proxy's own keepalive Pings to it
+/// (payload [`live::ping_payload`] of the harness's session), and how many
+/// there were. A Ping inside a frame would garble what follows it, so
+/// comparing the rest with what was sent also checks where they went.
+fn strip_pings(bytes: &[u8]) -> (Vec<u8>, usize) {
+    let ours = live::ping_payload(1);
+    let mut rest = bytes;
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut pings = 0;
+    while let Ok(Some((h, n))) = FrameHeader::parse(rest) {
+        let len = h.payload_len as usize;
+        if rest.len() < n + len {
+            break;
+        }
+        let mut p = rest[n..n + len].to_vec();
+        if let Some(m) = h.mask {
+            crate::proto::frame::apply_mask(&mut p, m, 0);
+        }
+        if h.opcode == OpCode::Ping && p == ours {
+            pings += 1;
+        } else {
+            out.extend_from_slice(&rest[..n + len]);
+        }
+        rest = &rest[n + len..];
+    }
+    out.extend_from_slice(rest);
+    (out, pings)
 }
 
 fn status(bytes: &[u8]) -> u16 {
