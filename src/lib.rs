@@ -18,6 +18,7 @@
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `POST /drain`.
 //! - [`metrics`]: per-shard counters merged on read; every metric name.
 //! - [`config`], [`error`]: the TOML config and the setup-stage error.
+//! - [`doctor`]: `eval-proxy doctor`, the host against a tuning profile.
 //! - [`dev`]: the embedded fake Conman behind `eval-proxy --dev`, also used
 //!   by `eval-loadgen conman` and the tests.
 
@@ -25,6 +26,7 @@ pub mod admin;
 pub mod config;
 pub mod control;
 pub mod dev;
+pub mod doctor;
 pub mod error;
 pub mod keys;
 pub(crate) mod log_every;
