@@ -618,3 +618,45 @@ repl-bad = "vm-bad"
         }
     }
 }
+
+/// In Controlplane mode any VM id can come back: the first 64 that fail
+/// keep their own label, the rest share `vm="other"`, so the series stay
+/// bounded whatever the Controlplane names.
+#[test]
+fn controlplane_vm_labels_are_capped() {
+    use eval_proxy::dev::controlplane::{self, FakeControlplaneConfig};
+    use eval_proxy::metrics::vm_label::{MAX_CONTROLPLANE_VMS, OTHER};
+    const VMS: usize = MAX_CONTROLPLANE_VMS + 2;
+    let refusing = refusing_addr();
+    // The fake places each new repl on the least loaded VM, lowest index
+    // first: session i on cp-vm-i.
+    let cp = controlplane::spawn(FakeControlplaneConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        conmans: (0..VMS)
+            .map(|i| (format!("cp-vm-{i}"), format!("ws://{}/", refusing.addr)))
+            .collect(),
+        ttl_ms: 60_000,
+        pins: Vec::new(),
+    })
+    .expect("fake controlplane");
+    let cfg = format!(
+        "[token]\nallow_dev_key = true\n[limits]\nmax_attempts = 1\n[placement]\nmode = \"controlplane\"\n[controlplane]\nurls = [\"http://{}\"]\n",
+        cp.local_addr
+    );
+    let proxy = Proxy::start(&cfg, &["--shards", "1"]);
+    for i in 0..VMS {
+        let (code, reason) = refused_with_close(&proxy, &dev_token(&format!("repl-{i}")));
+        assert_eq!(
+            (code, reason.as_str()),
+            (1014, "stage=conman_connect;reason=refused")
+        );
+    }
+    let m = proxy.metrics();
+    let series = |vm: &str| format!("{{stage=\"conman_connect\",reason=\"refused\",vm=\"{vm}\"}}");
+    let mut want: Vec<(String, f64)> = (0..MAX_CONTROLPLANE_VMS)
+        .map(|i| (series(&format!("cp-vm-{i}")), 1.0))
+        .collect();
+    want.push((series(OTHER), (VMS - MAX_CONTROLPLANE_VMS) as f64));
+    let want: Vec<(&str, f64)> = want.iter().map(|(s, v)| (s.as_str(), *v)).collect();
+    expect_exact(&m, names::CONMAN_ATTEMPT_FAILURES, &want);
+}
