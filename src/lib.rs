@@ -18,9 +18,9 @@
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `POST /drain`.
 //! - [`metrics`]: per-shard counters merged on read; every metric name.
 //! - [`config`], [`error`]: the TOML config and the setup-stage error.
-//! - [`doctor`]: `eval-proxy doctor`, the host against a tuning profile.
 //! - [`dev`]: the embedded fake Conman behind `eval-proxy --dev`, also used
 //!   by `eval-loadgen conman` and the tests.
+//! - [`doctor`]: `eval-proxy doctor`, the host against a tuning profile.
 
 pub mod admin;
 pub mod config;
