@@ -166,7 +166,7 @@ fn a_profile_file_is_checked_line_by_line() {
     let config = dir.path().join("eval.toml");
     std::fs::write(
         &config,
-        "[listen]\nshards = 2\nbacklog = 16\n\n[limits]\nmax_sessions_per_shard = 3\n",
+        "[listen]\nshards = 2\nbacklog = 16\n\n[limits]\nmax_sessions_per_shard = 3\n\n[placement]\ndefault = \"ws://127.0.0.1:7000/\"\n\n[token]\nallow_dev_key = true\n",
     )
     .unwrap();
     let out = doctor(&[
