@@ -16,7 +16,7 @@ PYTHON3=${PYTHON3:-python3}
 PYTHON27=${PYTHON27:-/root/.pyenv/versions/2.7.18/bin/python}
 AUTOBAHN_VENV=${AUTOBAHN_VENV:-/opt/eval-autobahn}
 
-APT_PACKAGES=(chromium gcc haproxy)
+APT_PACKAGES=(chromium gcc haproxy prometheus)
 WEBSOCKETS_VERSION=17.4
 # The last virtualenv that is one self-contained module on Python 2.7; its
 # --no-download seed (pip 20.3.4, setuptools 44.1.1) fetches nothing.

@@ -281,7 +281,7 @@ mod tests {
         let a = admin();
         let s = &a.stats[0];
         s.setup_failure(Stage::Token, "bad_signature", true);
-        s.attempt_failure(Stage::ConmanConnect, "refused");
+        s.attempt_failure(Stage::ConmanConnect, "refused", "vm-1".into());
         s.close_code(CloseSide::Client, 1000);
         s.http_response(404);
         s.setup_duration(Phase::Token, Duration::from_millis(3));

@@ -21,11 +21,13 @@
 //! - [`config`], [`error`]: the TOML config and the setup-stage error.
 //! - [`dev`]: the embedded fake Conman behind `eval-proxy --dev`, also used
 //!   by `eval-loadgen conman` and the tests.
+//! - [`doctor`]: `eval-proxy doctor`, the host against a tuning profile.
 
 pub mod admin;
 pub mod config;
 pub mod control;
 pub mod dev;
+pub mod doctor;
 pub mod error;
 pub mod keys;
 pub(crate) mod log_every;

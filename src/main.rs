@@ -76,6 +76,26 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// Checks this host against a tuning profile and prints each finding
+    /// with the line that fixes it.
+    ///
+    /// Reads /proc only: the kernel version, io_uring (not disabled by
+    /// kernel.io_uring_disabled, and a ring set up as a data shard sets it up),
+    /// open-file and locked-memory limits (a running eval-proxy's, else this
+    /// process's) against the sessions the config or profile is sized for,
+    /// net.core.somaxconn against listen.backlog, net.ipv4.tcp_migrate_req,
+    /// and every sysctl of the profile (ports, keepalive, buffers, ...).
+    /// Exit 0 when all is well, 1 when something is off, 2 on bad flags, an
+    /// unknown profile or a bad config.
+    Doctor {
+        /// A built-in profile (eval-proxy, loopback-bench: tuning/*.conf) or a sysctl file.
+        #[arg(long, value_name = "NAME", default_value = eval_proxy::doctor::DEFAULT_PROFILE)]
+        profile: String,
+        /// The config whose listen.backlog, listen.shards and
+        /// limits.max_sessions_per_shard are checked (default: built-in defaults).
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -129,6 +149,9 @@ fn main() -> ExitCode {
             };
         }
     };
+    if let Some(Cmd::Doctor { profile, config }) = &cli.cmd {
+        return doctor_cmd(profile, config.as_ref().or(cli.config.as_ref()));
+    }
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -154,8 +177,10 @@ impl std::fmt::Display for ConfigFault {
 impl std::error::Error for ConfigFault {}
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
-    if let Some(Cmd::Token { cmd }) = cli.cmd {
-        return token_cmd(cmd);
+    match cli.cmd {
+        Some(Cmd::Token { cmd }) => return token_cmd(cmd),
+        Some(Cmd::Doctor { .. }) => unreachable!("handled in main"),
+        None => {}
     }
     let mut cfg = match &cli.config {
         Some(p) => Config::from_file(p).map_err(|e| ConfigFault(e.to_string()))?,
@@ -374,4 +399,33 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", path.display()))?;
     writeln!(f, "{text}").with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// `eval-proxy doctor`: the report on stdout; exit 1 when a finding is off,
+/// 2 when the profile or config cannot be used.
+fn doctor_cmd(profile: &str, config: Option<&PathBuf>) -> ExitCode {
+    use eval_proxy::doctor::{self, Host, Needs, Profile, Verdict};
+    let profile = match Profile::load(profile) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("eval-proxy doctor: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cfg = match config.map(|p| Config::from_file(p).and_then(|c| c.validate().map(|()| c))) {
+        None => Config::default(),
+        Some(Ok(c)) => c,
+        Some(Err(e)) => {
+            eprintln!("eval-proxy doctor: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let needs = Needs::new(&cfg, &profile);
+    let findings = doctor::check(&profile, &Host::read(&profile), &needs);
+    print!("{}", doctor::render(&profile, &needs, &findings));
+    if findings.iter().any(|f| f.verdict == Verdict::Off) {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }

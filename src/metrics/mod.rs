@@ -7,11 +7,12 @@
 //! uncontended in practice.
 
 pub mod names;
+pub mod vm_label;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -129,7 +130,8 @@ pub struct ShardStats {
 #[derive(Default)]
 struct Rare {
     failures: BTreeMap<(&'static str, &'static str), u64>,
-    attempt_failures: BTreeMap<(&'static str, &'static str), u64>,
+    /// (stage, reason, vm label)
+    attempt_failures: BTreeMap<(&'static str, &'static str, Arc<str>), u64>,
     closes: BTreeMap<(CloseSide, u16), u64>,
     torn: BTreeMap<(&'static str, TornFrame), u64>,
     http: BTreeMap<u16, u64>,
@@ -168,11 +170,12 @@ impl ShardStats {
             .or_default() += 1;
     }
 
-    /// One Conman attempt failed (the session may still succeed on a retry).
-    pub fn attempt_failure(&self, stage: Stage, reason: &'static str) {
+    /// One Conman attempt failed (the session may still succeed on a retry);
+    /// `vm` comes from [`vm_label::for_attempt`], so its values are bounded.
+    pub fn attempt_failure(&self, stage: Stage, reason: &'static str, vm: Arc<str>) {
         *lock(&self.rare)
             .attempt_failures
-            .entry((stage.as_str(), reason))
+            .entry((stage.as_str(), reason, vm))
             .or_default() += 1;
     }
 
@@ -241,7 +244,7 @@ pub fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
 }
 
 /// Prometheus text exposition of all shards, merged at read time.
-pub fn render(shards: &[std::sync::Arc<ShardStats>]) -> String {
+pub fn render(shards: &[Arc<ShardStats>]) -> String {
     let mut out = String::with_capacity(4096);
     let sum = |f: fn(&ShardStats) -> &AtomicU64| -> u64 {
         shards.iter().map(|s| f(s).load(Relaxed)).sum()
@@ -371,7 +374,7 @@ pub fn render(shards: &[std::sync::Arc<ShardStats>]) -> String {
     );
 
     let mut failures: BTreeMap<(&str, &str), u64> = BTreeMap::new();
-    let mut attempt_failures: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    let mut attempt_failures: BTreeMap<(&str, &str, Arc<str>), u64> = BTreeMap::new();
     let mut closes: BTreeMap<(CloseSide, u16), u64> = BTreeMap::new();
     let mut torn: BTreeMap<(&str, TornFrame), u64> = BTreeMap::new();
     let mut http: BTreeMap<u16, u64> = BTreeMap::new();
@@ -382,7 +385,7 @@ pub fn render(shards: &[std::sync::Arc<ShardStats>]) -> String {
             *failures.entry(*k).or_default() += v;
         }
         for (k, v) in &r.attempt_failures {
-            *attempt_failures.entry(*k).or_default() += v;
+            *attempt_failures.entry(k.clone()).or_default() += v;
         }
         for (k, v) in &r.closes {
             *closes.entry(*k).or_default() += v;
@@ -416,14 +419,17 @@ pub fn render(shards: &[std::sync::Arc<ShardStats>]) -> String {
     }
     let _ = writeln!(
         out,
-        "# HELP {0} Conman attempts that failed (retried or not), by stage and reason.\n# TYPE {0} counter",
-        names::CONMAN_ATTEMPT_FAILURES
+        "# HELP {0} Conman attempts that failed (retried or not), by stage, reason and VM (Controlplane VMs past the first {1}: vm=\"{2}\").\n# TYPE {0} counter",
+        names::CONMAN_ATTEMPT_FAILURES,
+        vm_label::MAX_CONTROLPLANE_VMS,
+        vm_label::OTHER,
     );
-    for ((stage, reason), v) in &attempt_failures {
+    for ((stage, reason, vm), v) in &attempt_failures {
         let _ = writeln!(
             out,
-            "{}{{stage=\"{stage}\",reason=\"{reason}\"}} {v}",
-            names::CONMAN_ATTEMPT_FAILURES
+            "{}{{stage=\"{stage}\",reason=\"{reason}\",vm=\"{}\"}} {v}",
+            names::CONMAN_ATTEMPT_FAILURES,
+            escape_label(vm)
         );
     }
     let _ = writeln!(
@@ -464,6 +470,19 @@ pub fn render(shards: &[std::sync::Arc<ShardStats>]) -> String {
     out
 }
 
+/// A label value as the text format wants it: a VM id comes from the
+/// config or the Controlplane, and a quote or newline in it must not break
+/// the exposition.
+fn escape_label(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.contains(['\\', '"', '\n']) {
+        return v.into();
+    }
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+        .into()
+}
+
 const BUCKETS_US: [u64; 14] = [
     100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
     1_000_000, 10_000_000,
@@ -496,5 +515,29 @@ fn render_histograms(out: &mut String, setup: &[(Phase, Histogram<u64>)]) {
         let sum_s = h.mean() * h.len() as f64 / 1e6;
         let _ = writeln!(out, "{name}_sum{{stage=\"{stage}\"}} {sum_s}");
         let _ = writeln!(out, "{name}_count{{stage=\"{stage}\"}} {}", h.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempt_failures_carry_the_vm_merged_across_shards() {
+        let a = Arc::new(ShardStats::default());
+        let b = Arc::new(ShardStats::default());
+        a.attempt_failure(Stage::ConmanConnect, "refused", "vm-1".into());
+        b.attempt_failure(Stage::ConmanConnect, "refused", "vm-1".into());
+        b.attempt_failure(Stage::ConmanHandshake, "status", "vm-2".into());
+        b.attempt_failure(Stage::ConmanHandshake, "status", "a\"b\\c\nd".into());
+        let out = render(&[a, b]);
+        let n = names::CONMAN_ATTEMPT_FAILURES;
+        for want in [
+            format!("{n}{{stage=\"conman_connect\",reason=\"refused\",vm=\"vm-1\"}} 2"),
+            format!("{n}{{stage=\"conman_handshake\",reason=\"status\",vm=\"vm-2\"}} 1"),
+            format!("{n}{{stage=\"conman_handshake\",reason=\"status\",vm=\"a\\\"b\\\\c\\nd\"}} 1"),
+        ] {
+            assert!(out.lines().any(|l| l == want), "{want} missing in\n{out}");
+        }
     }
 }

@@ -628,7 +628,9 @@ impl Session {
     /// A Conman attempt failed: back off and try another VM while the setup
     /// deadline allows, else fail the session with this error.
     pub(super) fn retry_or_fail(&mut self, env: &mut Env, err: SetupError) {
-        env.stats.attempt_failure(err.stage, err.reason);
+        let vm = self.phase.setup().and_then(|st| st.vm.as_deref());
+        let vm = crate::metrics::vm_label::for_attempt(env.cfg, vm);
+        env.stats.attempt_failure(err.stage, err.reason, vm);
         let limits = &env.cfg.limits;
         let (max, base, cap) = (
             limits.max_attempts,

@@ -54,7 +54,10 @@ fn sockets_close_without_lingering_only_after_a_close_handshake() {
     h.settle();
     assert!(h.peers[0].shut_wr, "client not shut down after its 1014");
     assert!(h.peers[0].fd.is_some(), "client closed before its FIN");
-    assert!(!h.peers[1].shut_wr, "Conman sent FIN: close(2) alone ends it");
+    assert!(
+        !h.peers[1].shut_wr,
+        "Conman sent FIN: close(2) alone ends it"
+    );
     h.peers[0].fin = true;
     h.settle();
     assert!(h.all_closed());
