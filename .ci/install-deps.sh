@@ -50,8 +50,20 @@ install_apt() {
     [ "${#missing[@]}" -eq 0 ] && return
     say "apt-get install ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # The tests need these packages' binaries, not their services: Debian's
+    # prometheus would start on :9090 (the proxy's default admin port) and
+    # haproxy on its packaged config. policy-rc.d exit 101 is Debian's way
+    # to say "start no daemon" during an install (invoke-rc.d honours it).
+    local policy=/usr/sbin/policy-rc.d own_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        own_policy=1
+    fi
     quietly apt-get update
     quietly apt-get install -y --no-install-recommends "${missing[@]}"
+    [ "$own_policy" = 1 ] && rm -f "$policy"
+    return 0
 }
 
 install_websockets() {
