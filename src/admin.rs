@@ -12,19 +12,17 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
+use crate::control::drain::{self, Lifecycle};
 use crate::keys::KeyStore;
 use crate::log_every::LogEvery;
 use crate::metrics::{self, names, ShardStats};
-use crate::shard::Control;
 
 pub struct Admin {
     pub stats: Vec<Arc<ShardStats>>,
     pub control: Arc<crate::control::ControlStats>,
     /// The token keys in force; their reload count is exported.
     pub keys: Arc<KeyStore>,
-    pub lifecycle: Arc<Control>,
-    /// Called by `POST /drain`.
-    pub drain: Box<dyn Fn() + Send + Sync>,
+    pub lifecycle: Arc<Lifecycle>,
 }
 
 impl Admin {
@@ -35,8 +33,20 @@ impl Admin {
         metrics::gauge(
             &mut body,
             names::DRAINING,
-            "1 while the proxy drains (not accepting).",
-            self.lifecycle.draining.load(Ordering::Relaxed) as u64,
+            "1 once a drain has started (/readyz is 503).",
+            u64::from(!self.lifecycle.ready()),
+        );
+        metrics::gauge(
+            &mut body,
+            names::DRAIN_PHASE,
+            "Drain phase: 0 running, 1 not ready (still accepting), 2 draining (not accepting), 3 closing the rest, 4 done.",
+            self.lifecycle.phase() as u64,
+        );
+        metrics::gauge(
+            &mut body,
+            names::DRAIN_SESSIONS_LEFT,
+            "Connections still open (what a drain waits for), all shards.",
+            drain::sessions_left(&self.stats),
         );
         metrics::counter(
             &mut body,
@@ -176,14 +186,14 @@ fn handle(mut stream: TcpStream, admin: &Admin) -> io::Result<()> {
         }
         ("GET", "/healthz") => respond(&mut stream, 200, "text/plain", "ok\n"),
         ("GET", "/readyz") => {
-            if admin.lifecycle.draining.load(Ordering::Relaxed) {
+            if !admin.lifecycle.ready() {
                 respond(&mut stream, 503, "text/plain", "draining\n")
             } else {
                 respond(&mut stream, 200, "text/plain", "ready\n")
             }
         }
         ("POST", "/drain") => {
-            (admin.drain)();
+            admin.lifecycle.request(drain::Request::Drain);
             respond(&mut stream, 202, "text/plain", "draining\n")
         }
         (_, "/metrics" | "/healthz" | "/readyz" | "/drain") => {
@@ -240,8 +250,14 @@ mod tests {
             stats: vec![Arc::new(ShardStats::default())],
             control: Default::default(),
             keys: Arc::new(KeyStore::new(KeySet::new())),
-            lifecycle: Default::default(),
-            drain: Box::new(|| {}),
+            lifecycle: Arc::new(Lifecycle::new(
+                drain::DrainTimes {
+                    readiness_delay: Duration::ZERO,
+                    grace: Duration::ZERO,
+                    close_spread: Duration::ZERO,
+                },
+                drain::Wakers { fds: Vec::new() },
+            )),
         }
     }
 

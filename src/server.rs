@@ -4,16 +4,17 @@
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{error, info, warn};
 
 use crate::admin::{self, Admin};
 use crate::config::Config;
+use crate::control::drain::{self, DrainPhase, DrainTimes, Lifecycle, Request, Wakers};
 use crate::keys::KeyStore;
 use crate::metrics::ShardStats;
-use crate::shard::{listener, Control, Shard, ShardSpec};
+use crate::shard::{listener, Shard, ShardSpec};
 use crate::token::{self, KeySet};
 
 /// Addresses actually bound (port 0 resolved).
@@ -53,20 +54,6 @@ pub fn block_signals() -> libc::sigset_t {
         libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
-    }
-}
-
-struct Wakers {
-    fds: Vec<i32>,
-}
-
-impl Wakers {
-    fn wake_all(&self) {
-        for &fd in &self.fds {
-            let one: u64 = 1;
-            // SAFETY: writing 8 bytes to our eventfd.
-            unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
-        }
     }
 }
 
@@ -141,7 +128,6 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let (sockets, listen) = listener::bind_all(cfg.listen.addr, n, cfg.listen.backlog)
         .map_err(|e| io::Error::new(e.kind(), format!("listen on {}: {e}", cfg.listen.addr)))?;
-    let control = Arc::new(Control::default());
     let stats: Vec<Arc<ShardStats>> = (0..n).map(|_| Arc::new(ShardStats::default())).collect();
     let mut shard_ctl = Vec::with_capacity(n);
     let mut control_ends = Vec::with_capacity(n);
@@ -165,47 +151,28 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
         }
         wake_fds.push(fd);
     }
-    let wakers = Arc::new(Wakers {
-        fds: wake_fds.clone(),
-    });
-    let grace = Duration::from_secs(cfg.drain.grace_s);
-    let drain_started = Arc::new(Mutex::new(false));
-    let start_drain = {
-        let control = control.clone();
-        let wakers = wakers.clone();
-        let started = drain_started.clone();
-        move || {
-            let mut s = started.lock().unwrap_or_else(|p| p.into_inner());
-            if *s {
-                return;
-            }
-            *s = true;
-            info!(grace_s = grace.as_secs(), "drain started");
-            control.draining.store(true, Ordering::Release);
-            wakers.wake_all();
-            let control = control.clone();
-            let wakers = wakers.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(grace);
-                control.grace_over.store(true, Ordering::Release);
-                wakers.wake_all();
-            });
-        }
-    };
-    let start_drain = Arc::new(start_drain);
+    let lifecycle = Arc::new(Lifecycle::new(
+        DrainTimes {
+            readiness_delay: cfg.drain.readiness_delay(),
+            grace: Duration::from_secs(cfg.drain.grace_s),
+            close_spread: cfg.drain.close_spread(),
+        },
+        Wakers {
+            fds: wake_fds.clone(),
+        },
+    ));
+    let drain_driver = drain::spawn_driver(lifecycle.clone(), stats.clone())?;
 
     let admin_addr = if cfg.admin.enabled {
         let l = TcpListener::bind(cfg.admin.addr).map_err(|e| {
             io::Error::new(e.kind(), format!("admin listen on {}: {e}", cfg.admin.addr))
         })?;
         let addr = l.local_addr()?;
-        let sd = start_drain.clone();
         let admin = Arc::new(Admin {
             stats: stats.clone(),
             control: control_stats.clone(),
             keys: keys.clone(),
-            lifecycle: control.clone(),
-            drain: Box::new(move || sd()),
+            lifecycle: lifecycle.clone(),
         });
         std::thread::Builder::new()
             .name("admin".into())
@@ -216,9 +183,7 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
     };
 
     {
-        let sd = start_drain.clone();
-        let control = control.clone();
-        let wakers = wakers.clone();
+        let lifecycle = lifecycle.clone();
         let reload_cfg = cfg.clone();
         let reload_store = keys.clone();
         std::thread::Builder::new()
@@ -233,15 +198,13 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
                     reload_keys(&reload_cfg, &reload_store, "SIGHUP");
                     continue;
                 }
-                if control.draining.load(Ordering::Acquire) {
-                    // A second signal: stop waiting for the grace period.
-                    info!(signal = sig, "second signal: closing remaining sessions");
-                    control.grace_over.store(true, Ordering::Release);
-                    wakers.wake_all();
-                } else {
-                    info!(signal = sig, "signal received");
-                    sd();
-                }
+                // The first starts a drain; another ends its grace period.
+                info!(
+                    signal = sig,
+                    phase = lifecycle.phase().as_str(),
+                    "signal received"
+                );
+                lifecycle.request(Request::Drain);
             })?;
     }
 
@@ -258,7 +221,7 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
             control_fd: std::os::fd::IntoRawFd::into_raw_fd(ctl),
             local_placement: local_placement.clone(),
             stats: stats[id].clone(),
-            control: control.clone(),
+            lifecycle: lifecycle.clone(),
             wake_fd: wake_fds[id],
             per_ip: per_ip.clone(),
         };
@@ -311,6 +274,13 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
     }
     // Shards closed their control sockets on exit; the control thread ends.
     let _ = control_thread.join();
+    if lifecycle.phase() < DrainPhase::Draining {
+        // Every shard stopped without a drain (they failed): nothing is
+        // left to drain either.
+        warn!("shards stopped without a drain");
+    }
+    lifecycle.all_stopped();
+    let _ = drain_driver.join();
     for (id, s) in stats.iter().enumerate() {
         info!(
             shard = id,

@@ -15,6 +15,8 @@
 //!   sans-IO.
 //! - `client`, `service`: the thin glommio glue (sockets, timers, tasks).
 //! - [`Clock`]: where the glue reads `now`; tests move a [`ManualClock`].
+//! - [`drain`]: the process's drain phases (sans-IO machine, the closing
+//!   planner, the thread that drives them).
 //!
 //! One thread runs a glommio `LocalExecutor`; traffic is light (a request
 //! per new session at most), so one core's share is plenty.
@@ -43,6 +45,7 @@ mod breaker;
 mod cache;
 mod client;
 mod clock;
+pub mod drain;
 mod flights;
 pub mod http;
 mod placer;

@@ -114,6 +114,8 @@ pub struct ShardStats {
     pub buffered_bytes: AtomicU64,
     /// Times a side stopped being read because the shard's budget was spent.
     pub budget_pauses: AtomicU64,
+    /// Connections the shard holds, in any phase (what a drain waits for).
+    pub live: AtomicU64,
     rare: Mutex<Rare>,
 }
 

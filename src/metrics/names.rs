@@ -45,6 +45,8 @@ pub const CONMAN_ATTEMPT_FAILURES: &str = "eval_conman_attempt_failures_total";
 
 // The process (`admin`).
 pub const DRAINING: &str = "eval_draining";
+pub const DRAIN_PHASE: &str = "eval_drain_phase";
+pub const DRAIN_SESSIONS_LEFT: &str = "eval_drain_sessions_left";
 pub const TOKEN_KEY_RELOADS: &str = "eval_token_key_reloads_total";
 
 // The control shard (`control::ControlStats::render`).
@@ -78,6 +80,8 @@ pub const ALL: &[(&str, Kind)] = &[
     (BUFFERED_BYTES, Kind::Gauge),
     (CONMAN_ATTEMPT_FAILURES, Kind::Counter),
     (DRAINING, Kind::Gauge),
+    (DRAIN_PHASE, Kind::Gauge),
+    (DRAIN_SESSIONS_LEFT, Kind::Gauge),
     (TOKEN_KEY_RELOADS, Kind::Counter),
     (CONTROLPLANE_REQUESTS, Kind::Counter),
     (CONTROLPLANE_CACHE_HITS, Kind::Counter),

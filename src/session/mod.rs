@@ -530,6 +530,10 @@ pub struct Session {
     /// until it finishes.
     admitted: bool,
     holds_ip_slot: bool,
+    /// When bytes last arrived from either side, in milliseconds after
+    /// `started` (4 bytes, where an `Instant` would be 16): a drain closes
+    /// the longest idle first.
+    last_active_ms: u32,
 }
 
 impl Session {
@@ -570,7 +574,18 @@ impl Session {
             client_ip: peer,
             admitted: false,
             holds_ip_slot: false,
+            last_active_ms: 0,
         }
+    }
+
+    /// Since when neither side has sent anything.
+    pub fn idle_since(&self) -> Instant {
+        self.started + Duration::from_millis(u64::from(self.last_active_ms))
+    }
+
+    fn touch(&mut self, now: Instant) {
+        let ms = now.saturating_duration_since(self.started).as_millis();
+        self.last_active_ms = ms.min(u128::from(u32::MAX)) as u32;
     }
 
     pub fn start(&mut self, env: &mut Env) {
@@ -773,6 +788,7 @@ impl Session {
         }
         match data {
             Some((bid, bytes)) if res > 0 => {
+                self.touch(env.now);
                 self.on_data(env, who, bid, bytes);
                 // A multishot receive may end on its own (or a cancel may
                 // land after a resume), and a single-shot one always does:
@@ -1113,13 +1129,26 @@ impl Session {
         self.advance(env);
     }
 
-    /// The drain grace period is over: Close to both peers.
-    pub fn handle_grace_over(&mut self, env: &mut Env) {
-        self.end_session(
-            env,
-            crate::proto::close::GOING_AWAY,
-            "stage=drain;reason=grace_over",
-        );
+    /// The drain's closing phase reached this session (its time comes from
+    /// `control::drain::plan_closes`): Close 1012 to the client, telling it
+    /// to come back after `retry_after_ms` (on another proxy, or the new
+    /// process), 1001 to Conman. A session still being set up fails with
+    /// the same reason; one that has not been promised anything yet (no
+    /// 101) just ends.
+    pub fn handle_drain_close(&mut self, env: &mut Env, retry_after_ms: u64) {
+        let err = SetupError {
+            stage: crate::error::Stage::Drain,
+            reason: "restart",
+            retry_after_ms: Some(retry_after_ms),
+        };
+        match self.kind() {
+            Kind::Relay => self.end_session(env, err.close_code(), &err.close_reason()),
+            Kind::Placement | Kind::Connecting | Kind::ConmanHandshake | Kind::Backoff => {
+                self.fail_setup(env, err)
+            }
+            Kind::ProxyHeader | Kind::Head | Kind::Verify => self.begin_closing(env),
+            Kind::Closing => {}
+        }
         self.advance(env);
     }
 }

@@ -124,6 +124,9 @@ impl Session {
 
     /// The result of `Op::SpliceIn`.
     pub fn handle_spliced_in(&mut self, env: &mut Env, from: Who, res: Result<usize, i32>) {
+        if matches!(res, Ok(n) if n > 0) {
+            self.touch(env.now);
+        }
         let (id, dir) = (self.id, from.outbound());
         let (src, _, tracker) = self.split(from);
         let Some(sp) = src.splice.as_mut() else {
