@@ -76,7 +76,12 @@ pub const RESPONSE_DEADLINE: Duration = Duration::from_secs(5);
 
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbusy\n";
 
-/// Serves until the process exits. Each connection gets its own
+/// How long the accept loop waits before looking whether the listener was
+/// handed to a new process.
+const STOP_POLL_MS: i32 = 200;
+
+/// Serves until the process exits, or until the listener is handed to a
+/// new process ([`Lifecycle::admin_stopped`]). Each connection gets its own
 /// short-lived thread, at most `MAX_CONNS` at once, and `REQUEST_DEADLINE`
 /// plus `RESPONSE_DEADLINE` in total, so a stuck or hostile client cannot
 /// block others for long nor pile up threads.
@@ -84,9 +89,30 @@ pub fn serve(listener: TcpListener, admin: Arc<Admin>) {
     let active = Arc::new(AtomicUsize::new(0));
     let mut accept_warn = LogEvery::default();
     let mut busy_warn = LogEvery::default();
-    for conn in listener.incoming() {
+    // Non-blocking, polled: after a handover the new process accepts on
+    // the same socket, and this loop must notice that it is to stop.
+    let _ = listener.set_nonblocking(true);
+    loop {
+        if admin.lifecycle.admin_stopped() {
+            return;
+        }
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd, a local that outlives the call.
+        unsafe { libc::poll(&mut pfd, 1, STOP_POLL_MS) };
+        if admin.lifecycle.admin_stopped() {
+            return;
+        }
+        let conn = match listener.accept() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            other => other.map(|(s, _)| s),
+        };
         match conn {
             Ok(stream) => {
+                let _ = stream.set_nonblocking(false);
                 let Some(slot) = Slot::take(&active) else {
                     if let Some(held_back) = busy_warn.check(Instant::now()) {
                         warn!(

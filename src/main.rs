@@ -25,7 +25,12 @@ use eval_proxy::token::{self, Claims};
 #[command(
     name = "eval-proxy",
     version,
-    after_help = "Exit codes: 0 clean exit, 1 runtime failure, 2 bad flags or config.\nQuick start: eval-proxy --dev"
+    after_help = "Exit codes: 0 clean exit (after a drain), 1 runtime failure, 2 bad flags or config \
+                  (also: the address is served by a running proxy, or --takeover was refused).\n\
+                  Signals: SIGTERM/SIGINT drain (a second one ends the grace period), SIGHUP reloads token keys.\n\
+                  Upgrade: start the new binary with --takeover and the same config.\n\
+                  systemd socket activation (LISTEN_FDS) is used when present.\n\
+                  Quick start: eval-proxy --dev"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -61,6 +66,13 @@ struct Cli {
     /// Validate the config and exit.
     #[arg(long)]
     check: bool,
+    /// Zero-downtime upgrade: take the listening sockets over from the
+    /// proxy running with this config (through lifecycle.handover_socket),
+    /// start on them, print `ready`, then tell the old process to drain.
+    /// Exit 2 if its config is incompatible (listen.addr, listen.shards);
+    /// a normal start if no old process answers.
+    #[arg(long)]
+    takeover: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -216,7 +228,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
     init_logging(&cfg);
     let dev = cli.dev;
-    eval_proxy::server::run(cfg, |b| {
+    let opts = eval_proxy::server::StartOptions {
+        takeover: cli.takeover,
+    };
+    eval_proxy::server::run_with(cfg, opts, |b| {
         let mut out = std::io::stdout().lock();
         if dev {
             let claims = Claims {

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{IntoRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,8 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, Admin};
 use crate::config::Config;
-use crate::control::drain::{self, DrainPhase, DrainTimes, Lifecycle, Request, Wakers};
+use crate::control::drain::{self, DrainPhase, DrainTimes, Lifecycle, Request, Spares, Wakers};
+use crate::control::handover;
 use crate::keys::KeyStore;
 use crate::metrics::ShardStats;
 use crate::shard::{listener, Shard, ShardSpec};
@@ -118,7 +120,100 @@ fn watch_keys(cfg: Arc<Config>, store: Arc<KeyStore>) -> io::Result<()> {
 
 const KEY_POLL: Duration = Duration::from_secs(2);
 
+/// How the process starts, beside its config.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartOptions {
+    /// Take the listening sockets over from the running proxy (its
+    /// handover socket), which then drains; a normal start if none answers.
+    pub takeover: bool,
+}
+
+/// Where the listening sockets came from.
+enum Origin {
+    Bound,
+    Systemd,
+    TakenOver(handover::Received),
+}
+
+/// The configured identity a takeover compares (see `handover::Hello`).
+fn hello(cfg: &Config) -> handover::Hello {
+    handover::Hello {
+        listen: cfg.listen.addr,
+        shards: cfg.shard_count(),
+        admin: cfg.admin.enabled.then_some(cfg.admin.addr),
+    }
+}
+
+/// The public listening sockets, one per shard, and the admin listener if
+/// it came with them: from systemd, from the running proxy, or bound here.
+fn acquire(
+    cfg: &Config,
+    opts: StartOptions,
+) -> io::Result<(Vec<OwnedFd>, Option<OwnedFd>, Origin)> {
+    let n = cfg.shard_count();
+    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+    if let Some(fds) = listener::systemd_fds()? {
+        info!(
+            sockets = fds.len(),
+            "listening sockets from systemd (LISTEN_FDS)"
+        );
+        return Ok((listener::spread_over_shards(fds, n)?, None, Origin::Systemd));
+    }
+    let path = cfg.handover_socket();
+    if opts.takeover {
+        let path = path.clone().ok_or_else(|| {
+            invalid(
+                "--takeover needs a handover socket: set lifecycle.handover_socket \
+                 (listen.addr has port 0, or handover is off)"
+                    .into(),
+            )
+        })?;
+        match handover::take_over(&path, &hello(cfg))? {
+            handover::Takeover::Got(r) => {
+                info!(
+                    from_pid = r.old_pid,
+                    sockets = r.listeners.len(),
+                    "listening sockets taken over"
+                );
+                let mut r = r;
+                let fds = std::mem::take(&mut r.listeners);
+                let admin = r.admin.take();
+                return Ok((fds, admin, Origin::TakenOver(r)));
+            }
+            handover::Takeover::NoOldProcess(why) => {
+                warn!(%why, "--takeover: no running proxy answered; starting normally");
+            }
+        }
+    }
+    if listener::already_served(cfg.listen.addr) {
+        let by = handover::who_listens(cfg.listen.addr)
+            .map_or("another process".to_string(), |pid| {
+                format!("process {pid}")
+            });
+        let how = match &path {
+            Some(p) => format!(
+                "To replace it without refusing a connect, run this binary with --takeover \
+                 (and the same config): it takes the sockets over through {}",
+                p.display()
+            ),
+            None => "Set lifecycle.handover_socket on both to hand the sockets over".into(),
+        };
+        return Err(invalid(format!(
+            "listen.addr {} is already served by {by}; a second proxy would silently share \
+             the port (SO_REUSEPORT). {how}.",
+            cfg.listen.addr
+        )));
+    }
+    let (sockets, _) = listener::bind_all(cfg.listen.addr, n, cfg.listen.backlog)
+        .map_err(|e| io::Error::new(e.kind(), format!("listen on {}: {e}", cfg.listen.addr)))?;
+    Ok((listener::into_owned(sockets), None, Origin::Bound))
+}
+
 pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
+    run_with(cfg, StartOptions::default(), on_ready)
+}
+
+pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
     let sigset = block_signals();
     let cfg = Arc::new(cfg);
     let n = cfg.shard_count();
@@ -126,8 +221,16 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
     let control_cfg = cfg
         .control_config()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-    let (sockets, listen) = listener::bind_all(cfg.listen.addr, n, cfg.listen.backlog)
-        .map_err(|e| io::Error::new(e.kind(), format!("listen on {}: {e}", cfg.listen.addr)))?;
+    let (sockets, admin_fd, origin) = acquire(&cfg, opts)?;
+    let listen = listener::local_addr(&sockets[0])?;
+    // Copies for the next handover, taken before the shards own theirs.
+    let spares = Spares {
+        listeners: sockets
+            .iter()
+            .map(|s| s.try_clone())
+            .collect::<io::Result<_>>()?,
+        admin: None,
+    };
     let stats: Vec<Arc<ShardStats>> = (0..n).map(|_| Arc::new(ShardStats::default())).collect();
     let mut shard_ctl = Vec::with_capacity(n);
     let mut control_ends = Vec::with_capacity(n);
@@ -163,10 +266,15 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
     ));
     let drain_driver = drain::spawn_driver(lifecycle.clone(), stats.clone())?;
 
+    let mut spares = spares;
     let admin_addr = if cfg.admin.enabled {
-        let l = TcpListener::bind(cfg.admin.addr).map_err(|e| {
-            io::Error::new(e.kind(), format!("admin listen on {}: {e}", cfg.admin.addr))
-        })?;
+        let l = match admin_fd {
+            Some(fd) => TcpListener::from(fd),
+            None => TcpListener::bind(cfg.admin.addr).map_err(|e| {
+                io::Error::new(e.kind(), format!("admin listen on {}: {e}", cfg.admin.addr))
+            })?,
+        };
+        spares.admin = Some(OwnedFd::from(l.try_clone()?));
         let addr = l.local_addr()?;
         let admin = Arc::new(Admin {
             stats: stats.clone(),
@@ -215,7 +323,7 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
     for ((id, sock), ctl) in sockets.into_iter().enumerate().zip(shard_ctl) {
         let spec = ShardSpec {
             id,
-            listener: std::os::fd::IntoRawFd::into_raw_fd(sock),
+            listener: sock.into_raw_fd(),
             cfg: cfg.clone(),
             keys: keys.clone(),
             control_fd: std::os::fd::IntoRawFd::into_raw_fd(ctl),
@@ -258,6 +366,25 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
         admin: admin_addr,
         shards: n,
     });
+    lifecycle.keep_spares(spares);
+    let handover_path = cfg.handover_socket();
+    match origin {
+        Origin::TakenOver(r) => {
+            // Ready and serving: now the old process may stop accepting.
+            match r.confirm() {
+                Ok(pid) => info!(old_pid = pid, "the old process drains; this one serves"),
+                Err(e) => warn!(err = %e, "the old process did not confirm the handover"),
+            }
+            if let Some(p) = handover_path.clone() {
+                handover::serve_after_takeover(p, hello(&cfg), lifecycle.clone());
+            }
+        }
+        Origin::Bound | Origin::Systemd => {
+            if let Some(p) = handover_path.clone() {
+                handover::serve(p, hello(&cfg), lifecycle.clone());
+            }
+        }
+    }
     let mut result = Ok(());
     for (id, h) in handles.into_iter().enumerate() {
         match h.join() {
@@ -280,6 +407,10 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
         warn!("shards stopped without a drain");
     }
     lifecycle.all_stopped();
+    if let (Some(p), false) = (&handover_path, lifecycle.handed_over()) {
+        // Ours, unless a new process took over (then it is the new one's).
+        let _ = std::fs::remove_file(p);
+    }
     let _ = drain_driver.join();
     for (id, s) in stats.iter().enumerate() {
         info!(

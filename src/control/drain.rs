@@ -30,6 +30,7 @@
 //! of the same group (another shard, or another process on the port)
 //! instead of resetting them.
 
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -251,6 +252,13 @@ pub struct Lifecycle {
     /// The listening sockets were handed to a new process: shards close
     /// theirs without accepting what is queued (the new process does).
     handed_over: AtomicBool,
+    /// The admin listener went to the new process with the others: this
+    /// one stops serving it.
+    admin_stopped: AtomicBool,
+    /// Copies of the listening sockets kept for a handover; closed when
+    /// the shards stop accepting, since a copy nobody accepts on would keep
+    /// the port listening with connects queued and never served.
+    spares: Mutex<Option<Spares>>,
     machine: Mutex<Drain>,
     changed: Condvar,
     wakers: Wakers,
@@ -261,6 +269,8 @@ impl Lifecycle {
         Lifecycle {
             phase: AtomicU8::new(DrainPhase::Running as u8),
             handed_over: AtomicBool::new(false),
+            admin_stopped: AtomicBool::new(false),
+            spares: Mutex::new(None),
             machine: Mutex::new(Drain::new(times)),
             changed: Condvar::new(),
             wakers,
@@ -277,6 +287,31 @@ impl Lifecycle {
 
     pub fn handed_over(&self) -> bool {
         self.handed_over.load(Ordering::Acquire)
+    }
+
+    pub fn stop_admin(&self) {
+        self.admin_stopped.store(true, Ordering::Release);
+    }
+
+    pub fn admin_stopped(&self) -> bool {
+        self.admin_stopped.load(Ordering::Acquire)
+    }
+
+    /// Keeps copies of the listening sockets for a handover (see `spares`).
+    pub fn keep_spares(&self, spares: Spares) {
+        if self.phase() < DrainPhase::Draining {
+            *self.spares.lock().unwrap_or_else(|p| p.into_inner()) = Some(spares);
+        }
+    }
+
+    /// Runs `f` on the spare sockets while they cannot be closed; `None`
+    /// once the shards have stopped accepting.
+    pub fn with_spares<R>(&self, f: impl FnOnce(&Spares) -> R) -> Option<R> {
+        self.spares
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(f)
     }
 
     pub fn request(&self, req: Request) {
@@ -304,6 +339,9 @@ impl Lifecycle {
         if now == before {
             return;
         }
+        if now >= DrainPhase::Draining {
+            drop(self.spares.lock().unwrap_or_else(|p| p.into_inner()).take());
+        }
         self.phase.store(now as u8, Ordering::Release);
         info!(
             from = before.as_str(),
@@ -313,6 +351,13 @@ impl Lifecycle {
         );
         self.wakers.wake_all();
     }
+}
+
+/// Copies of the process's listening sockets: one per shard, and the
+/// admin listener's.
+pub struct Spares {
+    pub listeners: Vec<OwnedFd>,
+    pub admin: Option<OwnedFd>,
 }
 
 /// How often a drain logs its progress.

@@ -17,6 +17,7 @@
 //! - [`Clock`]: where the glue reads `now`; tests move a [`ManualClock`].
 //! - [`drain`]: the process's drain phases (sans-IO machine, the closing
 //!   planner, the thread that drives them).
+//! - [`handover`]: listening sockets passed to a new binary (SCM_RIGHTS).
 //!
 //! One thread runs a glommio `LocalExecutor`; traffic is light (a request
 //! per new session at most), so one core's share is plenty.
@@ -47,6 +48,7 @@ mod client;
 mod clock;
 pub mod drain;
 mod flights;
+pub mod handover;
 pub mod http;
 mod placer;
 mod rendezvous;

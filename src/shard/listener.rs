@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{IntoRawFd, RawFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -35,6 +35,117 @@ pub fn bind_all(
         out.push(s);
     }
     Ok((out, bound))
+}
+
+/// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: RawFd = 3;
+
+/// Sockets passed by systemd socket activation (`sd_listen_fds(3)`):
+/// `LISTEN_PID` names this process and `LISTEN_FDS` counts the descriptors
+/// from 3 on. `None` when the variables are absent or meant for another
+/// process. The variables are removed, so no child takes them for its own.
+/// Called before any thread of ours reads the environment.
+pub fn systemd_fds() -> io::Result<Option<Vec<OwnedFd>>> {
+    let pid = std::env::var("LISTEN_PID").ok();
+    let count = std::env::var("LISTEN_FDS").ok();
+    for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(v);
+    }
+    let (Some(pid), Some(count)) = (pid, count) else {
+        return Ok(None);
+    };
+    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(None);
+    }
+    let n: RawFd = count
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| (1..=1024).contains(n))
+        .ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("LISTEN_FDS={count:?}"))
+        })?;
+    let mut out = Vec::with_capacity(n as usize);
+    for fd in LISTEN_FDS_START..LISTEN_FDS_START + n {
+        let mut listening: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt on a descriptor number systemd says is ours;
+        // it writes at most `len` bytes into a local of that size, and
+        // fails cleanly if `fd` is not a socket.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_ACCEPTCONN,
+                (&mut listening as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r != 0 || listening == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("LISTEN_FDS: descriptor {fd} is not a listening socket"),
+            ));
+        }
+        // SAFETY: systemd passed us this descriptor (LISTEN_PID is our
+        // pid) and nothing else in the process owns it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: F_SETFD on a descriptor we own.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        out.push(owned);
+    }
+    Ok(Some(out))
+}
+
+/// The address a listening socket is bound to.
+pub fn local_addr(fd: &OwnedFd) -> io::Result<SocketAddr> {
+    socket2::SockRef::from(fd)
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("listener has no inet address"))
+}
+
+/// Fails when another socket already listens on `addr` (which our
+/// SO_REUSEPORT bind would silently join): a probe bind without
+/// SO_REUSEPORT is refused exactly then. Port 0 never conflicts.
+pub fn already_served(addr: SocketAddr) -> bool {
+    if addr.port() == 0 {
+        return false;
+    }
+    let Ok(s) = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)) else {
+        return false;
+    };
+    let _ = s.set_reuse_address(true);
+    matches!(s.bind(&addr.into()), Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE))
+}
+
+/// One listener per shard from `fds`: the same socket shared by every
+/// shard when there is one (their accepts take turns on its queue), else
+/// one each.
+pub fn spread_over_shards(fds: Vec<OwnedFd>, shards: usize) -> io::Result<Vec<OwnedFd>> {
+    match fds.len() {
+        n if n == shards => Ok(fds),
+        1 => {
+            let mut out = Vec::with_capacity(shards);
+            for _ in 1..shards {
+                out.push(fds[0].try_clone()?);
+            }
+            out.extend(fds);
+            Ok(out)
+        }
+        n => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{n} listening sockets passed for {shards} shards: pass one, or one per shard \
+                 (listen.shards)"
+            ),
+        )),
+    }
+}
+
+/// Raw descriptors of `socks`, for code that wants `OwnedFd`s.
+pub fn into_owned(socks: Vec<Socket>) -> Vec<OwnedFd> {
+    socks.into_iter().map(OwnedFd::from).collect()
 }
 
 /// A non-blocking TCP socket for a Conman connection, Nagle off.
