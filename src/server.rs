@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 use crate::admin::{self, Admin};
 use crate::config::Config;
 use crate::control::drain::{self, DrainPhase, DrainTimes, Lifecycle, Request, Spares, Wakers};
-use crate::control::handover;
+use crate::control::{handover, systemd};
 use crate::keys::KeyStore;
 use crate::metrics::ShardStats;
 use crate::shard::{listener, Shard, ShardSpec};
@@ -39,7 +39,7 @@ pub fn load_keys(cfg: &Config) -> io::Result<KeySet> {
     Ok(keys)
 }
 
-/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread, and so in every
+/// Blocks SIGTERM, SIGINT, SIGHUP and SIGUSR2 in the calling thread, and so in every
 /// thread it spawns afterwards, so that only `run`'s signal thread
 /// (`sigwait`) consumes them. The kernel hands a process-directed signal to
 /// any thread that does not block it, and there the default action kills the
@@ -54,6 +54,7 @@ pub fn block_signals() -> libc::sigset_t {
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::sigaddset(&mut set, libc::SIGUSR2);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
@@ -119,6 +120,40 @@ fn watch_keys(cfg: Arc<Config>, store: Arc<KeyStore>) -> io::Result<()> {
 }
 
 const KEY_POLL: Duration = Duration::from_secs(2);
+
+/// SIGUSR2 (systemd's `ExecReload`): starts this binary again, as it is on
+/// disk now, with the same arguments plus `--takeover`; the new process
+/// takes the sockets over and this one drains. Its stdout and stderr are
+/// ours, so a supervisor sees its `ready` line.
+fn upgrade(has_handover: bool) {
+    if !has_handover {
+        warn!("SIGUSR2: no handover socket (lifecycle.handover_socket), so no upgrade");
+        return;
+    }
+    let mut args = std::env::args_os();
+    // argv[0], not /proc/self/exe: that names the old, replaced file.
+    let Some(exe) = args.next() else {
+        return;
+    };
+    let rest: Vec<_> = args.filter(|a| a != "--takeover").collect();
+    info!(exe = ?exe, "SIGUSR2: starting the new binary with --takeover");
+    match std::process::Command::new(&exe)
+        .args(&rest)
+        .arg("--takeover")
+        .spawn()
+    {
+        // Reaped if it exits first (a refused takeover, exit 2).
+        Ok(mut child) => {
+            let _ = std::thread::Builder::new()
+                .name("upgrade-wait".into())
+                .spawn(move || {
+                    let st = child.wait();
+                    info!(status = ?st, "the process started on SIGUSR2 exited");
+                });
+        }
+        Err(err) => error!(%err, "SIGUSR2: cannot start the new binary"),
+    }
+}
 
 /// How the process starts, beside its config.
 #[derive(Debug, Clone, Copy, Default)]
@@ -292,6 +327,7 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
 
     {
         let lifecycle = lifecycle.clone();
+        let has_handover = cfg.handover_socket().is_some();
         let reload_cfg = cfg.clone();
         let reload_store = keys.clone();
         std::thread::Builder::new()
@@ -300,6 +336,10 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
                 let mut sig: libc::c_int = 0;
                 // SAFETY: waiting on a set blocked in every thread.
                 if unsafe { libc::sigwait(&sigset, &mut sig) } != 0 {
+                    continue;
+                }
+                if sig == libc::SIGUSR2 {
+                    upgrade(has_handover);
                     continue;
                 }
                 if sig == libc::SIGHUP {
@@ -385,6 +425,9 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
             }
         }
     }
+    // After a takeover this process becomes the unit's main one
+    // (`NotifyAccess=all` in tuning/eval-proxy.service).
+    systemd::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
     let mut result = Ok(());
     for (id, h) in handles.into_iter().enumerate() {
         match h.join() {

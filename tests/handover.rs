@@ -221,3 +221,31 @@ fn a_second_proxy_on_a_served_address_refuses_to_start() {
     first.signal(libc::SIGTERM);
     assert_eq!(first.wait_exit().code(), Some(0));
 }
+
+/// systemd's `ExecReload=kill -USR2 $MAINPID`: the running proxy starts
+/// the binary again with `--takeover`; the new one prints `ready` (on the
+/// same stdout) and takes over, the old one exits 0.
+#[test]
+fn sigusr2_starts_the_new_binary_which_takes_over() {
+    let conman = echo_conman();
+    let dir = tempdir::Dir::new("usr2");
+    let cfg = config(dir.path(), conman.local_addr, "127.0.0.1:0");
+    let mut old = start(&cfg, &[]);
+    let token = dev_token("r1");
+    old.signal(libc::SIGUSR2);
+    let line = old.next_line(WAIT).expect("the new process's ready line");
+    assert!(
+        line.starts_with(&format!("eval-proxy ready listen={} ", old.listen)),
+        "{line}"
+    );
+    assert_eq!(old.wait_exit().code(), Some(0));
+    assert_eq!(try_echo(old.listen, &token, WAIT), Attempt::Served);
+    let new = eval_proxy::control::handover::who_listens(old.listen).expect("the new process");
+    // SAFETY: signalling the process the test started (through the old one).
+    unsafe { libc::kill(new as i32, libc::SIGTERM) };
+    wait_until("the new process to exit", WAIT, || {
+        !Path::new(&format!("/proc/{new}")).exists()
+            || std::fs::read_to_string(format!("/proc/{new}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+    });
+}

@@ -343,6 +343,11 @@ impl Lifecycle {
             drop(self.spares.lock().unwrap_or_else(|p| p.into_inner()).take());
         }
         self.phase.store(now as u8, Ordering::Release);
+        if before == DrainPhase::Running && !self.handed_over() {
+            // After a handover the new process is the service's main one:
+            // it must not look as if the service were stopping.
+            super::systemd::notify("STOPPING=1");
+        }
         info!(
             from = before.as_str(),
             to = now.as_str(),

@@ -18,6 +18,7 @@
 //! - [`drain`]: the process's drain phases (sans-IO machine, the closing
 //!   planner, the thread that drives them).
 //! - [`handover`]: listening sockets passed to a new binary (SCM_RIGHTS).
+//! - [`systemd`]: `sd_notify` readiness and main pid.
 //!
 //! One thread runs a glommio `LocalExecutor`; traffic is light (a request
 //! per new session at most), so one core's share is plenty.
@@ -54,6 +55,7 @@ mod placer;
 mod rendezvous;
 mod service;
 mod stats;
+pub mod systemd;
 mod url;
 pub mod wire;
 

@@ -232,6 +232,11 @@ impl Proxy {
         }
     }
 
+    /// The next line the process (or a child sharing its stdout) prints.
+    pub fn next_line(&self, within: Duration) -> Option<String> {
+        self._stdout.recv_timeout(within).ok()
+    }
+
     pub fn url(&self, token: &str) -> String {
         format!("ws://{}/wsv2/{token}", self.listen)
     }
