@@ -23,6 +23,8 @@ pub struct Admin {
     /// The token keys in force; their reload count is exported.
     pub keys: Arc<KeyStore>,
     pub lifecycle: Arc<Lifecycle>,
+    /// The config in force; its reload counts are exported.
+    pub config: Arc<crate::reload::ConfigStore>,
 }
 
 impl Admin {
@@ -35,6 +37,18 @@ impl Admin {
             names::DRAINING,
             "1 once a drain has started (/readyz is 503).",
             u64::from(!self.lifecycle.ready()),
+        );
+        metrics::counter(
+            &mut body,
+            names::CONFIG_RELOADS,
+            "Config reloads put in force (SIGHUP).",
+            self.config.epoch(),
+        );
+        metrics::counter(
+            &mut body,
+            names::CONFIG_RELOAD_FAILURES,
+            "Config reloads refused (invalid file, or a key that needs a restart); the old config stayed.",
+            self.config.failures(),
         );
         metrics::gauge(
             &mut body,
@@ -284,6 +298,11 @@ mod tests {
                 },
                 drain::Wakers { fds: Vec::new() },
             )),
+            config: Arc::new(crate::reload::ConfigStore::new({
+                let mut cfg = crate::config::Config::default();
+                cfg.placement.default = Some("ws://127.0.0.1:1/".into());
+                crate::reload::Loaded::new(cfg).unwrap()
+            })),
         }
     }
 

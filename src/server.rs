@@ -16,6 +16,7 @@ use crate::control::drain::{self, DrainPhase, DrainTimes, Lifecycle, Request, Sp
 use crate::control::{handover, systemd};
 use crate::keys::KeyStore;
 use crate::metrics::ShardStats;
+use crate::reload::ConfigStore;
 use crate::shard::{listener, Shard, ShardSpec};
 use crate::token::{self, KeySet};
 
@@ -155,12 +156,60 @@ fn upgrade(has_handover: bool) {
     }
 }
 
+/// Reads the config again as it was built at start (file plus flags), for
+/// a SIGHUP reload; the error names the key or file at fault.
+pub type Reloader = Box<dyn Fn() -> Result<Config, String> + Send>;
+
+/// Sets the log filter (`log.level`) after a reload.
+pub type LogLevelSetter = Box<dyn Fn(&str) + Send>;
+
 /// How the process starts, beside its config.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Default)]
 pub struct StartOptions {
     /// Take the listening sockets over from the running proxy (its
     /// handover socket), which then drains; a normal start if none answers.
     pub takeover: bool,
+    /// SIGHUP reloads the config through this (only the token keys without).
+    pub reload: Option<Reloader>,
+    pub set_log_level: Option<LogLevelSetter>,
+}
+
+/// SIGHUP: the config again, put in force if a reload may change what
+/// changed (see `reload`); else the old one stays and the key at fault is
+/// logged.
+fn reload_config(
+    reload: &Option<Reloader>,
+    set_log_level: &Option<LogLevelSetter>,
+    store: &ConfigStore,
+    lifecycle: &Lifecycle,
+) {
+    let Some(reload) = reload else {
+        return;
+    };
+    let result = reload()
+        .inspect_err(|_| store.note_failure())
+        .and_then(|new| store.replace(new).map_err(|e| e.to_string()));
+    match result {
+        Ok(cfg) => {
+            lifecycle.set_times(drain_times(&cfg));
+            if let Some(set) = set_log_level {
+                set(&cfg.log.level);
+            }
+            info!(
+                reloads = store.epoch(),
+                "config reloaded; new sessions use it"
+            );
+        }
+        Err(err) => error!(%err, "config reload refused; the old config stays in force"),
+    }
+}
+
+fn drain_times(cfg: &Config) -> DrainTimes {
+    DrainTimes {
+        readiness_delay: cfg.drain.readiness_delay(),
+        grace: Duration::from_secs(cfg.drain.grace_s),
+        close_spread: cfg.drain.close_spread(),
+    }
 }
 
 /// Where the listening sockets came from.
@@ -183,7 +232,7 @@ fn hello(cfg: &Config) -> handover::Hello {
 /// it came with them: from systemd, from the running proxy, or bound here.
 fn acquire(
     cfg: &Config,
-    opts: StartOptions,
+    opts: &StartOptions,
 ) -> io::Result<(Vec<OwnedFd>, Option<OwnedFd>, Origin)> {
     let n = cfg.shard_count();
     let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
@@ -256,7 +305,7 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
     let control_cfg = cfg
         .control_config()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-    let (sockets, admin_fd, origin) = acquire(&cfg, opts)?;
+    let (sockets, admin_fd, origin) = acquire(&cfg, &opts)?;
     let listen = listener::local_addr(&sockets[0])?;
     // Copies for the next handover, taken before the shards own theirs.
     let spares = Spares {
@@ -274,9 +323,10 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
         shard_ctl.push(std::os::fd::OwnedFd::from(a));
         control_ends.push(std::os::fd::OwnedFd::from(b));
     }
-    let local_placement = crate::control::LocalStatic::for_config(&control_cfg)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
-        .map(Arc::new);
+    let loaded = crate::reload::Loaded::new((*cfg).clone())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let local_placement = loaded.local_placement.clone();
+    let config_store = Arc::new(ConfigStore::new(loaded));
     let control_stats = Arc::new(crate::control::ControlStats::default());
     let control_thread = crate::control::spawn(control_cfg, control_ends, control_stats.clone())
         .map_err(|e| io::Error::new(e.kind(), format!("control shard: {e}")))?;
@@ -290,11 +340,7 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
         wake_fds.push(fd);
     }
     let lifecycle = Arc::new(Lifecycle::new(
-        DrainTimes {
-            readiness_delay: cfg.drain.readiness_delay(),
-            grace: Duration::from_secs(cfg.drain.grace_s),
-            close_spread: cfg.drain.close_spread(),
-        },
+        drain_times(&cfg),
         Wakers {
             fds: wake_fds.clone(),
         },
@@ -316,6 +362,7 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
             control: control_stats.clone(),
             keys: keys.clone(),
             lifecycle: lifecycle.clone(),
+            config: config_store.clone(),
         });
         std::thread::Builder::new()
             .name("admin".into())
@@ -330,6 +377,8 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
         let has_handover = cfg.handover_socket().is_some();
         let reload_cfg = cfg.clone();
         let reload_store = keys.clone();
+        let config_store = config_store.clone();
+        let (reload, set_log_level) = (opts.reload, opts.set_log_level);
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || loop {
@@ -343,6 +392,7 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
                     continue;
                 }
                 if sig == libc::SIGHUP {
+                    reload_config(&reload, &set_log_level, &config_store, &lifecycle);
                     reload_keys(&reload_cfg, &reload_store, "SIGHUP");
                     continue;
                 }
@@ -370,6 +420,7 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
             local_placement: local_placement.clone(),
             stats: stats[id].clone(),
             lifecycle: lifecycle.clone(),
+            config: config_store.clone(),
             wake_fd: wake_fds[id],
             per_ip: per_ip.clone(),
         };

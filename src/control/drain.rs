@@ -289,6 +289,11 @@ impl Lifecycle {
         self.handed_over.load(Ordering::Acquire)
     }
 
+    /// A reloaded config's drain settings, for the transitions to come.
+    pub fn set_times(&self, times: DrainTimes) {
+        self.machine.lock().unwrap_or_else(|p| p.into_inner()).times = times;
+    }
+
     pub fn stop_admin(&self) {
         self.admin_stopped.store(true, Ordering::Release);
     }

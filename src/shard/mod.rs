@@ -109,6 +109,9 @@ pub struct ShardSpec {
     pub local_placement: Option<Arc<LocalStatic>>,
     /// The drain phase, read when woken.
     pub lifecycle: Arc<Lifecycle>,
+    /// The config in force (replaced on SIGHUP); `cfg` and
+    /// `local_placement` are its state at start.
+    pub config: Arc<crate::reload::ConfigStore>,
     /// eventfd the control side writes to wake this shard.
     pub wake_fd: RawFd,
     /// The process-wide per-address limits, if any is set.
@@ -189,6 +192,9 @@ pub struct Shard {
     accept_backoff: Duration,
     wake_fd: RawFd,
     lifecycle: Arc<Lifecycle>,
+    config: Arc<crate::reload::ConfigStore>,
+    /// The config store's epoch this shard runs with.
+    config_epoch: u64,
     /// The drain reached `Closing` and this shard planned its closes.
     closing_planned: bool,
     /// Planned drain closes, earliest first: (time, slot, gen, hint).
@@ -258,6 +264,8 @@ impl Shard {
             accept_backoff: ACCEPT_BACKOFF_MIN,
             wake_fd: spec.wake_fd,
             lifecycle: spec.lifecycle,
+            config_epoch: spec.config.epoch(),
+            config: spec.config,
             closing_planned: false,
             closes: BinaryHeap::new(),
         })
@@ -302,6 +310,7 @@ impl Shard {
                 return Err(e);
             }
             self.io.keys.refresh();
+            self.refresh_config();
             self.io.now_unix = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64)
@@ -340,6 +349,24 @@ impl Shard {
         // shard sees EOF and ends once every shard is gone.
         unsafe { libc::close(self.io.ctl.fd) };
         Ok(())
+    }
+
+    /// Picks up a reloaded config: one relaxed load per turn, the lock
+    /// only when it moved. New sessions (and the live ones' later reads)
+    /// see it.
+    fn refresh_config(&mut self) {
+        let epoch = self.config.epoch();
+        if epoch == self.config_epoch {
+            return;
+        }
+        self.config_epoch = epoch;
+        let loaded = self.config.current();
+        self.io.verify = VerifyOptions {
+            leeway_s: loaded.cfg.token.leeway_s,
+            cluster: loaded.cfg.token.cluster.clone(),
+        };
+        self.io.cfg = loaded.cfg;
+        self.io.local_placement = loaded.local_placement;
     }
 
     fn arm_accept(&mut self) {
