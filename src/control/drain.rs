@@ -135,8 +135,8 @@ impl Drain {
                 self.started = Some(now);
                 self.phase = DrainPhase::NotReady;
                 self.deadline = Some(now + self.times.readiness_delay);
-                // A zero delay still passes through NotReady: `/readyz`
-                // flips before any listener closes.
+                // With no delay, Draining starts now: readiness and the
+                // listeners then change together, as configured.
                 self.handle_timeout(now);
             }
             (DrainPhase::Running | DrainPhase::NotReady, Request::HandedOver) => {

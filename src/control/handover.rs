@@ -239,8 +239,7 @@ fn handle(mut conn: UnixStream, hello: &Hello, lc: &Lifecycle) -> io::Result<boo
         conn.write_all(format!("ERR {why}\n").as_bytes())?;
         return Ok(false);
     }
-    // SAFETY: getpid has no preconditions.
-    let my_pid = unsafe { libc::getpid() };
+    let my_pid = std::process::id();
     // Under the spares' lock, so a drain cannot close them mid-send.
     let sent = lc.with_spares(|spares| {
         let admin = match (&spares.admin, new.admin == hello.admin) {

@@ -148,6 +148,42 @@ pub fn into_owned(socks: Vec<Socket>) -> Vec<OwnedFd> {
     socks.into_iter().map(OwnedFd::from).collect()
 }
 
+/// Accepts every connection already queued on `listener`, without
+/// blocking, so that closing it afterwards loses none (close(2) resets
+/// whatever is still in the queue). Stops at `EAGAIN`, or at another error,
+/// which it returns beside what it took.
+pub fn take_queued(listener: RawFd) -> (Vec<RawFd>, Option<io::Error>) {
+    // SAFETY: fcntl on a listener the caller owns. O_NONBLOCK is on the
+    // shared open file: harmless to anyone else accepting on it (io_uring
+    // polls for readiness), and the loop below must not block.
+    unsafe {
+        let fl = libc::fcntl(listener, libc::F_GETFL);
+        libc::fcntl(listener, libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: accept4 on the caller's listener; no address is asked for.
+        let fd = unsafe {
+            libc::accept4(
+                listener,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            )
+        };
+        if fd >= 0 {
+            out.push(fd);
+            continue;
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EAGAIN) => return (out, None),
+            Some(libc::EINTR | libc::ECONNABORTED) => continue,
+            _ => return (out, Some(err)),
+        }
+    }
+}
+
 /// A non-blocking TCP socket for a Conman connection, Nagle off.
 pub fn conman_socket(addr: &SocketAddr) -> io::Result<RawFd> {
     let s = Socket::new(
@@ -186,6 +222,54 @@ mod tests {
         let _client = std::net::TcpStream::connect(addr).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         assert!(accepted.nodelay().unwrap(), "TCP_NODELAY was not inherited");
+    }
+
+    #[test]
+    fn one_passed_socket_is_shared_by_every_shard_and_a_wrong_count_refused() {
+        let (socks, addr) = bind_all("127.0.0.1:0".parse().unwrap(), 1, 16).unwrap();
+        let shared = spread_over_shards(into_owned(socks), 3).unwrap();
+        assert_eq!(shared.len(), 3);
+        for s in &shared {
+            assert_eq!(local_addr(s).unwrap(), addr);
+        }
+        let (two, _) = bind_all("127.0.0.1:0".parse().unwrap(), 2, 16).unwrap();
+        let e = spread_over_shards(into_owned(two), 3).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    /// The drain's promise at the socket level: everything the kernel
+    /// queued is taken before the close, so no queued client is reset.
+    #[test]
+    fn queued_connections_are_all_taken_before_the_close() {
+        use std::io::Read;
+        let (mut socks, addr) = bind_all("127.0.0.1:0".parse().unwrap(), 1, 64).unwrap();
+        let fd = socks.remove(0).into_raw_fd();
+        let clients: Vec<_> = (0..20)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let (taken, err) = take_queued(fd);
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(taken.len(), 20);
+        // SAFETY: the listener, ours and no longer used.
+        unsafe { libc::close(fd) };
+        for mut c in clients {
+            c.set_read_timeout(Some(std::time::Duration::from_millis(50)))
+                .unwrap();
+            // Alive (nothing to read yet), not reset by the close.
+            let e = c.read(&mut [0u8; 1]).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+        }
+        for t in taken {
+            // SAFETY: accepted above, owned here.
+            unsafe { libc::close(t) };
+        }
+    }
+
+    #[test]
+    fn a_served_address_is_seen_and_port_zero_never_is() {
+        let (_socks, addr) = bind_all("127.0.0.1:0".parse().unwrap(), 1, 16).unwrap();
+        assert!(already_served(addr));
+        assert!(!already_served("127.0.0.1:0".parse().unwrap()));
     }
 
     #[test]

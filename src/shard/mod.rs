@@ -643,35 +643,15 @@ impl Shard {
         self.listener_open = false;
         let mut taken = 0u64;
         if !self.lifecycle.handed_over() {
-            // SAFETY: fcntl on our listener, which nobody else uses now (no
-            // accept is armed on it, and no other process holds it).
-            unsafe {
-                let fl = libc::fcntl(self.listener, libc::F_GETFL);
-                libc::fcntl(self.listener, libc::F_SETFL, fl | libc::O_NONBLOCK);
+            let (queued, err) = listener::take_queued(self.listener);
+            if let Some(err) = err {
+                warn!(
+                    shard = self.io.shard,
+                    %err,
+                    "accept of a queued connection failed while closing the listener"
+                );
             }
-            loop {
-                // SAFETY: accept4 on our listener; no address is asked for.
-                let fd = unsafe {
-                    libc::accept4(
-                        self.listener,
-                        std::ptr::null_mut(),
-                        std::ptr::null_mut(),
-                        libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                    )
-                };
-                if fd < 0 {
-                    let err = io::Error::last_os_error();
-                    match err.raw_os_error() {
-                        Some(libc::EAGAIN) => {}
-                        Some(libc::EINTR | libc::ECONNABORTED) => continue,
-                        _ => warn!(
-                            shard = self.io.shard,
-                            %err,
-                            "accept of a queued connection failed while closing the listener"
-                        ),
-                    }
-                    break;
-                }
+            for fd in queued {
                 ShardStats::inc(&self.io.stats.accepted);
                 taken += 1;
                 self.new_session(fd);
