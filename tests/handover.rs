@@ -63,6 +63,22 @@ fn config(dir: &Path, backend: SocketAddr, listen: &str) -> std::path::PathBuf {
     path
 }
 
+/// Inodes of the sockets listening on `port` (from /proc/net/tcp): a
+/// handover keeps them (the same sockets, the same accept queues); a new
+/// process binding sockets of its own would change them.
+fn listening_inodes(port: u16) -> std::collections::BTreeSet<String> {
+    let port = format!("{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[3] == "0A" && f[1].ends_with(&format!(":{port}"))).then(|| f[9].to_string())
+        })
+        .collect()
+}
+
 #[derive(Default)]
 struct Load {
     tried: AtomicU64,
@@ -101,6 +117,8 @@ fn three_upgrades_under_load_fail_no_connect() {
 
     let started = Instant::now();
     let mut per_upgrade = Vec::new();
+    let sockets = listening_inodes(listen.port());
+    assert_eq!(sockets.len(), 2, "one socket per shard");
     for round in 0..UPGRADES {
         // A session on the old process, to relay on after the handover.
         let mut ws = connect(&format!("ws://{listen}/wsv2/{token}"));
@@ -122,6 +140,11 @@ fn three_upgrades_under_load_fail_no_connect() {
         let st = old.wait_exit();
         assert_eq!(st.code(), Some(0), "round {round}: old process {st}");
         per_upgrade.push((t.elapsed(), load.tried.load(Ordering::Relaxed) - before));
+        assert_eq!(
+            listening_inodes(listen.port()),
+            sockets,
+            "round {round}: the new process serves the very sockets of the first"
+        );
         old = new;
     }
     std::thread::sleep(load_per_process());
