@@ -226,6 +226,7 @@ fn handle(mut conn: UnixStream, hello: &Hello, lc: &Lifecycle) -> io::Result<boo
     let me = unsafe { libc::geteuid() };
     if uid != me && uid != 0 {
         warn!(uid, pid, "handover refused: peer is another user");
+        conn.write_all(b"ERR the running proxy belongs to another user\n")?;
         return Ok(false);
     }
     conn.set_read_timeout(Some(STEP_TIMEOUT))?;
