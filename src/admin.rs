@@ -290,14 +290,17 @@ mod tests {
             stats: vec![Arc::new(ShardStats::default())],
             control: Default::default(),
             keys: Arc::new(KeyStore::new(KeySet::new())),
-            lifecycle: Arc::new(Lifecycle::new(
-                drain::DrainTimes {
-                    readiness_delay: Duration::ZERO,
-                    grace: Duration::ZERO,
-                    close_spread: Duration::ZERO,
-                },
-                drain::Wakers { fds: Vec::new() },
-            )),
+            lifecycle: Arc::new(
+                Lifecycle::new(
+                    drain::DrainTimes {
+                        readiness_delay: Duration::ZERO,
+                        grace: Duration::ZERO,
+                        close_spread: Duration::ZERO,
+                    },
+                    drain::Wakers { fds: Vec::new() },
+                )
+                .unwrap(),
+            ),
             config: Arc::new(crate::reload::ConfigStore::new({
                 let mut cfg = crate::config::Config::default();
                 cfg.placement.default = Some("ws://127.0.0.1:1/".into());

@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, Admin};
 use crate::config::Config;
-use crate::control::drain::{self, DrainPhase, DrainTimes, Lifecycle, Request, Spares, Wakers};
+use crate::control::drain::{DrainPhase, DrainTimes, Lifecycle, Request, Spares, Wakers};
 use crate::control::{handover, systemd};
 use crate::keys::KeyStore;
 use crate::metrics::ShardStats;
@@ -327,9 +327,6 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let local_placement = loaded.local_placement.clone();
     let config_store = Arc::new(ConfigStore::new(loaded));
-    let control_stats = Arc::new(crate::control::ControlStats::default());
-    let control_thread = crate::control::spawn(control_cfg, control_ends, control_stats.clone())
-        .map_err(|e| io::Error::new(e.kind(), format!("control shard: {e}")))?;
     let mut wake_fds = Vec::with_capacity(n);
     for _ in 0..n {
         // SAFETY: creating an eventfd; checked below.
@@ -344,8 +341,15 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
         Wakers {
             fds: wake_fds.clone(),
         },
-    ));
-    let drain_driver = drain::spawn_driver(lifecycle.clone(), stats.clone())?;
+    )?);
+    let driver = lifecycle
+        .driver(stats.clone())
+        .ok_or_else(|| io::Error::other("drain driver taken twice"))?;
+    let control_stats = Arc::new(crate::control::ControlStats::default());
+    // The control shard owns the drain: its executor runs the driver.
+    let control_thread =
+        crate::control::spawn_with_drain(control_cfg, control_ends, control_stats.clone(), driver)
+            .map_err(|e| io::Error::new(e.kind(), format!("control shard: {e}")))?;
 
     let mut spares = spares;
     let admin_addr = if cfg.admin.enabled {
@@ -505,7 +509,6 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
         // Ours, unless a new process took over (then it is the new one's).
         let _ = std::fs::remove_file(p);
     }
-    let _ = drain_driver.join();
     for (id, s) in stats.iter().enumerate() {
         info!(
             shard = id,

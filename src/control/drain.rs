@@ -1,10 +1,11 @@
 //! Drain and upgrade as one documented phase enum (pingora's
-//! `ExecutionPhase`), owned by the control side of the process: the
-//! sans-IO [`Drain`] machine decides when each phase starts, with `now`
-//! passed in; [`Lifecycle`] publishes the phase to the data shards (an
-//! atomic they read when woken), the admin listener (`/readyz`,
-//! `/metrics`) and the signal handler; [`spawn_driver`] is the one thread
-//! that feeds the machine its timeouts.
+//! `ExecutionPhase`), owned by the control shard: the sans-IO [`Drain`]
+//! machine decides when each phase starts, with `now` passed in;
+//! [`Lifecycle`] publishes the phase to the data shards (an atomic they
+//! read when woken), the admin listener (`/readyz`, `/metrics`) and the
+//! signal handler, and takes their drain requests; [`Driver::run`], a task
+//! on the control shard's executor, feeds the machine its timeouts and
+//! logs the progress.
 //!
 //! | phase      | `/readyz` | shards                                         | until                                   |
 //! |------------|-----------|------------------------------------------------|-----------------------------------------|
@@ -30,9 +31,12 @@
 //! of the same group (another shard, or another process on the port)
 //! instead of resetting them.
 
+use std::io::{self, Write};
 use std::os::fd::OwnedFd;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -260,21 +264,46 @@ pub struct Lifecycle {
     /// the port listening with connects queued and never served.
     spares: Mutex<Option<Spares>>,
     machine: Mutex<Drain>,
-    changed: Condvar,
+    /// A byte written here wakes the driver after a request: its end of
+    /// the pair is `driver_end` until [`Lifecycle::driver`] takes it.
+    poke: UnixStream,
+    driver_end: Mutex<Option<OwnedFd>>,
     wakers: Wakers,
 }
 
 impl Lifecycle {
-    pub fn new(times: DrainTimes, wakers: Wakers) -> Lifecycle {
-        Lifecycle {
+    pub fn new(times: DrainTimes, wakers: Wakers) -> io::Result<Lifecycle> {
+        let (poke, driver_end) = UnixStream::pair()?;
+        // A full buffer means the driver has a wake-up pending already.
+        poke.set_nonblocking(true)?;
+        Ok(Lifecycle {
             phase: AtomicU8::new(DrainPhase::Running as u8),
             handed_over: AtomicBool::new(false),
             admin_stopped: AtomicBool::new(false),
             spares: Mutex::new(None),
             machine: Mutex::new(Drain::new(times)),
-            changed: Condvar::new(),
+            poke,
+            driver_end: Mutex::new(Some(OwnedFd::from(driver_end))),
             wakers,
-        }
+        })
+    }
+
+    /// The task that drives the machine (once: later calls get `None`).
+    pub fn driver(self: &Arc<Self>, stats: Vec<Arc<ShardStats>>) -> Option<Driver> {
+        let end = self
+            .driver_end
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        Some(Driver {
+            lc: self.clone(),
+            stats,
+            end,
+        })
+    }
+
+    fn poke(&self) {
+        let _ = (&self.poke).write(&[1]);
     }
 
     pub fn phase(&self) -> DrainPhase {
@@ -292,6 +321,7 @@ impl Lifecycle {
     /// A reloaded config's drain settings, for the transitions to come.
     pub fn set_times(&self, times: DrainTimes) {
         self.machine.lock().unwrap_or_else(|p| p.into_inner()).times = times;
+        self.poke();
     }
 
     pub fn stop_admin(&self) {
@@ -327,7 +357,8 @@ impl Lifecycle {
         let before = m.phase();
         m.handle_request(Instant::now(), req);
         self.publish(before, &m);
-        self.changed.notify_all();
+        drop(m);
+        self.poke();
     }
 
     /// Every shard has stopped.
@@ -336,7 +367,6 @@ impl Lifecycle {
         let before = m.phase();
         m.handle_all_stopped();
         self.publish(before, &m);
-        self.changed.notify_all();
     }
 
     fn publish(&self, before: DrainPhase, m: &Drain) {
@@ -378,22 +408,31 @@ pub fn sessions_left(stats: &[Arc<ShardStats>]) -> u64 {
     stats.iter().map(|s| s.live.load(Ordering::Relaxed)).sum()
 }
 
-/// The thread that moves the drain machine on at its deadlines and logs
-/// one progress line a minute while a drain runs; it ends at `Done`.
-pub fn spawn_driver(
+/// Moves the drain machine on at its deadlines and logs one progress line
+/// a minute while a drain runs: a task on the control shard's executor
+/// (see [`crate::control::spawn_with_drain`]), woken by its timer or by a
+/// request. It ends with the executor, once every data shard has stopped.
+pub struct Driver {
     lc: Arc<Lifecycle>,
     stats: Vec<Arc<ShardStats>>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("eval-drain".into())
-        .spawn(move || {
-            let mut next_progress: Option<Instant> = None;
-            let mut m = lc.machine.lock().unwrap_or_else(|p| p.into_inner());
-            loop {
+    end: OwnedFd,
+}
+
+impl Driver {
+    pub async fn run(self) {
+        use futures_lite::io::AsyncReadExt;
+        // SAFETY: the descriptor is owned (moved out of its OwnedFd) and
+        // handed to exactly one stream, which closes it.
+        let mut pokes = unsafe { glommio::net::UnixStream::from_raw_fd(self.end.into_raw_fd()) };
+        let mut buf = [0u8; 64];
+        let mut next_progress: Option<Instant> = None;
+        loop {
+            let wake = {
+                let mut m = self.lc.machine.lock().unwrap_or_else(|p| p.into_inner());
                 let now = Instant::now();
                 let before = m.phase();
                 m.handle_timeout(now);
-                lc.publish(before, &m);
+                self.lc.publish(before, &m);
                 let phase = m.phase();
                 if phase == DrainPhase::Done {
                     return;
@@ -404,28 +443,33 @@ pub fn spawn_driver(
                         next_progress = Some(now + PROGRESS_EVERY);
                         info!(
                             phase = phase.as_str(),
-                            sessions_left = sessions_left(&stats),
+                            sessions_left = sessions_left(&self.stats),
                             draining_for_s = m.started().map_or(0, |s| (now - s).as_secs()),
                             "drain progress"
                         );
                     }
                 }
-                let wake = [m.poll_timeout(), next_progress]
+                [m.poll_timeout(), next_progress]
                     .into_iter()
                     .flatten()
-                    .min();
-                m = match wake {
+                    .min()
+            };
+            let timer = async {
+                match wake {
                     Some(t) => {
-                        let d = t.saturating_duration_since(Instant::now());
-                        lc.changed
-                            .wait_timeout(m, d)
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0
+                        glommio::timer::sleep(t.saturating_duration_since(Instant::now())).await
                     }
-                    None => lc.changed.wait(m).unwrap_or_else(|p| p.into_inner()),
-                };
+                    None => std::future::pending().await,
+                }
+                true
+            };
+            let poked = async { matches!(pokes.read(&mut buf).await, Ok(n) if n > 0) };
+            // A closed or failed poke socket: the process is going away.
+            if !futures_lite::future::or(poked, timer).await {
+                return;
             }
-        })
+        }
+    }
 }
 
 #[cfg(test)]

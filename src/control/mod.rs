@@ -340,6 +340,27 @@ pub fn spawn_with_clock(
     stats: Arc<ControlStats>,
     clock: Clock,
 ) -> std::io::Result<JoinHandle<()>> {
+    spawn_inner(cfg, shard_fds, stats, clock, None)
+}
+
+/// [`spawn`], the control shard also driving the process's drain
+/// ([`drain::Driver`]) on its executor.
+pub fn spawn_with_drain(
+    cfg: ControlConfig,
+    shard_fds: Vec<OwnedFd>,
+    stats: Arc<ControlStats>,
+    drain: drain::Driver,
+) -> std::io::Result<JoinHandle<()>> {
+    spawn_inner(cfg, shard_fds, stats, Clock::real(), Some(drain))
+}
+
+fn spawn_inner(
+    cfg: ControlConfig,
+    shard_fds: Vec<OwnedFd>,
+    stats: Arc<ControlStats>,
+    clock: Clock,
+    drain: Option<drain::Driver>,
+) -> std::io::Result<JoinHandle<()>> {
     check_bucket("per_repl", &cfg.admission.per_repl)?;
     check_bucket("per_cluster", &cfg.admission.per_cluster)?;
     let prepared = prepare(cfg.mode)?;
@@ -374,6 +395,9 @@ pub fn spawn_with_clock(
             };
             let _ = ready_tx.send(Ok(()));
             ex.run(async move {
+                if let Some(d) = drain {
+                    glommio::spawn_local(d.run()).detach();
+                }
                 let admission =
                     Admission::new(admission.per_repl, admission.per_cluster, MAX_BUCKETS);
                 let (mode, client) = match prepared {
