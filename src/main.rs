@@ -27,7 +27,8 @@ use eval_proxy::token::{self, Claims};
     version,
     after_help = "Exit codes: 0 clean exit (after a drain), 1 runtime failure, 2 bad flags or config \
                   (also: the address is served by a running proxy, or --takeover was refused).\n\
-                  Signals: SIGTERM/SIGINT drain (a second one ends the grace period), SIGHUP reloads token keys.\n\
+                  Signals: SIGTERM/SIGINT drain (a second one ends the grace period), SIGHUP reloads the \
+                  config and token keys, SIGUSR2 upgrades in place (starts the binary on disk with --takeover).\n\
                   Upgrade: start the new binary with --takeover and the same config.\n\
                   systemd socket activation (LISTEN_FDS) is used when present.\n\
                   Quick start: eval-proxy --dev"

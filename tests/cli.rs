@@ -109,7 +109,16 @@ fn help_documents_the_common_flags() {
     let (code, out, _) = run(&["--help"]);
     assert_eq!(code, 0);
     for flag in [
-        "--config", "--listen", "--conman", "--shards", "--admin", "--dev", "token",
+        "--config",
+        "--listen",
+        "--conman",
+        "--shards",
+        "--admin",
+        "--dev",
+        "--takeover",
+        "SIGUSR2",
+        "LISTEN_FDS",
+        "token",
     ] {
         assert!(out.contains(flag), "--help lacks {flag}:\n{out}");
     }
