@@ -53,7 +53,10 @@ fn a_socket_activated_proxy_serves_on_the_socket_systemd_passed_and_notifies() {
         &cfg,
         config_for(
             conman.local_addr,
-            "[drain]\nreadiness_delay_s = 0.2\nclose_spread_s = 0.2\n",
+            // No handover socket: listen.addr keeps its default fixed
+            // port here, whose default socket would be under /run.
+            "[drain]\nreadiness_delay_s = 0.2\nclose_spread_s = 0.2\n\n\
+             [lifecycle]\nhandover_socket = \"\"\n",
         ),
     )
     .unwrap();
