@@ -600,7 +600,9 @@ class Soak:
             "# eval-proxy for bench/soak.py: Controlplane placement, dev token key.\n"
             "[token]\nallow_dev_key = true\n\n[placement]\nmode = \"controlplane\"\n\n"
             f"[controlplane]\nurls = [\"http://127.0.0.1:{self.cp_port}\"]\n\n"
-            "[listen]\npin = false\n")
+            "[listen]\npin = false\n\n"
+            # No load balancer in front: no readiness delay on a stop.
+            "[drain]\nreadiness_delay_s = 0\n")
         p = self.procs.spawn("eval-proxy", [self.bins["proxy"], "--config", str(conf),
                                             "--listen", "127.0.0.1:0", "--admin",
                                             "127.0.0.1:0", "--shards", "1"],

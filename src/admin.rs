@@ -12,19 +12,19 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
+use crate::control::drain::{self, Lifecycle};
 use crate::keys::KeyStore;
 use crate::log_every::LogEvery;
 use crate::metrics::{self, names, ShardStats};
-use crate::shard::Control;
 
 pub struct Admin {
     pub stats: Vec<Arc<ShardStats>>,
     pub control: Arc<crate::control::ControlStats>,
     /// The token keys in force; their reload count is exported.
     pub keys: Arc<KeyStore>,
-    pub lifecycle: Arc<Control>,
-    /// Called by `POST /drain`.
-    pub drain: Box<dyn Fn() + Send + Sync>,
+    pub lifecycle: Arc<Lifecycle>,
+    /// The config in force; its reload counts are exported.
+    pub config: Arc<crate::reload::ConfigStore>,
 }
 
 impl Admin {
@@ -35,8 +35,32 @@ impl Admin {
         metrics::gauge(
             &mut body,
             names::DRAINING,
-            "1 while the proxy drains (not accepting).",
-            self.lifecycle.draining.load(Ordering::Relaxed) as u64,
+            "1 once a drain has started (/readyz is 503).",
+            u64::from(!self.lifecycle.ready()),
+        );
+        metrics::counter(
+            &mut body,
+            names::CONFIG_RELOADS,
+            "Config reloads put in force (SIGHUP).",
+            self.config.epoch(),
+        );
+        metrics::counter(
+            &mut body,
+            names::CONFIG_RELOAD_FAILURES,
+            "Config reloads refused (invalid file, or a key that needs a restart); the old config stayed.",
+            self.config.failures(),
+        );
+        metrics::gauge(
+            &mut body,
+            names::DRAIN_PHASE,
+            "Drain phase: 0 running, 1 not ready (still accepting), 2 draining (not accepting), 3 closing the rest, 4 done.",
+            self.lifecycle.phase() as u64,
+        );
+        metrics::gauge(
+            &mut body,
+            names::DRAIN_SESSIONS_LEFT,
+            "Connections still open (what a drain waits for), all shards.",
+            drain::sessions_left(&self.stats),
         );
         metrics::counter(
             &mut body,
@@ -66,7 +90,12 @@ pub const RESPONSE_DEADLINE: Duration = Duration::from_secs(5);
 
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbusy\n";
 
-/// Serves until the process exits. Each connection gets its own
+/// How long the accept loop waits before looking whether the listener was
+/// handed to a new process.
+const STOP_POLL_MS: i32 = 200;
+
+/// Serves until the process exits, or until the listener is handed to a
+/// new process ([`Lifecycle::admin_stopped`]). Each connection gets its own
 /// short-lived thread, at most `MAX_CONNS` at once, and `REQUEST_DEADLINE`
 /// plus `RESPONSE_DEADLINE` in total, so a stuck or hostile client cannot
 /// block others for long nor pile up threads.
@@ -74,9 +103,30 @@ pub fn serve(listener: TcpListener, admin: Arc<Admin>) {
     let active = Arc::new(AtomicUsize::new(0));
     let mut accept_warn = LogEvery::default();
     let mut busy_warn = LogEvery::default();
-    for conn in listener.incoming() {
+    // Non-blocking, polled: after a handover the new process accepts on
+    // the same socket, and this loop must notice that it is to stop.
+    let _ = listener.set_nonblocking(true);
+    loop {
+        if admin.lifecycle.admin_stopped() {
+            return;
+        }
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd, a local that outlives the call.
+        unsafe { libc::poll(&mut pfd, 1, STOP_POLL_MS) };
+        if admin.lifecycle.admin_stopped() {
+            return;
+        }
+        let conn = match listener.accept() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            other => other.map(|(s, _)| s),
+        };
         match conn {
             Ok(stream) => {
+                let _ = stream.set_nonblocking(false);
                 let Some(slot) = Slot::take(&active) else {
                     if let Some(held_back) = busy_warn.check(Instant::now()) {
                         warn!(
@@ -176,14 +226,14 @@ fn handle(mut stream: TcpStream, admin: &Admin) -> io::Result<()> {
         }
         ("GET", "/healthz") => respond(&mut stream, 200, "text/plain", "ok\n"),
         ("GET", "/readyz") => {
-            if admin.lifecycle.draining.load(Ordering::Relaxed) {
+            if !admin.lifecycle.ready() {
                 respond(&mut stream, 503, "text/plain", "draining\n")
             } else {
                 respond(&mut stream, 200, "text/plain", "ready\n")
             }
         }
         ("POST", "/drain") => {
-            (admin.drain)();
+            admin.lifecycle.request(drain::Request::Drain);
             respond(&mut stream, 202, "text/plain", "draining\n")
         }
         (_, "/metrics" | "/healthz" | "/readyz" | "/drain") => {
@@ -240,8 +290,22 @@ mod tests {
             stats: vec![Arc::new(ShardStats::default())],
             control: Default::default(),
             keys: Arc::new(KeyStore::new(KeySet::new())),
-            lifecycle: Default::default(),
-            drain: Box::new(|| {}),
+            lifecycle: Arc::new(
+                Lifecycle::new(
+                    drain::DrainTimes {
+                        readiness_delay: Duration::ZERO,
+                        grace: Duration::ZERO,
+                        close_spread: Duration::ZERO,
+                    },
+                    drain::Wakers { fds: Vec::new() },
+                )
+                .unwrap(),
+            ),
+            config: Arc::new(crate::reload::ConfigStore::new({
+                let mut cfg = crate::config::Config::default();
+                cfg.placement.default = Some("ws://127.0.0.1:1/".into());
+                crate::reload::Loaded::new(cfg).unwrap()
+            })),
         }
     }
 

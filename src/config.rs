@@ -25,6 +25,7 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     pub log: LogConfig,
     pub drain: DrainConfig,
+    pub lifecycle: LifecycleConfig,
     pub controlplane: ControlplaneSection,
     pub admission: AdmissionSection,
     pub keepalive: KeepaliveConfig,
@@ -119,15 +120,50 @@ pub struct AdmissionSection {
 #[serde(deny_unknown_fields, default)]
 pub struct DrainConfig {
     /// After SIGTERM or POST /drain, sessions run on this long before the
-    /// rest get Close 1001.
+    /// rest are closed (Close 1012, spread over `close_spread_s`).
     pub grace_s: u64,
+    /// `/readyz` answers 503 this long before the shards stop accepting,
+    /// so load balancers take the proxy out before any connect could be
+    /// refused. Fractions allowed (tests).
+    pub readiness_delay_s: f64,
+    /// At the end of the grace period the remaining sessions are closed
+    /// idle-first, spread with jitter over this many seconds, so their
+    /// clients do not all reconnect in the same millisecond.
+    pub close_spread_s: f64,
 }
 
 impl Default for DrainConfig {
     fn default() -> Self {
-        DrainConfig { grace_s: 30 * 3600 }
+        DrainConfig {
+            grace_s: 30 * 3600,
+            readiness_delay_s: 10.0,
+            close_spread_s: 60.0,
+        }
     }
 }
+
+impl DrainConfig {
+    pub fn readiness_delay(&self) -> Duration {
+        Duration::from_secs_f64(self.readiness_delay_s)
+    }
+
+    pub fn close_spread(&self) -> Duration {
+        Duration::from_secs_f64(self.close_spread_s)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleConfig {
+    /// Unix socket on which the running proxy hands its listening sockets
+    /// to `eval-proxy --takeover`. `None`: `DEFAULT_HANDOVER_DIR/handover-PORT.sock`
+    /// when `listen.addr` has a fixed port (port 0 is a new port at every
+    /// start: there is nothing to hand over); `""` turns handover off.
+    pub handover_socket: Option<PathBuf>,
+}
+
+/// Where the handover socket lives unless `lifecycle.handover_socket` says.
+pub const DEFAULT_HANDOVER_DIR: &str = "/run/eval-proxy";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -537,8 +573,31 @@ impl Config {
         })
     }
 
+    /// The handover socket in force, if any (see [`LifecycleConfig`]).
+    pub fn handover_socket(&self) -> Option<PathBuf> {
+        match &self.lifecycle.handover_socket {
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p.clone()),
+            None if self.listen.addr.port() == 0 => None,
+            None => Some(
+                Path::new(DEFAULT_HANDOVER_DIR)
+                    .join(format!("handover-{}.sock", self.listen.addr.port())),
+            ),
+        }
+    }
+
     /// Checks cross-field rules; run after CLI overrides are applied.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, v) in [
+            ("drain.readiness_delay_s", self.drain.readiness_delay_s),
+            ("drain.close_spread_s", self.drain.close_spread_s),
+        ] {
+            // Up to a year: `Duration::from_secs_f64` panics on what does
+            // not fit, and no drain step is meant to last longer.
+            if !(0.0..=365.0 * 86400.0).contains(&v) {
+                return Err(invalid(key, "must be between 0 and a year, in seconds"));
+            }
+        }
         if self.token.cluster.as_deref() == Some("") {
             // Tokens with an empty cluster are refused, so this would
             // refuse every token.

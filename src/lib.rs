@@ -19,6 +19,9 @@
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `POST /drain`.
 //! - [`metrics`]: per-shard counters merged on read; every metric name.
 //! - [`config`], [`error`]: the TOML config and the setup-stage error.
+//! - [`reload`]: the config in force, replaced on SIGHUP.
+//! - [`control::drain`], [`control::handover`]: drain phases and listener
+//!   handover to a new binary.
 //! - [`dev`]: the embedded fake Conman behind `eval-proxy --dev`, also used
 //!   by `eval-loadgen conman` and the tests.
 //! - [`doctor`]: `eval-proxy doctor`, the host against a tuning profile.
@@ -33,6 +36,7 @@ pub mod keys;
 pub(crate) mod log_every;
 pub mod metrics;
 pub mod proto;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod shard;

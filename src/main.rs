@@ -25,7 +25,13 @@ use eval_proxy::token::{self, Claims};
 #[command(
     name = "eval-proxy",
     version,
-    after_help = "Exit codes: 0 clean exit, 1 runtime failure, 2 bad flags or config.\nQuick start: eval-proxy --dev"
+    after_help = "Exit codes: 0 clean exit (after a drain), 1 runtime failure, 2 bad flags or config \
+                  (also: the address is served by a running proxy, or --takeover was refused).\n\
+                  Signals: SIGTERM/SIGINT drain (a second one ends the grace period), SIGHUP reloads the \
+                  config and token keys, SIGUSR2 upgrades in place (starts the binary on disk with --takeover).\n\
+                  Upgrade: start the new binary with --takeover and the same config.\n\
+                  systemd socket activation (LISTEN_FDS) is used when present.\n\
+                  Quick start: eval-proxy --dev"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -61,6 +67,13 @@ struct Cli {
     /// Validate the config and exit.
     #[arg(long)]
     check: bool,
+    /// Zero-downtime upgrade: take the listening sockets over from the
+    /// proxy running with this config (through lifecycle.handover_socket),
+    /// start on them, print `ready`, then tell the old process to drain.
+    /// Exit 2 if its config is incompatible (listen.addr, listen.shards);
+    /// a normal start if no old process answers.
+    #[arg(long)]
+    takeover: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -182,56 +195,38 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Some(Cmd::Doctor { .. }) => unreachable!("handled in main"),
         None => {}
     }
-    let mut cfg = match &cli.config {
-        Some(p) => Config::from_file(p).map_err(|e| ConfigFault(e.to_string()))?,
-        None => Config::default(),
+    let overrides = Overrides {
+        config: cli.config.clone(),
+        dev: cli.dev,
+        listen: cli.listen,
+        conman: cli.conman.clone(),
+        shards: cli.shards,
+        admin: cli.admin,
+        no_admin: cli.no_admin,
+        keys_dir: cli.keys_dir.clone(),
+        log_format: cli.log_format,
+        dev_conman: None,
     };
+    let mut cfg = overrides.load_unvalidated().map_err(ConfigFault)?;
     // Before any thread starts (the --dev fake Conman below, then everything
     // `run` spawns): a thread that does not block these would take a
     // SIGTERM with the default action and kill the process without a drain.
     eval_proxy::server::block_signals();
     let mut dev_conman = None;
-    if cli.dev {
-        cfg.token.allow_dev_key = true;
-        if cli.listen.is_none() && cli.config.is_none() {
-            cfg.listen.addr = "127.0.0.1:8080".parse().expect("literal");
-        }
-        if cfg.placement.default.is_none() && cli.conman.is_none() {
-            let h = eval_proxy::dev::conman::spawn(eval_proxy::dev::conman::ConmanConfig {
-                listen: "127.0.0.1:0".parse().expect("literal"),
-                behavior: eval_proxy::dev::conman::Behavior {
-                    vm_id: "dev-vm".into(),
-                    ..Default::default()
-                },
-            })
-            .context("starting the embedded fake Conman")?;
-            cfg.placement.default = Some(format!("ws://{}/", h.local_addr));
-            dev_conman = Some(h);
-        }
-    }
-    if let Some(a) = cli.listen {
-        cfg.listen.addr = a;
-    }
-    if let Some(u) = cli.conman {
-        cfg.placement.default = Some(u);
-    }
-    if let Some(n) = cli.shards {
-        cfg.listen.shards = n;
-    }
-    if let Some(a) = cli.admin {
-        cfg.admin.addr = a;
-    }
-    if cli.no_admin {
-        cfg.admin.enabled = false;
-    }
-    if let Some(d) = cli.keys_dir {
-        cfg.token.keys_dir = Some(d);
-    }
-    if let Some(f) = cli.log_format {
-        cfg.log.format = match f {
-            LogFormatArg::Text => LogFormat::Text,
-            LogFormatArg::Json => LogFormat::Json,
-        };
+    let mut overrides = overrides;
+    if cli.dev && cfg.placement.default.is_none() && cli.conman.is_none() {
+        let h = eval_proxy::dev::conman::spawn(eval_proxy::dev::conman::ConmanConfig {
+            listen: "127.0.0.1:0".parse().expect("literal"),
+            behavior: eval_proxy::dev::conman::Behavior {
+                vm_id: "dev-vm".into(),
+                ..Default::default()
+            },
+        })
+        .context("starting the embedded fake Conman")?;
+        let url = format!("ws://{}/", h.local_addr);
+        cfg.placement.default = Some(url.clone());
+        overrides.dev_conman = Some(url);
+        dev_conman = Some(h);
     }
     cfg.validate().map_err(|e| ConfigFault(e.to_string()))?;
     if cli.check {
@@ -239,9 +234,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         println!("config ok");
         return Ok(());
     }
-    init_logging(&cfg);
+    let set_log_level = init_logging(&cfg);
     let dev = cli.dev;
-    eval_proxy::server::run(cfg, |b| {
+    let opts = eval_proxy::server::StartOptions {
+        takeover: cli.takeover,
+        reload: Some(Box::new(move || overrides.load())),
+        set_log_level,
+    };
+    eval_proxy::server::run_with(cfg, opts, |b| {
         let mut out = std::io::stdout().lock();
         if dev {
             let claims = Claims {
@@ -278,19 +278,105 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging(cfg: &Config) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
+/// The flags that override the config file, kept so that a SIGHUP reload
+/// builds the config exactly as the start did.
+#[derive(Clone)]
+struct Overrides {
+    config: Option<PathBuf>,
+    dev: bool,
+    listen: Option<SocketAddr>,
+    conman: Option<String>,
+    shards: Option<usize>,
+    admin: Option<SocketAddr>,
+    no_admin: bool,
+    keys_dir: Option<PathBuf>,
+    log_format: Option<LogFormatArg>,
+    /// `--dev`'s embedded fake Conman, once started.
+    dev_conman: Option<String>,
+}
+
+impl Overrides {
+    /// The file, then `--dev`, then the flags; validated.
+    fn load(&self) -> Result<Config, String> {
+        let cfg = self.load_unvalidated()?;
+        cfg.validate().map_err(|e| e.to_string())?;
+        Ok(cfg)
+    }
+
+    /// The same before `--dev` may add its embedded Conman.
+    fn load_unvalidated(&self) -> Result<Config, String> {
+        let mut cfg = match &self.config {
+            Some(p) => Config::from_file(p).map_err(|e| e.to_string())?,
+            None => Config::default(),
+        };
+        if self.dev {
+            cfg.token.allow_dev_key = true;
+            if self.listen.is_none() && self.config.is_none() {
+                cfg.listen.addr = "127.0.0.1:8080".parse().expect("literal");
+            }
+            if cfg.placement.default.is_none() && self.conman.is_none() {
+                cfg.placement.default = self.dev_conman.clone();
+            }
+        }
+        if let Some(a) = self.listen {
+            cfg.listen.addr = a;
+        }
+        if let Some(u) = &self.conman {
+            cfg.placement.default = Some(u.clone());
+        }
+        if let Some(n) = self.shards {
+            cfg.listen.shards = n;
+        }
+        if let Some(a) = self.admin {
+            cfg.admin.addr = a;
+        }
+        if self.no_admin {
+            cfg.admin.enabled = false;
+        }
+        if let Some(d) = &self.keys_dir {
+            cfg.token.keys_dir = Some(d.clone());
+        }
+        if let Some(f) = self.log_format {
+            cfg.log.format = match f {
+                LogFormatArg::Text => LogFormat::Text,
+                LogFormatArg::Json => LogFormat::Json,
+            };
+        }
+        Ok(cfg)
+    }
+}
+
+/// Starts logging; returns how to change `log.level` on a reload, unless
+/// `RUST_LOG` is set (it wins over the config, then and on reloads).
+fn init_logging(cfg: &Config) -> Option<eval_proxy::server::LogLevelSetter> {
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let fixed = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(&cfg.log.level));
     // Colours only for a person at a terminal: escape codes in a log file
     // or a journal get in the way of every grep.
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    match cfg.log.format {
-        LogFormat::Json => b.json().init(),
-        LogFormat::Text => b.init(),
-    }
+    let set: eval_proxy::server::LogLevelSetter = match cfg.log.format {
+        LogFormat::Json => {
+            let b = b.json().with_filter_reloading();
+            let h = b.reload_handle();
+            b.init();
+            Box::new(move |level| {
+                let _ = h.reload(EnvFilter::new(level));
+            })
+        }
+        LogFormat::Text => {
+            let b = b.with_filter_reloading();
+            let h = b.reload_handle();
+            b.init();
+            Box::new(move |level| {
+                let _ = h.reload(EnvFilter::new(level));
+            })
+        }
+    };
+    (!fixed).then_some(set)
 }
 
 fn unix_now() -> i64 {

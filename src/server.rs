@@ -3,17 +3,21 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{IntoRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{error, info, warn};
 
 use crate::admin::{self, Admin};
 use crate::config::Config;
+use crate::control::drain::{DrainPhase, DrainTimes, Lifecycle, Request, Spares, Wakers};
+use crate::control::{handover, systemd};
 use crate::keys::KeyStore;
 use crate::metrics::ShardStats;
-use crate::shard::{listener, Control, Shard, ShardSpec};
+use crate::reload::ConfigStore;
+use crate::shard::{listener, Shard, ShardSpec};
 use crate::token::{self, KeySet};
 
 /// Addresses actually bound (port 0 resolved).
@@ -43,7 +47,7 @@ pub fn load_keys(cfg: &Config) -> io::Result<KeySet> {
     Ok(keys)
 }
 
-/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread, and so in every
+/// Blocks SIGTERM, SIGINT, SIGHUP and SIGUSR2 in the calling thread, and so in every
 /// thread it spawns afterwards, so that only `run`'s signal thread
 /// (`sigwait`) consumes them. The kernel hands a process-directed signal to
 /// any thread that does not block it, and there the default action kills the
@@ -58,22 +62,9 @@ pub fn block_signals() -> libc::sigset_t {
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::sigaddset(&mut set, libc::SIGUSR2);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
-    }
-}
-
-struct Wakers {
-    fds: Vec<i32>,
-}
-
-impl Wakers {
-    fn wake_all(&self) {
-        for &fd in &self.fds {
-            let one: u64 = 1;
-            // SAFETY: writing 8 bytes to our eventfd.
-            unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
-        }
     }
 }
 
@@ -138,7 +129,182 @@ fn watch_keys(cfg: Arc<Config>, store: Arc<KeyStore>) -> io::Result<()> {
 
 const KEY_POLL: Duration = Duration::from_secs(2);
 
+/// SIGUSR2 (systemd's `ExecReload`): starts this binary again, as it is on
+/// disk now, with the same arguments plus `--takeover`; the new process
+/// takes the sockets over and this one drains. Its stdout and stderr are
+/// ours, so a supervisor sees its `ready` line.
+fn upgrade(has_handover: bool) {
+    if !has_handover {
+        warn!("SIGUSR2: no handover socket (lifecycle.handover_socket), so no upgrade");
+        return;
+    }
+    let mut args = std::env::args_os();
+    // argv[0], not /proc/self/exe: that names the old, replaced file.
+    let Some(exe) = args.next() else {
+        return;
+    };
+    let rest: Vec<_> = args.filter(|a| a != "--takeover").collect();
+    info!(exe = ?exe, "SIGUSR2: starting the new binary with --takeover");
+    match std::process::Command::new(&exe)
+        .args(&rest)
+        .arg("--takeover")
+        .spawn()
+    {
+        // Reaped if it exits first (a refused takeover, exit 2).
+        Ok(mut child) => {
+            let _ = std::thread::Builder::new()
+                .name("upgrade-wait".into())
+                .spawn(move || {
+                    let st = child.wait();
+                    info!(status = ?st, "the process started on SIGUSR2 exited");
+                });
+        }
+        Err(err) => error!(%err, "SIGUSR2: cannot start the new binary"),
+    }
+}
+
+/// Reads the config again as it was built at start (file plus flags), for
+/// a SIGHUP reload; the error names the key or file at fault.
+pub type Reloader = Box<dyn Fn() -> Result<Config, String> + Send>;
+
+/// Sets the log filter (`log.level`) after a reload.
+pub type LogLevelSetter = Box<dyn Fn(&str) + Send>;
+
+/// How the process starts, beside its config.
+#[derive(Default)]
+pub struct StartOptions {
+    /// Take the listening sockets over from the running proxy (its
+    /// handover socket), which then drains; a normal start if none answers.
+    pub takeover: bool,
+    /// SIGHUP reloads the config through this (only the token keys without).
+    pub reload: Option<Reloader>,
+    pub set_log_level: Option<LogLevelSetter>,
+}
+
+/// SIGHUP: the config again, put in force if a reload may change what
+/// changed (see `reload`); else the old one stays and the key at fault is
+/// logged.
+fn reload_config(
+    reload: &Option<Reloader>,
+    set_log_level: &Option<LogLevelSetter>,
+    store: &ConfigStore,
+    lifecycle: &Lifecycle,
+) {
+    let Some(reload) = reload else {
+        return;
+    };
+    let result = reload()
+        .inspect_err(|_| store.note_failure())
+        .and_then(|new| store.replace(new).map_err(|e| e.to_string()));
+    match result {
+        Ok(cfg) => {
+            lifecycle.set_times(drain_times(&cfg));
+            if let Some(set) = set_log_level {
+                set(&cfg.log.level);
+            }
+            info!(
+                reloads = store.epoch(),
+                "config reloaded; new sessions use it"
+            );
+        }
+        Err(err) => error!(%err, "config reload refused; the old config stays in force"),
+    }
+}
+
+fn drain_times(cfg: &Config) -> DrainTimes {
+    DrainTimes {
+        readiness_delay: cfg.drain.readiness_delay(),
+        grace: Duration::from_secs(cfg.drain.grace_s),
+        close_spread: cfg.drain.close_spread(),
+    }
+}
+
+/// Where the listening sockets came from.
+enum Origin {
+    Bound,
+    Systemd,
+    TakenOver(handover::Received),
+}
+
+/// The configured identity a takeover compares (see `handover::Hello`).
+fn hello(cfg: &Config) -> handover::Hello {
+    handover::Hello {
+        listen: cfg.listen.addr,
+        shards: cfg.shard_count(),
+        admin: cfg.admin.enabled.then_some(cfg.admin.addr),
+    }
+}
+
+/// The public listening sockets, one per shard, and the admin listener if
+/// it came with them: from systemd, from the running proxy, or bound here.
+fn acquire(
+    cfg: &Config,
+    opts: &StartOptions,
+) -> io::Result<(Vec<OwnedFd>, Option<OwnedFd>, Origin)> {
+    let n = cfg.shard_count();
+    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+    if let Some(fds) = listener::systemd_fds()? {
+        info!(
+            sockets = fds.len(),
+            "listening sockets from systemd (LISTEN_FDS)"
+        );
+        return Ok((listener::spread_over_shards(fds, n)?, None, Origin::Systemd));
+    }
+    let path = cfg.handover_socket();
+    if opts.takeover {
+        let path = path.clone().ok_or_else(|| {
+            invalid(
+                "--takeover needs a handover socket: set lifecycle.handover_socket \
+                 (listen.addr has port 0, or handover is off)"
+                    .into(),
+            )
+        })?;
+        match handover::take_over(&path, &hello(cfg))? {
+            handover::Takeover::Got(r) => {
+                info!(
+                    from_pid = r.old_pid,
+                    sockets = r.listeners.len(),
+                    "listening sockets taken over"
+                );
+                let mut r = r;
+                let fds = std::mem::take(&mut r.listeners);
+                let admin = r.admin.take();
+                return Ok((fds, admin, Origin::TakenOver(r)));
+            }
+            handover::Takeover::NoOldProcess(why) => {
+                warn!(%why, "--takeover: no running proxy answered; starting normally");
+            }
+        }
+    }
+    if listener::already_served(cfg.listen.addr) {
+        let by = handover::who_listens(cfg.listen.addr)
+            .map_or("another process".to_string(), |pid| {
+                format!("process {pid}")
+            });
+        let how = match &path {
+            Some(p) => format!(
+                "To replace it without refusing a connect, run this binary with --takeover \
+                 (and the same config): it takes the sockets over through {}",
+                p.display()
+            ),
+            None => "Set lifecycle.handover_socket on both to hand the sockets over".into(),
+        };
+        return Err(invalid(format!(
+            "listen.addr {} is already served by {by}; a second proxy would silently share \
+             the port (SO_REUSEPORT). {how}.",
+            cfg.listen.addr
+        )));
+    }
+    let (sockets, _) = listener::bind_all(cfg.listen.addr, n, cfg.listen.backlog)
+        .map_err(|e| io::Error::new(e.kind(), format!("listen on {}: {e}", cfg.listen.addr)))?;
+    Ok((listener::into_owned(sockets), None, Origin::Bound))
+}
+
 pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
+    run_with(cfg, StartOptions::default(), on_ready)
+}
+
+pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
     let sigset = block_signals();
     let cfg = Arc::new(cfg);
     let n = cfg.shard_count();
@@ -146,9 +312,16 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
     let control_cfg = cfg
         .control_config()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-    let (sockets, listen) = listener::bind_all(cfg.listen.addr, n, cfg.listen.backlog)
-        .map_err(|e| io::Error::new(e.kind(), format!("listen on {}: {e}", cfg.listen.addr)))?;
-    let control = Arc::new(Control::default());
+    let (sockets, admin_fd, origin) = acquire(&cfg, &opts)?;
+    let listen = listener::local_addr(&sockets[0])?;
+    // Copies for the next handover, taken before the shards own theirs.
+    let spares = Spares {
+        listeners: sockets
+            .iter()
+            .map(|s| s.try_clone())
+            .collect::<io::Result<_>>()?,
+        admin: None,
+    };
     let stats: Vec<Arc<ShardStats>> = (0..n).map(|_| Arc::new(ShardStats::default())).collect();
     let mut shard_ctl = Vec::with_capacity(n);
     let mut control_ends = Vec::with_capacity(n);
@@ -157,12 +330,10 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
         shard_ctl.push(std::os::fd::OwnedFd::from(a));
         control_ends.push(std::os::fd::OwnedFd::from(b));
     }
-    let local_placement = crate::control::LocalStatic::for_config(&control_cfg)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
-        .map(Arc::new);
-    let control_stats = Arc::new(crate::control::ControlStats::default());
-    let control_thread = crate::control::spawn(control_cfg, control_ends, control_stats.clone())
-        .map_err(|e| io::Error::new(e.kind(), format!("control shard: {e}")))?;
+    let loaded = crate::reload::Loaded::new((*cfg).clone())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let local_placement = loaded.local_placement.clone();
+    let config_store = Arc::new(ConfigStore::new(loaded));
     let mut wake_fds = Vec::with_capacity(n);
     for _ in 0..n {
         // SAFETY: creating an eventfd; checked below.
@@ -172,47 +343,37 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
         }
         wake_fds.push(fd);
     }
-    let wakers = Arc::new(Wakers {
-        fds: wake_fds.clone(),
-    });
-    let grace = Duration::from_secs(cfg.drain.grace_s);
-    let drain_started = Arc::new(Mutex::new(false));
-    let start_drain = {
-        let control = control.clone();
-        let wakers = wakers.clone();
-        let started = drain_started.clone();
-        move || {
-            let mut s = started.lock().unwrap_or_else(|p| p.into_inner());
-            if *s {
-                return;
-            }
-            *s = true;
-            info!(grace_s = grace.as_secs(), "drain started");
-            control.draining.store(true, Ordering::Release);
-            wakers.wake_all();
-            let control = control.clone();
-            let wakers = wakers.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(grace);
-                control.grace_over.store(true, Ordering::Release);
-                wakers.wake_all();
-            });
-        }
-    };
-    let start_drain = Arc::new(start_drain);
+    let lifecycle = Arc::new(Lifecycle::new(
+        drain_times(&cfg),
+        Wakers {
+            fds: wake_fds.clone(),
+        },
+    )?);
+    let driver = lifecycle
+        .driver(stats.clone())
+        .ok_or_else(|| io::Error::other("drain driver taken twice"))?;
+    let control_stats = Arc::new(crate::control::ControlStats::default());
+    // The control shard owns the drain: its executor runs the driver.
+    let control_thread =
+        crate::control::spawn_with_drain(control_cfg, control_ends, control_stats.clone(), driver)
+            .map_err(|e| io::Error::new(e.kind(), format!("control shard: {e}")))?;
 
+    let mut spares = spares;
     let admin_addr = if cfg.admin.enabled {
-        let l = TcpListener::bind(cfg.admin.addr).map_err(|e| {
-            io::Error::new(e.kind(), format!("admin listen on {}: {e}", cfg.admin.addr))
-        })?;
+        let l = match admin_fd {
+            Some(fd) => TcpListener::from(fd),
+            None => TcpListener::bind(cfg.admin.addr).map_err(|e| {
+                io::Error::new(e.kind(), format!("admin listen on {}: {e}", cfg.admin.addr))
+            })?,
+        };
+        spares.admin = Some(OwnedFd::from(l.try_clone()?));
         let addr = l.local_addr()?;
-        let sd = start_drain.clone();
         let admin = Arc::new(Admin {
             stats: stats.clone(),
             control: control_stats.clone(),
             keys: keys.clone(),
-            lifecycle: control.clone(),
-            drain: Box::new(move || sd()),
+            lifecycle: lifecycle.clone(),
+            config: config_store.clone(),
         });
         std::thread::Builder::new()
             .name("admin".into())
@@ -223,11 +384,12 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
     };
 
     {
-        let sd = start_drain.clone();
-        let control = control.clone();
-        let wakers = wakers.clone();
+        let lifecycle = lifecycle.clone();
+        let has_handover = cfg.handover_socket().is_some();
         let reload_cfg = cfg.clone();
         let reload_store = keys.clone();
+        let config_store = config_store.clone();
+        let (reload, set_log_level) = (opts.reload, opts.set_log_level);
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || loop {
@@ -236,19 +398,22 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
                 if unsafe { libc::sigwait(&sigset, &mut sig) } != 0 {
                     continue;
                 }
+                if sig == libc::SIGUSR2 {
+                    upgrade(has_handover);
+                    continue;
+                }
                 if sig == libc::SIGHUP {
+                    reload_config(&reload, &set_log_level, &config_store, &lifecycle);
                     reload_keys(&reload_cfg, &reload_store, "SIGHUP");
                     continue;
                 }
-                if control.draining.load(Ordering::Acquire) {
-                    // A second signal: stop waiting for the grace period.
-                    info!(signal = sig, "second signal: closing remaining sessions");
-                    control.grace_over.store(true, Ordering::Release);
-                    wakers.wake_all();
-                } else {
-                    info!(signal = sig, "signal received");
-                    sd();
-                }
+                // The first starts a drain; another ends its grace period.
+                info!(
+                    signal = sig,
+                    phase = lifecycle.phase().as_str(),
+                    "signal received"
+                );
+                lifecycle.request(Request::Drain);
             })?;
     }
 
@@ -259,13 +424,14 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
     for ((id, sock), ctl) in sockets.into_iter().enumerate().zip(shard_ctl) {
         let spec = ShardSpec {
             id,
-            listener: std::os::fd::IntoRawFd::into_raw_fd(sock),
+            listener: sock.into_raw_fd(),
             cfg: cfg.clone(),
             keys: keys.clone(),
             control_fd: std::os::fd::IntoRawFd::into_raw_fd(ctl),
             local_placement: local_placement.clone(),
             stats: stats[id].clone(),
-            control: control.clone(),
+            lifecycle: lifecycle.clone(),
+            config: config_store.clone(),
             wake_fd: wake_fds[id],
             per_ip: per_ip.clone(),
         };
@@ -302,6 +468,28 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
         admin: admin_addr,
         shards: n,
     });
+    lifecycle.keep_spares(spares);
+    let handover_path = cfg.handover_socket();
+    match origin {
+        Origin::TakenOver(r) => {
+            // Ready and serving: now the old process may stop accepting.
+            match r.confirm() {
+                Ok(pid) => info!(old_pid = pid, "the old process drains; this one serves"),
+                Err(e) => warn!(err = %e, "the old process did not confirm the handover"),
+            }
+            if let Some(p) = handover_path.clone() {
+                handover::serve_after_takeover(p, hello(&cfg), lifecycle.clone());
+            }
+        }
+        Origin::Bound | Origin::Systemd => {
+            if let Some(p) = handover_path.clone() {
+                handover::serve(p, hello(&cfg), lifecycle.clone());
+            }
+        }
+    }
+    // After a takeover this process becomes the unit's main one
+    // (`NotifyAccess=all` in tuning/eval-proxy.service).
+    systemd::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
     let mut result = Ok(());
     for (id, h) in handles.into_iter().enumerate() {
         match h.join() {
@@ -318,6 +506,16 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(Bound)) -> io::Result<()> {
     }
     // Shards closed their control sockets on exit; the control thread ends.
     let _ = control_thread.join();
+    if lifecycle.phase() < DrainPhase::Draining {
+        // Every shard stopped without a drain (they failed): nothing is
+        // left to drain either.
+        warn!("shards stopped without a drain");
+    }
+    lifecycle.all_stopped();
+    if let (Some(p), false) = (&handover_path, lifecycle.handed_over()) {
+        // Ours, unless a new process took over (then it is the new one's).
+        let _ = std::fs::remove_file(p);
+    }
     for (id, s) in stats.iter().enumerate() {
         info!(
             shard = id,

@@ -10,13 +10,23 @@ use tungstenite::Message;
 
 /// `eval-proxy --dev` on port 0, and the ws:// URL it prints.
 fn start_dev() -> (Proxy, String) {
+    let dir = tempdir::Dir::new("dev");
+    // Drain steps short enough for a test; the rest is --dev's defaults.
+    let cfg = dir.path().join("eval.toml");
+    std::fs::write(
+        &cfg,
+        "[drain]\nreadiness_delay_s = 0.2\nclose_spread_s = 0.2\n",
+    )
+    .unwrap();
     let mut cmd = Command::new(bin());
     cmd.args(["--dev", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .arg("--config")
+        .arg(&cfg)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    let proxy = Proxy::spawn(cmd, tempdir::Dir::new("dev"));
+    let proxy = Proxy::spawn(cmd, dir);
     let line = proxy
         .banner
         .iter()
@@ -154,7 +164,16 @@ fn help_documents_the_common_flags() {
     let (code, out, _) = run(&["--help"]);
     assert_eq!(code, 0);
     for flag in [
-        "--config", "--listen", "--conman", "--shards", "--admin", "--dev", "token",
+        "--config",
+        "--listen",
+        "--conman",
+        "--shards",
+        "--admin",
+        "--dev",
+        "--takeover",
+        "SIGUSR2",
+        "LISTEN_FDS",
+        "token",
     ] {
         assert!(out.contains(flag), "--help lacks {flag}:\n{out}");
     }
@@ -214,7 +233,10 @@ fn keygen_mint_and_verify_with_a_real_key() {
 fn sigterm_drains_then_exits() {
     let conman = echo_conman();
     let mut proxy = Proxy::start(
-        &config_for(conman.local_addr, "[drain]\ngrace_s = 1\n"),
+        &config_for(
+            conman.local_addr,
+            "[drain]\ngrace_s = 1\nreadiness_delay_s = 0.2\nclose_spread_s = 0.2\n",
+        ),
         &["--shards", "1"],
     );
     let mut ws = connect(&proxy.url(&dev_token("r1")));
@@ -227,13 +249,20 @@ fn sigterm_drains_then_exits() {
     });
     ws.send(Message::text("during drain")).unwrap();
     assert_eq!(ws.read().unwrap(), Message::text("during drain"));
-    // After the grace period: Close 1001, then exit 0.
-    assert_eq!(ws_close(ws), (1001, GRACE_OVER.into()));
+    // After the grace period: Close 1012, then exit 0.
+    assert_drain_close(ws_close(ws));
     let st = proxy.wait_exit();
     assert_eq!(st.code(), Some(0));
 }
 
-const GRACE_OVER: &str = "stage=drain;reason=grace_over";
+/// Close 1012 `stage=drain;reason=restart;retry_after_ms=N`.
+fn assert_drain_close((code, reason): (u16, String)) {
+    assert_eq!(code, 1012, "{reason}");
+    let hint = reason
+        .strip_prefix("stage=drain;reason=restart;retry_after_ms=")
+        .unwrap_or_else(|| panic!("reason {reason:?}"));
+    assert!(hint.parse::<u64>().is_ok(), "{reason}");
+}
 
 /// Names of the process's threads that do not block `signals`: each of
 /// them could be handed a process-directed signal and die of it.
@@ -265,7 +294,7 @@ fn threads_not_blocking(pid: u32, signals: &[i32]) -> Vec<String> {
 /// besides the proxy's; none may take a signal meant for the signal thread.
 /// SIGHUP reloads keys and nothing else; the first drain signal (SIGTERM or
 /// SIGINT) drains, a live session relaying on; the other one ends the grace
-/// period: Close 1001, then exit 0, never death by a signal.
+/// period: Close 1012, then exit 0, never death by a signal.
 fn dev_mode_drains_on(first: i32, second: i32) {
     let (mut proxy, url) = start_dev();
     let mut ws = connect(&url);
@@ -291,7 +320,7 @@ fn dev_mode_drains_on(first: i32, second: i32) {
     assert_eq!(ws.read().unwrap(), Message::text("during drain"));
 
     proxy.signal(second);
-    assert_eq!(ws_close(ws), (1001, GRACE_OVER.into()));
+    assert_drain_close(ws_close(ws));
     let st = proxy.wait_exit();
     assert_eq!(st.code(), Some(0), "{st}");
 }

@@ -23,6 +23,15 @@ fn cpu_ticks(pid: u32) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
+/// The lowest descriptor number `pid` has not open.
+fn lowest_free_fd(pid: u32) -> u64 {
+    let open: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !open.contains(n)).unwrap()
+}
+
 fn set_nofile(pid: u32, n: u64) {
     let lim = libc::rlimit {
         rlim_cur: n,
@@ -143,8 +152,14 @@ fn conman_dial_without_a_descriptor_is_the_proxys_fault_1011() {
         &[],
     );
     let pid = proxy.child.id();
-    // Room for the client's socket, none for Conman's.
-    set_nofile(pid, fd_count(pid) as u64 + 1);
+    // Room for the client's socket, none for Conman's: a new descriptor
+    // takes the lowest free number, so the limit is that number plus one.
+    // (Not the count plus one: descriptors above a hole, such as an
+    // inherited jobserver pipe, leave more than one number free. The count
+    // used to work only while the admin thread sat in a blocking accept(2),
+    // which holds a free number for the descriptor it will return; the
+    // admin loop now polls, so it holds none.)
+    set_nofile(pid, lowest_free_fd(pid) + 1);
     let mut ws = connect(&proxy.url(&dev_token("r")));
     match ws.read() {
         Ok(Message::Close(Some(f))) => {

@@ -15,6 +15,10 @@
 //!   sans-IO.
 //! - `client`, `service`: the thin glommio glue (sockets, timers, tasks).
 //! - [`Clock`]: where the glue reads `now`; tests move a [`ManualClock`].
+//! - [`drain`]: the process's drain phases (sans-IO machine, the closing
+//!   planner, the thread that drives them).
+//! - [`handover`]: listening sockets passed to a new binary (SCM_RIGHTS).
+//! - [`systemd`]: `sd_notify` readiness and main pid.
 //!
 //! One thread runs a glommio `LocalExecutor`; traffic is light (a request
 //! per new session at most), so one core's share is plenty.
@@ -43,12 +47,15 @@ mod breaker;
 mod cache;
 mod client;
 mod clock;
+pub mod drain;
 mod flights;
+pub mod handover;
 pub mod http;
 mod placer;
 mod rendezvous;
 mod service;
 mod stats;
+pub mod systemd;
 mod url;
 pub mod wire;
 
@@ -333,6 +340,27 @@ pub fn spawn_with_clock(
     stats: Arc<ControlStats>,
     clock: Clock,
 ) -> std::io::Result<JoinHandle<()>> {
+    spawn_inner(cfg, shard_fds, stats, clock, None)
+}
+
+/// [`spawn`], the control shard also driving the process's drain
+/// ([`drain::Driver`]) on its executor.
+pub fn spawn_with_drain(
+    cfg: ControlConfig,
+    shard_fds: Vec<OwnedFd>,
+    stats: Arc<ControlStats>,
+    drain: drain::Driver,
+) -> std::io::Result<JoinHandle<()>> {
+    spawn_inner(cfg, shard_fds, stats, Clock::real(), Some(drain))
+}
+
+fn spawn_inner(
+    cfg: ControlConfig,
+    shard_fds: Vec<OwnedFd>,
+    stats: Arc<ControlStats>,
+    clock: Clock,
+    drain: Option<drain::Driver>,
+) -> std::io::Result<JoinHandle<()>> {
     check_bucket("per_repl", &cfg.admission.per_repl)?;
     check_bucket("per_cluster", &cfg.admission.per_cluster)?;
     let prepared = prepare(cfg.mode)?;
@@ -367,6 +395,9 @@ pub fn spawn_with_clock(
             };
             let _ = ready_tx.send(Ok(()));
             ex.run(async move {
+                if let Some(d) = drain {
+                    glommio::spawn_local(d.run()).detach();
+                }
                 let admission =
                     Admission::new(admission.per_repl, admission.per_cluster, MAX_BUCKETS);
                 let (mode, client) = match prepared {

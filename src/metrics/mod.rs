@@ -124,6 +124,8 @@ pub struct ShardStats {
     pub client_timeouts: AtomicU64,
     pub conman_timeouts: AtomicU64,
     pub idle_timeouts: AtomicU64,
+    /// Connections the shard holds, in any phase (what a drain waits for).
+    pub live: AtomicU64,
     rare: Mutex<Rare>,
 }
 

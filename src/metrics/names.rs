@@ -48,6 +48,10 @@ pub const PEER_TIMEOUTS: &str = "eval_peer_timeouts_total";
 
 // The process (`admin`).
 pub const DRAINING: &str = "eval_draining";
+pub const DRAIN_PHASE: &str = "eval_drain_phase";
+pub const CONFIG_RELOADS: &str = "eval_config_reloads_total";
+pub const CONFIG_RELOAD_FAILURES: &str = "eval_config_reload_failures_total";
+pub const DRAIN_SESSIONS_LEFT: &str = "eval_drain_sessions_left";
 pub const TOKEN_KEY_RELOADS: &str = "eval_token_key_reloads_total";
 
 // The control shard (`control::ControlStats::render`).
@@ -84,6 +88,10 @@ pub const ALL: &[(&str, Kind)] = &[
     (KEEPALIVE_PONGS, Kind::Counter),
     (PEER_TIMEOUTS, Kind::Counter),
     (DRAINING, Kind::Gauge),
+    (DRAIN_PHASE, Kind::Gauge),
+    (CONFIG_RELOADS, Kind::Counter),
+    (CONFIG_RELOAD_FAILURES, Kind::Counter),
+    (DRAIN_SESSIONS_LEFT, Kind::Gauge),
     (TOKEN_KEY_RELOADS, Kind::Counter),
     (CONTROLPLANE_REQUESTS, Kind::Counter),
     (CONTROLPLANE_CACHE_HITS, Kind::Counter),

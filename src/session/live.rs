@@ -65,6 +65,13 @@ impl Live {
         self.heard[ix(who)] = now_ms;
     }
 
+    /// The later of the two `heard` times, in milliseconds after the
+    /// session's start (a session older than 49 days wraps, which only
+    /// blurs a drain's order).
+    pub(super) fn last_heard(&self) -> u32 {
+        self.heard[0].max(self.heard[1])
+    }
+
     pub(super) fn data_seen(&mut self, now_ms: u32) {
         self.data = now_ms;
     }

@@ -595,6 +595,16 @@ impl Session {
         }
     }
 
+    /// Since when neither peer has sent anything, for a drain to close the
+    /// longest idle first: the keepalive clock's last word from either side
+    /// (a session still in setup counts from its start). Pongs to the
+    /// proxy's own Pings count too, so among sessions silent for longer
+    /// than `keepalive.interval_s` the order is only roughly theirs.
+    pub fn idle_since(&self) -> Instant {
+        let ms = self.live().map_or(0, live::Live::last_heard);
+        self.started + Duration::from_millis(u64::from(ms))
+    }
+
     pub fn start(&mut self, env: &mut Env) {
         // Anyone may claim any client in a PROXY header: only the load
         // balancers we were told about may send one.
@@ -1174,14 +1184,27 @@ impl Session {
         self.advance(env);
     }
 
-    /// The drain grace period is over: Close to both peers.
-    pub fn handle_grace_over(&mut self, env: &mut Env) {
+    /// The drain's closing phase reached this session (its time comes from
+    /// `control::drain::plan_closes`): Close 1012 to the client, telling it
+    /// to come back after `retry_after_ms` (on another proxy, or the new
+    /// process), 1001 to Conman. A session still being set up fails with
+    /// the same reason; one that has not been promised anything yet (no
+    /// 101) just ends.
+    pub fn handle_drain_close(&mut self, env: &mut Env, retry_after_ms: u64) {
         self.ended(access::End::Proxy);
-        self.end_session(
-            env,
-            crate::proto::close::GOING_AWAY,
-            "stage=drain;reason=grace_over",
-        );
+        let err = SetupError {
+            stage: crate::error::Stage::Drain,
+            reason: "restart",
+            retry_after_ms: Some(retry_after_ms),
+        };
+        match self.kind() {
+            Kind::Relay => self.end_session(env, err.close_code(), &err.close_reason()),
+            Kind::Placement | Kind::Connecting | Kind::ConmanHandshake | Kind::Backoff => {
+                self.fail_setup(env, err)
+            }
+            Kind::ProxyHeader | Kind::Head | Kind::Verify => self.begin_closing(env),
+            Kind::Closing => {}
+        }
         self.advance(env);
     }
 }

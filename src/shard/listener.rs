@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{BorrowedFd, IntoRawFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
@@ -38,6 +38,153 @@ pub fn bind_all(
         out.push(s);
     }
     Ok((out, bound))
+}
+
+/// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: RawFd = 3;
+
+/// Sockets passed by systemd socket activation (`sd_listen_fds(3)`):
+/// `LISTEN_PID` names this process and `LISTEN_FDS` counts the descriptors
+/// from 3 on. `None` when the variables are absent or meant for another
+/// process. The variables are removed, so no child takes them for its own.
+/// Called before any thread of ours reads the environment.
+pub fn systemd_fds() -> io::Result<Option<Vec<OwnedFd>>> {
+    let pid = std::env::var("LISTEN_PID").ok();
+    let count = std::env::var("LISTEN_FDS").ok();
+    for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(v);
+    }
+    let (Some(pid), Some(count)) = (pid, count) else {
+        return Ok(None);
+    };
+    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(None);
+    }
+    let n: RawFd = count
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| (1..=1024).contains(n))
+        .ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("LISTEN_FDS={count:?}"))
+        })?;
+    let mut out = Vec::with_capacity(n as usize);
+    for fd in LISTEN_FDS_START..LISTEN_FDS_START + n {
+        let mut listening: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt on a descriptor number systemd says is ours;
+        // it writes at most `len` bytes into a local of that size, and
+        // fails cleanly if `fd` is not a socket.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_ACCEPTCONN,
+                (&mut listening as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r != 0 || listening == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("LISTEN_FDS: descriptor {fd} is not a listening socket"),
+            ));
+        }
+        // SAFETY: systemd passed us this descriptor (LISTEN_PID is our
+        // pid) and nothing else in the process owns it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: F_SETFD on a descriptor we own.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        out.push(owned);
+    }
+    Ok(Some(out))
+}
+
+/// The address a listening socket is bound to.
+pub fn local_addr(fd: &OwnedFd) -> io::Result<SocketAddr> {
+    socket2::SockRef::from(fd)
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("listener has no inet address"))
+}
+
+/// Fails when another socket already listens on `addr` (which our
+/// SO_REUSEPORT bind would silently join): a probe bind without
+/// SO_REUSEPORT is refused exactly then. Port 0 never conflicts.
+pub fn already_served(addr: SocketAddr) -> bool {
+    if addr.port() == 0 {
+        return false;
+    }
+    let Ok(s) = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)) else {
+        return false;
+    };
+    let _ = s.set_reuse_address(true);
+    matches!(s.bind(&addr.into()), Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE))
+}
+
+/// One listener per shard from `fds`: the same socket shared by every
+/// shard when there is one (their accepts take turns on its queue), else
+/// one each.
+pub fn spread_over_shards(fds: Vec<OwnedFd>, shards: usize) -> io::Result<Vec<OwnedFd>> {
+    match fds.len() {
+        n if n == shards => Ok(fds),
+        1 => {
+            let mut out = Vec::with_capacity(shards);
+            for _ in 1..shards {
+                out.push(fds[0].try_clone()?);
+            }
+            out.extend(fds);
+            Ok(out)
+        }
+        n => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{n} listening sockets passed for {shards} shards: pass one, or one per shard \
+                 (listen.shards)"
+            ),
+        )),
+    }
+}
+
+/// Raw descriptors of `socks`, for code that wants `OwnedFd`s.
+pub fn into_owned(socks: Vec<Socket>) -> Vec<OwnedFd> {
+    socks.into_iter().map(OwnedFd::from).collect()
+}
+
+/// Accepts every connection already queued on `listener`, without
+/// blocking, so that closing it afterwards loses none (close(2) resets
+/// whatever is still in the queue). Stops at `EAGAIN`, or at another error,
+/// which it returns beside what it took.
+pub fn take_queued(listener: RawFd) -> (Vec<RawFd>, Option<io::Error>) {
+    // SAFETY: fcntl on a listener the caller owns. O_NONBLOCK is on the
+    // shared open file: harmless to anyone else accepting on it (io_uring
+    // polls for readiness), and the loop below must not block.
+    unsafe {
+        let fl = libc::fcntl(listener, libc::F_GETFL);
+        libc::fcntl(listener, libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: accept4 on the caller's listener; no address is asked for.
+        let fd = unsafe {
+            libc::accept4(
+                listener,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            )
+        };
+        if fd >= 0 {
+            out.push(fd);
+            continue;
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EAGAIN) => return (out, None),
+            Some(libc::EINTR | libc::ECONNABORTED) => continue,
+            _ => return (out, Some(err)),
+        }
+    }
 }
 
 /// A non-blocking TCP socket for a Conman connection, Nagle off, with the
@@ -155,6 +302,54 @@ mod tests {
         let s = unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         assert!(!s.keepalive().unwrap());
         assert_eq!(s.tcp_user_timeout().unwrap(), None);
+    }
+
+    #[test]
+    fn one_passed_socket_is_shared_by_every_shard_and_a_wrong_count_refused() {
+        let (socks, addr) = bind_all("127.0.0.1:0".parse().unwrap(), 1, 16).unwrap();
+        let shared = spread_over_shards(into_owned(socks), 3).unwrap();
+        assert_eq!(shared.len(), 3);
+        for s in &shared {
+            assert_eq!(local_addr(s).unwrap(), addr);
+        }
+        let (two, _) = bind_all("127.0.0.1:0".parse().unwrap(), 2, 16).unwrap();
+        let e = spread_over_shards(into_owned(two), 3).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    /// The drain's promise at the socket level: everything the kernel
+    /// queued is taken before the close, so no queued client is reset.
+    #[test]
+    fn queued_connections_are_all_taken_before_the_close() {
+        use std::io::Read;
+        let (mut socks, addr) = bind_all("127.0.0.1:0".parse().unwrap(), 1, 64).unwrap();
+        let fd = socks.remove(0).into_raw_fd();
+        let clients: Vec<_> = (0..20)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let (taken, err) = take_queued(fd);
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(taken.len(), 20);
+        // SAFETY: the listener, ours and no longer used.
+        unsafe { libc::close(fd) };
+        for mut c in clients {
+            c.set_read_timeout(Some(std::time::Duration::from_millis(50)))
+                .unwrap();
+            // Alive (nothing to read yet), not reset by the close.
+            let e = c.read(&mut [0u8; 1]).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+        }
+        for t in taken {
+            // SAFETY: accepted above, owned here.
+            unsafe { libc::close(t) };
+        }
+    }
+
+    #[test]
+    fn a_served_address_is_seen_and_port_zero_never_is() {
+        let (_socks, addr) = bind_all("127.0.0.1:0".parse().unwrap(), 1, 16).unwrap();
+        assert!(already_served(addr));
+        assert!(!already_served("127.0.0.1:0".parse().unwrap()));
     }
 
     #[test]

@@ -59,10 +59,11 @@ mod perform;
 mod pipe;
 mod timers;
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -72,6 +73,7 @@ use rand::{Rng, SeedableRng};
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::control::drain::{self, DrainPhase, Lifecycle};
 use crate::control::LocalStatic;
 use crate::keys::{KeyStore, LocalKeys, VerifyCache};
 use crate::log_every::LogEvery;
@@ -95,15 +97,6 @@ const NONE: u64 = IGNORE;
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Process-wide lifecycle flags, read by shards when woken.
-#[derive(Default)]
-pub struct Control {
-    /// Stop accepting; sessions run on.
-    pub draining: AtomicBool,
-    /// Grace period over: Close 1001 to every session still open.
-    pub grace_over: AtomicBool,
-}
-
 /// Everything a shard needs, built on the main thread.
 pub struct ShardSpec {
     pub id: usize,
@@ -115,7 +108,11 @@ pub struct ShardSpec {
     pub control_fd: RawFd,
     /// Static placement answered here, without the control shard.
     pub local_placement: Option<Arc<LocalStatic>>,
-    pub control: Arc<Control>,
+    /// The drain phase, read when woken.
+    pub lifecycle: Arc<Lifecycle>,
+    /// The config in force (replaced on SIGHUP); `cfg` and
+    /// `local_placement` are its state at start.
+    pub config: Arc<crate::reload::ConfigStore>,
     /// eventfd the control side writes to wake this shard.
     pub wake_fd: RawFd,
     /// The process-wide per-address limits, if any is set.
@@ -184,14 +181,25 @@ pub struct Shard {
     live: usize,
     listener: RawFd,
     accept_ud: u64,
+    /// Accepting is armed or meant to be (the multishot accept may be
+    /// waiting for a retry after a failure).
     accepting: bool,
+    /// The listening socket is still ours to close (see
+    /// `release_listener`); the shard runs until it is closed.
+    listener_open: bool,
     /// Accept again at this time (after a failure), and the wait after the
     /// next failure.
     accept_retry: Option<Instant>,
     accept_backoff: Duration,
     wake_fd: RawFd,
-    control: Arc<Control>,
-    grace_done: bool,
+    lifecycle: Arc<Lifecycle>,
+    config: Arc<crate::reload::ConfigStore>,
+    /// The config store's epoch this shard runs with.
+    config_epoch: u64,
+    /// The drain reached `Closing` and this shard planned its closes.
+    closing_planned: bool,
+    /// Planned drain closes, earliest first: (time, slot, gen, hint).
+    closes: BinaryHeap<Reverse<(Instant, u32, u16, u64)>>,
 }
 
 impl Shard {
@@ -256,11 +264,15 @@ impl Shard {
             listener: spec.listener,
             accept_ud: NONE,
             accepting: true,
+            listener_open: true,
             accept_retry: None,
             accept_backoff: ACCEPT_BACKOFF_MIN,
             wake_fd: spec.wake_fd,
-            control: spec.control,
-            grace_done: false,
+            lifecycle: spec.lifecycle,
+            config_epoch: spec.config.epoch(),
+            config: spec.config,
+            closing_planned: false,
+            closes: BinaryHeap::new(),
         })
     }
 
@@ -270,7 +282,9 @@ impl Shard {
         self.arm_wake();
         self.io.arm_ctl_recv();
         let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(1024);
-        while self.accepting || self.live > 0 {
+        // A phase published before the wake-up read was armed.
+        self.on_phase();
+        while self.listener_open || self.live > 0 {
             let mut timeout = self
                 .io
                 .timers
@@ -283,6 +297,10 @@ impl Shard {
             if let Some(t) = self.accept_retry {
                 let d = t.saturating_duration_since(Instant::now());
                 timeout = Some(timeout.map_or(d, |t| t.min(d)));
+            }
+            if let Some(Reverse((t, ..))) = self.closes.peek() {
+                let d = t.saturating_duration_since(Instant::now());
+                timeout = Some(timeout.map_or(d, |x| x.min(d)));
             }
             if !self.io.starved.is_empty() {
                 let d = self
@@ -297,6 +315,7 @@ impl Shard {
                 return Err(e);
             }
             self.io.keys.refresh();
+            self.refresh_config();
             self.io.now_unix = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64)
@@ -309,14 +328,14 @@ impl Shard {
             }
             self.verify_batch();
             self.fire_timers();
+            self.fire_closes();
             self.retry_starved();
             if self.accept_retry.is_some_and(|t| t <= self.io.now) {
                 self.accept_retry = None;
                 if self.accepting {
                     self.arm_accept();
                 } else {
-                    // SAFETY: our listener; no accept is armed on it.
-                    unsafe { libc::close(self.listener) };
+                    self.release_listener();
                 }
             }
             if self.io.now.duration_since(self.io.last_trim) >= TRIM_EVERY {
@@ -335,6 +354,24 @@ impl Shard {
         // shard sees EOF and ends once every shard is gone.
         unsafe { libc::close(self.io.ctl.fd) };
         Ok(())
+    }
+
+    /// Picks up a reloaded config: one relaxed load per turn, the lock
+    /// only when it moved. New sessions (and the live ones' later reads)
+    /// see it.
+    fn refresh_config(&mut self) {
+        let epoch = self.config.epoch();
+        if epoch == self.config_epoch {
+            return;
+        }
+        self.config_epoch = epoch;
+        let loaded = self.config.current();
+        self.io.verify = VerifyOptions {
+            leeway_s: loaded.cfg.token.leeway_s,
+            cluster: loaded.cfg.token.cluster.clone(),
+        };
+        self.io.cfg = loaded.cfg;
+        self.io.local_placement = loaded.local_placement;
     }
 
     fn arm_accept(&mut self) {
@@ -479,6 +516,10 @@ impl Shard {
             self.sessions[slot as usize] = None;
             self.free.push(slot);
             self.live -= 1;
+            self.io
+                .stats
+                .live
+                .store(self.live as u64, Ordering::Relaxed);
         }
         Some(r)
     }
@@ -545,29 +586,109 @@ impl Shard {
         if res < 0 && res != -libc::EINTR && res != -libc::EAGAIN && res != -libc::ECANCELED {
             warn!(shard = self.io.shard, err = res, "wake eventfd read failed");
         }
-        if self.control.draining.load(Ordering::Acquire) && self.accepting {
-            self.accepting = false;
-            // Closing the listener drops connections still in its accept
-            // queue; SO_REUSEPORT peers (or the new process) take new ones.
-            // Cancel first so the multishot accept releases its file ref.
-            if self.accept_ud != NONE {
-                self.io.cancel(self.accept_ud);
-            }
-            info!(shard = self.io.shard, live = self.live, "draining");
-        }
-        if self.control.grace_over.load(Ordering::Acquire) && !self.grace_done {
-            self.grace_done = true;
-            for slot in 0..self.sessions.len() as u32 {
-                self.drive(slot, |s, env, _| s.handle_grace_over(env));
-            }
-        }
+        self.on_phase();
         self.arm_wake();
+    }
+
+    /// Acts on the drain phase (see `control::drain`): past `NotReady`,
+    /// stop accepting; at `Closing`, plan this shard's closes.
+    fn on_phase(&mut self) {
+        let phase = self.lifecycle.phase();
+        if phase >= DrainPhase::Draining && self.accepting {
+            self.accepting = false;
+            info!(shard = self.io.shard, live = self.live, "stopping accepts");
+            if self.accept_ud != NONE {
+                // Its last completion (ECANCELED, after any accepts that
+                // raced the cancel) releases the listener.
+                self.io.cancel(self.accept_ud);
+            } else if self.accept_retry.is_none() {
+                self.release_listener();
+            }
+            // With a retry pending, the retry releases it.
+        }
+        if phase >= DrainPhase::Closing && !self.closing_planned {
+            self.closing_planned = true;
+            let open: Vec<_> = self
+                .sessions
+                .iter()
+                .enumerate()
+                .filter_map(|(slot, e)| {
+                    let e = e.as_ref()?;
+                    Some(drain::Open {
+                        key: (slot as u32, e.gen),
+                        idle_since: e.s.idle_since(),
+                    })
+                })
+                .collect();
+            let spread = self.io.cfg.drain.close_spread();
+            info!(
+                shard = self.io.shard,
+                sessions = open.len(),
+                spread_ms = spread.as_millis() as u64,
+                "closing the remaining sessions, idle first"
+            );
+            for c in drain::plan_closes(self.io.now, spread, open, &mut self.io.rng) {
+                let (slot, gen) = c.key;
+                self.closes
+                    .push(Reverse((c.at, slot, gen, c.retry_after_ms)));
+            }
+        }
+    }
+
+    /// Closes whose planned time has come.
+    fn fire_closes(&mut self) {
+        while let Some(&Reverse((at, slot, gen, hint))) = self.closes.peek() {
+            if at > self.io.now {
+                break;
+            }
+            self.closes.pop();
+            if self.entry(slot, gen).is_some() {
+                self.drive(slot, |s, env, _| s.handle_drain_close(env, hint));
+            }
+        }
+    }
+
+    /// No accept is armed any more: take what the kernel has queued, then
+    /// close the listening socket (see `control::drain`, "Closing a
+    /// listener without losing a connection"). After a handover the new
+    /// process holds the same socket and accepts from the same queue, so
+    /// ours just closes.
+    fn release_listener(&mut self) {
+        if !self.listener_open {
+            return;
+        }
+        self.listener_open = false;
+        let mut taken = 0u64;
+        if !self.lifecycle.handed_over() {
+            let (queued, err) = listener::take_queued(self.listener);
+            if let Some(err) = err {
+                warn!(
+                    shard = self.io.shard,
+                    %err,
+                    "accept of a queued connection failed while closing the listener"
+                );
+            }
+            for fd in queued {
+                ShardStats::inc(&self.io.stats.accepted);
+                taken += 1;
+                self.new_session(fd);
+            }
+        }
+        // SAFETY: our listener; no accept is armed on it and the loop above
+        // is done with it.
+        unsafe { libc::close(self.listener) };
+        info!(
+            shard = self.io.shard,
+            queued_taken = taken,
+            handed_over = self.lifecycle.handed_over(),
+            live = self.live,
+            "listener closed"
+        );
     }
 
     fn on_accept(&mut self, res: i32, more: bool) {
         if res == -libc::ECANCELED {
-            // SAFETY: our listener; the accept op that used it is done.
-            unsafe { libc::close(self.listener) };
+            self.release_listener();
             return;
         }
         if res < 0 {
@@ -584,7 +705,9 @@ impl Shard {
                     "accept failed"
                 );
             }
-            if !more {
+            if !more && !self.accepting {
+                self.release_listener();
+            } else if !more {
                 self.accept_retry = Some(self.io.now + self.accept_backoff);
                 self.accept_backoff = (self.accept_backoff * 2).min(ACCEPT_BACKOFF_MAX);
             }
@@ -596,8 +719,7 @@ impl Shard {
         if !more && self.accepting {
             self.arm_accept();
         } else if !more {
-            // SAFETY: our listener; no accept is armed on it any more.
-            unsafe { libc::close(self.listener) };
+            self.release_listener();
         }
     }
 
@@ -626,6 +748,18 @@ impl Shard {
             connect: NONE,
         });
         self.live += 1;
+        self.io
+            .stats
+            .live
+            .store(self.live as u64, Ordering::Relaxed);
+        if self.closing_planned {
+            // Accepted from the queue after the closes were planned: it
+            // is closed like the rest, at a random point of the window.
+            let spread = self.io.cfg.drain.close_spread();
+            let at = self.io.now + spread.mul_f64(self.io.rng.gen::<f64>());
+            let hint = self.io.rng.gen_range(0..=drain::RETRY_AFTER_MAX_MS);
+            self.closes.push(Reverse((at, slot, gen, hint)));
+        }
         self.drive(slot, |s, env, _| s.start(env));
     }
 

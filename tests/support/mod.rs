@@ -232,6 +232,11 @@ impl Proxy {
         }
     }
 
+    /// The next line the process (or a child sharing its stdout) prints.
+    pub fn next_line(&self, within: Duration) -> Option<String> {
+        self._stdout.recv_timeout(within).ok()
+    }
+
     pub fn url(&self, token: &str) -> String {
         format!("ws://{}/wsv2/{token}", self.listen)
     }
@@ -589,4 +594,62 @@ pub fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+/// How one connect-upgrade-echo attempt went (`try_echo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    /// 101, then one message echoed back.
+    Served,
+    /// connect(2) was refused: nobody listens (a clean answer).
+    Refused,
+    /// Anything else: connected, then reset, cut, or left hanging.
+    Broken(String),
+}
+
+/// Connects, upgrades, echoes one message through the proxy and closes,
+/// within `timeout` per step; never panics, so a load loop can count.
+pub fn try_echo(addr: SocketAddr, token: &str, timeout: Duration) -> Attempt {
+    let mut s = match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Attempt::Refused,
+        Err(e) => return Attempt::Broken(format!("connect: {e}")),
+    };
+    let mut step = || -> std::io::Result<()> {
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        write!(
+            s,
+            "GET /wsv2/{token} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )?;
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut b)? == 0 {
+                return Err(std::io::Error::other(format!(
+                    "eof in head {:?}",
+                    String::from_utf8_lossy(&head)
+                )));
+            }
+            head.push(b[0]);
+        }
+        if !head.starts_with(b"HTTP/1.1 101") {
+            return Err(std::io::Error::other(format!(
+                "not a 101: {:?}",
+                String::from_utf8_lossy(&head)
+            )));
+        }
+        s.write_all(&frame(true, 1, b"ping", Some([1, 2, 3, 4])))?;
+        let mut h = [0u8; 6];
+        s.read_exact(&mut h)?;
+        if h != [0x81, 4, b'p', b'i', b'n', b'g'] {
+            return Err(std::io::Error::other(format!("not the echo: {h:?}")));
+        }
+        s.write_all(&frame(true, 8, &1000u16.to_be_bytes(), Some([1, 2, 3, 4])))?;
+        Ok(())
+    };
+    match step() {
+        Ok(()) => Attempt::Served,
+        Err(e) => Attempt::Broken(e.to_string()),
+    }
 }

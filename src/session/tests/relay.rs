@@ -238,16 +238,37 @@ fn one_way_close_times_out_then_lingers_then_forces_shutdown() {
 }
 
 #[test]
-fn drain_grace_over_closes_both_sides() {
+fn a_drain_close_is_1012_with_the_hint_to_the_client_and_1001_to_conman() {
     let mut h = Harness::established(Harness::cfg());
-    h.run(|s, env| s.handle_grace_over(env));
+    h.run(|s, env| s.handle_drain_close(env, 1234));
+    h.settle();
+    let reason = "stage=drain;reason=restart;retry_after_ms=1234";
+    assert_eq!(h.closes(Who::Client), vec![(1012, reason.into())]);
+    assert_eq!(h.closes(Who::Conman), vec![(1001, reason.into())]);
+    h.finish();
+}
+
+#[test]
+fn a_drain_close_during_setup_tells_the_client_too() {
+    let mut h = Harness::placing(Harness::cfg());
+    h.run(|s, env| s.handle_drain_close(env, 0));
     h.settle();
     assert_eq!(
         h.closes(Who::Client),
-        vec![(1001, "stage=drain;reason=grace_over".into())]
+        vec![(1012, "stage=drain;reason=restart;retry_after_ms=0".into())]
     );
-    assert_eq!(h.closes(Who::Conman).len(), 1);
     h.finish();
+}
+
+#[test]
+fn idle_since_follows_the_last_bytes_received() {
+    let mut h = Harness::established(Harness::cfg());
+    let before = h.s.idle_since();
+    h.now += Duration::from_secs(5);
+    h.write(Who::Conman, &frame(OpCode::Text, b"out", false));
+    h.settle();
+    assert_eq!(h.s.idle_since(), before.max(h.now));
+    assert!(h.s.idle_since() > before);
 }
 
 #[test]
@@ -478,7 +499,7 @@ fn buffered_bytes_come_back_to_zero_whatever_the_end() {
         match end {
             0 => h.peers[0].reset = true,
             1 => h.peers[1].fin = true,
-            _ => h.run(|s, env| s.handle_grace_over(env)),
+            _ => h.run(|s, env| s.handle_drain_close(env, 0)),
         }
         h.finish();
         assert_eq!(h.stats.buffered_bytes.load(Relaxed), 0, "end {end}");

@@ -1,0 +1,208 @@
+//! The config in force, replaceable at run time (SIGHUP) without dropping a
+//! session: shards check one relaxed atomic per loop turn and pick up the
+//! new config (and the static placement built from it) when the epoch
+//! moved, the way they pick up new token keys (`keys.rs`). New sessions
+//! use it; live ones keep relaying (the limits they read from then on are
+//! the new ones).
+//!
+//! What a reload cannot change is refused with the key that differs, and
+//! the old config stays: the sockets (`listen.addr`, `listen.shards`,
+//! `listen.backlog`, `listen.pin`, `admin.*`, `lifecycle.*`), the shards'
+//! buffer rings (`buffers.*`), the per-address table (`limits.per_ip_*`),
+//! and placement while the control shard serves it (Controlplane mode, or
+//! admission limits on): those need a restart, i.e. a `--takeover`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::config::{Config, ConfigError};
+use crate::control::LocalStatic;
+
+/// A config and the static placement built from it.
+#[derive(Clone)]
+pub struct Loaded {
+    pub cfg: Arc<Config>,
+    pub local_placement: Option<Arc<LocalStatic>>,
+}
+
+impl Loaded {
+    pub fn new(cfg: Config) -> Result<Loaded, ConfigError> {
+        let local_placement = LocalStatic::for_config(&cfg.control_config()?)
+            .map_err(|e| ConfigError::Invalid {
+                key: "placement".into(),
+                message: e.to_string(),
+            })?
+            .map(Arc::new);
+        Ok(Loaded {
+            cfg: Arc::new(cfg),
+            local_placement,
+        })
+    }
+}
+
+pub struct ConfigStore {
+    epoch: AtomicU64,
+    failures: AtomicU64,
+    current: Mutex<Loaded>,
+}
+
+impl ConfigStore {
+    pub fn new(loaded: Loaded) -> ConfigStore {
+        ConfigStore {
+            epoch: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            current: Mutex::new(loaded),
+        }
+    }
+
+    /// Successful reloads since start (`eval_config_reloads_total`).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Refused reloads (`eval_config_reload_failures_total`).
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    pub fn current(&self) -> Loaded {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A reload that did not get as far as [`ConfigStore::replace`] (the
+    /// file did not read or parse).
+    pub fn note_failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Puts `new` in force if it may replace the current config; else the
+    /// error names the key at fault and nothing changes.
+    pub fn replace(&self, new: Config) -> Result<Arc<Config>, ConfigError> {
+        let r = (|| {
+            new.validate()?;
+            let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+            fixed_keys_unchanged(&cur.cfg, &new)?;
+            let loaded = Loaded::new(new)?;
+            *cur = loaded.clone();
+            Ok(loaded.cfg)
+        })();
+        match &r {
+            Ok(_) => self.epoch.fetch_add(1, Ordering::Release),
+            Err(_) => self.failures.fetch_add(1, Ordering::Relaxed),
+        };
+        r
+    }
+}
+
+/// The keys a reload may not change (module doc), compared section by
+/// section; the error names the first that differs.
+pub fn fixed_keys_unchanged(old: &Config, new: &Config) -> Result<(), ConfigError> {
+    fn same<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+        format!("{a:?}") == format!("{b:?}")
+    }
+    let refuse = |key: &str| {
+        Err(ConfigError::Invalid {
+            key: key.into(),
+            message: "cannot change on a reload; restart with --takeover to change it".into(),
+        })
+    };
+    let (o, n) = (&old.listen, &new.listen);
+    for (key, ok) in [
+        ("listen.addr", o.addr == n.addr),
+        ("listen.shards", old.shard_count() == new.shard_count()),
+        ("listen.backlog", o.backlog == n.backlog),
+        ("listen.pin", o.pin == n.pin),
+        ("admin", same(&old.admin, &new.admin)),
+        ("buffers", same(&old.buffers, &new.buffers)),
+        ("lifecycle", same(&old.lifecycle, &new.lifecycle)),
+        (
+            "limits.per_ip_sessions",
+            old.limits.per_ip_sessions == new.limits.per_ip_sessions,
+        ),
+        (
+            "limits.per_ip_handshake_rate",
+            old.limits.per_ip_handshake_rate == new.limits.per_ip_handshake_rate
+                && old.limits.per_ip_handshake_burst == new.limits.per_ip_handshake_burst,
+        ),
+    ] {
+        if !ok {
+            return refuse(key);
+        }
+    }
+    // Placement answered by the control shard stays as it started.
+    let shard_local = |c: &Config| {
+        c.control_config()
+            .ok()
+            .and_then(|cc| LocalStatic::for_config(&cc).ok().flatten())
+            .is_some()
+    };
+    if !(shard_local(old) && shard_local(new)) {
+        for (key, ok) in [
+            ("placement", same(&old.placement, &new.placement)),
+            ("controlplane", same(&old.controlplane, &new.controlplane)),
+            ("admission", same(&old.admission, &new.admission)),
+        ] {
+            if !ok {
+                return refuse(key);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_default(url: &str) -> Config {
+        let mut c = Config::default();
+        c.token.allow_dev_key = true;
+        c.placement.default = Some(url.into());
+        c
+    }
+
+    #[test]
+    fn a_static_placement_change_applies_and_counts() {
+        let store = ConfigStore::new(Loaded::new(with_default("ws://127.0.0.1:1/")).unwrap());
+        store.replace(with_default("ws://127.0.0.1:2/")).unwrap();
+        assert_eq!(store.epoch(), 1);
+        let cur = store.current();
+        assert_eq!(
+            cur.cfg.placement.default.as_deref(),
+            Some("ws://127.0.0.1:2/")
+        );
+        assert!(cur.local_placement.is_some());
+    }
+
+    #[test]
+    fn a_fixed_key_or_an_invalid_file_is_refused_and_the_old_config_stays() {
+        let store = ConfigStore::new(Loaded::new(with_default("ws://127.0.0.1:1/")).unwrap());
+        let mut moved = with_default("ws://127.0.0.1:1/");
+        moved.listen.addr = "127.0.0.1:9".parse().unwrap();
+        let e = store.replace(moved).unwrap_err();
+        assert!(e.to_string().contains("listen.addr"), "{e}");
+        let mut bad = with_default("ws://127.0.0.1:1/");
+        bad.drain.close_spread_s = -1.0;
+        let e = store.replace(bad).unwrap_err();
+        assert!(e.to_string().contains("drain.close_spread_s"), "{e}");
+        assert_eq!((store.epoch(), store.failures()), (0, 2));
+        assert_eq!(
+            store.current().cfg.placement.default.as_deref(),
+            Some("ws://127.0.0.1:1/")
+        );
+    }
+
+    #[test]
+    fn placement_served_by_the_control_shard_cannot_change_on_a_reload() {
+        let mut a = with_default("ws://127.0.0.1:1/");
+        a.admission.per_repl_rate = 1.0;
+        a.admission.per_repl_burst = 1.0;
+        let mut b = a.clone();
+        b.placement.default = Some("ws://127.0.0.1:2/".into());
+        let e = fixed_keys_unchanged(&a, &b).unwrap_err();
+        assert!(e.to_string().contains("placement"), "{e}");
+    }
+}
