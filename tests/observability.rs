@@ -334,7 +334,8 @@ fn dashboard_names_only_exported_metrics_and_covers_what_on_call_needs() {
         (names::SETUP_FAILURES, &["stage", "reason"]),
         ("eval_setup_duration_seconds_bucket", &["stage", "le"]),
         (names::CONMAN_ATTEMPT_FAILURES, &["vm"]),
-        (names::DRAINING, &[]),
+        (names::DRAIN_PHASE, &[]),
+        (names::DRAIN_SESSIONS_LEFT, &[]),
     ];
     for (name, labels) in needs {
         let exprs = used
