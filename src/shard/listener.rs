@@ -187,17 +187,58 @@ pub fn take_queued(listener: RawFd) -> (Vec<RawFd>, Option<io::Error>) {
     }
 }
 
-/// A non-blocking TCP socket for a Conman connection, Nagle off, with the
-/// configured TCP keepalive.
-pub fn conman_socket(addr: &SocketAddr, k: &KeepaliveConfig) -> io::Result<RawFd> {
+/// A non-blocking TCP socket for a Conman connection. With `opts`, also
+/// Nagle off and the configured TCP keepalive, a setsockopt(2) each; a
+/// shard whose ring can set options passes `false` and puts
+/// [`conman_sockopts`] in the ring instead, ahead of the connect.
+pub fn conman_socket(addr: &SocketAddr, k: &KeepaliveConfig, opts: bool) -> io::Result<RawFd> {
     let s = Socket::new(
         Domain::for_address(*addr),
         Type::STREAM.nonblocking().cloexec(),
         Some(Protocol::TCP),
     )?;
-    s.set_nodelay(true)?;
-    set_keepalive(SockRef::from(&s), k)?;
+    if opts {
+        s.set_nodelay(true)?;
+        set_keepalive(SockRef::from(&s), k)?;
+    }
     Ok(s.into_raw_fd())
+}
+
+/// Most options [`conman_sockopts`] gives.
+pub const CONMAN_SOCKOPTS: usize = 6;
+
+/// One socket option: level, name, value.
+pub type SockOpt = (libc::c_int, libc::c_int, libc::c_int);
+
+/// What [`conman_socket`] with `opts` sets, as (level, name, value), for a
+/// shard that sets them through its ring; `len` of them are used.
+pub fn conman_sockopts(k: &KeepaliveConfig) -> ([SockOpt; CONMAN_SOCKOPTS], usize) {
+    let mut out = [(0, 0, 0); CONMAN_SOCKOPTS];
+    let mut n = 0;
+    let mut add = |o: SockOpt| {
+        out[n] = o;
+        n += 1;
+    };
+    let int = |v: u32| libc::c_int::try_from(v).unwrap_or(libc::c_int::MAX);
+    add((libc::IPPROTO_TCP, libc::TCP_NODELAY, 1));
+    if k.tcp_keepalive {
+        add((libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1));
+        add((libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, int(k.tcp_keepidle_s)));
+        add((
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPINTVL,
+            int(k.tcp_keepintvl_s),
+        ));
+        add((libc::IPPROTO_TCP, libc::TCP_KEEPCNT, int(k.tcp_keepcnt)));
+    }
+    if k.tcp_user_timeout_ms > 0 {
+        add((
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            int(k.tcp_user_timeout_ms),
+        ));
+    }
+    (out, n)
 }
 
 /// SO_KEEPALIVE (with its idle time, interval and count) and
@@ -287,7 +328,7 @@ mod tests {
     #[test]
     fn conman_sockets_get_keepalive_unless_turned_off() {
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let fd = conman_socket(&addr, &KeepaliveConfig::default()).unwrap();
+        let fd = conman_socket(&addr, &KeepaliveConfig::default(), true).unwrap();
         // SAFETY: the socket just created, owned from here on.
         let s = unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         assert!(s.keepalive().unwrap());
@@ -297,7 +338,7 @@ mod tests {
             tcp_user_timeout_ms: 0,
             ..KeepaliveConfig::default()
         };
-        let fd = conman_socket(&addr, &off).unwrap();
+        let fd = conman_socket(&addr, &off, true).unwrap();
         // SAFETY: as above.
         let s = unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         assert!(!s.keepalive().unwrap());

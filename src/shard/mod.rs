@@ -171,6 +171,9 @@ struct Io {
     /// Warnings that can repeat fast: failed accepts, failed sockets.
     accept_warn: LogEvery,
     socket_warn: LogEvery,
+    /// The ring sets socket options (IORING_OP_URING_CMD setsockopt, Linux
+    /// 6.7): a Conman socket's options go in the ring, not a syscall each.
+    ring_sockopts: bool,
 }
 
 pub struct Shard {
@@ -205,12 +208,13 @@ pub struct Shard {
 impl Shard {
     pub fn new(spec: ShardSpec) -> io::Result<Shard> {
         let cfg = spec.cfg;
-        let ring = IoUring::builder()
+        let mut ring = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
             .setup_coop_taskrun()
             .setup_cqsize(16384)
             .build(4096)?;
+        let ring_sockopts = ring_sets_sockopts(&mut ring);
         let bufs = BufRing::new(&ring, cfg.buffers.count as u16, cfg.buffers.size)?;
         // Here rather than where the listener is made, so that a listener
         // however obtained (bound, or handed over) gives its client sockets
@@ -255,6 +259,7 @@ impl Shard {
                 out: VecDeque::new(),
                 accept_warn: LogEvery::default(),
                 socket_warn: LogEvery::default(),
+                ring_sockopts,
                 cfg,
             },
             sessions: Vec::new(),
@@ -985,4 +990,63 @@ impl Io {
         }
         self.bufs.unregister(&self.ring);
     }
+}
+
+/// Whether `ring` sets socket options the way a Conman connect uses them (a
+/// hard-linked, success-skipping setsockopt entry before the next entry):
+/// tried once, on a socket of its own, before the ring serves anyone.
+/// Kernels before 6.7 fail the entry; then options go by setsockopt(2).
+fn ring_sets_sockopts(ring: &mut IoUring) -> bool {
+    let Ok(s) = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    ) else {
+        return false;
+    };
+    // Static, so that it outlives the entry whatever happens to the wait.
+    static ONE: libc::c_int = 1;
+    let set = opcode::SetSockOpt::new(
+        types::Fd(std::os::fd::AsRawFd::as_raw_fd(&s)),
+        libc::IPPROTO_TCP as u32,
+        libc::TCP_NODELAY as u32,
+        (&ONE as *const libc::c_int).cast(),
+        std::mem::size_of::<libc::c_int>() as u32,
+    )
+    .build()
+    .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS)
+    .user_data(1);
+    let nop = opcode::Nop::new().build().user_data(2);
+    // SAFETY: the only memory the entries refer to is the static ONE.
+    unsafe {
+        let mut sq = ring.submission();
+        if sq.push(&set).is_err() || sq.push(&nop).is_err() {
+            return false;
+        }
+    }
+    let mut ok = true;
+    loop {
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            // The ring cannot be trusted with options then. Both entries
+            // refer to nothing but ONE, so they may complete whenever: a
+            // completion without a record is dropped (release builds) in
+            // the loop. A fresh ring's enter fails this way only when the
+            // process is out of memory.
+            Err(_) => return false,
+        }
+        let mut done = false;
+        for c in ring.completion() {
+            match c.user_data() {
+                1 => ok = false,
+                2 => done = true,
+                _ => {}
+            }
+        }
+        if done {
+            break;
+        }
+    }
+    ok && s.nodelay().unwrap_or(false)
 }

@@ -100,12 +100,16 @@ pub enum Rec {
         batch: Batch,
         gather: Option<Box<Gather>>,
     },
-    /// Connect to Conman; the kernel reads `addr`.
+    /// Connect to Conman; the kernel reads `addr`, and `opts`, the values
+    /// of the socket options set through the ring ahead of it (hard-linked
+    /// before the connect, so they complete before it does).
     Connect {
         slot: u32,
         gen: u16,
         #[allow(dead_code)] // held for the kernel, never read here
         addr: Box<socket2::SockAddr>,
+        #[allow(dead_code)] // held for the kernel, never read here
+        opts: Option<Box<[libc::c_int; super::listener::CONMAN_SOCKOPTS]>>,
     },
     /// The connect's linked timeout; the kernel reads `ts`.
     Timeout {
