@@ -66,7 +66,8 @@ const IDLE_HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// echoes and reconnects are timed by their own schedule, not by this.
 const STORM_HOUSEKEEPING: Duration = Duration::from_millis(100);
 
-/// A peer that echoed our Close gets this long to close TCP.
+/// A peer that echoed our Close gets this long to close TCP (the echo of
+/// the Close itself gets `--timeout`).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Per-thread detail lines on stderr; the report counts the rest.
@@ -792,8 +793,12 @@ impl<'a> Worker<'a> {
                             now,
                         );
                         None
-                    } else {
+                    } else if now > conn.phase_started_ns + echo_timeout.max(close_timeout) {
+                        // Our Close's answer is an echo through the proxy and
+                        // Conman: it gets the echo deadline, not the TCP grace.
                         Some(ConnError::Timeout("close"))
+                    } else {
+                        None
                     }
                 }
                 _ => None,
