@@ -234,6 +234,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         };
     }
     cfg.validate().map_err(|e| ConfigFault(e.to_string()))?;
+    cfg.load_tls().map_err(|e| ConfigFault(e.to_string()))?;
     if cli.check {
         eval_proxy::server::load_keys(&cfg).map_err(|e| ConfigFault(e.to_string()))?;
         println!("config ok");
