@@ -58,6 +58,10 @@ struct Cli {
     /// key, loopback listeners; prints a ready-to-use ws:// URL.
     #[arg(long)]
     dev: bool,
+    /// With --dev: TLS with a throwaway CA and certificate; prints a wss://
+    /// URL and the CA file to trust.
+    #[arg(long, requires = "dev")]
+    tls: bool,
     /// Validate the config and exit.
     #[arg(long)]
     check: bool,
@@ -209,6 +213,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             dev_conman = Some(h);
         }
     }
+    // Removed when the proxy exits: the certificate is for this run only.
+    let mut dev_tls = None;
+    if cli.tls {
+        let dir = std::env::temp_dir().join(format!("eval-proxy-dev-tls-{}", std::process::id()));
+        let made = eval_proxy::dev::tls::generate(&dir).map_err(anyhow::Error::msg)?;
+        cfg.tls.certs.insert(0, made.cert);
+        dev_tls = Some((dir, made.ca));
+    }
     if let Some(a) = cli.listen {
         cfg.listen.addr = a;
     }
@@ -242,6 +254,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
     init_logging(&cfg);
     let dev = cli.dev;
+    let dev_ca = dev_tls.as_ref().map(|(_, ca)| ca.clone());
     eval_proxy::server::run(cfg, |b| {
         let mut out = std::io::stdout().lock();
         if dev {
@@ -254,11 +267,27 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 jti: "dev".into(),
             };
             let t = token::mint(&claims, token::DEV_KID, &token::dev_signing_key());
-            let _ = writeln!(
-                out,
-                "eval-proxy --dev: paste into any WebSocket client: ws://{}/wsv2/{t}",
-                b.listen
-            );
+            match &dev_ca {
+                Some(ca) => {
+                    let _ = writeln!(
+                        out,
+                        "eval-proxy --dev --tls: trust the CA in {} (it signed a certificate for localhost, 127.0.0.1, ::1)",
+                        ca.display()
+                    );
+                    let _ = writeln!(
+                        out,
+                        "eval-proxy --dev: paste into any WebSocket client: wss://{}/wsv2/{t}",
+                        b.listen
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "eval-proxy --dev: paste into any WebSocket client: ws://{}/wsv2/{t}",
+                        b.listen
+                    );
+                }
+            }
         }
         let admin = b.admin.map_or("off".to_string(), |a| a.to_string());
         let _ = writeln!(
@@ -276,6 +305,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
     })?;
     drop(dev_conman);
+    if let Some((dir, _)) = dev_tls {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     Ok(())
 }
 

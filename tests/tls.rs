@@ -412,3 +412,46 @@ fn a_bad_certificate_is_a_config_error() {
         "{err}"
     );
 }
+
+/// `eval-proxy --dev --tls`: a wss:// URL that works for a client trusting
+/// the CA it names; the files go when the proxy exits.
+#[test]
+fn dev_tls_prints_a_wss_url_and_the_ca_to_trust() {
+    let mut cmd = Command::new(bin());
+    cmd.args([
+        "--dev",
+        "--tls",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ])
+    .env("RUST_LOG", "warn")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    let mut proxy = Proxy::spawn(cmd, tempdir::Dir::new("dev-tls"));
+    let word = |prefix: &str| {
+        proxy
+            .banner
+            .iter()
+            .flat_map(|l| l.split_whitespace())
+            .find(|w| w.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix}… in {:?}", proxy.banner))
+            .to_string()
+    };
+    let url = word("wss://");
+    let ca = word("/");
+    assert!(
+        url.starts_with(&format!("wss://{}/wsv2/v4.public.", proxy.listen)),
+        "{url}"
+    );
+    assert!(ca.ends_with("ca.pem"), "{ca}");
+    run_ok(
+        py_client().args(["--cafile", &ca, &url]),
+        "py_client on the --dev --tls URL",
+    );
+    proxy.signal(libc::SIGTERM);
+    assert!(proxy.wait_exit().success());
+    assert!(!Path::new(&ca).exists(), "{ca} left behind");
+}
