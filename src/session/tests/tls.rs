@@ -52,14 +52,10 @@ impl Harness {
     }
 }
 
-#[test]
-fn frames_pass_through_tls_unchanged_both_ways() {
-    let (mut cfg, ccfg) = tls_cfg();
-    // Long frames stream, and would be spliced if the client were plain.
-    cfg.buffers.splice_min = 1;
-    cfg.relay.hold_max = 100;
+/// From accept to relaying over TLS, every step answered at once.
+fn tls_established(cfg: Config, ccfg: &Arc<rustls::ClientConfig>) -> (Harness, ClientConnection) {
     let mut h = Harness::new(cfg);
-    let mut c = crate::tls::testkit::client(&ccfg);
+    let mut c = crate::tls::testkit::client(ccfg);
     h.pump_tls(&mut c);
     assert!(!c.is_handshaking());
     assert_eq!(h.s.kind(), Kind::Head);
@@ -75,6 +71,16 @@ fn frames_pass_through_tls_unchanged_both_ways() {
     h.pump_tls(&mut c);
     assert_eq!(h.s.kind(), Kind::Relay);
     h.peers[1].got.clear();
+    (h, c)
+}
+
+#[test]
+fn frames_pass_through_tls_unchanged_both_ways() {
+    let (mut cfg, ccfg) = tls_cfg();
+    // Long frames stream, and would be spliced if the client were plain.
+    cfg.buffers.splice_min = 1;
+    cfg.relay.hold_max = 100;
+    let (mut h, mut c) = tls_established(cfg, &ccfg);
 
     // Masked frames from the client reach Conman byte for byte (never
     // re-masked), however the records and receives cut them.
@@ -152,4 +158,52 @@ fn after_the_handshake_the_head_gets_its_own_deadline() {
     h.advance_to_deadline();
     let got = h.pump_tls(&mut c);
     assert_eq!(status(&got), 408);
+}
+
+/// Behind a load balancer: the PROXY header in clear, then the handshake,
+/// even when both arrive in one receive.
+#[test]
+fn the_proxy_header_comes_before_the_handshake() {
+    let (cfg, ccfg) = tls_cfg();
+    let mut h = Harness::proxied(cfg, Some(PEER));
+    let mut c = crate::tls::testkit::client(&ccfg);
+    let mut first = std::mem::take(&mut h.preamble);
+    c.write_tls(&mut first).unwrap();
+    h.write(Who::Client, &first);
+    h.pump_tls(&mut c);
+    assert!(!c.is_handshaking());
+    assert_eq!(h.s.kind(), Kind::Head);
+    assert_eq!(h.s.client_ip, Some(PROXIED));
+    c.writer().write_all(&request()).unwrap();
+    h.pump_tls(&mut c);
+    assert_eq!(h.s.kind(), Kind::Verify);
+}
+
+/// A record that does not decrypt mid-session: the client gets its alert,
+/// Conman a Close as if the client had gone.
+#[test]
+fn a_forged_record_ends_the_client_side() {
+    let (cfg, ccfg) = tls_cfg();
+    let (mut h, mut c) = tls_established(cfg, &ccfg);
+    let mut forged = vec![0x17, 0x03, 0x03, 0x00, 0x20];
+    forged.extend_from_slice(&[0x55; 0x20]);
+    h.write(Who::Client, &forged);
+    h.settle();
+    assert_eq!(
+        h.closes(Who::Conman),
+        vec![(1001, "stage=client_gone;reason=eof".into())]
+    );
+    let got = std::mem::take(&mut h.peers[0].got);
+    let mut rd = &got[..];
+    c.read_tls(&mut rd).unwrap();
+    assert!(
+        matches!(
+            c.process_new_packets(),
+            Err(rustls::Error::AlertReceived(
+                rustls::AlertDescription::BadRecordMac
+            ))
+        ),
+        "the client hears bad_record_mac"
+    );
+    h.finish();
 }
