@@ -455,3 +455,36 @@ fn dev_tls_prints_a_wss_url_and_the_ca_to_trust() {
     assert!(proxy.wait_exit().success());
     assert!(!Path::new(&ca).exists(), "{ca} left behind");
 }
+
+/// Headless Chromium opens `wss://` from a page, trusting the test
+/// certificate by its public key; without that trust it is refused, as a
+/// browser refuses any certificate it does not trust.
+#[test]
+fn headless_chromium_over_wss() {
+    let pki = Pki::new();
+    let (_conman, proxy) = tls_proxy(&pki, "1");
+    let url = wss(&proxy, &dev_token("r1"));
+    let spki = run_ok(
+        Command::new("sh").arg("-c").arg(format!(
+            "openssl x509 -in {:?} -pubkey -noout | openssl pkey -pubin -outform der \
+             | openssl dgst -sha256 -binary | base64",
+            pki.path("eval.test.pem")
+        )),
+        "SPKI hash",
+    );
+    let chromium = || {
+        let mut c = Command::new("python3");
+        c.arg(root().join("tests/clients/chromium_check.py"));
+        c
+    };
+    run_ok(
+        chromium().args(["--trust-spki", spki.trim(), &url]),
+        "chromium_check over wss",
+    );
+    assert_eq!(proxy.metric("eval_sessions_established_total", &[]), 1.0);
+    run_ok(
+        chromium().args(["--expect-refused", &url]),
+        "chromium_check, untrusted",
+    );
+    assert_eq!(proxy.metric("eval_sessions_established_total", &[]), 1.0);
+}
