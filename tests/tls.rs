@@ -20,9 +20,10 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A test CA, two leaf certificates it signed (ECDSA P-256 for
-/// `eval.test` and 127.0.0.1, RSA 2048 for `other.test`), and a second CA
-/// that signed nothing the proxy serves.
+/// A test CA, three leaf certificates it signed (ECDSA P-256 for
+/// `eval.test` and 127.0.0.1, RSA 2048 for `other.test`, ECDSA for
+/// `expired.test`, valid in 2020 only), and a second CA that signed
+/// nothing the proxy serves.
 struct Pki {
     dir: tempdir::Dir,
 }
@@ -47,6 +48,10 @@ impl Pki {
                 CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                     .unwrap();
             p.distinguished_name.push(DnType::CommonName, name);
+            if name == "expired.test" {
+                p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+            }
             let cert = p.signed_by(key, &ca_cert, &ca_key).unwrap();
             std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
             std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
@@ -72,6 +77,11 @@ impl Pki {
         assert!(out.status.success(), "openssl genpkey: {out:?}");
         let rsa_key = KeyPair::from_pem(&std::fs::read_to_string(&rsa).unwrap()).unwrap();
         leaf("other.test", &rsa_key, &["other.test"]);
+        leaf(
+            "expired.test",
+            &KeyPair::generate().unwrap(),
+            &["expired.test"],
+        );
         Pki { dir }
     }
 
@@ -93,9 +103,10 @@ impl Pki {
             )
         };
         format!(
-            "[tls]\nhandshake_timeout_ms = {handshake_timeout_ms}\n{}{}",
+            "[tls]\nhandshake_timeout_ms = {handshake_timeout_ms}\n{}{}{}",
             entry("eval.test"),
-            entry("other.test")
+            entry("other.test"),
+            entry("expired.test")
         )
     }
 }
@@ -152,8 +163,8 @@ fn tls_failures(proxy: &Proxy, reason: &str) -> f64 {
 
 /// Echo through the proxy, byte for byte, small and large (3 MiB: many
 /// records, many ring buffers) both ways; SNI picks the RSA certificate
-/// when asked; a certificate the client does not trust, or for another
-/// name, fails the way Python says it does.
+/// when asked; a certificate the client does not trust, for another name,
+/// or expired, fails the way Python says it does.
 #[test]
 fn python_websockets_over_wss() {
     let pki = Pki::new();
@@ -194,14 +205,26 @@ fn python_websockets_over_wss() {
         "py_client, wrong name",
     );
     assert!(wrong.contains("Hostname mismatch"), "{wrong}");
-    // The client's alert ends each handshake; the proxy counts both.
+    let expired = run_ok(
+        py_client().args([
+            "--cafile",
+            &pki.ca(),
+            "--server-name",
+            "expired.test",
+            "--expect-tls-error",
+            &url,
+        ]),
+        "py_client, expired certificate",
+    );
+    assert!(expired.contains("certificate has expired"), "{expired}");
+    // The client's alert ends each handshake; the proxy counts all three.
     let deadline = Instant::now() + WAIT;
     // Python closes without sending its alert (`tls_handshake_eof`);
     // others send it first (`tls_handshake`).
-    while tls_failures(&proxy, "tls_handshake") + tls_failures(&proxy, "tls_handshake_eof") != 2.0 {
+    while tls_failures(&proxy, "tls_handshake") + tls_failures(&proxy, "tls_handshake_eof") != 3.0 {
         assert!(
             Instant::now() < deadline,
-            "two failed handshakes not counted:\n{}",
+            "three failed handshakes not counted:\n{}",
             proxy.metrics()
         );
         std::thread::sleep(Duration::from_millis(20));
