@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real peers that eval-proxy's integration tests drive: Debian's
 # Chromium, Debian's HAProxy (a PROXY protocol load balancer in front of the
-# proxy, tests/hostile.rs), Python `websockets`, Node `ws` (tests/clients)
+# proxy, tests/hostile.rs), OpenSSL (`s_client` and the RSA test key of
+# tests/tls.rs), Python `websockets`, Node `ws` (tests/clients)
 # and the Autobahn testsuite's wstest (a CPython 2.7 virtualenv at
 # $AUTOBAHN_VENV).
 #
@@ -16,7 +17,7 @@ PYTHON3=${PYTHON3:-python3}
 PYTHON27=${PYTHON27:-/root/.pyenv/versions/2.7.18/bin/python}
 AUTOBAHN_VENV=${AUTOBAHN_VENV:-/opt/eval-autobahn}
 
-APT_PACKAGES=(chromium gcc haproxy prometheus)
+APT_PACKAGES=(chromium gcc haproxy openssl prometheus)
 WEBSOCKETS_VERSION=17.4
 # The last virtualenv that is one self-contained module on Python 2.7; its
 # --no-download seed (pip 20.3.4, setuptools 44.1.1) fetches nothing.

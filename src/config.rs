@@ -29,6 +29,50 @@ pub struct Config {
     pub controlplane: ControlplaneSection,
     pub admission: AdmissionSection,
     pub keepalive: KeepaliveConfig,
+    pub tls: TlsSection,
+}
+
+/// `[tls]`: TLS on the public listener (wss://). Off unless a certificate
+/// is listed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// Certificates, chosen by SNI; the first is also the one for clients
+    /// that send no name or a name no entry lists.
+    pub certs: Vec<TlsCert>,
+    /// The handshake must be complete within this long of the accept; the
+    /// request head then gets `limits.header_timeout_ms` of its own.
+    pub handshake_timeout_ms: u64,
+    /// The rustls server config built from the above by
+    /// [`Config::load_tls`]; shared by every shard (one ticketer, so a
+    /// ticket issued on one shard resumes on any).
+    #[serde(skip)]
+    pub server: Option<std::sync::Arc<rustls::ServerConfig>>,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            certs: Vec::new(),
+            handshake_timeout_ms: 10_000,
+            server: None,
+        }
+    }
+}
+
+/// One `[[tls.certs]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsCert {
+    /// PEM file: the certificate, then its chain.
+    pub cert: PathBuf,
+    /// PEM file: its private key (PKCS#8, SEC1 or PKCS#1; ECDSA, RSA or
+    /// Ed25519).
+    pub key: PathBuf,
+    /// SNI names this certificate answers (`"eval.example"`, or
+    /// `"*.example"` for one label); empty = only as the default.
+    #[serde(default)]
+    pub names: Vec<String>,
 }
 
 /// Dead-peer detection: the proxy's own WebSocket Pings to a silent side,
@@ -718,6 +762,9 @@ impl Config {
             ));
         }
         self.validate_keepalive()?;
+        if self.tls.handshake_timeout_ms == 0 {
+            return Err(invalid("tls.handshake_timeout_ms", "must be positive"));
+        }
         if self.token.leeway_s < 0 {
             return Err(invalid("token.leeway_s", "must not be negative"));
         }
@@ -770,6 +817,29 @@ impl Config {
 
     pub fn header_timeout(&self) -> Duration {
         Duration::from_millis(self.limits.header_timeout_ms)
+    }
+
+    /// The first deadline of a new client connection: the TLS handshake's
+    /// when the listener speaks TLS, else the request head's.
+    pub fn first_timeout(&self) -> Duration {
+        if self.tls.server.is_some() {
+            Duration::from_millis(self.tls.handshake_timeout_ms)
+        } else {
+            self.header_timeout()
+        }
+    }
+
+    /// Reads `[[tls.certs]]` and builds the server config every shard
+    /// shares; a no-op without certificates. Run after [`Config::validate`].
+    pub fn load_tls(&mut self) -> Result<(), ConfigError> {
+        if self.tls.certs.is_empty() {
+            self.tls.server = None;
+            return Ok(());
+        }
+        let server = crate::tls::server_config(&self.tls.certs)
+            .map_err(|(i, m)| invalid(&format!("tls.certs[{i}]"), m))?;
+        self.tls.server = Some(server);
+        Ok(())
     }
 
     /// The control shard's configuration (placement source and admission).

@@ -15,6 +15,8 @@
 //! - [`proto`]: sans-IO protocol code: the HTTP/1.1 upgrade, the WebSocket
 //!   handshake both ways, frame headers, the per-direction relay tracker,
 //!   close codes. Bytes and time in, decisions out; no sockets, no clock.
+//! - [`tls`]: certificates and the rustls server config of a `wss://`
+//!   listener (the per-session TLS transport is in [`session`]).
 //! - [`token`]: PASETO v4.public: verification (pure), minting, key files.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `POST /drain`.
 //! - [`metrics`]: per-shard counters merged on read; every metric name.
@@ -40,4 +42,5 @@ pub mod reload;
 pub mod server;
 pub mod session;
 pub mod shard;
+pub mod tls;
 pub mod token;

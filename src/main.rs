@@ -64,6 +64,10 @@ struct Cli {
     /// key, loopback listeners; prints a ready-to-use ws:// URL.
     #[arg(long)]
     dev: bool,
+    /// With --dev: TLS with a throwaway CA and certificate; prints a wss://
+    /// URL and the CA file to trust.
+    #[arg(long, requires = "dev")]
+    tls: bool,
     /// Validate the config and exit.
     #[arg(long)]
     check: bool,
@@ -206,6 +210,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         keys_dir: cli.keys_dir.clone(),
         log_format: cli.log_format,
         dev_conman: None,
+        dev_tls_cert: None,
     };
     let mut cfg = overrides.load_unvalidated().map_err(ConfigFault)?;
     // Before any thread starts (the --dev fake Conman below, then everything
@@ -228,7 +233,17 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         overrides.dev_conman = Some(url);
         dev_conman = Some(h);
     }
+    // Removed when the proxy exits: the certificate is for this run only.
+    let mut dev_tls = None;
+    if cli.tls {
+        let dir = std::env::temp_dir().join(format!("eval-proxy-dev-tls-{}", std::process::id()));
+        let made = eval_proxy::dev::tls::generate(&dir).map_err(anyhow::Error::msg)?;
+        cfg.tls.certs.insert(0, made.cert.clone());
+        overrides.dev_tls_cert = Some(made.cert);
+        dev_tls = Some((dir, made.ca));
+    }
     cfg.validate().map_err(|e| ConfigFault(e.to_string()))?;
+    cfg.load_tls().map_err(|e| ConfigFault(e.to_string()))?;
     if cli.check {
         eval_proxy::server::load_keys(&cfg).map_err(|e| ConfigFault(e.to_string()))?;
         println!("config ok");
@@ -236,6 +251,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
     let set_log_level = init_logging(&cfg);
     let dev = cli.dev;
+    let dev_ca = dev_tls.as_ref().map(|(_, ca)| ca.clone());
     let opts = eval_proxy::server::StartOptions {
         takeover: cli.takeover,
         reload: Some(Box::new(move || overrides.load())),
@@ -253,11 +269,27 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 jti: "dev".into(),
             };
             let t = token::mint(&claims, token::DEV_KID, &token::dev_signing_key());
-            let _ = writeln!(
-                out,
-                "eval-proxy --dev: paste into any WebSocket client: ws://{}/wsv2/{t}",
-                b.listen
-            );
+            match &dev_ca {
+                Some(ca) => {
+                    let _ = writeln!(
+                        out,
+                        "eval-proxy --dev --tls: trust the CA in {} (it signed a certificate for localhost, 127.0.0.1, ::1)",
+                        ca.display()
+                    );
+                    let _ = writeln!(
+                        out,
+                        "eval-proxy --dev: paste into any WebSocket client: wss://{}/wsv2/{t}",
+                        b.listen
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "eval-proxy --dev: paste into any WebSocket client: ws://{}/wsv2/{t}",
+                        b.listen
+                    );
+                }
+            }
         }
         let admin = b.admin.map_or("off".to_string(), |a| a.to_string());
         let _ = writeln!(
@@ -275,6 +307,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
     })?;
     drop(dev_conman);
+    if let Some((dir, _)) = dev_tls {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     Ok(())
 }
 
@@ -293,13 +328,17 @@ struct Overrides {
     log_format: Option<LogFormatArg>,
     /// `--dev`'s embedded fake Conman, once started.
     dev_conman: Option<String>,
+    /// `--dev --tls`'s throwaway certificate, once made.
+    dev_tls_cert: Option<eval_proxy::config::TlsCert>,
 }
 
 impl Overrides {
-    /// The file, then `--dev`, then the flags; validated.
+    /// The file, then `--dev`, then the flags; validated, certificates
+    /// loaded (so a reload also reloads them: a bad one refuses the reload).
     fn load(&self) -> Result<Config, String> {
-        let cfg = self.load_unvalidated()?;
+        let mut cfg = self.load_unvalidated()?;
         cfg.validate().map_err(|e| e.to_string())?;
+        cfg.load_tls().map_err(|e| e.to_string())?;
         Ok(cfg)
     }
 
@@ -309,6 +348,9 @@ impl Overrides {
             Some(p) => Config::from_file(p).map_err(|e| e.to_string())?,
             None => Config::default(),
         };
+        if let Some(cert) = &self.dev_tls_cert {
+            cfg.tls.certs.insert(0, cert.clone());
+        }
         if self.dev {
             cfg.token.allow_dev_key = true;
             if self.listen.is_none() && self.config.is_none() {

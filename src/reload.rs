@@ -118,6 +118,12 @@ pub fn fixed_keys_unchanged(old: &Config, new: &Config) -> Result<(), ConfigErro
         ("admin", same(&old.admin, &new.admin)),
         ("buffers", same(&old.buffers, &new.buffers)),
         ("lifecycle", same(&old.lifecycle, &new.lifecycle)),
+        // A listener speaks TLS or not for its whole life: clients connect
+        // with wss:// or ws:// to it. New certificates are fine.
+        (
+            "tls.certs",
+            old.tls.certs.is_empty() == new.tls.certs.is_empty(),
+        ),
         (
             "limits.per_ip_sessions",
             old.limits.per_ip_sessions == new.limits.per_ip_sessions,

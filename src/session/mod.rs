@@ -41,6 +41,17 @@
 //! silent side, dead-peer and idle timeouts) until a Close goes one way;
 //! then it is the close timer's. `access.rs` writes the session's one
 //! access-log line.
+//!
+//! # TLS
+//! With `[[tls.certs]]` the client side has a TLS transport (`tls.rs`,
+//! rustls driven sans-IO): received ciphertext is decrypted before the
+//! phase's handling sees it (the head parser and the relay tracker work on
+//! plaintext, passed on as owned bytes), and what is queued toward the
+//! client is sealed into records at send time, read straight from the ring
+//! buffers it came in. The first deadline is the handshake's
+//! (`tls.handshake_timeout_ms`); the head's starts when the handshake
+//! completes. Splice is off for such a session: its plaintext never exists
+//! in the kernel.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
@@ -66,6 +77,7 @@ mod setup;
 mod splice;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 pub use per_ip::{Gate, PerIp, Refused};
 pub use sendq::SendQ;
@@ -236,11 +248,21 @@ pub enum Op {
     Poll { socket: Who, fd: RawFd, from: Who },
 }
 
+/// Read access to the bytes of ring buffers the session holds references
+/// to: a TLS side seals the chunks queued for it, wherever they are.
+pub trait RingBytes {
+    /// `len` bytes at `off` of buffer `bid`, which the session holds (the
+    /// kernel filled it and gets it back only at the session's `Recycle`).
+    fn bytes(&self, bid: u16, off: u32, len: u32) -> &[u8];
+}
+
 /// What a session reads and writes besides its own state: the time, the
 /// config, the shard's counters and admission state, randomness and the op
 /// queue. No IO.
 pub struct Env<'a> {
     pub now: Instant,
+    /// The shard's buffer ring, read-only.
+    pub ring: &'a dyn RingBytes,
     /// The shard's provided-buffer ring is running low: received bytes are
     /// copied into the session's own memory and their buffer given back at
     /// once, so that no set of sessions can drain the ring.
@@ -529,7 +551,9 @@ pub struct Session {
     injected_close_to_client: bool,
     injected_close_to_conman: bool,
     /// What this session adds to the shard's `buffered_bytes` right now.
-    buffered: usize,
+    /// u32: backpressure keeps it to a few send queues (and the room it
+    /// leaves pays for the `tls` pointer within the size budget).
+    buffered: u32,
     /// Bytes relayed from the client and from Conman.
     bytes: [u64; 2],
     /// The VM relayed to.
@@ -549,6 +573,9 @@ pub struct Session {
     /// until it finishes.
     admitted: bool,
     holds_ip_slot: bool,
+    /// The client side's transport when the listener speaks TLS (`None`:
+    /// plaintext). Boxed: a plaintext session carries a pointer.
+    tls: Option<Box<tls::Transport>>,
 }
 
 impl Session {
@@ -577,7 +604,7 @@ impl Session {
             to_conman: Tracker::new(Direction::ToConman, tcfg),
             to_client: Tracker::new(Direction::ToClient, tcfg),
             holds: None,
-            deadline: Some(now + cfg.header_timeout()),
+            deadline: Some(now + cfg.first_timeout()),
             started: now,
             ident: None,
             injected_close_to_client: false,
@@ -592,6 +619,14 @@ impl Session {
             client_ip: peer,
             admitted: false,
             holds_ip_slot: false,
+            // A failure here (a config that rustls refuses, which loading
+            // already ruled out) is caught in `start`.
+            tls: cfg
+                .tls
+                .server
+                .as_ref()
+                .and_then(|c| tls::Transport::new(c).ok())
+                .map(Box::new),
         }
     }
 
@@ -610,6 +645,11 @@ impl Session {
         // balancers we were told about may send one.
         if self.kind() == Kind::ProxyHeader && !env.cfg.listen.trusts(self.client_ip) {
             self.refuse_connection(env, "proxy_untrusted");
+            self.advance(env);
+            return;
+        }
+        if env.cfg.tls.server.is_some() && self.tls.is_none() {
+            self.refuse_connection(env, "tls_setup");
             self.advance(env);
             return;
         }
@@ -820,7 +860,11 @@ impl Session {
         match data {
             Some((bid, bytes)) if res > 0 => {
                 self.note_heard(env.now, who);
-                self.on_data(env, who, bid, bytes);
+                if who == Who::Client && self.tls.is_some() {
+                    self.on_tls_data(env, bid, bytes);
+                } else {
+                    self.on_data(env, who, bid, bytes);
+                }
                 // A multishot receive may end on its own (or a cancel may
                 // land after a resume), and a single-shot one always does:
                 // re-arm unless the side is meant to be quiet, which
@@ -857,6 +901,9 @@ impl Session {
                 }
                 _ => {
                     // FIN (0) or a socket error: this side sends no more.
+                    if who == Who::Client {
+                        self.tls_eof(env);
+                    }
                     self.side(who).eof = true;
                     self.on_side_lost(env, who);
                 }
@@ -869,6 +916,9 @@ impl Session {
     // ---- sending --------------------------------------------------------
 
     fn kick_send(&mut self, env: &mut Env, who: Who) {
+        if who == Who::Client && self.tls.is_some() {
+            return self.kick_send_tls(env);
+        }
         let conman_writable = !matches!(
             self.kind(),
             Kind::ProxyHeader | Kind::Head | Kind::Verify | Kind::Connecting
@@ -916,6 +966,7 @@ impl Session {
             // The socket is O_NONBLOCK (splice mode) and io_uring gave up
             // retrying: nothing was sent, the next kick sends it again.
             requeue_front(sd, chunks.collect());
+            self.requeued_records(who);
         } else if res < 0 {
             let unsent: usize = chunks
                 .map(|c| {
@@ -957,6 +1008,7 @@ impl Session {
                     }
                 } else {
                     requeue_front(sd, rest);
+                    self.requeued_records(who);
                 }
             }
         }
@@ -979,6 +1031,11 @@ impl Session {
         sd.unqueue(n);
         debug_assert!(sd.owned as usize >= owned);
         sd.owned = sd.owned.saturating_sub(owned as u32);
+        if who == Who::Client {
+            if let Some(t) = self.tls.as_deref_mut() {
+                t.cipher_front = false;
+            }
+        }
     }
 
     /// Writing to `who` failed: the peer is gone, and what is queued for it
@@ -1043,6 +1100,9 @@ impl Session {
             .as_deref()
             .map_or(0, |h| h.iter().map(relay::FrameHold::owned).sum());
         let now = self.client.owned as usize + self.conman.owned as usize + held;
+        // Saturating keeps the shard's count consistent (it moves by what
+        // was added) even in the case backpressure rules out.
+        let now = u32::try_from(now).unwrap_or(u32::MAX);
         if now > self.buffered {
             env.stats
                 .buffered_bytes
@@ -1115,6 +1175,9 @@ impl Session {
                 Who::Client => self.to_conman.close_seen(),
                 Who::Conman => self.to_client.close_seen(),
             };
+        if who == Who::Client {
+            self.close_notify(env);
+        }
         let sd = self.side(who);
         if sd.want_shut && !sd.shut && sd.drained() {
             sd.shut = true;
@@ -1152,7 +1215,13 @@ impl Session {
             Kind::ProxyHeader => self.refuse_connection(env, "proxy_header_timeout"),
             // A token check is answered within the loop turn it started in,
             // so this is only a head that was too slow.
-            Kind::Head | Kind::Verify => self.head_timeout(env),
+            Kind::Head | Kind::Verify => {
+                if self.tls.as_ref().is_some_and(|t| t.handshaking()) {
+                    self.tls_failed(env, "tls_handshake_timeout", true);
+                } else {
+                    self.head_timeout(env)
+                }
+            }
             Kind::Placement | Kind::Connecting | Kind::ConmanHandshake | Kind::Backoff => {
                 self.setup_timeout(env)
             }

@@ -285,7 +285,7 @@ impl Session {
     /// than `relay.hold_max` received so far. The start of a shorter frame
     /// waits in the direction's [`FrameHold`] until its last byte is in,
     /// and then leaves with it in one gathered send.
-    fn pass_on(&mut self, env: &mut Env, from: Who, input: Input) {
+    fn pass_on(&mut self, env: &mut Env, from: Who, mut input: Input) {
         let dir = from.outbound();
         let to = from.other();
         if self.tracker(dir).close_seen() {
@@ -384,21 +384,27 @@ impl Session {
                     None
                 };
                 if cuts.is_empty() && ping_at.is_none() {
-                    self.queue_input(env, to, &input, 0..now, &mut refs);
+                    self.queue_input(env, to, &mut input, 0..now, &mut refs);
                 } else {
                     let mut from_off = 0;
                     for c in cuts {
-                        self.queue_input(env, to, &input, from_off..c.start as usize, &mut refs);
+                        self.queue_input(
+                            env,
+                            to,
+                            &mut input,
+                            from_off..c.start as usize,
+                            &mut refs,
+                        );
                         from_off = c.end as usize;
                         env.stats.keepalive_pong();
                     }
                     // The last boundary is at or after the last Pong's end.
                     let p = ping_at.unwrap_or(now).max(from_off);
-                    self.queue_input(env, to, &input, from_off..p, &mut refs);
+                    self.queue_input(env, to, &mut input, from_off..p, &mut refs);
                     if ping_at.is_some() {
                         self.inject_ping(env, to);
                     }
-                    self.queue_input(env, to, &input, p..now, &mut refs);
+                    self.queue_input(env, to, &mut input, p..now, &mut refs);
                 }
                 if hold > 0 {
                     self.hold_more(env, dir, &input, now..now + hold, &mut refs);
@@ -423,7 +429,7 @@ impl Session {
         &mut self,
         env: &mut Env,
         to: Who,
-        input: &Input,
+        input: &mut Input,
         range: std::ops::Range<usize>,
         refs: &mut u8,
     ) {
@@ -445,6 +451,9 @@ impl Session {
             // the session's own memory (bounded by backpressure), never in
             // the shard's shared ring, which every session needs to
             // receive anything.
+            // Owned bytes (decrypted from TLS, setup leftovers) that go
+            // whole move as they are: decryption was their only copy.
+            Input::Owned(v) if range == (0..v.len()) => dest.push_owned(std::mem::take(v)),
             _ => dest.push_owned(input.bytes()[range].to_vec()),
         }
     }

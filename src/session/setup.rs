@@ -113,8 +113,14 @@ impl Session {
                 if let Some(source) = header.source {
                     self.client_ip = Some(source.ip());
                 }
-                self.transition(env.now, |_| Phase::Head(rest));
-                self.on_head_bytes(env, &[]);
+                if self.tls.is_some() {
+                    // What follows the header is the TLS handshake.
+                    self.transition(env.now, |_| Phase::Head(Vec::new()));
+                    self.on_tls_bytes(env, &rest);
+                } else {
+                    self.transition(env.now, |_| Phase::Head(rest));
+                    self.on_head_bytes(env, &[]);
+                }
             }
             Err(e) => {
                 tracing::debug!(session = self.id, peer = ?self.client_ip, err = %e, "bad PROXY header");

@@ -36,8 +36,12 @@ impl Session {
         let min = env.cfg.buffers.splice_min;
         // A frame being held goes out whole, from the buffers it came in.
         let held = self.holding(from.outbound());
+        // Over TLS the plaintext never exists in the kernel: nothing to
+        // splice either way.
+        let tls = self.tls.is_some();
         let (src, _, tracker) = self.split(from);
         if min == 0
+            || tls
             || held
             || src.splice.is_some()
             || src.eof

@@ -245,3 +245,9 @@ impl BufRing {
         std::mem::forget(std::mem::replace(&mut self.bufs, empty()));
     }
 }
+
+impl crate::session::RingBytes for BufRing {
+    fn bytes(&self, bid: u16, off: u32, len: u32) -> &[u8] {
+        self.slice(bid, off, len)
+    }
+}

@@ -40,6 +40,7 @@ macro_rules! env {
     ($io:expr, $out:expr) => {
         crate::session::Env {
             now: $io.now,
+            ring: &$io.bufs,
             ring_low: $io.ring_low(),
             cfg: &$io.cfg,
             shard: $io.shard,

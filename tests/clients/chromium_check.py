@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Headless Chromium as a real browser client of eval-proxy.
 
-Usage: chromium_check.py [--timeout 30] [--chromium /usr/bin/chromium] URL
+Usage: chromium_check.py [--timeout 30] [--chromium /usr/bin/chromium]
+                         [--trust-spki SHA256_B64] [--expect-refused] URL
 
 Serves a page from 127.0.0.1 (port 0) whose script opens `new WebSocket(URL)`,
 sends "hello from chromium", expects that text echoed, then closes with 1000
@@ -9,6 +10,12 @@ and expects a clean close answered with 1000. The page shows the outcome in
 document.title and POSTs it back to the page's server, which is what this
 script waits for: no WebDriver, and no guessing how long the page needs (a
 --dump-dom with a virtual time budget can dump before a slow echo arrives).
+
+For wss:// the browser trusts only the certificate whose public key has
+the --trust-spki hash (Chromium's --ignore-certificate-errors-spki-list, the
+way to trust a test certificate without a system CA store); with
+--expect-refused the page must fail to connect (close 1006, no echo), as a
+browser does with a certificate it does not trust.
 
 Exit 0 on success; 1 with one line on stderr otherwise; 2 on bad usage.
 """
@@ -148,12 +155,16 @@ def make_server(page):
     return server, outcome, arrived
 
 
-def verdict(raw):
+def verdict(raw, expect_refused=False):
     try:
         r = json.loads(raw)
     except ValueError:
         raise CheckFailed(f"page reported unparsable result {raw[:200]!r}") from None
     closed = f"closed {r.get('closeCode')} {r.get('closeReason')!r} clean={r.get('wasClean')}"
+    if expect_refused:
+        if r.get("echo") is not None or r.get("closeCode") != 1006:
+            raise CheckFailed(f"expected a refused connection (1006, no echo); {closed}")
+        return
     if r.get("echo") != GREETING:
         what = "no echo" if r.get("echo") is None else f"echo {r['echo'][:80]!r}"
         raise CheckFailed(f"{what}; {closed}" + (f"; {r['error']}" if r.get("error") else ""))
@@ -218,8 +229,9 @@ def run(args):
     page_url = f"http://127.0.0.1:{server.server_address[1]}/page.html"
     deadline = time.monotonic() + args.timeout
     with tempfile.TemporaryDirectory(prefix="eval-chromium-") as profile, tempfile.TemporaryFile() as log:
+        trust = [f"--ignore-certificate-errors-spki-list={args.trust_spki}"] if args.trust_spki else []
         proc = subprocess.Popen(
-            [args.chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", page_url],
+            [args.chromium, *CHROMIUM_FLAGS, *trust, f"--user-data-dir={profile}", page_url],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -240,14 +252,16 @@ def run(args):
             stop_browser(proc)
             server.shutdown()
             server.server_close()
-    verdict(outcome["body"].decode(errors="replace"))
+    verdict(outcome["body"].decode(errors="replace"), args.expect_refused)
 
 
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("url", help="ws:// URL to test")
+    p.add_argument("url", help="ws:// or wss:// URL to test")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole check (default 30)")
     p.add_argument("--chromium", default=os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+    p.add_argument("--trust-spki", help="wss://: base64 SHA-256 of the certificate's public key to trust")
+    p.add_argument("--expect-refused", action="store_true", help="the connection must fail (untrusted certificate)")
     args = p.parse_args(argv)
     # A test harness that gives up on this script sends SIGTERM; turning it
     # into SystemExit runs the cleanup that ends the browser's process group.

@@ -9,12 +9,18 @@
 //                                           right after the handshake; prints
 //                                           its reason
 //   --timeout SECONDS                       for the whole check (default 30)
+//   --ca FILE                               wss://: trust only this CA (PEM)
+//   --binary-size BYTES                     of the binary echo (default 1 MiB)
+//   --expect-tls-error                      the TLS handshake must fail (the
+//                                           certificate is not trusted or does
+//                                           not match); prints the error code
 //
 // Exit 0 on success; 1 with one line on stderr otherwise; 2 on bad usage.
 // Needs `npm ci` in this folder (.ci/install-deps.sh does it).
 'use strict';
 
 const crypto = require('node:crypto');
+const fs = require('node:fs');
 const path = require('node:path');
 
 const BINARY_SIZE = 1024 * 1024;
@@ -42,14 +48,20 @@ function usage(reason) {
 }
 
 function parseArgs(argv) {
-  const args = { timeout: 30, expectClose: null, url: null };
+  const args = { timeout: 30, expectClose: null, url: null, ca: null, binarySize: BINARY_SIZE, expectTlsError: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
-    if (a === '--timeout' || a === '--expect-close') {
+    if (a === '--timeout' || a === '--expect-close' || a === '--binary-size') {
       const v = Number(argv[++i]);
       if (!Number.isFinite(v) || v <= 0) usage(`${a} needs a positive number`);
       if (a === '--timeout') args.timeout = v;
+      else if (a === '--binary-size') args.binarySize = v;
       else args.expectClose = v;
+    } else if (a === '--ca') {
+      args.ca = argv[++i];
+      if (!args.ca) usage('--ca needs a file');
+    } else if (a === '--expect-tls-error') {
+      args.expectTlsError = true;
     } else if (a.startsWith('-')) {
       usage(`unknown option ${a}`);
     } else if (args.url === null) {
@@ -74,15 +86,27 @@ function main() {
 
   let ws;
   try {
-    ws = new WebSocket(args.url, {
+    const opts = {
       handshakeTimeout: args.timeout * 1000,
-      maxPayload: 4 * BINARY_SIZE,
-    });
+      maxPayload: 4 * args.binarySize,
+    };
+    if (args.ca !== null) opts.ca = fs.readFileSync(args.ca);
+    ws = new WebSocket(args.url, opts);
   } catch (e) {
     fail(`${e.name}: ${e.message}`);
   }
 
   ws.on('unexpected-response', (_req, res) => fail(`handshake rejected: HTTP ${res.statusCode}`));
+  if (args.expectTlsError) {
+    ws.on('open', () => fail('the TLS handshake succeeded'));
+    ws.on('error', (e) => {
+      if (!e.code) fail(`error without a code: ${e.message}`);
+      succeed();
+      process.stdout.write(`${e.code}\n`);
+      process.exit(0);
+    });
+    return;
+  }
   ws.on('error', (e) => fail(`error while ${step}: ${e.message}`));
 
   if (args.expectClose !== null) {
@@ -105,7 +129,7 @@ function main() {
   }
 
   const text = 'hello';
-  const binary = crypto.randomBytes(BINARY_SIZE);
+  const binary = crypto.randomBytes(args.binarySize);
   let closing = false;
 
   ws.on('open', () => {

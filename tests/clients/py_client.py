@@ -7,6 +7,12 @@ Usage:
                                        is answered with 1000
   py_client.py --expect-close CODE URL the server must close with CODE right
                                        after the handshake; prints its reason
+  --cafile FILE                        wss://: trust only this CA (PEM)
+  --server-name NAME                   wss://: the name to ask for (SNI) and to
+                                       check the certificate against
+  --binary-size BYTES                  of the binary echo (default 1 MiB)
+  --expect-tls-error                   the TLS handshake must fail certificate
+                                       verification; prints the reason
 
 Exit 0 on success; 1 with one line on stderr otherwise; 2 on bad usage.
 """
@@ -14,6 +20,7 @@ Exit 0 on success; 1 with one line on stderr otherwise; 2 on bad usage.
 import argparse
 import asyncio
 import os
+import ssl
 import sys
 
 from websockets.asyncio.client import connect
@@ -36,15 +43,28 @@ class Step:
         cls.now = what
 
 
-def open_ws(url, timeout):
+class Tls:
+    """wss:// settings from the command line."""
+
+    context = None
+    server_name = None
+
+
+def open_ws(url, timeout, max_size=4 * BINARY_SIZE):
+    extra = {}
+    if Tls.context is not None:
+        extra["ssl"] = Tls.context
+    if Tls.server_name is not None:
+        extra["server_hostname"] = Tls.server_name
     return connect(
         url,
+        **extra,
         # The proxy's tests run on loopback: an HTTP(S)_PROXY from the
         # environment must never reroute them.
         proxy=None,
         open_timeout=timeout,
         close_timeout=timeout,
-        max_size=4 * BINARY_SIZE,
+        max_size=max_size,
         # Keepalive pings would be extra frames the proxy has to relay; the
         # check is about the messages it sends.
         ping_interval=None,
@@ -78,13 +98,13 @@ def describe_close(e):
     return f"server sent Close {rcvd.code} {rcvd.reason!r}"
 
 
-async def echo_check(url, timeout):
-    async with open_ws(url, timeout) as ws:
+async def echo_check(url, timeout, size):
+    async with open_ws(url, timeout, 4 * max(size, BINARY_SIZE)) as ws:
         Step.to("sending text")
         await ws.send("hello")
         await recv_exact(ws, "hello", "text")
-        payload = os.urandom(BINARY_SIZE)
-        Step.to("sending 1 MiB binary")
+        payload = os.urandom(size)
+        Step.to(f"sending {size} bytes binary")
         await ws.send(payload)
         await recv_exact(ws, payload, "binary")
         Step.to("closing with 1000")
@@ -113,9 +133,21 @@ async def expect_close(url, code, timeout):
         raise CheckFailed(f"expected Close {code}, got a {kind} message first")
 
 
+async def expect_tls_error(url, timeout):
+    try:
+        async with open_ws(url, timeout):
+            pass
+    except ssl.SSLCertVerificationError as e:
+        print(e.verify_message)
+        return
+    raise CheckFailed("the TLS handshake succeeded")
+
+
 async def run(args):
-    if args.expect_close is None:
-        await echo_check(args.url, args.timeout)
+    if args.expect_tls_error:
+        await expect_tls_error(args.url, args.timeout)
+    elif args.expect_close is None:
+        await echo_check(args.url, args.timeout, args.binary_size)
     else:
         await expect_close(args.url, args.expect_close, args.timeout)
 
@@ -125,7 +157,14 @@ def main(argv):
     p.add_argument("url", help="ws:// URL to test")
     p.add_argument("--expect-close", type=int, metavar="CODE", help="expect the server to close with CODE")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole check (default 30)")
+    p.add_argument("--cafile", help="wss://: trust only this CA")
+    p.add_argument("--server-name", help="wss://: SNI and the name to verify")
+    p.add_argument("--binary-size", type=int, default=BINARY_SIZE, help="bytes of the binary echo")
+    p.add_argument("--expect-tls-error", action="store_true", help="certificate verification must fail")
     args = p.parse_args(argv)
+    if args.cafile is not None:
+        Tls.context = ssl.create_default_context(cafile=args.cafile)
+    Tls.server_name = args.server_name
     try:
         asyncio.run(asyncio.wait_for(run(args), args.timeout))
     except CheckFailed as e:

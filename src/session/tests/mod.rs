@@ -26,6 +26,7 @@ mod keepalive;
 mod random;
 mod relay;
 mod setup;
+mod tls;
 
 pub(in crate::session) use random::trail;
 
@@ -113,6 +114,7 @@ macro_rules! env {
     ($h:expr, $out:expr) => {
         Env {
             now: $h.now,
+            ring: &$h.bufs,
             ring_low: $h.ring_low,
             cfg: &$h.cfg,
             shard: 0,
@@ -122,6 +124,12 @@ macro_rules! env {
             out: $out,
         }
     };
+}
+
+impl RingBytes for HashMap<u16, Vec<u8>> {
+    fn bytes(&self, bid: u16, off: u32, len: u32) -> &[u8] {
+        &self[&bid][off as usize..(off + len) as usize]
+    }
 }
 
 struct Harness {

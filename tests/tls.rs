@@ -1,0 +1,513 @@
+//! `wss://`: the real proxy terminating TLS, with real clients (Python
+//! `websockets`, Node `ws`, `openssl s_client`, Python's `ssl` for
+//! resumption) and certificates made here with rcgen (no key is committed;
+//! the RSA key comes from `openssl genpkey`, since rcgen's ring backend
+//! cannot make one).
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use eval_proxy::dev::conman::ConmanHandle;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use support::*;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A test CA, three leaf certificates it signed (ECDSA P-256 for
+/// `eval.test` and 127.0.0.1, RSA 2048 for `other.test`, ECDSA for
+/// `expired.test`, valid in 2020 only), and a second CA that signed
+/// nothing the proxy serves.
+struct Pki {
+    dir: tempdir::Dir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempdir::Dir::new("pki");
+        let ca = |cn: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, cn);
+            let cert = p.self_signed(&key).unwrap();
+            (cert, key)
+        };
+        let (ca_cert, ca_key) = ca("eval test CA");
+        let (other_ca, _) = ca("someone else's CA");
+        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(dir.path().join("other-ca.pem"), other_ca.pem()).unwrap();
+        let leaf = |name: &str, key: &KeyPair, sans: &[&str]| {
+            let mut p =
+                CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                    .unwrap();
+            p.distinguished_name.push(DnType::CommonName, name);
+            if name == "expired.test" {
+                p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+            }
+            let cert = p.signed_by(key, &ca_cert, &ca_key).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        };
+        leaf(
+            "eval.test",
+            &KeyPair::generate().unwrap(),
+            &["eval.test", "127.0.0.1"],
+        );
+        let rsa = dir.path().join("rsa.key");
+        let out = Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+            ])
+            .arg(&rsa)
+            .output()
+            .expect("openssl (bash .ci/install-deps.sh)");
+        assert!(out.status.success(), "openssl genpkey: {out:?}");
+        let rsa_key = KeyPair::from_pem(&std::fs::read_to_string(&rsa).unwrap()).unwrap();
+        leaf("other.test", &rsa_key, &["other.test"]);
+        leaf(
+            "expired.test",
+            &KeyPair::generate().unwrap(),
+            &["expired.test"],
+        );
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn ca(&self) -> String {
+        self.path("ca.pem").display().to_string()
+    }
+
+    /// The `[tls]` section serving both certificates.
+    fn config(&self, handshake_timeout_ms: u64) -> String {
+        let entry = |name: &str| {
+            format!(
+                "[[tls.certs]]\ncert = {:?}\nkey = {:?}\nnames = [{name:?}]\n",
+                self.path(&format!("{name}.pem")),
+                self.path(&format!("{name}.key")),
+            )
+        };
+        format!(
+            "[tls]\nhandshake_timeout_ms = {handshake_timeout_ms}\n{}{}{}",
+            entry("eval.test"),
+            entry("other.test"),
+            entry("expired.test")
+        )
+    }
+}
+
+fn wss(proxy: &Proxy, token: &str) -> String {
+    format!("wss://{}/wsv2/{token}", proxy.listen)
+}
+
+fn run(cmd: &mut Command, what: &str) -> Output {
+    cmd.output().unwrap_or_else(|e| {
+        panic!("{what}: cannot run ({e}); run `bash .ci/install-deps.sh` first")
+    })
+}
+
+fn run_ok(cmd: &mut Command, what: &str) -> String {
+    let out = run(cmd, what);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn py_client() -> Command {
+    let mut c = Command::new("python3");
+    c.arg(root().join("tests/clients/py_client.py"));
+    c
+}
+
+fn node_client() -> Command {
+    let mut c = Command::new("node");
+    c.arg(root().join("tests/clients/node_client.js"));
+    c
+}
+
+fn tls_proxy(pki: &Pki, shards: &str) -> (ConmanHandle, Proxy) {
+    let conman = echo_conman();
+    let proxy = Proxy::start(
+        &config_for(conman.local_addr, &pki.config(10_000)),
+        &["--shards", shards],
+    );
+    (conman, proxy)
+}
+
+fn tls_failures(proxy: &Proxy, reason: &str) -> f64 {
+    proxy.metric(
+        "eval_session_setup_failures_total",
+        &["stage=\"request\"", &format!("reason=\"{reason}\"")],
+    )
+}
+
+/// Echo through the proxy, byte for byte, small and large (3 MiB: many
+/// records, many ring buffers) both ways; SNI picks the RSA certificate
+/// when asked; a certificate the client does not trust, for another name,
+/// or expired, fails the way Python says it does.
+#[test]
+fn python_websockets_over_wss() {
+    let pki = Pki::new();
+    let (_conman, proxy) = tls_proxy(&pki, "1");
+    let url = wss(&proxy, &dev_token("r1"));
+    run_ok(
+        py_client().args(["--cafile", &pki.ca(), "--binary-size", "3145728", &url]),
+        "py_client over wss",
+    );
+    // SNI `other.test`: only the RSA certificate verifies for that name.
+    run_ok(
+        py_client().args(["--cafile", &pki.ca(), "--server-name", "other.test", &url]),
+        "py_client over wss, SNI other.test",
+    );
+    assert_eq!(proxy.metric("eval_sessions_established_total", &[]), 2.0);
+    let untrusted = run_ok(
+        py_client().args([
+            "--cafile",
+            &pki.path("other-ca.pem").display().to_string(),
+            "--expect-tls-error",
+            &url,
+        ]),
+        "py_client, untrusted CA",
+    );
+    assert!(
+        untrusted.contains("unable to get local issuer certificate"),
+        "{untrusted}"
+    );
+    let wrong = run_ok(
+        py_client().args([
+            "--cafile",
+            &pki.ca(),
+            "--server-name",
+            "wrong.test",
+            "--expect-tls-error",
+            &url,
+        ]),
+        "py_client, wrong name",
+    );
+    assert!(wrong.contains("Hostname mismatch"), "{wrong}");
+    let expired = run_ok(
+        py_client().args([
+            "--cafile",
+            &pki.ca(),
+            "--server-name",
+            "expired.test",
+            "--expect-tls-error",
+            &url,
+        ]),
+        "py_client, expired certificate",
+    );
+    assert!(expired.contains("certificate has expired"), "{expired}");
+    // The client's alert ends each handshake; the proxy counts all three.
+    let deadline = Instant::now() + WAIT;
+    // Python closes without sending its alert (`tls_handshake_eof`);
+    // others send it first (`tls_handshake`).
+    while tls_failures(&proxy, "tls_handshake") + tls_failures(&proxy, "tls_handshake_eof") != 3.0 {
+        assert!(
+            Instant::now() < deadline,
+            "three failed handshakes not counted:\n{}",
+            proxy.metrics()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(proxy.metric("eval_sessions_established_total", &[]), 2.0);
+}
+
+#[test]
+fn node_ws_over_wss() {
+    let pki = Pki::new();
+    let (_conman, proxy) = tls_proxy(&pki, "1");
+    let url = wss(&proxy, &dev_token("r1"));
+    run_ok(
+        node_client().args(["--ca", &pki.ca(), "--binary-size", "3145728", &url]),
+        "node_client over wss",
+    );
+    let code = run_ok(
+        node_client().args([
+            "--ca",
+            &pki.path("other-ca.pem").display().to_string(),
+            "--expect-tls-error",
+            &url,
+        ]),
+        "node_client, untrusted CA",
+    );
+    assert_eq!(code.trim(), "UNABLE_TO_VERIFY_LEAF_SIGNATURE");
+    // Over plain ws:// to a TLS listener the upgrade cannot even start.
+    let out = run(
+        node_client().args(["--timeout", "10", &proxy.url(&dev_token("r1"))]),
+        "node_client ws:// to wss listener",
+    );
+    assert!(!out.status.success());
+}
+
+/// What `openssl s_client` negotiated: (protocol, ALPN, subject, verified).
+fn s_client(proxy: &Proxy, pki: &Pki, args: &[&str]) -> String {
+    let out = run(
+        Command::new("openssl")
+            .args(["s_client", "-connect", &proxy.listen.to_string()])
+            .args(["-CAfile", &pki.ca(), "-alpn", "http/1.1"])
+            .args(args)
+            .stdin(Stdio::null()),
+        "openssl s_client",
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn openssl_versions_alpn_and_sni() {
+    let pki = Pki::new();
+    let (_conman, proxy) = tls_proxy(&pki, "1");
+    for (version, name, subject, protocol) in [
+        ("-tls1_3", "eval.test", "CN = eval.test", "TLSv1.3"),
+        ("-tls1_2", "eval.test", "CN = eval.test", "TLSv1.2"),
+        ("-tls1_3", "other.test", "CN = other.test", "TLSv1.3"),
+        ("-tls1_2", "other.test", "CN = other.test", "TLSv1.2"),
+        // A name nobody lists, and no SNI at all: the first certificate.
+        ("-tls1_3", "nobody.test", "CN = eval.test", "TLSv1.3"),
+    ] {
+        let out = s_client(&proxy, &pki, &[version, "-servername", name]);
+        let what = format!("{version} {name}:\n{out}");
+        assert!(out.contains(&format!("subject={subject}")), "{what}");
+        assert!(out.contains(&format!("New, {protocol}, ")), "{what}");
+        assert!(out.contains("ALPN protocol: http/1.1"), "{what}");
+        if name != "nobody.test" {
+            assert!(out.contains("Verify return code: 0 (ok)"), "{what}");
+        }
+    }
+    let out = s_client(&proxy, &pki, &["-noservername"]);
+    assert!(out.contains("subject=CN = eval.test"), "{out}");
+    // Only http/1.1 is spoken: a client that insists on h2 is refused.
+    let out = run(
+        Command::new("openssl")
+            .args(["s_client", "-connect", &proxy.listen.to_string()])
+            .args(["-alpn", "h2"])
+            .stdin(Stdio::null()),
+        "openssl s_client -alpn h2",
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("no application protocol"), "{text}");
+    // TLS 1.1 is not offered.
+    let out = run(
+        Command::new("openssl")
+            .args(["s_client", "-connect", &proxy.listen.to_string()])
+            .args(["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"])
+            .stdin(Stdio::null()),
+        "openssl s_client -tls1_1",
+    );
+    assert!(!out.status.success(), "TLS 1.1 was accepted");
+}
+
+/// Tickets from one shard resume on the other (one ticketer for all), for
+/// TLS 1.3 and 1.2; `/healthz` answers over TLS.
+#[test]
+fn sessions_resume_across_shards() {
+    let pki = Pki::new();
+    let (_conman, proxy) = tls_proxy(&pki, "2");
+    let script = r#"
+import socket, ssl, sys
+port, ca, version = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, version)
+def get(session=None):
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        with ctx.wrap_socket(raw, server_hostname="eval.test", session=session) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: eval.test\r\n\r\n")
+            data = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200"), data
+            return s.session, s.session_reused
+session, reused = get()
+assert not reused
+print(sum(get(session)[1] for _ in range(16)))
+"#;
+    for version in ["TLSv1_3", "TLSv1_2"] {
+        let out = run_ok(
+            Command::new("python3").args([
+                "-c",
+                script,
+                &proxy.listen.port().to_string(),
+                &pki.ca(),
+                version,
+            ]),
+            "resumption script",
+        );
+        assert_eq!(out.trim(), "16", "{version}: resumed of 16");
+    }
+    // Both shards took connections (SO_REUSEPORT spreads 34 of them).
+    let per_shard = |s: &str| {
+        proxy.metric(
+            "eval_connections_accepted_total",
+            &[&format!("shard=\"{s}\"")],
+        )
+    };
+    assert!(per_shard("0") > 0.0 && per_shard("1") > 0.0);
+}
+
+/// A client that stops half way through its hello is dropped when
+/// `tls.handshake_timeout_ms` is over, not before.
+#[test]
+fn a_stalled_handshake_is_dropped_at_its_deadline() {
+    let pki = Pki::new();
+    let conman = echo_conman();
+    let proxy = Proxy::start(
+        &config_for(conman.local_addr, &pki.config(1_000)),
+        &["--shards", "1"],
+    );
+    let mut s = TcpStream::connect(proxy.listen).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let t0 = Instant::now();
+    // A handshake record header announcing 512 bytes, and 2 of them.
+    s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00])
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = match s.read(&mut buf) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => 0,
+        Err(e) => panic!("read: {e}"),
+    };
+    let waited = t0.elapsed();
+    assert_eq!(n, 0, "got {:?} instead of the end", &buf[..n]);
+    assert!(
+        waited >= Duration::from_millis(900),
+        "dropped after {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(5), "dropped after {waited:?}");
+    wait_until("the timeout counted", WAIT, || {
+        tls_failures(&proxy, "tls_handshake_timeout") == 1.0
+    });
+    // Plaintext HTTP to the TLS port: a TLS alert, then the end.
+    let mut s = TcpStream::connect(proxy.listen).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert_eq!(got.first(), Some(&0x15), "an alert record: {got:?}");
+}
+
+/// A certificate that does not load keeps the proxy from starting, and
+/// the message names the entry.
+#[test]
+fn a_bad_certificate_is_a_config_error() {
+    let pki = Pki::new();
+    let cfg_path = pki.path("eval.toml");
+    let cfg = format!(
+        "[token]\nallow_dev_key = true\n[placement]\ndefault = \"ws://127.0.0.1:1/\"\n[[tls.certs]]\ncert = {:?}\nkey = {:?}\n",
+        pki.path("eval.test.pem"),
+        pki.path("other.test.key"),
+    );
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let out = run(
+        Command::new(bin())
+            .arg("--config")
+            .arg(&cfg_path)
+            .arg("--check"),
+        "eval-proxy --check",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tls.certs[0]") && err.contains("does not match"),
+        "{err}"
+    );
+}
+
+/// `eval-proxy --dev --tls`: a wss:// URL that works for a client trusting
+/// the CA it names; the files go when the proxy exits.
+#[test]
+fn dev_tls_prints_a_wss_url_and_the_ca_to_trust() {
+    let mut cmd = Command::new(bin());
+    cmd.args([
+        "--dev",
+        "--tls",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ])
+    .env("RUST_LOG", "warn")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    let mut proxy = Proxy::spawn(cmd, tempdir::Dir::new("dev-tls"));
+    let word = |prefix: &str| {
+        proxy
+            .banner
+            .iter()
+            .flat_map(|l| l.split_whitespace())
+            .find(|w| w.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix}… in {:?}", proxy.banner))
+            .to_string()
+    };
+    let url = word("wss://");
+    let ca = word("/");
+    assert!(
+        url.starts_with(&format!("wss://{}/wsv2/v4.public.", proxy.listen)),
+        "{url}"
+    );
+    assert!(ca.ends_with("ca.pem"), "{ca}");
+    run_ok(
+        py_client().args(["--cafile", &ca, &url]),
+        "py_client on the --dev --tls URL",
+    );
+    proxy.signal(libc::SIGTERM);
+    assert!(proxy.wait_exit().success());
+    assert!(!Path::new(&ca).exists(), "{ca} left behind");
+}
+
+/// Headless Chromium opens `wss://` from a page, trusting the test
+/// certificate by its public key; without that trust it is refused, as a
+/// browser refuses any certificate it does not trust.
+#[test]
+fn headless_chromium_over_wss() {
+    let pki = Pki::new();
+    let (_conman, proxy) = tls_proxy(&pki, "1");
+    let url = wss(&proxy, &dev_token("r1"));
+    let spki = run_ok(
+        Command::new("sh").arg("-c").arg(format!(
+            "openssl x509 -in {:?} -pubkey -noout | openssl pkey -pubin -outform der \
+             | openssl dgst -sha256 -binary | base64",
+            pki.path("eval.test.pem")
+        )),
+        "SPKI hash",
+    );
+    let chromium = || {
+        let mut c = Command::new("python3");
+        c.arg(root().join("tests/clients/chromium_check.py"));
+        c
+    };
+    run_ok(
+        chromium().args(["--trust-spki", spki.trim(), &url]),
+        "chromium_check over wss",
+    );
+    assert_eq!(proxy.metric("eval_sessions_established_total", &[]), 1.0);
+    run_ok(
+        chromium().args(["--expect-refused", &url]),
+        "chromium_check, untrusted",
+    );
+    assert_eq!(proxy.metric("eval_sessions_established_total", &[]), 1.0);
+}
