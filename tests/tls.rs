@@ -511,3 +511,55 @@ fn headless_chromium_over_wss() {
     );
     assert_eq!(proxy.metric("eval_sessions_established_total", &[]), 1.0);
 }
+
+/// SIGHUP loads the certificates again: new handshakes get the new one
+/// (here another certificate for the same listener), and a file that does
+/// not load is refused, counted, and leaves the last good one serving.
+#[test]
+fn sighup_reloads_certificates_and_a_bad_one_keeps_the_old() {
+    let pki = Pki::new();
+    let conman = echo_conman();
+    let only = |name: &str, key: &str| {
+        format!(
+            "[tls]\n[[tls.certs]]\ncert = {:?}\nkey = {:?}\nnames = [\"eval.test\"]\n",
+            pki.path(&format!("{name}.pem")),
+            pki.path(key),
+        )
+    };
+    let proxy = Proxy::start_captured(
+        &config_for(conman.local_addr, &only("other.test", "other.test.key")),
+        &["--shards", "1"],
+    );
+    let file = proxy.dir.path().join("eval.toml");
+    let subject = |proxy: &Proxy| {
+        let out = s_client(proxy, &pki, &["-servername", "eval.test"]);
+        out.lines()
+            .find(|l| l.starts_with("subject="))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(subject(&proxy), "subject=CN = other.test");
+
+    std::fs::write(
+        &file,
+        config_for(conman.local_addr, &only("eval.test", "eval.test.key")),
+    )
+    .unwrap();
+    proxy.signal(libc::SIGHUP);
+    wait_until("a config reload", WAIT, || {
+        proxy.metric("eval_config_reloads_total", &[]) == 1.0
+    });
+    assert_eq!(subject(&proxy), "subject=CN = eval.test");
+
+    // A key that does not match its certificate: refused, old one stays.
+    std::fs::write(
+        &file,
+        config_for(conman.local_addr, &only("eval.test", "other.test.key")),
+    )
+    .unwrap();
+    proxy.signal(libc::SIGHUP);
+    wait_until("a refused reload", WAIT, || {
+        proxy.metric("eval_config_reload_failures_total", &[]) == 1.0
+    });
+    assert_eq!(subject(&proxy), "subject=CN = eval.test");
+}
