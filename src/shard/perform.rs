@@ -58,6 +58,12 @@ impl Io {
                     Default::default()
                 };
                 let values = via_ring.then(|| Box::new(opts.map(|(_, _, v)| v)));
+                // Each value's address, taken before the box moves into the
+                // connect's record: its heap memory stays where it is, and
+                // alive until the connect completes.
+                let value_ptrs: Option<[*const libc::c_int; listener::CONMAN_SOCKOPTS]> = values
+                    .as_deref()
+                    .map(|v| std::array::from_fn(|i| std::ptr::from_ref(&v[i])));
                 let addr = Box::new(socket2::SockAddr::from(addr));
                 let connect = opcode::Connect::new(types::Fd(fd), addr.as_ptr(), addr.len())
                     .build()
@@ -81,16 +87,8 @@ impl Io {
                 while room(&mut self.ring) < n + 2 {
                     let _ = self.ring.submit();
                 }
-                if let Some(Rec::Connect {
-                    opts: Some(values), ..
-                }) = self.ops.get(connect_ud)
-                {
-                    // Pointers into the record's box, which stays put (and
-                    // alive) until the connect completes.
-                    let values: *const libc::c_int = values.as_ptr();
-                    for (i, &opt) in opts[..n].iter().enumerate() {
-                        // SAFETY: i < n <= CONMAN_SOCKOPTS, the box's length.
-                        let value = unsafe { values.add(i) };
+                if let Some(ptrs) = value_ptrs {
+                    for (&opt, value) in opts[..n].iter().zip(ptrs) {
                         self.push(sockopt_entry(fd, opt, value));
                     }
                 }
