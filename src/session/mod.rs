@@ -70,6 +70,7 @@ use crate::proto::relay::{Direction, Tracker, TrackerConfig};
 mod access;
 pub use access::SessionId;
 mod live;
+mod names;
 mod per_ip;
 mod relay;
 mod sendq;
@@ -79,6 +80,7 @@ mod splice;
 mod tests;
 mod tls;
 
+pub use names::VmNames;
 pub use per_ip::{Gate, PerIp, Refused};
 pub use sendq::SendQ;
 
@@ -275,6 +277,8 @@ pub struct Env<'a> {
     /// consulted once at admission and once when the session finishes.
     pub gate: &'a mut Gate,
     pub rng: &'a mut SmallRng,
+    /// The shard's VM names, shared by its sessions.
+    pub vms: &'a mut VmNames,
     pub out: &'a mut VecDeque<Op>,
 }
 

@@ -596,7 +596,7 @@ impl Session {
         let early = st.head.split_off(head_len);
         let held = std::mem::take(&mut st.held);
         let upgrade_took = env.now - st.phase_started;
-        let vm = st.vm.as_deref().map(Arc::from);
+        let vm = st.vm.as_deref().map(|name| env.vms.intern(name));
         if deflate {
             // Compressed messages carry RSV1; nothing was tracked yet.
             let cfg = TrackerConfig {

@@ -47,6 +47,7 @@ macro_rules! env {
             stats: &$io.stats,
             gate: &mut $io.gate,
             rng: &mut $io.rng,
+            vms: &mut $io.vms,
             out: $out,
         }
     };
@@ -147,6 +148,7 @@ struct Io {
     local_placement: Option<Arc<LocalStatic>>,
     timers: timers::Timers,
     rng: SmallRng,
+    vms: crate::session::VmNames,
     now: Instant,
     now_unix: i64,
     shard: usize,
@@ -245,6 +247,7 @@ impl Shard {
                 ctl: Ctl::new(spec.control_fd),
                 timers: timers::Timers::default(),
                 rng: SmallRng::from_seed(seed),
+                vms: Default::default(),
                 now: Instant::now(),
                 now_unix: 0,
                 shard: spec.id,

@@ -121,6 +121,7 @@ macro_rules! env {
             stats: &$h.stats,
             gate: &mut $h.gate,
             rng: &mut $h.rng,
+            vms: &mut $h.vms,
             out: $out,
         }
     };
@@ -139,6 +140,7 @@ struct Harness {
     /// What the client sends before its request head (a PROXY header).
     preamble: Vec<u8>,
     rng: SmallRng,
+    vms: crate::session::VmNames,
     now: Instant,
     s: Session,
     peers: [Peer; 2],
@@ -175,6 +177,7 @@ impl Harness {
             gate: Gate::default(),
             preamble: Vec::new(),
             rng: SmallRng::seed_from_u64(7),
+            vms: Default::default(),
             now,
             s,
             peers: Default::default(),
