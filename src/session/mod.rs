@@ -227,8 +227,6 @@ pub enum Op {
     NeedPipe { from: Who },
     /// The pipe is no longer needed: pooled if `empty`, else closed.
     ReleasePipe { pipe: Pipe, empty: bool },
-    /// Put the socket in O_NONBLOCK (splice(2) needs it).
-    SetNonblocking { fd: RawFd },
     /// Non-blocking splice(2) of at most `len` bytes from `from`'s socket
     /// into its pipe (`handle_spliced_in`).
     SpliceIn {
@@ -325,8 +323,6 @@ pub struct Side {
     eof: bool,
     /// The next receive is a single-buffer one (see `arm_recv`).
     probe: bool,
-    /// O_NONBLOCK has been set (splice(2) needs it; io_uring does not).
-    nonblocking: bool,
     /// This side's current data frame is being spliced to the other side.
     splice: Option<Box<splice::Splice>>,
     /// Shut down our write side once the queue drained.
@@ -350,7 +346,6 @@ impl Side {
             sending: false,
             eof: false,
             probe: false,
-            nonblocking: false,
             splice: None,
             want_shut: false,
             shut: false,
@@ -1182,8 +1177,15 @@ impl Session {
         if who == Who::Client {
             self.close_notify(env);
         }
+        // The other side's splice writes to this socket straight from its
+        // pipe, past the send queue: what it still owes goes first.
+        let owed = self
+            .side(who.other())
+            .splice
+            .as_ref()
+            .is_some_and(|sp| sp.owes_peer());
         let sd = self.side(who);
-        if sd.want_shut && !sd.shut && sd.drained() {
+        if sd.want_shut && !sd.shut && sd.drained() && !owed {
             sd.shut = true;
             if !finished {
                 env.op(Op::Shutdown {
@@ -1197,7 +1199,7 @@ impl Session {
                 self.pause_recv(env, who);
             }
             let sd = self.side(who);
-            if sd.inflight == 0 && sd.splice.is_none() {
+            if sd.inflight == 0 && sd.splice.is_none() && !owed {
                 self.discard_queued(env, who);
                 let sd = self.side(who);
                 sd.closed = true;

@@ -477,16 +477,20 @@ impl Session {
     }
 
     /// The socket for `Op::Connect`: its fd, or the errno of socket(2).
-    pub fn handle_socket(&mut self, env: &mut Env, res: Result<std::os::fd::RawFd, i32>) {
+    /// Returns whether the session took the socket: the shard connects it
+    /// only then (and closes it otherwise).
+    #[must_use]
+    pub fn handle_socket(&mut self, env: &mut Env, res: Result<std::os::fd::RawFd, i32>) -> bool {
         if self.kind() != Kind::Connecting {
             debug_assert!(false, "socket outside Connecting");
-            return;
+            return false;
         }
         match res {
             Ok(fd) => {
                 self.conman = Side::new(fd);
                 // The connect is in flight on it.
                 self.conman.inflight = 1;
+                true
             }
             Err(errno) => {
                 let reason = match errno {
@@ -495,6 +499,7 @@ impl Session {
                 };
                 self.fail_setup(env, SetupError::new(Stage::ConmanConnect, reason));
                 self.advance(env);
+                false
             }
         }
     }

@@ -2,6 +2,12 @@
 //! other side's socket with non-blocking splice(2), never entering user
 //! space. The session decides each step; the shard performs it at once and
 //! reports the result, or waits for readiness with a poll.
+//!
+//! splice(2) blocks on a blocking socket whatever its flags say; every
+//! socket a session gets is already `O_NONBLOCK` (accepted with
+//! `SOCK_NONBLOCK`, Conman's created non-blocking), so nothing is set here:
+//! an ioctl at splice time could reach an fd number the session had closed
+//! and the process had reused.
 
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -27,6 +33,14 @@ pub(super) struct Splice {
     busy: bool,
     /// What that splice asked for.
     want: usize,
+}
+
+impl Splice {
+    /// Bytes of this splice are in the pipe or on their way to the other
+    /// side's socket: that socket must stay open (and writable) for them.
+    pub(super) fn owes_peer(&self) -> bool {
+        self.in_pipe > 0 || self.busy || self.poll_out
+    }
 }
 
 impl Session {
@@ -101,12 +115,6 @@ impl Session {
         }
         sp.started = true;
         sp.readable = true;
-        for sd in [&mut *src, &mut *dst] {
-            if !sd.nonblocking && sd.fd >= 0 {
-                sd.nonblocking = true;
-                env.op(Op::SetNonblocking { fd: sd.fd });
-            }
-        }
         self.pump(env, from);
     }
 

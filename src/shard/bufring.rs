@@ -78,8 +78,13 @@ impl BufRing {
         let ring_len = entries as usize * std::mem::size_of::<BufRingEntry>();
         let ring = Mapping::new(ring_len.max(4096))?;
         let bufs = Mapping::new(entries as usize * buf_size as usize)?;
-        // SAFETY: the ring memory is page-aligned, lives as long as `self`,
-        // and `self` unregisters it before unmapping (Drop order below).
+        // SAFETY: the ring memory is page-aligned and stays mapped as long
+        // as `self`. Registration pins its pages, so the kernel never
+        // follows a stale address into it. The buffers are another matter:
+        // the kernel writes into them by address, so they must outlive every
+        // receive that may pick one; the shard unregisters and waits for its
+        // operations before dropping this, and calls `leak` when some never
+        // complete.
         unsafe {
             uring.submitter().register_buf_ring_with_flags(
                 ring.ptr.as_ptr() as u64,
@@ -201,9 +206,10 @@ impl BufRing {
         }
     }
 
-    pub fn buf_ptr(&self, bid: u16) -> *mut u8 {
-        debug_assert!(bid < self.entries);
-        // SAFETY: within the buffer mapping.
+    fn buf_ptr(&self, bid: u16) -> *mut u8 {
+        assert!(bid < self.entries, "buffer {bid} out of the ring");
+        // SAFETY: bid < entries, so the offset is within the buffer mapping
+        // (entries × buf_size bytes).
         unsafe {
             self.bufs
                 .ptr
@@ -212,12 +218,32 @@ impl BufRing {
         }
     }
 
+    /// `len` bytes at `off` of buffer `bid`, which user space owns: for a
+    /// send to read. Checked (always, not only in debug builds): a wrong
+    /// chunk must stop the shard, never send a neighbouring buffer, which
+    /// another session may own.
+    pub fn chunk_ptr(&self, bid: u16, off: u32, len: u32) -> *mut u8 {
+        assert!(
+            u64::from(off) + u64::from(len) <= u64::from(self.buf_size),
+            "chunk {off}+{len} past buffer {bid}"
+        );
+        assert!(
+            self.refs.get(usize::from(bid)).is_some_and(|&r| r > 0),
+            "buffer {bid} read while the kernel owns it"
+        );
+        // SAFETY: off + len <= buf_size (checked above), so the pointer stays
+        // within buffer `bid`, which buf_ptr checked is in the mapping.
+        unsafe { self.buf_ptr(bid).add(off as usize) }
+    }
+
     /// The received bytes of a buffer user space owns.
     pub fn slice(&self, bid: u16, off: u32, len: u32) -> &[u8] {
-        debug_assert!(off + len <= self.buf_size);
-        // SAFETY: the kernel wrote `len` bytes and will not touch the buffer
-        // until we recycle it.
-        unsafe { std::slice::from_raw_parts(self.buf_ptr(bid).add(off as usize), len as usize) }
+        let p = self.chunk_ptr(bid, off, len);
+        // SAFETY: `chunk_ptr` checked the range lies in buffer `bid` and that
+        // user space owns it: the kernel wrote these bytes before the
+        // completion that handed the buffer over and writes it again only
+        // after the last reference recycles it, which needs `&mut self`.
+        unsafe { std::slice::from_raw_parts(p, len as usize) }
     }
 
     /// Buffers were filled since the last trim.

@@ -54,11 +54,14 @@ impl Io {
         self.ctl.recv_armed = true;
         let ud = self.ops.insert(Rec::CtlRecv);
         let fd = self.ctl.fd;
-        self.push(
-            opcode::RecvMulti::new(types::Fd(fd), bufring::BGID)
-                .build()
-                .user_data(ud),
-        );
+        // SAFETY: no pointer: the kernel picks ring buffers.
+        unsafe {
+            self.push(
+                opcode::RecvMulti::new(types::Fd(fd), bufring::BGID)
+                    .build()
+                    .user_data(ud),
+            )
+        };
     }
 
     /// Queues an encoded message and sends it unless a send is in flight.
@@ -86,12 +89,16 @@ impl Io {
         let (fd, ptr, len) = (c.fd, buf[off..].as_ptr(), buf.len() - off);
         // The record owns `buf`; moving the Vec does not move its heap bytes.
         let ud = self.ops.insert(Rec::CtlSend { buf, off });
-        self.push(
-            opcode::Send::new(types::Fd(fd), ptr, len as u32)
-                .flags(libc::MSG_NOSIGNAL)
-                .build()
-                .user_data(ud),
-        );
+        // SAFETY: `ptr` points into `buf`'s heap bytes, which the record
+        // owns until the send completes.
+        unsafe {
+            self.push(
+                opcode::Send::new(types::Fd(fd), ptr, len as u32)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(ud),
+            )
+        };
     }
 
     pub(super) fn on_ctl_send(&mut self, res: i32, buf: Vec<u8>, off: usize) {

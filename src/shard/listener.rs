@@ -47,7 +47,9 @@ const LISTEN_FDS_START: RawFd = 3;
 /// `LISTEN_PID` names this process and `LISTEN_FDS` counts the descriptors
 /// from 3 on. `None` when the variables are absent or meant for another
 /// process. The variables are removed, so no child takes them for its own.
-/// Called before any thread of ours reads the environment.
+/// Other threads may already run (`--dev` starts its fakes first): std's
+/// environment lock orders this with their `std::env` calls, and none of
+/// them reads the environment through libc's `getenv` directly.
 pub fn systemd_fds() -> io::Result<Option<Vec<OwnedFd>>> {
     let pid = std::env::var("LISTEN_PID").ok();
     let count = std::env::var("LISTEN_FDS").ok();

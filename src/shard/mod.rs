@@ -169,6 +169,11 @@ struct Io {
     gathers: Vec<Box<ops::Gather>>,
     /// Sessions whose token is verified at the end of this loop turn.
     verify_queue: Vec<(u32, u16)>,
+    /// Connects asked to stop: cancelled again every turn until their
+    /// completion comes. A cancel submitted in the very turn its connect
+    /// went in finds nothing (the connect still waits behind its linked
+    /// socket options, where no cancel looks) and is lost.
+    cancelling: Vec<u64>,
     /// Ops a session asked for, performed in order (reused).
     out: VecDeque<Op>,
     /// Warnings that can repeat fast: failed accepts, failed sockets.
@@ -260,6 +265,7 @@ impl Shard {
                 pipes: Vec::new(),
                 gathers: Vec::new(),
                 verify_queue: Vec::new(),
+                cancelling: Vec::new(),
                 out: VecDeque::new(),
                 accept_warn: LogEvery::default(),
                 socket_warn: LogEvery::default(),
@@ -335,6 +341,7 @@ impl Shard {
             if std::mem::take(&mut self.io.ctl.lost) {
                 self.control_lost();
             }
+            self.io.cancel_again();
             self.verify_batch();
             self.fire_timers();
             self.fire_closes();
@@ -386,23 +393,30 @@ impl Shard {
     fn arm_accept(&mut self) {
         let ud = self.io.ops.insert(Rec::Accept);
         self.accept_ud = ud;
-        self.io.push(
-            opcode::AcceptMulti::new(types::Fd(self.listener))
-                .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
-                .build()
-                .user_data(ud),
-        );
+        // SAFETY: no pointer (no peer address is asked for).
+        unsafe {
+            self.io.push(
+                opcode::AcceptMulti::new(types::Fd(self.listener))
+                    .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+                    .build()
+                    .user_data(ud),
+            )
+        };
     }
 
     fn arm_wake(&mut self) {
         let mut buf = Box::new(0u64);
         let p = &mut *buf as *mut u64 as *mut u8;
         let ud = self.io.ops.insert(Rec::Wake { buf });
-        self.io.push(
-            opcode::Read::new(types::Fd(self.wake_fd), p, 8)
-                .build()
-                .user_data(ud),
-        );
+        // SAFETY: `p` is the boxed u64 the record owns until the read
+        // completes.
+        unsafe {
+            self.io.push(
+                opcode::Read::new(types::Fd(self.wake_fd), p, 8)
+                    .build()
+                    .user_data(ud),
+            )
+        };
     }
 
     fn complete(&mut self, ud: u64, res: i32, flags: u32) {
@@ -876,10 +890,17 @@ impl Io {
         self.bufs.available() < self.cfg.buffers.count / 4
     }
 
-    fn push(&mut self, e: squeue::Entry) {
-        // SAFETY: every pointer in our entries refers to memory owned by the
-        // entry's record in `self.ops` (or the provided-buffer ring), which
-        // is freed only when the entry's last completion has arrived.
+    /// Queues `e` for the next `io_uring_enter` (submitting what is queued
+    /// first if the submission queue is full).
+    ///
+    /// # Safety
+    /// Every pointer in `e` must refer to memory that stays valid, and is
+    /// not moved or reused, until the entry's last completion arrives:
+    /// memory owned by the entry's record in `self.ops`, by the provided
+    /// buffer ring, or, for an entry without a record, by the record of an
+    /// entry it is hard-linked before (which cannot complete first).
+    unsafe fn push(&mut self, e: squeue::Entry) {
+        // SAFETY: the caller vouches for the pointers in `e` (see above).
         unsafe {
             while self.ring.submission().push(&e).is_err() {
                 let _ = self.ring.submit();
@@ -888,7 +909,31 @@ impl Io {
     }
 
     fn cancel(&mut self, target: u64) {
-        self.push(opcode::AsyncCancel::new(target).build().user_data(IGNORE));
+        // SAFETY: a cancel points at no memory; it names its target by
+        // user_data only.
+        unsafe { self.push(opcode::AsyncCancel::new(target).build().user_data(IGNORE)) };
+    }
+
+    /// Cancels `connect` now and again every turn until it completes (see
+    /// `cancelling`).
+    fn cancel_connect(&mut self, connect: u64) {
+        self.cancel(connect);
+        self.cancelling.push(connect);
+    }
+
+    fn cancel_again(&mut self) {
+        if self.cancelling.is_empty() {
+            return;
+        }
+        let mut list = std::mem::take(&mut self.cancelling);
+        // A record still present is a connect not yet completed: its slot
+        // is reused only after the completion, and a reused slot carries a
+        // new generation, so a stale user_data never matches.
+        list.retain(|&ud| self.ops.get(ud).is_some());
+        for &ud in &list {
+            self.cancel(ud);
+        }
+        self.cancelling = list;
     }
 
     /// One `io_uring_enter`: submit what is queued and wait for at least one
@@ -912,7 +957,10 @@ impl Io {
         };
         if let Err(e) = r {
             match e.raw_os_error() {
-                Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) => {}
+                // EAGAIN: the kernel could not allocate requests for now;
+                // collect what completed and try again next turn, rather
+                // than end the shard and every session on it.
+                Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN) => {}
                 _ => return Err(e),
             }
         }
@@ -957,14 +1005,18 @@ impl Io {
     /// record's memory is freed while the kernel may still use it.
     fn finish(&mut self, cqes: &mut Vec<(u64, i32, u32)>) {
         let deadline = Instant::now() + EXIT_WAIT;
-        // SAFETY: cancelling every request of the ring touches no memory of
-        // ours; each cancelled request still completes with its record.
-        self.push(
-            opcode::AsyncCancel2::new(types::CancelBuilder::any())
-                .build()
-                .user_data(IGNORE),
-        );
         while !self.ops.is_empty() || self.direct_inflight > 0 {
+            // Every round: a request that was not yet cancellable (a connect
+            // behind its linked socket options) is by the next one.
+            // SAFETY: cancelling every request of the ring touches no memory
+            // of ours; each cancelled request still completes with its record.
+            unsafe {
+                self.push(
+                    opcode::AsyncCancel2::new(types::CancelBuilder::any())
+                        .build()
+                        .user_data(IGNORE),
+                )
+            };
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || self.wait(Some(left), cqes).is_err() {
                 break;

@@ -27,7 +27,9 @@ impl Io {
                     opcode::RecvMulti::new(types::Fd(fd), bufring::BGID).build()
                 };
                 self.direct_inflight += 1;
-                self.push(entry.user_data(Direct::Recv(who).user_data(slot, gen)));
+                // SAFETY: no pointer: the kernel picks a ring buffer, which
+                // is ours again only with the completion naming it.
+                unsafe { self.push(entry.user_data(Direct::Recv(who).user_data(slot, gen))) };
             }
             Op::CancelRecv { who } => self.cancel(Direct::Recv(who).user_data(slot, gen)),
             Op::Send { who, fd, batch } => self.send(slot, gen, who, fd, batch),
@@ -46,10 +48,16 @@ impl Io {
                         }
                         err.raw_os_error().unwrap_or(libc::EIO)
                     });
-                e.s.handle_socket(&mut env!(self, out), res);
+                let took = e.s.handle_socket(&mut env!(self, out), res);
                 let Ok(fd) = res else {
                     return;
                 };
+                if !took {
+                    // SAFETY: the socket was created just above and nothing
+                    // else knows its number.
+                    unsafe { libc::close(fd) };
+                    return;
+                }
                 // Nagle off and keepalive as ring entries rather than a
                 // setsockopt(2) each: six syscalls fewer per session.
                 let (opts, n) = if via_ring {
@@ -87,17 +95,24 @@ impl Io {
                 while room(&mut self.ring) < n + 2 {
                     let _ = self.ring.submit();
                 }
-                if let Some(ptrs) = value_ptrs {
-                    for (&opt, value) in opts[..n].iter().zip(ptrs) {
-                        self.push(sockopt_entry(fd, opt, value));
+                // SAFETY: each option entry points at its value in the
+                // connect's record (a box, not moved by the insert), and is
+                // hard-linked before the connect, which cannot complete
+                // before it; the connect points at `addr` and the timeout at
+                // `ts`, both boxed in their own records until completion.
+                unsafe {
+                    if let Some(ptrs) = value_ptrs {
+                        for (&opt, value) in opts[..n].iter().zip(ptrs) {
+                            self.push(sockopt_entry(fd, opt, value));
+                        }
                     }
+                    self.push(connect.user_data(connect_ud));
+                    self.push(timeout.user_data(timeout_ud));
                 }
-                self.push(connect.user_data(connect_ud));
-                self.push(timeout.user_data(timeout_ud));
             }
             Op::CancelConnect => {
                 if e.connect != super::NONE {
-                    self.cancel(e.connect);
+                    self.cancel_connect(e.connect);
                 }
             }
             Op::Shutdown { fd, both } => {
@@ -112,7 +127,8 @@ impl Io {
                 // meanwhile can be handed the same fd, and the session has
                 // nothing in flight on it. Its result is of no use: close
                 // fails only for a bad fd.
-                self.push(opcode::Close::new(types::Fd(fd)).build().user_data(IGNORE));
+                // SAFETY: no pointer.
+                unsafe { self.push(opcode::Close::new(types::Fd(fd)).build().user_data(IGNORE)) };
             }
             Op::Recycle { bid } => self.bufs.recycle(bid),
             Op::Retain { bid } => self.bufs.retain(bid),
@@ -141,7 +157,6 @@ impl Io {
                     pipe::close_pipe(pipe);
                 }
             }
-            Op::SetNonblocking { fd } => pipe::set_nonblocking(fd),
             Op::SpliceIn {
                 from,
                 socket,
@@ -168,11 +183,14 @@ impl Io {
                 };
                 let ud = Direct::Poll { socket, from }.user_data(slot, gen);
                 self.direct_inflight += 1;
-                self.push(
-                    opcode::PollAdd::new(types::Fd(fd), events as u32)
-                        .build()
-                        .user_data(ud),
-                );
+                // SAFETY: no pointer.
+                unsafe {
+                    self.push(
+                        opcode::PollAdd::new(types::Fd(fd), events as u32)
+                            .build()
+                            .user_data(ud),
+                    )
+                };
             }
         }
     }
@@ -180,12 +198,9 @@ impl Io {
     fn send(&mut self, slot: u32, gen: u16, who: Who, fd: i32, batch: Batch) {
         let chunk_ptr = |bufs: &bufring::BufRing, c: &Chunk| -> (*mut u8, usize) {
             match c {
-                // SAFETY: within the buffer, which the send's record holds
-                // (it is recycled only on the completion).
-                Chunk::Buf { bid, off, len } => (
-                    unsafe { bufs.buf_ptr(*bid).add(*off as usize) },
-                    *len as usize,
-                ),
+                // The send's record holds the buffer (it is recycled only on
+                // the completion); chunk_ptr checks the range and ownership.
+                Chunk::Buf { bid, off, len } => (bufs.chunk_ptr(*bid, *off, *len), *len as usize),
                 Chunk::Owned { data, off } => (
                     data[*off as usize..].as_ptr() as *mut u8,
                     data.len() - *off as usize,
@@ -226,7 +241,11 @@ impl Io {
             batch,
             gather,
         });
-        self.push(entry.user_data(ud));
+        // SAFETY: the entry points at the chunks (boxed bytes, or ring
+        // buffers the record holds a reference to) and, gathered, at the
+        // Gather box's msghdr and iovecs; all are in the record until the
+        // completion, and none moves with it.
+        unsafe { self.push(entry.user_data(ud)) };
     }
 
     /// Gives the ring buffers of a send nobody will complete back.

@@ -64,9 +64,3 @@ pub fn close_pipe(pipe: Pipe) {
         libc::close(pipe.w);
     }
 }
-
-pub fn set_nonblocking(fd: RawFd) {
-    let on: libc::c_int = 1;
-    // SAFETY: our socket; FIONBIO takes a pointer to an int.
-    unsafe { libc::ioctl(fd, libc::FIONBIO, &on) };
-}

@@ -248,7 +248,7 @@ impl Harness {
                     closed: std::mem::take(&mut self.peers[1].closed),
                     ..Peer::default()
                 };
-                self.s.handle_socket(&mut env, Ok(fd));
+                assert!(self.s.handle_socket(&mut env, Ok(fd)));
                 self.connect = Some(false);
             }
             Op::CancelConnect => {
@@ -308,7 +308,7 @@ impl Harness {
                 };
                 self.s.handle_pipe(&mut env, from, Some(pipe));
             }
-            Op::ReleasePipe { .. } | Op::SetNonblocking { .. } | Op::VmFailed { .. } => {}
+            Op::ReleasePipe { .. } | Op::VmFailed { .. } => {}
             Op::SpliceIn { from, len, .. } => {
                 let p = &mut self.peers[at(from)];
                 let res = if p.reset {
@@ -327,13 +327,25 @@ impl Harness {
                 };
                 self.s.handle_spliced_in(&mut env, from, res);
             }
-            Op::SpliceOut { from, len, .. } => {
+            Op::SpliceOut {
+                from, socket, len, ..
+            } => {
+                assert!(
+                    !self.peers[at(from.other())].closed.contains(&socket),
+                    "splice into a closed socket"
+                );
                 let n = len.min(self.peers[at(from)].pipe.len());
                 let moved: Vec<u8> = self.peers[at(from)].pipe.drain(..n).collect();
                 self.peers[at(from.other())].got.extend(moved);
                 self.s.handle_spliced_out(&mut env, from, Ok(n));
             }
-            Op::Poll { socket, from, .. } => self.peers[at(socket)].poll = Some(from),
+            Op::Poll { socket, fd, from } => {
+                assert!(
+                    !self.peers[at(socket)].closed.contains(&fd),
+                    "poll on a closed socket"
+                );
+                self.peers[at(socket)].poll = Some(from)
+            }
         }
     }
 
