@@ -1276,6 +1276,38 @@ impl Session {
         }
         self.advance(env);
     }
+
+    /// Whether `set` revokes this session's token at `now_unix`: a
+    /// session past its token check and not already ending.
+    pub fn revoked_by(&self, set: &crate::token::revoke::RevokeSet, now_unix: i64) -> bool {
+        self.kind() != Kind::Closing
+            && self
+                .ident
+                .as_ref()
+                .is_some_and(|i| i.revoked_in(set, now_unix))
+    }
+
+    /// A revocation matched the token ([`Session::revoked_by`]): Close
+    /// 1008 (`stage=token;reason=revoked`) to the client and 1001 to
+    /// Conman; a session still being set up fails with the same reason.
+    pub fn handle_revoked(&mut self, env: &mut Env) {
+        use crate::token::TokenError;
+        let err = SetupError::new(crate::error::Stage::Token, TokenError::Revoked.as_str());
+        match self.kind() {
+            Kind::Relay => {
+                ShardStats::inc(&env.stats.revoked_closes);
+                self.end_session(env, err.close_code(), &err.close_reason());
+            }
+            Kind::Placement | Kind::Connecting | Kind::ConmanHandshake | Kind::Backoff => {
+                ShardStats::inc(&env.stats.revoked_closes);
+                self.fail_setup(env, err);
+            }
+            // No token accepted yet (its check sees the revocation), or
+            // ending anyway.
+            Kind::ProxyHeader | Kind::Head | Kind::Verify | Kind::Closing => {}
+        }
+        self.advance(env);
+    }
 }
 
 /// What a receive completion left the shard to do.
