@@ -62,8 +62,26 @@ impl Revocations {
     /// let revoked tokens in). `forward`: revocations made here go to the
     /// Controlplane too.
     pub fn new(file: Option<PathBuf>, wake_fds: Vec<i32>, forward: bool) -> io::Result<Self> {
+        let now = now_unix();
         let set = match &file {
-            Some(p) => read_file(p, now_unix())?.unwrap_or_default(),
+            Some(p) => match read_file(p, now)? {
+                Some(set) => set,
+                None => {
+                    // Made now, so that a path that cannot be written is
+                    // an error at start, not at the first revocation.
+                    let empty = RevokeSet::default();
+                    write_file(p, &empty, now).map_err(|e| {
+                        io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            format!(
+                                "config key `token.revoked_file`: cannot write {}: {e}",
+                                p.display()
+                            ),
+                        )
+                    })?;
+                    empty
+                }
+            },
             None => RevokeSet::default(),
         };
         if !set.is_empty() {
@@ -123,14 +141,27 @@ impl Revocations {
         result.map(|()| added)
     }
 
-    /// Replaces the whole set (the file was edited by hand).
-    fn replace(&self, set: RevokeSet) {
+    /// Puts the file's entries in force instead of the set's (it was
+    /// edited by hand). Read under the lock, so that a revocation made
+    /// meanwhile is not lost between the read and the swap. A file that
+    /// is gone changes nothing.
+    fn reload_file(&self) -> io::Result<()> {
+        let Some(p) = &self.file else {
+            return Ok(());
+        };
         let now = now_unix();
         let mut guard = lock(&self.set);
-        if **guard != set {
-            info!(entries = set.len(), "revocations reloaded from the file");
+        let Some(set) = read_file(p, now)? else {
+            return Ok(());
+        };
+        if guard.live(now) != set.live(now) {
+            info!(
+                entries = set.len(),
+                "revocations reloaded from token.revoked_file"
+            );
             self.publish(&mut guard, set, now);
         }
+        Ok(())
     }
 
     fn publish(&self, guard: &mut Arc<RevokeSet>, set: RevokeSet, now: i64) {
@@ -219,7 +250,9 @@ fn write_file(p: &Path, set: &RevokeSet, now: i64) -> io::Result<()> {
 
 /// Watches `token.revoked_file` (its size, mtime and inode, polled: cheap,
 /// and works on every filesystem) and puts a changed file in force; a file
-/// that does not parse is logged and the revocations in force stay. Like
+/// that does not parse is logged, one removed is ignored, and in both
+/// cases the revocations in force stay (an empty list,
+/// `{"revocations":[]}`, clears them). Like
 /// the key directory's watcher (`server::watch_keys`): when the process is
 /// out of descriptors the round is skipped, as that says nothing about the
 /// file.
@@ -249,11 +282,8 @@ pub fn watch_file(store: Arc<Revocations>) -> io::Result<()> {
                     last = Some(now);
                     continue;
                 }
-                match read_file(&path, now_unix()) {
-                    Ok(set) => {
-                        last = Some(now);
-                        store.replace(set.unwrap_or_default());
-                    }
+                match store.reload_file() {
+                    Ok(()) => last = Some(now),
                     Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {}
                     Err(e) => {
                         last = Some(now);

@@ -1300,6 +1300,8 @@ impl Session {
             }
             Kind::Placement | Kind::Connecting | Kind::ConmanHandshake | Kind::Backoff => {
                 ShardStats::inc(&env.stats.revoked_closes);
+                // Like a token refused as revoked: not the proxy's failure.
+                ShardStats::inc(&env.stats.client_fault);
                 self.fail_setup(env, err);
             }
             // No token accepted yet (its check sees the revocation), or
