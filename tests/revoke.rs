@@ -359,7 +359,7 @@ fn a_fleet_converges_through_the_controlplane() {
 }
 
 #[test]
-fn poll_failures_are_counted_and_placement_goes_on() {
+fn sync_failures_are_counted_retried_and_placement_goes_on() {
     let conman = echo_conman();
     let cp = controlplane_for(conman.local_addr);
     let cfg = format!(
@@ -373,7 +373,17 @@ fn poll_failures_are_counted_and_placement_goes_on() {
     wait_until("poll failures counted", WAIT, || {
         proxy.metric("eval_revocation_sync_failures_total", &["op=\"poll\""]) >= 5.0
     });
+    // A revocation made meanwhile is in force here at once, and its
+    // forward, failing, is kept and retried.
+    revoke(&proxy, r#"{"repl":"r-x","ttl_s":60}"#);
+    assert_refused(&proxy, &token_for("j", "u", "r-x"));
+    wait_until("a forward failure counted", WAIT, || {
+        proxy.metric("eval_revocation_sync_failures_total", &["op=\"forward\""]) >= 1.0
+    });
+    assert!(cp.revocations().is_empty());
     cp.set_mode(controlplane::FakeMode::Normal);
+    wait_until("the forward retried", WAIT, || cp.revocations().len() == 1);
+    assert_eq!(cp.revocations()[0]["repl"], "r-x");
     assert_eq!(proxy.metric("eval_controlplane_breaker_state", &[]), 0.0);
     assert!(serves(&proxy, &token_for("j", "u", "r")));
 }

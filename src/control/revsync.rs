@@ -57,7 +57,13 @@ pub(crate) async fn run(client: Rc<Client>, store: Arc<Revocations>, every: Dura
                     .filter_map(|w| w.into_stored().ok())
                     .collect();
                 if !list.is_empty() {
-                    match store.add(list, false) {
+                    // Off the executor: a change rewrites and fsyncs
+                    // token.revoked_file, and placements must not wait.
+                    let s = store.clone();
+                    let added = glommio::executor()
+                        .spawn_blocking(move || s.add(list, false))
+                        .await;
+                    match added {
                         Ok(n) => debug!(added = n, "revocations from the Controlplane"),
                         Err(e) => {
                             if let Some(held_back) = log.check(Instant::now()) {

@@ -31,8 +31,8 @@
 //! | `ConmanHandshake` | `Backoff`         | Conman's answer failed, attempts left       |
 //! | `ConmanHandshake` | `Relay`           | Conman's 101 checked                        |
 //! | `Backoff`         | `Placement`       | backoff over, old socket closed             |
-//! | `Placement`, `Connecting`, `ConmanHandshake`, `Backoff` | `Closing` | setup failed for good, client gone, drain |
-//! | `Relay`           | `Closing`         | Close both ways, a side lost, violation, drain |
+//! | `Placement`, `Connecting`, `ConmanHandshake`, `Backoff` | `Closing` | setup failed for good, client gone, drain, token revoked |
+//! | `Relay`           | `Closing`         | Close both ways, a side lost, violation, drain, token revoked |
 //!
 //! `Closing` is final: queues drain, write sides shut, both sockets close,
 //! then [`Session::is_finished`] lets the shard free the slot.

@@ -4,8 +4,10 @@
 //! read-mostly config and the shard's own stats.
 //!
 //! One loop turn: submit everything queued and wait (one `io_uring_enter`),
-//! hand every completion to its session, verify the turn's fresh tokens
-//! together, fire due timers, publish recycled buffers. The ring is
+//! pick up changed keys, config and revocations (one atomic load each; a
+//! new revocation ends the sessions it matches), hand every completion to
+//! its session, verify the turn's fresh tokens together, fire due timers,
+//! publish recycled buffers. The ring is
 //! `SINGLE_ISSUER | DEFER_TASKRUN`, so completions are produced only when
 //! this thread waits: no IPIs, no task_work interrupting the loop.
 //!
