@@ -262,10 +262,10 @@ fn respond(stream: &mut TcpStream, status: u16, ctype: &str, body: &str) -> io::
         200 => "OK",
         202 => "Accepted",
         400 => "Bad Request",
-        507 => "Insufficient Storage",
         404 => "Not Found",
         405 => "Method Not Allowed",
         503 => "Service Unavailable",
+        507 => "Insufficient Storage",
         _ => "",
     };
     let head = format!(
@@ -321,9 +321,12 @@ mod tests {
                 cfg.placement.default = Some("ws://127.0.0.1:1/".into());
                 crate::reload::Loaded::new(cfg).unwrap()
             })),
-            revocations: Arc::new(
-                crate::revocations::Revocations::new(None, Vec::new(), false).unwrap(),
-            ),
+            revocations: Arc::new(crate::revocations::Revocations::new(
+                Default::default(),
+                None,
+                Vec::new(),
+                false,
+            )),
         }
     }
 

@@ -57,37 +57,40 @@ pub struct Revocations {
 }
 
 impl Revocations {
-    /// The store, loaded from `file` if it exists (a file that does not
-    /// parse is an error: starting without the revocations it holds would
-    /// let revoked tokens in). `forward`: revocations made here go to the
-    /// Controlplane too.
-    pub fn new(file: Option<PathBuf>, wake_fds: Vec<i32>, forward: bool) -> io::Result<Self> {
-        let now = now_unix();
-        let set = match &file {
-            Some(p) => match read_file(p, now)? {
-                Some(set) => set,
-                None => {
-                    // Made now, so that a path that cannot be written is
-                    // an error at start, not at the first revocation.
-                    let empty = RevokeSet::default();
-                    write_file(p, &empty, now).map_err(|e| {
-                        io::Error::new(
-                            io::ErrorKind::InvalidInput,
-                            format!(
-                                "config key `token.revoked_file`: cannot write {}: {e}",
-                                p.display()
-                            ),
-                        )
-                    })?;
-                    empty
-                }
-            },
-            None => RevokeSet::default(),
+    /// The set in `file` if it exists (a file that does not parse is an
+    /// error: starting without the revocations it holds would let revoked
+    /// tokens in); else an empty one, and the file made now, so that a
+    /// path that cannot be written is an error at start rather than at
+    /// the first revocation. Called before the sockets are taken.
+    pub fn load(file: Option<&Path>) -> io::Result<RevokeSet> {
+        let Some(p) = file else {
+            return Ok(RevokeSet::default());
         };
-        if !set.is_empty() {
-            info!(entries = set.len(), "revocations loaded");
+        let now = now_unix();
+        if let Some(set) = read_file(p, now)? {
+            if !set.is_empty() {
+                info!(entries = set.len(), "revocations loaded");
+            }
+            return Ok(set);
         }
-        Ok(Revocations {
+        let empty = RevokeSet::default();
+        write_file(p, &empty, now).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "config key `token.revoked_file`: cannot write {}: {e}",
+                    p.display()
+                ),
+            )
+        })?;
+        Ok(empty)
+    }
+
+    /// The store of `set` (from [`Revocations::load`] of `file`); changes
+    /// wake the shards through `wake_fds`. `forward`: revocations made
+    /// here go to the Controlplane too.
+    pub fn new(set: RevokeSet, file: Option<PathBuf>, wake_fds: Vec<i32>, forward: bool) -> Self {
+        Revocations {
             epoch: AtomicU64::new(0),
             set: Mutex::new(Arc::new(set)),
             wakers: Wakers { fds: wake_fds },
@@ -95,7 +98,7 @@ impl Revocations {
             outbox: Mutex::new(forward.then(Vec::new)),
             poll_failures: AtomicU64::new(0),
             forward_failures: AtomicU64::new(0),
-        })
+        }
     }
 
     pub fn epoch(&self) -> u64 {
@@ -505,7 +508,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("revoked.json");
         let _ = std::fs::remove_file(&file);
-        let store = Arc::new(Revocations::new(Some(file.clone()), Vec::new(), true).unwrap());
+        let set = Revocations::load(Some(&file)).unwrap();
+        assert!(file.exists(), "made at start");
+        let store = Arc::new(Revocations::new(set, Some(file.clone()), Vec::new(), true));
         let mut local = LocalRevocations::new(store.clone());
         assert!(!local.refresh());
         let r = Revocation {
@@ -521,13 +526,11 @@ mod tests {
         assert_eq!(store.take_outbox(), vec![r]);
         assert!(store.take_outbox().is_empty());
         // A restart reads it back.
-        let again = Revocations::new(Some(file.clone()), Vec::new(), false).unwrap();
-        assert!(again.current().matches("j1", "", "", now_unix()));
+        let again = Revocations::load(Some(&file)).unwrap();
+        assert!(again.matches("j1", "", "", now_unix()));
         // A broken file is refused at start, naming the key.
         std::fs::write(&file, "{").unwrap();
-        let e = Revocations::new(Some(file.clone()), Vec::new(), false)
-            .err()
-            .unwrap();
+        let e = Revocations::load(Some(&file)).unwrap_err();
         assert!(e.to_string().contains("token.revoked_file"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -312,6 +312,7 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
     let control_cfg = cfg
         .control_config()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let revoked = crate::revocations::Revocations::load(cfg.token.revoked_file.as_deref())?;
     let (sockets, admin_fd, origin) = acquire(&cfg, &opts)?;
     let listen = listener::local_addr(&sockets[0])?;
     // Copies for the next handover, taken before the shards own theirs.
@@ -350,13 +351,14 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
         },
     )?);
     let revocations = Arc::new(crate::revocations::Revocations::new(
+        revoked,
         cfg.token.revoked_file.clone(),
         wake_fds.clone(),
         matches!(
             control_cfg.mode,
             crate::control::PlacementMode::Controlplane(_)
         ),
-    )?);
+    ));
     let driver = lifecycle
         .driver(stats.clone())
         .ok_or_else(|| io::Error::other("drain driver taken twice"))?;

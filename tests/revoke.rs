@@ -387,3 +387,28 @@ fn sync_failures_are_counted_retried_and_placement_goes_on() {
     assert_eq!(proxy.metric("eval_controlplane_breaker_state", &[]), 0.0);
     assert!(serves(&proxy, &token_for("j", "u", "r")));
 }
+
+#[test]
+fn a_broken_or_unwritable_revoked_file_stops_the_start_naming_the_key() {
+    let dir = tempdir::Dir::new("revoked-bad");
+    let broken = dir.path().join("broken.json");
+    std::fs::write(&broken, "{\"revocations\": [ oops").unwrap();
+    let unwritable = dir.path().join("no-such-dir").join("revoked.json");
+    for file in [&broken, &unwritable] {
+        let cfg_path = dir.path().join("eval.toml");
+        std::fs::write(
+            &cfg_path,
+            config("127.0.0.1:1".parse().unwrap(), Some(file)),
+        )
+        .unwrap();
+        let out = std::process::Command::new(bin())
+            .arg("--config")
+            .arg(&cfg_path)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .output()
+            .expect("run eval-proxy");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("token.revoked_file"), "{stderr}");
+    }
+}
