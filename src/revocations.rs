@@ -16,7 +16,7 @@
 use std::io::{self, Read};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -51,6 +51,9 @@ pub struct Revocations {
     file: Option<PathBuf>,
     /// Made here, to forward to the Controlplane (Controlplane mode only).
     outbox: Mutex<Option<Vec<Revocation>>>,
+    /// `outbox` holds something: looked at ten times a second by the
+    /// control shard, without the lock.
+    outbox_full: AtomicBool,
     /// Controlplane polls and forwards that failed.
     pub poll_failures: AtomicU64,
     pub forward_failures: AtomicU64,
@@ -96,6 +99,7 @@ impl Revocations {
             wakers: Wakers { fds: wake_fds },
             file,
             outbox: Mutex::new(forward.then(Vec::new)),
+            outbox_full: AtomicBool::new(false),
             poll_failures: AtomicU64::new(0),
             forward_failures: AtomicU64::new(0),
         }
@@ -130,6 +134,7 @@ impl Revocations {
                             out.remove(0);
                         }
                         out.push(r);
+                        self.outbox_full.store(true, Ordering::Release);
                     }
                 }
                 Err(e) => {
@@ -180,10 +185,14 @@ impl Revocations {
 
     /// Revocations made here since the last call, to forward.
     pub fn take_outbox(&self) -> Vec<Revocation> {
-        lock(&self.outbox)
-            .as_mut()
-            .map(std::mem::take)
-            .unwrap_or_default()
+        let mut out = lock(&self.outbox);
+        self.outbox_full.store(false, Ordering::Release);
+        out.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Whether [`Revocations::take_outbox`] would give something.
+    pub fn has_outbox(&self) -> bool {
+        self.outbox_full.load(Ordering::Acquire)
     }
 
     /// Puts back what could not be forwarded, ahead of newer ones.
@@ -192,6 +201,7 @@ impl Revocations {
             list.append(out);
             let over = list.len().saturating_sub(MAX_OUTBOX);
             list.drain(..over);
+            self.outbox_full.store(!list.is_empty(), Ordering::Release);
             *out = list;
         }
     }
@@ -523,8 +533,12 @@ mod tests {
         assert_eq!(store.epoch(), 1);
         assert!(local.refresh());
         assert!(local.get().matches("j1", "", "", now_unix()));
-        assert_eq!(store.take_outbox(), vec![r]);
+        assert!(store.has_outbox());
+        assert_eq!(store.take_outbox(), vec![r.clone()]);
+        assert!(!store.has_outbox());
         assert!(store.take_outbox().is_empty());
+        store.requeue(vec![r]);
+        assert!(store.has_outbox());
         // A restart reads it back.
         let again = Revocations::load(Some(&file)).unwrap();
         assert!(again.matches("j1", "", "", now_unix()));
