@@ -7,7 +7,7 @@
 //! Every change replaces the set (an `Arc`), moves the epoch, rewrites the
 //! file (temp file + rename, so a crash leaves the old or the new one) and
 //! wakes every shard through its eventfd. A shard checks the epoch with one
-//! relaxed load per loop turn, and only when it moved takes the lock, picks
+//! atomic load per loop turn, and only when it moved takes the lock, picks
 //! up the new set and asks each of its sessions whether the set revokes it
 //! (`Session::revoked_by`); tokens are checked against the shard's copy
 //! after verification, cached verifications included. No lock is taken on
