@@ -252,7 +252,9 @@ fn an_expired_revocation_stops_refusing() {
     let proxy = Proxy::start(&config(conman.local_addr, None), &[]);
     let tok = token_for("short", "alice", "r-1");
     assert!(serves(&proxy, &tok));
-    revoke(&proxy, r#"{"jti":"short","ttl_s":2}"#);
+    // Three seconds: long enough for the refusal to be seen first even on
+    // a loaded machine.
+    revoke(&proxy, r#"{"jti":"short","ttl_s":3}"#);
     assert_refused(&proxy, &tok);
     // Served again once `until` has passed (by the wall clock, so polled).
     wait_until("the revocation expires", WAIT, || serves(&proxy, &tok));
