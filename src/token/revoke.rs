@@ -17,7 +17,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::time::{format_rfc3339, parse_rfc3339};
+use super::time::{format_rfc3339, parse_rfc3339, MAX_RFC3339};
 
 /// Entries a set holds at most (live ones; expired ones are pruned first).
 /// At this many an insert fails with [`RevokeError::Full`]: revocations
@@ -275,7 +275,8 @@ impl RevokeSet {
 
 impl Wire {
     /// An entry as stored or synced: `until` given, any time (an expired
-    /// one is then simply not inserted).
+    /// one is then simply not inserted; one past the year 9999 ends then,
+    /// the latest time the file can write).
     pub fn into_stored(self) -> Result<Revocation, RevokeError> {
         if self.ttl_s.is_some() {
             return Err(RevokeError::Until);
@@ -294,7 +295,7 @@ impl Wire {
             ..self
         }
         .into_revocation(0)?;
-        r.until = until;
+        r.until = until.min(MAX_RFC3339);
         Ok(r)
     }
 }
@@ -452,6 +453,8 @@ mod tests {
         assert_eq!(w.into_stored().unwrap().until, 1_893_456_000);
         let w = wire(r#"{"user":"u","until":5}"#);
         assert_eq!(w.into_stored().unwrap().until, 5);
+        let w = wire(&format!(r#"{{"user":"u","until":{}}}"#, i64::MAX));
+        assert_eq!(w.into_stored().unwrap().until, MAX_RFC3339);
         assert!(wire(r#"{"user":"u","ttl_s":5}"#).into_stored().is_err());
     }
 }
