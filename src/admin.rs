@@ -25,6 +25,8 @@ pub struct Admin {
     pub lifecycle: Arc<Lifecycle>,
     /// The config in force; its reload counts are exported.
     pub config: Arc<crate::reload::ConfigStore>,
+    /// `POST /revoke`, `GET /revocations` (`crate::revocations`).
+    pub revocations: Arc<crate::revocations::Revocations>,
 }
 
 impl Admin {
@@ -68,6 +70,7 @@ impl Admin {
             "Successful reloads of the token keys (SIGHUP or keys_dir change).",
             self.keys.epoch(),
         );
+        self.revocations.render(&mut body);
         self.control.render(&mut body);
         body
     }
@@ -198,7 +201,7 @@ fn handle(mut stream: TcpStream, admin: &Admin) -> io::Result<()> {
     let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
-    let (method, path) = loop {
+    let (method, target) = loop {
         stream.set_read_timeout(Some(remaining(deadline)?))?;
         let n = stream.read(&mut chunk)?;
         if n == 0 {
@@ -218,8 +221,19 @@ fn handle(mut stream: TcpStream, admin: &Admin) -> io::Result<()> {
             _ => return respond(&mut stream, 400, "text/plain", "bad request\n"),
         }
     };
-    let path = path.split('?').next().unwrap_or("");
+    let path = target.split('?').next().unwrap_or("");
     match (method.as_str(), path) {
+        (m, "/revoke" | "/revocations") => {
+            let (status, body) = crate::revocations::admin_request(
+                &admin.revocations,
+                m,
+                &target,
+                &buf,
+                &mut stream,
+                deadline,
+            );
+            respond(&mut stream, status, "application/json", &body)
+        }
         ("GET", "/metrics") => {
             let body = admin.metrics();
             respond(&mut stream, 200, "text/plain; version=0.0.4", &body)
@@ -251,6 +265,7 @@ fn respond(stream: &mut TcpStream, status: u16, ctype: &str, body: &str) -> io::
         404 => "Not Found",
         405 => "Method Not Allowed",
         503 => "Service Unavailable",
+        507 => "Insufficient Storage",
         _ => "",
     };
     let head = format!(
@@ -306,6 +321,12 @@ mod tests {
                 cfg.placement.default = Some("ws://127.0.0.1:1/".into());
                 crate::reload::Loaded::new(cfg).unwrap()
             })),
+            revocations: Arc::new(crate::revocations::Revocations::new(
+                Default::default(),
+                None,
+                Vec::new(),
+                false,
+            )),
         }
     }
 

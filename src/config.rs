@@ -135,6 +135,9 @@ pub struct ControlplaneSection {
     pub breaker_failures: u32,
     /// How long it stays open before a half-open probe.
     pub breaker_open_ms: u64,
+    /// How often the control shard asks for new revocations
+    /// (`GET /v1/revocations?since=CURSOR`); 0 turns the sync off.
+    pub revocations_poll_ms: u64,
 }
 
 impl Default for ControlplaneSection {
@@ -146,6 +149,7 @@ impl Default for ControlplaneSection {
             cache_max_entries: 100_000,
             breaker_failures: 5,
             breaker_open_ms: 5_000,
+            revocations_poll_ms: 2_000,
         }
     }
 }
@@ -411,6 +415,9 @@ pub struct TokenConfig {
     /// Verify the fresh tokens of the handshakes that arrive in one loop
     /// turn with a single Ed25519 batch check.
     pub batch_verify: bool,
+    /// Where the revocations in force are kept (JSON, rewritten on each
+    /// change, reloaded when edited), so they survive a restart.
+    pub revoked_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -561,6 +568,7 @@ impl Default for TokenConfig {
             cluster: None,
             reject_with: RejectWith::Close,
             batch_verify: true,
+            revoked_file: None,
         }
     }
 }
@@ -907,6 +915,7 @@ impl Config {
                     cache_max_entries: c.cache_max_entries.max(1),
                     breaker_failures: c.breaker_failures,
                     breaker_open_for: Duration::from_millis(c.breaker_open_ms),
+                    revocations_poll: Duration::from_millis(c.revocations_poll_ms),
                 })
             }
         };

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
 
+use crate::token::revoke::RevokeSet;
 use crate::token::{verify, verify_many, Claims, KeySet, TokenError, VerifyOptions};
 
 pub struct KeyStore {
@@ -44,31 +45,45 @@ impl KeyStore {
 }
 
 /// What a session keeps of its verified token: the claims it routes and
-/// labels by, in one allocation. Every live session and every cache entry
-/// holds one, so at thousands of sessions the four separately allocated
-/// strings of [`Claims`] (and its `jti`, used only while verifying) would
-/// cost more than the rest of an idle session.
+/// labels by, and the `jti` revocations match, in one allocation. Every
+/// live session and every cache entry holds one, so at thousands of
+/// sessions the four separately allocated strings of [`Claims`] would cost
+/// more than the rest of an idle session.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Ident {
     pub exp: i64,
     pub nbf: i64,
-    /// repl, user and cluster, back to back.
+    /// repl, user, cluster and jti, back to back.
     text: Box<str>,
     repl_end: u32,
     user_end: u32,
+    cluster_end: u32,
 }
 
 impl Ident {
     pub fn new(c: &Claims) -> Ident {
-        let text = [c.repl.as_str(), &c.user, &c.cluster].concat();
+        let text = [c.repl.as_str(), &c.user, &c.cluster, &c.jti].concat();
+        // The token is bounded far below 4 GiB, so are its claims.
+        let repl_end = c.repl.len() as u32;
+        let user_end = repl_end + c.user.len() as u32;
         Ident {
             exp: c.exp,
             nbf: c.nbf,
-            // The token is bounded far below 4 GiB, so are its claims.
-            repl_end: c.repl.len() as u32,
-            user_end: (c.repl.len() + c.user.len()) as u32,
+            repl_end,
+            user_end,
+            cluster_end: user_end + c.cluster.len() as u32,
             text: text.into_boxed_str(),
         }
+    }
+
+    /// The token's id (revocations by `jti` match it).
+    pub fn jti(&self) -> &str {
+        &self.text[self.cluster_end as usize..]
+    }
+
+    /// Whether `set` revokes this token at `now_unix`.
+    pub fn revoked_in(&self, set: &RevokeSet, now_unix: i64) -> bool {
+        set.matches(self.jti(), self.user(), self.repl(), now_unix)
     }
 
     pub fn repl(&self) -> &str {
@@ -80,7 +95,7 @@ impl Ident {
     }
 
     pub fn cluster(&self) -> &str {
-        &self.text[self.user_end as usize..]
+        &self.text[self.user_end as usize..self.cluster_end as usize]
     }
 }
 
@@ -247,7 +262,10 @@ mod tests {
             jti: "j".into(),
         };
         let id = Ident::new(&c);
-        assert_eq!((id.repl(), id.user(), id.cluster()), ("r-ü", "", "eu"));
+        assert_eq!(
+            (id.repl(), id.user(), id.cluster(), id.jti()),
+            ("r-ü", "", "eu", "j")
+        );
         assert_eq!((id.exp, id.nbf), (5, 1));
     }
     use crate::token::{dev_signing_key, mint, DEV_KID};

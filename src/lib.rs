@@ -22,6 +22,8 @@
 //! - [`metrics`]: per-shard counters merged on read; every metric name.
 //! - [`config`], [`error`]: the TOML config and the setup-stage error.
 //! - [`reload`]: the config in force, replaced on SIGHUP.
+//! - [`revocations`]: the revocations in force (admin API, file, the
+//!   Controlplane sync), checked by every shard.
 //! - [`control::drain`], [`control::handover`]: drain phases and listener
 //!   handover to a new binary.
 //! - [`dev`]: the embedded fake Conman behind `eval-proxy --dev`, also used
@@ -39,6 +41,7 @@ pub(crate) mod log_every;
 pub mod metrics;
 pub mod proto;
 pub mod reload;
+pub mod revocations;
 pub mod server;
 pub mod session;
 pub mod shard;

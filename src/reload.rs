@@ -7,8 +7,9 @@
 //!
 //! What a reload cannot change is refused with the key that differs, and
 //! the old config stays: the sockets (`listen.addr`, `listen.shards`,
-//! `listen.backlog`, `listen.pin`, `admin.*`, `lifecycle.*`), the shards'
-//! buffer rings (`buffers.*`), the per-address table (`limits.per_ip_*`),
+//! `listen.backlog`, `listen.pin`, `admin.*`, `lifecycle.*`), the file of
+//! revocations (`token.revoked_file`), the shards' buffer rings
+//! (`buffers.*`), the per-address table (`limits.per_ip_*`),
 //! and placement while the control shard serves it (Controlplane mode, or
 //! admission limits on): those need a restart, i.e. a `--takeover`.
 
@@ -118,6 +119,11 @@ pub fn fixed_keys_unchanged(old: &Config, new: &Config) -> Result<(), ConfigErro
         ("admin", same(&old.admin, &new.admin)),
         ("buffers", same(&old.buffers, &new.buffers)),
         ("lifecycle", same(&old.lifecycle, &new.lifecycle)),
+        // Read and written by the store made at start.
+        (
+            "token.revoked_file",
+            old.token.revoked_file == new.token.revoked_file,
+        ),
         // A listener speaks TLS or not for its whole life: clients connect
         // with wss:// or ws:// to it. New certificates are fine.
         (

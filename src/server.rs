@@ -312,6 +312,7 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
     let control_cfg = cfg
         .control_config()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let revoked = crate::revocations::Revocations::load(cfg.token.revoked_file.as_deref())?;
     let (sockets, admin_fd, origin) = acquire(&cfg, &opts)?;
     let listen = listener::local_addr(&sockets[0])?;
     // Copies for the next handover, taken before the shards own theirs.
@@ -349,14 +350,28 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
             fds: wake_fds.clone(),
         },
     )?);
+    let revocations = Arc::new(crate::revocations::Revocations::new(
+        revoked,
+        cfg.token.revoked_file.clone(),
+        wake_fds.clone(),
+        matches!(
+            control_cfg.mode,
+            crate::control::PlacementMode::Controlplane(_)
+        ),
+    ));
     let driver = lifecycle
         .driver(stats.clone())
         .ok_or_else(|| io::Error::other("drain driver taken twice"))?;
     let control_stats = Arc::new(crate::control::ControlStats::default());
     // The control shard owns the drain: its executor runs the driver.
-    let control_thread =
-        crate::control::spawn_with_drain(control_cfg, control_ends, control_stats.clone(), driver)
-            .map_err(|e| io::Error::new(e.kind(), format!("control shard: {e}")))?;
+    let control_thread = crate::control::spawn_with_drain(
+        control_cfg,
+        control_ends,
+        control_stats.clone(),
+        driver,
+        revocations.clone(),
+    )
+    .map_err(|e| io::Error::new(e.kind(), format!("control shard: {e}")))?;
 
     let mut spares = spares;
     let admin_addr = if cfg.admin.enabled {
@@ -374,6 +389,7 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
             keys: keys.clone(),
             lifecycle: lifecycle.clone(),
             config: config_store.clone(),
+            revocations: revocations.clone(),
         });
         std::thread::Builder::new()
             .name("admin".into())
@@ -418,6 +434,7 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
     }
 
     watch_keys(cfg.clone(), keys.clone())?;
+    crate::revocations::watch_file(revocations.clone())?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let per_ip = crate::session::PerIp::for_config(&cfg).map(Arc::new);
     let mut handles = Vec::with_capacity(n);
@@ -434,6 +451,7 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
             config: config_store.clone(),
             wake_fd: wake_fds[id],
             per_ip: per_ip.clone(),
+            revocations: revocations.clone(),
         };
         let core = if cfg.listen.pin && !cores.is_empty() {
             Some(cores[id % cores.len()])

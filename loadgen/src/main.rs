@@ -82,7 +82,9 @@ enum Command {
     ///
     /// `GET /v1/placement?repl=ID[&exclude=VM]...` places each new repl on the
     /// least-loaded Conman and keeps it there unless excluded; repl ids
-    /// starting with `unknown` get 404. Prints `listening ADDR` once bound.
+    /// starting with `unknown` get 404. `GET /v1/revocations?since=CURSOR`
+    /// and `POST /v1/revocations` keep the fleet's revocations (README, "The
+    /// Controlplane contract"). Prints `listening ADDR` once bound.
     Controlplane(ControlplaneArgs),
     /// Run the fast WebSocket echo backend used behind every proxy in the benchmark.
     ///

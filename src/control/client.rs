@@ -97,10 +97,13 @@ impl Client {
         for k in 0..n {
             let i = (start + k) % n;
             let ep = &self.endpoints[i];
+            let mut request = Vec::with_capacity(256);
+            http::write_placement_request(&mut request, &ep.url, &ep.host_header, repl, exclude);
+            self.stats.controlplane_requests.fetch_add(1, Relaxed);
             let response = within(
                 self.timeout,
                 Err(PlacementFailure::Timeout),
-                self.attempt(ep, repl, exclude),
+                self.attempt(ep, &request),
             )
             .await;
             let response = match response {
@@ -144,27 +147,51 @@ impl Client {
         Err(last)
     }
 
+    /// A request other than a placement (the revocation sync): `build`
+    /// writes it for a URL; the URLs are tried in turn, each within the
+    /// request timeout, until one answers (with any status). Neither the
+    /// placement counters nor the breaker see it.
+    pub(crate) async fn call(
+        &self,
+        build: impl Fn(&mut Vec<u8>, &Url, &str),
+    ) -> Result<Response, PlacementFailure> {
+        let n = self.endpoints.len();
+        let start = self.preferred.get();
+        let mut last = PlacementFailure::Unavailable;
+        for k in 0..n {
+            let ep = &self.endpoints[(start + k) % n];
+            let mut request = Vec::with_capacity(256);
+            build(&mut request, &ep.url, &ep.host_header);
+            match within(
+                self.timeout,
+                Err(PlacementFailure::Timeout),
+                self.attempt(ep, &request),
+            )
+            .await
+            {
+                Ok(r) if matches!(r.status, 500 | 502 | 503 | 504) => {
+                    last = PlacementFailure::Unavailable
+                }
+                Ok(r) => return Ok(r),
+                Err(reason) => last = reason,
+            }
+        }
+        Err(last)
+    }
+
     /// One request to one URL: on an idle keep-alive connection if there is
     /// one that still works, else on a new one.
-    async fn attempt(
-        &self,
-        ep: &Endpoint,
-        repl: &str,
-        exclude: &[String],
-    ) -> Result<Response, PlacementFailure> {
+    async fn attempt(&self, ep: &Endpoint, request: &[u8]) -> Result<Response, PlacementFailure> {
         let _permit = ep
             .permits
             .acquire_permit(1)
             .await
             .map_err(|_| PlacementFailure::Unavailable)?;
-        let mut request = Vec::with_capacity(256);
-        http::write_placement_request(&mut request, &ep.url, &ep.host_header, repl, exclude);
-        self.stats.controlplane_requests.fetch_add(1, Relaxed);
         loop {
             let Some(conn) = ep.idle.borrow_mut().pop() else {
                 break;
             };
-            match self.exchange(ep, conn, &request, true).await {
+            match self.exchange(ep, conn, request, true).await {
                 Ok(r) => return Ok(r),
                 Err(AttemptError::Stale) => continue,
                 Err(AttemptError::Failed(reason)) => return Err(reason),
@@ -179,7 +206,7 @@ impl Client {
         })?;
         // Requests are one small write each; Nagle would only delay them.
         let _ = conn.set_nodelay(true);
-        match self.exchange(ep, conn, &request, false).await {
+        match self.exchange(ep, conn, request, false).await {
             Ok(r) => Ok(r),
             Err(AttemptError::Stale) => Err(PlacementFailure::Unavailable),
             Err(AttemptError::Failed(reason)) => Err(reason),
@@ -195,7 +222,8 @@ impl Client {
     ) -> Result<Response, AttemptError> {
         // A dead reused connection fails here or reads EOF below, before a
         // byte of the answer: then, and only then, the request is sent again
-        // (it is an idempotent GET).
+        // (an idempotent GET, or a revocation, which adding twice leaves
+        // as once).
         let lost = || {
             if reused {
                 AttemptError::Stale

@@ -52,6 +52,10 @@ pub(crate) fn write_placement_request(
         target.push_str("&exclude=");
         url::encode_query_value(&mut target, vm);
     }
+    write_get(out, &target, host_header);
+}
+
+fn write_get(out: &mut Vec<u8>, target: &str, host_header: &str) {
     out.extend_from_slice(b"GET ");
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
@@ -284,9 +288,99 @@ pub fn placement_answer(r: &Response) -> Result<Answer, Failure> {
     }
 }
 
+/// `GET {prefix}/v1/revocations?since=CURSOR` (an empty cursor the first
+/// time: everything in force).
+pub(crate) fn write_revocations_poll(
+    out: &mut Vec<u8>,
+    base: &Url,
+    host_header: &str,
+    cursor: &str,
+) {
+    let mut target = base.path.trim_end_matches('/').to_owned();
+    target.push_str("/v1/revocations?since=");
+    url::encode_query_value(&mut target, cursor);
+    write_get(out, &target, host_header);
+}
+
+/// `POST {prefix}/v1/revocations` with one entry as its JSON body.
+pub(crate) fn write_revocation_post(out: &mut Vec<u8>, base: &Url, host_header: &str, body: &str) {
+    let target = format!("{}/v1/revocations", base.path.trim_end_matches('/'));
+    out.extend_from_slice(
+        format!(
+            "POST {target} HTTP/1.1\r\nHost: {host_header}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nUser-Agent: eval-proxy\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+}
+
+/// A `200` answer to a revocations poll: the next cursor and the entries
+/// (each still to be validated by the caller).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationsAnswer {
+    pub cursor: String,
+    pub revocations: Vec<crate::token::revoke::Wire>,
+}
+
+/// Maps a poll's response: anything but a `200` with the contract's body
+/// is an error (the cursor then stays, and the next poll asks again).
+pub fn revocations_answer(r: &Response) -> Result<RevocationsAnswer, HttpError> {
+    if r.status != 200 {
+        return Err(HttpError::Malformed);
+    }
+    let a: RevocationsAnswer = serde_json::from_slice(&r.body).map_err(|_| HttpError::Malformed)?;
+    if a.cursor.len() > 1024 {
+        return Err(HttpError::TooLarge);
+    }
+    Ok(a)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn revocation_requests_and_answers() {
+        let base = url::parse_http("http://h:1/cp").unwrap();
+        let mut out = Vec::new();
+        write_revocations_poll(&mut out, &base, "h:1", "a b");
+        assert!(out.starts_with(b"GET /cp/v1/revocations?since=a%20b HTTP/1.1\r\nHost: h:1\r\n"));
+        let mut out = Vec::new();
+        write_revocation_post(
+            &mut out,
+            &base,
+            "h:1",
+            r#"{"jti":"j","until":"2030-01-01T00:00:00Z"}"#,
+        );
+        let raw = String::from_utf8(out).unwrap();
+        assert!(
+            raw.starts_with("POST /cp/v1/revocations HTTP/1.1\r\n"),
+            "{raw}"
+        );
+        assert!(raw.contains("\r\nContent-Length: 42\r\n"), "{raw}");
+        assert!(
+            raw.ends_with("\r\n\r\n{\"jti\":\"j\",\"until\":\"2030-01-01T00:00:00Z\"}"),
+            "{raw}"
+        );
+        let ok = |body: &str| Response {
+            status: 200,
+            retry_after: None,
+            keep_alive: true,
+            body: body.as_bytes().to_vec(),
+        };
+        let a = revocations_answer(&ok(
+            r#"{"cursor":"7","revocations":[{"user":"u","until":"2030-01-01T00:00:00Z"}]}"#,
+        ))
+        .unwrap();
+        assert_eq!((a.cursor.as_str(), a.revocations.len()), ("7", 1));
+        assert!(revocations_answer(&ok(r#"{"revocations":[]}"#)).is_err());
+        assert!(revocations_answer(&ok("nope")).is_err());
+        let mut e = ok(r#"{"cursor":"","revocations":[]}"#);
+        assert!(revocations_answer(&e).is_ok());
+        e.status = 503;
+        assert!(revocations_answer(&e).is_err());
+    }
 
     fn parse_all(raw: &[u8], eof: bool) -> Result<Option<(Response, usize)>, HttpError> {
         for cut in 0..raw.len() {

@@ -14,6 +14,8 @@
 //! - [`http`], `url`: the Controlplane contract and its HTTP/1.1 framing,
 //!   sans-IO.
 //! - `client`, `service`: the thin glommio glue (sockets, timers, tasks).
+//! - `revsync`: the revocation sync with the Controlplane (a poll and the
+//!   forwards, every `controlplane.revocations_poll_ms`).
 //! - [`Clock`]: where the glue reads `now`; tests move a [`ManualClock`].
 //! - [`drain`]: the process's drain phases (sans-IO machine, the closing
 //!   planner, the thread that drives them).
@@ -53,6 +55,7 @@ pub mod handover;
 pub mod http;
 mod placer;
 mod rendezvous;
+mod revsync;
 mod service;
 mod stats;
 pub mod systemd;
@@ -120,6 +123,8 @@ pub struct ControlplaneConfig {
     /// Then one probe request; its success closes the breaker, its failure
     /// opens it again for as long.
     pub breaker_open_for: Duration,
+    /// Revocation sync period (`revsync`); zero: off.
+    pub revocations_poll: Duration,
 }
 
 /// Token buckets for new sessions (`attempt == 0`); retries are never
@@ -340,18 +345,27 @@ pub fn spawn_with_clock(
     stats: Arc<ControlStats>,
     clock: Clock,
 ) -> std::io::Result<JoinHandle<()>> {
-    spawn_inner(cfg, shard_fds, stats, clock, None)
+    spawn_inner(cfg, shard_fds, stats, clock, None, None)
 }
 
 /// [`spawn`], the control shard also driving the process's drain
-/// ([`drain::Driver`]) on its executor.
+/// ([`drain::Driver`]) on its executor and, in Controlplane mode, syncing
+/// `revocations` with the Controlplane.
 pub fn spawn_with_drain(
     cfg: ControlConfig,
     shard_fds: Vec<OwnedFd>,
     stats: Arc<ControlStats>,
     drain: drain::Driver,
+    revocations: Arc<crate::revocations::Revocations>,
 ) -> std::io::Result<JoinHandle<()>> {
-    spawn_inner(cfg, shard_fds, stats, Clock::real(), Some(drain))
+    spawn_inner(
+        cfg,
+        shard_fds,
+        stats,
+        Clock::real(),
+        Some(drain),
+        Some(revocations),
+    )
 }
 
 fn spawn_inner(
@@ -360,6 +374,7 @@ fn spawn_inner(
     stats: Arc<ControlStats>,
     clock: Clock,
     drain: Option<drain::Driver>,
+    revocations: Option<Arc<crate::revocations::Revocations>>,
 ) -> std::io::Result<JoinHandle<()>> {
     check_bucket("per_repl", &cfg.admission.per_repl)?;
     check_bucket("per_cluster", &cfg.admission.per_cluster)?;
@@ -412,7 +427,16 @@ fn spawn_inner(
                                 cp.request_timeout,
                             ),
                         });
-                        (mode, Some(Client::new(&cp, urls, stats.clone())))
+                        let client = std::rc::Rc::new(Client::new(&cp, urls, stats.clone()));
+                        if let (Some(store), false) = (revocations, cp.revocations_poll.is_zero()) {
+                            glommio::spawn_local(revsync::run(
+                                client.clone(),
+                                store,
+                                cp.revocations_poll,
+                            ))
+                            .detach();
+                        }
+                        (mode, Some(client))
                     }
                 };
                 service::run(Placer::new(admission, mode, stats), client, shards, clock).await

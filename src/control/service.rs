@@ -65,7 +65,7 @@ impl Outbox {
 
 struct Service {
     placer: RefCell<Placer>,
-    client: Option<Client>,
+    client: Option<Rc<Client>>,
     outboxes: Vec<Outbox>,
     clock: Clock,
 }
@@ -73,7 +73,7 @@ struct Service {
 /// Serves every shard until each has closed its end.
 pub(crate) async fn run(
     placer: Placer,
-    client: Option<Client>,
+    client: Option<Rc<Client>>,
     shards: Vec<ShardSocket>,
     clock: Clock,
 ) {

@@ -14,6 +14,15 @@
 //! VM is excluded; `400` without `repl`. Any other path is a 404 and is not
 //! counted as a placement request.
 //!
+//! Revocations (how a fleet of proxies converges):
+//! `GET /v1/revocations?since=CURSOR` →
+//! `200 {"cursor":"C","revocations":[{"jti"|"user"|"repl":"X","until":"RFC 3339"}]}`,
+//! the entries posted after the one the cursor names (all of them for an
+//! empty cursor; here the cursor is the count seen so far, but callers
+//! treat it as opaque); `POST /v1/revocations` with one such entry as the
+//! body → `200 {}` (`400` for anything else). [`FakeMode::Unavailable503`]
+//! and [`FakeMode::Down`] apply to them too.
+//!
 //! # Placement
 //! Least loaded: a repl seen for the first time, or whose VM is excluded,
 //! goes to the VM with the fewest repls placed on it (plus what
@@ -128,6 +137,8 @@ struct Shared {
     requests: AtomicU64,
     connections: AtomicU64,
     placements: Mutex<Placements>,
+    /// Revocations posted, in order (the cursor is an index into it).
+    revocations: Mutex<Vec<serde_json::Value>>,
     live: Mutex<HashMap<u64, TcpStream>>,
     stopping: Mutex<bool>,
     stopped: Condvar,
@@ -174,6 +185,11 @@ impl FakeControlplane {
         for tcp in lock(&self.shared.live).values() {
             tcp.shutdown(Shutdown::Both).ok();
         }
+    }
+
+    /// Revocations posted so far, as posted.
+    pub fn revocations(&self) -> Vec<serde_json::Value> {
+        lock(&self.shared.revocations).clone()
     }
 
     /// The Conman URL [`FakeMode::WrongVm`] hands out.
@@ -245,6 +261,7 @@ pub fn spawn(cfg: FakeControlplaneConfig) -> io::Result<FakeControlplane> {
             by_repl: HashMap::new(),
             load: vec![0; cfg.conmans.len()],
         }),
+        revocations: Mutex::new(Vec::new()),
         conmans: cfg.conmans,
         ttl_ms: cfg.ttl_ms,
         pins: cfg.pins,
@@ -388,8 +405,13 @@ fn serve(shared: &Shared, mut tcp: TcpStream) -> io::Result<()> {
             }
             buf.extend_from_slice(&chunk[..n]);
         }
-        buf.drain(..used + req.body_len);
-        let Some(response) = respond(shared, &req.path) else {
+        let body: Vec<u8> = buf.drain(..used + req.body_len).skip(used).collect();
+        let response = if is_revocations(&req.path) {
+            respond_revocations(shared, &req.path, &body)
+        } else {
+            respond(shared, &req.path)
+        };
+        let Some(response) = response else {
             // Down: the caller sees its connection closed, no answer.
             tcp.shutdown(Shutdown::Both).ok();
             return Ok(());
@@ -448,6 +470,64 @@ fn json_error(status: &'static str, msg: &str, retry_after: Option<u64>) -> Resp
         retry_after,
         serde_json::json!({ "error": msg }).to_string(),
     )
+}
+
+fn is_revocations(target: &str) -> bool {
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    path.ends_with("/v1/revocations")
+}
+
+/// The revocation endpoints (module doc); `None`: close without answering.
+fn respond_revocations(shared: &Shared, target: &str, body: &[u8]) -> Option<Response> {
+    match *lock(&shared.mode) {
+        FakeMode::Down => return None,
+        FakeMode::Unavailable503 => {
+            return Some(json_error("503 Service Unavailable", "down", Some(1)))
+        }
+        _ => {}
+    }
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    if body.is_empty() {
+        let since = query
+            .split('&')
+            .find_map(|p| p.strip_prefix("since="))
+            .and_then(percent_decode)
+            .unwrap_or_default();
+        let Ok(since) = (if since.is_empty() {
+            Ok(0)
+        } else {
+            since.parse::<usize>()
+        }) else {
+            return Some(json_error("400 Bad Request", "bad cursor", None));
+        };
+        let all = lock(&shared.revocations);
+        let from = since.min(all.len());
+        let body = serde_json::json!({
+            "cursor": all.len().to_string(),
+            "revocations": &all[from..],
+        });
+        return Some(("200 OK", None, body.to_string()));
+    }
+    let entry: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(_) => return Some(json_error("400 Bad Request", "not JSON", None)),
+    };
+    let named = ["jti", "user", "repl"]
+        .iter()
+        .filter(|k| entry.get(**k).is_some_and(|v| v.is_string()))
+        .count();
+    let until_ok = entry.get("until").is_some_and(|v| v.is_string());
+    let fields = entry.as_object().map_or(0, |o| o.len());
+    if named != 1 || !until_ok || fields != 2 {
+        return Some(json_error(
+            "400 Bad Request",
+            "one of jti, user, repl, and until",
+            None,
+        ));
+    }
+    debug!(%entry, "fake controlplane: revocation posted");
+    lock(&shared.revocations).push(entry);
+    Some(("200 OK", None, "{}".into()))
 }
 
 /// `None`: close without answering.
@@ -616,5 +696,51 @@ mod tests {
         let (r, _) = parse_request(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
         assert!(!r.keep_alive);
         assert!(parse_request(b"\x16\x03\x01garbage\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn revocations_are_served_after_the_cursor() {
+        let cp = spawn(FakeControlplaneConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            conmans: vms(1),
+            ttl_ms: 1000,
+            pins: vec![],
+        })
+        .unwrap();
+        let get = |since: &str| {
+            let r = respond_revocations(&cp.shared, &format!("/v1/revocations?since={since}"), b"");
+            serde_json::from_str::<serde_json::Value>(&r.unwrap().2).unwrap()
+        };
+        assert_eq!(get("")["cursor"], "0");
+        let post = |b: &str| {
+            respond_revocations(&cp.shared, "/v1/revocations", b.as_bytes())
+                .unwrap()
+                .0
+        };
+        assert_eq!(
+            post(r#"{"jti":"a","until":"2030-01-01T00:00:00Z"}"#),
+            "200 OK"
+        );
+        assert_eq!(
+            post(r#"{"user":"b","until":"2030-01-01T00:00:00Z"}"#),
+            "200 OK"
+        );
+        assert_eq!(post(r#"{"user":"b"}"#), "400 Bad Request");
+        assert_eq!(
+            post(r#"{"user":"b","jti":"a","until":"x"}"#),
+            "400 Bad Request"
+        );
+        let all = get("");
+        assert_eq!(
+            (
+                all["cursor"].as_str(),
+                all["revocations"].as_array().unwrap().len()
+            ),
+            (Some("2"), 2)
+        );
+        let after = get("1");
+        assert_eq!(after["revocations"][0]["user"], "b");
+        assert_eq!(get("2")["revocations"].as_array().unwrap().len(), 0);
+        assert_eq!(cp.revocations().len(), 2);
     }
 }

@@ -124,6 +124,8 @@ pub struct ShardStats {
     pub client_timeouts: AtomicU64,
     pub conman_timeouts: AtomicU64,
     pub idle_timeouts: AtomicU64,
+    /// Sessions ended because a revocation matched their token.
+    pub revoked_closes: AtomicU64,
     /// Connections the shard holds, in any phase (what a drain waits for).
     pub live: AtomicU64,
     rare: Mutex<Rare>,
@@ -373,6 +375,13 @@ pub fn render(shards: &[Arc<ShardStats>]) -> String {
         sum(|s| &s.client_timeouts),
         sum(|s| &s.conman_timeouts),
         sum(|s| &s.idle_timeouts)
+    );
+
+    counter(
+        &mut out,
+        names::SESSIONS_REVOKED,
+        "Sessions ended (Close 1008, stage=token;reason=revoked) because a new revocation matched their token.",
+        sum(|s| &s.revoked_closes),
     );
 
     let mut failures: BTreeMap<(&str, &str), u64> = BTreeMap::new();

@@ -45,6 +45,7 @@ pub const CONMAN_ATTEMPT_FAILURES: &str = "eval_conman_attempt_failures_total";
 pub const KEEPALIVE_PINGS: &str = "eval_keepalive_pings_total";
 pub const KEEPALIVE_PONGS: &str = "eval_keepalive_pongs_total";
 pub const PEER_TIMEOUTS: &str = "eval_peer_timeouts_total";
+pub const SESSIONS_REVOKED: &str = "eval_sessions_revoked_total";
 
 // The process (`admin`).
 pub const DRAINING: &str = "eval_draining";
@@ -53,6 +54,8 @@ pub const CONFIG_RELOADS: &str = "eval_config_reloads_total";
 pub const CONFIG_RELOAD_FAILURES: &str = "eval_config_reload_failures_total";
 pub const DRAIN_SESSIONS_LEFT: &str = "eval_drain_sessions_left";
 pub const TOKEN_KEY_RELOADS: &str = "eval_token_key_reloads_total";
+pub const REVOCATIONS_IN_FORCE: &str = "eval_revocations_in_force";
+pub const REVOCATION_SYNC_FAILURES: &str = "eval_revocation_sync_failures_total";
 
 // The control shard (`control::ControlStats::render`).
 pub const CONTROLPLANE_REQUESTS: &str = "eval_controlplane_requests_total";
@@ -87,12 +90,15 @@ pub const ALL: &[(&str, Kind)] = &[
     (KEEPALIVE_PINGS, Kind::Counter),
     (KEEPALIVE_PONGS, Kind::Counter),
     (PEER_TIMEOUTS, Kind::Counter),
+    (SESSIONS_REVOKED, Kind::Counter),
     (DRAINING, Kind::Gauge),
     (DRAIN_PHASE, Kind::Gauge),
     (CONFIG_RELOADS, Kind::Counter),
     (CONFIG_RELOAD_FAILURES, Kind::Counter),
     (DRAIN_SESSIONS_LEFT, Kind::Gauge),
     (TOKEN_KEY_RELOADS, Kind::Counter),
+    (REVOCATIONS_IN_FORCE, Kind::Gauge),
+    (REVOCATION_SYNC_FAILURES, Kind::Counter),
     (CONTROLPLANE_REQUESTS, Kind::Counter),
     (CONTROLPLANE_CACHE_HITS, Kind::Counter),
     (CONTROLPLANE_CACHE_MISSES, Kind::Counter),

@@ -149,25 +149,29 @@ pub fn encode_query_value(out: &mut String, v: &str) {
     }
 }
 
+/// Decodes a query value ([`encode_query_value`]'s inverse; `+` is a
+/// space, as HTML forms and curl's `--data-urlencode` write it). `None`
+/// for a bad escape or bytes that are not UTF-8.
+pub fn decode_query_value(v: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(v.len());
+    let mut bytes = v.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'%' => {
+                let hi = (bytes.next()? as char).to_digit(16)?;
+                let lo = (bytes.next()? as char).to_digit(16)?;
+                out.push((hi * 16 + lo) as u8);
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn decode_query_value(v: &str) -> Option<String> {
-        let mut out = Vec::with_capacity(v.len());
-        let mut bytes = v.bytes();
-        while let Some(b) = bytes.next() {
-            match b {
-                b'%' => {
-                    let hi = (bytes.next()? as char).to_digit(16)?;
-                    let lo = (bytes.next()? as char).to_digit(16)?;
-                    out.push((hi * 16 + lo) as u8);
-                }
-                b => out.push(b),
-            }
-        }
-        String::from_utf8(out).ok()
-    }
 
     #[test]
     fn ws_urls() {
@@ -222,6 +226,10 @@ mod tests {
             assert!(s.bytes().all(|b| b.is_ascii_graphic()), "{s}");
             assert!(!s.contains(['&', '=', ' ']), "{s}");
             assert_eq!(decode_query_value(&s).as_deref(), Some(v));
+        }
+        assert_eq!(decode_query_value("a+b%2B").as_deref(), Some("a b+"));
+        for bad in ["%", "%4", "%zz", "%ff"] {
+            assert_eq!(decode_query_value(bad), None, "{bad}");
         }
     }
 }

@@ -31,8 +31,8 @@
 //! | `ConmanHandshake` | `Backoff`         | Conman's answer failed, attempts left       |
 //! | `ConmanHandshake` | `Relay`           | Conman's 101 checked                        |
 //! | `Backoff`         | `Placement`       | backoff over, old socket closed             |
-//! | `Placement`, `Connecting`, `ConmanHandshake`, `Backoff` | `Closing` | setup failed for good, client gone, drain |
-//! | `Relay`           | `Closing`         | Close both ways, a side lost, violation, drain |
+//! | `Placement`, `Connecting`, `ConmanHandshake`, `Backoff` | `Closing` | setup failed for good, client gone, drain, token revoked |
+//! | `Relay`           | `Closing`         | Close both ways, a side lost, violation, drain, token revoked |
 //!
 //! `Closing` is final: queues drain, write sides shut, both sockets close,
 //! then [`Session::is_finished`] lets the shard free the slot.
@@ -1279,6 +1279,40 @@ impl Session {
             }
             Kind::ProxyHeader | Kind::Head | Kind::Verify => self.begin_closing(env),
             Kind::Closing => {}
+        }
+        self.advance(env);
+    }
+
+    /// Whether `set` revokes this session's token at `now_unix`: a
+    /// session past its token check and not already ending.
+    pub fn revoked_by(&self, set: &crate::token::revoke::RevokeSet, now_unix: i64) -> bool {
+        self.kind() != Kind::Closing
+            && self
+                .ident
+                .as_ref()
+                .is_some_and(|i| i.revoked_in(set, now_unix))
+    }
+
+    /// A revocation matched the token ([`Session::revoked_by`]): Close
+    /// 1008 (`stage=token;reason=revoked`) to the client and 1001 to
+    /// Conman; a session still being set up fails with the same reason.
+    pub fn handle_revoked(&mut self, env: &mut Env) {
+        use crate::token::TokenError;
+        let err = SetupError::new(crate::error::Stage::Token, TokenError::Revoked.as_str());
+        match self.kind() {
+            Kind::Relay => {
+                ShardStats::inc(&env.stats.revoked_closes);
+                self.end_session(env, err.close_code(), &err.close_reason());
+            }
+            Kind::Placement | Kind::Connecting | Kind::ConmanHandshake | Kind::Backoff => {
+                ShardStats::inc(&env.stats.revoked_closes);
+                // Like a token refused as revoked: not the proxy's failure.
+                ShardStats::inc(&env.stats.client_fault);
+                self.fail_setup(env, err);
+            }
+            // No token accepted yet (its check sees the revocation), or
+            // ending anyway.
+            Kind::ProxyHeader | Kind::Head | Kind::Verify | Kind::Closing => {}
         }
         self.advance(env);
     }

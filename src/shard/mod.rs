@@ -4,8 +4,10 @@
 //! read-mostly config and the shard's own stats.
 //!
 //! One loop turn: submit everything queued and wait (one `io_uring_enter`),
-//! hand every completion to its session, verify the turn's fresh tokens
-//! together, fire due timers, publish recycled buffers. The ring is
+//! pick up changed keys, config and revocations (one atomic load each; a
+//! new revocation ends the sessions it matches), hand every completion to
+//! its session, verify the turn's fresh tokens together, fire due timers,
+//! publish recycled buffers. The ring is
 //! `SINGLE_ISSUER | DEFER_TASKRUN`, so completions are produced only when
 //! this thread waits: no IPIs, no task_work interrupting the loop.
 //!
@@ -119,6 +121,8 @@ pub struct ShardSpec {
     pub wake_fd: RawFd,
     /// The process-wide per-address limits, if any is set.
     pub per_ip: Option<Arc<PerIp>>,
+    /// The revocations in force; a change wakes the shard (`wake_fd`).
+    pub revocations: Arc<crate::revocations::Revocations>,
 }
 
 /// A live session and the user_data of its connect, which may need a
@@ -144,6 +148,9 @@ struct Io {
     keys: LocalKeys,
     verify_cache: VerifyCache,
     verify: VerifyOptions,
+    /// This shard's copy of the revocations: checked after every token
+    /// verification (cached ones too).
+    revoked: crate::revocations::LocalRevocations,
     ctl: Ctl,
     local_placement: Option<Arc<LocalStatic>>,
     timers: timers::Timers,
@@ -248,6 +255,7 @@ impl Shard {
                 keys: LocalKeys::new(spec.keys),
                 verify_cache: VerifyCache::new(4096),
                 verify,
+                revoked: crate::revocations::LocalRevocations::new(spec.revocations),
                 local_placement: spec.local_placement,
                 ctl: Ctl::new(spec.control_fd),
                 timers: timers::Timers::default(),
@@ -335,6 +343,9 @@ impl Shard {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64)
                 .unwrap_or(0);
+            if self.io.revoked.refresh() {
+                self.close_revoked();
+            }
             for &(u, res, flags) in &cqes {
                 self.complete(u, res, flags);
             }
@@ -813,9 +824,30 @@ impl Shard {
         let each = t0.elapsed() / waiting.len().max(1) as u32;
         for (slot, verdict) in waiting.into_iter().zip(results) {
             self.io.stats.setup_duration(Timing::Token, each);
-            self.drive(slot, |s, env, _| {
-                s.handle_token(env, verdict.map_err(|e| e.as_str()))
-            });
+            let verdict = self.io.unless_revoked(verdict);
+            self.drive(slot, |s, env, _| s.handle_token(env, verdict));
+        }
+    }
+
+    /// The revocations changed: the sessions whose token they revoke end
+    /// (each session decides whether it matches, and how it ends).
+    fn close_revoked(&mut self) {
+        let (set, now) = (self.io.revoked.get(), self.io.now_unix);
+        let hit: Vec<u32> = self
+            .sessions
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, e)| e.as_ref()?.s.revoked_by(set, now).then_some(slot as u32))
+            .collect();
+        if !hit.is_empty() {
+            info!(
+                shard = self.io.shard,
+                sessions = hit.len(),
+                "closing revoked sessions"
+            );
+        }
+        for slot in hit {
+            self.drive(slot, |s, env, _| s.handle_revoked(env));
         }
     }
 
@@ -884,6 +916,20 @@ impl Shard {
 }
 
 impl Io {
+    /// A token's verdict with the revocations applied: a valid token that
+    /// a revocation matches is refused as `revoked`.
+    fn unless_revoked(
+        &self,
+        verdict: Result<Arc<crate::keys::Ident>, crate::token::TokenError>,
+    ) -> Result<Arc<crate::keys::Ident>, &'static str> {
+        match verdict {
+            Ok(i) if i.revoked_in(self.revoked.get(), self.now_unix) => {
+                Err(crate::token::TokenError::Revoked.as_str())
+            }
+            other => other.map_err(|e| e.as_str()),
+        }
+    }
+
     /// Under a quarter of the ring left: sessions copy what they must hold
     /// (see `Env::ring_low`).
     fn ring_low(&self) -> bool {

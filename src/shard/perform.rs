@@ -264,20 +264,26 @@ impl Io {
         let t0 = std::time::Instant::now();
         let verdict = match e.s.token() {
             None => Err("missing"),
-            Some(t) => match self
-                .verify_cache
-                .cached(&self.keys, t, self.now_unix, &self.verify)
-            {
-                Some(hit) => hit.map_err(|err| err.as_str()),
-                None if self.cfg.token.batch_verify => {
-                    self.verify_queue.push((slot, e.gen));
-                    return;
-                }
-                None => self
-                    .verify_cache
-                    .verify_fresh(&self.keys, t, self.now_unix, &self.verify)
-                    .map_err(|err| err.as_str()),
-            },
+            Some(t) => {
+                let verdict =
+                    match self
+                        .verify_cache
+                        .cached(&self.keys, t, self.now_unix, &self.verify)
+                    {
+                        Some(hit) => hit,
+                        None if self.cfg.token.batch_verify => {
+                            self.verify_queue.push((slot, e.gen));
+                            return;
+                        }
+                        None => self.verify_cache.verify_fresh(
+                            &self.keys,
+                            t,
+                            self.now_unix,
+                            &self.verify,
+                        ),
+                    };
+                self.unless_revoked(verdict)
+            }
         };
         self.stats.setup_duration(Timing::Token, t0.elapsed());
         e.s.handle_token(&mut env!(self, out), verdict);

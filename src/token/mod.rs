@@ -20,6 +20,9 @@
 //! - `mint`: [`mint()`] and the insecure [`dev_signing_key`].
 //! - `paserk`: the PASERK-style key text forms (`k4.public.`, `k4.secret.`),
 //!   [`KeySet`] and [`KeySet::load_dir`].
+//! - [`revoke`]: revocations by `jti`, user or repl, each with an end,
+//!   matched against verified claims (sans-IO; the shared store, its file
+//!   and the fleet sync are `crate::revocations`).
 //! - `time`: a small RFC 3339 `date-time` ⇄ unix seconds converter (no
 //!   chrono).
 //!
@@ -33,6 +36,7 @@
 
 mod mint;
 mod paserk;
+pub mod revoke;
 #[cfg(test)]
 mod testkit;
 mod time;
@@ -76,6 +80,10 @@ pub enum TokenError {
     WrongCluster,
     /// A required claim absent, `null`, or (`repl`, `user`, `cluster`) empty.
     MissingClaim,
+    /// Valid, but its `jti`, user or repl is revoked ([`revoke`]). Never
+    /// returned by [`verify()`], which knows no revocations: the shard
+    /// checks them after it, cached tokens included.
+    Revoked,
 }
 
 impl TokenError {
@@ -89,6 +97,7 @@ impl TokenError {
             Self::NotYetValid => "not_yet_valid",
             Self::WrongCluster => "wrong_cluster",
             Self::MissingClaim => "missing_claim",
+            Self::Revoked => "revoked",
         }
     }
 }
@@ -143,6 +152,7 @@ mod tests {
             NotYetValid,
             WrongCluster,
             MissingClaim,
+            Revoked,
         ];
         let labels: Vec<_> = all.iter().map(TokenError::as_str).collect();
         assert_eq!(
@@ -154,7 +164,8 @@ mod tests {
                 "expired",
                 "not_yet_valid",
                 "wrong_cluster",
-                "missing_claim"
+                "missing_claim",
+                "revoked"
             ]
         );
         assert_eq!(Expired.to_string(), "expired");

@@ -43,7 +43,8 @@ pub struct VerifyOptions {
 /// same `X-Repl-Id` as another repl's). `cluster` gets this check whether or
 /// not [`VerifyOptions::cluster`] is set: it is required either way and used
 /// either way. Any other printable character, non-ASCII included, is
-/// accepted. `jti` is only read here, never passed on, and is not checked.
+/// accepted. `jti` is not passed on, and is not checked here; the shard
+/// keeps it for revocation (`token::revoke`).
 pub fn verify(
     token: &str,
     keys: &KeySet,

@@ -142,6 +142,7 @@ pub fn cp_config(urls: Vec<String>) -> ControlplaneConfig {
         cache_max_entries: 1000,
         breaker_failures: 3,
         breaker_open_for: Duration::from_millis(200),
+        revocations_poll: Duration::ZERO,
     }
 }
 

@@ -315,11 +315,24 @@ pub fn metric_value(text: &str, name: &str, want: &[&str]) -> f64 {
 
 /// A minimal HTTP/1.1 request with `Connection: close`.
 pub fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    http_body(addr, method, path, "")
+}
+
+/// [`http`] with a JSON body (none if empty).
+pub fn http_body(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect admin");
     s.set_read_timeout(Some(WAIT)).unwrap();
+    let length = if body.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        )
+    };
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{length}\r\n{body}"
     )
     .unwrap();
     let mut out = String::new();

@@ -531,3 +531,47 @@ fn a_side_the_ring_starved_waits_for_buffers_not_for_its_peer() {
     assert_eq!(h.peers[0].got, frame(OpCode::Binary, &[1; 40], false));
     h.finish();
 }
+
+fn revoked_user(user: &str) -> crate::token::revoke::RevokeSet {
+    use crate::token::revoke::{Revocation, RevokeSet, Scope};
+    let mut set = RevokeSet::default();
+    let r = Revocation {
+        scope: Scope::User,
+        value: user.into(),
+        until: 2_000,
+    };
+    set.insert(r, 1_000).unwrap();
+    set
+}
+
+#[test]
+fn a_revocation_is_1008_to_the_client_and_1001_to_conman() {
+    let mut h = Harness::established(Harness::cfg());
+    assert!(!h.s.revoked_by(&revoked_user("mallory"), 1_000));
+    let set = revoked_user(h.s.ident().unwrap().user());
+    assert!(h.s.revoked_by(&set, 1_000));
+    // Not once the revocation has expired.
+    assert!(!h.s.revoked_by(&set, 2_000));
+    h.run(|s, env| s.handle_revoked(env));
+    h.settle();
+    let reason = "stage=token;reason=revoked";
+    assert_eq!(h.closes(Who::Client), vec![(1008, reason.into())]);
+    assert_eq!(h.closes(Who::Conman), vec![(1001, reason.into())]);
+    assert_eq!(h.stats.revoked_closes.load(Relaxed), 1);
+    // Ending already: asked again, it does not match.
+    assert!(!h.s.revoked_by(&set, 1_000));
+    h.finish();
+}
+
+#[test]
+fn a_revocation_during_setup_fails_it_with_the_same_reason() {
+    let mut h = Harness::placing(Harness::cfg());
+    assert!(h.s.revoked_by(&revoked_user("alice"), 1_000));
+    h.run(|s, env| s.handle_revoked(env));
+    h.settle();
+    assert_eq!(
+        h.closes(Who::Client),
+        vec![(1008, "stage=token;reason=revoked".into())]
+    );
+    h.finish();
+}

@@ -10,7 +10,10 @@
 //! follows the contract's status mapping; a placement's Conman URL makes an
 //! upgrade request that parses back to the same path and Host (no byte of
 //! an answer can start a header line), and the reply the control shard
-//! builds from either outcome survives the socketpair's encoding.
+//! builds from either outcome survives the socketpair's encoding. Read as
+//! a revocations poll (`revocations_answer`), only a 200 is an answer; the
+//! entries that validate hold a value a header or a log could carry, and
+//! the set they make survives the round trip through `token.revoked_file`.
 //!
 //! Wire: `ToShard::decode` and `ToControl::decode`, run as both ends of the
 //! socketpair run them (messages taken off the front of what has arrived,
@@ -22,13 +25,14 @@ use std::ops::Range;
 use std::time::Duration;
 
 use eval_proxy::control::http::{
-    parse_response, placement_answer, HttpError, Response, MAX_BODY, MAX_TTL,
+    parse_response, placement_answer, revocations_answer, HttpError, Response, MAX_BODY, MAX_TTL,
 };
 use eval_proxy::control::wire::{
     Found, PlacementFailure, PlacementResult, ToControl, ToShard, WireError,
 };
 use eval_proxy::control::Failure;
 use eval_proxy::proto::handshake::write_conman_request;
+use eval_proxy::token::revoke::{RevokeSet, MAX_VALUE_LEN};
 
 use crate::chunks;
 
@@ -91,6 +95,27 @@ fn http<'a>(stream: &'a [u8], chunks: impl Iterator<Item = &'a [u8]>) {
         );
     }
     placement(&response);
+    revocations(&response);
+}
+
+fn revocations(response: &Response) {
+    let Ok(answer) = revocations_answer(response) else {
+        return;
+    };
+    assert_eq!(response.status, 200);
+    assert!(answer.cursor.len() <= 1024);
+    let now = 1_790_000_000;
+    let mut set = RevokeSet::default();
+    for w in answer.revocations {
+        let Ok(r) = w.into_stored() else {
+            continue;
+        };
+        assert!(!r.value.is_empty() && r.value.len() <= MAX_VALUE_LEN);
+        assert!(!r.value.chars().any(char::is_control), "{:?}", r.value);
+        set.insert(r, now).expect("far below the cap");
+    }
+    let text = set.to_file_text(now);
+    assert_eq!(RevokeSet::from_file_text(&text, now), Ok(set), "{text}");
 }
 
 fn placement(response: &Response) {
