@@ -53,6 +53,7 @@ pub const CONFIG_RELOADS: &str = "eval_config_reloads_total";
 pub const CONFIG_RELOAD_FAILURES: &str = "eval_config_reload_failures_total";
 pub const DRAIN_SESSIONS_LEFT: &str = "eval_drain_sessions_left";
 pub const TOKEN_KEY_RELOADS: &str = "eval_token_key_reloads_total";
+pub const VM_EVACUATED: &str = "eval_vm_evacuated";
 
 // The control shard (`control::ControlStats::render`).
 pub const CONTROLPLANE_REQUESTS: &str = "eval_controlplane_requests_total";
@@ -93,6 +94,7 @@ pub const ALL: &[(&str, Kind)] = &[
     (CONFIG_RELOAD_FAILURES, Kind::Counter),
     (DRAIN_SESSIONS_LEFT, Kind::Gauge),
     (TOKEN_KEY_RELOADS, Kind::Counter),
+    (VM_EVACUATED, Kind::Gauge),
     (CONTROLPLANE_REQUESTS, Kind::Counter),
     (CONTROLPLANE_CACHE_HITS, Kind::Counter),
     (CONTROLPLANE_CACHE_MISSES, Kind::Counter),

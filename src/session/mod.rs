@@ -71,6 +71,7 @@ mod access;
 pub use access::SessionId;
 mod live;
 mod per_ip;
+pub mod registry;
 mod relay;
 mod sendq;
 mod setup;
