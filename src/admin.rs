@@ -626,11 +626,28 @@ fn evacuate(admin: &Admin, vm: &str, query: &str) -> Result<Answer, Answer> {
         )
     })?;
     let (closing, moved) = if added {
-        let vm = vm.to_owned();
-        let replies = ask(admin, || Command::Evacuate {
-            vm: vm.clone(),
+        let vm_id = vm.to_owned();
+        let replies = match admin.registry.ask(|| Command::Evacuate {
+            vm: vm_id.clone(),
             spread,
-        })?;
+        }) {
+            Ok(r) => r,
+            // Some shards never got it: undo, so that a retry plans them all.
+            Err(e @ registry::Unanswered::Busy(_)) => {
+                admin.registry.evacuations.remove(vm);
+                return Err(Answer::text(
+                    503,
+                    format!("not evacuated: {e}; try again\n"),
+                ));
+            }
+            // Every shard got it and acts on it when it gets to it.
+            Err(e) => {
+                return Err(Answer::text(
+                    503,
+                    format!("evacuated, but not confirmed: {e}\n"),
+                ))
+            }
+        };
         (
             replies.iter().map(|r| r.closed).sum::<usize>(),
             replies.iter().map(|r| r.moved).sum::<usize>(),

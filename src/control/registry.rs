@@ -374,6 +374,24 @@ mod tests {
         for s in shards {
             s.join().unwrap();
         }
+        // A shard that takes the command and never answers is named.
+        let (slow, mut slow_inboxes) = Registry::new(&fds[..2], Arc::default());
+        let kept = slow_inboxes.remove(1);
+        let t0 = Instant::now();
+        let err = std::thread::scope(|s| {
+            let first = slow_inboxes.remove(0);
+            s.spawn(move || loop {
+                if let Some((_, reply)) = first.next() {
+                    let _ = reply.send(Reply::default());
+                    return;
+                }
+                std::thread::yield_now();
+            });
+            slow.ask(|| Command::Refresh).unwrap_err()
+        });
+        assert_eq!(err, Unanswered::Late(vec![1]));
+        assert!(t0.elapsed() >= REPLY_DEADLINE);
+        assert!(kept.next().is_some(), "the command waits for it");
         // Stopped shards hold no session: they count as empty answers.
         let replies = reg.ask(|| Command::Refresh).unwrap();
         assert_eq!(
