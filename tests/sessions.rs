@@ -490,3 +490,38 @@ fn off_loopback_the_admin_api_needs_a_token_and_checks_it() {
     // Still the proxy's readiness, once authenticated.
     assert_eq!(admin_req(admin, "GET", "/readyz", Some(token)).0, 200);
 }
+
+#[test]
+fn conman_gets_1001_and_the_only_vm_evacuated_refuses_new_sessions() {
+    // A raw Conman: it reads what the proxy sends it after the 101.
+    let (addr, conman) = raw_conman(|mut s, _head| {
+        let (_, op, p) = read_frame(&mut s);
+        assert_eq!(op, 8, "a Close");
+        (
+            u16::from_be_bytes([p[0], p[1]]),
+            String::from_utf8(p[2..].to_vec()).unwrap(),
+        )
+    });
+    let proxy = Proxy::start(&config_for(addr, ""), &[]);
+    let mut c = raw_client(proxy.listen, &dev_token("only"));
+    // Relaying once the raw Conman's 101 is through: it is then listed so.
+    wait_until("the session relays", WAIT, || {
+        json(&proxy, "GET", "/sessions", 200)["sessions"][0]["phase"] == "relay"
+    });
+    let v = json(&proxy, "POST", "/vms/default/evacuate?spread_s=0", 202);
+    assert_eq!(v["closing"], 1);
+    let reason = read_close(&mut c);
+    assert_eq!(reason.0, 1012);
+    assert!(reason
+        .1
+        .starts_with("stage=conman;reason=evacuate;retry_after_ms="));
+    assert_eq!(conman.join().unwrap(), (1001, reason.1));
+    drop(c);
+    // Its only VM evacuated, static placement has nowhere to send a repl.
+    let mut c = raw_client(proxy.listen, &dev_token("only"));
+    assert_eq!(
+        read_close(&mut c),
+        (1013, "stage=controlplane;reason=no_capacity".into())
+    );
+    json(&proxy, "POST", "/vms/default/restore", 200);
+}
