@@ -635,6 +635,9 @@ fn evacuate(admin: &Admin, vm: &str, query: &str) -> Result<Answer, Answer> {
             // Some shards never got it: undo, so that a retry plans them all.
             Err(e @ registry::Unanswered::Busy(_)) => {
                 admin.registry.evacuations.remove(vm);
+                // Shards that took it drop the VM from their copy again
+                // (best effort: a busy one refreshes at its next command).
+                let _ = admin.registry.ask(|| Command::Refresh);
                 return Err(Answer::text(
                     503,
                     format!("not evacuated: {e}; try again\n"),
