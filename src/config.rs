@@ -178,6 +178,10 @@ pub struct DrainConfig {
     /// idle-first, spread with jitter over this many seconds, so their
     /// clients do not all reconnect in the same millisecond.
     pub close_spread_s: f64,
+    /// `POST /vms/{id}/evacuate` closes the VM's sessions idle-first,
+    /// spread with jitter over this many seconds (the request's
+    /// `spread_s` overrides it).
+    pub evacuate_spread_s: f64,
 }
 
 impl Default for DrainConfig {
@@ -186,6 +190,7 @@ impl Default for DrainConfig {
             grace_s: 30 * 3600,
             readiness_delay_s: 10.0,
             close_spread_s: 60.0,
+            evacuate_spread_s: 60.0,
         }
     }
 }
@@ -197,6 +202,10 @@ impl DrainConfig {
 
     pub fn close_spread(&self) -> Duration {
         Duration::from_secs_f64(self.close_spread_s)
+    }
+
+    pub fn evacuate_spread(&self) -> Duration {
+        Duration::from_secs_f64(self.evacuate_spread_s)
     }
 }
 
@@ -295,10 +304,17 @@ impl Cidr {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// /metrics, /healthz, /readyz, POST /drain.
+    /// /metrics, /healthz, /readyz, POST /drain, the session registry.
     pub addr: SocketAddr,
     pub enabled: bool,
+    /// A file holding the bearer token every admin request must carry
+    /// (`Authorization: Bearer TOKEN`). Required when `addr` is not a
+    /// loopback address.
+    pub token_file: Option<PathBuf>,
 }
+
+/// The shortest admin token accepted: shorter ones can be guessed.
+pub const MIN_ADMIN_TOKEN: usize = 16;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -517,6 +533,7 @@ impl Default for AdminConfig {
         AdminConfig {
             addr: "127.0.0.1:9090".parse().unwrap(),
             enabled: true,
+            token_file: None,
         }
     }
 }
@@ -643,6 +660,7 @@ impl Config {
         for (key, v) in [
             ("drain.readiness_delay_s", self.drain.readiness_delay_s),
             ("drain.close_spread_s", self.drain.close_spread_s),
+            ("drain.evacuate_spread_s", self.drain.evacuate_spread_s),
         ] {
             // Up to a year: `Duration::from_secs_f64` panics on what does
             // not fit, and no drain step is meant to last longer.
@@ -770,6 +788,22 @@ impl Config {
             ));
         }
         self.validate_keepalive()?;
+        // Anyone who reaches the admin API can close every session: off
+        // loopback it must ask who is calling.
+        if self.admin.enabled
+            && !self.admin.addr.ip().is_loopback()
+            && self.admin.token_file.is_none()
+        {
+            return Err(invalid(
+                "admin.token_file",
+                format!(
+                    "admin.addr {} is not a loopback address: set admin.token_file (a file \
+                     holding the bearer token admin requests must carry), or bind the admin \
+                     listener to 127.0.0.1",
+                    self.admin.addr
+                ),
+            ));
+        }
         if self.tls.handshake_timeout_ms == 0 {
             return Err(invalid("tls.handshake_timeout_ms", "must be positive"));
         }
@@ -835,6 +869,29 @@ impl Config {
         } else {
             self.header_timeout()
         }
+    }
+
+    /// The admin bearer token from `admin.token_file` (surrounding
+    /// whitespace trimmed), or `None` without one. The error names the key.
+    pub fn admin_token(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        let Some(path) = &self.admin.token_file else {
+            return Ok(None);
+        };
+        let key = "admin.token_file";
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid(key, format!("{}: {e}", path.display())))?;
+        let token = text.trim();
+        if token.len() < MIN_ADMIN_TOKEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid(
+                key,
+                format!(
+                    "{}: the token must be at least {MIN_ADMIN_TOKEN} printable ASCII \
+                     characters without spaces",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(Some(token.as_bytes().to_vec()))
     }
 
     /// Reads `[[tls.certs]]` and builds the server config every shard

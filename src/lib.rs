@@ -18,7 +18,8 @@
 //! - [`tls`]: certificates and the rustls server config of a `wss://`
 //!   listener (the per-session TLS transport is in [`session`]).
 //! - [`token`]: PASETO v4.public: verification (pure), minting, key files.
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `POST /drain`.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `POST /drain`, the
+//!   session registry (`/sessions`, `/vms`), bearer-token authentication.
 //! - [`metrics`]: per-shard counters merged on read; every metric name.
 //! - [`config`], [`error`]: the TOML config and the setup-stage error.
 //! - [`reload`]: the config in force, replaced on SIGHUP.

@@ -48,7 +48,9 @@ struct Cli {
     /// Data shards, one pinned thread each; 0 = one per core (config: listen.shards).
     #[arg(long, value_name = "N")]
     shards: Option<usize>,
-    /// Admin listener for /metrics, /healthz, /readyz, POST /drain (config: admin.addr; default 127.0.0.1:9090).
+    /// Admin listener: /metrics, /healthz, /readyz, POST /drain, the session registry
+    /// (/sessions, /vms) (config: admin.addr; default 127.0.0.1:9090). Off loopback it
+    /// needs admin.token_file: every request then carries `Authorization: Bearer TOKEN`.
     #[arg(long, value_name = "ADDR")]
     admin: Option<SocketAddr>,
     /// Do not start the admin listener.
@@ -246,6 +248,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     cfg.load_tls().map_err(|e| ConfigFault(e.to_string()))?;
     if cli.check {
         eval_proxy::server::load_keys(&cfg).map_err(|e| ConfigFault(e.to_string()))?;
+        cfg.admin_token().map_err(|e| ConfigFault(e.to_string()))?;
         println!("config ok");
         return Ok(());
     }

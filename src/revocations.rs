@@ -341,19 +341,16 @@ impl LocalRevocations {
 
 // ---- admin API -----------------------------------------------------------
 
-/// `POST /revoke` and `GET /revocations` (the admin listener's hook):
-/// `head` is what was read so far (the request head and maybe part of the
-/// body); the rest of the body is read here by `deadline`. Returns the
+/// `POST /revoke` and `GET /revocations`, routed here by the admin
+/// listener with the request's body (see [`read_body`]). Returns the
 /// status and the JSON body to answer with.
 pub fn admin_request(
     store: &Revocations,
     method: &str,
-    target: &str,
-    head: &[u8],
-    stream: &mut TcpStream,
-    deadline: Instant,
+    path: &str,
+    query: &str,
+    body: &[u8],
 ) -> (u16, String) {
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let err = |status: u16, msg: &str| (status, serde_json::json!({ "error": msg }).to_string());
     match (method, path) {
         ("GET", "/revocations") => {
@@ -369,11 +366,7 @@ pub fn admin_request(
             )
         }
         ("POST", "/revoke") => {
-            let body = match read_body(head, stream, deadline) {
-                Ok(b) => b,
-                Err(e) => return err(400, &e),
-            };
-            let wire = match parse_revoke(query, &body) {
+            let wire = match parse_revoke(query, body) {
                 Ok(w) => w,
                 Err(e) => return err(400, &e),
             };
@@ -443,7 +436,13 @@ fn set_once<T>(slot: &mut Option<T>, v: T, k: &str) -> Result<(), String> {
 }
 
 /// The request body after `head`'s request head, by its Content-Length.
-fn read_body(head: &[u8], stream: &mut TcpStream, deadline: Instant) -> Result<Vec<u8>, String> {
+/// The body after the request head in `head` (read on from `stream` until
+/// `deadline`), as long as its Content-Length says; empty without one.
+pub fn read_body(
+    head: &[u8],
+    stream: &mut TcpStream,
+    deadline: Instant,
+) -> Result<Vec<u8>, String> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
     let Ok(httparse::Status::Complete(n)) = req.parse(head) else {

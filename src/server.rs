@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 use crate::admin::{self, Admin};
 use crate::config::Config;
 use crate::control::drain::{DrainPhase, DrainTimes, Lifecycle, Request, Spares, Wakers};
+use crate::control::registry::{Evacuations, Registry};
 use crate::control::{handover, systemd};
 use crate::keys::KeyStore;
 use crate::metrics::ShardStats;
@@ -363,6 +364,8 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
         .driver(stats.clone())
         .ok_or_else(|| io::Error::other("drain driver taken twice"))?;
     let control_stats = Arc::new(crate::control::ControlStats::default());
+    let evacuations = Arc::new(Evacuations::default());
+    let (registry, inboxes) = Registry::new(&wake_fds, evacuations.clone());
     // The control shard owns the drain: its executor runs the driver.
     let control_thread = crate::control::spawn_with_drain(
         control_cfg,
@@ -370,8 +373,12 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
         control_stats.clone(),
         driver,
         revocations.clone(),
+        evacuations,
     )
     .map_err(|e| io::Error::new(e.kind(), format!("control shard: {e}")))?;
+    let admin_token = cfg
+        .admin_token()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
 
     let mut spares = spares;
     let admin_addr = if cfg.admin.enabled {
@@ -390,6 +397,8 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
             lifecycle: lifecycle.clone(),
             config: config_store.clone(),
             revocations: revocations.clone(),
+            registry,
+            token: admin_token,
         });
         std::thread::Builder::new()
             .name("admin".into())
@@ -438,7 +447,7 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let per_ip = crate::session::PerIp::for_config(&cfg).map(Arc::new);
     let mut handles = Vec::with_capacity(n);
-    for ((id, sock), ctl) in sockets.into_iter().enumerate().zip(shard_ctl) {
+    for (((id, sock), ctl), inbox) in sockets.into_iter().enumerate().zip(shard_ctl).zip(inboxes) {
         let spec = ShardSpec {
             id,
             listener: sock.into_raw_fd(),
@@ -452,6 +461,7 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
             wake_fd: wake_fds[id],
             per_ip: per_ip.clone(),
             revocations: revocations.clone(),
+            registry: inbox,
         };
         let core = if cfg.listen.pin && !cores.is_empty() {
             Some(cores[id % cores.len()])

@@ -5,10 +5,9 @@
 mod support;
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use eval_proxy::dev::controlplane::{self, FakeControlplane, FakeControlplaneConfig, FakeMode};
+use eval_proxy::dev::controlplane::{FakeControlplane, FakeMode};
 use support::*;
 use tungstenite::Message;
 
@@ -75,19 +74,6 @@ fn all_vms_down_gives_1014_within_the_setup_deadline() {
         t0.elapsed()
     );
     assert!(proxy.metric("eval_conman_attempt_failures_total", &[]) >= 2.0);
-}
-
-fn controlplane_with(conmans: &[(&str, SocketAddr)]) -> FakeControlplane {
-    controlplane::spawn(FakeControlplaneConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        conmans: conmans
-            .iter()
-            .map(|(vm, a)| (vm.to_string(), format!("ws://{a}/")))
-            .collect(),
-        ttl_ms: 60_000,
-        pins: Vec::new(),
-    })
-    .expect("fake controlplane")
 }
 
 fn cp_config(cp: &FakeControlplane, extra: &str) -> String {

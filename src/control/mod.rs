@@ -20,6 +20,8 @@
 //! - [`drain`]: the process's drain phases (sans-IO machine, the closing
 //!   planner, the thread that drives them).
 //! - [`handover`]: listening sockets passed to a new binary (SCM_RIGHTS).
+//! - [`registry`]: the session registry's mailboxes into the data shards,
+//!   and the evacuated VMs placement avoids.
 //! - [`systemd`]: `sd_notify` readiness and main pid.
 //!
 //! One thread runs a glommio `LocalExecutor`; traffic is light (a request
@@ -54,6 +56,7 @@ mod flights;
 pub mod handover;
 pub mod http;
 mod placer;
+pub mod registry;
 mod rendezvous;
 mod revsync;
 mod service;
@@ -228,22 +231,32 @@ impl LocalStatic {
     /// `exclude`: every VM that failed in the session's attempts. VMs that
     /// failed any session's attempt within `placement.fail_timeout_ms` are
     /// passed over too (nginx's `max_fails=1 fail_timeout`), unless that
-    /// leaves none: then they get their chance again.
-    pub fn pick(&self, repl: &str, exclude: &[String], now: Instant) -> PlacementResult {
+    /// leaves none: then they get their chance again. An `evacuated` VM is
+    /// never picked, not even the only one: no VM is better than it.
+    pub fn pick(
+        &self,
+        repl: &str,
+        exclude: &[String],
+        evacuated: &[String],
+        now: Instant,
+    ) -> PlacementResult {
         let now = self.ms(now);
         let down = || {
             self.down_until
                 .iter()
                 .filter(|(_, until)| until.load(Ordering::Relaxed) > now)
         };
-        let picked = if down().next().is_none() {
+        let picked = if down().next().is_none() && evacuated.is_empty() {
             self.vms.pick(repl, exclude)
         } else {
-            let mut skip = exclude.to_vec();
+            let mut base = exclude.to_vec();
+            base.extend_from_slice(evacuated);
+            let mut skip = base.clone();
             skip.extend(down().map(|(id, _)| id.clone()));
             self.vms
                 .pick(repl, &skip)
-                .or_else(|| self.vms.pick(repl, exclude))
+                .or_else(|| self.vms.pick(repl, &base))
+                .filter(|(id, _)| !evacuated.iter().any(|e| e == id))
         };
         match picked {
             Some((_, found)) => PlacementResult::Found(found.clone()),
@@ -345,18 +358,20 @@ pub fn spawn_with_clock(
     stats: Arc<ControlStats>,
     clock: Clock,
 ) -> std::io::Result<JoinHandle<()>> {
-    spawn_inner(cfg, shard_fds, stats, clock, None, None)
+    spawn_inner(cfg, shard_fds, stats, clock, None, None, Arc::default())
 }
 
 /// [`spawn`], the control shard also driving the process's drain
-/// ([`drain::Driver`]) on its executor and, in Controlplane mode, syncing
-/// `revocations` with the Controlplane.
+/// ([`drain::Driver`]) on its executor, its placements avoiding the VMs in
+/// `evacuations` and, in Controlplane mode, syncing `revocations` with the
+/// Controlplane.
 pub fn spawn_with_drain(
     cfg: ControlConfig,
     shard_fds: Vec<OwnedFd>,
     stats: Arc<ControlStats>,
     drain: drain::Driver,
     revocations: Arc<crate::revocations::Revocations>,
+    evacuations: Arc<registry::Evacuations>,
 ) -> std::io::Result<JoinHandle<()>> {
     spawn_inner(
         cfg,
@@ -365,6 +380,7 @@ pub fn spawn_with_drain(
         Clock::real(),
         Some(drain),
         Some(revocations),
+        evacuations,
     )
 }
 
@@ -375,6 +391,7 @@ fn spawn_inner(
     clock: Clock,
     drain: Option<drain::Driver>,
     revocations: Option<Arc<crate::revocations::Revocations>>,
+    evacuations: Arc<registry::Evacuations>,
 ) -> std::io::Result<JoinHandle<()>> {
     check_bucket("per_repl", &cfg.admission.per_repl)?;
     check_bucket("per_cluster", &cfg.admission.per_cluster)?;
@@ -439,7 +456,8 @@ fn spawn_inner(
                         (mode, Some(client))
                     }
                 };
-                service::run(Placer::new(admission, mode, stats), client, shards, clock).await
+                let placer = Placer::new(admission, mode, stats).avoiding(evacuations);
+                service::run(placer, client, shards, clock).await
             });
         })?;
     match ready_rx.recv() {
@@ -490,14 +508,34 @@ mod local_static_tests {
     fn a_failed_vm_is_passed_over_until_its_timeout_then_used_again() {
         let p = two_vms();
         let t0 = Instant::now();
-        let home = vm(p.pick("repl-7", &[], t0));
+        let home = vm(p.pick("repl-7", &[], &[], t0));
         p.mark_down(&home, t0, Duration::from_secs(10));
-        let other = vm(p.pick("repl-7", &[], t0 + Duration::from_secs(1)));
+        let other = vm(p.pick("repl-7", &[], &[], t0 + Duration::from_secs(1)));
         assert_ne!(other, home);
         assert_eq!(
-            vm(p.pick("repl-7", &[], t0 + Duration::from_secs(11))),
+            vm(p.pick("repl-7", &[], &[], t0 + Duration::from_secs(11))),
             home
         );
+    }
+
+    #[test]
+    fn an_evacuated_vm_is_never_picked_even_when_it_is_the_last() {
+        let p = two_vms();
+        let t0 = Instant::now();
+        let home = vm(p.pick("repl-7", &[], &[], t0));
+        let evacuated = vec![home.clone()];
+        let other = vm(p.pick("repl-7", &[], &evacuated, t0));
+        assert_ne!(other, home);
+        // Down, or failed in this session: still preferred to an evacuated VM.
+        p.mark_down(&other, t0, Duration::from_secs(10));
+        assert_eq!(vm(p.pick("repl-7", &[], &evacuated, t0)), other);
+        assert!(matches!(
+            p.pick("repl-7", &[], &["vm-a".into(), "vm-b".into()], t0),
+            PlacementResult::Failed {
+                reason: PlacementFailure::NoCapacity,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -506,9 +544,9 @@ mod local_static_tests {
         let t0 = Instant::now();
         p.mark_down("vm-a", t0, Duration::from_secs(10));
         p.mark_down("vm-b", t0, Duration::from_secs(10));
-        let home = vm(p.pick("repl-7", &[], t0));
+        let home = vm(p.pick("repl-7", &[], &[], t0));
         // And the session's own exclusions still hold.
-        let other = vm(p.pick("repl-7", std::slice::from_ref(&home), t0));
+        let other = vm(p.pick("repl-7", std::slice::from_ref(&home), &[], t0));
         assert_ne!(other, home);
     }
 }

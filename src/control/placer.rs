@@ -14,6 +14,7 @@ use super::admission::Admission;
 use super::breaker::{Breaker, Permit};
 use super::cache::Cache;
 use super::flights::Flights;
+use super::registry::Evacuations;
 use super::rendezvous::Rendezvous;
 use super::stats::ControlStats;
 use super::wire::PlacementFailure;
@@ -91,6 +92,11 @@ pub(crate) struct Placer {
     admission: Admission,
     mode: Mode,
     stats: Arc<ControlStats>,
+    /// The evacuated VMs (`POST /vms/{id}/evacuate`), and this placer's
+    /// copy of them with the epoch it was taken at.
+    evacuations: Arc<Evacuations>,
+    evacuated_seen: u64,
+    evacuated: Arc<Vec<String>>,
 }
 
 /// Milliseconds, rounded up so that "retry after" is never too early.
@@ -111,7 +117,16 @@ impl Placer {
             admission,
             mode,
             stats,
+            evacuations: Arc::default(),
+            evacuated_seen: 0,
+            evacuated: Arc::default(),
         }
+    }
+
+    /// Placements never name a VM in `evacuations` (see `handle_request`).
+    pub(crate) fn avoiding(mut self, evacuations: Arc<Evacuations>) -> Self {
+        self.evacuations = evacuations;
+        self
     }
 
     pub(crate) fn handle_request(&mut self, shard: usize, req: ToControl, now: Instant) -> Action {
@@ -120,8 +135,21 @@ impl Placer {
             repl,
             cluster,
             attempt,
-            exclude,
+            mut exclude,
         } = req;
+        // Evacuated VMs are excluded like failed ones: the Controlplane
+        // gets one `exclude=VM` per VM, and a cached placement naming one is
+        // dropped. Unlike a failed VM, one is never used: static placement
+        // skips it even when it is the only VM, and a Controlplane answer
+        // that names it anyway is refused (see `handle_fetch_done`).
+        self.evacuations
+            .refresh(&mut self.evacuated_seen, &mut self.evacuated);
+        for vm in self.evacuated.iter() {
+            if !exclude.contains(vm) {
+                exclude.push(vm.clone());
+            }
+        }
+        let evacuated = &self.evacuated;
         if attempt == 0 {
             if let Err(r) = self.admission.admit(&repl, &cluster, now) {
                 self.stats.add_rejection(r.scope);
@@ -130,10 +158,13 @@ impl Placer {
         }
         let d = match &mut self.mode {
             Mode::Static(ring) => {
-                return Action::Reply(match ring.pick(&repl, &exclude) {
+                let picked = ring
+                    .pick(&repl, &exclude)
+                    .filter(|(vm, _)| !evacuated.iter().any(|e| e == vm));
+                return Action::Reply(match picked {
                     Some((_, found)) => PlacementResult::Found(found.clone()),
                     None => failed(PlacementFailure::NoCapacity, None),
-                })
+                });
             }
             Mode::Controlplane(d) => d,
         };
@@ -190,9 +221,12 @@ impl Placer {
         match outcome {
             Ok(p) => {
                 d.breaker.on_success();
+                let evacuated = self.evacuated.contains(&p.found.vm);
                 match now.checked_add(p.ttl) {
-                    Some(expires) => d.cache.insert(repl, p.found.clone(), expires, now),
-                    None => d.cache.remove(repl),
+                    Some(expires) if !evacuated => {
+                        d.cache.insert(repl, p.found.clone(), expires, now)
+                    }
+                    _ => d.cache.remove(repl),
                 }
                 let mut again = Vec::new();
                 for mut w in waiters {
@@ -202,6 +236,13 @@ impl Placer {
                     if !w.refetched && w.exclude.contains(&p.found.vm) {
                         w.refetched = true;
                         again.push(w);
+                    } else if evacuated {
+                        // Asked again and still given an evacuated VM: a
+                        // Controlplane that ignores `exclude`. The session
+                        // fails (1013) rather than land there.
+                        stats.add_error(PlacementFailure::NoCapacity, 1);
+                        done.replies
+                            .push((w, failed(PlacementFailure::NoCapacity, None)));
                     } else {
                         done.replies
                             .push((w, PlacementResult::Found(p.found.clone())));
@@ -600,6 +641,67 @@ mod tests {
         assert_ne!(first.vm, second.vm);
         assert_eq!(
             p.handle_request(0, req(3, "r", 2, &[&first.vm, &second.vm]), t0),
+            Action::Reply(failed(PlacementFailure::NoCapacity, None))
+        );
+    }
+
+    #[test]
+    fn an_evacuated_vm_is_excluded_uncached_and_never_given_out() {
+        let t0 = Instant::now();
+        let (p, stats) = dynamic(no_admission());
+        let evac = Arc::new(Evacuations::default());
+        let mut p = p.avoiding(evac.clone());
+        p.handle_request(0, req(1, "r", 0, &[]), t0);
+        p.handle_fetch_done("r", placement("vm-1", 10_000), t0);
+        evac.add("vm-1").unwrap();
+        // The cached placement names it: asked again, excluding it.
+        assert_eq!(
+            p.handle_request(0, req(2, "r", 0, &[]), t0),
+            fetch("r", &["vm-1"])
+        );
+        // A Controlplane that ignores the exclude gets one more chance ...
+        let c = p.handle_fetch_done("r", placement("vm-1", 10_000), t0);
+        assert!(c.replies.is_empty());
+        assert_eq!(
+            c.refetch,
+            Some(Fetch {
+                repl: "r".into(),
+                exclude: vms(&["vm-1"])
+            })
+        );
+        // ... and then the session is refused rather than sent there.
+        let c = p.handle_fetch_done("r", placement("vm-1", 10_000), t0);
+        assert_eq!(c.replies[0].1, failed(PlacementFailure::NoCapacity, None));
+        assert_eq!(stats.errors(PlacementFailure::NoCapacity), 1);
+        // Nothing naming it was cached.
+        assert_eq!(
+            p.handle_request(0, req(3, "r", 0, &[]), t0),
+            fetch("r", &["vm-1"])
+        );
+        let c = p.handle_fetch_done("r", placement("vm-2", 10_000), t0);
+        assert_eq!(found_ids(&c), [3]);
+        // Restored: excluded no more, and the cache serves again.
+        evac.remove("vm-1");
+        assert_eq!(
+            p.handle_request(0, req(4, "r", 0, &[]), t0),
+            Action::Reply(PlacementResult::Found(found("vm-2")))
+        );
+    }
+
+    #[test]
+    fn static_mode_never_gives_an_evacuated_vm_even_the_only_one() {
+        let t0 = Instant::now();
+        let ring = Rendezvous::new(vec![("vm-a".into(), found("vm-a"))], []).unwrap();
+        let evac = Arc::new(Evacuations::default());
+        let stats = Arc::new(ControlStats::default());
+        let mut p = Placer::new(no_admission(), Mode::Static(ring), stats).avoiding(evac.clone());
+        assert!(matches!(
+            p.handle_request(0, req(1, "r", 0, &[]), t0),
+            Action::Reply(PlacementResult::Found(_))
+        ));
+        evac.add("vm-a").unwrap();
+        assert_eq!(
+            p.handle_request(0, req(2, "r", 0, &[]), t0),
             Action::Reply(failed(PlacementFailure::NoCapacity, None))
         );
     }

@@ -484,7 +484,7 @@ pub fn render(shards: &[Arc<ShardStats>]) -> String {
 /// A label value as the text format wants it: a VM id comes from the
 /// config or the Controlplane, and a quote or newline in it must not break
 /// the exposition.
-fn escape_label(v: &str) -> std::borrow::Cow<'_, str> {
+pub fn escape_label(v: &str) -> std::borrow::Cow<'_, str> {
     if !v.contains(['\\', '"', '\n']) {
         return v.into();
     }

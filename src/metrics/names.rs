@@ -56,6 +56,7 @@ pub const DRAIN_SESSIONS_LEFT: &str = "eval_drain_sessions_left";
 pub const TOKEN_KEY_RELOADS: &str = "eval_token_key_reloads_total";
 pub const REVOCATIONS_IN_FORCE: &str = "eval_revocations_in_force";
 pub const REVOCATION_SYNC_FAILURES: &str = "eval_revocation_sync_failures_total";
+pub const VM_EVACUATED: &str = "eval_vm_evacuated";
 
 // The control shard (`control::ControlStats::render`).
 pub const CONTROLPLANE_REQUESTS: &str = "eval_controlplane_requests_total";
@@ -99,6 +100,7 @@ pub const ALL: &[(&str, Kind)] = &[
     (TOKEN_KEY_RELOADS, Kind::Counter),
     (REVOCATIONS_IN_FORCE, Kind::Gauge),
     (REVOCATION_SYNC_FAILURES, Kind::Counter),
+    (VM_EVACUATED, Kind::Gauge),
     (CONTROLPLANE_REQUESTS, Kind::Counter),
     (CONTROLPLANE_CACHE_HITS, Kind::Counter),
     (CONTROLPLANE_CACHE_MISSES, Kind::Counter),

@@ -72,6 +72,11 @@ impl Live {
         self.heard[0].max(self.heard[1])
     }
 
+    /// When `who` last sent anything (same clock as [`Live::last_heard`]).
+    pub(super) fn heard_at(&self, who: Who) -> u32 {
+        self.heard[ix(who)]
+    }
+
     pub(super) fn data_seen(&mut self, now_ms: u32) {
         self.data = now_ms;
     }

@@ -72,6 +72,7 @@ pub use access::SessionId;
 mod live;
 mod names;
 mod per_ip;
+pub mod registry;
 mod relay;
 mod sendq;
 mod setup;

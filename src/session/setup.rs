@@ -654,8 +654,10 @@ impl Session {
             return;
         };
         st.last_error = Some(err);
-        // A socket the proxy could not even create says nothing of the VM.
-        if let (Some(vm), false) = (&st.vm, err.reason == "socket" || err.reason == "out_of_fds") {
+        // A socket the proxy could not even create says nothing of the VM,
+        // nor does an operator's evacuation.
+        let vm_at_fault = !matches!(err.reason, "socket" | "out_of_fds" | "evacuate");
+        if let (Some(vm), true) = (&st.vm, vm_at_fault) {
             env.out.push_back(Op::VmFailed { vm: vm.clone() });
         }
         let delay = backoff(st.attempt, base, cap, unit);

@@ -33,6 +33,7 @@
 //! - `ops.rs`: the operation table.
 //! - `perform.rs`: a session's ops as entries and syscalls.
 //! - `ctl.rs`: the socketpair to the control shard.
+//! - `registry.rs`: the session registry's commands (list, close, evacuate).
 //! - `pipe.rs`: splice(2) and its pipes.
 //! - `listener.rs`, `bufring.rs`: the listening sockets, the buffer ring.
 
@@ -61,6 +62,7 @@ pub mod listener;
 mod ops;
 mod perform;
 mod pipe;
+mod registry;
 mod timers;
 
 use std::cmp::Reverse;
@@ -123,6 +125,20 @@ pub struct ShardSpec {
     pub per_ip: Option<Arc<PerIp>>,
     /// The revocations in force; a change wakes the shard (`wake_fd`).
     pub revocations: Arc<crate::revocations::Revocations>,
+    /// The session registry's commands, read when `wake_fd` fires.
+    pub registry: crate::control::registry::Inbox,
+}
+
+/// A planned close: (time, slot, gen, retry hint, what for).
+type PlannedClose = (Instant, u32, u16, u64, Planned);
+
+/// What a planned close is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Planned {
+    /// The drain's grace period is over.
+    Drain,
+    /// The session's VM is being evacuated (unless restored meanwhile).
+    Evacuate,
 }
 
 /// A live session and the user_data of its connect, which may need a
@@ -153,6 +169,8 @@ struct Io {
     revoked: crate::revocations::LocalRevocations,
     ctl: Ctl,
     local_placement: Option<Arc<LocalStatic>>,
+    /// The evacuated VMs, as of the last wake-up (see `registry.rs`).
+    evacuated: Arc<Vec<String>>,
     timers: timers::Timers,
     rng: SmallRng,
     vms: crate::session::VmNames,
@@ -216,8 +234,11 @@ pub struct Shard {
     config_epoch: u64,
     /// The drain reached `Closing` and this shard planned its closes.
     closing_planned: bool,
-    /// Planned drain closes, earliest first: (time, slot, gen, hint).
-    closes: BinaryHeap<Reverse<(Instant, u32, u16, u64)>>,
+    /// Planned closes, earliest first.
+    closes: BinaryHeap<Reverse<PlannedClose>>,
+    inbox: crate::control::registry::Inbox,
+    /// The evacuations' epoch `io.evacuated` was taken at.
+    evacuated_seen: u64,
 }
 
 impl Shard {
@@ -257,6 +278,7 @@ impl Shard {
                 verify,
                 revoked: crate::revocations::LocalRevocations::new(spec.revocations),
                 local_placement: spec.local_placement,
+                evacuated: Arc::default(),
                 ctl: Ctl::new(spec.control_fd),
                 timers: timers::Timers::default(),
                 rng: SmallRng::from_seed(seed),
@@ -296,6 +318,8 @@ impl Shard {
             config: spec.config,
             closing_planned: false,
             closes: BinaryHeap::new(),
+            inbox: spec.registry,
+            evacuated_seen: 0,
         })
     }
 
@@ -305,8 +329,9 @@ impl Shard {
         self.arm_wake();
         self.io.arm_ctl_recv();
         let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(1024);
-        // A phase published before the wake-up read was armed.
+        // A phase (or evacuation) published before the wake-up read was armed.
         self.on_phase();
+        self.on_commands();
         while self.listener_open || self.live > 0 {
             let mut timeout = self
                 .io
@@ -621,6 +646,7 @@ impl Shard {
             warn!(shard = self.io.shard, err = res, "wake eventfd read failed");
         }
         self.on_phase();
+        self.on_commands();
         self.arm_wake();
     }
 
@@ -664,21 +690,28 @@ impl Shard {
             for c in drain::plan_closes(self.io.now, spread, open, &mut self.io.rng) {
                 let (slot, gen) = c.key;
                 self.closes
-                    .push(Reverse((c.at, slot, gen, c.retry_after_ms)));
+                    .push(Reverse((c.at, slot, gen, c.retry_after_ms, Planned::Drain)));
             }
         }
     }
 
     /// Closes whose planned time has come.
     fn fire_closes(&mut self) {
-        while let Some(&Reverse((at, slot, gen, hint))) = self.closes.peek() {
+        while let Some(&Reverse((at, slot, gen, hint, why))) = self.closes.peek() {
             if at > self.io.now {
                 break;
             }
             self.closes.pop();
-            if self.entry(slot, gen).is_some() {
-                self.drive(slot, |s, env, _| s.handle_drain_close(env, hint));
+            if self.entry(slot, gen).is_none() {
+                continue;
             }
+            match why {
+                Planned::Drain => self.drive(slot, |s, env, _| s.handle_drain_close(env, hint)),
+                Planned::Evacuate => {
+                    let evacuated = self.io.evacuated.clone();
+                    self.drive(slot, |s, env, _| s.handle_evacuate(env, &evacuated, hint))
+                }
+            };
         }
     }
 
@@ -792,7 +825,8 @@ impl Shard {
             let spread = self.io.cfg.drain.close_spread();
             let at = self.io.now + spread.mul_f64(self.io.rng.gen::<f64>());
             let hint = self.io.rng.gen_range(0..=drain::RETRY_AFTER_MAX_MS);
-            self.closes.push(Reverse((at, slot, gen, hint)));
+            self.closes
+                .push(Reverse((at, slot, gen, hint, Planned::Drain)));
         }
         self.drive(slot, |s, env, _| s.start(env));
     }

@@ -304,7 +304,7 @@ impl Io {
             return;
         };
         let result = if let Some(local) = &self.local_placement {
-            local.pick(ident.repl(), &exclude, self.now)
+            local.pick(ident.repl(), &exclude, &self.evacuated, self.now)
         } else if self.ctl.dead {
             e.s.handle_control_lost(&mut env!(self, out));
             return;

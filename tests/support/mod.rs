@@ -407,6 +407,24 @@ pub fn echo_conman() -> ConmanHandle {
     })
 }
 
+/// A fake Controlplane placing repls on these (VM id, Conman address)
+/// pairs, placements cached for a minute.
+pub fn controlplane_with(
+    conmans: &[(&str, SocketAddr)],
+) -> eval_proxy::dev::controlplane::FakeControlplane {
+    use eval_proxy::dev::controlplane::{spawn, FakeControlplaneConfig};
+    spawn(FakeControlplaneConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        conmans: conmans
+            .iter()
+            .map(|(vm, a)| (vm.to_string(), format!("ws://{a}/")))
+            .collect(),
+        ttl_ms: 60_000,
+        pins: Vec::new(),
+    })
+    .expect("fake controlplane")
+}
+
 /// A config for the proxy in front of one Conman, dev key trusted.
 pub fn config_for(conman: SocketAddr, extra: &str) -> String {
     format!(

@@ -24,6 +24,7 @@ use crate::token::Claims;
 mod admission;
 mod keepalive;
 mod random;
+mod registry;
 mod relay;
 mod setup;
 mod tls;
