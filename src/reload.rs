@@ -7,7 +7,7 @@
 //!
 //! What a reload cannot change is refused with the key that differs, and
 //! the old config stays: the sockets (`listen.addr`, `listen.shards`,
-//! `listen.backlog`, `listen.pin`, `admin.*`, `lifecycle.*`), the shards'
+//! `listen.backlog`, `listen.pin`, `admin.*`, `lifecycle.*`, `handover.*`), the shards'
 //! buffer rings (`buffers.*`), the per-address table (`limits.per_ip_*`),
 //! and placement while the control shard serves it (Controlplane mode, or
 //! admission limits on): those need a restart, i.e. a `--takeover`.
@@ -118,6 +118,7 @@ pub fn fixed_keys_unchanged(old: &Config, new: &Config) -> Result<(), ConfigErro
         ("admin", same(&old.admin, &new.admin)),
         ("buffers", same(&old.buffers, &new.buffers)),
         ("lifecycle", same(&old.lifecycle, &new.lifecycle)),
+        ("handover", same(&old.handover, &new.handover)),
         // A listener speaks TLS or not for its whole life: clients connect
         // with wss:// or ws:// to it. New certificates are fine.
         (

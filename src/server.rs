@@ -417,6 +417,10 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
             })?;
     }
 
+    let hub = Arc::new(crate::shard::handoff::Hub::new(
+        wake_fds.clone(),
+        &cfg.handover,
+    ));
     watch_keys(cfg.clone(), keys.clone())?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let per_ip = crate::session::PerIp::for_config(&cfg).map(Arc::new);
@@ -434,6 +438,7 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
             config: config_store.clone(),
             wake_fd: wake_fds[id],
             per_ip: per_ip.clone(),
+            handoff: hub.clone(),
         };
         let core = if cfg.listen.pin && !cores.is_empty() {
             Some(cores[id % cores.len()])
@@ -474,16 +479,23 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
         Origin::TakenOver(r) => {
             // Ready and serving: now the old process may stop accepting.
             match r.confirm() {
-                Ok(pid) => info!(old_pid = pid, "the old process drains; this one serves"),
+                Ok((pid, conn)) => {
+                    info!(old_pid = pid, "the old process drains; this one serves");
+                    // Its live sessions come next, on the same connection.
+                    let hub = hub.clone();
+                    std::thread::Builder::new()
+                        .name("eval-adopt".into())
+                        .spawn(move || crate::shard::handoff::adopt_from(conn, &hub))?;
+                }
                 Err(e) => warn!(err = %e, "the old process did not confirm the handover"),
             }
             if let Some(p) = handover_path.clone() {
-                handover::serve_after_takeover(p, hello(&cfg), lifecycle.clone());
+                handover::serve_after_takeover(p, hello(&cfg), lifecycle.clone(), hub.clone());
             }
         }
         Origin::Bound | Origin::Systemd => {
             if let Some(p) = handover_path.clone() {
-                handover::serve(p, hello(&cfg), lifecycle.clone());
+                handover::serve(p, hello(&cfg), lifecycle.clone(), hub.clone());
             }
         }
     }

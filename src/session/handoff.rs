@@ -589,8 +589,9 @@ impl Session {
     }
 
     /// A session continued from `rec` on sockets `client` and `conman`
-    /// (received with it): it reads both sides at once. Not a phase change
-    /// but a start, so it begins in `Relay` directly.
+    /// (received with it), counted but not yet reading: the shard gives it
+    /// a slot, then [`Session::handle_adopted`]. Not a phase change but a
+    /// start, so it begins in `Relay` directly.
     pub fn adopt(rec: Record, client: RawFd, conman: RawFd, env: &mut Env) -> Session {
         let now = env.now;
         let started = now
@@ -651,11 +652,16 @@ impl Session {
         if let (Some(table), Some(ip)) = (&env.gate.per_ip, s.client_ip) {
             s.holds_ip_slot = table.admit(ip, now).is_ok();
         }
-        for who in [Who::Client, Who::Conman] {
-            s.arm_recv(env, who);
-        }
-        s.advance(env);
         s
+    }
+
+    /// An adopted session's first input, once the shard has given it a
+    /// slot: both sides are read again.
+    pub fn handle_adopted(&mut self, env: &mut Env) {
+        for who in [Who::Client, Who::Conman] {
+            self.arm_recv(env, who);
+        }
+        self.advance(env);
     }
 }
 

@@ -54,6 +54,7 @@ macro_rules! env {
 
 pub mod bufring;
 mod ctl;
+pub mod handoff;
 pub mod listener;
 mod ops;
 mod perform;
@@ -118,6 +119,8 @@ pub struct ShardSpec {
     pub wake_fd: RawFd,
     /// The process-wide per-address limits, if any is set.
     pub per_ip: Option<Arc<PerIp>>,
+    /// Live sessions moving to or from another process (`handoff.rs`).
+    pub handoff: Arc<handoff::Hub>,
 }
 
 /// A live session and the user_data of its connect, which may need a
@@ -204,6 +207,8 @@ pub struct Shard {
     closing_planned: bool,
     /// Planned drain closes, earliest first: (time, slot, gen, hint).
     closes: BinaryHeap<Reverse<(Instant, u32, u16, u64)>>,
+    hub: Arc<handoff::Hub>,
+    handoff: handoff::Local,
 }
 
 impl Shard {
@@ -279,6 +284,8 @@ impl Shard {
             config: spec.config,
             closing_planned: false,
             closes: BinaryHeap::new(),
+            hub: spec.handoff,
+            handoff: handoff::Local::default(),
         })
     }
 
@@ -304,7 +311,14 @@ impl Shard {
                 let d = t.saturating_duration_since(Instant::now());
                 timeout = Some(timeout.map_or(d, |t| t.min(d)));
             }
-            if let Some(Reverse((t, ..))) = self.closes.peek() {
+            if let Some(t) = self
+                .closes
+                .peek()
+                .map(|Reverse((t, ..))| *t)
+                .into_iter()
+                .chain(self.handoff.next_deadline())
+                .min()
+            {
                 let d = t.saturating_duration_since(Instant::now());
                 timeout = Some(timeout.map_or(d, |x| x.min(d)));
             }
@@ -335,6 +349,7 @@ impl Shard {
             self.verify_batch();
             self.fire_timers();
             self.fire_closes();
+            self.handoff_turn();
             self.retry_starved();
             if self.accept_retry.is_some_and(|t| t <= self.io.now) {
                 self.accept_retry = None;
@@ -349,6 +364,7 @@ impl Shard {
                 self.io.bufs.trim_if_idle();
             }
         }
+        self.handoff_done();
         info!(
             shard = self.io.shard,
             accepted = self.io.stats.accepted.load(Ordering::Relaxed),
@@ -593,6 +609,7 @@ impl Shard {
             warn!(shard = self.io.shard, err = res, "wake eventfd read failed");
         }
         self.on_phase();
+        self.handoff_mail();
         self.arm_wake();
     }
 
@@ -729,7 +746,8 @@ impl Shard {
         }
     }
 
-    fn new_session(&mut self, fd: RawFd) {
+    /// A free slot and its new generation.
+    fn take_slot(&mut self) -> (u32, u16) {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -740,11 +758,11 @@ impl Shard {
         };
         let gen = self.gens[slot as usize].wrapping_add(1);
         self.gens[slot as usize] = gen;
-        // X-Eval-Session: random, so ids stay unique across restarts and
-        // across every proxy of the fleet (64 bits: no coordination).
-        let id = self.io.rng.gen::<u64>();
-        let peer = listener::peer_ip(fd);
-        let s = Session::new(id, fd, peer, self.io.now, &self.io.cfg);
+        (slot, gen)
+    }
+
+    /// Puts a new session in its slot: counted, its first deadline armed.
+    fn place(&mut self, slot: u32, gen: u16, s: Session) {
         if let Some(d) = s.poll_timeout() {
             self.io.timers.push(d, slot, gen);
         }
@@ -758,6 +776,16 @@ impl Shard {
             .stats
             .live
             .store(self.live as u64, Ordering::Relaxed);
+    }
+
+    fn new_session(&mut self, fd: RawFd) {
+        let (slot, gen) = self.take_slot();
+        // X-Eval-Session: random, so ids stay unique across restarts and
+        // across every proxy of the fleet (64 bits: no coordination).
+        let id = self.io.rng.gen::<u64>();
+        let peer = listener::peer_ip(fd);
+        let s = Session::new(id, fd, peer, self.io.now, &self.io.cfg);
+        self.place(slot, gen, s);
         if self.closing_planned {
             // Accepted from the queue after the closes were planned: it
             // is closed like the rest, at a random point of the window.

@@ -83,6 +83,8 @@ fn move_session(h: &mut Harness) -> Record {
         },
     );
     h.s = adopted;
+    assert!(out.is_empty(), "no op before the shard gives it a slot");
+    h.run(|s, env| s.handle_adopted(env));
     while let Some(op) = out.pop_front() {
         h.perform(op, &mut out);
     }
