@@ -18,7 +18,7 @@
 
 mod support;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -33,7 +33,7 @@ const UPGRADES: usize = 3;
 /// How long the sessions echo on each process before the next upgrade.
 const LOAD: Duration = Duration::from_millis(700);
 /// How long an old process may take to hand everything over and exit.
-const EXIT_WITHIN: Duration = Duration::from_secs(120);
+const EXIT_WITHIN: Duration = Duration::from_secs(60);
 
 fn sessions() -> usize {
     std::env::var("EVAL_HANDOFF_SESSIONS")
@@ -81,11 +81,32 @@ fn wait_gone(p: &mut Proxy, within: Duration) -> (std::process::ExitStatus, Dura
         }
         assert!(
             t.elapsed() < within,
-            "the old process did not exit; its log:\n{}",
+            "the old process did not exit; its threads:\n{}\nits log:\n{}",
+            threads_of(p.child.id()),
             tail(&p.log())
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Each thread of `pid`: name, state and where it waits (for a hang).
+fn threads_of(pid: u32) -> String {
+    let mut out = String::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+        let stat = read("stat");
+        let state = stat
+            .split(") ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .unwrap_or("?");
+        out += &format!("  {} {state} {}\n", read("comm").trim(), read("wchan"));
+    }
+    out
 }
 
 fn tail(log: &str) -> String {
@@ -179,15 +200,37 @@ fn payload(i: usize, seq: u64, len: usize, text: bool) -> Vec<u8> {
 
 const MASK: Option<[u8; 4]> = Some([0x11, 0x22, 0x33, 0x44]);
 
+/// One frame: (fin, opcode, payload unmasked), or why not.
+fn try_read_frame(s: &mut TcpStream) -> std::io::Result<(bool, u8, Vec<u8>)> {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h)?;
+    let mut len = u64::from(h[1] & 0x7f);
+    if len == 126 {
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b)?;
+        len = u64::from(u16::from_be_bytes(b));
+    } else if len == 127 {
+        let mut b = [0u8; 8];
+        s.read_exact(&mut b)?;
+        len = u64::from_be_bytes(b);
+    }
+    if h[1] & 0x80 != 0 {
+        return Err(std::io::Error::other("a masked frame from the proxy"));
+    }
+    let mut p = vec![0u8; len as usize];
+    s.read_exact(&mut p)?;
+    Ok((h[0] & 0x80 != 0, h[0] & 0x0f, p))
+}
+
 /// The next frame that is not the proxy's keepalive Ping (answered).
-fn next_frame(s: &mut TcpStream) -> (bool, u8, Vec<u8>) {
+fn next_frame(s: &mut TcpStream) -> std::io::Result<(bool, u8, Vec<u8>)> {
     loop {
-        let f = read_frame(s);
+        let f = try_read_frame(s)?;
         if f.1 == 9 {
-            s.write_all(&frame(true, 10, &f.2, MASK)).unwrap();
+            s.write_all(&frame(true, 10, &f.2, MASK))?;
             continue;
         }
-        return f;
+        return Ok(f);
     }
 }
 
@@ -229,7 +272,8 @@ fn exchange(s: &mut TcpStream, i: usize, seq: u64) -> Result<u64, String> {
             }
         }
     };
-    let (fin, got_op, got) = next_frame(s);
+    let (fin, got_op, got) =
+        next_frame(s).map_err(|e| format!("session {i} exchange {seq}: {e}"))?;
     if !fin || got_op != op || got != want {
         return Err(format!(
             "session {i} exchange {seq}: sent op {op} ({} bytes), got fin {fin} op {got_op} ({} bytes){}",
@@ -259,13 +303,16 @@ struct Load {
 fn run_session(proxy: SocketAddr, token: &str, i: usize, stop: &AtomicBool, load: &Load) {
     let mut s = connect_from(proxy, i);
     upgrade(&mut s, token);
-    load.started.fetch_add(1, Ordering::Relaxed);
     let mut seq = 0u64;
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.load(Ordering::Relaxed) || seq == 0 {
         match exchange(&mut s, i, seq) {
             Ok(n) => {
                 load.bytes.fetch_add(2 * n, Ordering::Relaxed);
                 load.exchanges.fetch_add(1, Ordering::Relaxed);
+                if seq == 0 {
+                    // Relaying: Conman echoed.
+                    load.started.fetch_add(1, Ordering::Relaxed);
+                }
             }
             Err(e) => {
                 load.errors.lock().unwrap().push(e);
@@ -276,7 +323,7 @@ fn run_session(proxy: SocketAddr, token: &str, i: usize, stop: &AtomicBool, load
     }
     s.write_all(&frame(true, 8, &1000u16.to_be_bytes(), MASK))
         .unwrap();
-    let (_, op, p) = next_frame(&mut s);
+    let (_, op, p) = next_frame(&mut s).unwrap_or((true, 0, Vec::new()));
     if op == 8 && p.len() >= 2 && u16::from_be_bytes([p[0], p[1]]) == 1000 {
         load.closed_1000.fetch_add(1, Ordering::Relaxed);
     } else {
@@ -377,8 +424,10 @@ fn sessions_move_across_three_upgrades_without_a_byte_lost() {
         );
         assert!(
             load.errors.lock().unwrap().is_empty(),
-            "round {round}: {:?}",
-            &load.errors.lock().unwrap()[..]
+            "round {round}: {:?}\nold process:\n{}\nnew process:\n{}",
+            &load.errors.lock().unwrap()[..],
+            tail(&log),
+            tail(&new.log())
         );
         old = new;
     }

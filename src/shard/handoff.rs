@@ -12,7 +12,9 @@
 //! - A shard of the old process ([`Local`]) stops reading a window of its
 //!   relaying sessions at a time (at most [`BATCH`] stopping or awaiting a
 //!   verdict), exports each once it reaches a movable point, and on the
-//!   verdict lets go of it (taken) or reads it again (refused). A session
+//!   verdict lets go of it (taken) or reads it again (refused). Sessions in
+//!   setup are not moved while in setup: the shard waits for them to relay
+//!   (then they move) or fail. A session
 //!   that reaches no movable point within `handover.session_deadline_ms`
 //!   reads again and stays: it drains here as before. Nothing is closed
 //!   because of a move; the old process exits once it holds no session.
@@ -47,7 +49,7 @@ use super::Shard;
 use crate::control::handover;
 use crate::metrics::ShardStats;
 use crate::session::handoff::{Export, Record, VERSION};
-use crate::session::{Session, Who};
+use crate::session::{Kind, Session, Who};
 
 /// Sessions per message: two descriptors each, under the kernel's 253
 /// per SCM_RIGHTS message. Also a shard's window of sessions stopped or
@@ -205,6 +207,8 @@ pub(super) struct Local {
     stopping: Vec<(u32, u16, Instant, u64)>,
     /// Exported, waiting for the new process's verdict.
     parked: usize,
+    /// Sessions a move was tried on that stay here: never tried again.
+    kept: Vec<(u32, u16)>,
     moved: u64,
     fell_back: u64,
 }
@@ -293,6 +297,7 @@ impl Shard {
             let export = self.drive(slot, |s, env, _| s.poll_export(env));
             match export {
                 Some(Export::Ready(rec)) => {
+                    self.handoff.stopping.swap_remove(i);
                     let Some(e) = self.entry(slot, gen) else {
                         continue;
                     };
@@ -306,7 +311,6 @@ impl Shard {
                         paused_at_ns: paused_at,
                     });
                     self.handoff.parked += 1;
-                    self.handoff.stopping.swap_remove(i);
                 }
                 Some(Export::NotYet) if now < since + self.handoff.deadline => i += 1,
                 _ => {
@@ -316,13 +320,27 @@ impl Shard {
                         slot, "session stays: no movable point"
                     );
                     self.drive(slot, |s, env, _| s.handle_move_cancelled(env));
-                    self.fall_back();
+                    self.fall_back(slot, gen);
                     self.handoff.stopping.swap_remove(i);
                 }
             }
         }
         let h = &self.handoff;
         if h.candidates.is_empty() && h.stopping.is_empty() && h.parked == 0 {
+            // Sessions that finished their setup since the start move
+            // too; while some are still in setup, wait for them.
+            let mut in_setup = false;
+            for (slot, e) in self.sessions.iter().enumerate() {
+                let Some(e) = e else { continue };
+                let key = (slot as u32, e.gen);
+                if e.s.can_move() && !self.handoff.kept.contains(&key) {
+                    self.handoff.candidates.push(key);
+                }
+                in_setup |= !matches!(e.s.kind(), Kind::Relay | Kind::Closing);
+            }
+            if !self.handoff.candidates.is_empty() || in_setup {
+                return;
+            }
             self.handoff.active = false;
             info!(
                 shard = self.io.shard,
@@ -335,7 +353,8 @@ impl Shard {
         }
     }
 
-    fn fall_back(&mut self) {
+    fn fall_back(&mut self, slot: u32, gen: u16) {
+        self.handoff.kept.push((slot, gen));
         self.handoff.fell_back += 1;
         ShardStats::inc(&self.io.stats.handoff_fallbacks);
     }
@@ -359,7 +378,7 @@ impl Shard {
             ShardStats::inc(&self.io.stats.handoff_moved);
             self.drive(slot, |s, env, _| s.handle_moved(env));
         } else {
-            self.fall_back();
+            self.fall_back(slot, gen);
             self.drive(slot, |s, env, _| s.handle_move_cancelled(env));
         }
     }
