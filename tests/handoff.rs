@@ -35,6 +35,18 @@ const LOAD: Duration = Duration::from_millis(700);
 /// How long an old process may take to hand everything over and exit.
 const EXIT_WITHIN: Duration = Duration::from_secs(60);
 
+/// A pause between a session's exchanges (`EVAL_HANDOFF_GAP_MS`, default
+/// none): load pacing for the measuring run, where thousands of sessions
+/// echoing flat out saturate the machine and every latency with it.
+fn gap() -> Duration {
+    Duration::from_millis(
+        std::env::var("EVAL_HANDOFF_GAP_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    )
+}
+
 fn sessions() -> usize {
     std::env::var("EVAL_HANDOFF_SESSIONS")
         .ok()
@@ -303,6 +315,7 @@ struct Load {
 fn run_session(proxy: SocketAddr, token: &str, i: usize, stop: &AtomicBool, load: &Load) {
     let mut s = connect_from(proxy, i);
     upgrade(&mut s, token);
+    let gap = gap();
     let mut seq = 0u64;
     while !stop.load(Ordering::Relaxed) || seq == 0 {
         match exchange(&mut s, i, seq) {
@@ -320,6 +333,9 @@ fn run_session(proxy: SocketAddr, token: &str, i: usize, stop: &AtomicBool, load
             }
         }
         seq += 1;
+        if !gap.is_zero() {
+            std::thread::sleep(gap);
+        }
     }
     s.write_all(&frame(true, 8, &1000u16.to_be_bytes(), MASK))
         .unwrap();

@@ -578,7 +578,9 @@ impl Session {
         self.set_moving(Moving::No);
         for who in [Who::Client, Who::Conman] {
             let sd = self.side(who);
-            if !sd.starved {
+            // A starved side waits for buffers, a splicing one for its
+            // splice to end, as before the move.
+            if !sd.starved && sd.splice.is_none() {
                 sd.paused = false;
             }
             if !sd.paused {

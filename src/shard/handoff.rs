@@ -583,6 +583,7 @@ fn receive_batch(conn: &mut UnixStream, hub: &Hub) -> io::Result<Option<(u64, u6
     conn.read_exact(&mut body)?;
     let mut fds = fds.into_iter();
     let mut verdicts = Vec::with_capacity(n);
+    let mut adopt = Vec::with_capacity(n);
     let mut rest = &body[..];
     for _ in 0..n {
         let (Some(c), Some(m)) = (fds.next(), fds.next()) else {
@@ -600,15 +601,11 @@ fn receive_batch(conn: &mut UnixStream, hub: &Hub) -> io::Result<Option<(u64, u6
         rest = &rest[12 + rl..];
         match Record::decode_version(rec, hub.accept_version) {
             Ok(rec) => {
-                let shard = hub.next_shard.fetch_add(1, Ordering::Relaxed) % hub.mail.len();
-                hub.post(
-                    shard,
-                    Mail::Adopt {
-                        rec: Box::new(rec),
-                        fds: [c, m],
-                        paused_at_ns,
-                    },
-                );
+                adopt.push(Mail::Adopt {
+                    rec: Box::new(rec),
+                    fds: [c, m],
+                    paused_at_ns,
+                });
                 verdicts.push(1u8);
             }
             Err(e) => {
@@ -623,7 +620,13 @@ fn receive_batch(conn: &mut UnixStream, hub: &Hub) -> io::Result<Option<(u64, u6
     out.extend_from_slice(VERDICT_MAGIC);
     out.extend_from_slice(&(n as u32).to_le_bytes());
     out.extend_from_slice(&verdicts);
+    // Adopted only once the old process has been told: if it cannot be,
+    // it keeps them (our copies of their sockets close here).
     conn.write_all(&out)?;
+    for m in adopt {
+        let shard = hub.next_shard.fetch_add(1, Ordering::Relaxed) % hub.mail.len();
+        hub.post(shard, m);
+    }
     let a = verdicts.iter().filter(|v| **v == 1).count() as u64;
     Ok(Some((a, n as u64 - a)))
 }
