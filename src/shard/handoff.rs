@@ -7,8 +7,9 @@
 //! # Who does what
 //! - The handover thread of the old process, once the new one said `OK`
 //!   and asked for sessions, becomes the *mover* ([`move_out`]): it tells
-//!   every shard to start, sends what the shards export in batches, and
-//!   returns each batch's verdicts to the shards.
+//!   every shard to start and sends what the shards export in batches,
+//!   back to back; a second thread reads each batch's verdicts, in order,
+//!   and returns them to the shards.
 //! - A shard of the old process ([`Local`]) stops reading a window of its
 //!   relaying sessions at a time (at most [`BATCH`] stopping or awaiting a
 //!   verdict), exports each once it reaches a movable point, and on the
@@ -428,6 +429,13 @@ pub fn move_out(mut conn: UnixStream, hub: &Hub) {
             return;
         }
     }
+    let mut reader = match conn.try_clone() {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(err = %e, "cannot read verdicts: the sessions drain here");
+            return;
+        }
+    };
     let started = Instant::now();
     for shard in 0..hub.mail.len() {
         hub.post(
@@ -437,52 +445,43 @@ pub fn move_out(mut conn: UnixStream, hub: &Hub) {
             },
         );
     }
-    let (mut moved, mut refused, mut batches) = (0u64, 0u64, 0u64);
-    while let Some(batch) = hub.next_batch() {
-        let t = Instant::now();
-        let verdicts = if hub.aborted.load(Ordering::Acquire) {
-            vec![false; batch.len()]
-        } else {
-            match send_batch(&mut conn, &batch) {
-                Ok(v) => v,
-                Err(e) => {
-                    warn!(err = %e, "handover connection lost: the sessions not yet moved stay here");
-                    hub.aborted.store(true, Ordering::Release);
-                    vec![false; batch.len()]
-                }
+    // Batches go out back to back; their verdicts come back in order on
+    // another thread, so a session exported meanwhile does not wait for
+    // the previous batch's round trip.
+    let pending: Mutex<(VecDeque<Sent>, bool)> = Mutex::new((VecDeque::new(), false));
+    let sent_cv = Condvar::new();
+    let (moved, refused, batches) = std::thread::scope(|sc| {
+        let verdicts = sc.spawn(|| read_verdicts(&mut reader, hub, &pending, &sent_cv));
+        while let Some(batch) = hub.next_batch() {
+            let sent = Sent {
+                at: Instant::now(),
+                bytes: batch.iter().map(|o| o.rec.len()).sum(),
+                sessions: batch
+                    .iter()
+                    .map(|o| (o.shard, o.slot, o.gen, o.paused_at_ns))
+                    .collect(),
+            };
+            let ok = !hub.aborted.load(Ordering::Acquire)
+                && match send_batch(&mut conn, &batch) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!(err = %e, "handover connection lost: the sessions not yet moved stay here");
+                        hub.aborted.store(true, Ordering::Release);
+                        false
+                    }
+                };
+            if ok {
+                lock(&pending).0.push_back(sent);
+                sent_cv.notify_one();
+            } else {
+                post_verdicts(hub, &sent, &vec![false; sent.sessions.len()]);
             }
-        };
-        let taken = verdicts.iter().filter(|v| **v).count() as u64;
-        let max_pause_us = batch
-            .iter()
-            .map(|o| mono_ns().saturating_sub(o.paused_at_ns) / 1000)
-            .max()
-            .unwrap_or(0);
-        batches += 1;
-        moved += taken;
-        refused += batch.len() as u64 - taken;
-        info!(
-            batch = batches,
-            sessions = batch.len(),
-            moved = taken,
-            stayed = batch.len() as u64 - taken,
-            bytes = batch.iter().map(|o| o.rec.len()).sum::<usize>(),
-            send_ms = t.elapsed().as_millis() as u64,
-            max_pause_us,
-            "session batch handed over"
-        );
-        for (o, taken) in batch.into_iter().zip(verdicts) {
-            hub.post(
-                o.shard,
-                Mail::Verdict {
-                    slot: o.slot,
-                    gen: o.gen,
-                    taken,
-                },
-            );
         }
-    }
-    let _ = conn.write_all(&batch_head(0, 0, 0));
+        lock(&pending).1 = true;
+        sent_cv.notify_one();
+        let _ = conn.write_all(&batch_head(0, 0, 0));
+        verdicts.join().unwrap_or_default()
+    });
     info!(
         moved,
         refused,
@@ -490,6 +489,79 @@ pub fn move_out(mut conn: UnixStream, hub: &Hub) {
         took_ms = started.elapsed().as_millis() as u64,
         "session handover finished"
     );
+}
+
+/// A batch sent, awaiting its verdicts: (shard, slot, gen, paused at) per
+/// session.
+struct Sent {
+    at: Instant,
+    bytes: usize,
+    sessions: Vec<(usize, u32, u16, u64)>,
+}
+
+fn post_verdicts(hub: &Hub, sent: &Sent, verdicts: &[bool]) {
+    for (&(shard, slot, gen, _), &taken) in sent.sessions.iter().zip(verdicts) {
+        hub.post(shard, Mail::Verdict { slot, gen, taken });
+    }
+}
+
+/// The mover's other half: each sent batch's verdicts, in order, to the
+/// shards, with one log line per batch; (moved, refused, batches).
+fn read_verdicts(
+    conn: &mut UnixStream,
+    hub: &Hub,
+    pending: &Mutex<(VecDeque<Sent>, bool)>,
+    sent_cv: &Condvar,
+) -> (u64, u64, u64) {
+    let (mut moved, mut refused, mut batches) = (0u64, 0u64, 0u64);
+    loop {
+        let sent = {
+            let mut p = lock(pending);
+            loop {
+                if let Some(s) = p.0.pop_front() {
+                    break s;
+                }
+                if p.1 {
+                    return (moved, refused, batches);
+                }
+                p = sent_cv.wait(p).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let n = sent.sessions.len();
+        let verdicts = if hub.aborted.load(Ordering::Acquire) {
+            vec![false; n]
+        } else {
+            match read_verdict(conn, n) {
+                Ok(v) => v,
+                Err(e) => {
+                    warn!(err = %e, "no verdicts from the new process: the sessions not yet moved stay here");
+                    hub.aborted.store(true, Ordering::Release);
+                    vec![false; n]
+                }
+            }
+        };
+        let taken = verdicts.iter().filter(|v| **v).count() as u64;
+        let now = mono_ns();
+        batches += 1;
+        moved += taken;
+        refused += n as u64 - taken;
+        info!(
+            batch = batches,
+            sessions = n,
+            moved = taken,
+            stayed = n as u64 - taken,
+            bytes = sent.bytes,
+            round_trip_us = sent.at.elapsed().as_micros() as u64,
+            max_pause_us = sent
+                .sessions
+                .iter()
+                .map(|s| now.saturating_sub(s.3) / 1000)
+                .max()
+                .unwrap_or(0),
+            "session batch handed over"
+        );
+        post_verdicts(hub, &sent, &verdicts);
+    }
 }
 
 fn batch_head(n: u32, len: u32, fds: u32) -> [u8; 16] {
@@ -501,8 +573,8 @@ fn batch_head(n: u32, len: u32, fds: u32) -> [u8; 16] {
     h
 }
 
-/// Sends one batch and reads its verdicts.
-fn send_batch(conn: &mut UnixStream, batch: &[Outgoing]) -> io::Result<Vec<bool>> {
+/// Sends one batch: its head with the descriptors, then the records.
+fn send_batch(conn: &mut UnixStream, batch: &[Outgoing]) -> io::Result<()> {
     let mut body = Vec::new();
     let mut fds = Vec::with_capacity(batch.len() * 2);
     for o in batch {
@@ -513,15 +585,19 @@ fn send_batch(conn: &mut UnixStream, batch: &[Outgoing]) -> io::Result<Vec<bool>
     }
     let head = batch_head(batch.len() as u32, body.len() as u32, fds.len() as u32);
     handover::send_with_fds(conn, &head, &fds)?;
-    conn.write_all(&body)?;
+    conn.write_all(&body)
+}
+
+/// The verdicts on a batch of `n`.
+fn read_verdict(conn: &mut UnixStream, n: usize) -> io::Result<Vec<bool>> {
     let mut vh = [0u8; 8];
     conn.read_exact(&mut vh)?;
     if &vh[..4] != VERDICT_MAGIC
-        || u32::from_le_bytes(vh[4..8].try_into().unwrap_or_default()) as usize != batch.len()
+        || u32::from_le_bytes(vh[4..8].try_into().unwrap_or_default()) as usize != n
     {
         return Err(io::Error::other("bad verdicts from the new process"));
     }
-    let mut v = vec![0u8; batch.len()];
+    let mut v = vec![0u8; n];
     conn.read_exact(&mut v)?;
     Ok(v.into_iter().map(|b| b == 1).collect())
 }
