@@ -475,6 +475,7 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
     });
     lifecycle.keep_spares(spares);
     let handover_path = cfg.handover_socket();
+    let mut handover_thread = None;
     match origin {
         Origin::TakenOver(r) => {
             // Ready and serving: now the old process may stop accepting.
@@ -490,12 +491,13 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
                 Err(e) => warn!(err = %e, "the old process did not confirm the handover"),
             }
             if let Some(p) = handover_path.clone() {
-                handover::serve_after_takeover(p, hello(&cfg), lifecycle.clone(), hub.clone());
+                handover_thread =
+                    handover::serve_after_takeover(p, hello(&cfg), lifecycle.clone(), hub.clone());
             }
         }
         Origin::Bound | Origin::Systemd => {
             if let Some(p) = handover_path.clone() {
-                handover::serve(p, hello(&cfg), lifecycle.clone(), hub.clone());
+                handover_thread = handover::serve(p, hello(&cfg), lifecycle.clone(), hub.clone());
             }
         }
     }
@@ -518,6 +520,13 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
     }
     // Shards closed their control sockets on exit; the control thread ends.
     let _ = control_thread.join();
+    if lifecycle.handed_over() {
+        // It ends the session handover (every shard is done with it) and
+        // says so to the new process and in the log.
+        if let Some(h) = handover_thread {
+            let _ = h.join();
+        }
+    }
     if lifecycle.phase() < DrainPhase::Draining {
         // Every shard stopped without a drain (they failed): nothing is
         // left to drain either.

@@ -133,12 +133,12 @@ fn logged(log: &str, what: &str, key: &str) -> Option<u64> {
     v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
-/// Sessions the old process's shards kept (each logs `stayed=N`).
-fn stayed(log: &str) -> u64 {
+/// `key=N` summed over the log's lines containing `what` (one per shard).
+fn summed(log: &str, what: &str, key: &str) -> u64 {
     log.lines()
-        .filter(|l| l.contains("sessions moved"))
+        .filter(|l| l.contains(what))
         .filter_map(|l| {
-            l.split("stayed=")
+            l.split(&format!(" {key}="))
                 .nth(1)?
                 .split_whitespace()
                 .next()?
@@ -146,6 +146,11 @@ fn stayed(log: &str) -> u64 {
                 .ok()
         })
         .sum()
+}
+
+/// Sessions the old process's shards kept (each logs `stayed=N`).
+fn stayed(log: &str) -> u64 {
+    summed(log, "sessions moved", "stayed")
 }
 
 /// Every `pause_us=N` a process logged as it adopted sessions.
@@ -403,7 +408,7 @@ fn sessions_move_across_three_upgrades_without_a_byte_lost() {
             "round {round}: old process {st}\n{}",
             tail(&log)
         );
-        let moved = logged(&log, "session handover finished", "moved").unwrap_or(0);
+        let moved = summed(&log, "sessions moved", "moved");
         let refused = logged(&log, "session handover finished", "refused").unwrap_or(0);
         let stayed = stayed(&log);
         let batches = log
