@@ -381,6 +381,8 @@ impl Shard {
         } else {
             self.fall_back(slot, gen);
             self.drive(slot, |s, env, _| s.handle_move_cancelled(env));
+            // A drain close that came while it was parked was ignored.
+            self.plan_late_close(slot, gen);
         }
     }
 
@@ -396,6 +398,7 @@ impl Shard {
             s
         };
         self.place(slot, gen, s);
+        self.plan_late_close(slot, gen);
         self.drive(slot, |s, env, _| s.handle_adopted(env));
         ShardStats::inc(&self.io.stats.handoff_adopted);
         let pause = Duration::from_nanos(mono_ns().saturating_sub(paused_at_ns));

@@ -786,15 +786,20 @@ impl Shard {
         let peer = listener::peer_ip(fd);
         let s = Session::new(id, fd, peer, self.io.now, &self.io.cfg);
         self.place(slot, gen, s);
+        self.plan_late_close(slot, gen);
+        self.drive(slot, |s, env, _| s.start(env));
+    }
+
+    /// A session that arrived after the drain's closes were planned
+    /// (accepted from the queue, or adopted from an older process) is
+    /// closed like the rest, at a random point of the window.
+    fn plan_late_close(&mut self, slot: u32, gen: u16) {
         if self.closing_planned {
-            // Accepted from the queue after the closes were planned: it
-            // is closed like the rest, at a random point of the window.
             let spread = self.io.cfg.drain.close_spread();
             let at = self.io.now + spread.mul_f64(self.io.rng.gen::<f64>());
             let hint = self.io.rng.gen_range(0..=drain::RETRY_AFTER_MAX_MS);
             self.closes.push(Reverse((at, slot, gen, hint)));
         }
-        self.drive(slot, |s, env, _| s.start(env));
     }
 
     /// Verifies the fresh tokens queued during this loop turn together and
