@@ -31,6 +31,8 @@
 //! - `ops.rs`: the operation table.
 //! - `perform.rs`: a session's ops as entries and syscalls.
 //! - `ctl.rs`: the socketpair to the control shard.
+//! - `handoff.rs`: live sessions moved to (or adopted from) another
+//!   process after a listener handover.
 //! - `pipe.rs`: splice(2) and its pipes.
 //! - `listener.rs`, `bufring.rs`: the listening sockets, the buffer ring.
 
