@@ -26,6 +26,7 @@ pub struct Config {
     pub log: LogConfig,
     pub drain: DrainConfig,
     pub lifecycle: LifecycleConfig,
+    pub handover: HandoverConfig,
     pub controlplane: ControlplaneSection,
     pub admission: AdmissionSection,
     pub keepalive: KeepaliveConfig,
@@ -217,6 +218,30 @@ pub struct LifecycleConfig {
     /// when `listen.addr` has a fixed port (port 0 is a new port at every
     /// start: there is nothing to hand over); `""` turns handover off.
     pub handover_socket: Option<PathBuf>,
+}
+
+/// `[handover]`: what an upgrade (`--takeover`) does with live sessions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandoverConfig {
+    /// After the listeners, hand each relaying plaintext session (both
+    /// sockets and its relay state) to the new process, so the old one
+    /// exits in seconds instead of draining for `drain.grace_s`. Both
+    /// processes must have it on. Sessions that cannot move stay and drain.
+    pub move_sessions: bool,
+    /// How long a session may take to reach a point where it can move (its
+    /// sends done, a splice finished) once it stopped being read; a slower
+    /// one reads again and stays in the old process.
+    pub session_deadline_ms: u64,
+}
+
+impl Default for HandoverConfig {
+    fn default() -> Self {
+        HandoverConfig {
+            move_sessions: true,
+            session_deadline_ms: 2000,
+        }
+    }
 }
 
 /// Where the handover socket lives unless `lifecycle.handover_socket` says.

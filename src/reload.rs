@@ -7,8 +7,8 @@
 //!
 //! What a reload cannot change is refused with the key that differs, and
 //! the old config stays: the sockets (`listen.addr`, `listen.shards`,
-//! `listen.backlog`, `listen.pin`, `admin.*`, `lifecycle.*`), the file of
-//! revocations (`token.revoked_file`), the shards' buffer rings
+//! `listen.backlog`, `listen.pin`, `admin.*`, `lifecycle.*`, `handover.*`),
+//! the file of revocations (`token.revoked_file`), the shards' buffer rings
 //! (`buffers.*`), the per-address table (`limits.per_ip_*`),
 //! and placement while the control shard serves it (Controlplane mode, or
 //! admission limits on): those need a restart, i.e. a `--takeover`.
@@ -124,6 +124,7 @@ pub fn fixed_keys_unchanged(old: &Config, new: &Config) -> Result<(), ConfigErro
             "token.revoked_file",
             old.token.revoked_file == new.token.revoked_file,
         ),
+        ("handover", same(&old.handover, &new.handover)),
         // A listener speaks TLS or not for its whole life: clients connect
         // with wss:// or ws:// to it. New certificates are fine.
         (

@@ -442,6 +442,10 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
             })?;
     }
 
+    let hub = Arc::new(crate::shard::handoff::Hub::new(
+        wake_fds.clone(),
+        &cfg.handover,
+    ));
     watch_keys(cfg.clone(), keys.clone())?;
     crate::revocations::watch_file(revocations.clone())?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -462,6 +466,7 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
             per_ip: per_ip.clone(),
             revocations: revocations.clone(),
             registry: inbox,
+            handoff: hub.clone(),
         };
         let core = if cfg.listen.pin && !cores.is_empty() {
             Some(cores[id % cores.len()])
@@ -498,20 +503,29 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
     });
     lifecycle.keep_spares(spares);
     let handover_path = cfg.handover_socket();
+    let mut handover_thread = None;
     match origin {
         Origin::TakenOver(r) => {
             // Ready and serving: now the old process may stop accepting.
             match r.confirm() {
-                Ok(pid) => info!(old_pid = pid, "the old process drains; this one serves"),
+                Ok((pid, conn)) => {
+                    info!(old_pid = pid, "the old process drains; this one serves");
+                    // Its live sessions come next, on the same connection.
+                    let hub = hub.clone();
+                    std::thread::Builder::new()
+                        .name("eval-adopt".into())
+                        .spawn(move || crate::shard::handoff::adopt_from(conn, &hub))?;
+                }
                 Err(e) => warn!(err = %e, "the old process did not confirm the handover"),
             }
             if let Some(p) = handover_path.clone() {
-                handover::serve_after_takeover(p, hello(&cfg), lifecycle.clone());
+                handover_thread =
+                    handover::serve_after_takeover(p, hello(&cfg), lifecycle.clone(), hub.clone());
             }
         }
         Origin::Bound | Origin::Systemd => {
             if let Some(p) = handover_path.clone() {
-                handover::serve(p, hello(&cfg), lifecycle.clone());
+                handover_thread = handover::serve(p, hello(&cfg), lifecycle.clone(), hub.clone());
             }
         }
     }
@@ -534,6 +548,13 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
     }
     // Shards closed their control sockets on exit; the control thread ends.
     let _ = control_thread.join();
+    if lifecycle.handed_over() {
+        // It ends the session handover (every shard is done with it) and
+        // says so to the new process and in the log.
+        if let Some(h) = handover_thread {
+            let _ = h.join();
+        }
+    }
     if lifecycle.phase() < DrainPhase::Draining {
         // Every shard stopped without a drain (they failed): nothing is
         // left to drain either.

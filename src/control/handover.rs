@@ -18,7 +18,8 @@
 //!
 //! The new process then binds the handover socket itself, for the next
 //! upgrade. If the new process dies before `READY`, the old one goes on as
-//! if nothing happened.
+//! if nothing happened. After `OK` the same connection carries the old
+//! process's live sessions (`handover.move_sessions`; `shard::handoff`).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -32,6 +33,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::drain::{DrainPhase, Lifecycle, Request};
+use crate::shard::handoff::Hub;
 
 /// Most listening sockets one handover carries (shards plus admin).
 pub const MAX_FDS: usize = 256;
@@ -101,8 +103,9 @@ pub struct Received {
 }
 
 impl Received {
-    /// Tells the old process we are ready and waits until it drains.
-    pub fn confirm(self) -> io::Result<u32> {
+    /// Tells the old process we are ready and waits until it drains; the
+    /// connection then carries its live sessions (`shard::handoff`).
+    pub fn confirm(self) -> io::Result<(u32, UnixStream)> {
         let mut conn = self.conn;
         conn.write_all(b"READY\n")?;
         let line = read_line(&mut conn)?;
@@ -111,7 +114,7 @@ impl Received {
                 "old process answered {line:?} to READY"
             )));
         }
-        Ok(self.old_pid)
+        Ok((self.old_pid, conn))
     }
 }
 
@@ -180,6 +183,7 @@ pub fn serve(
     path: PathBuf,
     hello: Hello,
     lc: Arc<Lifecycle>,
+    hub: Arc<Hub>,
 ) -> Option<std::thread::JoinHandle<()>> {
     let listener = match bind(&path) {
         Ok(l) => l,
@@ -202,11 +206,15 @@ pub fn serve(
                     }
                 };
                 match handle(conn, &hello, &lc) {
-                    Ok(true) => {
+                    Ok(Some(conn)) => {
                         // The new process owns the path now: leave it.
+                        // Its connection carries the live sessions next.
+                        if hub.enabled {
+                            crate::shard::handoff::move_out(conn, &hub);
+                        }
                         return;
                     }
-                    Ok(false) => {}
+                    Ok(None) => {}
                     Err(e) => warn!(err = %e, "handover attempt failed; serving on"),
                 }
                 if lc.phase() >= DrainPhase::Draining {
@@ -218,27 +226,27 @@ pub fn serve(
         .ok()
 }
 
-/// One takeover attempt; `Ok(true)` once the new process has the sockets
-/// and this one drains.
-fn handle(mut conn: UnixStream, hello: &Hello, lc: &Lifecycle) -> io::Result<bool> {
+/// One takeover attempt; the connection once the new process has the
+/// sockets and this one drains.
+fn handle(mut conn: UnixStream, hello: &Hello, lc: &Lifecycle) -> io::Result<Option<UnixStream>> {
     let (uid, pid) = peer_cred(&conn)?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
     if uid != me && uid != 0 {
         warn!(uid, pid, "handover refused: peer is another user");
         conn.write_all(b"ERR the running proxy belongs to another user\n")?;
-        return Ok(false);
+        return Ok(None);
     }
     conn.set_read_timeout(Some(STEP_TIMEOUT))?;
     let line = read_line(&mut conn)?;
     let Some(new) = Hello::decode(&line) else {
         conn.write_all(b"ERR bad HELLO\n")?;
-        return Ok(false);
+        return Ok(None);
     };
     if let Some(why) = hello.incompatible(&new) {
         warn!(pid, %why, "handover refused: incompatible config");
         conn.write_all(format!("ERR {why}\n").as_bytes())?;
-        return Ok(false);
+        return Ok(None);
     }
     let my_pid = std::process::id();
     // Under the spares' lock, so a drain cannot close them mid-send.
@@ -260,7 +268,7 @@ fn handle(mut conn: UnixStream, hello: &Hello, lc: &Lifecycle) -> io::Result<boo
         conn.write_all(
             b"ERR the running proxy is already draining; start normally once it is gone\n",
         )?;
-        return Ok(false);
+        return Ok(None);
     };
     let admin = sent?;
     info!(pid, "listening sockets sent; waiting for the new process");
@@ -278,7 +286,7 @@ fn handle(mut conn: UnixStream, hello: &Hello, lc: &Lifecycle) -> io::Result<boo
         pid,
         "handed over: the new process serves the port; draining"
     );
-    Ok(true)
+    Ok(Some(conn))
 }
 
 /// Binds `path` with mode 0600, replacing a stale socket nobody answers
@@ -307,9 +315,10 @@ pub fn serve_after_takeover(
     path: PathBuf,
     hello: Hello,
     lc: Arc<Lifecycle>,
+    hub: Arc<Hub>,
 ) -> Option<std::thread::JoinHandle<()>> {
     let _ = std::fs::remove_file(&path);
-    serve(path, hello, lc)
+    serve(path, hello, lc, hub)
 }
 
 fn peer_cred(conn: &UnixStream) -> io::Result<(u32, i32)> {
@@ -335,7 +344,7 @@ fn peer_cred(conn: &UnixStream) -> io::Result<(u32, i32)> {
 
 /// Reads one `\n`-terminated line, byte by byte, so that nothing after it
 /// (a message carrying descriptors) is consumed.
-fn read_line(conn: &mut UnixStream) -> io::Result<String> {
+pub fn read_line(conn: &mut UnixStream) -> io::Result<String> {
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     while !line.ends_with(b"\n") {
@@ -401,6 +410,20 @@ pub fn send_with_fds(conn: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Resul
 /// Receives one message and the descriptors attached to it (close-on-exec).
 pub fn recv_with_fds(conn: &UnixStream) -> io::Result<(String, Vec<OwnedFd>)> {
     let mut data = vec![0u8; 4096];
+    let (n, fds) = recv_fds_into(conn, &mut data)?;
+    data.truncate(n);
+    let mut text = String::from_utf8(data).map_err(|_| io::Error::other("not UTF-8"))?;
+    // The line may continue in a later read (a stream socket).
+    if !text.ends_with('\n') && n > 0 {
+        let mut r = BufReader::new(conn);
+        r.read_line(&mut text)?;
+    }
+    Ok((text, fds))
+}
+
+/// One recvmsg(2) into `data`: the bytes read and the descriptors that
+/// came with them (close-on-exec, at most [`MAX_FDS`]).
+pub fn recv_fds_into(conn: &UnixStream, data: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     // SAFETY: CMSG_SPACE is arithmetic on its argument.
     let space =
         unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) } as usize;
@@ -440,14 +463,7 @@ pub fn recv_with_fds(conn: &UnixStream) -> io::Result<(String, Vec<OwnedFd>)> {
     if msg.msg_flags & libc::MSG_CTRUNC != 0 {
         return Err(io::Error::other("handover descriptors truncated"));
     }
-    data.truncate(n as usize);
-    let mut text = String::from_utf8(data).map_err(|_| io::Error::other("not UTF-8"))?;
-    // The line may continue in a later read (a stream socket).
-    if !text.ends_with('\n') && n > 0 {
-        let mut r = BufReader::new(conn);
-        r.read_line(&mut text)?;
-    }
-    Ok((text, fds))
+    Ok((n as usize, fds))
 }
 
 /// The pid of another process listening on `addr`'s port (TCP, LISTEN),

@@ -128,6 +128,13 @@ pub struct ShardStats {
     pub revoked_closes: AtomicU64,
     /// Connections the shard holds, in any phase (what a drain waits for).
     pub live: AtomicU64,
+    /// Live sessions handed to a new process (`shard::handoff`): moved
+    /// out, kept here after all (too late, refused, connection lost), and,
+    /// in the new process, adopted or refused.
+    pub handoff_moved: AtomicU64,
+    pub handoff_fallbacks: AtomicU64,
+    pub handoff_adopted: AtomicU64,
+    pub handoff_refused: AtomicU64,
     rare: Mutex<Rare>,
 }
 
@@ -140,6 +147,9 @@ struct Rare {
     torn: BTreeMap<(&'static str, TornFrame), u64>,
     http: BTreeMap<u16, u64>,
     setup: Vec<(Phase, Histogram<u64>)>,
+    /// An adopted session's pause: from the old process's last read to
+    /// this one reading it again (microseconds).
+    handoff_pause: Option<Histogram<u64>>,
 }
 
 fn lock(m: &Mutex<Rare>) -> std::sync::MutexGuard<'_, Rare> {
@@ -219,6 +229,15 @@ impl ShardStats {
 
     pub fn http_response(&self, status: u16) {
         *lock(&self.rare).http.entry(status).or_default() += 1;
+    }
+
+    pub fn handoff_pause(&self, d: Duration) {
+        let mut r = lock(&self.rare);
+        r.handoff_pause
+            .get_or_insert_with(|| {
+                Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid bounds")
+            })
+            .saturating_record(d.as_micros().max(1) as u64);
     }
 
     pub fn setup_duration(&self, phase: Phase, d: Duration) {
@@ -390,8 +409,17 @@ pub fn render(shards: &[Arc<ShardStats>]) -> String {
     let mut torn: BTreeMap<(&str, TornFrame), u64> = BTreeMap::new();
     let mut http: BTreeMap<u16, u64> = BTreeMap::new();
     let mut setup: Vec<(Phase, Histogram<u64>)> = Vec::new();
+    let mut pause: Option<Histogram<u64>> = None;
     for s in shards {
         let r = lock(&s.rare);
+        if let Some(h) = &r.handoff_pause {
+            match pause.as_mut() {
+                Some(acc) => {
+                    let _ = acc.add(h);
+                }
+                None => pause = Some(h.clone()),
+            }
+        }
         for (k, v) in &r.failures {
             *failures.entry(*k).or_default() += v;
         }
@@ -478,6 +506,31 @@ pub fn render(shards: &[Arc<ShardStats>]) -> String {
         let _ = writeln!(out, "{}{{status=\"{status}\"}} {v}", names::HTTP_RESPONSES);
     }
     render_histograms(&mut out, &setup);
+    for (name, help, v) in [
+        (names::HANDOFF_MOVED, "Live sessions handed to a new process during an upgrade.", sum(|s| &s.handoff_moved)),
+        (names::HANDOFF_FALLBACKS, "Sessions a move began on that stayed in this process (no movable point in handover.session_deadline_ms, refused by the new process, or the handover connection lost); they drain here.", sum(|s| &s.handoff_fallbacks)),
+        (names::HANDOFF_ADOPTED, "Live sessions this process took over from the one it upgraded.", sum(|s| &s.handoff_adopted)),
+        (names::HANDOFF_REFUSED, "Session records this process refused (unreadable or another version); the old process kept those sessions.", sum(|s| &s.handoff_refused)),
+    ] {
+        counter(&mut out, name, help, v);
+    }
+    let name = names::HANDOFF_PAUSE;
+    let _ = writeln!(
+        out,
+        "# HELP {name} Per adopted session, from the old process's last read of it to this one reading it again.\n# TYPE {name} histogram"
+    );
+    let h = pause.unwrap_or_else(|| Histogram::new(2).expect("valid precision"));
+    for le in BUCKETS_US {
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"{}\"}} {}",
+            le as f64 / 1e6,
+            h.count_between(0, le)
+        );
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.len());
+    let _ = writeln!(out, "{name}_sum {}", h.mean() * h.len() as f64 / 1e6);
+    let _ = writeln!(out, "{name}_count {}", h.len());
     out
 }
 

@@ -46,6 +46,11 @@ pub const KEEPALIVE_PINGS: &str = "eval_keepalive_pings_total";
 pub const KEEPALIVE_PONGS: &str = "eval_keepalive_pongs_total";
 pub const PEER_TIMEOUTS: &str = "eval_peer_timeouts_total";
 pub const SESSIONS_REVOKED: &str = "eval_sessions_revoked_total";
+pub const HANDOFF_MOVED: &str = "eval_handoff_sessions_moved_total";
+pub const HANDOFF_FALLBACKS: &str = "eval_handoff_sessions_fallen_back_total";
+pub const HANDOFF_ADOPTED: &str = "eval_handoff_sessions_adopted_total";
+pub const HANDOFF_REFUSED: &str = "eval_handoff_sessions_refused_total";
+pub const HANDOFF_PAUSE: &str = "eval_handoff_pause_seconds";
 
 // The process (`admin`).
 pub const DRAINING: &str = "eval_draining";
@@ -92,6 +97,11 @@ pub const ALL: &[(&str, Kind)] = &[
     (KEEPALIVE_PONGS, Kind::Counter),
     (PEER_TIMEOUTS, Kind::Counter),
     (SESSIONS_REVOKED, Kind::Counter),
+    (HANDOFF_MOVED, Kind::Counter),
+    (HANDOFF_FALLBACKS, Kind::Counter),
+    (HANDOFF_ADOPTED, Kind::Counter),
+    (HANDOFF_REFUSED, Kind::Counter),
+    (HANDOFF_PAUSE, Kind::Histogram),
     (DRAINING, Kind::Gauge),
     (DRAIN_PHASE, Kind::Gauge),
     (CONFIG_RELOADS, Kind::Counter),

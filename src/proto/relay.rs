@@ -152,6 +152,35 @@ pub struct Scan {
     pub frame_start: usize,
 }
 
+/// A tracker's position ([`Tracker::state`]): the frame under way, a
+/// header split across inputs, the message and close state. The mask phase
+/// of the payload under way is `len - remaining` (mod 4), so it needs no
+/// field of its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrackerState {
+    pub max_frame: u64,
+    pub allow_rsv1: bool,
+    /// The start of a header split across inputs (under 14 bytes).
+    pub head: Vec<u8>,
+    pub current: Option<FramePos>,
+    /// Unmasked payload so far of the control frame under way.
+    pub control: Vec<u8>,
+    pub in_message: bool,
+    /// 0 before a Close went this way.
+    pub close_code: u16,
+    pub frames: u64,
+}
+
+/// Where the frame under way stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FramePos {
+    pub opcode: u8,
+    pub mask: Option<[u8; 4]>,
+    pub header_len: u8,
+    pub len: u64,
+    pub remaining: u64,
+}
+
 /// The frame whose payload is streaming past.
 #[derive(Clone, Copy, Debug)]
 struct Current {
@@ -394,6 +423,103 @@ impl Tracker {
             }
             Some(_) => 0,
         }
+    }
+
+    /// The tracker's position, to continue it elsewhere (a live session
+    /// handed to a new process, `session::handoff`); `None` after a
+    /// violation, which nothing continues.
+    pub fn state(&self) -> Option<TrackerState> {
+        if self.failed.is_some() {
+            return None;
+        }
+        let current = self.current.map(|c| FramePos {
+            opcode: c.opcode.bits(),
+            mask: c.mask,
+            header_len: c.header_len,
+            len: c.len,
+            remaining: c.remaining,
+        });
+        // The control payload matters only while its frame is under way;
+        // a completed one was read at its event.
+        let control = if self.in_control_frame() {
+            self.control_payload().to_vec()
+        } else {
+            Vec::new()
+        };
+        Some(TrackerState {
+            max_frame: self.max_frame,
+            allow_rsv1: self.allow_rsv1,
+            head: self.head[..usize::from(self.head_len)].to_vec(),
+            current,
+            control,
+            in_message: self.in_message,
+            close_code: self.close_code,
+            frames: self.frames,
+        })
+    }
+
+    /// A tracker continuing at `st`, which came from another process:
+    /// checked as strictly as a header would be, so a forged or corrupt
+    /// state is refused rather than trusted.
+    pub fn from_state(dir: Direction, st: &TrackerState) -> Result<Tracker, &'static str> {
+        let mut t = Tracker::new(
+            dir,
+            TrackerConfig {
+                max_frame: st.max_frame,
+                allow_rsv1: st.allow_rsv1,
+            },
+        );
+        if st.head.len() >= MAX_HEADER_LEN {
+            return Err("partial header too long");
+        }
+        if !st.head.is_empty() && st.current.is_some() {
+            return Err("partial header inside a frame");
+        }
+        if st.close_code != 0 && st.close_code != 1005 && !close::is_valid_code(st.close_code) {
+            return Err("bad close code");
+        }
+        t.head[..st.head.len()].copy_from_slice(&st.head);
+        t.head_len = st.head.len() as u8;
+        t.in_message = st.in_message;
+        t.close_code = st.close_code;
+        t.frames = st.frames;
+        if let Some(c) = st.current {
+            let opcode = OpCode::from_bits(c.opcode);
+            if c.opcode > 0x0f || matches!(opcode, OpCode::Reserved(_)) {
+                return Err("bad opcode");
+            }
+            if !(2..=MAX_HEADER_LEN as u8).contains(&c.header_len) {
+                return Err("bad header length");
+            }
+            if c.remaining > c.len || c.len > st.max_frame {
+                return Err("bad frame length");
+            }
+            if c.mask.is_some() != (dir == Direction::ToConman) {
+                return Err("mask does not match the direction");
+            }
+            if opcode.is_control() {
+                let fed = c.len - c.remaining;
+                if c.len > MAX_CONTROL_PAYLOAD as u64 || st.control.len() as u64 != fed {
+                    return Err("bad control frame");
+                }
+                let mut buf = Box::new([0u8; MAX_CONTROL_PAYLOAD]);
+                buf[..st.control.len()].copy_from_slice(&st.control);
+                t.control = Some(buf);
+                t.control_len = st.control.len() as u8;
+            } else if !st.control.is_empty() {
+                return Err("control payload in a data frame");
+            }
+            t.current = Some(Current {
+                opcode,
+                mask: c.mask,
+                header_len: c.header_len,
+                len: c.len,
+                remaining: c.remaining,
+            });
+        } else if !st.control.is_empty() {
+            return Err("control payload between frames");
+        }
+        Ok(t)
     }
 
     /// Completes the header that starts with `self.head[..self.head_len]`

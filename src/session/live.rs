@@ -29,7 +29,7 @@ fn ix(who: Who) -> usize {
     }
 }
 
-/// Keepalive state, carried by `Phase::Relay` (24 bytes, inside the room
+/// Keepalive (and move) state, carried by `Phase::Relay` (24 bytes, inside the room
 /// the phase enum already has, so a session does not grow).
 #[derive(Debug)]
 pub struct Live {
@@ -46,6 +46,9 @@ pub struct Live {
     /// A Close went one way and the close timer owns the deadline:
     /// liveness is no longer checked.
     pub(super) closing: bool,
+    /// A move to a new process (`handoff.rs`): only a relaying session
+    /// moves, so the state lives here, in the phase's spare room.
+    pub(super) moving: super::handoff::Moving,
 }
 
 impl Live {
@@ -56,6 +59,7 @@ impl Live {
             data: now_ms,
             due: [false; 2],
             closing: false,
+            moving: super::handoff::Moving::No,
         }
     }
 
@@ -89,6 +93,31 @@ impl Live {
 
     fn unanswered(&self, i: usize) -> bool {
         (self.pinged[i].wrapping_sub(self.heard[i]) as i32) > 0
+    }
+}
+
+impl Live {
+    /// As durations before the session clock's `t` (now), for a record.
+    pub(super) fn to_record(&self, t: u32) -> super::handoff::LiveRecord {
+        super::handoff::LiveRecord {
+            heard_ago_ms: self.heard.map(|h| t.wrapping_sub(h)),
+            pinged_ago_ms: self.pinged.map(|p| t.wrapping_sub(p)),
+            data_ago_ms: t.wrapping_sub(self.data),
+            ping_due: self.due,
+            closing: self.closing,
+        }
+    }
+
+    /// The clock of a record, on a session clock that reads `t` now.
+    pub(super) fn from_record(r: &super::handoff::LiveRecord, t: u32) -> Live {
+        Live {
+            heard: r.heard_ago_ms.map(|a| t.wrapping_sub(a)),
+            pinged: r.pinged_ago_ms.map(|a| t.wrapping_sub(a)),
+            data: t.wrapping_sub(r.data_ago_ms),
+            due: r.ping_due,
+            closing: r.closing,
+            moving: super::handoff::Moving::No,
+        }
     }
 }
 

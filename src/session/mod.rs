@@ -69,6 +69,7 @@ use crate::proto::relay::{Direction, Tracker, TrackerConfig};
 
 mod access;
 pub use access::SessionId;
+pub mod handoff;
 mod live;
 mod names;
 mod per_ip;
@@ -683,6 +684,10 @@ impl Session {
 
     /// When the shard must call [`Session::handle_timeout`].
     pub fn poll_timeout(&self) -> Option<Instant> {
+        // A parked session waits for its move's verdict, not a timer.
+        if self.moving() == handoff::Moving::Exported {
+            return None;
+        }
         self.deadline
     }
 
@@ -782,6 +787,10 @@ impl Session {
     // ---- receiving ------------------------------------------------------
 
     fn arm_recv(&mut self, env: &mut Env, who: Who) {
+        // A session on its way to a new process reads nothing more.
+        if self.moving() != handoff::Moving::No {
+            return;
+        }
         let sd = self.side(who);
         // In splice mode the bytes are read by splice(2), not into buffers.
         if sd.recv_armed || sd.fd < 0 || sd.eof || sd.closed || sd.splice.is_some() {
@@ -1267,6 +1276,12 @@ impl Session {
     /// the same reason; one that has not been promised anything yet (no
     /// 101) just ends.
     pub fn handle_drain_close(&mut self, env: &mut Env, retry_after_ms: u64) {
+        match self.moving() {
+            // Its record is with the new process, which may be running it.
+            handoff::Moving::Exported => return,
+            handoff::Moving::Stopping => self.handle_move_cancelled(env),
+            handoff::Moving::No => {}
+        }
         self.ended(access::End::Proxy);
         let err = SetupError {
             stage: crate::error::Stage::Drain,

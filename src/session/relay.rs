@@ -148,6 +148,33 @@ impl FrameHold {
     pub fn owned(&self) -> usize {
         self.tail.len()
     }
+
+    /// The held bytes, copied out of the ring buffers they are in, if a
+    /// frame is being held (for a handoff record).
+    pub(super) fn export(&self, ring: &dyn super::RingBytes) -> Option<Vec<u8>> {
+        if !self.holding {
+            return None;
+        }
+        let mut out = Vec::with_capacity(self.bytes);
+        for c in &self.ring {
+            match c {
+                Chunk::Buf { bid, off, len } => out.extend_from_slice(ring.bytes(*bid, *off, *len)),
+                Chunk::Owned { data, off } => out.extend_from_slice(&data[*off as usize..]),
+            }
+        }
+        out.extend_from_slice(&self.tail);
+        Some(out)
+    }
+
+    /// A hold continued from a record's bytes.
+    pub(super) fn adopted(bytes: Vec<u8>) -> FrameHold {
+        FrameHold {
+            holding: true,
+            bytes: bytes.len(),
+            ring: Vec::new(),
+            tail: bytes,
+        }
+    }
 }
 
 /// How an input divides between the other side and the hold.

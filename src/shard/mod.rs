@@ -34,6 +34,8 @@
 //! - `perform.rs`: a session's ops as entries and syscalls.
 //! - `ctl.rs`: the socketpair to the control shard.
 //! - `registry.rs`: the session registry's commands (list, close, evacuate).
+//! - `handoff.rs`: live sessions moved to (or adopted from) another
+//!   process after a listener handover.
 //! - `pipe.rs`: splice(2) and its pipes.
 //! - `listener.rs`, `bufring.rs`: the listening sockets, the buffer ring.
 
@@ -58,6 +60,7 @@ macro_rules! env {
 
 pub mod bufring;
 mod ctl;
+pub mod handoff;
 pub mod listener;
 mod ops;
 mod perform;
@@ -127,6 +130,8 @@ pub struct ShardSpec {
     pub revocations: Arc<crate::revocations::Revocations>,
     /// The session registry's commands, read when `wake_fd` fires.
     pub registry: crate::control::registry::Inbox,
+    /// Live sessions moving to or from another process (`handoff.rs`).
+    pub handoff: Arc<handoff::Hub>,
 }
 
 /// A planned close: (time, slot, gen, retry hint, what for).
@@ -239,6 +244,8 @@ pub struct Shard {
     inbox: crate::control::registry::Inbox,
     /// The evacuations' epoch `io.evacuated` was taken at.
     evacuated_seen: u64,
+    hub: Arc<handoff::Hub>,
+    handoff: handoff::Local,
 }
 
 impl Shard {
@@ -320,6 +327,8 @@ impl Shard {
             closes: BinaryHeap::new(),
             inbox: spec.registry,
             evacuated_seen: 0,
+            hub: spec.handoff,
+            handoff: handoff::Local::default(),
         })
     }
 
@@ -346,7 +355,14 @@ impl Shard {
                 let d = t.saturating_duration_since(Instant::now());
                 timeout = Some(timeout.map_or(d, |t| t.min(d)));
             }
-            if let Some(Reverse((t, ..))) = self.closes.peek() {
+            if let Some(t) = self
+                .closes
+                .peek()
+                .map(|Reverse((t, ..))| *t)
+                .into_iter()
+                .chain(self.handoff.next_deadline())
+                .min()
+            {
                 let d = t.saturating_duration_since(Instant::now());
                 timeout = Some(timeout.map_or(d, |x| x.min(d)));
             }
@@ -381,6 +397,7 @@ impl Shard {
             self.verify_batch();
             self.fire_timers();
             self.fire_closes();
+            self.handoff_turn();
             self.retry_starved();
             if self.accept_retry.is_some_and(|t| t <= self.io.now) {
                 self.accept_retry = None;
@@ -395,6 +412,7 @@ impl Shard {
                 self.io.bufs.trim_if_idle();
             }
         }
+        self.handoff_done();
         info!(
             shard = self.io.shard,
             accepted = self.io.stats.accepted.load(Ordering::Relaxed),
@@ -647,6 +665,7 @@ impl Shard {
         }
         self.on_phase();
         self.on_commands();
+        self.handoff_mail();
         self.arm_wake();
     }
 
@@ -790,7 +809,8 @@ impl Shard {
         }
     }
 
-    fn new_session(&mut self, fd: RawFd) {
+    /// A free slot and its new generation.
+    fn take_slot(&mut self) -> (u32, u16) {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -801,11 +821,11 @@ impl Shard {
         };
         let gen = self.gens[slot as usize].wrapping_add(1);
         self.gens[slot as usize] = gen;
-        // X-Eval-Session: random, so ids stay unique across restarts and
-        // across every proxy of the fleet (64 bits: no coordination).
-        let id = self.io.rng.gen::<u64>();
-        let peer = listener::peer_ip(fd);
-        let s = Session::new(id, fd, peer, self.io.now, &self.io.cfg);
+        (slot, gen)
+    }
+
+    /// Puts a new session in its slot: counted, its first deadline armed.
+    fn place(&mut self, slot: u32, gen: u16, s: Session) {
         if let Some(d) = s.poll_timeout() {
             self.io.timers.push(d, slot, gen);
         }
@@ -819,16 +839,31 @@ impl Shard {
             .stats
             .live
             .store(self.live as u64, Ordering::Relaxed);
+    }
+
+    fn new_session(&mut self, fd: RawFd) {
+        let (slot, gen) = self.take_slot();
+        // X-Eval-Session: random, so ids stay unique across restarts and
+        // across every proxy of the fleet (64 bits: no coordination).
+        let id = self.io.rng.gen::<u64>();
+        let peer = listener::peer_ip(fd);
+        let s = Session::new(id, fd, peer, self.io.now, &self.io.cfg);
+        self.place(slot, gen, s);
+        self.plan_late_close(slot, gen);
+        self.drive(slot, |s, env, _| s.start(env));
+    }
+
+    /// A session that arrived after the drain's closes were planned
+    /// (accepted from the queue, or adopted from an older process) is
+    /// closed like the rest, at a random point of the window.
+    fn plan_late_close(&mut self, slot: u32, gen: u16) {
         if self.closing_planned {
-            // Accepted from the queue after the closes were planned: it
-            // is closed like the rest, at a random point of the window.
             let spread = self.io.cfg.drain.close_spread();
             let at = self.io.now + spread.mul_f64(self.io.rng.gen::<f64>());
             let hint = self.io.rng.gen_range(0..=drain::RETRY_AFTER_MAX_MS);
             self.closes
                 .push(Reverse((at, slot, gen, hint, Planned::Drain)));
         }
-        self.drive(slot, |s, env, _| s.start(env));
     }
 
     /// Verifies the fresh tokens queued during this loop turn together and

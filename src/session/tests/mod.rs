@@ -22,6 +22,7 @@ use crate::proto::handshake::accept_key;
 use crate::token::Claims;
 
 mod admission;
+mod handoff;
 mod keepalive;
 mod random;
 mod registry;

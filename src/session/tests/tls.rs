@@ -207,3 +207,16 @@ fn a_forged_record_ends_the_client_side() {
     );
     h.finish();
 }
+
+/// A TLS session never moves to another process (its keys stay here): it
+/// drains where it is.
+#[test]
+fn a_tls_session_cannot_move() {
+    let (cfg, ccfg) = tls_cfg();
+    let (mut h, _c) = tls_established(cfg, &ccfg);
+    assert!(!h.s.can_move());
+    let mut started = true;
+    h.run(|s, env| started = s.handle_move_start(env));
+    assert!(!started);
+    assert_eq!(h.s.moving(), crate::session::handoff::Moving::No);
+}
