@@ -1,7 +1,9 @@
 //! TLS on the public listener: certificates from `[[tls.certs]]`, chosen by
-//! SNI, and the one rustls server config every shard shares. The bytes of
-//! each connection go through a per-session transport
-//! (`session/tls.rs`), driven sans-IO by the session machine.
+//! SNI, and the one rustls server config every shard shares; and TLS to
+//! Conman (`wss://` URLs, `[conman.tls]`): the client config, its CAs and
+//! the proxy's own certificate. The bytes of each connection go through a
+//! per-session transport (`session/tls.rs`), driven sans-IO by the session
+//! machine.
 //!
 //! Crypto provider: *ring*. aws-lc-rs needs cmake and clang to build, which
 //! these machines do not have; ring builds with the C compiler alone.
@@ -10,10 +12,12 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::client::ResolvesClientCert;
 use rustls::crypto::ring as provider;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::ServerConfig;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::config::TlsCert;
 
@@ -29,6 +33,88 @@ pub const BUFFER_LIMIT: usize = 64 * 1024;
 
 /// TLS 1.2 session-id cache (clients without tickets), per process.
 const SESSION_CACHE: usize = 4096;
+
+/// Conman sessions remembered for resumption (one per VM is enough to
+/// resume; a few per VM covers both TLS versions and ticket reuse rules).
+const CONMAN_SESSION_CACHE: usize = 4096;
+
+/// The client config for `wss://` Conman URLs: Conman's certificate must
+/// chain to a CA in `ca_file` and be valid for the URL's host (a DNS name,
+/// sent as SNI; or an IP literal, matched against IP SANs, no SNI: rustls
+/// does both from the `ServerName`). With `client`, the proxy presents
+/// that certificate to a Conman that asks for one.
+pub fn conman_client_config(
+    ca_file: &Path,
+    client: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, String> {
+    let roots = load_roots(ca_file)?;
+    let builder = ClientConfig::builder_with_provider(Arc::new(provider::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let mut cfg = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder.with_client_cert_resolver(Arc::new(ClientCert(Arc::new(
+            load_certified_key(cert, key)?,
+        )))),
+    };
+    cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    cfg.resumption = rustls::client::Resumption::in_memory_sessions(CONMAN_SESSION_CACHE);
+    Ok(Arc::new(cfg))
+}
+
+/// The CAs of a PEM bundle; one that holds none is an error (it would
+/// refuse every peer).
+pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut roots = RootCertStore::empty();
+    for der in rustls_pemfile::certs(&mut &pem[..]) {
+        let der = der.map_err(|e| format!("{}: {e}", path.display()))?;
+        roots
+            .add(der)
+            .map_err(|e| format!("{}: a CA certificate: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no CA certificate in it", path.display()));
+    }
+    Ok(roots)
+}
+
+/// Verifies client certificates against the CAs in `ca_file`; with
+/// `optional`, a client may also send none.
+pub fn client_verifier(
+    ca_file: &Path,
+    optional: bool,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
+    let roots = Arc::new(load_roots(ca_file)?);
+    let b =
+        WebPkiClientVerifier::builder_with_provider(roots, Arc::new(provider::default_provider()));
+    let b = if optional {
+        b.allow_unauthenticated()
+    } else {
+        b
+    };
+    b.build().map_err(|e| format!("{}: {e}", ca_file.display()))
+}
+
+/// The proxy's one client certificate, whatever Conman hints at: a Conman
+/// that does not accept it says so with an alert.
+#[derive(Debug)]
+struct ClientCert(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for ClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
 
 /// Builds the server config, or says which entry failed and why.
 pub fn server_config(certs: &[TlsCert]) -> Result<Arc<ServerConfig>, (usize, String)> {
@@ -111,6 +197,20 @@ pub mod testkit {
 }
 
 fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+    let (chain, der) = read_pem_pair(cert, key)?;
+    let signer =
+        provider::sign::any_supported_type(&der).map_err(|e| format!("{}: {e}", key.display()))?;
+    let ck = CertifiedKey::new(chain, signer);
+    ck.keys_match()
+        .map_err(|e| format!("{} does not match {}: {e}", key.display(), cert.display()))?;
+    Ok(ck)
+}
+
+/// A certificate chain and its private key, from PEM files.
+pub fn read_pem_pair(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
     let pem = std::fs::read(cert).map_err(|e| format!("cannot read {}: {e}", cert.display()))?;
     let chain = rustls_pemfile::certs(&mut &pem[..])
         .collect::<Result<Vec<_>, _>>()
@@ -122,12 +222,7 @@ fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
     let der = rustls_pemfile::private_key(&mut &pem[..])
         .map_err(|e| format!("{}: {e}", key.display()))?
         .ok_or_else(|| format!("{}: no private key in it", key.display()))?;
-    let signer =
-        provider::sign::any_supported_type(&der).map_err(|e| format!("{}: {e}", key.display()))?;
-    let ck = CertifiedKey::new(chain, signer);
-    ck.keys_match()
-        .map_err(|e| format!("{} does not match {}: {e}", key.display(), cert.display()))?;
-    Ok(ck)
+    Ok((chain, der))
 }
 
 struct SniEntry {

@@ -20,10 +20,11 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A test CA, three leaf certificates it signed (ECDSA P-256 for
-/// `eval.test` and 127.0.0.1, RSA 2048 for `other.test`, ECDSA for
-/// `expired.test`, valid in 2020 only), and a second CA that signed
-/// nothing the proxy serves.
+/// A test CA, four leaf certificates it signed (ECDSA P-256 for
+/// `eval.test`, localhost and 127.0.0.1, RSA 2048 for `other.test`, ECDSA
+/// for `expired.test`, valid in 2020 only, and `client.test`, a client's),
+/// and a second CA that signed nothing the proxy serves, only the client
+/// certificate `stranger.test`.
 struct Pki {
     dir: tempdir::Dir,
 }
@@ -40,26 +41,42 @@ impl Pki {
             (cert, key)
         };
         let (ca_cert, ca_key) = ca("eval test CA");
-        let (other_ca, _) = ca("someone else's CA");
+        let (other_ca, other_key) = ca("someone else's CA");
         std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
         std::fs::write(dir.path().join("other-ca.pem"), other_ca.pem()).unwrap();
-        let leaf = |name: &str, key: &KeyPair, sans: &[&str]| {
-            let mut p =
-                CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        let leaf_by =
+            |name: &str, key: &KeyPair, sans: &[&str], by: (&rcgen::Certificate, &KeyPair)| {
+                let mut p =
+                    CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                        .unwrap();
+                p.distinguished_name.push(DnType::CommonName, name);
+                if name == "expired.test" {
+                    p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                    p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+                }
+                let cert = p.signed_by(key, by.0, by.1).unwrap();
+                std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
+                std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem())
                     .unwrap();
-            p.distinguished_name.push(DnType::CommonName, name);
-            if name == "expired.test" {
-                p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-                p.not_after = rcgen::date_time_ymd(2021, 1, 1);
-            }
-            let cert = p.signed_by(key, &ca_cert, &ca_key).unwrap();
-            std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
-            std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+            };
+        let leaf = |name: &str, key: &KeyPair, sans: &[&str]| {
+            leaf_by(name, key, sans, (&ca_cert, &ca_key))
         };
         leaf(
             "eval.test",
             &KeyPair::generate().unwrap(),
-            &["eval.test", "127.0.0.1"],
+            &["eval.test", "localhost", "127.0.0.1"],
+        );
+        leaf(
+            "client.test",
+            &KeyPair::generate().unwrap(),
+            &["client.test"],
+        );
+        leaf_by(
+            "stranger.test",
+            &KeyPair::generate().unwrap(),
+            &["stranger.test"],
+            (&other_ca, &other_key),
         );
         let rsa = dir.path().join("rsa.key");
         let out = Command::new("openssl")
@@ -562,4 +579,167 @@ fn sighup_reloads_certificates_and_a_bad_one_keeps_the_old() {
         proxy.metric("eval_config_reload_failures_total", &[]) == 1.0
     });
     assert_eq!(subject(&proxy), "subject=CN = eval.test");
+}
+
+// ---- wss:// to Conman -------------------------------------------------
+
+/// A fake Conman speaking TLS with the leaf `name` (see [`Pki`]); with
+/// `client_ca`, it requires a client certificate that CA signed.
+fn tls_conman(pki: &Pki, name: &str, client_ca: Option<&str>) -> ConmanHandle {
+    let cfg = eval_proxy::dev::conman::tls_config(
+        &pki.path(&format!("{name}.pem")),
+        &pki.path(&format!("{name}.key")),
+        client_ca.map(|ca| pki.path(ca)).as_deref(),
+    )
+    .unwrap();
+    fake_conman(eval_proxy::dev::conman::Behavior {
+        vm_id: "vm-tls".into(),
+        tls: Some(cfg),
+        ..Default::default()
+    })
+}
+
+/// A proxy whose one Conman is `url`, trusting the CA file `ca` for it,
+/// presenting the client certificate `client` if given.
+fn proxy_to_wss(pki: &Pki, url: &str, ca: &str, client: Option<&str>, extra: &str) -> Proxy {
+    let mut cfg = format!(
+        "[token]\nallow_dev_key = true\n[placement]\ndefault = {url:?}\n{extra}\n[conman.tls]\nca_file = {:?}\nhandshake_timeout_ms = 1000\n",
+        pki.path(ca)
+    );
+    if let Some(name) = client {
+        cfg += &format!(
+            "cert = {:?}\nkey = {:?}\n",
+            pki.path(&format!("{name}.pem")),
+            pki.path(&format!("{name}.key"))
+        );
+    }
+    Proxy::start(&cfg, &["--shards", "1"])
+}
+
+/// Echo of a text and a 3 MiB binary message through the proxy.
+fn echo_through(proxy: &Proxy) {
+    let mut ws = connect(&proxy.url(&dev_token("r1")));
+    ws.send(tungstenite::Message::text("hello over wss"))
+        .unwrap();
+    assert_eq!(ws.read().unwrap().into_text().unwrap(), "hello over wss");
+    let big: Vec<u8> = (0..3 << 20)
+        .map(|i: u32| (i * 31 + i / 4093) as u8)
+        .collect();
+    ws.send(tungstenite::Message::binary(big.clone())).unwrap();
+    assert_eq!(ws.read().unwrap().into_data().to_vec(), big);
+    ws.send(tungstenite::Message::text("__vm__")).unwrap();
+    assert_eq!(ws.read().unwrap().into_text().unwrap(), "vm-tls");
+    ws.close(None).unwrap();
+    // Conman's answer to our Close comes back through the proxy.
+    let end = loop {
+        match ws.read() {
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(end, tungstenite::Error::ConnectionClosed), "{end}");
+}
+
+/// The Close a client gets when setup fails, and the failure counted
+/// under `stage="conman_tls"` with `reason`.
+fn fails_with(proxy: &Proxy, reason: &str) {
+    // A raw client: tungstenite turns a received 1014 into 1002.
+    let mut s = raw_client(proxy.listen, &dev_token("r1"));
+    let (code, text) = read_close(&mut s);
+    assert_eq!(
+        (code, text.as_str()),
+        (1014, format!("stage=conman_tls;reason={reason}").as_str())
+    );
+    let counted = proxy.metric(
+        "eval_session_setup_failures_total",
+        &["stage=\"conman_tls\"", &format!("reason=\"{reason}\"")],
+    );
+    assert_eq!(counted, 1.0, "{}", proxy.metrics());
+    assert_eq!(proxy.metric("eval_sessions_established_total", &[]), 0.0);
+}
+
+/// `wss://` Conman: relayed by a DNS name (SNI, verified against a DNS
+/// SAN) and by an IP literal (an IP SAN); refused, with the stage and the
+/// reason, when the CA is not the one that signed it, when the
+/// certificate is for another name or expired, and when Conman never
+/// answers the hello (the handshake deadline).
+#[test]
+fn wss_conman_relays_and_refuses_bad_certificates() {
+    let pki = Pki::new();
+    let good = tls_conman(&pki, "eval.test", None);
+    let port = good.local_addr.port();
+    for url in [
+        format!("wss://localhost:{port}/conman"),
+        format!("wss://127.0.0.1:{port}/conman"),
+    ] {
+        let proxy = proxy_to_wss(&pki, &url, "ca.pem", None, "");
+        echo_through(&proxy);
+        assert_eq!(proxy.metric("eval_sessions_established_total", &[]), 1.0);
+        let timed = proxy.metric(
+            "eval_setup_duration_seconds_count",
+            &["stage=\"conman_tls\""],
+        );
+        assert_eq!(timed, 1.0, "{url}");
+    }
+    let proxy = proxy_to_wss(
+        &pki,
+        &format!("wss://127.0.0.1:{port}/"),
+        "other-ca.pem",
+        None,
+        "",
+    );
+    fails_with(&proxy, "unknown_ca");
+    for (name, reason) in [("other.test", "wrong_name"), ("expired.test", "expired")] {
+        let conman = tls_conman(&pki, name, None);
+        let url = format!("wss://127.0.0.1:{}/", conman.local_addr.port());
+        fails_with(&proxy_to_wss(&pki, &url, "ca.pem", None, ""), reason);
+    }
+    // Reads the hello and never answers.
+    let silent = fake_conman(eval_proxy::dev::conman::Behavior {
+        stall_before_101: true,
+        ..Default::default()
+    });
+    let url = format!("wss://127.0.0.1:{}/", silent.local_addr.port());
+    fails_with(&proxy_to_wss(&pki, &url, "ca.pem", None, ""), "timeout");
+}
+
+/// A Conman that requires a client certificate from the test CA: the
+/// proxy with `conman.tls.cert` gets through; without one, or with one
+/// another CA signed, the attempt fails as `conman_tls`.
+#[test]
+fn mtls_to_conman() {
+    let pki = Pki::new();
+    let conman = tls_conman(&pki, "eval.test", Some("ca.pem"));
+    let url = format!("wss://localhost:{}/", conman.local_addr.port());
+    echo_through(&proxy_to_wss(&pki, &url, "ca.pem", Some("client.test"), ""));
+    fails_with(
+        &proxy_to_wss(&pki, &url, "ca.pem", None, ""),
+        "client_cert_refused",
+    );
+    fails_with(
+        &proxy_to_wss(&pki, &url, "ca.pem", Some("stranger.test"), ""),
+        "client_cert_refused",
+    );
+}
+
+/// `wss://` without `conman.tls.ca_file` is a config error naming the key.
+#[test]
+fn wss_conman_without_a_ca_is_a_config_error() {
+    let dir = tempdir::Dir::new("wss-no-ca");
+    let cfg = dir.path().join("eval.toml");
+    std::fs::write(
+        &cfg,
+        "[token]\nallow_dev_key = true\n[placement]\ndefault = \"wss://127.0.0.1:1/\"\n",
+    )
+    .unwrap();
+    let out = run(
+        Command::new(bin()).arg("--config").arg(&cfg).arg("--check"),
+        "eval-proxy --check",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("placement.default") && err.contains("conman.tls.ca_file"),
+        "{err}"
+    );
 }
