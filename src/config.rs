@@ -88,6 +88,13 @@ pub struct TlsSection {
     /// The handshake must be complete within this long of the accept; the
     /// request head then gets `limits.header_timeout_ms` of its own.
     pub handshake_timeout_ms: u64,
+    /// PEM bundle of the CAs whose client certificates are verified; the
+    /// verified subject goes into the access log. None = no client
+    /// certificates asked for.
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: `optional` (default; a client may send none) or
+    /// `required` (a client without a valid one fails its handshake).
+    pub client_auth: Option<ClientAuth>,
     /// The rustls server config built from the above by
     /// [`Config::load_tls`]; shared by every shard (one ticketer, so a
     /// ticket issued on one shard resumes on any).
@@ -100,9 +107,19 @@ impl Default for TlsSection {
         TlsSection {
             certs: Vec::new(),
             handshake_timeout_ms: 10_000,
+            client_ca: None,
+            client_auth: None,
             server: None,
         }
     }
+}
+
+/// `tls.client_auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    Optional,
+    Required,
 }
 
 /// One `[[tls.certs]]` entry.
@@ -810,6 +827,9 @@ impl Config {
         if self.tls.handshake_timeout_ms == 0 {
             return Err(invalid("tls.handshake_timeout_ms", "must be positive"));
         }
+        if self.tls.client_auth.is_some() && self.tls.client_ca.is_none() {
+            return Err(invalid("tls.client_auth", "needs tls.client_ca"));
+        }
         let ct = &self.conman.tls;
         if ct.handshake_timeout_ms == 0 {
             return Err(invalid(
@@ -904,7 +924,17 @@ impl Config {
             self.tls.server = None;
             return Ok(());
         }
-        let server = crate::tls::server_config(&self.tls.certs)
+        let clients = match &self.tls.client_ca {
+            None => None,
+            Some(ca) => {
+                let optional = self.tls.client_auth != Some(ClientAuth::Required);
+                Some(
+                    crate::tls::client_verifier(ca, optional)
+                        .map_err(|m| invalid("tls.client_ca", m))?,
+                )
+            }
+        };
+        let server = crate::tls::server_config(&self.tls.certs, clients)
             .map_err(|(i, m)| invalid(&format!("tls.certs[{i}]"), m))?;
         self.tls.server = Some(server);
         Ok(())

@@ -82,10 +82,7 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
 
 /// Verifies client certificates against the CAs in `ca_file`; with
 /// `optional`, a client may also send none.
-pub fn client_verifier(
-    ca_file: &Path,
-    optional: bool,
-) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
+pub fn client_verifier(ca_file: &Path, optional: bool) -> Result<ClientVerifier, String> {
     let roots = Arc::new(load_roots(ca_file)?);
     let b =
         WebPkiClientVerifier::builder_with_provider(roots, Arc::new(provider::default_provider()));
@@ -95,6 +92,71 @@ pub fn client_verifier(
         b
     };
     b.build().map_err(|e| format!("{}: {e}", ca_file.display()))
+}
+
+/// Longest client subject logged; a longer one is cut.
+const SUBJECT_MAX: usize = 128;
+
+/// What the access log says of a verified client certificate: its
+/// subject's common name, else its first DNS name; bytes outside printable
+/// ASCII become `?`, so a certificate cannot forge log fields.
+pub fn peer_subject(der: &CertificateDer<'_>) -> Option<String> {
+    let cert = webpki::EndEntityCert::try_from(der).ok()?;
+    let name =
+        common_name(cert.subject()).or_else(|| cert.valid_dns_names().next().map(str::as_bytes))?;
+    Some(
+        name.iter()
+            .take(SUBJECT_MAX)
+            .map(|&b| {
+                if b.is_ascii_graphic() || b == b' ' {
+                    b as char
+                } else {
+                    '?'
+                }
+            })
+            .collect(),
+    )
+}
+
+/// The value of the first CN attribute of a DER `Name` (its content: a
+/// sequence of SETs of `SEQUENCE { OID, value }`).
+fn common_name(mut name: &[u8]) -> Option<&[u8]> {
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    while !name.is_empty() {
+        let (set, rest) = der_item(name, 0x31)?;
+        name = rest;
+        let mut set = set;
+        while !set.is_empty() {
+            let (atv, rest) = der_item(set, 0x30)?;
+            set = rest;
+            let (oid, value) = der_item(atv, 0x06)?;
+            if oid == CN {
+                // Any string type: UTF8String, PrintableString, IA5String…
+                let tag = *value.first()?;
+                return der_item(value, tag).map(|(v, _)| v);
+            }
+        }
+    }
+    None
+}
+
+/// One DER item with `tag`: its content and what follows it.
+fn der_item(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&t, rest) = input.split_first()?;
+    let (&len, rest) = rest.split_first()?;
+    if t != tag {
+        return None;
+    }
+    let (len, rest) = match len {
+        0..=0x7f => (usize::from(len), rest),
+        0x81 => (usize::from(*rest.first()?), &rest[1..]),
+        0x82 => (
+            usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?])),
+            &rest[2..],
+        ),
+        _ => return None,
+    };
+    (rest.len() >= len).then(|| rest.split_at(len))
 }
 
 /// The proxy's one client certificate, whatever Conman hints at: a Conman
@@ -116,8 +178,15 @@ impl ResolvesClientCert for ClientCert {
     }
 }
 
-/// Builds the server config, or says which entry failed and why.
-pub fn server_config(certs: &[TlsCert]) -> Result<Arc<ServerConfig>, (usize, String)> {
+/// A client certificate verifier (see [`client_verifier`]).
+pub type ClientVerifier = Arc<dyn rustls::server::danger::ClientCertVerifier>;
+
+/// Builds the server config, or says which entry failed and why; with
+/// `clients`, clients are asked for a certificate that it verifies.
+pub fn server_config(
+    certs: &[TlsCert],
+    clients: Option<ClientVerifier>,
+) -> Result<Arc<ServerConfig>, (usize, String)> {
     let mut resolver = SniResolver::default();
     for (i, c) in certs.iter().enumerate() {
         let key = load_certified_key(&c.cert, &c.key).map_err(|m| (i, m))?;
@@ -131,16 +200,22 @@ pub fn server_config(certs: &[TlsCert]) -> Result<Arc<ServerConfig>, (usize, Str
             key: Arc::new(key),
         });
     }
-    build(resolver).map_err(|m| (0, m))
+    build(resolver, clients).map_err(|m| (0, m))
 }
 
-fn build(resolver: SniResolver) -> Result<Arc<ServerConfig>, String> {
+fn build(
+    resolver: SniResolver,
+    clients: Option<ClientVerifier>,
+) -> Result<Arc<ServerConfig>, String> {
     let provider = Arc::new(provider::default_provider());
-    let mut cfg = ServerConfig::builder_with_provider(provider)
+    let builder = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .map_err(|e| e.to_string())?;
+    let builder = match clients {
+        None => builder.with_no_client_auth(),
+        Some(v) => builder.with_client_cert_verifier(v),
+    };
+    let mut cfg = builder.with_cert_resolver(Arc::new(resolver));
     cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
     // Stateless tickets whose keys rotate (every 6 h, the previous key
     // still accepted): one ticketer in the one config all shards share, so
@@ -171,12 +246,15 @@ pub mod testkit {
             .unwrap();
         let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
         let signer = provider::sign::any_supported_type(&der).unwrap();
-        let server = build(SniResolver {
-            entries: vec![SniEntry {
-                names: vec!["eval.test".into()],
-                key: Arc::new(CertifiedKey::new(vec![cert.der().clone()], signer)),
-            }],
-        })
+        let server = build(
+            SniResolver {
+                entries: vec![SniEntry {
+                    names: vec!["eval.test".into()],
+                    key: Arc::new(CertifiedKey::new(vec![cert.der().clone()], signer)),
+                }],
+            },
+            None,
+        )
         .unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert.der().clone()).unwrap();
@@ -325,6 +403,44 @@ mod tests {
     }
 
     #[test]
+    fn peer_subject_is_the_common_name_else_the_first_dns_name() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let make = |cn: Option<&str>, sans: &[&str]| {
+            let mut p = rcgen::CertificateParams::new(
+                sans.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            )
+            .unwrap();
+            p.distinguished_name = rcgen::DistinguishedName::new();
+            p.distinguished_name
+                .push(rcgen::DnType::OrganizationName, "Org");
+            if let Some(cn) = cn {
+                p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+            }
+            p.self_signed(&key).unwrap().der().clone()
+        };
+        let subject = |cn, sans: &[&str]| peer_subject(&make(cn, sans));
+        assert_eq!(
+            subject(Some("alice"), &["a.test"]).as_deref(),
+            Some("alice")
+        );
+        assert_eq!(
+            subject(None, &["a.test", "b.test"]).as_deref(),
+            Some("a.test")
+        );
+        assert_eq!(subject(None, &[]), None);
+        assert_eq!(
+            subject(Some("bad\nline \"x\""), &[]).as_deref(),
+            Some("bad?line \"x\"")
+        );
+        let long = "x".repeat(300);
+        assert_eq!(subject(Some(&long), &[]).unwrap().len(), SUBJECT_MAX);
+        assert_eq!(
+            peer_subject(&CertificateDer::from(vec![0x30, 0x03, 1])),
+            None
+        );
+    }
+
+    #[test]
     fn loading_says_what_is_wrong() {
         let dir = std::env::temp_dir().join(format!("eval-tls-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -343,15 +459,15 @@ mod tests {
             key: key.to_path_buf(),
             names: vec!["a.test".into()],
         };
-        assert!(server_config(&[entry(&c, &k)]).is_ok());
-        let (i, m) = server_config(&[entry(&c, &k), entry(&c, &o)]).unwrap_err();
+        assert!(server_config(&[entry(&c, &k)], None).is_ok());
+        let (i, m) = server_config(&[entry(&c, &k), entry(&c, &o)], None).unwrap_err();
         assert_eq!(i, 1);
         assert!(m.contains("does not match"), "{m}");
-        let (_, m) = server_config(&[entry(&k, &k)]).unwrap_err();
+        let (_, m) = server_config(&[entry(&k, &k)], None).unwrap_err();
         assert!(m.contains("no certificate"), "{m}");
-        let (_, m) = server_config(&[entry(&c, &c)]).unwrap_err();
+        let (_, m) = server_config(&[entry(&c, &c)], None).unwrap_err();
         assert!(m.contains("no private key"), "{m}");
-        let (_, m) = server_config(&[entry(&dir.join("none"), &k)]).unwrap_err();
+        let (_, m) = server_config(&[entry(&dir.join("none"), &k)], None).unwrap_err();
         assert!(m.contains("cannot read"), "{m}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

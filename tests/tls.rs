@@ -743,3 +743,127 @@ fn wss_conman_without_a_ca_is_a_config_error() {
         "{err}"
     );
 }
+
+// ---- client certificates ------------------------------------------------
+
+/// What the TLS listener does with a client presenting `cert` (a leaf of
+/// [`Pki`], or none): "answer HTTP/1.1 200 OK" from `/healthz`, or
+/// "refused REASON" with Python's reason for the failed TLS connection.
+fn healthz_with_client_cert(proxy: &Proxy, pki: &Pki, cert: Option<&str>) -> String {
+    let script = r#"
+import socket, ssl, sys
+port, ca, cert = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(cafile=ca)
+if cert != "-":
+    ctx.load_cert_chain(cert + ".pem", cert + ".key")
+try:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        with ctx.wrap_socket(raw, server_hostname="eval.test") as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: eval.test\r\n\r\n")
+            data = s.recv(4096)
+            print("answer", data.split(b"\r\n")[0].decode())
+except ssl.SSLError as e:
+    print("refused", e.reason)
+"#;
+    let cert = cert.map_or("-".to_string(), |c| pki.path(c).display().to_string());
+    run_ok(
+        Command::new("python3").args([
+            "-c",
+            script,
+            &proxy.listen.port().to_string(),
+            &pki.ca(),
+            &cert,
+        ]),
+        "client certificate script",
+    )
+    .trim()
+    .to_string()
+}
+
+/// The `client_cert` of the access lines logged so far.
+fn logged_client_certs(proxy: &Proxy) -> Vec<String> {
+    proxy
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "eval_proxy::access")
+        .map(|v| {
+            v["fields"]["client_cert"]
+                .as_str()
+                .unwrap_or("?")
+                .to_string()
+        })
+        .collect()
+}
+
+/// `tls.client_ca`: a client certificate the CA signed is verified and its
+/// subject logged; `optional` lets a client without one in, `required`
+/// refuses it, and one signed by another CA is refused either way
+/// (counted as `reason="tls_client_cert"`).
+#[test]
+fn client_certificates_are_verified_and_logged() {
+    let pki = Pki::new();
+    let conman = echo_conman();
+    for mode in ["optional", "required"] {
+        let cfg = pki.config(10_000).replacen(
+            "[tls]\n",
+            &format!(
+                "[log]\nformat = \"json\"\n[tls]\nclient_ca = {:?}\nclient_auth = {mode:?}\n",
+                pki.path("ca.pem")
+            ),
+            1,
+        );
+        let proxy = Proxy::start_logged(&config_for(conman.local_addr, &cfg), &["--shards", "1"]);
+        let url = wss(&proxy, &dev_token("r1"));
+        let client = |cert: &str| {
+            py_client()
+                .args(["--cafile", &pki.ca(), "--binary-size", "1000"])
+                .args([
+                    "--certfile",
+                    &pki.path(&format!("{cert}.pem")).display().to_string(),
+                ])
+                .args([
+                    "--keyfile",
+                    &pki.path(&format!("{cert}.key")).display().to_string(),
+                ])
+                .arg(&url)
+                .output()
+                .unwrap()
+        };
+        let out = client("client.test");
+        assert!(out.status.success(), "{mode}: {out:?}");
+        assert_eq!(
+            healthz_with_client_cert(&proxy, &pki, Some("client.test")),
+            "answer HTTP/1.1 200 OK"
+        );
+        let refused = healthz_with_client_cert(&proxy, &pki, Some("stranger.test"));
+        assert_eq!(refused, "refused TLSV1_ALERT_UNKNOWN_CA", "{mode}");
+        let none = healthz_with_client_cert(&proxy, &pki, None);
+        let mut want_refused = 1.0;
+        if mode == "optional" {
+            assert_eq!(none, "answer HTTP/1.1 200 OK");
+            run_ok(
+                py_client().args(["--cafile", &pki.ca(), "--binary-size", "1000", &url]),
+                "py_client without a certificate",
+            );
+        } else {
+            assert_eq!(none, "refused TLSV13_ALERT_CERTIFICATE_REQUIRED");
+            want_refused = 2.0;
+        }
+        wait_until("the refusals counted", WAIT, || {
+            tls_failures(&proxy, "tls_client_cert") == want_refused
+        });
+        let sessions = if mode == "optional" { 2 } else { 1 };
+        wait_until("the access lines", WAIT, || {
+            logged_client_certs(&proxy).len() == sessions
+        });
+        let mut logged = logged_client_certs(&proxy);
+        logged.sort();
+        let want: &[&str] = if mode == "optional" {
+            &["", "client.test"]
+        } else {
+            &["client.test"]
+        };
+        assert_eq!(logged, want, "{mode}");
+    }
+}

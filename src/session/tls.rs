@@ -127,6 +127,18 @@ pub fn conman_reason(f: &Failed) -> &'static str {
     }
 }
 
+/// The `reason` word of a client's failed TLS connection: a client
+/// certificate that did not verify (or none, where one is required) is
+/// told apart from other handshake failures.
+fn client_reason(f: &Failed) -> &'static str {
+    match &f.error {
+        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented) => {
+            "tls_client_cert"
+        }
+        _ => f.reason,
+    }
+}
+
 impl Transport {
     /// The client side of a TLS listener.
     pub fn server(cfg: &Arc<ServerConfig>) -> Result<Transport, rustls::Error> {
@@ -153,6 +165,12 @@ impl Transport {
 
     pub fn handshaking(&self) -> bool {
         self.conn.is_handshaking()
+    }
+
+    /// The verified subject of the peer's certificate, if it sent one
+    /// (see [`crate::tls::peer_subject`]).
+    pub fn peer_subject(&self) -> Option<String> {
+        crate::tls::peer_subject(self.conn.peer_certificates()?.first()?)
     }
 
     /// The name the client asked for (SNI), once its hello is in.
@@ -344,7 +362,7 @@ impl Session {
                     "TLS failed"
                 );
                 match who {
-                    Who::Client => self.tls_failed(env, f.reason, f.during_handshake),
+                    Who::Client => self.tls_failed(env, client_reason(&f), f.during_handshake),
                     Who::Conman => self.conman_tls_failed(env, conman_reason(&f)),
                 }
             }
