@@ -289,6 +289,15 @@ fn s_client(proxy: &Proxy, pki: &Pki, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The subject line of the certificate served for SNI `eval.test`.
+fn served_subject(proxy: &Proxy, pki: &Pki) -> String {
+    let out = s_client(proxy, pki, &["-servername", "eval.test"]);
+    out.lines()
+        .find(|l| l.starts_with("subject="))
+        .unwrap_or_default()
+        .to_string()
+}
+
 #[test]
 fn openssl_versions_alpn_and_sni() {
     let pki = Pki::new();
@@ -548,13 +557,7 @@ fn sighup_reloads_certificates_and_a_bad_one_keeps_the_old() {
         &["--shards", "1"],
     );
     let file = proxy.dir.path().join("eval.toml");
-    let subject = |proxy: &Proxy| {
-        let out = s_client(proxy, &pki, &["-servername", "eval.test"]);
-        out.lines()
-            .find(|l| l.starts_with("subject="))
-            .unwrap_or_default()
-            .to_string()
-    };
+    let subject = |proxy: &Proxy| served_subject(proxy, &pki);
     assert_eq!(subject(&proxy), "subject=CN = other.test");
 
     std::fs::write(
@@ -866,4 +869,74 @@ fn client_certificates_are_verified_and_logged() {
         };
         assert_eq!(logged, want, "{mode}");
     }
+}
+
+// ---- certificate files reload -------------------------------------------
+
+/// A certificate's files rewritten in place load without a SIGHUP: new
+/// handshakes get the new certificate, a session opened before goes on,
+/// and a key that does not match its certificate is refused (logged why,
+/// counted) while the last good pair keeps serving.
+#[test]
+fn certificate_files_reload_when_they_change() {
+    let pki = Pki::new();
+    let conman = echo_conman();
+    let dir = tempdir::Dir::new("tls-files");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let install = |name: &str, key_of: &str| {
+        std::fs::copy(pki.path(&format!("{key_of}.key")), &key).unwrap();
+        std::fs::copy(pki.path(&format!("{name}.pem")), &cert).unwrap();
+    };
+    install("other.test", "other.test");
+    let tls =
+        format!("[tls]\n[[tls.certs]]\ncert = {cert:?}\nkey = {key:?}\nnames = [\"eval.test\"]\n");
+    let proxy = Proxy::start_captured(&config_for(conman.local_addr, &tls), &["--shards", "1"]);
+    let subject = |proxy: &Proxy| served_subject(proxy, &pki);
+    assert_eq!(subject(&proxy), "subject=CN = other.test");
+
+    // A session that lives across the reloads.
+    let script = r#"
+import asyncio, ssl, sys, websockets
+async def main(url, ca):
+    ctx = ssl.create_default_context(cafile=ca)
+    async with websockets.connect(url, ssl=ctx, server_hostname="other.test") as ws:
+        await ws.send("one")
+        assert await ws.recv() == "one"
+        print("open", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        await ws.send("two")
+        assert await ws.recv() == "two"
+        print("still open", flush=True)
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"#;
+    let mut live = Command::new("python3")
+        .args(["-c", script, &wss(&proxy, &dev_token("r1")), &pki.ca()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut out = std::io::BufReader::new(live.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "open");
+
+    install("eval.test", "eval.test");
+    wait_until("the new certificate served", WAIT, || {
+        subject(&proxy) == "subject=CN = eval.test"
+    });
+    assert_eq!(proxy.metric("eval_config_reloads_total", &[]), 1.0);
+
+    install("eval.test", "other.test");
+    wait_until("a refused certificate reload", WAIT, || {
+        proxy.metric("eval_config_reload_failures_total", &[]) == 1.0
+    });
+    assert_eq!(subject(&proxy), "subject=CN = eval.test");
+    assert!(proxy.log().contains("does not match"), "{}", proxy.log());
+    assert_eq!(proxy.metric("eval_config_reloads_total", &[]), 1.0);
+
+    live.stdin.take().unwrap().write_all(b"\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "still open");
+    assert!(live.wait().unwrap().success());
 }
