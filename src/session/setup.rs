@@ -484,8 +484,11 @@ impl Session {
     /// A TLS transport for this attempt when Conman's URL is `wss://`
     /// (`tls`: the name to verify), or none; the last attempt's goes.
     fn conman_transport(&mut self, env: &Env, tls: Option<&str>) -> Result<(), &'static str> {
-        if let Some(t) = self.tls.as_deref_mut() {
-            t.conman = None;
+        // A plaintext client's box goes with its last Conman transport:
+        // the box's presence is what turns splice off.
+        match self.tls.as_deref_mut() {
+            Some(t) if t.client.is_some() => t.conman = None,
+            _ => self.tls = None,
         }
         let Some(name) = tls else {
             return Ok(());
