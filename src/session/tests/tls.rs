@@ -336,3 +336,21 @@ fn conman_tls_failures_name_their_reason() {
         h.finish();
     }
 }
+
+/// A Controlplane answer naming wss:// while no `conman.tls.ca_file` is
+/// set: the attempt cannot start, and says why; the VM is not blamed.
+#[test]
+fn wss_without_a_ca_fails_as_no_ca() {
+    let mut h = Harness::placing(Harness::cfg());
+    h.answer_placement(found_wss("vm-1"));
+    h.settle();
+    assert_eq!(
+        h.closes(Who::Client),
+        vec![(1014, "stage=conman_tls;reason=no_ca".into())]
+    );
+    assert!(!h
+        .ops
+        .iter()
+        .any(|o| o.contains("Connect") || o.contains("VmFailed")));
+    h.finish();
+}
