@@ -354,3 +354,33 @@ fn wss_without_a_ca_fails_as_no_ca() {
         .any(|o| o.contains("Connect") || o.contains("VmFailed")));
     h.finish();
 }
+
+/// An IP literal in a wss:// URL: no SNI is sent, and the certificate
+/// must name that address (this one names only `eval.test`).
+#[test]
+fn an_ip_literal_sends_no_sni_and_needs_an_ip_san() {
+    let (mut cfg, server) = conman_tls_cfg();
+    cfg.limits.max_attempts = 1;
+    let mut h = Harness::placing(cfg);
+    let PlacementResult::Found(mut f) = found_wss("vm-1") else {
+        unreachable!()
+    };
+    f.tls = Some("127.0.0.1".into());
+    h.answer_placement(PlacementResult::Found(f));
+    h.answer_connect(0);
+    h.settle();
+    let hello = std::mem::take(&mut h.peers[1].got);
+    let mut srv = rustls::ServerConnection::new(server).unwrap();
+    srv.read_tls(&mut &hello[..]).unwrap();
+    srv.process_new_packets().unwrap();
+    assert_eq!(srv.server_name(), None, "no SNI for an address");
+    let mut wire = Vec::new();
+    srv.write_tls(&mut wire).unwrap();
+    h.write(Who::Conman, &wire);
+    h.settle();
+    assert_eq!(
+        h.closes(Who::Client),
+        vec![(1014, "stage=conman_tls;reason=wrong_name".into())]
+    );
+    h.finish();
+}
