@@ -329,6 +329,55 @@ mod tests {
         );
     }
 
+    /// Certificate files loaded again in place: a good pair is put in
+    /// force (a reload), a bad one leaves the config as it was, and the
+    /// files watched are exactly the configured ones.
+    #[test]
+    fn tls_files_reload_in_place_and_a_bad_pair_changes_nothing() {
+        let dir = std::env::temp_dir().join(format!("eval-reload-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pair = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
+        let (c1, k1) = pair("one.test");
+        std::fs::write(&cert, &c1).unwrap();
+        std::fs::write(&key, &k1).unwrap();
+        let mut cfg = with_default("ws://127.0.0.1:1/");
+        cfg.tls.certs = vec![crate::config::TlsCert {
+            cert: cert.clone(),
+            key: key.clone(),
+            names: vec![],
+        }];
+        cfg.load_tls().unwrap();
+        assert_eq!(tls_files(&cfg), vec![cert.clone(), key.clone()]);
+        let store = ConfigStore::new(Loaded::new(cfg).unwrap());
+        let before = store.current();
+
+        let (c2, k2) = pair("two.test");
+        std::fs::write(&cert, &c2).unwrap();
+        std::fs::write(&key, &k2).unwrap();
+        store.reload_tls().unwrap();
+        assert_eq!(store.epoch(), 1);
+        let after = store.current();
+        assert!(!Arc::ptr_eq(
+            before.cfg.tls.server.as_ref().unwrap(),
+            after.cfg.tls.server.as_ref().unwrap()
+        ));
+
+        std::fs::write(&key, &k1).unwrap();
+        let e = store.reload_tls().unwrap_err();
+        assert!(e.contains("does not match"), "{e}");
+        assert_eq!(store.epoch(), 1);
+        assert!(Arc::ptr_eq(&store.current().cfg, &after.cfg));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn placement_served_by_the_control_shard_cannot_change_on_a_reload() {
         let mut a = with_default("ws://127.0.0.1:1/");
