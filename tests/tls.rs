@@ -249,6 +249,8 @@ fn python_websockets_over_wss() {
     assert_eq!(proxy.metric("eval_sessions_established_total", &[]), 2.0);
 }
 
+/// Node `ws`: an echo over wss://, and a certificate from another CA,
+/// for another name or expired refused with Node's own error codes.
 #[test]
 fn node_ws_over_wss() {
     let pki = Pki::new();
@@ -268,6 +270,24 @@ fn node_ws_over_wss() {
         "node_client, untrusted CA",
     );
     assert_eq!(code.trim(), "UNABLE_TO_VERIFY_LEAF_SIGNATURE");
+    // SNI picks the certificate; Node checks it against the same name.
+    for (name, want) in [
+        ("wrong.test", "ERR_TLS_CERT_ALTNAME_INVALID"),
+        ("expired.test", "CERT_HAS_EXPIRED"),
+    ] {
+        let code = run_ok(
+            node_client().args([
+                "--ca",
+                &pki.ca(),
+                "--server-name",
+                name,
+                "--expect-tls-error",
+                &url,
+            ]),
+            "node_client, bad certificate",
+        );
+        assert_eq!(code.trim(), want, "{name}");
+    }
     // Over plain ws:// to a TLS listener the upgrade cannot even start.
     let out = run(
         node_client().args(["--timeout", "10", &proxy.url(&dev_token("r1"))]),
