@@ -960,3 +960,30 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
     assert_eq!(line.trim(), "still open");
     assert!(live.wait().unwrap().success());
 }
+
+/// A Controlplane answer naming `wss://`: relayed with `conman.tls.ca_file`
+/// (the Conman side verified by name, as for a static VM); without it the
+/// attempt fails as `conman_tls`/`no_ca`, and the client hears it.
+#[test]
+fn wss_conman_from_the_controlplane() {
+    use eval_proxy::dev::controlplane::{self, FakeControlplaneConfig};
+    let pki = Pki::new();
+    let conman = tls_conman(&pki, "eval.test", None);
+    let cp = controlplane::spawn(FakeControlplaneConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        conmans: vec![(
+            "vm-tls".into(),
+            format!("wss://localhost:{}/", conman.local_addr.port()),
+        )],
+        ttl_ms: 60_000,
+        pins: Vec::new(),
+    })
+    .expect("fake controlplane");
+    let base = format!(
+        "[token]\nallow_dev_key = true\n[limits]\nmax_attempts = 1\n[placement]\nmode = \"controlplane\"\n[controlplane]\nurls = [\"http://{}\"]\n",
+        cp.local_addr
+    );
+    let with_ca = format!("{base}[conman.tls]\nca_file = {:?}\n", pki.path("ca.pem"));
+    echo_through(&Proxy::start(&with_ca, &["--shards", "1"]));
+    fails_with(&Proxy::start(&base, &["--shards", "1"]), "no_ca");
+}
