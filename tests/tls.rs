@@ -745,24 +745,35 @@ fn mtls_to_conman() {
     );
 }
 
-/// `wss://` without `conman.tls.ca_file` is a config error naming the key.
-#[test]
-fn wss_conman_without_a_ca_is_a_config_error() {
-    let dir = tempdir::Dir::new("wss-no-ca");
+/// `eval-proxy --check` on `config`: refused (exit 2); its stderr.
+fn check_refuses(config: &str) -> String {
+    let dir = tempdir::Dir::new("check");
     let cfg = dir.path().join("eval.toml");
-    std::fs::write(
-        &cfg,
-        "[token]\nallow_dev_key = true\n[placement]\ndefault = \"wss://127.0.0.1:1/\"\n",
-    )
-    .unwrap();
+    std::fs::write(&cfg, config).unwrap();
     let out = run(
         Command::new(bin()).arg("--config").arg(&cfg).arg("--check"),
         "eval-proxy --check",
     );
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `wss://` without `conman.tls.ca_file`, or with one holding no CA, is a
+/// config error naming the key.
+#[test]
+fn wss_conman_without_a_ca_is_a_config_error() {
+    let wss = "[token]\nallow_dev_key = true\n[placement]\ndefault = \"wss://127.0.0.1:1/\"\n";
+    let err = check_refuses(wss);
     assert!(
         err.contains("placement.default") && err.contains("conman.tls.ca_file"),
+        "{err}"
+    );
+    let dir = tempdir::Dir::new("empty-ca");
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let err = check_refuses(&format!("{wss}[conman.tls]\nca_file = {empty:?}\n"));
+    assert!(
+        err.contains("conman.tls") && err.contains("no CA certificate"),
         "{err}"
     );
 }
