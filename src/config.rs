@@ -31,6 +31,51 @@ pub struct Config {
     pub admission: AdmissionSection,
     pub keepalive: KeepaliveConfig,
     pub tls: TlsSection,
+    pub conman: ConmanSection,
+}
+
+/// `[conman]`: how the proxy talks to Conman.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConmanSection {
+    pub tls: ConmanTls,
+}
+
+/// `[conman.tls]`: for `wss://` Conman URLs (static VMs or Controlplane
+/// answers). Without `ca_file` no `wss://` URL is used: a static one is a
+/// config error, one from the Controlplane fails the attempt with
+/// `stage=conman_tls;reason=no_ca`. There is no fallback to the system's
+/// web roots: Conman certificates come from a private CA, and trusting
+/// every public CA for that hop would be a surprise (name the system
+/// bundle as `ca_file` to get exactly that).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConmanTls {
+    /// PEM bundle of the CAs that sign Conman certificates.
+    pub ca_file: Option<PathBuf>,
+    /// The proxy's client certificate (PEM, chain after it) and key, for a
+    /// Conman that asks for one (mTLS); both or neither.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The TLS handshake with Conman must be done within this long of the
+    /// TCP connect; its 101 then gets `limits.connect_timeout_ms`.
+    pub handshake_timeout_ms: u64,
+    /// The rustls client config built from the above by
+    /// [`Config::load_tls`].
+    #[serde(skip)]
+    pub client: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+impl Default for ConmanTls {
+    fn default() -> Self {
+        ConmanTls {
+            ca_file: None,
+            cert: None,
+            key: None,
+            handshake_timeout_ms: 5_000,
+            client: None,
+        }
+    }
 }
 
 /// `[tls]`: TLS on the public listener (wss://). Off unless a certificate
@@ -44,6 +89,13 @@ pub struct TlsSection {
     /// The handshake must be complete within this long of the accept; the
     /// request head then gets `limits.header_timeout_ms` of its own.
     pub handshake_timeout_ms: u64,
+    /// PEM bundle of the CAs whose client certificates are verified; the
+    /// verified subject goes into the access log. None = no client
+    /// certificates asked for.
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: `optional` (default; a client may send none) or
+    /// `required` (a client without a valid one fails its handshake).
+    pub client_auth: Option<ClientAuth>,
     /// The rustls server config built from the above by
     /// [`Config::load_tls`]; shared by every shard (one ticketer, so a
     /// ticket issued on one shard resumes on any).
@@ -56,9 +108,19 @@ impl Default for TlsSection {
         TlsSection {
             certs: Vec::new(),
             handshake_timeout_ms: 10_000,
+            client_ca: None,
+            client_auth: None,
             server: None,
         }
     }
+}
+
+/// `tls.client_auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    Optional,
+    Required,
 }
 
 /// One `[[tls.certs]]` entry.
@@ -832,6 +894,22 @@ impl Config {
         if self.tls.handshake_timeout_ms == 0 {
             return Err(invalid("tls.handshake_timeout_ms", "must be positive"));
         }
+        if self.tls.client_auth.is_some() && self.tls.client_ca.is_none() {
+            return Err(invalid("tls.client_auth", "needs tls.client_ca"));
+        }
+        let ct = &self.conman.tls;
+        if ct.handshake_timeout_ms == 0 {
+            return Err(invalid(
+                "conman.tls.handshake_timeout_ms",
+                "must be positive",
+            ));
+        }
+        if ct.cert.is_some() != ct.key.is_some() {
+            return Err(invalid(
+                "conman.tls.cert",
+                "conman.tls.cert and conman.tls.key go together",
+            ));
+        }
         if self.token.leeway_s < 0 {
             return Err(invalid("token.leeway_s", "must not be negative"));
         }
@@ -920,13 +998,33 @@ impl Config {
     }
 
     /// Reads `[[tls.certs]]` and builds the server config every shard
-    /// shares; a no-op without certificates. Run after [`Config::validate`].
+    /// shares, and the client config for `wss://` Conman URLs
+    /// (`[conman.tls]`); each a no-op when not configured. Run after
+    /// [`Config::validate`].
     pub fn load_tls(&mut self) -> Result<(), ConfigError> {
+        let ct = &self.conman.tls;
+        self.conman.tls.client = match &ct.ca_file {
+            None => None,
+            Some(ca) => Some(
+                crate::tls::conman_client_config(ca, ct.cert.as_deref().zip(ct.key.as_deref()))
+                    .map_err(|m| invalid("conman.tls", m))?,
+            ),
+        };
         if self.tls.certs.is_empty() {
             self.tls.server = None;
             return Ok(());
         }
-        let server = crate::tls::server_config(&self.tls.certs)
+        let clients = match &self.tls.client_ca {
+            None => None,
+            Some(ca) => {
+                let optional = self.tls.client_auth != Some(ClientAuth::Required);
+                Some(
+                    crate::tls::client_verifier(ca, optional)
+                        .map_err(|m| invalid("tls.client_ca", m))?,
+                )
+            }
+        };
+        let server = crate::tls::server_config(&self.tls.certs, clients)
             .map_err(|(i, m)| invalid(&format!("tls.certs[{i}]"), m))?;
         self.tls.server = Some(server);
         Ok(())
@@ -939,13 +1037,22 @@ impl Config {
         };
         let p = &self.placement;
         let mut vms: Vec<(String, String)> = Vec::new();
+        let check = |key: &str, url: &str| {
+            let u = parse_ws_url(url).map_err(|e| invalid(key, e.to_string()))?;
+            if u.tls && self.conman.tls.ca_file.is_none() {
+                return Err(invalid(
+                    key,
+                    format!("{url} is wss://: set conman.tls.ca_file to the CA that signs Conman certificates"),
+                ));
+            }
+            Ok(())
+        };
         if let Some(url) = &p.default {
-            parse_ws_url(url).map_err(|e| invalid("placement.default", e.to_string()))?;
+            check("placement.default", url)?;
             vms.push(("default".into(), url.clone()));
         }
         for (vm, url) in &p.vms {
-            parse_ws_url(url)
-                .map_err(|e| invalid(&format!("placement.vms.{vm}"), e.to_string()))?;
+            check(&format!("placement.vms.{vm}"), url)?;
             vms.push((vm.clone(), url.clone()));
         }
         for (repl, vm) in &p.repls {
@@ -1091,6 +1198,30 @@ mod tests {
         c.placement.default = Some("ws://127.0.0.1:1/".into());
         let e = c.validate().unwrap_err();
         assert!(e.to_string().contains("placement.vms.vm1"), "{e}");
+    }
+
+    #[test]
+    fn wss_conman_needs_a_ca() {
+        let mut c = Config::default();
+        c.token.allow_dev_key = true;
+        c.placement
+            .vms
+            .insert("vm1".into(), "wss://conman.test/".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("placement.vms.vm1") && e.contains("conman.tls.ca_file"),
+            "{e}"
+        );
+        c.conman.tls.ca_file = Some("/nonexistent/ca.pem".into());
+        c.validate().unwrap();
+        let e = c.load_tls().unwrap_err().to_string();
+        assert!(
+            e.contains("conman.tls") && e.contains("/nonexistent/ca.pem"),
+            "{e}"
+        );
+        c.conman.tls.cert = Some("/x.pem".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("go together"), "{e}");
     }
 
     fn valid() -> Config {

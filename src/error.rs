@@ -14,6 +14,9 @@ pub enum Stage {
     Token,
     Controlplane,
     ConmanConnect,
+    /// `wss://` to Conman: the TLS handshake (its certificate, ours, the
+    /// deadline) or a record during setup.
+    ConmanTls,
     ConmanHandshake,
     ClientGone,
     /// Not a setup stage: the relay after setup (Conman lost mid-session).
@@ -30,6 +33,7 @@ impl Stage {
             Stage::Token => "token",
             Stage::Controlplane => "controlplane",
             Stage::ConmanConnect => "conman_connect",
+            Stage::ConmanTls => "conman_tls",
             Stage::ConmanHandshake => "conman_handshake",
             Stage::ClientGone => "client_gone",
             Stage::Relay => "relay",
@@ -43,7 +47,9 @@ impl Stage {
             Stage::Request => close::PROTOCOL_ERROR,
             Stage::Token => close::POLICY,
             Stage::Admission | Stage::Controlplane => close::TRY_AGAIN_LATER,
-            Stage::ConmanConnect | Stage::ConmanHandshake | Stage::Relay => close::BAD_GATEWAY,
+            Stage::ConmanConnect | Stage::ConmanTls | Stage::ConmanHandshake | Stage::Relay => {
+                close::BAD_GATEWAY
+            }
             Stage::ClientGone => close::GOING_AWAY,
             Stage::Drain => close::SERVICE_RESTART,
         }

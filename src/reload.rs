@@ -12,9 +12,17 @@
 //! (`buffers.*`), the per-address table (`limits.per_ip_*`),
 //! and placement while the control shard serves it (Controlplane mode, or
 //! admission limits on): those need a restart, i.e. a `--takeover`.
+//!
+//! Certificate files also reload on their own ([`watch_tls_files`]): when
+//! a file named by `[[tls.certs]]`, `tls.client_ca` or `[conman.tls]`
+//! changes, the TLS configs are built again from the files into a copy of
+//! the config in force, as a SIGHUP would, and nothing else changes. New
+//! handshakes use them; live sessions keep theirs.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use crate::config::{Config, ConfigError};
 use crate::control::LocalStatic;
@@ -96,6 +104,126 @@ impl ConfigStore {
         };
         r
     }
+}
+
+impl ConfigStore {
+    /// Builds the TLS configs of the config in force again from their
+    /// files and puts the result in force (counted as a reload). A SIGHUP
+    /// reload that lands meanwhile read the files itself: this one then
+    /// changes nothing. On error nothing changes (the caller counts it).
+    pub fn reload_tls(&self) -> Result<(), String> {
+        let base = self.current();
+        let mut new = (*base.cfg).clone();
+        new.load_tls().map_err(|e| e.to_string())?;
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if !Arc::ptr_eq(&cur.cfg, &base.cfg) {
+            return Ok(());
+        }
+        // Only TLS changed: the static placement stays as built.
+        cur.cfg = Arc::new(new);
+        drop(cur);
+        self.epoch.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Every file the TLS configs are built from.
+pub fn tls_files(cfg: &Config) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = cfg
+        .tls
+        .certs
+        .iter()
+        .flat_map(|c| [c.cert.clone(), c.key.clone()])
+        .collect();
+    let ct = &cfg.conman.tls;
+    v.extend(
+        [&cfg.tls.client_ca, &ct.ca_file, &ct.cert, &ct.key]
+            .into_iter()
+            .flatten()
+            .cloned(),
+    );
+    v
+}
+
+/// What a file looks like from outside: changed when its mtime, size or
+/// inode (a symlink swapped to a new file) moves; `None` if it cannot be
+/// stat'ed. stat(2) takes no descriptor, so running out of them does not
+/// look like a change.
+type Stamp = Option<(Option<SystemTime>, u64, u64)>;
+
+fn stamps(files: &[PathBuf]) -> Vec<(PathBuf, Stamp)> {
+    use std::os::unix::fs::MetadataExt;
+    files
+        .iter()
+        .map(|p| {
+            let st = std::fs::metadata(p)
+                .ok()
+                .map(|m| (m.modified().ok(), m.len(), m.ino()));
+            (p.clone(), st)
+        })
+        .collect()
+}
+
+/// How often the certificate files are looked at.
+pub const TLS_POLL: Duration = Duration::from_secs(1);
+
+/// Watches the TLS files of the config in force (polling their stat: cheap,
+/// and works on every filesystem, symlinked secret mounts included) and
+/// reloads the TLS configs when they changed and then held still for one
+/// poll (so a certificate and key written one after the other load as a
+/// pair). A file that does not load is logged with why, counted in
+/// `eval_config_reload_failures_total`, and the old certificates stay;
+/// a failure while the process is out of descriptors is no verdict on the
+/// files, so it is neither logged nor counted, and tried again.
+pub fn watch_tls_files(store: Arc<ConfigStore>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("tls-watch".into())
+        .spawn(move || {
+            let mut loaded = stamps(&tls_files(&store.current().cfg));
+            let mut seen = loaded.clone();
+            loop {
+                std::thread::sleep(TLS_POLL);
+                let files = tls_files(&store.current().cfg);
+                let now = stamps(&files);
+                let settled = now == seen;
+                seen = now.clone();
+                // A SIGHUP reload may have named other files: those are
+                // what was loaded.
+                if loaded.iter().map(|(p, _)| p).ne(files.iter()) {
+                    loaded = now;
+                    continue;
+                }
+                if now == loaded || !settled {
+                    continue;
+                }
+                match store.reload_tls() {
+                    Ok(()) => {
+                        tracing::info!(
+                            reloads = store.epoch(),
+                            "certificate files changed: reloaded; new handshakes use them"
+                        );
+                        loaded = now;
+                    }
+                    Err(_) if out_of_fds(&files) => {}
+                    Err(err) => {
+                        store.note_failure();
+                        tracing::error!(%err, "certificate files changed but do not load; the old certificates stay in force");
+                        loaded = now;
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// The process cannot open a file right now for want of descriptors.
+fn out_of_fds(files: &[PathBuf]) -> bool {
+    files.iter().any(|p| {
+        std::fs::File::open(p)
+            .err()
+            .and_then(|e| e.raw_os_error())
+            .is_some_and(|e| e == libc::EMFILE || e == libc::ENFILE)
+    })
 }
 
 /// The keys a reload may not change (module doc), compared section by
@@ -206,6 +334,55 @@ mod tests {
             store.current().cfg.placement.default.as_deref(),
             Some("ws://127.0.0.1:1/")
         );
+    }
+
+    /// Certificate files loaded again in place: a good pair is put in
+    /// force (a reload), a bad one leaves the config as it was, and the
+    /// files watched are exactly the configured ones.
+    #[test]
+    fn tls_files_reload_in_place_and_a_bad_pair_changes_nothing() {
+        let dir = std::env::temp_dir().join(format!("eval-reload-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pair = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
+        let (c1, k1) = pair("one.test");
+        std::fs::write(&cert, &c1).unwrap();
+        std::fs::write(&key, &k1).unwrap();
+        let mut cfg = with_default("ws://127.0.0.1:1/");
+        cfg.tls.certs = vec![crate::config::TlsCert {
+            cert: cert.clone(),
+            key: key.clone(),
+            names: vec![],
+        }];
+        cfg.load_tls().unwrap();
+        assert_eq!(tls_files(&cfg), vec![cert.clone(), key.clone()]);
+        let store = ConfigStore::new(Loaded::new(cfg).unwrap());
+        let before = store.current();
+
+        let (c2, k2) = pair("two.test");
+        std::fs::write(&cert, &c2).unwrap();
+        std::fs::write(&key, &k2).unwrap();
+        store.reload_tls().unwrap();
+        assert_eq!(store.epoch(), 1);
+        let after = store.current();
+        assert!(!Arc::ptr_eq(
+            before.cfg.tls.server.as_ref().unwrap(),
+            after.cfg.tls.server.as_ref().unwrap()
+        ));
+
+        std::fs::write(&key, &k1).unwrap();
+        let e = store.reload_tls().unwrap_err();
+        assert!(e.contains("does not match"), "{e}");
+        assert_eq!(store.epoch(), 1);
+        assert!(Arc::ptr_eq(&store.current().cfg, &after.cfg));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -448,6 +448,7 @@ pub fn run_with(cfg: Config, opts: StartOptions, on_ready: impl FnOnce(Bound)) -
     ));
     watch_keys(cfg.clone(), keys.clone())?;
     crate::revocations::watch_file(revocations.clone())?;
+    crate::reload::watch_tls_files(config_store.clone())?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let per_ip = crate::session::PerIp::for_config(&cfg).map(Arc::new);
     let mut handles = Vec::with_capacity(n);

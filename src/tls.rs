@@ -1,7 +1,9 @@
 //! TLS on the public listener: certificates from `[[tls.certs]]`, chosen by
-//! SNI, and the one rustls server config every shard shares. The bytes of
-//! each connection go through a per-session transport
-//! (`session/tls.rs`), driven sans-IO by the session machine.
+//! SNI, and the one rustls server config every shard shares; and TLS to
+//! Conman (`wss://` URLs, `[conman.tls]`): the client config, its CAs and
+//! the proxy's own certificate. The bytes of each connection go through a
+//! per-session transport (`session/tls.rs`), driven sans-IO by the session
+//! machine.
 //!
 //! Crypto provider: *ring*. aws-lc-rs needs cmake and clang to build, which
 //! these machines do not have; ring builds with the C compiler alone.
@@ -10,10 +12,12 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::client::ResolvesClientCert;
 use rustls::crypto::ring as provider;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::ServerConfig;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::config::TlsCert;
 
@@ -30,8 +34,159 @@ pub const BUFFER_LIMIT: usize = 64 * 1024;
 /// TLS 1.2 session-id cache (clients without tickets), per process.
 const SESSION_CACHE: usize = 4096;
 
-/// Builds the server config, or says which entry failed and why.
-pub fn server_config(certs: &[TlsCert]) -> Result<Arc<ServerConfig>, (usize, String)> {
+/// Conman sessions remembered for resumption (one per VM is enough to
+/// resume; a few per VM covers both TLS versions and ticket reuse rules).
+const CONMAN_SESSION_CACHE: usize = 4096;
+
+/// The client config for `wss://` Conman URLs: Conman's certificate must
+/// chain to a CA in `ca_file` and be valid for the URL's host (a DNS name,
+/// sent as SNI; or an IP literal, matched against IP SANs, no SNI: rustls
+/// does both from the `ServerName`). With `client`, the proxy presents
+/// that certificate to a Conman that asks for one.
+pub fn conman_client_config(
+    ca_file: &Path,
+    client: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, String> {
+    let roots = load_roots(ca_file)?;
+    let builder = ClientConfig::builder_with_provider(Arc::new(provider::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let mut cfg = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder.with_client_cert_resolver(Arc::new(ClientCert(Arc::new(
+            load_certified_key(cert, key)?,
+        )))),
+    };
+    cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    cfg.resumption = rustls::client::Resumption::in_memory_sessions(CONMAN_SESSION_CACHE);
+    Ok(Arc::new(cfg))
+}
+
+/// The CAs of a PEM bundle; one that holds none is an error (it would
+/// refuse every peer).
+pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut roots = RootCertStore::empty();
+    for der in rustls_pemfile::certs(&mut &pem[..]) {
+        let der = der.map_err(|e| format!("{}: {e}", path.display()))?;
+        roots
+            .add(der)
+            .map_err(|e| format!("{}: a CA certificate: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no CA certificate in it", path.display()));
+    }
+    Ok(roots)
+}
+
+/// Verifies client certificates against the CAs in `ca_file`; with
+/// `optional`, a client may also send none.
+pub fn client_verifier(ca_file: &Path, optional: bool) -> Result<ClientVerifier, String> {
+    let roots = Arc::new(load_roots(ca_file)?);
+    let b =
+        WebPkiClientVerifier::builder_with_provider(roots, Arc::new(provider::default_provider()));
+    let b = if optional {
+        b.allow_unauthenticated()
+    } else {
+        b
+    };
+    b.build().map_err(|e| format!("{}: {e}", ca_file.display()))
+}
+
+/// Longest client subject logged; a longer one is cut.
+const SUBJECT_MAX: usize = 128;
+
+/// What the access log says of a verified client certificate: its
+/// subject's common name, else its first DNS name; bytes outside printable
+/// ASCII become `?`, so a certificate cannot forge log fields.
+pub fn peer_subject(der: &CertificateDer<'_>) -> Option<String> {
+    let cert = webpki::EndEntityCert::try_from(der).ok()?;
+    let name =
+        common_name(cert.subject()).or_else(|| cert.valid_dns_names().next().map(str::as_bytes))?;
+    Some(
+        name.iter()
+            .take(SUBJECT_MAX)
+            .map(|&b| {
+                if b.is_ascii_graphic() || b == b' ' {
+                    b as char
+                } else {
+                    '?'
+                }
+            })
+            .collect(),
+    )
+}
+
+/// The value of the first CN attribute of a DER `Name` (its content: a
+/// sequence of SETs of `SEQUENCE { OID, value }`).
+fn common_name(mut name: &[u8]) -> Option<&[u8]> {
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    while !name.is_empty() {
+        let (set, rest) = der_item(name, 0x31)?;
+        name = rest;
+        let mut set = set;
+        while !set.is_empty() {
+            let (atv, rest) = der_item(set, 0x30)?;
+            set = rest;
+            let (oid, value) = der_item(atv, 0x06)?;
+            if oid == CN {
+                // Any string type: UTF8String, PrintableString, IA5String…
+                let tag = *value.first()?;
+                return der_item(value, tag).map(|(v, _)| v);
+            }
+        }
+    }
+    None
+}
+
+/// One DER item with `tag`: its content and what follows it.
+fn der_item(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&t, rest) = input.split_first()?;
+    let (&len, rest) = rest.split_first()?;
+    if t != tag {
+        return None;
+    }
+    let (len, rest) = match len {
+        0..=0x7f => (usize::from(len), rest),
+        0x81 => (usize::from(*rest.first()?), &rest[1..]),
+        0x82 => (
+            usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?])),
+            &rest[2..],
+        ),
+        _ => return None,
+    };
+    (rest.len() >= len).then(|| rest.split_at(len))
+}
+
+/// The proxy's one client certificate, whatever Conman hints at: a Conman
+/// that does not accept it says so with an alert.
+#[derive(Debug)]
+struct ClientCert(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for ClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A client certificate verifier (see [`client_verifier`]).
+pub type ClientVerifier = Arc<dyn rustls::server::danger::ClientCertVerifier>;
+
+/// Builds the server config, or says which entry failed and why; with
+/// `clients`, clients are asked for a certificate that it verifies.
+pub fn server_config(
+    certs: &[TlsCert],
+    clients: Option<ClientVerifier>,
+) -> Result<Arc<ServerConfig>, (usize, String)> {
     let mut resolver = SniResolver::default();
     for (i, c) in certs.iter().enumerate() {
         let key = load_certified_key(&c.cert, &c.key).map_err(|m| (i, m))?;
@@ -45,16 +200,22 @@ pub fn server_config(certs: &[TlsCert]) -> Result<Arc<ServerConfig>, (usize, Str
             key: Arc::new(key),
         });
     }
-    build(resolver).map_err(|m| (0, m))
+    build(resolver, clients).map_err(|m| (0, m))
 }
 
-fn build(resolver: SniResolver) -> Result<Arc<ServerConfig>, String> {
+fn build(
+    resolver: SniResolver,
+    clients: Option<ClientVerifier>,
+) -> Result<Arc<ServerConfig>, String> {
     let provider = Arc::new(provider::default_provider());
-    let mut cfg = ServerConfig::builder_with_provider(provider)
+    let builder = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .map_err(|e| e.to_string())?;
+    let builder = match clients {
+        None => builder.with_no_client_auth(),
+        Some(v) => builder.with_client_cert_verifier(v),
+    };
+    let mut cfg = builder.with_cert_resolver(Arc::new(resolver));
     cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
     // Stateless tickets whose keys rotate (every 6 h, the previous key
     // still accepted): one ticketer in the one config all shards share, so
@@ -85,12 +246,15 @@ pub mod testkit {
             .unwrap();
         let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
         let signer = provider::sign::any_supported_type(&der).unwrap();
-        let server = build(SniResolver {
-            entries: vec![SniEntry {
-                names: vec!["eval.test".into()],
-                key: Arc::new(CertifiedKey::new(vec![cert.der().clone()], signer)),
-            }],
-        })
+        let server = build(
+            SniResolver {
+                entries: vec![SniEntry {
+                    names: vec!["eval.test".into()],
+                    key: Arc::new(CertifiedKey::new(vec![cert.der().clone()], signer)),
+                }],
+            },
+            None,
+        )
         .unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert.der().clone()).unwrap();
@@ -111,6 +275,20 @@ pub mod testkit {
 }
 
 fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+    let (chain, der) = read_pem_pair(cert, key)?;
+    let signer =
+        provider::sign::any_supported_type(&der).map_err(|e| format!("{}: {e}", key.display()))?;
+    let ck = CertifiedKey::new(chain, signer);
+    ck.keys_match()
+        .map_err(|e| format!("{} does not match {}: {e}", key.display(), cert.display()))?;
+    Ok(ck)
+}
+
+/// A certificate chain and its private key, from PEM files.
+pub fn read_pem_pair(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
     let pem = std::fs::read(cert).map_err(|e| format!("cannot read {}: {e}", cert.display()))?;
     let chain = rustls_pemfile::certs(&mut &pem[..])
         .collect::<Result<Vec<_>, _>>()
@@ -122,12 +300,7 @@ fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
     let der = rustls_pemfile::private_key(&mut &pem[..])
         .map_err(|e| format!("{}: {e}", key.display()))?
         .ok_or_else(|| format!("{}: no private key in it", key.display()))?;
-    let signer =
-        provider::sign::any_supported_type(&der).map_err(|e| format!("{}: {e}", key.display()))?;
-    let ck = CertifiedKey::new(chain, signer);
-    ck.keys_match()
-        .map_err(|e| format!("{} does not match {}: {e}", key.display(), cert.display()))?;
-    Ok(ck)
+    Ok((chain, der))
 }
 
 struct SniEntry {
@@ -230,6 +403,44 @@ mod tests {
     }
 
     #[test]
+    fn peer_subject_is_the_common_name_else_the_first_dns_name() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let make = |cn: Option<&str>, sans: &[&str]| {
+            let mut p = rcgen::CertificateParams::new(
+                sans.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            )
+            .unwrap();
+            p.distinguished_name = rcgen::DistinguishedName::new();
+            p.distinguished_name
+                .push(rcgen::DnType::OrganizationName, "Org");
+            if let Some(cn) = cn {
+                p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+            }
+            p.self_signed(&key).unwrap().der().clone()
+        };
+        let subject = |cn, sans: &[&str]| peer_subject(&make(cn, sans));
+        assert_eq!(
+            subject(Some("alice"), &["a.test"]).as_deref(),
+            Some("alice")
+        );
+        assert_eq!(
+            subject(None, &["a.test", "b.test"]).as_deref(),
+            Some("a.test")
+        );
+        assert_eq!(subject(None, &[]), None);
+        assert_eq!(
+            subject(Some("bad\nline \"x\""), &[]).as_deref(),
+            Some("bad?line \"x\"")
+        );
+        let long = "x".repeat(300);
+        assert_eq!(subject(Some(&long), &[]).unwrap().len(), SUBJECT_MAX);
+        assert_eq!(
+            peer_subject(&CertificateDer::from(vec![0x30, 0x03, 1])),
+            None
+        );
+    }
+
+    #[test]
     fn loading_says_what_is_wrong() {
         let dir = std::env::temp_dir().join(format!("eval-tls-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -248,15 +459,15 @@ mod tests {
             key: key.to_path_buf(),
             names: vec!["a.test".into()],
         };
-        assert!(server_config(&[entry(&c, &k)]).is_ok());
-        let (i, m) = server_config(&[entry(&c, &k), entry(&c, &o)]).unwrap_err();
+        assert!(server_config(&[entry(&c, &k)], None).is_ok());
+        let (i, m) = server_config(&[entry(&c, &k), entry(&c, &o)], None).unwrap_err();
         assert_eq!(i, 1);
         assert!(m.contains("does not match"), "{m}");
-        let (_, m) = server_config(&[entry(&k, &k)]).unwrap_err();
+        let (_, m) = server_config(&[entry(&k, &k)], None).unwrap_err();
         assert!(m.contains("no certificate"), "{m}");
-        let (_, m) = server_config(&[entry(&c, &c)]).unwrap_err();
+        let (_, m) = server_config(&[entry(&c, &c)], None).unwrap_err();
         assert!(m.contains("no private key"), "{m}");
-        let (_, m) = server_config(&[entry(&dir.join("none"), &k)]).unwrap_err();
+        let (_, m) = server_config(&[entry(&dir.join("none"), &k)], None).unwrap_err();
         assert!(m.contains("cannot read"), "{m}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

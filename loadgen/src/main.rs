@@ -531,6 +531,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 die_after_bytes: a.die_after,
                 slow_reader_bps: a.slow_reader,
                 vm_id: a.vm,
+                ..Behavior::default()
             };
             conman::run(a.listen, behavior)?;
             return Ok(ExitCode::SUCCESS);

@@ -137,6 +137,7 @@ impl Client {
                             vm: answer.vm,
                             addr,
                             host: answer.conman.host_header(),
+                            tls: answer.conman.tls.then(|| answer.conman.host.clone()),
                             path: answer.conman.path,
                         },
                         ttl: answer.ttl,

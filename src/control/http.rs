@@ -551,9 +551,11 @@ mod tests {
             PlacementFailure::BadResponse
         );
         assert_eq!(
-            reason(200, r#"{"vm":"v","conman":"wss://h/","ttl_ms":1}"#),
+            reason(200, r#"{"vm":"v","conman":"https://h/","ttl_ms":1}"#),
             PlacementFailure::BadResponse
         );
+        let a = answer(200, r#"{"vm":"v","conman":"wss://h/","ttl_ms":1}"#).unwrap();
+        assert!(a.conman.tls && a.conman.port == 443);
         assert_eq!(
             reason(200, r#"{"vm":"","conman":"ws://h/","ttl_ms":1}"#),
             PlacementFailure::BadResponse

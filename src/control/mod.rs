@@ -189,6 +189,7 @@ fn resolve_static(
             vm: vm.clone(),
             addr,
             host: parsed.host_header(),
+            tls: parsed.tls.then(|| parsed.host.clone()),
             path: parsed.path,
         };
         resolved.push((vm, found));

@@ -296,6 +296,7 @@ mod tests {
             addr: "127.0.0.1:7000".parse().unwrap(),
             host: "127.0.0.1:7000".into(),
             path: "/".into(),
+            tls: None,
         }
     }
 

@@ -4,7 +4,8 @@
 //!
 //! Framing: `u32` little-endian length of the body, then the body. Bodies
 //! start with a kind byte. Strings are `u16` LE length + UTF-8 bytes; a
-//! list of strings is a `u8` count, then the strings; a
+//! list of strings is a `u8` count, then the strings; an optional string is
+//! a `0` byte, or `1` and the string; a
 //! [`PlacementFailure`] is one tag byte. The decoder is sans-IO: `decode(buf)` returns `Ok(None)` until a whole
 //! message is there and consumes nothing.
 #![forbid(unsafe_code)]
@@ -111,6 +112,9 @@ pub struct Found {
     /// Host header value and request path for the upgrade to Conman.
     pub host: String,
     pub path: String,
+    /// `wss://`: the name Conman's certificate must be valid for (the URL's
+    /// host; sent as SNI unless it is an IP literal).
+    pub tls: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -277,6 +281,13 @@ impl ToShard {
                 o.extend_from_slice(&f.addr.port().to_le_bytes());
                 put_str(o, &f.host);
                 put_str(o, &f.path);
+                match &f.tls {
+                    None => o.push(0),
+                    Some(name) => {
+                        o.push(1);
+                        put_str(o, name);
+                    }
+                }
             }),
             ToShard::Placement {
                 id,
@@ -317,6 +328,11 @@ impl ToShard {
                 let port = r.u16()?;
                 let host = r.str()?;
                 let path = r.str()?;
+                let tls = match r.u8()? {
+                    0 => None,
+                    1 => Some(r.str()?),
+                    _ => return Err(WireError::Malformed),
+                };
                 ToShard::Placement {
                     id,
                     result: PlacementResult::Found(Found {
@@ -324,6 +340,7 @@ impl ToShard {
                         addr: SocketAddr::new(ip, port),
                         host,
                         path,
+                        tls,
                     }),
                 }
             }
@@ -379,15 +396,22 @@ mod tests {
                 exclude: exclude.into_iter().map(Into::into).collect(),
             });
         }
-        roundtrip_shard(ToShard::Placement {
-            id: u64::MAX - 1,
-            result: PlacementResult::Found(Found {
-                vm: "vm-1".into(),
-                addr: "[::1]:7000".parse().unwrap(),
-                host: "[::1]:7000".into(),
-                path: "/conman".into(),
-            }),
-        });
+        for tls in [
+            None,
+            Some("::1".to_string()),
+            Some("conman.internal".into()),
+        ] {
+            roundtrip_shard(ToShard::Placement {
+                id: u64::MAX - 1,
+                result: PlacementResult::Found(Found {
+                    vm: "vm-1".into(),
+                    addr: "[::1]:7000".parse().unwrap(),
+                    host: "[::1]:7000".into(),
+                    path: "/conman".into(),
+                    tls,
+                }),
+            });
+        }
         for (i, reason) in PlacementFailure::ALL.into_iter().enumerate() {
             for retry_after_ms in [None, Some(0), Some(1500), Some(u64::MAX - 1)] {
                 roundtrip_shard(ToShard::Placement {

@@ -27,6 +27,13 @@
 //! [`Behavior`] applies to every connection. When several are set, the first of
 //! `refuse`, `stall_before_101`, `reject_status` wins; `die_after_bytes` and
 //! `slow_reader_bps` apply after a successful upgrade.
+//!
+//! # TLS
+//! With [`Behavior::tls`] every connection is TLS first (`wss://`), using
+//! a config from [`tls_config`], which can also require a client
+//! certificate signed by a given CA (mTLS). A failed TLS handshake ends the
+//! connection after rustls' alert; `refuse` and `stall_before_101` act on
+//! the TCP connection, before any TLS.
 
 use super::lock;
 use std::collections::{BTreeMap, HashMap};
@@ -76,6 +83,33 @@ pub struct Behavior {
     pub slow_reader_bps: Option<u64>,
     /// Returned by `__vm__`, so a test can tell which fake Conman it reached.
     pub vm_id: String,
+    /// Speak TLS (see [`tls_config`]).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// A TLS config for the fake Conman: `cert` (PEM chain) and `key`; with
+/// `client_ca`, a client certificate signed by that CA is required.
+pub fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    client_ca: Option<&std::path::Path>,
+) -> io::Result<Arc<rustls::ServerConfig>> {
+    let (chain, key) = crate::tls::read_pem_pair(cert, key).map_err(invalid_input)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid_input(e.to_string()))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => builder.with_client_cert_verifier(
+            crate::tls::client_verifier(ca, false).map_err(invalid_input)?,
+        ),
+    };
+    let mut cfg = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| invalid_input(e.to_string()))?;
+    cfg.alpn_protocols = vec![crate::tls::ALPN_HTTP11.to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 #[derive(Debug, Clone)]
@@ -288,7 +322,20 @@ fn serve(id: u64, tcp: Arc<TcpStream>, shared: &Shared) {
         request_json: &mut request_json,
         reject: shared.reject,
     };
-    let stream = ConmanStream { tcp, limit: None };
+    let tls = match &behavior.tls {
+        None => None,
+        Some(cfg) => match rustls::ServerConnection::new(cfg.clone()) {
+            Ok(conn) => Some(Box::new(conn)),
+            Err(error) => {
+                warn!(id, %error, "fake conman cannot start TLS");
+                return;
+            }
+        },
+    };
+    let stream = ConmanStream {
+        raw: Raw { tcp, limit: None },
+        tls,
+    };
     let mut ws = match tungstenite::accept_hdr_with_config(stream, callback, Some(shared.ws_config))
     {
         Ok(ws) => ws,
@@ -299,7 +346,7 @@ fn serve(id: u64, tcp: Arc<TcpStream>, shared: &Shared) {
     };
     // The handshake itself is not throttled, so a slow reader still upgrades
     // promptly and the slowness shows where a test looks for it: in the relay.
-    ws.get_mut().limit = behavior
+    ws.get_mut().raw.limit = behavior
         .slow_reader_bps
         .map(|bps| TokenBucket::new(bps, Instant::now()));
 
@@ -370,7 +417,7 @@ fn serve(id: u64, tcp: Arc<TcpStream>, shared: &Shared) {
 fn die(ws: &WebSocket<ConmanStream>) {
     // Shutting down (rather than only dropping our Arc) cuts the connection
     // even while shutdown() still holds a reference to the socket.
-    ws.get_ref().tcp.shutdown(Shutdown::Both).ok();
+    ws.get_ref().raw.tcp.shutdown(Shutdown::Both).ok();
 }
 
 fn discard_until_eof(tcp: &TcpStream) {
@@ -489,14 +536,46 @@ fn push_json_string(json: &mut String, s: &str) {
     json.push('"');
 }
 
-/// The connection's socket, throttled on read once `limit` is set.
+/// The connection: its socket, through TLS if it speaks it.
 #[derive(Debug)]
 struct ConmanStream {
+    raw: Raw,
+    tls: Option<Box<rustls::ServerConnection>>,
+}
+
+impl Read for ConmanStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.tls {
+            Some(conn) => rustls::Stream::new(&mut **conn, &mut self.raw).read(buf),
+            None => self.raw.read(buf),
+        }
+    }
+}
+
+impl Write for ConmanStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.tls {
+            Some(conn) => rustls::Stream::new(&mut **conn, &mut self.raw).write(buf),
+            None => self.raw.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.tls {
+            Some(conn) => rustls::Stream::new(&mut **conn, &mut self.raw).flush(),
+            None => self.raw.flush(),
+        }
+    }
+}
+
+/// The connection's socket, throttled on read once `limit` is set.
+#[derive(Debug)]
+struct Raw {
     tcp: Arc<TcpStream>,
     limit: Option<TokenBucket>,
 }
 
-impl Read for ConmanStream {
+impl Read for Raw {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let mut tcp = &*self.tcp;
         let Some(bucket) = &mut self.limit else {
@@ -514,7 +593,7 @@ impl Read for ConmanStream {
     }
 }
 
-impl Write for ConmanStream {
+impl Write for Raw {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         (&*self.tcp).write(buf)
     }

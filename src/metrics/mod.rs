@@ -26,15 +26,18 @@ pub enum Phase {
     Token,
     Controlplane,
     ConmanDial,
+    /// `wss://`: the TLS handshake with Conman, between dial and upgrade.
+    ConmanTls,
     ConmanUpgrade,
     Total,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 5] = [
+    pub const ALL: [Phase; 6] = [
         Phase::Token,
         Phase::Controlplane,
         Phase::ConmanDial,
+        Phase::ConmanTls,
         Phase::ConmanUpgrade,
         Phase::Total,
     ];
@@ -43,6 +46,7 @@ impl Phase {
             Phase::Token => "token",
             Phase::Controlplane => "controlplane",
             Phase::ConmanDial => "conman_dial",
+            Phase::ConmanTls => "conman_tls",
             Phase::ConmanUpgrade => "conman_upgrade",
             Phase::Total => "total",
         }

@@ -211,7 +211,7 @@ fn text(value: &[u8]) -> Result<&str, HandshakeError> {
     std::str::from_utf8(value.trim_ascii()).map_err(|_| HandshakeError::Malformed)
 }
 
-/// A Conman address from a placement, `ws://host[:port][/path]`.
+/// A Conman address from a placement, `ws[s]://host[:port][/path]`.
 pub type WsUrl = crate::proto::url::Url;
 pub use crate::proto::url::UrlError;
 
@@ -568,18 +568,20 @@ mod tests {
     #[case::ipv6_default_port("ws://[fe80::1]", "fe80::1", 80, "/")]
     #[case::query_without_path("ws://h?repl=1", "h", 80, "/?repl=1")]
     #[case::underscore("ws://conman_a.local", "conman_a.local", 80, "/")]
+    #[case::wss("wss://conman/x", "conman", 443, "/x")]
+    #[case::wss_caps("WSS://[::1]:8443", "::1", 8443, "/")]
     fn url_ok(#[case] url: &str, #[case] host: &str, #[case] port: u16, #[case] path: &str) {
         let want = WsUrl {
             host: host.into(),
             port,
             path: path.into(),
+            tls: url.get(..3).is_some_and(|s| s.eq_ignore_ascii_case("wss")),
         };
         assert_eq!(parse_ws_url(url), Ok(want));
     }
 
     #[rstest]
-    #[case::wss("wss://conman/x", UrlError::TlsNotSupported)]
-    #[case::wss_caps("WSS://conman/x", UrlError::TlsNotSupported)]
+    #[case::https("https://conman/x", UrlError::Scheme)]
     #[case::http("http://conman/x", UrlError::Scheme)]
     #[case::no_scheme("conman:80/x", UrlError::Scheme)]
     #[case::empty_host("ws:///x", UrlError::Host)]

@@ -1,7 +1,7 @@
-//! The two URL shapes the proxy reads: `ws://HOST[:PORT][/PATH]` for
-//! Conman and `http://HOST[:PORT][/PREFIX]` for the Controlplane. No TLS on
-//! either (both are on the VMs' private network): `wss://` and `https://`
-//! are refused by name.
+//! The two URL shapes the proxy reads: `ws[s]://HOST[:PORT][/PATH]` for
+//! Conman and `http://HOST[:PORT][/PREFIX]` for the Controlplane. Conman
+//! may speak TLS (`wss://`, port 443 by default; see `conman.tls`); the
+//! Controlplane client does not, so `https://` is refused by name.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -27,18 +27,20 @@ pub struct Url {
     /// Origin-form, query included; "/" when the URL has none. For the
     /// Controlplane it is a prefix put before `/v1/placement`.
     pub path: String,
+    /// `wss://`: TLS to Conman, verified against `host`.
+    pub tls: bool,
 }
 
 impl Url {
     /// The Host header value: brackets back on an IPv6 literal, and the port
-    /// unless it is 80.
+    /// unless it is the scheme's default.
     pub fn host_header(&self) -> String {
         let host = if self.host.contains(':') {
             format!("[{}]", self.host)
         } else {
             self.host.clone()
         };
-        if self.port == 80 {
+        if self.port == default_port(self.tls) {
             host
         } else {
             format!("{host}:{}", self.port)
@@ -52,22 +54,33 @@ impl Url {
     }
 }
 
+fn default_port(tls: bool) -> u16 {
+    if tls {
+        443
+    } else {
+        80
+    }
+}
+
 pub fn parse_ws(s: &str) -> Result<Url, UrlError> {
-    parse(s, "ws")
+    parse(s, "ws", true)
 }
 
 pub fn parse_http(s: &str) -> Result<Url, UrlError> {
-    parse(s, "http")
+    parse(s, "http", false)
 }
 
-fn parse(s: &str, want: &str) -> Result<Url, UrlError> {
+fn parse(s: &str, want: &str, tls_ok: bool) -> Result<Url, UrlError> {
     let (scheme, rest) = s.split_once("://").ok_or(UrlError::Scheme)?;
-    if !scheme.eq_ignore_ascii_case(want) {
-        let tls = format!("{want}s");
-        if scheme.eq_ignore_ascii_case(&tls) {
+    let tls = !scheme.eq_ignore_ascii_case(want);
+    if tls {
+        let secure = format!("{want}s");
+        if !scheme.eq_ignore_ascii_case(&secure) {
+            return Err(UrlError::Scheme);
+        }
+        if !tls_ok {
             return Err(UrlError::TlsNotSupported);
         }
-        return Err(UrlError::Scheme);
     }
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(authority_end);
@@ -89,7 +102,7 @@ fn parse(s: &str, want: &str) -> Result<Url, UrlError> {
         return Err(UrlError::Host);
     }
     let port = match port {
-        None => 80,
+        None => default_port(tls),
         Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
             match p.parse::<u16>() {
                 Ok(0) | Err(_) => return Err(UrlError::Port),
@@ -113,6 +126,7 @@ fn parse(s: &str, want: &str) -> Result<Url, UrlError> {
         host: host.to_owned(),
         port,
         path,
+        tls,
     })
 }
 
@@ -191,11 +205,21 @@ mod tests {
         let u = parse_ws("ws://[::1]:7000?a").unwrap();
         assert_eq!((u.host.as_str(), u.path.as_str()), ("::1", "/?a"));
         assert_eq!(u.host_header(), "[::1]:7000");
+        assert!(!u.tls);
+
+        let u = parse_ws("WSS://conman-3.internal/x").unwrap();
+        assert!(u.tls);
+        assert_eq!(
+            (u.port, u.host_header().as_str()),
+            (443, "conman-3.internal")
+        );
+        let u = parse_ws("wss://10.0.0.5:8443").unwrap();
+        assert_eq!(u.host_header(), "10.0.0.5:8443");
+        assert_eq!(parse_ws("ws://a:443/").unwrap().host_header(), "a:443");
     }
 
     #[test]
     fn bad_urls() {
-        assert_eq!(parse_ws("wss://a/"), Err(UrlError::TlsNotSupported));
         assert_eq!(parse_http("https://a/"), Err(UrlError::TlsNotSupported));
         assert_eq!(parse_ws("http://a/"), Err(UrlError::Scheme));
         assert_eq!(parse_ws("a:1"), Err(UrlError::Scheme));

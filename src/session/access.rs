@@ -1,6 +1,7 @@
 //! The access log: one `info` line per session attempt, when it ends
 //! (`eval_proxy::access` target): who (ids, never the token), where
-//! (VM, shard, client address), how long, how much each way, and how it
+//! (VM, shard, client address, the client certificate's verified subject
+//! with `tls.client_ca`), how long, how much each way, and how it
 //! ended on each side, or at which stage and why its setup failed.
 
 use std::time::Instant;
@@ -97,6 +98,16 @@ impl Session {
         }
     }
 
+    /// The verified subject of the client's certificate (`tls.client_ca`),
+    /// or "".
+    fn client_cert(&self) -> String {
+        self.tls
+            .as_deref()
+            .and_then(|t| t.client.as_ref())
+            .and_then(|t| t.peer_subject())
+            .unwrap_or_default()
+    }
+
     fn duration_ms(&self, now: Instant) -> u64 {
         now.saturating_duration_since(self.started).as_millis() as u64
     }
@@ -119,6 +130,7 @@ impl Session {
             vm = self.vm.as_deref().unwrap_or(""),
             shard = env.shard,
             client = %self.client_ip.map_or_else(String::new, |ip| ip.to_string()),
+            client_cert = %self.client_cert(),
             duration_ms = self.duration_ms(env.now),
             bytes_from_client = self.bytes[0],
             bytes_from_conman = self.bytes[1],
@@ -147,6 +159,7 @@ impl Session {
             vm = vm.unwrap_or(""),
             shard = env.shard,
             client = %self.client_ip.map_or_else(String::new, |ip| ip.to_string()),
+            client_cert = %self.client_cert(),
             duration_ms = self.duration_ms(env.now),
             stage = err.stage.as_str(),
             reason = err.reason,

@@ -43,14 +43,17 @@
 //! access-log line.
 //!
 //! # TLS
-//! With `[[tls.certs]]` the client side has a TLS transport (`tls.rs`,
-//! rustls driven sans-IO): received ciphertext is decrypted before the
-//! phase's handling sees it (the head parser and the relay tracker work on
-//! plaintext, passed on as owned bytes), and what is queued toward the
-//! client is sealed into records at send time, read straight from the ring
-//! buffers it came in. The first deadline is the handshake's
-//! (`tls.handshake_timeout_ms`); the head's starts when the handshake
-//! completes. Splice is off for such a session: its plaintext never exists
+//! With `[[tls.certs]]` the client side has a TLS transport, and with a
+//! `wss://` Conman URL the Conman side has one (`tls.rs`, rustls driven
+//! sans-IO, both in one box): received ciphertext is decrypted before the
+//! phase's handling sees it (the head parser, Conman's response parser and
+//! the relay tracker work on plaintext, passed on as owned bytes), and what
+//! is queued toward a TLS side is sealed into records at send time, read
+//! straight from the ring buffers it came in. The client's first deadline
+//! is the handshake's (`tls.handshake_timeout_ms`); the head's starts when
+//! the handshake completes. Conman's handshake has
+//! `conman.tls.handshake_timeout_ms`, then its 101 the connect timeout.
+//! Splice is off for a session with a TLS side: its plaintext never exists
 //! in the kernel.
 
 use std::collections::VecDeque;
@@ -574,9 +577,9 @@ pub struct Session {
     /// until it finishes.
     admitted: bool,
     holds_ip_slot: bool,
-    /// The client side's transport when the listener speaks TLS (`None`:
+    /// The transports of the sides that speak TLS (`None`: both
     /// plaintext). Boxed: a plaintext session carries a pointer.
-    tls: Option<Box<tls::Transport>>,
+    tls: Option<Box<tls::Tls>>,
 }
 
 impl Session {
@@ -626,8 +629,13 @@ impl Session {
                 .tls
                 .server
                 .as_ref()
-                .and_then(|c| tls::Transport::new(c).ok())
-                .map(Box::new),
+                .and_then(|c| tls::Transport::server(c).ok())
+                .map(|t| {
+                    Box::new(tls::Tls {
+                        client: Some(t),
+                        conman: None,
+                    })
+                }),
         }
     }
 
@@ -649,7 +657,7 @@ impl Session {
             self.advance(env);
             return;
         }
-        if env.cfg.tls.server.is_some() && self.tls.is_none() {
+        if env.cfg.tls.server.is_some() && !self.speaks_tls(Who::Client) {
             self.refuse_connection(env, "tls_setup");
             self.advance(env);
             return;
@@ -869,8 +877,8 @@ impl Session {
         match data {
             Some((bid, bytes)) if res > 0 => {
                 self.note_heard(env.now, who);
-                if who == Who::Client && self.tls.is_some() {
-                    self.on_tls_data(env, bid, bytes);
+                if self.speaks_tls(who) {
+                    self.on_tls_data(env, who, bid, bytes);
                 } else {
                     self.on_data(env, who, bid, bytes);
                 }
@@ -925,13 +933,17 @@ impl Session {
     // ---- sending --------------------------------------------------------
 
     fn kick_send(&mut self, env: &mut Env, who: Who) {
-        if who == Who::Client && self.tls.is_some() {
-            return self.kick_send_tls(env);
-        }
         let conman_writable = !matches!(
             self.kind(),
             Kind::ProxyHeader | Kind::Head | Kind::Verify | Kind::Connecting
         );
+        if self.speaks_tls(who) {
+            // The Conman socket is not writable before its connect completes.
+            if who == Who::Client || conman_writable {
+                self.kick_send_tls(env, who);
+            }
+            return;
+        }
         // A frame is being spliced to this side: what is queued (an
         // injected Close, say) follows it.
         let spliced_to = self
@@ -1040,10 +1052,8 @@ impl Session {
         sd.unqueue(n);
         debug_assert!(sd.owned as usize >= owned);
         sd.owned = sd.owned.saturating_sub(owned as u32);
-        if who == Who::Client {
-            if let Some(t) = self.tls.as_deref_mut() {
-                t.cipher_front = false;
-            }
+        if let Some(t) = self.tls_side(who) {
+            t.cipher_front = false;
         }
     }
 
@@ -1184,9 +1194,7 @@ impl Session {
                 Who::Client => self.to_conman.close_seen(),
                 Who::Conman => self.to_client.close_seen(),
             };
-        if who == Who::Client {
-            self.close_notify(env);
-        }
+        self.close_notify(env, who);
         // The other side's splice writes to this socket straight from its
         // pipe, past the send queue: what it still owes goes first.
         let owed = self
@@ -1232,7 +1240,7 @@ impl Session {
             // A token check is answered within the loop turn it started in,
             // so this is only a head that was too slow.
             Kind::Head | Kind::Verify => {
-                if self.tls.as_ref().is_some_and(|t| t.handshaking()) {
+                if self.tls_handshaking(Who::Client) {
                     self.tls_failed(env, "tls_handshake_timeout", true);
                 } else {
                     self.head_timeout(env)

@@ -731,8 +731,12 @@ impl Session {
                 Who::Client,
             ) => self.fail_setup(env, SetupError::new(Stage::ClientGone, "eof")),
             (Kind::Connecting | Kind::ConmanHandshake, Who::Conman) => {
-                let e = SetupError::new(Stage::ConmanHandshake, "eof");
-                self.retry_or_fail(env, e);
+                let stage = if self.tls_handshaking(Who::Conman) {
+                    Stage::ConmanTls
+                } else {
+                    Stage::ConmanHandshake
+                };
+                self.retry_or_fail(env, SetupError::new(stage, "eof"));
             }
             // An abandoned attempt's socket ending changes nothing.
             (Kind::Placement | Kind::Backoff, Who::Conman) => {}

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use super::{backoff, Env, Kind, Op, Phase, Refused, Session, Setup, Side, Verify, Who};
+use super::{backoff, tls, Env, Kind, Op, Phase, Refused, Session, Setup, Side, Verify, Who};
 use crate::config::{Config, RejectWith, UpgradeMode};
 use crate::control::wire::{Found, PlacementFailure, PlacementResult};
 use crate::error::{SetupError, Stage};
@@ -113,10 +113,10 @@ impl Session {
                 if let Some(source) = header.source {
                     self.client_ip = Some(source.ip());
                 }
-                if self.tls.is_some() {
+                if self.speaks_tls(Who::Client) {
                     // What follows the header is the TLS handshake.
                     self.transition(env.now, |_| Phase::Head(Vec::new()));
-                    self.on_tls_bytes(env, &rest);
+                    self.on_tls_bytes(env, Who::Client, &rest);
                 } else {
                     self.transition(env.now, |_| Phase::Head(rest));
                     self.on_head_bytes(env, &[]);
@@ -468,12 +468,46 @@ impl Session {
         st.vm = Some(found.vm);
         st.attempt = st.attempt.saturating_add(1);
         let deadline = st.deadline;
+        if let Err(reason) = self.conman_transport(env, found.tls.as_deref()) {
+            // Nothing about the VM: our own config cannot reach it.
+            self.fail_setup(env, SetupError::new(Stage::ConmanTls, reason));
+            return;
+        }
         self.step(env.now, Phase::Connecting);
         self.set_deadline(deadline);
         env.op(Op::Connect {
             addr: found.addr,
             timeout: Duration::from_millis(env.cfg.limits.connect_timeout_ms),
         });
+    }
+
+    /// A TLS transport for this attempt when Conman's URL is `wss://`
+    /// (`tls`: the name to verify), or none; the last attempt's goes.
+    fn conman_transport(&mut self, env: &Env, tls: Option<&str>) -> Result<(), &'static str> {
+        // A plaintext client's box goes with its last Conman transport:
+        // the box's presence is what turns splice off.
+        match self.tls.as_deref_mut() {
+            Some(t) if t.client.is_some() => t.conman = None,
+            _ => self.tls = None,
+        }
+        let Some(name) = tls else {
+            return Ok(());
+        };
+        // The session's failed-setup line and the counters say it; a line
+        // per session here would flood the log from a misconfiguration.
+        let Some(cfg) = &env.cfg.conman.tls.client else {
+            tracing::debug!(
+                session = self.id,
+                "a wss:// Conman URL, and no conman.tls.ca_file"
+            );
+            return Err("no_ca");
+        };
+        let t = tls::Transport::conman(cfg, name).map_err(|e| {
+            tracing::debug!(session = self.id, err = %e, "no TLS to this Conman");
+            "bad_name"
+        })?;
+        self.tls.get_or_insert_with(Box::default).conman = Some(Box::new(t));
+        Ok(())
     }
 
     /// The socket for `Op::Connect`: its fd, or the errno of socket(2).
@@ -528,14 +562,18 @@ impl Session {
         env.stats
             .setup_duration(Timing::ConmanDial, self.in_phase(env.now));
         self.step(env.now, Phase::ConmanHandshake);
+        // Each attempt's handshake gets the connect timeout too, so a Conman
+        // that stalls before its 101 does not eat the whole setup deadline;
+        // over TLS, the TLS handshake first gets its own.
+        let first = if self.speaks_tls(Who::Conman) {
+            env.cfg.conman.tls.handshake_timeout_ms
+        } else {
+            env.cfg.limits.connect_timeout_ms
+        };
         let Phase::ConmanHandshake(st) = &mut self.phase else {
             return;
         };
-        // Each attempt's handshake gets the connect timeout too, so a Conman
-        // that stalls before its 101 does not eat the whole setup deadline.
-        let t = st
-            .deadline
-            .min(env.now + Duration::from_millis(env.cfg.limits.connect_timeout_ms));
+        let t = st.deadline.min(env.now + Duration::from_millis(first));
         let request = std::mem::take(&mut st.request);
         st.head.clear();
         self.set_deadline(t);
@@ -699,6 +737,10 @@ impl Session {
         }
         self.conman.eof = true;
         self.conman.shut = true;
+        // What the old socket still says is read as plaintext and dropped.
+        if let Some(t) = self.tls.as_deref_mut() {
+            t.conman = None;
+        }
         if self.conman.recv_armed {
             self.pause_recv(env, Who::Conman);
         }
@@ -719,6 +761,7 @@ impl Session {
 
     pub(super) fn setup_timeout(&mut self, env: &mut Env) {
         let kind = self.kind();
+        let conman_tls = kind == Kind::ConmanHandshake && self.tls_handshaking(Who::Conman);
         let now = env.now;
         let Some(st) = self.phase.setup_mut() else {
             return;
@@ -727,6 +770,7 @@ impl Session {
         let stage = match kind {
             Kind::Placement => Stage::Controlplane,
             Kind::Connecting => Stage::ConmanConnect,
+            _ if conman_tls => Stage::ConmanTls,
             _ => Stage::ConmanHandshake,
         };
         if kind == Kind::Backoff && !overall {

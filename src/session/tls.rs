@@ -1,29 +1,74 @@
-//! The client side's TLS transport, driven sans-IO: ciphertext the ring
+//! The TLS transports of a session, driven sans-IO: ciphertext the ring
 //! received goes in ([`Transport::receive`]), plaintext comes out for the
-//! head parser and the relay tracker; plaintext queued toward the client is
-//! sealed into records ([`Transport::seal`]) that the shard sends like any
-//! owned chunk. rustls never touches a socket and never blocks.
+//! head parser, the Conman response parser and the relay tracker;
+//! plaintext queued toward a TLS side is sealed into records
+//! ([`Transport::seal`]) that the shard sends like any owned chunk. rustls
+//! never touches a socket and never blocks.
 //!
-//! Boxed in the session and allocated only for a TLS connection, so a
-//! plaintext session pays one pointer and one check per receive and send.
+//! The client side is a rustls server (`[[tls.certs]]`); the Conman side,
+//! for a `wss://` URL, a rustls client (`[conman.tls]`), made anew for each
+//! attempt. Both sit in one box ([`Tls`]), allocated only when a side speaks
+//! TLS, so a plaintext session pays one pointer and one check per receive
+//! and send.
+//!
+//! # Conman over TLS
+//! After the TCP connect the session sends its ClientHello; the upgrade
+//! request waits in the Conman queue (plaintext) and is sealed once the
+//! handshake is done. The handshake has `conman.tls.handshake_timeout_ms`
+//! (within the setup deadline); the 101 then gets
+//! `limits.connect_timeout_ms` of its own. Any TLS failure before the 101
+//! (a certificate refused either way, an alert, a bad record, Conman gone
+//! or silent mid-handshake) is `stage=conman_tls` with a reason word
+//! ([`conman_reason`]) and follows the usual retry policy: backoff, and a
+//! new placement that excludes the VM, which passive health also passes
+//! over for a while. A certificate problem is usually one VM's (expired,
+//! issued for another name), so another VM is worth a try; the same VM is
+//! never retried within a session. A wrong `conman.tls.ca_file` fails every
+//! attempt the same way, which `eval_conman_attempt_failures_total` shows
+//! per VM.
 
 use std::io::{Read, Write};
 use std::sync::Arc;
+use std::time::Duration;
 
-use rustls::{ServerConfig, ServerConnection};
+use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
 
 use super::{Batch, Chunk, Env, Kind, Op, Session, Who};
-use crate::error::Stage;
+use crate::error::{SetupError, Stage};
 
 /// Plaintext sealed per send at most: about four records, so one send
-/// carries a useful amount while a slow client's backlog stays in the
+/// carries a useful amount while a slow peer's backlog stays in the
 /// session's queue (counted, and subject to backpressure) rather than in
 /// rustls.
 pub const SEAL_MAX: usize = 64 * 1024;
 
+/// A session's TLS state, boxed: the client side's transport (a TLS
+/// listener) and the Conman side's (a `wss://` attempt).
+#[derive(Default)]
+pub struct Tls {
+    pub client: Option<Transport>,
+    pub conman: Option<Box<Transport>>,
+}
+
+impl Tls {
+    pub fn side(&mut self, who: Who) -> Option<&mut Transport> {
+        match who {
+            Who::Client => self.client.as_mut(),
+            Who::Conman => self.conman.as_deref_mut(),
+        }
+    }
+
+    pub fn side_ref(&self, who: Who) -> Option<&Transport> {
+        match who {
+            Who::Client => self.client.as_ref(),
+            Who::Conman => self.conman.as_deref(),
+        }
+    }
+}
+
 pub struct Transport {
-    conn: ServerConnection,
-    /// The front chunk of the client's send queue is the unsent rest of
+    conn: Connection,
+    /// The front chunk of the side's send queue is the unsent rest of
     /// records already sealed (a short send), not plaintext.
     pub cipher_front: bool,
     /// close_notify is queued (or the connection failed): nothing more is
@@ -36,38 +81,105 @@ pub struct Transport {
 pub struct Received {
     /// The handshake completed during this input.
     pub handshake_done: bool,
-    /// The client sent close_notify: it will send nothing more.
+    /// The peer sent close_notify: it will send nothing more.
     pub peer_closed: bool,
 }
 
 /// The connection failed (bad record, handshake failure, an alert from the
-/// client); rustls has queued the alert it owes the client, if any.
+/// peer); rustls has queued the alert it owes the peer, if any.
 #[derive(Debug)]
 pub struct Failed {
     pub reason: &'static str,
     pub during_handshake: bool,
+    /// rustls' error, when it said one.
+    pub error: Option<rustls::Error>,
     pub detail: String,
 }
 
+/// The `reason` word of a `stage=conman_tls` failure.
+pub fn conman_reason(f: &Failed) -> &'static str {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    match &f.error {
+        Some(E::InvalidCertificate(c)) => match c {
+            C::UnknownIssuer | C::BadSignature => "unknown_ca",
+            C::NotValidForName | C::NotValidForNameContext { .. } => "wrong_name",
+            C::Expired
+            | C::ExpiredContext { .. }
+            | C::NotValidYet
+            | C::NotValidYetContext { .. } => "expired",
+            _ => "bad_certificate",
+        },
+        // Conman refused our certificate, or that we sent none.
+        Some(E::AlertReceived(
+            A::CertificateRequired
+            | A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateUnknown
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::UnsupportedCertificate
+            | A::AccessDenied,
+        )) => "client_cert_refused",
+        Some(E::AlertReceived(_)) => "alert",
+        Some(E::NoApplicationProtocol) => "alpn",
+        _ if f.during_handshake => "handshake",
+        _ => "bad_record",
+    }
+}
+
+/// The `reason` word of a client's failed TLS connection: a client
+/// certificate that did not verify (or none, where one is required) is
+/// told apart from other handshake failures.
+fn client_reason(f: &Failed) -> &'static str {
+    match &f.error {
+        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented) => {
+            "tls_client_cert"
+        }
+        _ => f.reason,
+    }
+}
+
 impl Transport {
-    pub fn new(cfg: &Arc<ServerConfig>) -> Result<Transport, rustls::Error> {
-        let mut conn = ServerConnection::new(cfg.clone())?;
+    /// The client side of a TLS listener.
+    pub fn server(cfg: &Arc<ServerConfig>) -> Result<Transport, rustls::Error> {
+        Ok(Self::wrap(ServerConnection::new(cfg.clone())?.into()))
+    }
+
+    /// The Conman side of a `wss://` attempt, for a certificate valid for
+    /// `name` (the URL's host: a DNS name or an IP literal).
+    pub fn conman(cfg: &Arc<ClientConfig>, name: &str) -> Result<Transport, String> {
+        let name = rustls::pki_types::ServerName::try_from(name.to_owned())
+            .map_err(|e| format!("{name:?}: {e}"))?;
+        let conn = ClientConnection::new(cfg.clone(), name).map_err(|e| e.to_string())?;
+        Ok(Self::wrap(conn.into()))
+    }
+
+    fn wrap(mut conn: Connection) -> Transport {
         conn.set_buffer_limit(Some(crate::tls::BUFFER_LIMIT));
-        Ok(Transport {
+        Transport {
             conn,
             cipher_front: false,
             notified: false,
-        })
+        }
     }
 
     pub fn handshaking(&self) -> bool {
         self.conn.is_handshaking()
     }
 
+    /// The verified subject of the peer's certificate, if it sent one
+    /// (see [`crate::tls::peer_subject`]).
+    pub fn peer_subject(&self) -> Option<String> {
+        crate::tls::peer_subject(self.conn.peer_certificates()?.first()?)
+    }
+
     /// The name the client asked for (SNI), once its hello is in.
     #[cfg(test)]
     pub fn server_name(&self) -> Option<&str> {
-        self.conn.server_name()
+        match &self.conn {
+            Connection::Server(c) => c.server_name(),
+            Connection::Client(_) => None,
+        }
     }
 
     /// Feeds received ciphertext, appending the plaintext it carried to
@@ -82,12 +194,13 @@ impl Transport {
             // rustls refusing more (its plaintext buffer is full, which the
             // drain below prevents, or a record too large).
             if let Err(e) = self.conn.read_tls(&mut data) {
-                return Err(self.fail("tls_bad_record", was_handshaking, e.to_string()));
+                return Err(self.fail("tls_bad_record", was_handshaking, None, e.to_string()));
             }
             if data.len() == before {
                 return Err(self.fail(
                     "tls_bad_record",
                     was_handshaking,
+                    None,
                     "rustls took no bytes".into(),
                 ));
             }
@@ -99,7 +212,8 @@ impl Transport {
                     } else {
                         "tls_bad_record"
                     };
-                    return Err(self.fail(reason, was_handshaking, e.to_string()));
+                    let detail = e.to_string();
+                    return Err(self.fail(reason, was_handshaking, Some(e), detail));
                 }
             };
             let n = state.plaintext_bytes_to_read();
@@ -108,7 +222,7 @@ impl Transport {
                 plain.resize(at + n, 0);
                 if let Err(e) = self.conn.reader().read_exact(&mut plain[at..]) {
                     plain.truncate(at);
-                    return Err(self.fail("tls_bad_record", was_handshaking, e.to_string()));
+                    return Err(self.fail("tls_bad_record", was_handshaking, None, e.to_string()));
                 }
             }
             if state.peer_has_closed() {
@@ -120,11 +234,18 @@ impl Transport {
         Ok(out)
     }
 
-    fn fail(&mut self, reason: &'static str, during_handshake: bool, detail: String) -> Failed {
+    fn fail(
+        &mut self,
+        reason: &'static str,
+        during_handshake: bool,
+        error: Option<rustls::Error>,
+        detail: String,
+    ) -> Failed {
         self.notified = true;
         Failed {
             reason,
             during_handshake,
+            error,
             detail,
         }
     }
@@ -171,78 +292,133 @@ impl Transport {
 }
 
 impl Session {
-    /// Ciphertext from the client, in ring buffer `bid`.
-    pub(super) fn on_tls_data(&mut self, env: &mut Env, bid: u16, data: &[u8]) {
+    /// `who`'s transport, when that side speaks TLS.
+    pub(super) fn tls_side(&mut self, who: Who) -> Option<&mut Transport> {
+        self.tls.as_deref_mut().and_then(|t| t.side(who))
+    }
+
+    pub(super) fn speaks_tls(&self, who: Who) -> bool {
+        self.tls
+            .as_deref()
+            .is_some_and(|t| t.side_ref(who).is_some())
+    }
+
+    /// `who` speaks TLS and its handshake is not done.
+    pub(super) fn tls_handshaking(&self, who: Who) -> bool {
+        self.tls
+            .as_deref()
+            .and_then(|t| t.side_ref(who))
+            .is_some_and(Transport::handshaking)
+    }
+
+    /// Ciphertext from `who`, in ring buffer `bid`.
+    pub(super) fn on_tls_data(&mut self, env: &mut Env, who: Who, bid: u16, data: &[u8]) {
         // Decryption copies what it needs: the buffer goes back at once
         // (after this input, when the shard performs the op).
         env.op(Op::Recycle { bid });
-        if self.kind() == Kind::ProxyHeader {
+        if who == Who::Client && self.kind() == Kind::ProxyHeader {
             // The PROXY header comes in clear, in front of the handshake.
             self.on_proxy_bytes(env, data);
         } else {
-            self.on_tls_bytes(env, data);
+            self.on_tls_bytes(env, who, data);
         }
     }
 
-    /// Ciphertext into the transport, plaintext on to the phase's handling.
-    pub(super) fn on_tls_bytes(&mut self, env: &mut Env, data: &[u8]) {
+    /// Ciphertext into `who`'s transport, plaintext on to the phase's
+    /// handling.
+    pub(super) fn on_tls_bytes(&mut self, env: &mut Env, who: Who, data: &[u8]) {
         // After a failure (or close_notify) nothing more is read.
-        if self.client.eof {
+        if self.side_ref(who).eof {
             return;
         }
-        let Some(t) = self.tls.as_deref_mut() else {
+        let Some(t) = self.tls_side(who) else {
             return;
         };
         let mut plain = Vec::new();
         let result = t.receive(data, &mut plain);
         if let Ok(r) = &result {
-            if r.handshake_done && self.kind() == Kind::Head {
-                // The head gets the usual time of its own.
-                self.set_deadline(env.now + env.cfg.header_timeout());
+            if r.handshake_done {
+                self.tls_handshake_done(env, who);
             }
         }
         // Plaintext before a bad record was authentic: it goes on.
         if !plain.is_empty() {
-            self.on_plain(env, plain);
+            self.on_plain(env, who, plain);
         }
         match result {
-            Ok(r) if r.peer_closed && !self.client.eof => {
-                // close_notify: like a FIN, the client sends no more.
-                self.client.eof = true;
-                self.on_side_lost(env, Who::Client);
+            Ok(r) if r.peer_closed && !self.side_ref(who).eof => {
+                // close_notify: like a FIN, the peer sends no more.
+                self.side(who).eof = true;
+                self.on_side_lost(env, who);
             }
             Ok(_) => {}
             Err(f) => {
                 tracing::debug!(
                     session = self.id,
+                    side = ?who,
                     client = ?self.client_ip,
                     reason = f.reason,
                     detail = %f.detail,
                     "TLS failed"
                 );
-                self.tls_failed(env, f.reason, f.during_handshake);
+                match who {
+                    Who::Client => self.tls_failed(env, client_reason(&f), f.during_handshake),
+                    Who::Conman => self.conman_tls_failed(env, conman_reason(&f)),
+                }
             }
         }
     }
 
-    /// Decrypted client bytes, by phase (as `on_data` for plaintext).
-    fn on_plain(&mut self, env: &mut Env, plain: Vec<u8>) {
-        match self.kind() {
-            Kind::Head => self.on_head_bytes(env, &plain),
-            Kind::Verify
-            | Kind::Placement
-            | Kind::Connecting
-            | Kind::ConmanHandshake
-            | Kind::Backoff => self.hold(env, &plain),
-            Kind::Relay => {
-                self.forward_owned(env, Who::Client, plain);
+    /// A handshake completed: the next step gets its own time.
+    fn tls_handshake_done(&mut self, env: &mut Env, who: Who) {
+        match (who, self.kind()) {
+            // The head gets the usual time of its own.
+            (Who::Client, Kind::Head) => self.set_deadline(env.now + env.cfg.header_timeout()),
+            (Who::Conman, Kind::ConmanHandshake) => {
+                let now = env.now;
+                let Some(st) = self.phase.setup_mut() else {
+                    return;
+                };
+                env.stats
+                    .setup_duration(crate::metrics::Phase::ConmanTls, now - st.phase_started);
+                // The upgrade's own time (and metric) starts now.
+                st.phase_started = now;
+                let answer = Duration::from_millis(env.cfg.limits.connect_timeout_ms);
+                let t = st.deadline.min(now + answer);
+                self.set_deadline(t);
+            }
+            _ => {}
+        }
+    }
+
+    /// Decrypted bytes from `who`, by phase (as `on_data` for plaintext).
+    fn on_plain(&mut self, env: &mut Env, who: Who, plain: Vec<u8>) {
+        match (self.kind(), who) {
+            (Kind::Head, Who::Client) => self.on_head_bytes(env, &plain),
+            (
+                Kind::Verify
+                | Kind::Placement
+                | Kind::Connecting
+                | Kind::ConmanHandshake
+                | Kind::Backoff,
+                Who::Client,
+            ) => self.hold(env, &plain),
+            (Kind::ConmanHandshake, Who::Conman) => self.on_conman_head(env, &plain),
+            (Kind::Relay, _) => {
+                self.forward_owned(env, who, plain);
                 if self.kind() == Kind::Relay {
                     self.close_progress(env);
                 }
             }
+            // Conman's answer to the client's Close still reaches the
+            // client (as in `on_data`).
+            (Kind::Closing, Who::Conman) if self.deliverable(Who::Client) => {
+                self.forward_owned(env, who, plain)
+            }
             // Before the header is done no plaintext exists; when closing,
-            // what the client says is read and dropped.
-            Kind::ProxyHeader | Kind::Closing => {}
+            // what a peer says is read and dropped; so is what an abandoned
+            // Conman attempt still says.
+            _ => {}
         }
     }
 
@@ -250,7 +426,7 @@ impl Session {
     /// time: the alert rustls owes it (if any) goes out, then the socket
     /// closes. Nothing more is read.
     pub(super) fn tls_failed(&mut self, env: &mut Env, reason: &'static str, handshake: bool) {
-        if let Some(t) = self.tls.as_deref_mut() {
+        if let Some(t) = self.tls_side(Who::Client) {
             t.notified = true;
         }
         if handshake || matches!(self.kind(), Kind::ProxyHeader | Kind::Head) {
@@ -266,24 +442,50 @@ impl Session {
         }
     }
 
+    /// Conman's TLS connection failed: during setup, a failed attempt of
+    /// stage `conman_tls` (retried per the module doc); in relay, Conman
+    /// is lost.
+    pub(super) fn conman_tls_failed(&mut self, env: &mut Env, reason: &'static str) {
+        match self.kind() {
+            Kind::Connecting | Kind::ConmanHandshake => {
+                self.retry_or_fail(env, SetupError::new(Stage::ConmanTls, reason));
+            }
+            _ => {
+                self.conman.eof = true;
+                self.on_side_lost(env, Who::Conman);
+            }
+        }
+    }
+
     /// The client's connection ended: in the middle of the handshake, that
     /// is how most clients refuse a certificate (they close without
     /// sending their alert), so it is counted as a failed handshake.
     pub(super) fn tls_eof(&mut self, env: &mut Env) {
-        if !self.client.eof && self.tls.as_ref().is_some_and(|t| t.handshaking()) {
+        if !self.client.eof && self.tls_handshaking(Who::Client) {
             env.stats
                 .setup_failure(Stage::Request, "tls_handshake_eof", false);
         }
     }
 
-    /// The client's sends: what rustls has to say (handshake, alerts,
-    /// tickets) and up to [`SEAL_MAX`] bytes of the queue, sealed into one
-    /// owned chunk; or the unsent rest of the last records as they are.
-    pub(super) fn kick_send_tls(&mut self, env: &mut Env) {
-        let Some(t) = self.tls.as_deref_mut() else {
+    /// `who`'s sends: what rustls has to say (handshake, alerts, tickets)
+    /// and up to [`SEAL_MAX`] bytes of the queue, sealed into one owned
+    /// chunk; or the unsent rest of the last records as they are.
+    pub(super) fn kick_send_tls(&mut self, env: &mut Env, who: Who) {
+        let (sd, t) = match who {
+            Who::Client => (
+                &mut self.client,
+                self.tls.as_deref_mut().and_then(|t| t.client.as_mut()),
+            ),
+            Who::Conman => (
+                &mut self.conman,
+                self.tls
+                    .as_deref_mut()
+                    .and_then(|t| t.conman.as_deref_mut()),
+            ),
+        };
+        let Some(t) = t else {
             return;
         };
-        let sd = &mut self.client;
         if sd.sending || sd.fd < 0 || sd.shut || sd.closed {
             return;
         }
@@ -336,7 +538,7 @@ impl Session {
         sd.inflight += 1;
         let fd = sd.fd;
         env.op(Op::Send {
-            who: Who::Client,
+            who,
             fd,
             batch: Batch::One(chunk),
         });
@@ -344,28 +546,26 @@ impl Session {
 
     /// A short send put records back at the front of `who`'s queue.
     pub(super) fn requeued_records(&mut self, who: Who) {
-        if who == Who::Client {
-            if let Some(t) = self.tls.as_deref_mut() {
-                t.cipher_front = true;
-            }
+        if let Some(t) = self.tls_side(who) {
+            t.cipher_front = true;
         }
     }
 
-    /// Before the client's write side shuts: close_notify, once everything
-    /// queued is out, so the client sees a clean end of the TLS stream.
-    pub(super) fn close_notify(&mut self, env: &mut Env) {
-        let sd = &self.client;
+    /// Before `who`'s write side shuts: close_notify, once everything
+    /// queued is out, so the peer sees a clean end of the TLS stream.
+    pub(super) fn close_notify(&mut self, env: &mut Env, who: Who) {
+        let sd = self.side_ref(who);
         if !sd.want_shut || sd.shut || sd.closed || !sd.drained() {
             return;
         }
-        let Some(t) = self.tls.as_deref_mut() else {
+        let Some(t) = self.tls_side(who) else {
             return;
         };
         if t.notified || t.handshaking() {
             return;
         }
         t.notify_close();
-        self.kick_send_tls(env);
+        self.kick_send_tls(env, who);
     }
 }
 
@@ -380,7 +580,7 @@ mod tests {
     ) -> (Transport, ClientConnection) {
         let (server, client) = crate::tls::testkit::pair(versions);
         (
-            Transport::new(&server).unwrap(),
+            Transport::server(&server).unwrap(),
             crate::tls::testkit::client(&client),
         )
     }

@@ -4,10 +4,13 @@ and the stand-in target when the real-client scripts are tested on their own.
 
 Usage: echo_server.py [--host 127.0.0.1] [--port 0] [--close-code CODE
                       [--close-reason TEXT]] [--exit-on-stdin-eof]
+                      [--tls CERT KEY]
 
 Prints `listening PORT` on stdout once it accepts connections (bind port 0 and
 read that line instead of sleeping). Runs until SIGTERM/SIGINT, or until stdin
 closes with --exit-on-stdin-eof, so a test that dies cannot leak it.
+
+--tls serves wss:// with that certificate chain and key (PEM files).
 
 --close-code makes every connection close right after the handshake with that
 code and reason, which is how a rejected token looks to a client.
@@ -18,6 +21,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import sys
 
 # websockets reads its cap on fragments per message once, at import. Autobahn's
@@ -69,6 +73,10 @@ async def main(args):
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    tls = None
+    if args.tls:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(*args.tls)
     async with serve(
         handler,
         args.host,
@@ -82,6 +90,7 @@ async def main(args):
         write_limit=WRITE_LIMIT,
         # Unsolicited pings would show up as unexpected frames in Autobahn.
         ping_interval=None,
+        ssl=tls,
     ) as server:
         port = server.sockets[0].getsockname()[1]
         print(f"listening {port}", flush=True)
@@ -104,6 +113,7 @@ def parse_args(argv):
     p.add_argument("--exit-on-stdin-eof", action="store_true")
     p.add_argument("--deflate", action="store_true", help="negotiate permessage-deflate")
     p.add_argument("--subprotocol", action="append", help="subprotocol to accept (repeatable)")
+    p.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"), help="serve wss:// with this certificate")
     p.add_argument("-v", "--verbose", action="store_true", help="log websockets' errors")
     return p.parse_args(argv)
 

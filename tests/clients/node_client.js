@@ -10,6 +10,7 @@
 //                                           its reason
 //   --timeout SECONDS                       for the whole check (default 30)
 //   --ca FILE                               wss://: trust only this CA (PEM)
+//   --server-name NAME                      wss://: SNI and the name to verify
 //   --binary-size BYTES                     of the binary echo (default 1 MiB)
 //   --expect-tls-error                      the TLS handshake must fail (the
 //                                           certificate is not trusted or does
@@ -48,7 +49,7 @@ function usage(reason) {
 }
 
 function parseArgs(argv) {
-  const args = { timeout: 30, expectClose: null, url: null, ca: null, binarySize: BINARY_SIZE, expectTlsError: false };
+  const args = { timeout: 30, expectClose: null, url: null, ca: null, serverName: null, binarySize: BINARY_SIZE, expectTlsError: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (a === '--timeout' || a === '--expect-close' || a === '--binary-size') {
@@ -60,6 +61,9 @@ function parseArgs(argv) {
     } else if (a === '--ca') {
       args.ca = argv[++i];
       if (!args.ca) usage('--ca needs a file');
+    } else if (a === '--server-name') {
+      args.serverName = argv[++i];
+      if (!args.serverName) usage('--server-name needs a name');
     } else if (a === '--expect-tls-error') {
       args.expectTlsError = true;
     } else if (a.startsWith('-')) {
@@ -91,6 +95,7 @@ function main() {
       maxPayload: 4 * args.binarySize,
     };
     if (args.ca !== null) opts.ca = fs.readFileSync(args.ca);
+    if (args.serverName !== null) opts.servername = args.serverName;
     ws = new WebSocket(args.url, opts);
   } catch (e) {
     fail(`${e.name}: ${e.message}`);

@@ -161,9 +161,13 @@ def main(argv):
     p.add_argument("--server-name", help="wss://: SNI and the name to verify")
     p.add_argument("--binary-size", type=int, default=BINARY_SIZE, help="bytes of the binary echo")
     p.add_argument("--expect-tls-error", action="store_true", help="certificate verification must fail")
+    p.add_argument("--certfile", help="wss://: present this client certificate (PEM)")
+    p.add_argument("--keyfile", help="wss://: the client certificate's key (PEM)")
     args = p.parse_args(argv)
     if args.cafile is not None:
         Tls.context = ssl.create_default_context(cafile=args.cafile)
+        if args.certfile is not None:
+            Tls.context.load_cert_chain(args.certfile, args.keyfile)
     Tls.server_name = args.server_name
     try:
         asyncio.run(asyncio.wait_for(run(args), args.timeout))

@@ -65,6 +65,7 @@ fn found(vm: &str) -> PlacementResult {
         addr: "127.0.0.1:7000".parse::<SocketAddr>().unwrap(),
         host: "127.0.0.1:7000".into(),
         path: "/".into(),
+        tls: None,
     })
 }
 

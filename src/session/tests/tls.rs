@@ -22,19 +22,25 @@ impl Harness {
     /// Moves bytes between the rustls client and the session until
     /// neither moves; returns the plaintext the client received.
     fn pump_tls(&mut self, c: &mut ClientConnection) -> Vec<u8> {
+        self.pump(Who::Client, c)
+    }
+
+    /// Moves bytes between `who`'s socket and the rustls peer `c` on its
+    /// other end until neither moves; returns the plaintext `c` received.
+    fn pump<D>(&mut self, who: Who, c: &mut rustls::ConnectionCommon<D>) -> Vec<u8> {
         let mut plain = Vec::new();
         for _ in 0..100_000 {
             let mut wire = Vec::new();
             while c.wants_write() {
                 c.write_tls(&mut wire).unwrap();
             }
-            self.write(Who::Client, &wire);
+            self.write(who, &wire);
             let mut any = !wire.is_empty();
             for who in [Who::Client, Who::Conman] {
                 any |= self.complete_send(who, SHORT);
                 any |= self.deliver(who, BUF);
             }
-            let got = std::mem::take(&mut self.peers[0].got);
+            let got = std::mem::take(&mut self.peers[at(who)].got);
             any |= !got.is_empty();
             let mut rd = &got[..];
             while !rd.is_empty() {
@@ -219,4 +225,175 @@ fn a_tls_session_cannot_move() {
     h.run(|s, env| started = s.handle_move_start(env));
     assert!(!started);
     assert_eq!(h.s.moving(), crate::session::handoff::Moving::No);
+}
+
+// ---- Conman over TLS ------------------------------------------------------
+
+/// A config whose Conman URLs may be `wss://` (the client config trusts
+/// `eval.test`'s certificate), and the server config of that Conman.
+fn conman_tls_cfg() -> (Config, Arc<rustls::ServerConfig>) {
+    let (server, client) = crate::tls::testkit::pair(&[&rustls::version::TLS13]);
+    let mut cfg = Harness::cfg();
+    cfg.conman.tls.client = Some(client);
+    cfg.conman.tls.handshake_timeout_ms = 1_000;
+    (cfg, server)
+}
+
+fn found_wss(vm: &str) -> PlacementResult {
+    let PlacementResult::Found(mut f) = found(vm) else {
+        unreachable!()
+    };
+    f.tls = Some("eval.test".into());
+    PlacementResult::Found(f)
+}
+
+/// wss:// to Conman: the hello goes out after the connect, the upgrade
+/// request only once the handshake is done, Conman's 101 and frames are
+/// decrypted, the client's frames sealed unchanged (never re-masked), and
+/// close_notify follows the closing handshake.
+#[test]
+fn conman_over_tls_relays_both_ways() {
+    let (cfg, server) = conman_tls_cfg();
+    let mut h = Harness::placing(cfg);
+    h.answer_placement(found_wss("vm-1"));
+    h.answer_connect(0);
+    let mut srv = rustls::ServerConnection::new(server).unwrap();
+    let req = h.pump(Who::Conman, &mut srv);
+    assert!(!srv.is_handshaking());
+    assert_eq!(srv.server_name(), Some("eval.test"), "SNI");
+    let req = String::from_utf8(req).unwrap();
+    assert!(req.starts_with("GET / HTTP/1.1\r\n"), "{req}");
+    assert_eq!(
+        h.s.poll_timeout(),
+        Some(h.now + Duration::from_millis(h.cfg.limits.connect_timeout_ms)),
+        "the 101 gets the connect timeout once the handshake is done"
+    );
+    let key = req
+        .lines()
+        .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+        .unwrap();
+    let hello = frame(OpCode::Text, b"from conman", false);
+    let mut resp = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n\r\n",
+        accept_key(key)
+    )
+    .into_bytes();
+    resp.extend_from_slice(&hello);
+    srv.writer().write_all(&resp).unwrap();
+    h.pump(Who::Conman, &mut srv);
+    assert_eq!(h.s.kind(), Kind::Relay);
+    assert!(h.peers[0].got.ends_with(&hello));
+
+    let payload: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+    let up = frame(OpCode::Binary, &payload, true);
+    h.write(Who::Client, &up);
+    assert_eq!(h.pump(Who::Conman, &mut srv), up);
+    let down = frame(OpCode::Binary, &payload[..30_000], false);
+    h.peers[0].got.clear();
+    srv.writer().write_all(&down).unwrap();
+    h.pump(Who::Conman, &mut srv);
+    assert_eq!(h.peers[0].got, down);
+    assert!(!h.ops.iter().any(|o| o.contains("NeedPipe")));
+
+    let mut close = Vec::new();
+    write_close(&mut close, 1000, "bye", Some([1, 2, 3, 4]));
+    h.write(Who::Client, &close);
+    h.pump(Who::Conman, &mut srv);
+    let mut answer = Vec::new();
+    write_close(&mut answer, 1000, "bye", None);
+    srv.writer().write_all(&answer).unwrap();
+    h.pump(Who::Conman, &mut srv);
+    assert_eq!(h.s.kind(), Kind::Closing);
+    let mut tail = [0u8; 1];
+    assert_eq!(srv.reader().read(&mut tail).ok(), Some(0), "close_notify");
+    h.finish();
+}
+
+/// A Conman whose certificate the CA did not sign, and one that never
+/// answers the hello: each attempt fails as `conman_tls` with its reason,
+/// and after the last the client hears it.
+#[test]
+fn conman_tls_failures_name_their_reason() {
+    for (reason, answer) in [("unknown_ca", true), ("timeout", false)] {
+        let (mut cfg, _) = conman_tls_cfg();
+        cfg.limits.max_attempts = 1;
+        // Another self-signed certificate for the same name.
+        let (stranger, _) = crate::tls::testkit::pair(&[&rustls::version::TLS13]);
+        let mut h = Harness::placing(cfg);
+        h.answer_placement(found_wss("vm-1"));
+        h.answer_connect(0);
+        if answer {
+            let mut srv = rustls::ServerConnection::new(stranger).unwrap();
+            let mut wire = Vec::new();
+            h.settle();
+            let hello = std::mem::take(&mut h.peers[1].got);
+            srv.read_tls(&mut &hello[..]).unwrap();
+            srv.process_new_packets().unwrap();
+            srv.write_tls(&mut wire).unwrap();
+            h.write(Who::Conman, &wire);
+        } else {
+            h.settle();
+            assert_eq!(
+                h.s.poll_timeout(),
+                Some(h.now + Duration::from_millis(1_000)),
+                "the handshake's own deadline"
+            );
+            h.advance_to_deadline();
+        }
+        h.settle();
+        assert_eq!(
+            h.closes(Who::Client),
+            vec![(1014, format!("stage=conman_tls;reason={reason}"))]
+        );
+        h.finish();
+    }
+}
+
+/// A Controlplane answer naming wss:// while no `conman.tls.ca_file` is
+/// set: the attempt cannot start, and says why; the VM is not blamed.
+#[test]
+fn wss_without_a_ca_fails_as_no_ca() {
+    let mut h = Harness::placing(Harness::cfg());
+    h.answer_placement(found_wss("vm-1"));
+    h.settle();
+    assert_eq!(
+        h.closes(Who::Client),
+        vec![(1014, "stage=conman_tls;reason=no_ca".into())]
+    );
+    assert!(!h
+        .ops
+        .iter()
+        .any(|o| o.contains("Connect") || o.contains("VmFailed")));
+    h.finish();
+}
+
+/// An IP literal in a wss:// URL: no SNI is sent, and the certificate
+/// must name that address (this one names only `eval.test`).
+#[test]
+fn an_ip_literal_sends_no_sni_and_needs_an_ip_san() {
+    let (mut cfg, server) = conman_tls_cfg();
+    cfg.limits.max_attempts = 1;
+    let mut h = Harness::placing(cfg);
+    let PlacementResult::Found(mut f) = found_wss("vm-1") else {
+        unreachable!()
+    };
+    f.tls = Some("127.0.0.1".into());
+    h.answer_placement(PlacementResult::Found(f));
+    h.answer_connect(0);
+    h.settle();
+    let hello = std::mem::take(&mut h.peers[1].got);
+    let mut srv = rustls::ServerConnection::new(server).unwrap();
+    srv.read_tls(&mut &hello[..]).unwrap();
+    srv.process_new_packets().unwrap();
+    assert_eq!(srv.server_name(), None, "no SNI for an address");
+    let mut wire = Vec::new();
+    srv.write_tls(&mut wire).unwrap();
+    h.write(Who::Conman, &wire);
+    h.settle();
+    assert_eq!(
+        h.closes(Who::Client),
+        vec![(1014, "stage=conman_tls;reason=wrong_name".into())]
+    );
+    h.finish();
 }

@@ -133,6 +133,7 @@ fn placement(response: &Response) {
                 ),
                 host: conman.host_header(),
                 path: conman.path.clone(),
+                tls: conman.tls.then(|| conman.host.clone()),
             };
             upgrade_request_parses_back(&found);
             PlacementResult::Found(found)
