@@ -3,13 +3,16 @@
 //! each connection go through a per-session transport
 //! (`session/tls.rs`), driven sans-IO by the session machine.
 //!
-//! Crypto provider: *ring*. aws-lc-rs needs cmake and clang to build, which
-//! these machines do not have; ring builds with the C compiler alone.
+//! Crypto provider: *ring* by default; the `aws-lc` cargo feature swaps in
+//! aws-lc-rs. The choice was measured (bench/README.md, "Crypto provider").
 
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
+#[cfg(feature = "aws-lc")]
+use rustls::crypto::aws_lc_rs as provider;
+#[cfg(not(feature = "aws-lc"))]
 use rustls::crypto::ring as provider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -26,6 +29,12 @@ pub const ALPN_HTTP11: &[u8] = b"http/1.1";
 /// once, so this is only reached inside one large write, which is then
 /// done in steps.
 pub const BUFFER_LIMIT: usize = 64 * 1024;
+
+/// The crypto provider every TLS config of this build uses (the load
+/// generator's client too, so both ends of a benchmark agree).
+pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
+    provider::default_provider()
+}
 
 /// TLS 1.2 session-id cache (clients without tickets), per process.
 const SESSION_CACHE: usize = 4096;
@@ -49,7 +58,7 @@ pub fn server_config(certs: &[TlsCert]) -> Result<Arc<ServerConfig>, (usize, Str
 }
 
 fn build(resolver: SniResolver) -> Result<Arc<ServerConfig>, String> {
-    let provider = Arc::new(provider::default_provider());
+    let provider = Arc::new(crypto_provider());
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?
