@@ -8,8 +8,9 @@ proxy's CPU per unit of work, read from /proc/PID/stat, because the load side
 may saturate first and then msgs/s alone hides what a proxy costs.
 
 Writes RESULTS/latest.{md,json,svg} (RESULTS/quick.* with --quick) and puts
-the table into bench/README.md after a full run. Python 3.11 standard library
-only. See bench/README.md for what each figure means.
+the table into bench/README.md after a full run. With --tls, every proxy
+terminates TLS instead (RESULTS/tls.*, or tls-quick.*). Python 3.11 standard
+library only. See bench/README.md for what each figure means.
 """
 
 from __future__ import annotations
@@ -41,9 +42,15 @@ MIB = 1 << 20
 PEERS = ["nginx", "haproxy", "caddy"]
 SUBJECTS = ["direct", "eval-proxy"] + PEERS
 PROXIES = ["eval-proxy"] + PEERS
+# --tls: the same eval-proxy built with the aws-lc-rs provider (cargo feature
+# `aws-lc`) runs beside the default (ring) build, so both providers are
+# measured in the same run; the peers are compared with the default build.
+AWS_LC = "eval-proxy-aws-lc"
+TLS_PROXIES = ["eval-proxy", AWS_LC] + PEERS
 NAMES = {
     "direct": "direct",
     "eval-proxy": "eval-proxy",
+    AWS_LC: "eval-proxy (aws-lc-rs)",
     "nginx": "nginx",
     "haproxy": "HAProxy",
     "caddy": "Caddy",
@@ -55,6 +62,18 @@ TEMPLATES = {
     "haproxy": "haproxy.cfg",
     "caddy": "Caddyfile",
 }
+TLS_TEMPLATES = {
+    "eval-proxy": "eval-proxy-tls.toml",
+    "nginx": "nginx-tls.conf",
+    "haproxy": "haproxy-tls.cfg",
+    "caddy": "Caddyfile-tls",
+}
+# The certificate's name (eval-loadgen tls-cert makes it for localhost); the
+# loadgen sends it as SNI and in the Host header, as a browser would.
+TLS_NAME = "localhost"
+# A resumed-handshake run counts only if at least this share of its
+# handshakes resumed; below it the subject "did not resume".
+MIN_RESUMED_SHARE = 0.9
 PEER_BINARIES = {
     "nginx": ["/usr/sbin/nginx"],
     "haproxy": ["/usr/sbin/haproxy"],
@@ -92,9 +111,38 @@ class Load:
     # What the proxy's CPU is divided by: "messages", "handshakes", "mib",
     # or None (idle: RSS, not CPU).
     unit: str | None
+    # Over TLS: "resume" (TLS 1.3 tickets kept across connections) or
+    # "full" (no session cache: every handshake is full); None: plain.
+    tls: str | None = None
+
+
+def make_tls_loads(a: argparse.Namespace) -> list[Load]:
+    """--tls: every proxy terminates TLS in front of the same plain backend."""
+    d = f"{a.duration}s"
+    every = tuple(TLS_PROXIES)
+    return [
+        Load("tls_handshake_full", "TLS full handshake storm, 16 workers", "handshake",
+             ("--workers", "16", "--duration", d, "--no-resume"),
+             every, tuple(TOKEN_CACHED), "handshakes", "full"),
+        Load("tls_handshake_resumed", "TLS resumed handshake storm (tickets), 16 workers",
+             "handshake", ("--workers", "16", "--duration", d),
+             every, tuple(TOKEN_CACHED), "handshakes", "resume"),
+        Load("tls_echo", "TLS echo 64 B, 50 conns, saturated", "echo",
+             ("--conns", "50", "--size", "64", "--duration", d),
+             every, tuple(TOKEN_CACHED), "messages", "resume"),
+        Load("tls_bulk", "TLS bulk 1 MiB messages, 1 conn", "bulk",
+             ("--size", "1MiB", "--duration", d),
+             every, tuple(TOKEN_CACHED), "mib", "resume"),
+        # The plain figure beside it, from the same run: what TLS costs per MiB.
+        Load("bulk", "plain bulk 1 MiB messages, 1 conn", "bulk",
+             ("--size", "1MiB", "--duration", d),
+             tuple(PROXIES), tuple(TOKEN_CACHED), "mib"),
+    ]
 
 
 def make_loads(a: argparse.Namespace) -> list[Load]:
+    if a.tls:
+        return select_loads(a, make_tls_loads(a), TLS_PROXIES)
     d = f"{a.duration}s"
     # Fresh tokens are signed before the clock starts so signing does not
     # load the client core; enough for ~8,000 handshakes/s for the whole run.
@@ -122,6 +170,11 @@ def make_loads(a: argparse.Namespace) -> list[Load]:
              ("--conns", "50", "--rate", "5000", "--size", "64", "--duration", d),
              tuple(SUBJECTS), tuple(TOKEN_CACHED), "messages"),
     ]
+    return select_loads(a, loads, SUBJECTS)
+
+
+def select_loads(a: argparse.Namespace, loads: list[Load], subjects: list[str]) -> list[Load]:
+    """The loads and subjects --loads and --subjects ask for."""
     if a.loads:
         wanted = set(a.loads.split(","))
         unknown = wanted - {l.key for l in loads}
@@ -130,7 +183,7 @@ def make_loads(a: argparse.Namespace) -> list[Load]:
         loads = [l for l in loads if l.key in wanted]
     if a.subjects:
         wanted = set(a.subjects.split(","))
-        unknown = wanted - set(SUBJECTS)
+        unknown = wanted - set(subjects)
         if unknown:
             raise BenchError(f"unknown subject(s): {', '.join(sorted(unknown))}")
         loads = [dataclasses.replace(l, subjects=tuple(s for s in l.subjects if s in wanted))
@@ -377,6 +430,26 @@ class Bench:
         self.procs = procs
         self.bins = bins
         self.seq = 0
+        # --tls: the run's certificate files (ca, cert, key, pem).
+        self.tls: dict[str, str] = {}
+
+    def make_certificate(self) -> None:
+        """One ECDSA P-256 certificate for every subject of the run, signed
+        by a throwaway CA that only the loadgen trusts."""
+        d = self.procs.workdir / "tls"
+        try:
+            out = subprocess.run([self.bins["loadgen"], "tls-cert", "--dir", str(d)],
+                                 check=True, capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            raise BenchError(f"eval-loadgen tls-cert failed: {e}") from e
+        files = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+        if set(files) != {"ca", "cert", "key"}:
+            raise BenchError(f"eval-loadgen tls-cert printed {out!r}")
+        # HAProxy takes the certificate and its key from one file.
+        pem = d / "haproxy.pem"
+        pem.write_text(Path(files["cert"]).read_text() + Path(files["key"]).read_text())
+        pem.chmod(0o600)
+        self.tls = {**files, "pem": str(pem)}
 
     def start_backend(self) -> tuple[subprocess.Popen, str]:
         p = self.procs.spawn(self.name("backend"),
@@ -396,11 +469,12 @@ class Bench:
         if subject == "direct":
             return Proxy(backend, None)
         t = dict(TEMPLATES, **(templates or {}))
-        if subject == "eval-proxy":
-            name = self.name("eval-proxy")
-            conf = render(t[subject], self.procs.workdir / f"{name}.toml", BACKEND=backend,
+        if subject in ("eval-proxy", AWS_LC):
+            name = self.name(subject)
+            conf = render(t["eval-proxy"], self.procs.workdir / f"{name}.toml", BACKEND=backend,
                           **values)
-            p = self.procs.spawn(name, [self.bins["proxy"], "--config", str(conf),
+            binary = self.bins["proxy-aws-lc" if subject == AWS_LC else "proxy"]
+            p = self.procs.spawn(name, [binary, "--config", str(conf),
                                         "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
                                         "--shards", "1"], self.a.proxy_cpu)
             m = self.procs.wait_line(p, r"eval-proxy ready listen=(\S+)", 15)
@@ -415,6 +489,7 @@ class Bench:
             rundir = self.procs.workdir / name
             rundir.mkdir()
             env = None
+            values = dict(values, PORT=str(port), HOST="127.0.0.1")
             if subject == "nginx":
                 conf = render(t[subject], rundir / "nginx.conf", LISTEN=listen,
                               BACKEND=backend, DIR=str(rundir), **values)
@@ -456,7 +531,14 @@ class Bench:
         proxy = None
         try:
             backend, backend_addr = self.start_backend()
-            proxy = self.start_subject(subject, backend_addr)
+            if load.tls:
+                proxy = self.start_subject(subject, backend_addr, TLS_TEMPLATES, SNI=TLS_NAME,
+                                           CERT=self.tls["cert"], KEY=self.tls["key"],
+                                           PEM=self.tls["pem"])
+                url = [f"wss://{proxy.addr}/wsv2/", "--ca", self.tls["ca"], "--sni", TLS_NAME]
+            else:
+                proxy = self.start_subject(subject, backend_addr)
+                url = [f"ws://{proxy.addr}/wsv2/"]
             time.sleep(self.a.settle)
             pids = proxy.pids()
             rec["proxy_pids"] = pids
@@ -466,7 +548,7 @@ class Bench:
             others0 = others_cpu_ticks()
             t0 = time.monotonic()
             argv = ([self.bins["loadgen"], load.mode] + list(load.args)
-                    + ["--url", f"ws://{proxy.addr}/wsv2/", "--json"] + list(load.tokens))
+                    + ["--url"] + url + ["--json"] + list(load.tokens))
             rec["argv"] = ["eval-loadgen"] + argv[1:]
             lg = self.procs.spawn(self.name(f"loadgen-{load.key}-{subject}"), argv, self.a.load_cpu)
             if load.mode == "idle":
@@ -508,6 +590,8 @@ class Bench:
                                 + (f": {stderr.splitlines()[-1]}" if stderr else ""))
             elif load.mode == "idle" and rec.get("held") != int(load.args[1]):
                 rec["error"] = f"held {rec.get('held')} of {load.args[1]} sessions"
+            elif load.tls == "full" and report.get("tls", {}).get("resumed"):
+                rec["error"] = f"{report['tls']['resumed']} handshakes resumed without a session cache"
             else:
                 rec["ok"] = True
             if rec.get("proxy_note"):
@@ -556,7 +640,22 @@ def summary_line(load: Load, rec: dict, r: dict) -> str:
         parts.append(f"RSS {rec['rss_kib_before']}→{rec['rss_kib_held']} KiB")
     if load.mode == "rate":
         parts.append(f"p50 {r['latency_us']['p50']} µs")
+    if r.get("tls"):
+        parts.append(f"TLS {r['tls']['full']} full, {r['tls']['resumed']} resumed")
     return ", ".join(parts)
+
+
+def resumed_share(rec: dict) -> float | None:
+    """Share of a TLS run's handshakes that resumed a session (client-side count)."""
+    t = (rec.get("loadgen") or {}).get("tls")
+    if not t or t["full"] + t["resumed"] == 0:
+        return None
+    return t["resumed"] / (t["full"] + t["resumed"])
+
+
+def did_not_resume(fig: "Figure", rec: dict) -> bool:
+    share = resumed_share(rec)
+    return fig.resumed and share is not None and share < MIN_RESUMED_SHARE
 
 
 # ---------------------------------------------------------------- figures
@@ -592,6 +691,9 @@ class Figure:
     eval_load: str | None = None
     pct: str = "p50"
     chart: str | None = None
+    # A CPU per resumed handshake: a run whose handshakes mostly did not
+    # resume is marked ✗ and kept out of the best peer.
+    resumed: bool = False
 
 
 FIGURES = [
@@ -615,6 +717,45 @@ FIGURES = [
 ]
 
 
+TLS_FIGURES = [
+    Figure("tls_hs_full_cpu", "CPU µs per full TLS handshake (TCP + TLS 1.3 + upgrade + one echo "
+           "+ close)", "tls_handshake_full", "cpu", ("ratio", 1.0), chart="full handshake"),
+    Figure("tls_hs_resumed_cpu", "CPU µs per resumed TLS handshake (1.3 ticket; same cycle)",
+           "tls_handshake_resumed", "cpu", ("ratio", 1.0), chart="resumed handshake",
+           resumed=True),
+    Figure("tls_echo_cpu", "CPU µs per 64-B echo over TLS, saturated (50 conns)", "tls_echo",
+           "cpu", ("ratio", 1.0), chart="echo over TLS"),
+    Figure("tls_bulk_cpu", "CPU µs per MiB over TLS, 1 MiB messages", "tls_bulk", "cpu",
+           ("ratio", 0.9), chart="TLS, per MiB"),
+    Figure("plain_bulk_cpu", "CPU µs per MiB in plain text, 1 MiB messages (same run)", "bulk",
+           "cpu", None),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """What a run compares: --tls or not."""
+    key: str
+    title: str
+    proxies: list[str]
+    figures: list[Figure]
+    # results/STEM.* and the README's <!-- MARKER:begin --> block.
+    stem: str
+    marker: str
+
+
+SUITES = {
+    "plain": Suite("plain", "eval-proxy vs nginx, HAProxy, Caddy — one proxy core", PROXIES,
+                   FIGURES, "latest", "results"),
+    "tls": Suite("tls", "eval-proxy vs nginx, HAProxy, Caddy terminating TLS — one proxy core",
+                 TLS_PROXIES, TLS_FIGURES, "tls", "tls"),
+}
+
+
+def suite_of(meta: dict) -> Suite:
+    return SUITES[meta.get("suite", "plain")]
+
+
 def figure_value(fig: Figure, load: Load, rec: dict, direct: dict | None) -> float | None:
     r = rec.get("loadgen")
     if not r:
@@ -634,10 +775,10 @@ def figure_value(fig: Figure, load: Load, rec: dict, direct: dict | None) -> flo
 
 
 def compute_figures(runs: list[dict], loads: dict[str, Load], reps: int,
-                    max_others: float) -> list[dict]:
+                    max_others: float, suite: Suite = SUITES["plain"]) -> list[dict]:
     by = {(r["rep"], r["load"], r["subject"]): r for r in runs}
     out = []
-    for fig in FIGURES:
+    for fig in suite.figures:
         if fig.load not in loads:
             continue
         eval_load = fig.eval_load or fig.load
@@ -645,10 +786,10 @@ def compute_figures(runs: list[dict], loads: dict[str, Load], reps: int,
             continue
         values: dict[str, list] = {}
         flags: dict[str, list] = {}
-        for subject in PROXIES:
+        for subject in suite.proxies:
             vals, fl = [], []
             for rep in range(1, reps + 1):
-                lkey = eval_load if subject == "eval-proxy" else fig.load
+                lkey = eval_load if subject in ("eval-proxy", AWS_LC) else fig.load
                 rec = by.get((rep, lkey, subject))
                 if rec is None:
                     vals.append(None)
@@ -662,13 +803,16 @@ def compute_figures(runs: list[dict], loads: dict[str, Load], reps: int,
                     else "⚠"
                 if any(contended(r, max_others) for r in uses):
                     mark += "~"
+                if did_not_resume(fig, rec):
+                    mark += "✗"
                 fl.append(mark or None)
             if any(v is not None or f for v, f in zip(vals, fl)):
                 values[subject] = vals
                 flags[subject] = fl
         best, best_who, ratios = [], [], []
         for i in range(reps):
-            cands = [(values[s][i], s) for s in PEERS if s in values and values[s][i] is not None]
+            cands = [(values[s][i], s) for s in PEERS if s in values and values[s][i] is not None
+                     and "✗" not in (flags[s][i] or "")]
             if not cands:
                 best.append(None)
                 best_who.append(None)
@@ -690,6 +834,8 @@ def compute_figures(runs: list[dict], loads: dict[str, Load], reps: int,
                 verdict = "not run"
             elif any(f and "⚠" in f for f in evflags):
                 verdict = "missed (eval-proxy run failed)"
+            elif any(f and "✗" in f for f in evflags):
+                verdict = "missed (eval-proxy did not resume)"
             elif kind == "abs":
                 verdict = "met" if all(v is not None and v <= x for v in ev) else "missed"
             elif any(r is None for r in ratios):
@@ -739,8 +885,9 @@ def markdown(meta: dict, figs: list[dict], runs: list[dict], loads: list[Load],
              notes: list[str]) -> str:
     reps = meta["reps"]
     reps_label = " / ".join(f"run {i}" for i in range(1, reps + 1))
+    suite = suite_of(meta)
     L = []
-    title = "eval-proxy vs nginx, HAProxy, Caddy — one proxy core"
+    title = suite.title
     if meta["quick"]:
         title += " (quick smoke run: not a measurement)"
     L.append(f"# {title}\n")
@@ -752,7 +899,16 @@ def markdown(meta: dict, figs: list[dict], runs: list[dict], loads: list[Load],
     L.append(f"Each cell: {reps_label}. Lower is better everywhere. Ratio = eval-proxy ÷ best peer "
              f"of the same repetition; a target is met only if every repetition meets it. "
              f"⚠ = the run reported errors; ~ = other processes on the machine were busy "
-             f"during the run (see notes).\n")
+             f"during the run (see notes)"
+             + ("; ✗ = fewer than {:.0%} of its handshakes resumed, so it is no resumed-handshake "
+                "figure and not the best peer".format(MIN_RESUMED_SHARE) if suite.key == "tls" else "")
+             + ".\n")
+    if suite.key == "tls":
+        L.append(f"Every subject terminates TLS with the same certificate (ECDSA P-256, made for "
+                 f"the run, leaf only), TLS 1.3 with TLS_AES_128_GCM_SHA256 and X25519 (the "
+                 f"client offers nothing else), ALPN http/1.1, in front of the same plain "
+                 f"backend. eval-proxy is the default build ({meta.get('provider_ring', 'ring')}); "
+                 f"the aws-lc-rs build is compared with it below.\n")
     L.append("| figure | eval-proxy | nginx | HAProxy | Caddy | eval ÷ best peer | target | |")
     L.append("|---|---|---|---|---|---|---|---|")
     for f in figs:
@@ -764,6 +920,8 @@ def markdown(meta: dict, figs: list[dict], runs: list[dict], loads: list[Load],
         v = f["verdict"]
         row.append("–" if v is None else ("✅ met" if v == "met" else f"❌ {v}"))
         L.append("| " + " | ".join(row) + " |")
+    if AWS_LC in suite.proxies:
+        L += provider_table(figs, reps, reps_label)
     # Absolute latency and baseline RSS give the ratios their scale.
     lk = {l.key: l for l in loads}
     by = {(r["rep"], r["load"], r["subject"]): r for r in runs}
@@ -801,13 +959,13 @@ def markdown(meta: dict, figs: list[dict], runs: list[dict], loads: list[Load],
     L.append("")
     L.append("Kernel share of the proxy's CPU (stime ÷ (utime + stime), from /proc/PID/stat), "
              + reps_label + ":\n")
-    L.append("| load | " + " | ".join(NAMES[s] for s in PROXIES) + " |")
-    L.append("|---|" + "---|" * len(PROXIES))
+    L.append("| load | " + " | ".join(NAMES[s] for s in suite.proxies) + " |")
+    L.append("|---|" + "---|" * len(suite.proxies))
     for l in loads:
         if l.unit is None:
             continue
         row = [l.title]
-        for s in PROXIES:
+        for s in suite.proxies:
             vals = []
             for rep in range(1, reps + 1):
                 r = by.get((rep, l.key, s))
@@ -822,11 +980,13 @@ def markdown(meta: dict, figs: list[dict], runs: list[dict], loads: list[Load],
              "of the load core (near 100 % there means the load side, not the proxy, set the pace) · "
              "CPU of other processes on the machine, as % of one core · errors, "
              + reps_label + ":\n")
-    L.append("| load | subject | throughput | proxy core | load core | others | errors |")
-    L.append("|---|---|---|---|---|---|---|")
+    tls = suite.key == "tls"
+    L.append("| load | subject | throughput | proxy core | load core | others | errors |"
+             + (" TLS handshakes: full · resumed |" if tls else ""))
+    L.append("|---|---|---|---|---|---|---|" + ("---|" if tls else ""))
     for l in loads:
         for s in l.subjects:
-            tp, pc, lc, oc, errs = [], [], [], [], []
+            tp, pc, lc, oc, errs, hs = [], [], [], [], [], []
             for rep in range(1, reps + 1):
                 r = by.get((rep, l.key, s))
                 g = r.get("loadgen") if r else None
@@ -836,6 +996,7 @@ def markdown(meta: dict, figs: list[dict], runs: list[dict], loads: list[Load],
                     lc.append("–")
                     oc.append("–")
                     errs.append("start/wait" if r else "–")
+                    hs.append("–")
                     continue
                 if l.unit == "messages":
                     tp.append(f"{g['msgs_per_s'] / 1000:.1f}k msg/s")
@@ -852,17 +1013,36 @@ def markdown(meta: dict, figs: list[dict], runs: list[dict], loads: list[Load],
                           + (f" ({r['attempts']} tries)" if r.get("attempts", 1) > 1 else ""))
                 e = sum(g.get("errors", {}).values())
                 errs.append(str(e) if e or r.get("exit_code") else "0")
+                t = g.get("tls")
+                hs.append(f"{t['full']} · {t['resumed']}" if t else "–")
             L.append(f"| {l.title} | {NAMES[s]} | {' / '.join(tp)} | {' / '.join(pc)} | "
-                     f"{' / '.join(lc)} | {' / '.join(oc)} | {' / '.join(errs)} |")
+                     f"{' / '.join(lc)} | {' / '.join(oc)} | {' / '.join(errs)} |"
+                     + (f" {' / '.join(hs)} |" if tls else ""))
     L.append("")
     L.append("Notes:\n")
     for n in notes or ["none"]:
         L.append(f"- {n}")
     L.append("")
-    stem = "quick" if meta["quick"] else "latest"
+    stem = output_stem(meta)
     L.append(f"Chart: `{stem}.svg` (CPU per unit of work, each proxy ÷ the best peer). "
              f"Raw numbers: `{stem}.json`.")
     return "\n".join(L) + "\n"
+
+
+def provider_table(figs: list[dict], reps: int, reps_label: str) -> list[str]:
+    """eval-proxy's two crypto providers side by side, from the same run."""
+    L = ["", f"Crypto provider: eval-proxy built with ring (the default) and with aws-lc-rs "
+         f"(`--features aws-lc`), same run, {reps_label}:\n",
+         "| figure | ring | aws-lc-rs | aws-lc-rs ÷ ring |", "|---|---|---|---|"]
+    for f in figs:
+        ring = f["values"].get("eval-proxy")
+        aws = f["values"].get(AWS_LC)
+        if not ring or not aws:
+            continue
+        ratio = [a / r if a is not None and r else None for a, r in zip(aws, ring)]
+        L.append(f"| {f['title']} | {cell(ring, f['flags'].get('eval-proxy'))} | "
+                 f"{cell(aws, f['flags'].get(AWS_LC))} | {cell(ratio)} |")
+    return L
 
 
 def svg_grid(y, lo: float, hi: float, step: float, x0: float, x1: float, label,
@@ -902,6 +1082,7 @@ def svg_chart(meta: dict, figs: list[dict], busy_runs: int) -> str:
            f'viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">',
            f'<rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{W / 2}" y="24" text-anchor="middle" font-size="16" font-weight="bold">'
+           f'{"TLS: " if suite_of(meta).key == "tls" else ""}'
            f'Proxy CPU per unit of work ÷ best peer (lower is better)</text>',
            f'<text x="{W / 2}" y="44" text-anchor="middle" fill="#555">'
            f'{html.escape(meta["date"])} · eval-proxy {html.escape(meta["commit"])} · mean of '
@@ -967,6 +1148,15 @@ def make_notes(runs: list[dict], loads: dict[str, Load], meta: dict) -> list[str
             lines = [l.strip() for l in r["error"].strip().splitlines() if l.strip()]
             what = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
             notes.append(f"**{label(r)} FAILED**: {what}")
+    for r in runs:
+        l = loads[r["load"]]
+        share = resumed_share(r)
+        if l.tls == "resume" and l.mode == "handshake" and share is not None \
+                and share < MIN_RESUMED_SHARE:
+            t = r["loadgen"]["tls"]
+            notes.append(f"**{label(r)} did not resume**: {t['resumed']} of "
+                         f"{t['full'] + t['resumed']} handshakes resumed a session (client-side "
+                         f"count), so its figure is no resumed-handshake figure (✗).")
     saturated, slow = [], []
     for r in runs:
         if not r.get("loadgen") or "wall_s" not in r:
@@ -1076,10 +1266,35 @@ def build(a: argparse.Namespace) -> dict[str, str]:
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
             raise BenchError(f"cargo build failed: {e}") from e
     bins = {"proxy": str(release / "eval-proxy"), "loadgen": str(release / "eval-loadgen")}
+    # storm.py and soak.py build through here too, without a --tls flag.
+    if getattr(a, "tls", False) and want_aws_lc(a):
+        # A target folder of its own: the feature changes rustls' build, and
+        # the default binary must stay as it is.
+        aws_target = Path(meta["target_directory"]) / "aws-lc"
+        if not a.no_build:
+            log("building eval-proxy with --features aws-lc (release)")
+            try:
+                subprocess.run(["cargo", "build", "--release", "-p", "eval-proxy", "--bin",
+                                "eval-proxy", "--features", "aws-lc"], cwd=ROOT, check=True,
+                               timeout=3600, env=dict(os.environ, CARGO_TARGET_DIR=str(aws_target)))
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+                raise BenchError(f"cargo build --features aws-lc failed: {e} (leave it out with "
+                                 f"--subjects eval-proxy,nginx,haproxy,caddy)") from e
+        bins["proxy-aws-lc"] = str(aws_target / "release" / "eval-proxy")
     for b in bins.values():
         if not os.access(b, os.X_OK):
             raise BenchError(f"{b} not found; build it or drop --no-build")
+    if "proxy-aws-lc" in bins:
+        # Both binaries look alike; --version names the provider each was built with.
+        for key, want in (("proxy", "ring"), ("proxy-aws-lc", "aws-lc-rs")):
+            version = capture([bins[key], "--version"])
+            if f"TLS: {want}" not in version:
+                raise BenchError(f"{bins[key]} --version says {version!r}, expected TLS: {want}")
     return bins
+
+
+def want_aws_lc(a: argparse.Namespace) -> bool:
+    return not a.subjects or AWS_LC in a.subjects.split(",")
 
 
 def capture(argv: list[str]) -> str:
@@ -1130,6 +1345,9 @@ def machine_meta(a: argparse.Namespace, bins: dict[str, str]) -> dict:
         "idle_conns": a.idle_conns,
         "partial": bool(a.loads or a.subjects),
         "max_others": a.max_others,
+        "suite": "tls" if getattr(a, "tls", False) else "plain",
+        **({"eval_proxy_aws_lc_version": capture([bins["proxy-aws-lc"], "--version"])}
+           if "proxy-aws-lc" in bins else {}),
     }
 
 
@@ -1139,12 +1357,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="eval-proxy vs nginx, HAProxy and Caddy on one proxy core (see bench/README.md).")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 s per load, 1 repetition, 500 idle sessions; writes quick.*")
+    p.add_argument("--tls", action="store_true",
+                   help="every proxy terminates TLS (one certificate, TLS 1.3, X25519): full and "
+                   "resumed handshakes, echo, per MiB, and eval-proxy built with ring and with "
+                   "aws-lc-rs; writes tls.* (tls-quick.* with --quick)")
     p.add_argument("--reps", type=int, help="repetitions (default 2; 1 with --quick)")
     p.add_argument("--duration", type=float, help="seconds per load (default 10; 2 with --quick)")
     p.add_argument("--idle-conns", type=int, help="idle sessions (default 4000; 500 with --quick)")
     p.add_argument("--loads", help="comma-separated subset: echo,rate30k,handshake,"
-                   "handshake_fresh,idle,bulk,rate5k")
-    p.add_argument("--subjects", help="comma-separated subset: direct,eval-proxy,nginx,haproxy,caddy")
+                   "handshake_fresh,idle,bulk,rate5k (with --tls: tls_handshake_full,"
+                   "tls_handshake_resumed,tls_echo,tls_bulk,bulk)")
+    p.add_argument("--subjects", help="comma-separated subset: direct,eval-proxy,nginx,haproxy,caddy "
+                   f"(with --tls also {AWS_LC}, and no direct)")
     p.add_argument("--proxy-cpu", type=int, default=0, help="CPU for the proxy under test (0)")
     p.add_argument("--load-cpu", type=int, default=1, help="CPU for loadgen and backend (1)")
     p.add_argument("--out", type=Path, default=BENCH / "results", help="results folder")
@@ -1177,12 +1401,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
+def output_stem(meta: dict) -> str:
+    """results/STEM.*: latest or quick, tls or tls-quick."""
+    suite = suite_of(meta)
+    if suite.key == "plain":
+        return "quick" if meta["quick"] else "latest"
+    return f"{suite.stem}-quick" if meta["quick"] else suite.stem
+
+
 def write_outputs(a: argparse.Namespace, meta: dict, loads: list[Load], runs: list[dict]) -> None:
     lmap = {l.key: l for l in loads}
-    figs = compute_figures(runs, lmap, meta["reps"], meta.get("max_others", 0.25))
+    suite = suite_of(meta)
+    figs = compute_figures(runs, lmap, meta["reps"], meta.get("max_others", 0.25), suite)
     notes = make_notes(runs, lmap, meta)
     md = markdown(meta, figs, runs, loads, notes)
-    stem = "quick" if meta["quick"] else "latest"
+    stem = output_stem(meta)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{stem}.md").write_text(md)
     busy = sum(contended(r, meta.get("max_others", 0.25)) for r in runs)
@@ -1196,7 +1429,7 @@ def write_outputs(a: argparse.Namespace, meta: dict, loads: list[Load], runs: li
     }, indent=1, ensure_ascii=False) + "\n")
     if not meta["quick"] and not meta.get("partial") and \
             a.out.resolve() == (BENCH / "results").resolve():
-        update_readme(md)
+        update_readme(md, marker=suite.marker, stem=stem)
     print(md)
     log(f"wrote {a.out / stem}.{{md,json,svg}}")
 
@@ -1262,6 +1495,8 @@ def main(argv: list[str]) -> int:
     def body(procs: Procs, runs: list[dict]) -> None:
         nonlocal budget
         bench = Bench(a, procs, bins)
+        if a.tls:
+            bench.make_certificate()
         for rep in range(1, a.reps + 1):
             for load in loads:
                 # Alternate the order between repetitions so drift in the

@@ -21,10 +21,18 @@ use eval_proxy::token::{self, Claims};
 /// finds the repl's Conman, and relays frames both ways unchanged. Every
 /// option of the TOML config is documented in README.md; the flags below
 /// override the file.
+/// `--version` names the crypto provider: the benchmark checks it, since
+/// the `aws-lc` feature builds a binary that looks the same otherwise.
+const VERSION: &str = if cfg!(feature = "aws-lc") {
+    concat!(env!("CARGO_PKG_VERSION"), " (TLS: aws-lc-rs)")
+} else {
+    concat!(env!("CARGO_PKG_VERSION"), " (TLS: ring)")
+};
+
 #[derive(Parser, Debug)]
 #[command(
     name = "eval-proxy",
-    version,
+    version = VERSION,
     after_help = "Exit codes: 0 clean exit (after a drain), 1 runtime failure, 2 bad flags or config \
                   (also: the address is served by a running proxy, or --takeover was refused).\n\
                   Signals: SIGTERM/SIGINT drain (a second one ends the grace period), SIGHUP reloads the \

@@ -5,14 +5,17 @@
 //! per-session transport (`session/tls.rs`), driven sans-IO by the session
 //! machine.
 //!
-//! Crypto provider: *ring*. aws-lc-rs needs cmake and clang to build, which
-//! these machines do not have; ring builds with the C compiler alone.
+//! Crypto provider: *ring* by default; the `aws-lc` cargo feature swaps in
+//! aws-lc-rs. The choice was measured (bench/README.md, "Crypto provider").
 
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::ResolvesClientCert;
+#[cfg(feature = "aws-lc")]
+use rustls::crypto::aws_lc_rs as provider;
+#[cfg(not(feature = "aws-lc"))]
 use rustls::crypto::ring as provider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
@@ -31,6 +34,12 @@ pub const ALPN_HTTP11: &[u8] = b"http/1.1";
 /// done in steps.
 pub const BUFFER_LIMIT: usize = 64 * 1024;
 
+/// The crypto provider every TLS config of this build uses (the load
+/// generator's client too, so both ends of a benchmark agree).
+pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
+    provider::default_provider()
+}
+
 /// TLS 1.2 session-id cache (clients without tickets), per process.
 const SESSION_CACHE: usize = 4096;
 
@@ -48,7 +57,7 @@ pub fn conman_client_config(
     client: Option<(&Path, &Path)>,
 ) -> Result<Arc<ClientConfig>, String> {
     let roots = load_roots(ca_file)?;
-    let builder = ClientConfig::builder_with_provider(Arc::new(provider::default_provider()))
+    let builder = ClientConfig::builder_with_provider(Arc::new(crypto_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots);
@@ -84,8 +93,7 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
 /// `optional`, a client may also send none.
 pub fn client_verifier(ca_file: &Path, optional: bool) -> Result<ClientVerifier, String> {
     let roots = Arc::new(load_roots(ca_file)?);
-    let b =
-        WebPkiClientVerifier::builder_with_provider(roots, Arc::new(provider::default_provider()));
+    let b = WebPkiClientVerifier::builder_with_provider(roots, Arc::new(crypto_provider()));
     let b = if optional {
         b.allow_unauthenticated()
     } else {
@@ -207,7 +215,7 @@ fn build(
     resolver: SniResolver,
     clients: Option<ClientVerifier>,
 ) -> Result<Arc<ServerConfig>, String> {
-    let provider = Arc::new(provider::default_provider());
+    let provider = Arc::new(crypto_provider());
     let builder = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?;
@@ -258,12 +266,11 @@ pub mod testkit {
         .unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert.der().clone()).unwrap();
-        let mut client =
-            rustls::ClientConfig::builder_with_provider(Arc::new(provider::default_provider()))
-                .with_protocol_versions(versions)
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(crypto_provider()))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         client.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
         (server, Arc::new(client))
     }

@@ -1,6 +1,6 @@
 //! One client WebSocket connection, driven by readiness events: connect,
-//! upgrade, send stamped messages, verify their echoes as they stream in,
-//! answer pings, close.
+//! (TLS handshake,) upgrade, send stamped messages, verify their echoes as
+//! they stream in, answer pings, close.
 //!
 //! Sending and verifying allocate nothing per message once the buffers have
 //! grown to the workload's size: frames are assembled from the shared masked
@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::Range;
 
@@ -23,6 +23,7 @@ use mio::net::TcpStream;
 
 use crate::net;
 use crate::report::Recorder;
+use crate::stream::{Stream, TlsClient};
 use crate::wire::{push_frame_head, stamp, Payloads, CLIENT_MASK};
 
 /// Payload bytes copied into the connection's own buffer; longer payloads
@@ -54,6 +55,8 @@ pub enum Phase {
 pub enum ConnError {
     Connect(io::Error),
     Io(io::Error),
+    /// The TLS client could not start, or the handshake or a record failed.
+    Tls(String),
     /// TCP closed without a Close frame.
     Eof,
     /// With the `Retry-After` it gave, in milliseconds.
@@ -80,6 +83,9 @@ impl ConnError {
             }
             Self::Connect(_) => "connect".into(),
             Self::Io(e) if e.kind() == io::ErrorKind::ConnectionReset => "reset".into(),
+            // Only rustls reports InvalidData on a socket's stream.
+            Self::Io(e) if e.kind() == io::ErrorKind::InvalidData => "tls".into(),
+            Self::Tls(_) => "tls".into(),
             Self::Io(_) => "io".into(),
             Self::Eof => "eof_without_close".into(),
             Self::HttpStatus(status, _) => format!("http_{status}"),
@@ -136,7 +142,9 @@ impl fmt::Display for ConnError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Connect(e) => write!(f, "connect: {e}"),
+            Self::Io(e) if e.kind() == io::ErrorKind::InvalidData => write!(f, "TLS: {e}"),
             Self::Io(e) => write!(f, "socket: {e}"),
+            Self::Tls(e) => write!(f, "TLS: {e}"),
             Self::Eof => f.write_str("connection closed without a Close frame"),
             Self::HttpStatus(status, _) => write!(f, "upgrade answered with HTTP {status}"),
             Self::Handshake(e) => write!(f, "upgrade: {e}"),
@@ -196,6 +204,8 @@ pub struct Dial<'a> {
     pub path: &'a str,
     /// Random bytes for Sec-WebSocket-Key.
     pub key_random: [u8; 16],
+    /// Speak TLS (wss://) with this client.
+    pub tls: Option<&'a TlsClient>,
 }
 
 struct Upgrade {
@@ -226,7 +236,7 @@ struct Rx {
 }
 
 pub struct Conn {
-    sock: TcpStream,
+    sock: Stream,
     pub id: u32,
     pub phase: Phase,
     /// When the connect started, or the close, in ns of the worker's clock.
@@ -256,7 +266,8 @@ impl Conn {
         inflight_capacity: usize,
         now_ns: u64,
     ) -> Result<Self, ConnError> {
-        let sock = net::start_connect(dial.target, dial.source).map_err(ConnError::Connect)?;
+        let tcp = net::start_connect(dial.target, dial.source).map_err(ConnError::Connect)?;
+        let sock = Stream::new(tcp, dial.tls).map_err(|e| ConnError::Tls(e.to_string()))?;
         let key = new_client_key(dial.key_random);
         let mut request = Vec::with_capacity(dial.path.len() + 256);
         write_conman_request(&mut request, dial.host, dial.path, &key, &[], None, &[]);
@@ -292,7 +303,7 @@ impl Conn {
 
     /// For registering with the poller.
     pub fn source(&mut self) -> &mut TcpStream {
-        &mut self.sock
+        self.sock.tcp()
     }
 
     pub fn inflight(&self) -> usize {
@@ -377,12 +388,12 @@ impl Conn {
     /// A connecting socket turns writable when the connect is done, either
     /// way; asking for the peer first costs one syscall on success.
     fn connected(&mut self) -> Result<bool, ConnError> {
-        match self.sock.peer_addr() {
+        match self.sock.tcp().peer_addr() {
             Ok(_) => return Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
             Err(e) => return Err(ConnError::Connect(e)),
         }
-        match self.sock.take_error().map_err(ConnError::Connect)? {
+        match self.sock.tcp().take_error().map_err(ConnError::Connect)? {
             Some(e) => Err(ConnError::Connect(e)),
             // Not connected and no error yet: a spurious wake-up.
             None => Ok(false),
@@ -424,7 +435,7 @@ impl Conn {
             // arrival as a new edge, so the read that would say EAGAIN can be
             // skipped: one syscall per event instead of two. A FIN that came
             // with this event is no later arrival, so then read on to the EOF.
-            if n < rxbuf.len() && !read_closed {
+            if n < rxbuf.len() && !read_closed && self.sock.short_read_drains() {
                 return Ok(());
             }
         }
@@ -457,6 +468,9 @@ impl Conn {
         };
         self.phase = Phase::Open;
         outcome.opened = true;
+        if let Some(resumed) = self.sock.resumed() {
+            rec.tls_handshake(resumed);
+        }
         self.on_frames(
             &upgrade.response[head_len..],
             payloads,
@@ -657,6 +671,14 @@ impl Conn {
     pub fn flush(&mut self, payloads: &Payloads) -> Result<(), ConnError> {
         if self.write_blocked || self.phase == Phase::Connecting {
             return Ok(());
+        }
+        match self.sock.push() {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.write_blocked = true;
+                return Ok(());
+            }
+            Err(e) => return Err(ConnError::Io(e)),
         }
         loop {
             if self.tail.is_empty() {

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::stream::TlsClient;
 use crate::tokens::Paths;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +79,8 @@ pub struct RunConfig {
     /// Host header value.
     pub host: String,
     pub paths: Paths,
+    /// wss://: every connection speaks TLS with this client.
+    pub tls: Option<TlsClient>,
     /// Connections (workers, in handshake mode).
     pub conns: usize,
     pub threads: usize,

@@ -9,6 +9,7 @@
 //! - [`storm`]: the `storm` mode's sessions across reconnects, its
 //!   conductor (kill, CPU of watched processes, when it is over).
 //! - [`client`]: one client connection: connect, upgrade, send, verify.
+//! - [`stream`]: its bytes over plain TCP or rustls (wss://).
 //! - [`wire`]: the stamped payload template and frame assembly.
 //! - [`report`]: histograms, counters, text and JSON output.
 //! - [`tokens`]: request paths with per-connection PASETO tokens.
@@ -18,8 +19,9 @@
 //! - [`echo_server`], [`conman`]: the backends.
 //!
 //! Dependencies go one way, down this chain: `main.rs` → `run` → `worker`
-//! → `storm` → `client` → `report` → `config` → `tokens`. The backends use `net` and
-//! `out`; `net`, `out`, `tokens`, `units` and `wire` use no other module.
+//! → `storm` → `client` → `report` → `config` → `stream` → `tokens`. The
+//! backends use `net` and `out`; `net`, `out`, `stream`, `tokens`, `units`
+//! and `wire` use no other module.
 
 mod client;
 mod config;
@@ -30,6 +32,7 @@ mod out;
 mod report;
 mod run;
 mod storm;
+mod stream;
 mod tokens;
 mod units;
 mod wire;
@@ -47,6 +50,7 @@ use eval_proxy::proto::handshake::parse_ws_url;
 
 use crate::config::{MixedShape, Mode, RunConfig, StormShape};
 use crate::out::print_flushed;
+use crate::stream::TlsClient;
 use crate::tokens::{Paths, TokenSpec};
 
 /// Largest message the template is built for (it is held twice in memory).
@@ -86,6 +90,12 @@ enum Command {
     /// and `POST /v1/revocations` keep the fleet's revocations (README, "The
     /// Controlplane contract"). Prints `listening ADDR` once bound.
     Controlplane(ControlplaneArgs),
+    /// Write a throwaway CA and an ECDSA P-256 certificate it signed for
+    /// `localhost` (and 127.0.0.1, ::1) into DIR, as eval-proxy --dev --tls
+    /// does: ca.pem (to trust), cert.pem and key.pem (to serve).
+    ///
+    /// Prints `ca PATH`, `cert PATH` and `key PATH`.
+    TlsCert(TlsCertArgs),
     /// Run the fast WebSocket echo backend used behind every proxy in the benchmark.
     ///
     /// One epoll loop per thread; echoes each client frame back unmasked as it
@@ -168,6 +178,13 @@ struct ControlplaneArgs {
 }
 
 #[derive(Args, Debug)]
+struct TlsCertArgs {
+    /// Directory to write into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
 struct EchoServerArgs {
     /// Address to bind, e.g. 127.0.0.1:0 for any free port.
     #[arg(long, value_name = "ADDR")]
@@ -180,10 +197,25 @@ struct EchoServerArgs {
 /// Options shared by every load mode.
 #[derive(Args, Debug)]
 struct Target {
-    /// ws://HOST:PORT/PATH to load. For eval-proxy the path is /wsv2/<token>,
-    /// or /wsv2/ with --token-per-conn.
+    /// ws://HOST:PORT/PATH (or wss://) to load. For eval-proxy the path is
+    /// /wsv2/<token>, or /wsv2/ with --token-per-conn.
     #[arg(long, value_name = "URL")]
     url: String,
+    /// Speak TLS (implied by a wss:// URL): TLS 1.3 only, AES-128-GCM and
+    /// X25519 only, ALPN http/1.1, the eval-proxy build's crypto provider.
+    #[arg(long)]
+    tls: bool,
+    /// With TLS: trust the certificates in this PEM file (and no others).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// With TLS: the server name to send and verify, and the Host header's
+    /// name, as a browser's would be [default: the URL's host].
+    #[arg(long, value_name = "NAME")]
+    sni: Option<String>,
+    /// With TLS: keep no session cache, so every handshake is a full one
+    /// (default: resume with TLS 1.3 tickets kept across connections).
+    #[arg(long)]
+    no_resume: bool,
     /// Load threads, one epoll loop each; connections are split between them.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=254))]
     threads: u16,
@@ -540,6 +572,16 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             controlplane(a)?;
             return Ok(ExitCode::SUCCESS);
         }
+        Command::TlsCert(a) => {
+            let made = eval_proxy::dev::tls::generate(&a.dir).map_err(anyhow::Error::msg)?;
+            print_flushed(&format!(
+                "ca {}\ncert {}\nkey {}",
+                made.ca.display(),
+                made.cert.cert.display(),
+                made.cert.key.display()
+            ))?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::EchoServer(a) => {
             echo_server::run(a.listen, a.threads.into())?;
             return Ok(ExitCode::SUCCESS);
@@ -640,12 +682,31 @@ fn base_config(mode: Mode, t: &Target, conns: usize) -> Result<RunConfig> {
     if conns == 0 {
         return Err(usage("at least one connection is needed"));
     }
-    let url = parse_ws_url(&t.url).map_err(|e| usage(format!("--url {}: {e}", t.url)))?;
+    let (wss, ws_url) = strip_wss(&t.url);
+    let mut url = parse_ws_url(&ws_url).map_err(|e| usage(format!("--url {}: {e}", t.url)))?;
+    if wss && !has_port(&ws_url) {
+        url.port = 443;
+    }
     let target = (url.host.as_str(), url.port)
         .to_socket_addrs()
         .with_context(|| format!("resolving {}", url.host))?
         .next()
         .with_context(|| format!("{} has no address", url.host))?;
+    let tls = match (wss || t.tls, &t.ca) {
+        (false, None) if t.sni.is_none() && !t.no_resume => None,
+        (false, _) => {
+            return Err(usage(
+                "--ca, --sni and --no-resume need --tls or a wss:// URL",
+            ))
+        }
+        (true, None) => return Err(usage("TLS needs --ca FILE (the certificates to trust)")),
+        (true, Some(ca)) => {
+            if let Some(sni) = &t.sni {
+                url.host = sni.clone();
+            }
+            Some(TlsClient::new(ca, &url.host, !t.no_resume).map_err(usage)?)
+        }
+    };
     let spec = match (t.token_per_conn, t.dev_key, &t.key) {
         (false, false, None) => None,
         (false, _, _) => return Err(usage("--dev-key and --key need --token-per-conn")),
@@ -670,6 +731,7 @@ fn base_config(mode: Mode, t: &Target, conns: usize) -> Result<RunConfig> {
         target,
         host: url.host_header(),
         paths: Paths::new(&url.path, spec),
+        tls,
         conns,
         threads,
         size: 64,
@@ -693,4 +755,23 @@ fn base_config(mode: Mode, t: &Target, conns: usize) -> Result<RunConfig> {
         premint: 0,
         storm: StormShape::default(),
     })
+}
+
+/// `wss://…` as `ws://…` (which the URL parser reads) and whether it was.
+fn strip_wss(url: &str) -> (bool, String) {
+    match url.get(..6) {
+        Some(scheme) if scheme.eq_ignore_ascii_case("wss://") => {
+            (true, format!("ws://{}", &url[6..]))
+        }
+        _ => (false, url.to_owned()),
+    }
+}
+
+/// Whether a ws:// URL names its port (else wss:// means 443, not 80).
+fn has_port(ws_url: &str) -> bool {
+    let rest = ws_url.split_once("://").map_or(ws_url, |(_, r)| r);
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    // An IPv6 literal's colons are inside its brackets.
+    let after_host = authority.rsplit_once(']').map_or(authority, |(_, a)| a);
+    after_host.contains(':')
 }

@@ -31,6 +31,9 @@ pub struct Recorder {
     /// Complete connect + upgrade + echo + close cycles.
     pub handshakes: u64,
     pub established: u64,
+    /// TLS handshakes of upgraded connections: full, and resumed from a ticket.
+    pub tls_full: u64,
+    pub tls_resumed: u64,
 }
 
 impl Default for Recorder {
@@ -43,6 +46,8 @@ impl Default for Recorder {
             bytes: 0,
             handshakes: 0,
             established: 0,
+            tls_full: 0,
+            tls_resumed: 0,
         }
     }
 }
@@ -54,6 +59,14 @@ impl Recorder {
         self.bytes += u64::from(len);
     }
 
+    pub fn tls_handshake(&mut self, resumed: bool) {
+        if resumed {
+            self.tls_resumed += 1;
+        } else {
+            self.tls_full += 1;
+        }
+    }
+
     pub fn merge(&mut self, other: &Recorder) {
         // Same bounds everywhere, so adding cannot fail.
         self.echo_ns.add(&other.echo_ns).ok();
@@ -63,6 +76,8 @@ impl Recorder {
         self.bytes += other.bytes;
         self.handshakes += other.handshakes;
         self.established += other.established;
+        self.tls_full += other.tls_full;
+        self.tls_resumed += other.tls_resumed;
     }
 }
 
@@ -170,9 +185,19 @@ pub struct Report {
     /// Connect to 101.
     pub upgrade_us: Percentiles,
     pub errors: BTreeMap<String, u64>,
+    /// TLS runs only: how the handshakes of upgraded connections went. A
+    /// server that never resumes shows up here, not only in its CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsReport>,
     /// `storm` only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub storm: Option<StormReport>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct TlsReport {
+    pub full: u64,
+    pub resumed: u64,
 }
 
 /// What a `storm` did: the section of the report only that mode has.
@@ -272,6 +297,10 @@ impl Report {
             latency_us: Percentiles::of(latency),
             upgrade_us: Percentiles::of(&rec.upgrade_ns),
             errors,
+            tls: Some(TlsReport {
+                full: rec.tls_full,
+                resumed: rec.tls_resumed,
+            }),
             storm: None,
         }
     }
@@ -319,6 +348,13 @@ impl Report {
         let _ = writeln!(s, "  {latency_label}{}", p(&self.latency_us));
         if self.established > 0 {
             let _ = writeln!(s, "  upgrade µs {}", p(&self.upgrade_us));
+        }
+        if let Some(tls) = &self.tls {
+            let _ = writeln!(
+                s,
+                "  TLS         {} full handshakes, {} resumed",
+                tls.full, tls.resumed
+            );
         }
         if let Some(storm) = &self.storm {
             storm.write_text(&mut s);

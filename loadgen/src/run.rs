@@ -120,6 +120,9 @@ pub fn run(cfg: RunConfig, json: bool) -> Result<Report> {
         }
     }
     let mut report = Report::new(mode, conns, &results);
+    if shared.cfg.tls.is_none() {
+        report.tls = None;
+    }
     if mode == Mode::Storm {
         let recs: Vec<_> = results.iter().filter_map(|r| r.storm.as_deref()).collect();
         let storm = storm::report(&shared.cfg.storm, conns, &recs, &shared.storm);

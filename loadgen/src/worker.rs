@@ -396,6 +396,7 @@ impl<'a> Worker<'a> {
             host: &self.cfg.host,
             path: &path,
             key_random: key,
+            tls: self.cfg.tls.as_ref(),
         };
         let mut conn = Conn::connect(id, &dial, capacity, now)?;
         let index = self.free.pop().unwrap_or(self.slots.len());

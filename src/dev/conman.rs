@@ -95,7 +95,7 @@ pub fn tls_config(
     client_ca: Option<&std::path::Path>,
 ) -> io::Result<Arc<rustls::ServerConfig>> {
     let (chain, key) = crate::tls::read_pem_pair(cert, key).map_err(invalid_input)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(crate::tls::crypto_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| invalid_input(e.to_string()))?;
