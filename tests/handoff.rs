@@ -3,7 +3,7 @@
 //! its relay state) to the new one, and exits once it holds none.
 //!
 //! - Sessions echoing continuously (each its own byte pattern: small
-//!   messages, fragmented ones, Pings, a few MiB-sized frames) across three
+//!   messages, fragmented ones, Pings, a few 10 MiB frames) across three
 //!   successive upgrades: none closed, every byte back once and in order,
 //!   each old process exits 0, and the sessions end with a normal close
 //!   afterwards. `EVAL_HANDOFF_SESSIONS` scales it (default 200; the
@@ -255,42 +255,60 @@ fn next_frame(s: &mut TcpStream) -> std::io::Result<(bool, u8, Vec<u8>)> {
 fn exchange(s: &mut TcpStream, i: usize, seq: u64) -> Result<u64, String> {
     let kind = seq % 4;
     let big = i % 50 == 7 && seq % 8 == 3;
-    let (op, want) = if big {
-        // A few MiB-sized frames in flight.
-        let p = payload(i, seq, (1 << 20) + (seq as usize % 7) * 300_000, false);
-        s.write_all(&frame(true, 2, &p, MASK))
-            .map_err(|e| e.to_string())?;
-        (2, p)
-    } else {
-        match kind {
-            0 | 1 => {
-                let text = kind == 0;
-                let p = payload(i, seq, 18 + (seq as usize * 37) % 3000, text);
-                s.write_all(&frame(true, if text { 1 } else { 2 }, &p, MASK))
-                    .map_err(|e| e.to_string())?;
-                (if text { 1 } else { 2 }, p)
-            }
-            2 => {
-                // Fragmented: three frames, echoed as one message.
-                let p = payload(i, seq, 18 + (seq as usize * 53) % 5000, false);
-                let (a, rest) = p.split_at(p.len() / 3);
-                let (b, c) = rest.split_at(rest.len() / 2);
-                let mut out = frame(false, 2, a, MASK);
-                out.extend(frame(false, 0, b, MASK));
-                out.extend(frame(true, 0, c, MASK));
-                s.write_all(&out).map_err(|e| e.to_string())?;
-                (2, p)
-            }
-            _ => {
-                let p = payload(i, seq, 40, false);
-                s.write_all(&frame(true, 9, &p, MASK))
-                    .map_err(|e| e.to_string())?;
-                (10, p)
-            }
+    if big {
+        // A few 10 MiB frames in flight. Written from a second thread while
+        // this one reads the echo: the socket buffers between here and the
+        // fake Conman and back do not hold 20 MiB.
+        let p = payload(i, seq, (10 << 20) + (seq as usize % 7) * 300_000, false);
+        let f = frame(true, 2, &p, MASK);
+        let mut w = s.try_clone().map_err(|e| e.to_string())?;
+        let (got, wrote) = std::thread::scope(|sc| {
+            let writer = sc.spawn(move || w.write_all(&f));
+            let got = next_frame(s);
+            (got, writer.join().expect("writer thread"))
+        });
+        wrote.map_err(|e| format!("session {i} exchange {seq}: {e}"))?;
+        return check(i, seq, 2, &p, got);
+    }
+    let (op, want) = match kind {
+        0 | 1 => {
+            let text = kind == 0;
+            let p = payload(i, seq, 18 + (seq as usize * 37) % 3000, text);
+            s.write_all(&frame(true, if text { 1 } else { 2 }, &p, MASK))
+                .map_err(|e| e.to_string())?;
+            (if text { 1 } else { 2 }, p)
+        }
+        2 => {
+            // Fragmented: three frames, echoed as one message.
+            let p = payload(i, seq, 18 + (seq as usize * 53) % 5000, false);
+            let (a, rest) = p.split_at(p.len() / 3);
+            let (b, c) = rest.split_at(rest.len() / 2);
+            let mut out = frame(false, 2, a, MASK);
+            out.extend(frame(false, 0, b, MASK));
+            out.extend(frame(true, 0, c, MASK));
+            s.write_all(&out).map_err(|e| e.to_string())?;
+            (2, p)
+        }
+        _ => {
+            let p = payload(i, seq, 40, false);
+            s.write_all(&frame(true, 9, &p, MASK))
+                .map_err(|e| e.to_string())?;
+            (10, p)
         }
     };
-    let (fin, got_op, got) =
-        next_frame(s).map_err(|e| format!("session {i} exchange {seq}: {e}"))?;
+    check(i, seq, op, &want, next_frame(s))
+}
+
+/// The echo of exchange `seq` of session `i` must be `want` as one frame of
+/// opcode `op`; the bytes it checked.
+fn check(
+    i: usize,
+    seq: u64,
+    op: u8,
+    want: &[u8],
+    got: std::io::Result<(bool, u8, Vec<u8>)>,
+) -> Result<u64, String> {
+    let (fin, got_op, got) = got.map_err(|e| format!("session {i} exchange {seq}: {e}"))?;
     if !fin || got_op != op || got != want {
         return Err(format!(
             "session {i} exchange {seq}: sent op {op} ({} bytes), got fin {fin} op {got_op} ({} bytes){}",
