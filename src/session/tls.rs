@@ -27,7 +27,7 @@
 //! attempt the same way, which `eval_conman_attempt_failures_total` shows
 //! per VM.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +41,11 @@ use crate::error::{SetupError, Stage};
 /// session's queue (counted, and subject to backpressure) rather than in
 /// rustls.
 pub const SEAL_MAX: usize = 64 * 1024;
+
+/// What a TLS 1.3 (or 1.2) AES-GCM record adds to its plaintext at most: a
+/// 5-byte header, the inner content type and a 16-byte tag (1.2: an 8-byte
+/// explicit nonce instead of the type).
+const RECORD_OVERHEAD: usize = 5 + 8 + 16;
 
 /// A session's TLS state, boxed: the client side's transport (a TLS
 /// listener) and the Conman side's (a `wss://` attempt).
@@ -216,13 +221,29 @@ impl Transport {
                     return Err(self.fail(reason, was_handshaking, Some(e), detail));
                 }
             };
-            let n = state.plaintext_bytes_to_read();
+            let mut n = state.plaintext_bytes_to_read();
             if n > 0 {
-                let at = plain.len();
-                plain.resize(at + n, 0);
-                if let Err(e) = self.conn.reader().read_exact(&mut plain[at..]) {
-                    plain.truncate(at);
-                    return Err(self.fail("tls_bad_record", was_handshaking, None, e.to_string()));
+                plain.reserve(n);
+                // Straight from rustls's buffer: one copy, no zeroing first.
+                let mut reader = self.conn.reader();
+                while n > 0 {
+                    let got = match reader.fill_buf() {
+                        Ok(b) if !b.is_empty() => {
+                            plain.extend_from_slice(b);
+                            b.len()
+                        }
+                        Ok(_) => break,
+                        Err(e) => {
+                            return Err(self.fail(
+                                "tls_bad_record",
+                                was_handshaking,
+                                None,
+                                e.to_string(),
+                            ))
+                        }
+                    };
+                    reader.consume(got);
+                    n = n.saturating_sub(got);
                 }
             }
             if state.peer_has_closed() {
@@ -497,6 +518,18 @@ impl Session {
         } else {
             let mut out = Vec::new();
             if !t.handshaking() {
+                // Sized for what is sealed (plus each record's header, type
+                // and tag) up front: growing the Vec past 64 KiB doubled it
+                // to 128 KiB, glibc's mmap threshold, and every send then
+                // paid an mmap, page faults and an munmap.
+                let mut plain = 0;
+                for c in sd.sendq.iter() {
+                    if plain >= SEAL_MAX {
+                        break;
+                    }
+                    plain += c.remaining();
+                }
+                out.reserve(plain + plain.div_ceil(16 * 1024) * RECORD_OVERHEAD + 512);
                 let mut n = 0;
                 while n < SEAL_MAX {
                     let Some(c) = sd.sendq.pop_front() else {
@@ -573,6 +606,7 @@ impl Session {
 mod tests {
     use super::*;
     use rustls::ClientConnection;
+    use std::io::Read;
 
     /// A server transport and a rustls client trusting its certificate.
     fn pair(
