@@ -203,12 +203,30 @@ impl std::fmt::Display for ConfigFault {
 }
 impl std::error::Error for ConfigFault {}
 
+/// Keeps freed heap memory for reuse while traffic flows. By default glibc
+/// hands the top of a shard's arena back to the kernel whenever 128 KiB of
+/// it is free, and serves blocks of 128 KiB and more with their own mmap:
+/// relaying over TLS, which allocates and frees a sealed or decrypted block
+/// per send, then paid page faults and TLB flushes on every few sends
+/// (110,000 faults in 4 s of bulk TLS). The shards give the heap back with
+/// `malloc_trim` once they are idle, so memory at rest is unchanged.
+fn tune_malloc() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt takes plain integers; called before any shard thread
+    // starts, so no allocation races with the change.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+    }
+}
+
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Some(Cmd::Token { cmd }) => return token_cmd(cmd),
         Some(Cmd::Doctor { .. }) => unreachable!("handled in main"),
         None => {}
     }
+    tune_malloc();
     let overrides = Overrides {
         config: cli.config.clone(),
         dev: cli.dev,
