@@ -39,6 +39,14 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct ConmanSection {
     pub tls: ConmanTls,
+    /// TCP congestion control for Conman sockets (`TCP_CONGESTION`, e.g.
+    /// `"cubic"`); unset, the kernel's default. The Conman hop is inside
+    /// the datacenter, while the default is often chosen for clients across
+    /// the internet: BBR paces every socket, and without the `fq` qdisc
+    /// (always so on loopback) the kernel arms a timer per paced packet,
+    /// which costs the relay measurably (see bench/README.md, "Congestion
+    /// control").
+    pub tcp_congestion: Option<String>,
 }
 
 /// `[conman.tls]`: for `wss://` Conman URLs (static VMs or Controlplane
@@ -333,6 +341,10 @@ pub struct ListenConfig {
     /// send one; other peers, and connections without a valid header, are
     /// closed unanswered.
     pub proxy_protocol: bool,
+    /// TCP congestion control for client sockets (`TCP_CONGESTION`, set on
+    /// the listener, which accepted sockets inherit); unset, the kernel's
+    /// default.
+    pub tcp_congestion: Option<String>,
 }
 
 impl ListenConfig {
@@ -611,6 +623,7 @@ impl Default for ListenConfig {
             busy_poll_us: 0,
             trusted_proxies: Vec::new(),
             proxy_protocol: false,
+            tcp_congestion: None,
         }
     }
 }
@@ -837,6 +850,14 @@ impl Config {
                 "relay.hold_max",
                 "must be at most limits.send_queue_bytes",
             ));
+        }
+        for (key, cc) in [
+            ("listen.tcp_congestion", &self.listen.tcp_congestion),
+            ("conman.tcp_congestion", &self.conman.tcp_congestion),
+        ] {
+            if let Some(cc) = cc {
+                crate::shard::listener::check_congestion(cc).map_err(|why| invalid(key, &why))?;
+            }
         }
         if self.listen.busy_poll_us > 100_000 {
             return Err(invalid("listen.busy_poll_us", "must be at most 100000"));

@@ -100,6 +100,15 @@ fn bad_config_exits_2_naming_the_key() {
             "[token]\nallow_dev_key = true\n[placement]\ndefault = \"ws://127.0.0.1:1/\"\n[keepalive]\ninterval_s = 30\ntimeout_s = 10\n",
             "keepalive.timeout_s",
         ),
+        // A congestion control the kernel lacks: named, with what it offers.
+        (
+            "[token]\nallow_dev_key = true\n[placement]\ndefault = \"ws://127.0.0.1:1/\"\n[conman]\ntcp_congestion = \"nosuchcc\"\n",
+            "conman.tcp_congestion",
+        ),
+        (
+            "[token]\nallow_dev_key = true\n[placement]\ndefault = \"ws://127.0.0.1:1/\"\n[listen]\ntcp_congestion = \"a b\"\n",
+            "listen.tcp_congestion",
+        ),
     ] {
         std::fs::write(&p, text).unwrap();
         let (code, _, err) = run(&["--config", p.to_str().unwrap(), "--check"]);
@@ -406,4 +415,44 @@ fn keys_reload_on_sighup_and_on_change() {
     let mut ws = connect(&proxy.url(&mint("k2")));
     ws.send(Message::text("k2 still")).unwrap();
     assert_eq!(ws.read().unwrap(), Message::text("k2 still"));
+}
+
+/// What `ss -tin` says of the established socket whose local port is
+/// `local` (0: any) and remote port `remote` (0: any): its info line.
+fn ss_info(local: u16, remote: u16) -> Option<String> {
+    let out = Command::new("ss")
+        .args(["-tinH", "state", "established"])
+        .output();
+    let out = String::from_utf8(out.expect("ss (iproute2) runs").stdout).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    let port = |addr: &str| addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
+    lines.windows(2).find_map(|w| {
+        let f: Vec<&str> = w[0].split_whitespace().collect();
+        let (l, r) = (port(f.get(2)?)?, port(f.get(3)?)?);
+        ((local == 0 || l == local) && (remote == 0 || r == remote)).then(|| w[1].to_string())
+    })
+}
+
+#[test]
+fn congestion_control_is_set_on_both_sockets() {
+    // reno: built into every kernel, and any process may use it.
+    let conman = echo_conman();
+    let cfg = config_for(
+        conman.local_addr,
+        "[listen]\ntcp_congestion = \"reno\"\n[conman]\ntcp_congestion = \"reno\"\n",
+    );
+    let proxy = Proxy::start(&cfg, &[]);
+    let mut ws = connect(&proxy.url(&dev_token("cc")));
+    ws.send(Message::text("hi")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("hi"));
+    // The client's socket to the proxy: its accepted end is the proxy's.
+    let client = ws.get_ref();
+    let tungstenite::stream::MaybeTlsStream::Plain(s) = client else {
+        panic!("plain")
+    };
+    let client_port = s.local_addr().unwrap().port();
+    let accepted = ss_info(proxy.listen.port(), client_port).expect("the proxy's client socket");
+    assert!(accepted.contains(" reno "), "client side: {accepted}");
+    let to_conman = ss_info(0, conman.local_addr.port()).expect("the proxy's socket to Conman");
+    assert!(to_conman.contains(" reno "), "Conman side: {to_conman}");
 }

@@ -193,12 +193,23 @@ pub fn take_queued(listener: RawFd) -> (Vec<RawFd>, Option<io::Error>) {
 /// Nagle off and the configured TCP keepalive, a setsockopt(2) each; a
 /// shard whose ring can set options passes `false` and puts
 /// [`conman_sockopts`] in the ring instead, ahead of the connect.
-pub fn conman_socket(addr: &SocketAddr, k: &KeepaliveConfig, opts: bool) -> io::Result<RawFd> {
+pub fn conman_socket(
+    addr: &SocketAddr,
+    k: &KeepaliveConfig,
+    opts: bool,
+    congestion: Option<&str>,
+) -> io::Result<RawFd> {
     let s = Socket::new(
         Domain::for_address(*addr),
         Type::STREAM.nonblocking().cloexec(),
         Some(Protocol::TCP),
     )?;
+    if let Some(cc) = congestion {
+        // Checked at start (`check_congestion`); should it fail now (a
+        // module unloaded since), the kernel's default serves the session
+        // no worse than without the setting.
+        let _ = set_congestion(std::os::fd::AsRawFd::as_raw_fd(&s), cc);
+    }
     if opts {
         s.set_nodelay(true)?;
         set_keepalive(SockRef::from(&s), k)?;
@@ -271,6 +282,53 @@ pub fn set_keepalive_fd(fd: RawFd, k: &KeepaliveConfig) -> io::Result<()> {
     set_keepalive(SockRef::from(&fd), k)
 }
 
+/// Sets `fd`'s TCP congestion control (`TCP_CONGESTION`) to `name`.
+pub fn set_congestion(fd: RawFd, name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes, which the
+    // kernel only reads during the call.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether this process may use congestion control `name`: tried on a
+/// throwaway socket, so a typo or a module the kernel lacks stops the
+/// start with the list of what it offers, rather than every session
+/// silently running on the default.
+pub fn check_congestion(name: &str) -> Result<(), String> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    // TCP_CA_NAME_MAX is 16, with the NUL.
+    if name.is_empty() || name.len() > 15 || !name.chars().all(ok) {
+        return Err(format!("{name:?} is not a congestion control name"));
+    }
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| format!("cannot make a socket to try {name:?}: {e}"))?;
+    set_congestion(std::os::fd::AsRawFd::as_raw_fd(&s), name).map_err(|e| {
+        let list = |f: &str| {
+            std::fs::read_to_string(format!("/proc/sys/net/ipv4/{f}"))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "?".into())
+        };
+        format!(
+            "{name:?} cannot be set ({e}); this kernel offers {}, of which unprivileged \
+             processes may use {}",
+            list("tcp_available_congestion_control"),
+            list("tcp_allowed_congestion_control")
+        )
+    })
+}
+
 /// The peer's IP, for X-Forwarded-For.
 pub fn peer_ip(fd: RawFd) -> Option<std::net::IpAddr> {
     // SAFETY: sockaddr_storage is a plain C struct; all-zero is valid.
@@ -291,6 +349,39 @@ mod tests {
     use super::*;
 
     /// The shard relies on this instead of a setsockopt per connection.
+    #[test]
+    fn congestion_control_is_checked_and_set() {
+        assert!(check_congestion("reno").is_ok());
+        let e = check_congestion("nosuchcc").unwrap_err();
+        assert!(e.contains("offers"), "{e}");
+        for bad in ["", "a b", "sixteen_chars_xx", "x\0"] {
+            assert!(check_congestion(bad).is_err(), "{bad:?}");
+        }
+        let fd = conman_socket(
+            &"127.0.0.1:1".parse().unwrap(),
+            &KeepaliveConfig::default(),
+            true,
+            Some("reno"),
+        )
+        .unwrap();
+        let mut name = [0u8; 16];
+        let mut len = name.len() as libc::socklen_t;
+        // SAFETY: a buffer of `len` bytes for the kernel to fill.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_CONGESTION,
+                name.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        // SAFETY: our socket, closed once.
+        unsafe { libc::close(fd) };
+        assert_eq!(r, 0);
+        assert!(name.starts_with(b"reno\0"), "{name:?}");
+    }
+
     #[test]
     fn accepted_sockets_inherit_nodelay_from_the_listener() {
         let (mut socks, addr) = bind_all("127.0.0.1:0".parse().unwrap(), 1, 16).unwrap();
@@ -330,7 +421,7 @@ mod tests {
     #[test]
     fn conman_sockets_get_keepalive_unless_turned_off() {
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let fd = conman_socket(&addr, &KeepaliveConfig::default(), true).unwrap();
+        let fd = conman_socket(&addr, &KeepaliveConfig::default(), true, None).unwrap();
         // SAFETY: the socket just created, owned from here on.
         let s = unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         assert!(s.keepalive().unwrap());
@@ -340,7 +431,7 @@ mod tests {
             tcp_user_timeout_ms: 0,
             ..KeepaliveConfig::default()
         };
-        let fd = conman_socket(&addr, &off, true).unwrap();
+        let fd = conman_socket(&addr, &off, true, None).unwrap();
         // SAFETY: as above.
         let s = unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         assert!(!s.keepalive().unwrap());

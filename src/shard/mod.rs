@@ -263,6 +263,11 @@ impl Shard {
         // however obtained (bound, or handed over) gives its client sockets
         // the configured keepalive.
         listener::set_keepalive_fd(spec.listener, &cfg.keepalive)?;
+        // Likewise: accepted sockets inherit the listener's congestion
+        // control.
+        if let Some(cc) = &cfg.listen.tcp_congestion {
+            listener::set_congestion(spec.listener, cc)?;
+        }
         let verify = VerifyOptions {
             leeway_s: cfg.token.leeway_s,
             cluster: cfg.token.cluster.clone(),

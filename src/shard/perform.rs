@@ -41,7 +41,12 @@ impl Io {
             } => self.placement(slot, e, seq, attempt, exclude, out),
             Op::Connect { addr, timeout } => {
                 let via_ring = self.ring_sockopts;
-                let res = listener::conman_socket(&addr, &self.cfg.keepalive, !via_ring)
+                let res = listener::conman_socket(
+                    &addr,
+                    &self.cfg.keepalive,
+                    !via_ring,
+                    self.cfg.conman.tcp_congestion.as_deref(),
+                )
                     .map_err(|err| {
                         if let Some(held_back) = self.socket_warn.check(self.now) {
                             tracing::warn!(shard = self.shard, %err, held_back, "cannot create a Conman socket");
@@ -412,7 +417,7 @@ mod tests {
             ..KeepaliveConfig::default()
         };
         let addr = "127.0.0.1:9".parse().unwrap();
-        let fd = listener::conman_socket(&addr, &k, false).unwrap();
+        let fd = listener::conman_socket(&addr, &k, false, None).unwrap();
         // SAFETY: the socket just created, owned from here on.
         let s = unsafe { socket2::Socket::from_raw_fd(fd) };
         assert!(!s.nodelay().unwrap(), "options set before the ring did");
