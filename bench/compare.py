@@ -16,6 +16,7 @@ library only. See bench/README.md for what each figure means.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import html
@@ -892,7 +893,8 @@ def markdown(meta: dict, figs: list[dict], runs: list[dict], loads: list[Load],
         title += " (quick smoke run: not a measurement)"
     L.append(f"# {title}\n")
     L.append(f"{meta['date']} · eval-proxy {meta['commit']} · {meta['cpu_model']}, {meta['cpus']} CPUs, "
-             f"Linux {meta['kernel']} · {meta['versions']}  ")
+             f"Linux {meta['kernel']}, TCP congestion control {meta.get('congestion', '?')} · "
+             f"{meta['versions']}  ")
     L.append(f"`{meta['command']}` · {meta['duration']} s per load, {reps} repetition(s), "
              f"proxy on CPU {meta['proxy_cpu']}, loadgen + backend on CPU {meta['load_cpu']}, "
              f"every proxy started fresh for every run.\n")
@@ -1324,7 +1326,40 @@ def host_meta() -> dict:
         "cpu_model": model,
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
+        "congestion": read_congestion(),
     }
+
+
+CC_SYSCTL = Path("/proc/sys/net/ipv4/tcp_congestion_control")
+
+
+def read_congestion() -> str:
+    try:
+        return CC_SYSCTL.read_text().strip()
+    except OSError:
+        return "?"
+
+
+@contextlib.contextmanager
+def congestion(name: str | None):
+    """--cc: the machine's default TCP congestion control for the run,
+    restored after. Every subject's sockets (and the load's) then use it;
+    BBR, for one, paces every socket with a timer per packet on loopback."""
+    if not name:
+        yield
+        return
+    before = read_congestion()
+    try:
+        CC_SYSCTL.write_text(name)
+    except OSError as e:
+        raise BenchError(f"--cc {name}: cannot set {CC_SYSCTL} ({e}); needs root and "
+                         f"one of {Path('/proc/sys/net/ipv4/tcp_available_congestion_control').read_text().strip()}")
+    log(f"TCP congestion control {before} -> {name} for the run")
+    try:
+        yield
+    finally:
+        CC_SYSCTL.write_text(before)
+        log(f"TCP congestion control back to {before}")
 
 
 def machine_meta(a: argparse.Namespace, bins: dict[str, str]) -> dict:
@@ -1380,6 +1415,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rerun-share", type=float, default=0.25, metavar="SHARE",
                    help="at most this share of the runs may be repeated (0.25; 0 = never)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs)")
+    p.add_argument("--cc", metavar="NAME",
+                   help="the machine's TCP congestion control during the run (e.g. cubic), "
+                   "restored after; the results name the one in force")
     p.add_argument("--render", type=Path, metavar="JSON",
                    help="only rebuild the table, chart (and README) from a saved results JSON")
     a = p.parse_args(argv)
@@ -1486,6 +1524,11 @@ def main(argv: list[str]) -> int:
     if not shutil.which("taskset"):
         raise BenchError("taskset not found (package util-linux)")
     bins = build(a)
+    with congestion(a.cc):
+        return measure(a, loads, bins)
+
+
+def measure(a: argparse.Namespace, loads: list, bins: dict[str, str]) -> int:
     meta = machine_meta(a, bins)
     total = a.reps * sum(len(l.subjects) for l in loads)
     # Repeat runs that other work on the machine disturbed, within a budget
