@@ -478,6 +478,12 @@ pub struct Buffers {
     pub count: u32,
     /// Bytes per provided buffer.
     pub size: u32,
+    /// Buffers of the TLS pool per shard (power of two, 2..=16384): sessions
+    /// that speak TLS on a side receive into these (see `shard::bufring`);
+    /// when they run dry, a receive takes a main buffer.
+    pub tls_count: u32,
+    /// Bytes per TLS pool buffer (1024..=1048576).
+    pub tls_size: u32,
     /// A data frame with at least this many payload bytes still to come is
     /// moved socket to pipe to socket with splice(2) instead of being copied
     /// through a buffer; 0 turns splicing off.
@@ -670,6 +676,8 @@ impl Default for Buffers {
         Buffers {
             count: 1024,
             size: 16 * 1024,
+            tls_count: 32,
+            tls_size: 64 * 1024,
             splice_min: 32 * 1024,
             pipe_size: 1 << 20,
         }
@@ -842,6 +850,15 @@ impl Config {
         }
         if b.size < 1024 || b.size > 1 << 20 {
             return Err(invalid("buffers.size", "must be in 1024..=1048576"));
+        }
+        if !b.tls_count.is_power_of_two() || b.tls_count > 16384 || b.tls_count < 2 {
+            return Err(invalid(
+                "buffers.tls_count",
+                "must be a power of two in 2..=16384",
+            ));
+        }
+        if b.tls_size < 1024 || b.tls_size > 1 << 20 {
+            return Err(invalid("buffers.tls_size", "must be in 1024..=1048576"));
         }
         // A held frame enters the send queue all at once when complete, so
         // one larger than the queue's bound would defeat backpressure.

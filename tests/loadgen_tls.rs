@@ -45,9 +45,14 @@ impl Certs {
 
 /// The proxy serving `certs` for `localhost`, in front of an echo backend.
 fn tls_proxy(certs: &Certs, backend: &Listening) -> Proxy {
+    tls_proxy_with(certs, backend, "")
+}
+
+/// As `tls_proxy`, with more config (TOML tables) after the rest.
+fn tls_proxy_with(certs: &Certs, backend: &Listening, extra: &str) -> Proxy {
     let config = format!(
         "[token]\nallow_dev_key = true\n\n[placement]\ndefault = \"ws://{}/\"\n\n\
-         [[tls.certs]]\ncert = {:?}\nkey = {:?}\nnames = [\"localhost\"]\n",
+         [[tls.certs]]\ncert = {:?}\nkey = {:?}\nnames = [\"localhost\"]\n{extra}",
         backend.addr(),
         certs.path("cert.pem"),
         certs.path("key.pem"),
@@ -169,4 +174,32 @@ fn a_server_whose_certificate_is_not_trusted_is_refused() {
     assert!(!ok, "{r}");
     assert!(n(&r["errors"]["tls"]) >= 1, "{r}");
     assert_eq!(n(&r["established"]), 0, "{r}");
+}
+
+#[test]
+fn a_dry_tls_buffer_pool_falls_back_without_losing_a_byte() {
+    let certs = Certs::new("lgtls-pool");
+    let backend = Listening::echo_server();
+    // Two TLS-pool buffers for eight sessions streaming both ways: most
+    // receives find the pool empty, or low enough that what they hold is
+    // copied out.
+    let proxy = tls_proxy_with(&certs, &backend, "[buffers]\ntls_count = 2\n");
+    let bulk = [
+        "bulk",
+        "--conns",
+        "8",
+        "--size",
+        "1MiB",
+        "--messages",
+        "32",
+        "--pipeline",
+        "2",
+    ];
+    let (ok, r) = load(&proxy, &certs.path("ca.pem"), &bulk);
+    assert!(ok, "{r}");
+    assert_eq!(n(&r["bytes"]), 32 * 1024 * 1024, "{r}");
+    assert_eq!(r["errors"], serde_json::json!({}), "{r}");
+    let dry = proxy.metric("eval_tls_buffer_pool_exhausted_total", &[]);
+    assert!(dry > 0.0, "the pool never ran dry: the test tests nothing");
+    assert_eq!(proxy.metric("eval_buffer_ring_exhausted_total", &[]), 0.0);
 }

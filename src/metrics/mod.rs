@@ -111,6 +111,9 @@ pub struct ShardStats {
     pub frames_to_conman: AtomicU64,
     pub frames_to_client: AtomicU64,
     pub buffer_exhausted: AtomicU64,
+    /// TLS receives that found the TLS buffer pool empty and took a main
+    /// pool buffer instead.
+    pub tls_pool_exhausted: AtomicU64,
     pub backpressure_pauses: AtomicU64,
     /// Payload bytes moved with splice(2) (also in the relayed bytes).
     pub spliced_bytes: AtomicU64,
@@ -345,6 +348,12 @@ pub fn render(shards: &[Arc<ShardStats>]) -> String {
         names::BUFFER_EXHAUSTED,
         "Receives that found the provided-buffer ring empty (ENOBUFS).",
         sum(|s| &s.buffer_exhausted),
+    );
+    counter(
+        &mut out,
+        names::TLS_POOL_EXHAUSTED,
+        "TLS receives that found the TLS buffer pool empty and took a buffer of the main ring.",
+        sum(|s| &s.tls_pool_exhausted),
     );
     counter(
         &mut out,

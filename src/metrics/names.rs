@@ -38,6 +38,7 @@ pub const CLOSE_CODES: &str = "eval_close_codes_total";
 pub const RELAY_TORN_FRAMES: &str = "eval_relay_torn_frames_total";
 pub const HTTP_RESPONSES: &str = "eval_http_responses_total";
 pub const BUFFER_EXHAUSTED: &str = "eval_buffer_ring_exhausted_total";
+pub const TLS_POOL_EXHAUSTED: &str = "eval_tls_buffer_pool_exhausted_total";
 pub const BACKPRESSURE_PAUSES: &str = "eval_backpressure_pauses_total";
 pub const BUDGET_PAUSES: &str = "eval_buffer_budget_pauses_total";
 pub const BUFFERED_BYTES: &str = "eval_buffered_bytes";
@@ -89,6 +90,7 @@ pub const ALL: &[(&str, Kind)] = &[
     (RELAY_TORN_FRAMES, Kind::Counter),
     (HTTP_RESPONSES, Kind::Counter),
     (BUFFER_EXHAUSTED, Kind::Counter),
+    (TLS_POOL_EXHAUSTED, Kind::Counter),
     (BACKPRESSURE_PAUSES, Kind::Counter),
     (BUDGET_PAUSES, Kind::Counter),
     (BUFFERED_BYTES, Kind::Gauge),

@@ -192,10 +192,17 @@ pub struct Pipe {
 /// socket ([`Session::fd`]).
 #[derive(Debug)]
 pub enum Op {
-    /// Receive into the shared buffer ring: multishot, or one buffer.
-    Recv { who: Who, fd: RawFd, single: bool },
-    /// Stop that receive; its last completion still comes.
-    CancelRecv { who: Who },
+    /// Receive into a shared buffer pool (the TLS pool if `tls`, see
+    /// `arm_recv`): multishot, or one buffer.
+    Recv {
+        who: Who,
+        fd: RawFd,
+        single: bool,
+        tls: bool,
+    },
+    /// Stop that receive (from the pool it was armed on); its last
+    /// completion still comes.
+    CancelRecv { who: Who, tls: bool },
     /// Send these chunks; they come back with [`Session::handle_sent`].
     Send { who: Who, fd: RawFd, batch: Batch },
     /// Check the token of [`Session::token`]; answer with `handle_token`.
@@ -259,6 +266,12 @@ pub trait RingBytes {
     /// `len` bytes at `off` of buffer `bid`, which the session holds (the
     /// kernel filled it and gets it back only at the session's `Recycle`).
     fn bytes(&self, bid: u16, off: u32, len: u32) -> &[u8];
+
+    /// The pool `bid` belongs to is running low (as `Env::ring_low` says
+    /// of the main one): what it holds is copied and the buffer given back.
+    fn low(&self, _bid: u16) -> bool {
+        false
+    }
 }
 
 /// What a session reads and writes besides its own state: the time, the
@@ -315,6 +328,11 @@ pub struct Side {
     /// once, again and again.
     starved: bool,
     cancel_pending: bool,
+    /// The armed receive is on the TLS pool.
+    recv_tls: bool,
+    /// The TLS pool had no buffer for this side: its next receive takes
+    /// one from the main pool.
+    tls_dry: bool,
     sendq: SendQ,
     /// Bytes queued plus bytes in the send in flight.
     queued: usize,
@@ -345,6 +363,8 @@ impl Side {
             paused: false,
             starved: false,
             cancel_pending: false,
+            recv_tls: false,
+            tls_dry: false,
             sendq: SendQ::default(),
             queued: 0,
             owned: 0,
@@ -816,7 +836,21 @@ impl Session {
         // takes effect, each copied into memory the budget is meant to bound.
         let single = std::mem::take(&mut sd.probe) || env.ring_low || env.over_budget();
         let fd = sd.fd;
-        env.op(Op::Recv { who, fd, single });
+        // A session whose client (or Conman) speaks TLS receives into the
+        // TLS pool's larger buffers (see `shard::bufring`), both sides:
+        // ciphertext is copied out by decryption at once, and plaintext
+        // toward a TLS side is sealed in bursts, so larger receives make
+        // fewer, larger sends and fewer window updates. Unless that pool
+        // just ran dry: then one receive takes a main buffer.
+        let tls = (self.speaks_tls(who) || self.speaks_tls(Who::Client))
+            && !std::mem::take(&mut self.side(who).tls_dry);
+        self.side(who).recv_tls = tls;
+        env.op(Op::Recv {
+            who,
+            fd,
+            single,
+            tls,
+        });
     }
 
     /// Stops a side's multishot receive (it cannot be paused otherwise).
@@ -825,7 +859,8 @@ impl Session {
         sd.paused = true;
         if sd.recv_armed && !sd.cancel_pending {
             sd.cancel_pending = true;
-            env.op(Op::CancelRecv { who });
+            let tls = sd.recv_tls;
+            env.op(Op::CancelRecv { who, tls });
         }
     }
 
@@ -899,6 +934,20 @@ impl Session {
             }
             Some((bid, _)) => env.op(Op::Recycle { bid }),
             None => match -res {
+                libc::ENOBUFS if self.side_ref(who).recv_tls => {
+                    // The small TLS pool ran dry (many TLS sides received
+                    // in one turn): one buffer from the main pool, at once,
+                    // rather than waiting out a shortage of the main pool.
+                    env.stats
+                        .tls_pool_exhausted
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let sd = self.side(who);
+                    sd.tls_dry = true;
+                    sd.probe = true;
+                    if !more && !sd.paused && !sd.eof && !sd.closed {
+                        self.arm_recv(env, who);
+                    }
+                }
                 libc::ENOBUFS => {
                     env.stats
                         .buffer_exhausted

@@ -463,7 +463,11 @@ impl Session {
         if range.is_empty() {
             return;
         }
-        let ring_ok = !env.ring_low && self.side_ref(to).sendq.len() < RING_HOLD_MAX;
+        let low = match input {
+            Input::Ring { bid, .. } => env.ring_low || env.ring.low(*bid),
+            Input::Owned(_) => env.ring_low,
+        };
+        let ring_ok = !low && self.side_ref(to).sendq.len() < RING_HOLD_MAX;
         let dest = self.side(to);
         match input {
             Input::Ring { bid, .. } if ring_ok => {
@@ -501,8 +505,11 @@ impl Session {
         let hold = self.hold_mut(dir);
         hold.holding = true;
         hold.bytes += range.len();
-        let ring_ok =
-            !env.ring_low && hold.tail.is_empty() && queued + hold.ring.len() < RING_HOLD_MAX;
+        let low = match input {
+            Input::Ring { bid, .. } => env.ring_low || env.ring.low(*bid),
+            Input::Owned(_) => env.ring_low,
+        };
+        let ring_ok = !low && hold.tail.is_empty() && queued + hold.ring.len() < RING_HOLD_MAX;
         match input {
             Input::Ring { bid, .. } if ring_ok => {
                 *refs += 1;

@@ -89,7 +89,7 @@ use crate::log_every::LogEvery;
 use crate::metrics::{Phase as Timing, ShardStats};
 use crate::session::{Env, Gate, Kind, Op, PerIp, Pipe, RecvOutcome, Session, Who};
 use crate::token::VerifyOptions;
-use bufring::BufRing;
+use bufring::Pools;
 use ctl::Ctl;
 use ops::{Direct, OpTable, Rec, IGNORE};
 
@@ -159,7 +159,7 @@ struct Entry {
 /// session and the IO state can be borrowed at the same time.
 struct Io {
     ring: IoUring,
-    bufs: BufRing,
+    bufs: Pools,
     ops: OpTable,
     /// Record-less operations in flight (`ops::Direct`).
     direct_inflight: usize,
@@ -258,7 +258,7 @@ impl Shard {
             .setup_cqsize(16384)
             .build(4096)?;
         let ring_sockopts = ring_sets_sockopts(&mut ring);
-        let bufs = BufRing::new(&ring, cfg.buffers.count as u16, cfg.buffers.size)?;
+        let bufs = Pools::new(&ring, &cfg.buffers)?;
         // Here rather than where the listener is made, so that a listener
         // however obtained (bound, or handed over) gives its client sockets
         // the configured keepalive.
@@ -500,7 +500,7 @@ impl Shard {
                 self.io.direct_inflight -= 1;
             }
             match op {
-                Direct::Recv(who) => self.on_recv(slot, gen, who, res, flags),
+                Direct::Recv(who, tls) => self.on_recv(slot, gen, who, tls, res, flags),
                 Direct::Poll { socket, from } => {
                     if self.entry(slot, gen).is_some() {
                         self.drive(slot, |s, env, _| s.handle_poll(env, socket, from));
@@ -572,7 +572,7 @@ impl Shard {
     fn drive<R>(
         &mut self,
         slot: u32,
-        input: impl FnOnce(&mut Session, &mut Env, &BufRing) -> R,
+        input: impl FnOnce(&mut Session, &mut Env, &Pools) -> R,
     ) -> Option<R> {
         let io = &mut self.io;
         let e = self.sessions.get_mut(slot as usize)?.as_mut()?;
@@ -618,10 +618,10 @@ impl Shard {
         Some(r)
     }
 
-    fn on_recv(&mut self, slot: u32, gen: u16, who: Who, res: i32, flags: u32) {
+    fn on_recv(&mut self, slot: u32, gen: u16, who: Who, tls: bool, res: i32, flags: u32) {
         let more = cqueue::more(flags);
         let bid = if res > 0 {
-            cqueue::buffer_select(flags)
+            cqueue::buffer_select(flags).map(|b| self.io.bufs.pool(tls).global(b))
         } else {
             None
         };

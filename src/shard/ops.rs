@@ -21,19 +21,18 @@ const DIRECT: u64 = 1 << 63;
 /// What a record-less operation is, for one session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direct {
-    Recv(Who),
+    /// A receive, from the TLS pool or the main one.
+    Recv(Who, bool),
     /// Readiness of `socket` for the splice from `from`.
-    Poll {
-        socket: Who,
-        from: Who,
-    },
+    Poll { socket: Who, from: Who },
 }
 
 impl Direct {
     fn code(self) -> u64 {
         let w = |who| matches!(who, Who::Conman) as u64;
         match self {
-            Direct::Recv(who) => 1 + w(who),
+            Direct::Recv(who, false) => 1 + w(who),
+            Direct::Recv(who, true) => 7 + w(who),
             Direct::Poll { socket, from } => 3 + w(socket) * 2 + w(from),
         }
     }
@@ -41,7 +40,8 @@ impl Direct {
     fn from_code(code: u64) -> Option<Direct> {
         let w = |b| if b == 0 { Who::Client } else { Who::Conman };
         match code {
-            1 | 2 => Some(Direct::Recv(w(code - 1))),
+            1 | 2 => Some(Direct::Recv(w(code - 1), false)),
+            7 | 8 => Some(Direct::Recv(w(code - 7), true)),
             3..=6 => Some(Direct::Poll {
                 socket: w((code - 3) / 2),
                 from: w((code - 3) % 2),
@@ -209,8 +209,10 @@ mod tests {
     #[test]
     fn direct_user_data_round_trips_and_never_meets_ignore() {
         let all = [
-            Direct::Recv(Who::Client),
-            Direct::Recv(Who::Conman),
+            Direct::Recv(Who::Client, false),
+            Direct::Recv(Who::Conman, false),
+            Direct::Recv(Who::Client, true),
+            Direct::Recv(Who::Conman, true),
             Direct::Poll {
                 socket: Who::Client,
                 from: Who::Client,

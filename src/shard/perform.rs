@@ -17,21 +17,31 @@ impl Io {
     pub(super) fn perform(&mut self, slot: u32, e: &mut Entry, op: Op, out: &mut VecDeque<Op>) {
         let gen = e.gen;
         match op {
-            Op::Recv { who, fd, single } => {
+            Op::Recv {
+                who,
+                fd,
+                single,
+                tls,
+            } => {
+                let (group, size) = if tls {
+                    (bufring::BGID_TLS, self.cfg.buffers.tls_size)
+                } else {
+                    (bufring::BGID, self.cfg.buffers.size)
+                };
                 let entry = if single {
-                    opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), self.cfg.buffers.size)
-                        .buf_group(bufring::BGID)
+                    opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), size)
+                        .buf_group(group)
                         .build()
                         .flags(squeue::Flags::BUFFER_SELECT)
                 } else {
-                    opcode::RecvMulti::new(types::Fd(fd), bufring::BGID).build()
+                    opcode::RecvMulti::new(types::Fd(fd), group).build()
                 };
                 self.direct_inflight += 1;
                 // SAFETY: no pointer: the kernel picks a ring buffer, which
                 // is ours again only with the completion naming it.
-                unsafe { self.push(entry.user_data(Direct::Recv(who).user_data(slot, gen))) };
+                unsafe { self.push(entry.user_data(Direct::Recv(who, tls).user_data(slot, gen))) };
             }
-            Op::CancelRecv { who } => self.cancel(Direct::Recv(who).user_data(slot, gen)),
+            Op::CancelRecv { who, tls } => self.cancel(Direct::Recv(who, tls).user_data(slot, gen)),
             Op::Send { who, fd, batch } => self.send(slot, gen, who, fd, batch),
             Op::Verify => self.verify(slot, e, out),
             Op::Placement {
@@ -201,7 +211,7 @@ impl Io {
     }
 
     fn send(&mut self, slot: u32, gen: u16, who: Who, fd: i32, batch: Batch) {
-        let chunk_ptr = |bufs: &bufring::BufRing, c: &Chunk| -> (*mut u8, usize) {
+        let chunk_ptr = |bufs: &bufring::Pools, c: &Chunk| -> (*mut u8, usize) {
             match c {
                 // The send's record holds the buffer (it is recycled only on
                 // the completion); chunk_ptr checks the range and ownership.

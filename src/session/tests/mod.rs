@@ -103,6 +103,8 @@ struct Peer {
     proxy_reset: bool,
     got: Vec<u8>,
     recv: Option<bool>,
+    /// The last receive armed was on the TLS pool.
+    recv_tls: bool,
     cancel: bool,
     send: Option<Batch>,
     poll: Option<Who>,
@@ -227,13 +229,19 @@ impl Harness {
         self.ops.push(format!("{op:?}"));
         let mut env = env!(self, out);
         match op {
-            Op::Recv { who, fd, single } => {
+            Op::Recv {
+                who,
+                fd,
+                single,
+                tls,
+            } => {
                 let p = &mut self.peers[at(who)];
                 assert_eq!(p.fd, Some(fd));
                 assert!(p.recv.is_none(), "two receives on one socket");
                 p.recv = Some(single);
+                p.recv_tls = tls;
             }
-            Op::CancelRecv { who } => self.peers[at(who)].cancel = true,
+            Op::CancelRecv { who, .. } => self.peers[at(who)].cancel = true,
             Op::Send { who, fd, batch } => {
                 let p = &mut self.peers[at(who)];
                 assert_eq!(p.fd, Some(fd));

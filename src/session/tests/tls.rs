@@ -81,6 +81,34 @@ fn tls_established(cfg: Config, ccfg: &Arc<rustls::ClientConfig>) -> (Harness, C
 }
 
 #[test]
+fn a_tls_session_receives_into_the_tls_pool_and_falls_back_when_it_is_dry() {
+    let (cfg, ccfg) = tls_cfg();
+    let (mut h, mut c) = tls_established(cfg, &ccfg);
+    // Both sides, Conman's plaintext too.
+    assert!(h.peers[0].recv_tls && h.peers[1].recv_tls);
+    // The pool is empty when the client's bytes arrive: one main buffer,
+    // at once, not a wait for the shard's retry.
+    h.peers[0].recv = None;
+    let mut outcome = None;
+    h.run(|s, env| {
+        outcome = Some(s.handle_recv(env, Who::Client, -libc::ENOBUFS, false, None));
+    });
+    assert_eq!(outcome, Some(RecvOutcome::Ok));
+    assert!(!h.s.starved(Who::Client));
+    assert_eq!(h.peers[0].recv, Some(true), "one buffer");
+    assert!(!h.peers[0].recv_tls, "from the main pool");
+    assert_eq!(h.stats.tls_pool_exhausted.load(Relaxed), 1);
+    assert_eq!(h.stats.buffer_exhausted.load(Relaxed), 0);
+    // Bytes come in that buffer; the receive after it is the pool's again.
+    let up = frame(OpCode::Text, b"after", true);
+    c.writer().write_all(&up).unwrap();
+    h.pump_tls(&mut c);
+    assert_eq!(h.peers[1].got, up);
+    assert!(h.peers[0].recv_tls);
+    h.finish();
+}
+
+#[test]
 fn frames_pass_through_tls_unchanged_both_ways() {
     let (mut cfg, ccfg) = tls_cfg();
     // Long frames stream, and would be spliced if the client were plain.
