@@ -285,6 +285,12 @@ pub struct Env<'a> {
     /// copied into the session's own memory and their buffer given back at
     /// once, so that no set of sessions can drain the ring.
     pub ring_low: bool,
+    /// Another receive completion of this same socket follows in the
+    /// shard's current batch. Sends wait for it: they would reach the
+    /// kernel only at the next `io_uring_enter` anyway, and one send (one
+    /// sealed burst of TLS records) with both receives' bytes costs the
+    /// kernel and the peer's wake-ups about half what two do.
+    pub more_input: bool,
     pub cfg: &'a Config,
     /// The shard's index (for logs).
     pub shard: usize,
@@ -1125,8 +1131,10 @@ impl Session {
         for who in [Who::Client, Who::Conman] {
             self.start_splice(env, who);
         }
-        for who in [Who::Client, Who::Conman] {
-            self.kick_send(env, who);
+        if !env.more_input {
+            for who in [Who::Client, Who::Conman] {
+                self.kick_send(env, who);
+            }
         }
         match self.kind() {
             Kind::Relay => {

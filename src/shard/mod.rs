@@ -47,6 +47,7 @@ macro_rules! env {
             now: $io.now,
             ring: &$io.bufs,
             ring_low: $io.ring_low(),
+            more_input: $io.more_input,
             cfg: &$io.cfg,
             shard: $io.shard,
             stats: &$io.stats,
@@ -163,6 +164,9 @@ struct Io {
     ops: OpTable,
     /// Record-less operations in flight (`ops::Direct`).
     direct_inflight: usize,
+    /// The completion being handled is followed by another of the same
+    /// receive in this batch (`Env::more_input`).
+    more_input: bool,
     stats: Arc<ShardStats>,
     gate: Gate,
     cfg: Arc<Config>,
@@ -280,6 +284,7 @@ impl Shard {
                 bufs,
                 ops: OpTable::default(),
                 direct_inflight: 0,
+                more_input: false,
                 stats: spec.stats,
                 gate: Gate {
                     sessions: 0,
@@ -392,9 +397,15 @@ impl Shard {
             if self.io.revoked.refresh() {
                 self.close_revoked();
             }
-            for &(u, res, flags) in &cqes {
+            for (i, &(u, res, flags)) in cqes.iter().enumerate() {
+                // A multishot receive's completions often come in a run:
+                // the session's sends wait for the run's last (`Env::more_input`).
+                self.io.more_input = res > 0
+                    && cqes.get(i + 1).is_some_and(|n| n.0 == u)
+                    && matches!(Direct::parse(u), Some((Direct::Recv(..), ..)));
                 self.complete(u, res, flags);
             }
+            self.io.more_input = false;
             if std::mem::take(&mut self.io.ctl.lost) {
                 self.control_lost();
             }

@@ -74,6 +74,7 @@ fn move_session(h: &mut Harness) -> Record {
             now: h.now,
             ring: &h.bufs,
             ring_low: h.ring_low,
+            more_input: false,
             cfg: &h.cfg,
             shard: 0,
             stats: &h.stats,

@@ -121,6 +121,7 @@ macro_rules! env {
             now: $h.now,
             ring: &$h.bufs,
             ring_low: $h.ring_low,
+            more_input: $h.more_input,
             cfg: &$h.cfg,
             shard: 0,
             stats: &$h.stats,
@@ -159,6 +160,8 @@ struct Harness {
     next_fd: RawFd,
     ops: Vec<String>,
     ring_low: bool,
+    /// `Env::more_input` for the next inputs.
+    more_input: bool,
 }
 
 fn at(who: Who) -> usize {
@@ -195,6 +198,7 @@ impl Harness {
             next_fd: 100,
             ops: Vec::new(),
             ring_low: false,
+            more_input: false,
         };
         h.peers[0].fd = Some(CLIENT_FD);
         h.run(|s, env| s.start(env));

@@ -507,6 +507,29 @@ fn buffered_bytes_come_back_to_zero_whatever_the_end() {
 }
 
 #[test]
+fn receives_that_come_in_one_batch_go_out_in_one_send() {
+    let mut h = Harness::established(Harness::cfg());
+    let a = frame(OpCode::Binary, &[1; 40], false);
+    let b = frame(OpCode::Binary, &[2; 40], false);
+    h.write(Who::Conman, &a);
+    h.more_input = true;
+    assert!(h.deliver(Who::Conman, a.len()));
+    assert!(
+        h.peers[0].send.is_none(),
+        "sent before the batch's last receive"
+    );
+    h.write(Who::Conman, &b);
+    h.more_input = false;
+    assert!(h.deliver(Who::Conman, b.len()));
+    let send = h.peers[0].send.as_ref().expect("a send after the last");
+    let n: usize = send.chunks().iter().map(Chunk::remaining).sum();
+    assert_eq!(n, a.len() + b.len(), "both receives in it");
+    h.settle();
+    assert_eq!(h.peers[0].got, [a, b].concat());
+    h.finish();
+}
+
+#[test]
 fn a_side_the_ring_starved_waits_for_buffers_not_for_its_peer() {
     let mut h = Harness::established(Harness::cfg());
     h.write(Who::Conman, &frame(OpCode::Binary, &[1; 40], false));
