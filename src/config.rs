@@ -860,6 +860,14 @@ impl Config {
         if b.tls_size < 1024 || b.tls_size > 1 << 20 {
             return Err(invalid("buffers.tls_size", "must be in 1024..=1048576"));
         }
+        // As for buffers.size: one receive must fit the queue's bound, or a
+        // side would pause after every receive.
+        if l.send_queue_bytes < b.tls_size as usize {
+            return Err(invalid(
+                "limits.send_queue_bytes",
+                "must be at least buffers.tls_size",
+            ));
+        }
         // A held frame enters the send queue all at once when complete, so
         // one larger than the queue's bound would defeat backpressure.
         if self.relay.hold_max > l.send_queue_bytes as u64 {

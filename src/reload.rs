@@ -7,7 +7,8 @@
 //!
 //! What a reload cannot change is refused with the key that differs, and
 //! the old config stays: the sockets (`listen.addr`, `listen.shards`,
-//! `listen.backlog`, `listen.pin`, `admin.*`, `lifecycle.*`, `handover.*`),
+//! `listen.backlog`, `listen.pin`, `listen.tcp_congestion`, `admin.*`,
+//! `lifecycle.*`, `handover.*`),
 //! the file of revocations (`token.revoked_file`), the shards' buffer rings
 //! (`buffers.*`), the per-address table (`limits.per_ip_*`),
 //! and placement while the control shard serves it (Controlplane mode, or
@@ -244,6 +245,11 @@ pub fn fixed_keys_unchanged(old: &Config, new: &Config) -> Result<(), ConfigErro
         ("listen.shards", old.shard_count() == new.shard_count()),
         ("listen.backlog", o.backlog == n.backlog),
         ("listen.pin", o.pin == n.pin),
+        // Set on the listener at start; accepted sockets inherit it.
+        (
+            "listen.tcp_congestion",
+            o.tcp_congestion == n.tcp_congestion,
+        ),
         ("admin", same(&old.admin, &new.admin)),
         ("buffers", same(&old.buffers, &new.buffers)),
         ("lifecycle", same(&old.lifecycle, &new.lifecycle)),
@@ -325,11 +331,15 @@ mod tests {
         moved.listen.addr = "127.0.0.1:9".parse().unwrap();
         let e = store.replace(moved).unwrap_err();
         assert!(e.to_string().contains("listen.addr"), "{e}");
+        let mut cc = with_default("ws://127.0.0.1:1/");
+        cc.listen.tcp_congestion = Some("reno".into());
+        let e = store.replace(cc).unwrap_err();
+        assert!(e.to_string().contains("listen.tcp_congestion"), "{e}");
         let mut bad = with_default("ws://127.0.0.1:1/");
         bad.drain.close_spread_s = -1.0;
         let e = store.replace(bad).unwrap_err();
         assert!(e.to_string().contains("drain.close_spread_s"), "{e}");
-        assert_eq!((store.epoch(), store.failures()), (0, 2));
+        assert_eq!((store.epoch(), store.failures()), (0, 3));
         assert_eq!(
             store.current().cfg.placement.default.as_deref(),
             Some("ws://127.0.0.1:1/")

@@ -848,7 +848,7 @@ impl Session {
         // toward a TLS side is sealed in bursts, so larger receives make
         // fewer, larger sends and fewer window updates. Unless that pool
         // just ran dry: then one receive takes a main buffer.
-        let tls = (self.speaks_tls(who) || self.speaks_tls(Who::Client))
+        let tls = (self.speaks_tls(Who::Client) || self.speaks_tls(Who::Conman))
             && !std::mem::take(&mut self.side(who).tls_dry);
         self.side(who).recv_tls = tls;
         env.op(Op::Recv {

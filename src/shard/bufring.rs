@@ -429,6 +429,6 @@ impl crate::session::RingBytes for Pools {
 
     fn low(&self, bid: u16) -> bool {
         let p = self.of(bid);
-        p.available() < u32::from(p.entries) / 4
+        p.available() < (u32::from(p.entries) / 4).max(1)
     }
 }

@@ -348,7 +348,6 @@ pub fn peer_ip(fd: RawFd) -> Option<std::net::IpAddr> {
 mod tests {
     use super::*;
 
-    /// The shard relies on this instead of a setsockopt per connection.
     #[test]
     fn congestion_control_is_checked_and_set() {
         assert!(check_congestion("reno").is_ok());
@@ -382,6 +381,7 @@ mod tests {
         assert!(name.starts_with(b"reno\0"), "{name:?}");
     }
 
+    /// The shard relies on this instead of a setsockopt per connection.
     #[test]
     fn accepted_sockets_inherit_nodelay_from_the_listener() {
         let (mut socks, addr) = bind_all("127.0.0.1:0".parse().unwrap(), 1, 16).unwrap();

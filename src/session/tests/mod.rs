@@ -245,7 +245,11 @@ impl Harness {
                 p.recv = Some(single);
                 p.recv_tls = tls;
             }
-            Op::CancelRecv { who, .. } => self.peers[at(who)].cancel = true,
+            Op::CancelRecv { who, tls } => {
+                let p = &mut self.peers[at(who)];
+                assert_eq!(tls, p.recv_tls, "a cancel aimed at the other pool");
+                p.cancel = true;
+            }
             Op::Send { who, fd, batch } => {
                 let p = &mut self.peers[at(who)];
                 assert_eq!(p.fd, Some(fd));
