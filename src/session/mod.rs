@@ -859,6 +859,15 @@ impl Session {
         });
     }
 
+    /// A receive ended without data (`more` false: its last completion):
+    /// armed again unless the side is meant to be quiet.
+    fn rearm_unless_quiet(&mut self, env: &mut Env, who: Who, more: bool) {
+        let sd = self.side_ref(who);
+        if !more && !sd.paused && !sd.eof && !sd.closed {
+            self.arm_recv(env, who);
+        }
+    }
+
     /// Stops a side's multishot receive (it cannot be paused otherwise).
     fn pause_recv(&mut self, env: &mut Env, who: Who) {
         let sd = self.side(who);
@@ -950,9 +959,7 @@ impl Session {
                     let sd = self.side(who);
                     sd.tls_dry = true;
                     sd.probe = true;
-                    if !more && !sd.paused && !sd.eof && !sd.closed {
-                        self.arm_recv(env, who);
-                    }
+                    self.rearm_unless_quiet(env, who, more);
                 }
                 libc::ENOBUFS => {
                     env.stats
@@ -966,10 +973,7 @@ impl Session {
                 libc::ECANCELED | libc::EAGAIN => {
                     // EAGAIN: an O_NONBLOCK socket (splice mode) with
                     // nothing to read; the receive is simply re-armed.
-                    let sd = self.side(who);
-                    if !more && !sd.paused && !sd.eof && !sd.closed {
-                        self.arm_recv(env, who);
-                    }
+                    self.rearm_unless_quiet(env, who, more);
                 }
                 _ => {
                     // FIN (0) or a socket error: this side sends no more.

@@ -113,6 +113,15 @@ enum Input<'a> {
 }
 
 impl Input<'_> {
+    /// The pool this input's buffer came from is running low (see
+    /// `RingBytes::low`): what it would hold is copied instead.
+    fn pool_low(&self, env: &Env) -> bool {
+        match self {
+            Input::Ring { bid, .. } => env.ring_low || env.ring.low(*bid),
+            Input::Owned(_) => env.ring_low,
+        }
+    }
+
     fn bytes(&self) -> &[u8] {
         match self {
             Input::Ring { data, .. } => data,
@@ -463,10 +472,7 @@ impl Session {
         if range.is_empty() {
             return;
         }
-        let low = match input {
-            Input::Ring { bid, .. } => env.ring_low || env.ring.low(*bid),
-            Input::Owned(_) => env.ring_low,
-        };
+        let low = input.pool_low(env);
         let ring_ok = !low && self.side_ref(to).sendq.len() < RING_HOLD_MAX;
         let dest = self.side(to);
         match input {
@@ -505,10 +511,7 @@ impl Session {
         let hold = self.hold_mut(dir);
         hold.holding = true;
         hold.bytes += range.len();
-        let low = match input {
-            Input::Ring { bid, .. } => env.ring_low || env.ring.low(*bid),
-            Input::Owned(_) => env.ring_low,
-        };
+        let low = input.pool_low(env);
         let ring_ok = !low && hold.tail.is_empty() && queued + hold.ring.len() < RING_HOLD_MAX;
         match input {
             Input::Ring { bid, .. } if ring_ok => {

@@ -302,9 +302,25 @@ impl BufRing {
         self.dirty
     }
 
+    /// The buffer group a receive names to pick from this ring.
+    pub fn group(&self) -> u16 {
+        self.bgid
+    }
+
+    /// Bytes per buffer: what a single-buffer receive may take.
+    pub fn buf_size(&self) -> u32 {
+        self.buf_size
+    }
+
     /// Buffers the kernel can still fill.
     pub fn available(&self) -> u32 {
         self.entries as u32 - self.out
+    }
+
+    /// Under a quarter of the buffers left (at least one): sessions copy
+    /// what they would hold rather than keep a buffer (`Env::ring_low`).
+    pub fn low(&self) -> bool {
+        self.available() < (u32::from(self.entries) / 4).max(1)
     }
 
     pub fn unregister(&self, uring: &IoUring) {
@@ -360,11 +376,11 @@ impl Pools {
     }
 
     /// The pool a receive of the given kind picks from.
-    pub fn pool(&mut self, tls: bool) -> &mut BufRing {
+    pub fn pool(&self, tls: bool) -> &BufRing {
         if tls {
-            &mut self.tls
+            &self.tls
         } else {
-            &mut self.main
+            &self.main
         }
     }
 
@@ -428,7 +444,6 @@ impl crate::session::RingBytes for Pools {
     }
 
     fn low(&self, bid: u16) -> bool {
-        let p = self.of(bid);
-        p.available() < (u32::from(p.entries) / 4).max(1)
+        self.of(bid).low()
     }
 }

@@ -208,7 +208,7 @@ pub fn conman_socket(
         // Checked at start (`check_congestion`); should it fail now (a
         // module unloaded since), the kernel's default serves the session
         // no worse than without the setting.
-        let _ = set_congestion(std::os::fd::AsRawFd::as_raw_fd(&s), cc);
+        let _ = s.set_tcp_congestion(cc.as_bytes());
     }
     if opts {
         s.set_nodelay(true)?;
@@ -282,24 +282,13 @@ pub fn set_keepalive_fd(fd: RawFd, k: &KeepaliveConfig) -> io::Result<()> {
     set_keepalive(SockRef::from(&fd), k)
 }
 
-/// Sets `fd`'s TCP congestion control (`TCP_CONGESTION`) to `name`.
-pub fn set_congestion(fd: RawFd, name: &str) -> io::Result<()> {
-    // SAFETY: the pointer and length describe `name`'s bytes, which the
-    // kernel only reads during the call.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_CONGESTION,
-            name.as_ptr().cast(),
-            name.len() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+/// TCP congestion control `name` (`TCP_CONGESTION`) on a listening socket
+/// the shard owns by descriptor; accepted sockets inherit it.
+pub fn set_congestion_fd(fd: RawFd, name: &str) -> io::Result<()> {
+    // SAFETY: the shard's listener, open for the shard's life; borrowed
+    // only for this call.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    SockRef::from(&fd).set_tcp_congestion(name.as_bytes())
 }
 
 /// Whether this process may use congestion control `name`: tried on a
@@ -314,7 +303,7 @@ pub fn check_congestion(name: &str) -> Result<(), String> {
     }
     let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
         .map_err(|e| format!("cannot make a socket to try {name:?}: {e}"))?;
-    set_congestion(std::os::fd::AsRawFd::as_raw_fd(&s), name).map_err(|e| {
+    s.set_tcp_congestion(name.as_bytes()).map_err(|e| {
         let list = |f: &str| {
             std::fs::read_to_string(format!("/proc/sys/net/ipv4/{f}"))
                 .map(|s| s.trim().to_string())
@@ -363,21 +352,9 @@ mod tests {
             Some("reno"),
         )
         .unwrap();
-        let mut name = [0u8; 16];
-        let mut len = name.len() as libc::socklen_t;
-        // SAFETY: a buffer of `len` bytes for the kernel to fill.
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_CONGESTION,
-                name.as_mut_ptr().cast(),
-                &mut len,
-            )
-        };
-        // SAFETY: our socket, closed once.
-        unsafe { libc::close(fd) };
-        assert_eq!(r, 0);
+        // SAFETY: the socket was just made and nothing else owns it.
+        let s = unsafe { OwnedFd::from_raw_fd(fd) };
+        let name = SockRef::from(&s).tcp_congestion().unwrap();
         assert!(name.starts_with(b"reno\0"), "{name:?}");
     }
 

@@ -270,7 +270,7 @@ impl Shard {
         // Likewise: accepted sockets inherit the listener's congestion
         // control.
         if let Some(cc) = &cfg.listen.tcp_congestion {
-            listener::set_congestion(spec.listener, cc)?;
+            listener::set_congestion_fd(spec.listener, cc)?;
         }
         let verify = VerifyOptions {
             leeway_s: cfg.token.leeway_s,
@@ -1030,7 +1030,7 @@ impl Io {
     /// Under a quarter of the ring left: sessions copy what they must hold
     /// (see `Env::ring_low`).
     fn ring_low(&self) -> bool {
-        self.bufs.available() < self.cfg.buffers.count / 4
+        self.bufs.main.low()
     }
 
     /// Queues `e` for the next `io_uring_enter` (submitting what is queued

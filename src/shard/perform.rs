@@ -23,11 +23,8 @@ impl Io {
                 single,
                 tls,
             } => {
-                let (group, size) = if tls {
-                    (bufring::BGID_TLS, self.cfg.buffers.tls_size)
-                } else {
-                    (bufring::BGID, self.cfg.buffers.size)
-                };
+                let pool = self.bufs.pool(tls);
+                let (group, size) = (pool.group(), pool.buf_size());
                 let entry = if single {
                     opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), size)
                         .buf_group(group)
