@@ -4,6 +4,7 @@
 mod support;
 
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use support::*;
 use tungstenite::Message;
@@ -455,4 +456,55 @@ fn congestion_control_is_set_on_both_sockets() {
     assert!(accepted.contains(" reno "), "client side: {accepted}");
     let to_conman = ss_info(0, conman.local_addr.port()).expect("the proxy's socket to Conman");
     assert!(to_conman.contains(" reno "), "Conman side: {to_conman}");
+}
+
+/// The `ss -to` line of the established socket whose peer port is
+/// `remote` (the proxy's socket to a Conman on that port), if any.
+fn ss_timer_line(remote: u16) -> Option<String> {
+    let out = Command::new("ss")
+        .args(["-tonH", "state", "established"])
+        .output();
+    let out = String::from_utf8(out.expect("ss (iproute2) runs").stdout).unwrap();
+    let port = |addr: &str| addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
+    out.lines()
+        .find(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(3).and_then(|a| port(a)) == Some(remote)
+        })
+        .map(str::to_string)
+}
+
+#[test]
+fn conman_tcp_keepalive_is_set_at_the_first_liveness_look() {
+    // Keepalive options are five setsockopt(2) calls a Conman socket pays
+    // for only once its session outlives the first liveness look
+    // (`keepalive.interval_s`, here 5 s, sooner than TCP_KEEPIDLE's 60 s).
+    let conman = echo_conman();
+    let cfg = config_for(
+        conman.local_addr,
+        "[keepalive]\ninterval_s = 5\ntimeout_s = 60\n",
+    );
+    let proxy = Proxy::start(&cfg, &[]);
+    let mut ws = connect(&proxy.url(&dev_token("ka")));
+    ws.send(Message::text("hi")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("hi"));
+    let port = conman.local_addr.port();
+    let before = ss_timer_line(port).expect("the proxy's socket to Conman");
+    assert!(
+        !before.contains("keepalive"),
+        "set before the first look: {before}"
+    );
+    // No signal tells when a socket option is set: look until it is.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = ss_timer_line(port).expect("the session lives on");
+        if now.contains("timer:(keepalive,") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no TCP keepalive after the first look: {now}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -91,3 +91,46 @@ fn a_close_conman_never_answers_ends_the_session() {
     let got = conman.join().unwrap();
     assert_eq!(got[0], 0x88, "Conman got the client's Close first");
 }
+
+#[test]
+fn a_connect_that_hangs_is_given_up_at_its_timeout_and_retried() {
+    // A Conman whose accept queue is full: its kernel drops further SYNs,
+    // so a connect to it hangs (SYN retransmissions) until given up.
+    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    l.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    l.listen(0).unwrap();
+    let addr = l.local_addr().unwrap().as_socket().unwrap();
+    // Backlog 0 still queues one: fill it.
+    let _queued = TcpStream::connect(addr).unwrap();
+    let proxy = Proxy::start(
+        &config_for(
+            addr,
+            "[limits]\nconnect_timeout_ms = 300\nsetup_timeout_ms = 8000\nmax_attempts = 2\nretry_base_ms = 10\nretry_cap_ms = 20\n",
+        ),
+        &["--shards", "1"],
+    );
+    let t0 = std::time::Instant::now();
+    let mut s = raw_client(proxy.listen, &dev_token("hang"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (code, reason) = read_close(&mut s);
+    assert_eq!(code, 1014);
+    assert_eq!(reason, "stage=conman_connect;reason=timeout");
+    // Two attempts of 300 ms each, not the 8 s setup deadline.
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+    assert!(
+        proxy.metric(
+            "eval_session_setup_failures_total",
+            &["stage=\"conman_connect\"", "reason=\"timeout\""]
+        ) >= 1.0
+    );
+}

@@ -601,6 +601,9 @@ impl Session {
         let t = s.clock(now);
         s.phase = Phase::Relay(Live::from_record(&rec.live, t));
         s.conman = Side::new(conman);
+        // The old process may have handed it over before its first
+        // liveness look: setting the options again is harmless.
+        s.conman.tcp_keepalive_due = super::defer_tcp_keepalive(env.cfg);
         // Checked when the record was read.
         if let (Ok(a), Ok(b)) = (
             Tracker::from_state(Direction::ToConman, &rec.trackers[0]),

@@ -214,9 +214,14 @@ pub enum Op {
         /// Every VM that failed in this session's attempts.
         exclude: Vec<String>,
     },
-    /// Open a socket to Conman (`handle_socket`), then connect it, giving up
-    /// after `timeout` (`handle_connected`).
-    Connect { addr: SocketAddr, timeout: Duration },
+    /// Open a socket to Conman (`handle_socket`), then connect it
+    /// (`handle_connected`); the session's deadline bounds it. Nagle goes
+    /// off; the configured TCP keepalive and user timeout are set too if
+    /// `keepalive`, else the session asks for them later with
+    /// [`Op::TcpKeepalive`].
+    Connect { addr: SocketAddr, keepalive: bool },
+    /// Set the configured TCP keepalive and user timeout on a socket.
+    TcpKeepalive { fd: RawFd },
     /// Stop the connect in flight; its completion still comes.
     CancelConnect,
     /// shutdown(2): the write side, or both (forcing pending ops to end).
@@ -291,6 +296,10 @@ pub struct Env<'a> {
     /// sealed burst of TLS records) with both receives' bytes costs the
     /// kernel and the peer's wake-ups about half what two do.
     pub more_input: bool,
+    /// The completion that follows is this receive's last: it has already
+    /// ended in the kernel (a FIN, an error), so stopping it needs no
+    /// cancel, which would only come back with ENOENT.
+    pub input_ends: bool,
     pub cfg: &'a Config,
     /// The shard's index (for logs).
     pub shard: usize,
@@ -334,6 +343,12 @@ pub struct Side {
     /// once, again and again.
     starved: bool,
     cancel_pending: bool,
+    /// The armed receive has ended in the kernel; its last completion is
+    /// next in the shard's batch (`Env::input_ends`).
+    recv_ending: bool,
+    /// The socket's TCP keepalive options wait for the first liveness look
+    /// (Conman's, see [`defer_tcp_keepalive`]).
+    tcp_keepalive_due: bool,
     /// The armed receive is on the TLS pool.
     recv_tls: bool,
     /// The TLS pool had no buffer for this side: its next receive takes
@@ -369,6 +384,8 @@ impl Side {
             paused: false,
             starved: false,
             cancel_pending: false,
+            recv_ending: false,
+            tcp_keepalive_due: false,
             recv_tls: false,
             tls_dry: false,
             sendq: SendQ::default(),
@@ -606,6 +623,24 @@ pub struct Session {
     /// The transports of the sides that speak TLS (`None`: both
     /// plaintext). Boxed: a plaintext session carries a pointer.
     tls: Option<Box<tls::Tls>>,
+}
+
+/// Whether a Conman socket's TCP keepalive options (SO_KEEPALIVE, its
+/// idle time, interval and count, TCP_USER_TIMEOUT: five setsockopt(2)
+/// calls) can wait for the session's first liveness look, which comes at
+/// most `keepalive.interval_s` into the relay: when that is sooner than
+/// the keepalive idle time and the user timeout, setting them then changes
+/// nothing for the session (the user timeout is measured from the first
+/// unacknowledged send, whenever it is set), and a session that ends
+/// sooner (a reconnect storm is made of them) never pays for them.
+pub fn defer_tcp_keepalive(cfg: &Config) -> bool {
+    let k = &cfg.keepalive;
+    let look = k.interval();
+    !look.is_zero()
+        && (k.tcp_keepalive || k.tcp_user_timeout_ms > 0)
+        && (!k.tcp_keepalive || look < Duration::from_secs(k.tcp_keepidle_s.into()))
+        && (k.tcp_user_timeout_ms == 0
+            || look < Duration::from_millis(k.tcp_user_timeout_ms.into()))
 }
 
 impl Session {
@@ -872,7 +907,7 @@ impl Session {
     fn pause_recv(&mut self, env: &mut Env, who: Who) {
         let sd = self.side(who);
         sd.paused = true;
-        if sd.recv_armed && !sd.cancel_pending {
+        if sd.recv_armed && !sd.cancel_pending && !sd.recv_ending {
             sd.cancel_pending = true;
             let tls = sd.recv_tls;
             env.op(Op::CancelRecv { who, tls });
@@ -923,6 +958,9 @@ impl Session {
             sd.recv_armed = false;
             sd.done_op();
             sd.cancel_pending = false;
+            sd.recv_ending = false;
+        } else if env.input_ends {
+            self.side(who).recv_ending = true;
         }
         match data {
             Some((bid, bytes)) if res > 0 => {

@@ -474,10 +474,14 @@ impl Session {
             return;
         }
         self.step(env.now, Phase::Connecting);
-        self.set_deadline(deadline);
+        // Each attempt's connect gets its own timeout within the setup's;
+        // at it, `setup_timeout` cancels the connect and tries again.
+        self.set_deadline(
+            deadline.min(env.now + Duration::from_millis(env.cfg.limits.connect_timeout_ms)),
+        );
         env.op(Op::Connect {
             addr: found.addr,
-            timeout: Duration::from_millis(env.cfg.limits.connect_timeout_ms),
+            keepalive: !super::defer_tcp_keepalive(env.cfg),
         });
     }
 
@@ -524,6 +528,9 @@ impl Session {
                 self.conman = Side::new(fd);
                 // The connect is in flight on it.
                 self.conman.inflight = 1;
+                // Decided as for the connect (`Op::Connect`), which the
+                // shard performs in the same turn, under the same config.
+                self.conman.tcp_keepalive_due = super::defer_tcp_keepalive(env.cfg);
                 true
             }
             Err(errno) => {

@@ -190,12 +190,12 @@ pub fn take_queued(listener: RawFd) -> (Vec<RawFd>, Option<io::Error>) {
 }
 
 /// A non-blocking TCP socket for a Conman connection. With `opts`, also
-/// Nagle off and the configured TCP keepalive, a setsockopt(2) each; a
-/// shard whose ring can set options passes `false` and puts
-/// [`conman_sockopts`] in the ring instead, ahead of the connect.
+/// Nagle off and, given `keepalive`, the configured TCP keepalive, a
+/// setsockopt(2) each; a shard whose ring can set options passes `false`
+/// and puts [`conman_sockopts`] in the ring instead, ahead of the connect.
 pub fn conman_socket(
     addr: &SocketAddr,
-    k: &KeepaliveConfig,
+    keepalive: Option<&KeepaliveConfig>,
     opts: bool,
     congestion: Option<&str>,
 ) -> io::Result<RawFd> {
@@ -212,7 +212,9 @@ pub fn conman_socket(
     }
     if opts {
         s.set_nodelay(true)?;
-        set_keepalive(SockRef::from(&s), k)?;
+        if let Some(k) = keepalive {
+            set_keepalive(SockRef::from(&s), k)?;
+        }
     }
     Ok(s.into_raw_fd())
 }
@@ -225,7 +227,7 @@ pub type SockOpt = (libc::c_int, libc::c_int, libc::c_int);
 
 /// What [`conman_socket`] with `opts` sets, as (level, name, value), for a
 /// shard that sets them through its ring; `len` of them are used.
-pub fn conman_sockopts(k: &KeepaliveConfig) -> ([SockOpt; CONMAN_SOCKOPTS], usize) {
+pub fn conman_sockopts(keepalive: Option<&KeepaliveConfig>) -> ([SockOpt; CONMAN_SOCKOPTS], usize) {
     let mut out = [(0, 0, 0); CONMAN_SOCKOPTS];
     let mut n = 0;
     let mut add = |o: SockOpt| {
@@ -234,6 +236,9 @@ pub fn conman_sockopts(k: &KeepaliveConfig) -> ([SockOpt; CONMAN_SOCKOPTS], usiz
     };
     let int = |v: u32| libc::c_int::try_from(v).unwrap_or(libc::c_int::MAX);
     add((libc::IPPROTO_TCP, libc::TCP_NODELAY, 1));
+    let Some(k) = keepalive else {
+        return (out, n);
+    };
     if k.tcp_keepalive {
         add((libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1));
         add((libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, int(k.tcp_keepidle_s)));
@@ -347,7 +352,7 @@ mod tests {
         }
         let fd = conman_socket(
             &"127.0.0.1:1".parse().unwrap(),
-            &KeepaliveConfig::default(),
+            Some(&KeepaliveConfig::default()),
             true,
             Some("reno"),
         )
@@ -398,7 +403,7 @@ mod tests {
     #[test]
     fn conman_sockets_get_keepalive_unless_turned_off() {
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let fd = conman_socket(&addr, &KeepaliveConfig::default(), true, None).unwrap();
+        let fd = conman_socket(&addr, Some(&KeepaliveConfig::default()), true, None).unwrap();
         // SAFETY: the socket just created, owned from here on.
         let s = unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         assert!(s.keepalive().unwrap());
@@ -408,11 +413,25 @@ mod tests {
             tcp_user_timeout_ms: 0,
             ..KeepaliveConfig::default()
         };
-        let fd = conman_socket(&addr, &off, true, None).unwrap();
+        let fd = conman_socket(&addr, Some(&off), true, None).unwrap();
         // SAFETY: as above.
         let s = unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         assert!(!s.keepalive().unwrap());
         assert_eq!(s.tcp_user_timeout().unwrap(), None);
+        // Deferred to the session's first liveness look: Nagle off only.
+        let fd = conman_socket(&addr, None, true, None).unwrap();
+        // SAFETY: as above.
+        let s = unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        assert!(s.nodelay().unwrap());
+        assert!(!s.keepalive().unwrap());
+        assert_eq!(s.tcp_user_timeout().unwrap(), None);
+        set_keepalive_fd(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            &KeepaliveConfig::default(),
+        )
+        .unwrap();
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_user_timeout().unwrap(), Some(Duration::from_secs(75)));
     }
 
     #[test]

@@ -48,6 +48,7 @@ macro_rules! env {
             ring: &$io.bufs,
             ring_low: $io.ring_low(),
             more_input: $io.more_input,
+            input_ends: $io.input_ends,
             cfg: &$io.cfg,
             shard: $io.shard,
             stats: &$io.stats,
@@ -167,6 +168,8 @@ struct Io {
     /// The completion being handled is followed by another of the same
     /// receive in this batch (`Env::more_input`).
     more_input: bool,
+    /// That next completion is the receive's last (`Env::input_ends`).
+    input_ends: bool,
     stats: Arc<ShardStats>,
     gate: Gate,
     cfg: Arc<Config>,
@@ -285,6 +288,7 @@ impl Shard {
                 ops: OpTable::default(),
                 direct_inflight: 0,
                 more_input: false,
+                input_ends: false,
                 stats: spec.stats,
                 gate: Gate {
                     sessions: 0,
@@ -400,12 +404,15 @@ impl Shard {
             for (i, &(u, res, flags)) in cqes.iter().enumerate() {
                 // A multishot receive's completions often come in a run:
                 // the session's sends wait for the run's last (`Env::more_input`).
-                self.io.more_input = res > 0
-                    && cqes.get(i + 1).is_some_and(|n| n.0 == u)
-                    && matches!(Direct::parse(u), Some((Direct::Recv(..), ..)));
+                let next = cqes.get(i + 1).filter(|n| {
+                    res > 0 && n.0 == u && matches!(Direct::parse(u), Some((Direct::Recv(..), ..)))
+                });
+                self.io.more_input = next.is_some();
+                self.io.input_ends = next.is_some_and(|n| !io_uring::cqueue::more(n.2));
                 self.complete(u, res, flags);
             }
             self.io.more_input = false;
+            self.io.input_ends = false;
             if std::mem::take(&mut self.io.ctl.lost) {
                 self.control_lost();
             }
@@ -567,7 +574,6 @@ impl Shard {
                     self.drive(slot, |s, env, _| s.handle_connected(env, res));
                 }
             }
-            Rec::Timeout { .. } => {}
         }
     }
 

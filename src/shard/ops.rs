@@ -111,11 +111,6 @@ pub enum Rec {
         #[allow(dead_code)] // held for the kernel, never read here
         opts: Option<Box<[libc::c_int; super::listener::CONMAN_SOCKOPTS]>>,
     },
-    /// The connect's linked timeout; the kernel reads `ts`.
-    Timeout {
-        #[allow(dead_code)] // held for the kernel, never read here
-        ts: Box<io_uring::types::Timespec>,
-    },
 }
 
 struct Slot {

@@ -46,11 +46,12 @@ impl Io {
                 attempt,
                 exclude,
             } => self.placement(slot, e, seq, attempt, exclude, out),
-            Op::Connect { addr, timeout } => {
+            Op::Connect { addr, keepalive } => {
                 let via_ring = self.ring_sockopts;
+                let keepalive = keepalive.then_some(&self.cfg.keepalive);
                 let res = listener::conman_socket(
                     &addr,
-                    &self.cfg.keepalive,
+                    keepalive,
                     !via_ring,
                     self.cfg.conman.tcp_congestion.as_deref(),
                 )
@@ -73,7 +74,7 @@ impl Io {
                 // Nagle off and keepalive as ring entries rather than a
                 // setsockopt(2) each: six syscalls fewer per session.
                 let (opts, n) = if via_ring {
-                    listener::conman_sockopts(&self.cfg.keepalive)
+                    listener::conman_sockopts(keepalive)
                 } else {
                     Default::default()
                 };
@@ -85,18 +86,16 @@ impl Io {
                     .as_deref()
                     .map(|v| std::array::from_fn(|i| std::ptr::from_ref(&v[i])));
                 let addr = Box::new(socket2::SockAddr::from(addr));
-                let connect = opcode::Connect::new(types::Fd(fd), addr.as_ptr(), addr.len())
-                    .build()
-                    .flags(squeue::Flags::IO_LINK);
-                let ts = Box::new(types::Timespec::from(timeout));
-                let timeout = opcode::LinkTimeout::new(&*ts).build();
+                // No linked timeout: the session's deadline bounds the
+                // connect and cancels it (`Op::CancelConnect`).
+                let connect =
+                    opcode::Connect::new(types::Fd(fd), addr.as_ptr(), addr.len()).build();
                 let connect_ud = self.ops.insert(Rec::Connect {
                     slot,
                     gen,
                     addr,
                     opts: values,
                 });
-                let timeout_ud = self.ops.insert(Rec::Timeout { ts });
                 e.connect = connect_ud;
                 // The whole chain must land in one submission for the links
                 // to hold: make room first.
@@ -104,14 +103,14 @@ impl Io {
                     let sq = ring.submission();
                     sq.capacity() - sq.len()
                 };
-                while room(&mut self.ring) < n + 2 {
+                while room(&mut self.ring) < n + 1 {
                     let _ = self.ring.submit();
                 }
                 // SAFETY: each option entry points at its value in the
                 // connect's record (a box, not moved by the insert), and is
                 // hard-linked before the connect, which cannot complete
-                // before it; the connect points at `addr` and the timeout at
-                // `ts`, both boxed in their own records until completion.
+                // before it; the connect points at `addr`, boxed in its
+                // record until completion.
                 unsafe {
                     if let Some(ptrs) = value_ptrs {
                         for (&opt, value) in opts[..n].iter().zip(ptrs) {
@@ -119,7 +118,14 @@ impl Io {
                         }
                     }
                     self.push(connect.user_data(connect_ud));
-                    self.push(timeout.user_data(timeout_ud));
+                }
+            }
+            Op::TcpKeepalive { fd } => {
+                // Rare (once per session that lives past its first liveness
+                // look), so plain syscalls rather than ring entries whose
+                // values would need a home until they complete.
+                if let Err(err) = listener::set_keepalive_fd(fd, &self.cfg.keepalive) {
+                    debug!(session = e.s.id, %err, "cannot set TCP keepalive on a Conman socket");
                 }
             }
             Op::CancelConnect => {
@@ -424,11 +430,11 @@ mod tests {
             ..KeepaliveConfig::default()
         };
         let addr = "127.0.0.1:9".parse().unwrap();
-        let fd = listener::conman_socket(&addr, &k, false, None).unwrap();
+        let fd = listener::conman_socket(&addr, Some(&k), false, None).unwrap();
         // SAFETY: the socket just created, owned from here on.
         let s = unsafe { socket2::Socket::from_raw_fd(fd) };
         assert!(!s.nodelay().unwrap(), "options set before the ring did");
-        let (opts, n) = listener::conman_sockopts(&k);
+        let (opts, n) = listener::conman_sockopts(Some(&k));
         let values = Box::new(opts.map(|(_, _, v)| v));
         // SAFETY: `values` lives until the Nop after the chain completed.
         unsafe {

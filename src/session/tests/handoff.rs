@@ -75,6 +75,7 @@ fn move_session(h: &mut Harness) -> Record {
             ring: &h.bufs,
             ring_low: h.ring_low,
             more_input: false,
+            input_ends: false,
             cfg: &h.cfg,
             shard: 0,
             stats: &h.stats,

@@ -444,3 +444,56 @@ fn who_of(client: bool) -> Who {
         Who::Conman
     }
 }
+
+/// The ops the session asked for whose debug form starts with `prefix`.
+fn ops_named(h: &Harness, prefix: &str) -> Vec<String> {
+    h.ops
+        .iter()
+        .filter(|o| o.starts_with(prefix))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn conman_tcp_keepalive_waits_for_the_first_liveness_look() {
+    let mut h = Harness::established(cfg(30.0, 75.0));
+    let connects = ops_named(&h, "Connect");
+    assert_eq!(connects.len(), 1);
+    assert!(connects[0].contains("keepalive: false"), "{connects:?}");
+    assert!(ops_named(&h, "TcpKeepalive").is_empty());
+    h.wait(Duration::from_secs(30));
+    h.settle();
+    let set = ops_named(&h, "TcpKeepalive");
+    assert_eq!(
+        set,
+        vec![format!("TcpKeepalive {{ fd: {} }}", h.peers[1].fd.unwrap())]
+    );
+    // Once only.
+    h.wait(Duration::from_secs(30));
+    h.settle();
+    assert_eq!(ops_named(&h, "TcpKeepalive").len(), 1);
+}
+
+#[test]
+fn conman_tcp_keepalive_is_set_at_connect_when_it_cannot_wait() {
+    // No liveness looks at all; a look later than the keepalive idle time;
+    // one later than the user timeout.
+    let mut late_idle = cfg(30.0, 75.0);
+    late_idle.keepalive.tcp_keepidle_s = 20;
+    let mut late_user = cfg(30.0, 75.0);
+    late_user.keepalive.tcp_user_timeout_ms = 30_000;
+    for c in [cfg(0.0, 0.0), late_idle, late_user] {
+        assert!(!defer_tcp_keepalive(&c));
+        let mut h = Harness::established(c);
+        let connects = ops_named(&h, "Connect");
+        assert!(connects[0].contains("keepalive: true"), "{connects:?}");
+        h.wait(Duration::from_secs(31));
+        h.settle();
+        assert!(ops_named(&h, "TcpKeepalive").is_empty());
+    }
+    // Nothing to set: nothing deferred either.
+    let mut off = cfg(30.0, 75.0);
+    off.keepalive.tcp_keepalive = false;
+    off.keepalive.tcp_user_timeout_ms = 0;
+    assert!(!defer_tcp_keepalive(&off));
+}

@@ -122,6 +122,7 @@ macro_rules! env {
             ring: &$h.bufs,
             ring_low: $h.ring_low,
             more_input: $h.more_input,
+            input_ends: $h.input_ends,
             cfg: &$h.cfg,
             shard: 0,
             stats: &$h.stats,
@@ -162,6 +163,8 @@ struct Harness {
     ring_low: bool,
     /// `Env::more_input` for the next inputs.
     more_input: bool,
+    /// `Env::input_ends` for the next inputs.
+    input_ends: bool,
 }
 
 fn at(who: Who) -> usize {
@@ -199,6 +202,7 @@ impl Harness {
             ops: Vec::new(),
             ring_low: false,
             more_input: false,
+            input_ends: false,
         };
         h.peers[0].fd = Some(CLIENT_FD);
         h.run(|s, env| s.start(env));
@@ -281,6 +285,13 @@ impl Harness {
                 if both {
                     p.reset = true;
                 }
+            }
+            Op::TcpKeepalive { fd } => {
+                assert_eq!(
+                    self.peers[1].fd,
+                    Some(fd),
+                    "keepalive for a socket not Conman's"
+                );
             }
             Op::Close { fd } => {
                 let p = self.peer_of(fd);
@@ -532,15 +543,26 @@ impl Harness {
         h
     }
 
+    /// The connect succeeds and Conman answers 101: relaying.
+    fn connect_and_upgrade(&mut self) {
+        self.answer_connect(0);
+        self.settle();
+        self.conman_101();
+        self.settle();
+        assert_eq!(self.s.kind(), Kind::Relay);
+    }
+
+    /// The last op asked for whose debug form starts with `prefix`.
+    fn last_op(&self, prefix: &str) -> &str {
+        let found = self.ops.iter().rev().find(|o| o.starts_with(prefix));
+        found.unwrap_or_else(|| panic!("no {prefix} op"))
+    }
+
     /// From accept to relaying, every step answered at once.
     fn established(cfg: Config) -> Harness {
         let mut h = Harness::placing(cfg);
         h.answer_placement(found("vm-1"));
-        h.answer_connect(0);
-        h.settle();
-        h.conman_101();
-        h.settle();
-        assert_eq!(h.s.kind(), Kind::Relay);
+        h.connect_and_upgrade();
         h.peers[0].got.clear();
         h.peers[1].got.clear();
         h

@@ -598,3 +598,36 @@ fn a_revocation_during_setup_fails_it_with_the_same_reason() {
     );
     h.finish();
 }
+
+#[test]
+fn a_receive_that_already_ended_is_not_cancelled() {
+    // Conman answers the client's Close and sends its FIN: both come in
+    // one batch, the Close's completion first. The Close makes the
+    // session stop reading Conman, but that receive has already ended in
+    // the kernel (its last completion is next): a cancel would only come
+    // back with ENOENT.
+    let mut h = Harness::established(Harness::cfg());
+    let mut close = Vec::new();
+    write_close(&mut close, 1000, "", Some([3, 3, 3, 3]));
+    h.write(Who::Client, &close);
+    h.settle();
+    assert_eq!(h.closes(Who::Conman), vec![(1000, String::new())]);
+    let mut reply = Vec::new();
+    write_close(&mut reply, 1000, "", None);
+    h.write(Who::Conman, &reply);
+    h.peers[1].fin = true;
+    let before = h.ops.len();
+    h.input_ends = true;
+    assert!(h.deliver(Who::Conman, reply.len()));
+    h.input_ends = false;
+    let cancels: Vec<_> = h.ops[before..]
+        .iter()
+        .filter(|o| o.starts_with("CancelRecv { who: Conman"))
+        .collect();
+    assert!(cancels.is_empty(), "{cancels:?}");
+    // The FIN, the receive's last completion, ends it as usual.
+    assert!(h.deliver(Who::Conman, BUF));
+    h.settle();
+    assert_eq!(h.closes(Who::Client), vec![(1000, String::new())]);
+    h.finish();
+}

@@ -128,25 +128,24 @@ fn refused_connect_backs_off_and_retries_excluding_the_vm() {
     assert_eq!(h.s.kind(), Kind::Backoff);
     assert_eq!(h.peers[1].closed, vec![first_fd], "failed socket closed");
     assert!(h.placement.is_none(), "no new placement before the backoff");
-    h.advance_to_deadline();
-    assert_eq!(h.s.kind(), Kind::Placement);
-    let asked = h
-        .ops
-        .iter()
-        .rev()
-        .find(|o| o.starts_with("Placement"))
-        .unwrap();
-    assert!(
-        asked.contains("attempt: 1") && asked.contains("vm-1"),
-        "{asked}"
-    );
-    h.answer_placement(found("vm-2"));
-    h.answer_connect(0);
-    h.settle();
-    h.conman_101();
-    h.settle();
-    assert_eq!(h.s.kind(), Kind::Relay);
+    h.retry_on_vm_2();
     assert!(h.closes(Who::Client).is_empty(), "the client saw nothing");
+}
+
+impl Harness {
+    /// After vm-1 failed the first attempt: the backoff ends, the retry's
+    /// placement excludes vm-1, vm-2 answers and the session relays.
+    fn retry_on_vm_2(&mut self) {
+        self.advance_to_deadline();
+        assert_eq!(self.s.kind(), Kind::Placement);
+        let asked = self.last_op("Placement");
+        assert!(
+            asked.contains("attempt: 1") && asked.contains("vm-1"),
+            "{asked}"
+        );
+        self.answer_placement(found("vm-2"));
+        self.connect_and_upgrade();
+    }
 }
 
 #[test]
@@ -363,4 +362,22 @@ fn a_held_close_starts_the_close_timeout() {
     // Conman never answers: the session must not wait forever.
     h.advance_to_deadline();
     assert_eq!(h.s.kind(), Kind::Closing);
+}
+
+#[test]
+fn a_hanging_connect_is_cancelled_at_its_timeout_and_retried() {
+    let mut h = Harness::placing(Harness::cfg());
+    h.answer_placement(found("vm-1"));
+    assert_eq!(h.s.kind(), Kind::Connecting);
+    let t0 = h.now;
+    // The attempt's own timeout, well within the setup's.
+    let timeout = Duration::from_millis(h.cfg.limits.connect_timeout_ms);
+    assert_eq!(h.s.poll_timeout(), Some(t0 + timeout));
+    h.advance_to_deadline();
+    assert_eq!(h.connect, Some(true), "the connect was cancelled");
+    // Its completion (cancelled) comes; then the backoff, then vm-1 is
+    // passed over.
+    h.answer_connect(0);
+    assert_eq!(h.s.kind(), Kind::Backoff);
+    h.retry_on_vm_2();
 }
