@@ -602,8 +602,10 @@ impl Session {
         s.phase = Phase::Relay(Live::from_record(&rec.live, t));
         s.conman = Side::new(conman);
         // The old process may have handed it over before its first
-        // liveness look: setting the options again is harmless.
-        s.conman.tcp_keepalive_due = super::defer_tcp_keepalive(env.cfg);
+        // liveness look: setting the options again is harmless. At that
+        // look, or at once if this config does not defer them
+        // (`handle_adopted`).
+        s.conman.tcp_keepalive_due = super::tcp_keepalive_wanted(env.cfg);
         // Checked when the record was read.
         if let (Ok(a), Ok(b)) = (
             Tracker::from_state(Direction::ToConman, &rec.trackers[0]),
@@ -657,6 +659,7 @@ impl Session {
     /// An adopted session's first input, once the shard has given it a
     /// slot: both sides are read again.
     pub fn handle_adopted(&mut self, env: &mut Env) {
+        self.tcp_keepalive_unless_deferred(env);
         for who in [Who::Client, Who::Conman] {
             self.arm_recv(env, who);
         }

@@ -637,10 +637,30 @@ pub fn defer_tcp_keepalive(cfg: &Config) -> bool {
     let k = &cfg.keepalive;
     let look = k.interval();
     !look.is_zero()
-        && (k.tcp_keepalive || k.tcp_user_timeout_ms > 0)
+        && tcp_keepalive_wanted(cfg)
         && (!k.tcp_keepalive || look < Duration::from_secs(k.tcp_keepidle_s.into()))
         && (k.tcp_user_timeout_ms == 0
             || look < Duration::from_millis(k.tcp_user_timeout_ms.into()))
+}
+
+/// Whether the config asks for any TCP keepalive option at all.
+fn tcp_keepalive_wanted(cfg: &Config) -> bool {
+    cfg.keepalive.tcp_keepalive || cfg.keepalive.tcp_user_timeout_ms > 0
+}
+
+impl Session {
+    /// The Conman socket's TCP keepalive options still wait for a liveness
+    /// look that the config in force no longer brings soon enough (it was
+    /// reloaded since the connect, or the session comes from another
+    /// process whose config deferred them): they go now.
+    pub(crate) fn tcp_keepalive_unless_deferred(&mut self, env: &mut Env) {
+        if self.conman.tcp_keepalive_due && !defer_tcp_keepalive(env.cfg) {
+            self.conman.tcp_keepalive_due = false;
+            if self.conman.fd >= 0 && !self.conman.closed && tcp_keepalive_wanted(env.cfg) {
+                env.op(Op::TcpKeepalive { fd: self.conman.fd });
+            }
+        }
+    }
 }
 
 impl Session {

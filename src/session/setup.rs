@@ -545,7 +545,8 @@ impl Session {
         }
     }
 
-    /// The connect completed (0) or failed (-errno, -ECANCELED on timeout).
+    /// The connect completed (0) or failed (-errno; -ECANCELED when the
+    /// session cancelled it, by which time it has left `Connecting`).
     pub fn handle_connected(&mut self, env: &mut Env, res: i32) {
         self.conman.done_op();
         if self.kind() == Kind::Connecting {
@@ -665,6 +666,7 @@ impl Session {
         self.vm = vm;
         self.deadline = None;
         self.schedule_liveness(env);
+        self.tcp_keepalive_unless_deferred(env);
         self.established = true;
         ShardStats::inc(&env.stats.established);
         env.stats.active.fetch_add(1, Relaxed);

@@ -279,10 +279,13 @@ pub fn set_keepalive(s: SockRef<'_>, k: &KeepaliveConfig) -> io::Result<()> {
     Ok(())
 }
 
-/// [`set_keepalive`] on a listening socket the shard owns by descriptor.
+/// [`set_keepalive`] on a socket the shard owns by descriptor: a listener,
+/// or a session's Conman socket (`Op::TcpKeepalive`).
 pub fn set_keepalive_fd(fd: RawFd, k: &KeepaliveConfig) -> io::Result<()> {
-    // SAFETY: the shard's listener, open for the shard's life; borrowed
-    // only for these calls.
+    // SAFETY: borrowed only for these calls, of a socket open now: a
+    // listener lives as long as its shard; a session asks for this only
+    // while its socket is open, and the shard performs a session's ops in
+    // order, so its `Op::Close` of that socket comes after.
     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
     set_keepalive(SockRef::from(&fd), k)
 }

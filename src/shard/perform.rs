@@ -71,8 +71,8 @@ impl Io {
                     unsafe { libc::close(fd) };
                     return;
                 }
-                // Nagle off and keepalive as ring entries rather than a
-                // setsockopt(2) each: six syscalls fewer per session.
+                // Nagle off (and keepalive, unless the session defers it)
+                // as ring entries rather than a setsockopt(2) each.
                 let (opts, n) = if via_ring {
                     listener::conman_sockopts(keepalive)
                 } else {

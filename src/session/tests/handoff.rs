@@ -168,3 +168,28 @@ fn a_session_the_proxy_began_to_close_never_moves() {
     assert!(!started);
     h.finish();
 }
+
+#[test]
+fn a_moved_session_gets_its_conman_tcp_keepalive_in_the_new_process() {
+    // Deferring: at the first liveness look there.
+    let mut h = Harness::established(Harness::cfg());
+    move_session(&mut h);
+    let conman = h.peers[1].fd.unwrap();
+    assert!(!h.ops.iter().any(|o| o.starts_with("TcpKeepalive")));
+    h.now += Duration::from_secs(30);
+    h.run(|s, env| s.handle_timeout(env));
+    assert_eq!(
+        h.last_op("TcpKeepalive"),
+        format!("TcpKeepalive {{ fd: {conman} }}")
+    );
+    // Not deferring (no liveness looks): at once, whatever the old
+    // process did.
+    let mut h = Harness::established(Harness::cfg());
+    h.cfg.keepalive.interval_s = 0.0;
+    move_session(&mut h);
+    let conman = h.peers[1].fd.unwrap();
+    assert_eq!(
+        h.last_op("TcpKeepalive"),
+        format!("TcpKeepalive {{ fd: {conman} }}")
+    );
+}

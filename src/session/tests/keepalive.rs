@@ -497,3 +497,18 @@ fn conman_tcp_keepalive_is_set_at_connect_when_it_cannot_wait() {
     off.keepalive.tcp_user_timeout_ms = 0;
     assert!(!defer_tcp_keepalive(&off));
 }
+
+#[test]
+fn conman_tcp_keepalive_goes_at_the_upgrade_when_a_reload_ends_the_looks() {
+    let mut h = Harness::placing(cfg(30.0, 75.0));
+    h.answer_placement(found("vm-1"));
+    assert!(ops_named(&h, "Connect")[0].contains("keepalive: false"));
+    // A reload while connecting: no liveness looks any more.
+    h.cfg.keepalive.interval_s = 0.0;
+    h.connect_and_upgrade();
+    let fd = h.peers[1].fd.unwrap();
+    assert_eq!(
+        ops_named(&h, "TcpKeepalive"),
+        vec![format!("TcpKeepalive {{ fd: {fd} }}")]
+    );
+}
