@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Env, Op, Phase, Session, Who};
+use super::{Env, Phase, Session, Who};
 use crate::error::{SetupError, Stage};
 use crate::proto::close;
 use crate::proto::frame::{write_control, OpCode};
@@ -244,11 +244,8 @@ impl Session {
     /// side is dead or it carried no data for too long, and set the next
     /// deadline.
     pub(super) fn check_liveness(&mut self, env: &mut Env) {
-        if std::mem::take(&mut self.conman.tcp_keepalive_due)
-            && self.conman.fd >= 0
-            && !self.conman.closed
-        {
-            env.op(Op::TcpKeepalive { fd: self.conman.fd });
+        if std::mem::take(&mut self.conman.tcp_keepalive_due) {
+            self.conman_tcp_keepalive(env);
         }
         let interval = millis(env.cfg.keepalive.interval());
         let timeout = millis(env.cfg.keepalive.timeout());

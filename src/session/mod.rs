@@ -656,9 +656,16 @@ impl Session {
     pub(crate) fn tcp_keepalive_unless_deferred(&mut self, env: &mut Env) {
         if self.conman.tcp_keepalive_due && !defer_tcp_keepalive(env.cfg) {
             self.conman.tcp_keepalive_due = false;
-            if self.conman.fd >= 0 && !self.conman.closed && tcp_keepalive_wanted(env.cfg) {
-                env.op(Op::TcpKeepalive { fd: self.conman.fd });
+            if tcp_keepalive_wanted(env.cfg) {
+                self.conman_tcp_keepalive(env);
             }
+        }
+    }
+
+    /// Sets the Conman socket's TCP keepalive options, if it is open.
+    pub(crate) fn conman_tcp_keepalive(&mut self, env: &mut Env) {
+        if self.conman.fd >= 0 && !self.conman.closed {
+            env.op(Op::TcpKeepalive { fd: self.conman.fd });
         }
     }
 }
