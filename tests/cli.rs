@@ -418,11 +418,12 @@ fn keys_reload_on_sighup_and_on_change() {
     assert_eq!(ws.read().unwrap(), Message::text("k2 still"));
 }
 
-/// What `ss -tin` says of the established socket whose local port is
-/// `local` (0: any) and remote port `remote` (0: any): its info line.
+/// What `ss -tino` says of the established socket whose local port is
+/// `local` (0: any) and remote port `remote` (0: any): its line (with
+/// `-o`'s timer) and its info line, joined.
 fn ss_info(local: u16, remote: u16) -> Option<String> {
     let out = Command::new("ss")
-        .args(["-tinH", "state", "established"])
+        .args(["-tinoH", "state", "established"])
         .output();
     let out = String::from_utf8(out.expect("ss (iproute2) runs").stdout).unwrap();
     let lines: Vec<&str> = out.lines().collect();
@@ -430,7 +431,7 @@ fn ss_info(local: u16, remote: u16) -> Option<String> {
     lines.windows(2).find_map(|w| {
         let f: Vec<&str> = w[0].split_whitespace().collect();
         let (l, r) = (port(f.get(2)?)?, port(f.get(3)?)?);
-        ((local == 0 || l == local) && (remote == 0 || r == remote)).then(|| w[1].to_string())
+        ((local == 0 || l == local) && (remote == 0 || r == remote)).then(|| w.join(" "))
     })
 }
 
@@ -458,22 +459,6 @@ fn congestion_control_is_set_on_both_sockets() {
     assert!(to_conman.contains(" reno "), "Conman side: {to_conman}");
 }
 
-/// The `ss -to` line of the established socket whose peer port is
-/// `remote` (the proxy's socket to a Conman on that port), if any.
-fn ss_timer_line(remote: u16) -> Option<String> {
-    let out = Command::new("ss")
-        .args(["-tonH", "state", "established"])
-        .output();
-    let out = String::from_utf8(out.expect("ss (iproute2) runs").stdout).unwrap();
-    let port = |addr: &str| addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
-    out.lines()
-        .find(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.get(3).and_then(|a| port(a)) == Some(remote)
-        })
-        .map(str::to_string)
-}
-
 #[test]
 fn conman_tcp_keepalive_is_set_at_the_first_liveness_look() {
     // Keepalive options are five setsockopt(2) calls a Conman socket pays
@@ -489,7 +474,7 @@ fn conman_tcp_keepalive_is_set_at_the_first_liveness_look() {
     ws.send(Message::text("hi")).unwrap();
     assert_eq!(ws.read().unwrap(), Message::text("hi"));
     let port = conman.local_addr.port();
-    let before = ss_timer_line(port).expect("the proxy's socket to Conman");
+    let before = ss_info(0, port).expect("the proxy's socket to Conman");
     assert!(
         !before.contains("keepalive"),
         "set before the first look: {before}"
@@ -497,7 +482,7 @@ fn conman_tcp_keepalive_is_set_at_the_first_liveness_look() {
     // No signal tells when a socket option is set: look until it is.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let now = ss_timer_line(port).expect("the session lives on");
+        let now = ss_info(0, port).expect("the session lives on");
         if now.contains("timer:(keepalive,") {
             break;
         }
