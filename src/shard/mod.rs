@@ -605,7 +605,6 @@ impl Shard {
             vm = e.s.vm().unwrap_or(""),
         );
         let _in_session = span.enter();
-        let before = e.s.poll_timeout();
         let mut out = std::mem::take(&mut io.out);
         let r = {
             let mut env = env!(io, &mut out);
@@ -615,15 +614,9 @@ impl Shard {
             io.perform(slot, e, op, &mut out);
         }
         io.out = out;
-        // Keep the timers' invariant (see timers.rs): a deadline that is
-        // new or earlier needs an entry; a later one is covered.
-        if let Some(d) = e.s.poll_timeout() {
-            if before.is_none_or(|b| d < b) {
-                io.timers.push(d, slot, e.gen);
-            }
-        }
         if e.s.is_finished() {
             debug_assert!(e.connect == NONE);
+            io.timers.set(slot, None);
             self.sessions[slot as usize] = None;
             self.free.push(slot);
             self.live -= 1;
@@ -631,6 +624,9 @@ impl Shard {
                 .stats
                 .live
                 .store(self.live as u64, Ordering::Relaxed);
+        } else {
+            // One comparison when the deadline did not move.
+            io.timers.set(slot, e.s.poll_timeout());
         }
         Some(r)
     }
@@ -860,9 +856,7 @@ impl Shard {
 
     /// Puts a new session in its slot: counted, its first deadline armed.
     fn place(&mut self, slot: u32, gen: u16, s: Session) {
-        if let Some(d) = s.poll_timeout() {
-            self.io.timers.push(d, slot, gen);
-        }
+        self.io.timers.set(slot, s.poll_timeout());
         self.sessions[slot as usize] = Some(Entry {
             s,
             gen,
@@ -956,24 +950,17 @@ impl Shard {
 
     fn fire_timers(&mut self) {
         let now = self.io.now;
-        while let Some((slot, gen)) = self.io.timers.pop_due(now) {
-            let Some(e) = self.entry(slot, gen) else {
+        while let Some(slot) = self.io.timers.pop_due(now) {
+            let Some(e) = self.sessions.get(slot as usize).and_then(Option::as_ref) else {
+                debug_assert!(false, "a timer outlived its session");
                 continue;
             };
             match e.s.poll_timeout() {
-                None => {}
-                // Moved later since this entry was pushed: wait on for the
-                // real one.
-                Some(d) if d > now => self.io.timers.push(d, slot, gen),
-                Some(_) => {
+                // `drive` arms the deadline the handler leaves.
+                Some(d) if d <= now => {
                     self.drive(slot, |s, env, _| s.handle_timeout(env));
-                    // The entry that covered the session is gone, and a
-                    // deadline set by the handler is later than it, which
-                    // `drive` does not schedule: keep the invariant here.
-                    if let Some(d) = self.entry(slot, gen).and_then(|e| e.s.poll_timeout()) {
-                        self.io.timers.push(d, slot, gen);
-                    }
                 }
+                d => self.io.timers.set(slot, d),
             }
         }
         self.io.timers.shrink();
