@@ -791,7 +791,7 @@ impl Config {
                 "must be at least limits.max_request_line",
             ));
         }
-        if l.max_headers == 0 || l.max_headers > 1024 {
+        if l.max_headers == 0 || l.max_headers > crate::proto::http1::MAX_HEADERS {
             return Err(invalid("limits.max_headers", "must be in 1..=1024"));
         }
         for (key, v) in [

@@ -58,6 +58,8 @@ use thiserror::Error;
 /// The WebSocket endpoint; `/wsv2/<token>` and `/wsv2?token=` live under it.
 pub const WS_PATH: &str = "/wsv2";
 pub const HEALTHZ_PATH: &str = "/healthz";
+/// The most headers `limits.max_headers` may allow.
+pub const MAX_HEADERS: usize = 1024;
 
 /// Size limits on a request head, checked as bytes arrive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,9 +265,11 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<(Route, usize
     let Some(head_len) = find_head_end(buf, limits)? else {
         return Ok(None);
     };
-    let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(&buf[..head_len]) {
+    // On the stack and uninitialised: a heap vector of `max_headers`
+    // empty headers was an allocation and 2 KiB of stores per handshake.
+    let mut headers = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(&buf[..head_len], &mut headers[..limits.max_headers]) {
         Ok(httparse::Status::Complete(n)) if n == head_len => {}
         // The scan saw CRLFCRLF there, so httparse must agree that the head
         // ends there; if not, refuse rather than guess where the stream starts.
