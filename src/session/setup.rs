@@ -441,27 +441,26 @@ impl Session {
             return;
         };
         let mut request = Vec::with_capacity(512);
-        let protocols: Vec<String> = if st.client_accept.is_some() {
-            st.offered_protocols.clone()
+        let protocols: &[String] = if st.client_accept.is_some() {
+            &st.offered_protocols
         } else {
-            st.protocol.iter().cloned().collect()
+            st.protocol.as_slice()
         };
-        let mut extra: Vec<(&str, &str)> = vec![
-            ("X-Eval-Session", &session_hex),
+        let extra = [
+            ("X-Eval-Session", session_hex.as_str()),
             ("X-Repl-Id", ident.repl()),
             ("X-User", ident.user()),
+            ("X-Forwarded-For", &st.forwarded_for),
         ];
-        if !st.forwarded_for.is_empty() {
-            extra.push(("X-Forwarded-For", &st.forwarded_for));
-        }
+        let with_xff = if st.forwarded_for.is_empty() { 3 } else { 4 };
         handshake::write_conman_request(
             &mut request,
             &found.host,
             &found.path,
             &key,
-            &protocols,
+            protocols,
             st.offered_extensions.as_deref(),
-            &extra,
+            &extra[..with_xff],
         );
         st.expected_accept = accept_key(&key);
         st.request = request;
