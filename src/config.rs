@@ -332,6 +332,13 @@ pub struct ListenConfig {
     /// completions: lower latency (no wake-up from idle) for CPU burned
     /// while polling. 0 = sleep at once.
     pub busy_poll_us: u32,
+    /// `TCP_DEFER_ACCEPT`: the kernel completes an accept once the client's
+    /// first bytes arrive (every client here speaks first), so the shard is
+    /// woken once per connection rather than for the accept and again for
+    /// the request. A client that sends nothing is accepted after about
+    /// this many seconds all the same, and its header deadline starts
+    /// then. 0 = accept at once.
+    pub defer_accept_s: u32,
     /// Peers whose `X-Forwarded-For` is believed (load balancers in front
     /// of the proxy); from anyone else the header is dropped, so a client
     /// cannot put an address of its choosing in front of its own.
@@ -627,6 +634,7 @@ impl Default for ListenConfig {
             shards: 0,
             pin: true,
             busy_poll_us: 0,
+            defer_accept_s: 1,
             trusted_proxies: Vec::new(),
             proxy_protocol: false,
             tcp_congestion: None,
@@ -883,6 +891,9 @@ impl Config {
             if let Some(cc) = cc {
                 crate::shard::listener::check_congestion(cc).map_err(|why| invalid(key, &why))?;
             }
+        }
+        if self.listen.defer_accept_s > 3600 {
+            return Err(invalid("listen.defer_accept_s", "must be at most 3600"));
         }
         if self.listen.busy_poll_us > 100_000 {
             return Err(invalid("listen.busy_poll_us", "must be at most 100000"));

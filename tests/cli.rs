@@ -79,6 +79,7 @@ fn bad_config_exits_2_naming_the_key() {
         ("[placement]\ndefault = \"ws://127.0.0.1:1/\"\n", "token.keys_dir"),
         ("[limits]\nheader_timeout_ms = \"soon\"\n", "header_timeout_ms"),
         ("[listen]\ntrusted_proxies = [\"10.0.0.0/33\"]\n", "trusted_proxies"),
+        ("[token]\nallow_dev_key = true\n[placement]\ndefault = \"ws://127.0.0.1:1/\"\n[listen]\ndefer_accept_s = 4000\n", "listen.defer_accept_s"),
         ("[token]\ncluster = \"\"\n", "token.cluster"),
         (
             "[token]\nallow_dev_key = true\n[placement]\ndefault = \"ws://127.0.0.1:1/\"\n[listen]\nproxy_protocol = true\n",
@@ -492,4 +493,38 @@ fn conman_tcp_keepalive_is_set_at_the_first_liveness_look() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Deferred accepts: a connection that has said nothing is not handed to
+/// a shard (the kernel holds it until its first bytes), so the shard is
+/// woken once per connection, with its request.
+#[test]
+fn a_silent_connection_is_accepted_only_once_it_speaks() {
+    let conman = echo_conman();
+    // Long enough that the kernel cannot give up waiting within the test.
+    let proxy = Proxy::start(
+        &config_for(conman.local_addr, "[listen]\ndefer_accept_s = 60\n"),
+        &["--shards", "1"],
+    );
+    let accepted = || proxy.metric(eval_proxy::metrics::names::CONNECTIONS_ACCEPTED, &[]);
+    let mut silent = std::net::TcpStream::connect(proxy.listen).expect("connect");
+    // A whole session after it, on the same shard: had the silent
+    // connection been accepted at its connect, it would be counted by now.
+    let mut ws = connect(&proxy.url(&dev_token("r1")));
+    ws.send(Message::text("hi")).expect("send");
+    assert_eq!(ws.read().expect("echo"), Message::text("hi"));
+    assert_eq!(
+        accepted(),
+        1.0,
+        "a connection that sent nothing was accepted"
+    );
+    use std::io::Write;
+    silent
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(read_head(&mut silent).split(' ').nth(1), Some("200"));
+    assert_eq!(accepted(), 2.0);
 }

@@ -290,6 +290,30 @@ pub fn set_keepalive_fd(fd: RawFd, k: &KeepaliveConfig) -> io::Result<()> {
     set_keepalive(SockRef::from(&fd), k)
 }
 
+/// `TCP_DEFER_ACCEPT` on a listening socket the shard owns: a connection
+/// is accepted once its first bytes arrive (or, if none come, after about
+/// `secs`), so a shard is not woken for an accept and again for the
+/// request. 0 turns it off.
+pub fn set_defer_accept_fd(fd: RawFd, secs: u32) -> io::Result<()> {
+    let v = libc::c_int::try_from(secs).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt reads one c_int from a live local; `fd` is the
+    // shard's listener, open for the call.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// TCP congestion control `name` (`TCP_CONGESTION`) on a listening socket
 /// the shard owns by descriptor; accepted sockets inherit it.
 pub fn set_congestion_fd(fd: RawFd, name: &str) -> io::Result<()> {

@@ -270,6 +270,7 @@ impl Shard {
         // however obtained (bound, or handed over) gives its client sockets
         // the configured keepalive.
         listener::set_keepalive_fd(spec.listener, &cfg.keepalive)?;
+        listener::set_defer_accept_fd(spec.listener, cfg.listen.defer_accept_s)?;
         // Likewise: accepted sockets inherit the listener's congestion
         // control.
         if let Some(cc) = &cfg.listen.tcp_congestion {
