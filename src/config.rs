@@ -800,7 +800,10 @@ impl Config {
             ));
         }
         if l.max_headers == 0 || l.max_headers > crate::proto::http1::MAX_HEADERS {
-            return Err(invalid("limits.max_headers", "must be in 1..=1024"));
+            return Err(invalid(
+                "limits.max_headers",
+                format!("must be in 1..={}", crate::proto::http1::MAX_HEADERS),
+            ));
         }
         for (key, v) in [
             ("limits.header_timeout_ms", l.header_timeout_ms),

@@ -68,9 +68,7 @@ impl Timers {
                         self.pos.resize(s + 1, ABSENT);
                     }
                     self.heap.push(Node { at: t, slot });
-                    let end = self.heap.len() - 1;
-                    self.pos[s] = end as u32;
-                    self.sift_up(end);
+                    self.sift_up(self.heap.len() - 1);
                 } else {
                     let i = i as usize;
                     let old = self.heap[i].at;
@@ -115,7 +113,6 @@ impl Timers {
         self.pos[n.slot as usize] = ABSENT;
         if i < self.heap.len() {
             // The last entry took its place and may belong above or below.
-            self.pos[self.heap[i].slot as usize] = i as u32;
             let j = self.sift_up(i);
             self.sift_down(j);
         }
@@ -131,12 +128,10 @@ impl Timers {
             if p.at <= n.at {
                 break;
             }
-            self.heap[i] = p;
-            self.pos[p.slot as usize] = i as u32;
+            self.put(i, p);
             i = parent;
         }
-        self.heap[i] = n;
-        self.pos[n.slot as usize] = i as u32;
+        self.put(i, n);
         i
     }
 
@@ -158,10 +153,14 @@ impl Timers {
             if n.at <= child.at {
                 break;
             }
-            self.heap[i] = child;
-            self.pos[child.slot as usize] = i as u32;
+            self.put(i, child);
             i = c;
         }
+        self.put(i, n);
+    }
+
+    /// Stores `n` at `i` and records where it is.
+    fn put(&mut self, i: usize, n: Node) {
         self.heap[i] = n;
         self.pos[n.slot as usize] = i as u32;
     }
