@@ -1329,13 +1329,6 @@ impl Session {
             .as_ref()
             .is_some_and(|sp| sp.owes_peer());
         let sd = self.side(who);
-        // Its receive can stop now rather than after our last send: the
-        // close then waits for that send and the cancel together, in one
-        // loop turn instead of two.
-        if finished && sd.want_shut && sd.recv_armed {
-            self.pause_recv(env, who);
-        }
-        let sd = self.side(who);
         if sd.want_shut && !sd.shut && sd.drained() && !owed {
             sd.shut = true;
             if !finished {
@@ -1345,11 +1338,17 @@ impl Session {
                 });
             }
         }
-        if sd.shut && finished && sd.inflight == 0 && sd.splice.is_none() && !owed {
-            self.discard_queued(env, who);
+        if sd.shut && finished {
+            if sd.recv_armed {
+                self.pause_recv(env, who);
+            }
             let sd = self.side(who);
-            sd.closed = true;
-            env.op(Op::Close { fd: sd.fd });
+            if sd.inflight == 0 && sd.splice.is_none() && !owed {
+                self.discard_queued(env, who);
+                let sd = self.side(who);
+                sd.closed = true;
+                env.op(Op::Close { fd: sd.fd });
+            }
         }
         if self.deadline.is_none() {
             self.set_deadline(env.now + Duration::from_millis(env.cfg.limits.linger_ms));
