@@ -143,7 +143,7 @@ fn hundred_concurrent_sessions_for_one_repl_make_one_request() {
                 panic!("{r:?}")
             };
             got.push(id);
-            vms.push(f.vm);
+            vms.push(f.vm.clone());
         }
         got.sort_unstable();
         assert_eq!(&got, ids, "each request answered exactly once");

@@ -133,13 +133,13 @@ impl Client {
                         .await
                         .ok_or(PlacementFailure::BadResponse)?;
                     return Ok(Placement {
-                        found: Found {
+                        found: Arc::new(Found {
                             vm: answer.vm,
                             addr,
                             host: answer.conman.host_header(),
                             tls: answer.conman.tls.then(|| answer.conman.host.clone()),
                             path: answer.conman.path,
-                        },
+                        }),
                         ttl: answer.ttl,
                     });
                 }

@@ -173,7 +173,7 @@ fn check_bucket(name: &str, b: &Option<Bucket>) -> std::io::Result<()> {
 fn resolve_static(
     vms: Vec<(String, String)>,
     repls: Vec<(String, String)>,
-) -> std::io::Result<Rendezvous<Found>> {
+) -> std::io::Result<Rendezvous<Arc<Found>>> {
     if vms.is_empty() {
         return Err(invalid("static placement: no VMs"));
     }
@@ -192,7 +192,7 @@ fn resolve_static(
             tls: parsed.tls.then(|| parsed.host.clone()),
             path: parsed.path,
         };
-        resolved.push((vm, found));
+        resolved.push((vm, Arc::new(found)));
     }
     Rendezvous::new(resolved, repls)
         .map_err(|vm| invalid(format!("static placement: repl pinned to unknown VM {vm}")))
@@ -202,7 +202,7 @@ fn resolve_static(
 /// repl id, so the round trip to the control shard buys nothing. Only
 /// offered when no admission limit needs the control shard's global view.
 pub struct LocalStatic {
-    vms: Rendezvous<Found>,
+    vms: Rendezvous<Arc<Found>>,
     /// Passive health shared by every shard: per VM, until when (ms since
     /// `epoch`) a failed attempt keeps it out of new placements.
     down_until: Vec<(String, AtomicU64)>,
@@ -279,7 +279,7 @@ impl LocalStatic {
 
 /// What the thread builds its `!Send` parts from.
 enum Prepared {
-    Static(Rendezvous<Found>),
+    Static(Rendezvous<Arc<Found>>),
     Controlplane(ControlplaneConfig, Vec<url::Url>),
 }
 
@@ -500,7 +500,7 @@ mod local_static_tests {
 
     fn vm(r: PlacementResult) -> String {
         match r {
-            PlacementResult::Found(f) => f.vm,
+            PlacementResult::Found(f) => f.vm.clone(),
             other => panic!("{other:?}"),
         }
     }

@@ -67,7 +67,7 @@ pub(crate) enum Action {
 /// A Controlplane answer with Conman's address resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Placement {
-    pub found: Found,
+    pub found: Arc<Found>,
     pub ttl: Duration,
 }
 
@@ -78,13 +78,13 @@ pub(crate) struct Completion {
 }
 
 pub(crate) struct Dynamic {
-    pub cache: Cache<Found>,
+    pub cache: Cache<Arc<Found>>,
     pub flights: Flights<Waiter>,
     pub breaker: Breaker,
 }
 
 pub(crate) enum Mode {
-    Static(Rendezvous<Found>),
+    Static(Rendezvous<Arc<Found>>),
     Controlplane(Dynamic),
 }
 
@@ -290,14 +290,14 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
-    fn found(vm: &str) -> Found {
-        Found {
+    fn found(vm: &str) -> Arc<Found> {
+        Arc::new(Found {
             vm: vm.into(),
             addr: "127.0.0.1:7000".parse().unwrap(),
             host: "127.0.0.1:7000".into(),
             path: "/".into(),
             tls: None,
-        }
+        })
     }
 
     fn placement(vm: &str, ttl_ms: u64) -> Result<Placement, Failure> {

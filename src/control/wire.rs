@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 /// Largest body either side accepts; a larger length is a protocol error.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -40,7 +41,9 @@ pub enum ToShard {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PlacementResult {
-    Found(Found),
+    /// Shared, not copied: a static placement hands out the same answer
+    /// for every session of a repl, three strings each.
+    Found(Arc<Found>),
     /// No placement: `retry_after_ms` is a hint for the client's Close
     /// reason.
     Failed {
@@ -335,13 +338,13 @@ impl ToShard {
                 };
                 ToShard::Placement {
                     id,
-                    result: PlacementResult::Found(Found {
+                    result: PlacementResult::Found(Arc::new(Found {
                         vm,
                         addr: SocketAddr::new(ip, port),
                         host,
                         path,
                         tls,
-                    }),
+                    })),
                 }
             }
             K_PLACEMENT_FAILED => {
@@ -403,13 +406,13 @@ mod tests {
         ] {
             roundtrip_shard(ToShard::Placement {
                 id: u64::MAX - 1,
-                result: PlacementResult::Found(Found {
+                result: PlacementResult::Found(Arc::new(Found {
                     vm: "vm-1".into(),
                     addr: "[::1]:7000".parse().unwrap(),
                     host: "[::1]:7000".into(),
                     path: "/conman".into(),
                     tls,
-                }),
+                })),
             });
         }
         for (i, reason) in PlacementFailure::ALL.into_iter().enumerate() {

@@ -21,12 +21,65 @@ const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// want to read.
 const MAX_RESPONSE_HEADERS: usize = 64;
 
+/// A handshake value in base64, held inline: every handshake makes three
+/// (the client's accept, Conman's key and the accept expected back), and
+/// none needs the heap.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct B64<const N: usize>([u8; N]);
+
+/// Sec-WebSocket-Accept: base64 of a 20-byte SHA-1.
+pub type AcceptKey = B64<28>;
+/// Sec-WebSocket-Key: base64 of 16 bytes.
+pub type ClientKey = B64<24>;
+
+impl<const N: usize> B64<N> {
+    pub fn as_str(&self) -> &str {
+        // Only `encode_into` fills one, with base64's ASCII alphabet.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    fn encode_into(input: &[u8]) -> B64<N> {
+        let mut out = [0u8; N];
+        let n = STANDARD
+            .encode_slice(input, &mut out)
+            .expect("N is the encoded length");
+        debug_assert_eq!(n, N);
+        B64(out)
+    }
+}
+
+impl<const N: usize> Default for B64<N> {
+    /// Matches no real value: NUL is not in base64's alphabet.
+    fn default() -> Self {
+        B64([0; N])
+    }
+}
+
+impl<const N: usize> std::ops::Deref for B64<N> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl<const N: usize> std::fmt::Display for B64<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<const N: usize> std::fmt::Debug for B64<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
+
 /// Sec-WebSocket-Accept for a Sec-WebSocket-Key.
-pub fn accept_key(key: &str) -> String {
+pub fn accept_key(key: &str) -> AcceptKey {
     let mut sha1 = Sha1::new();
     sha1.update(key.as_bytes());
     sha1.update(ACCEPT_GUID);
-    STANDARD.encode(sha1.finalize())
+    B64::encode_into(&sha1.finalize())
 }
 
 /// The first protocol the client offered that the config allows; the
@@ -39,8 +92,8 @@ pub fn choose_protocol<'a>(offered: &'a [String], allowed: &[String]) -> Option<
 }
 
 /// A Sec-WebSocket-Key from 16 bytes the caller drew from a CSPRNG.
-pub fn new_client_key(random16: [u8; 16]) -> String {
-    STANDARD.encode(random16)
+pub fn new_client_key(random16: [u8; 16]) -> ClientKey {
+    B64::encode_into(&random16)
 }
 
 /// Writes the proxy's upgrade request to Conman.
@@ -232,7 +285,7 @@ mod tests {
 
     #[test]
     fn rfc6455_example() {
-        assert_eq!(accept_key(KEY), ACCEPT);
+        assert_eq!(accept_key(KEY).as_str(), ACCEPT);
     }
 
     proptest! {
@@ -240,7 +293,7 @@ mod tests {
         fn accept_matches_tungstenite(random in any::<[u8; 16]>()) {
             let key = new_client_key(random);
             prop_assert_eq!(
-                accept_key(&key),
+                accept_key(&key).to_string(),
                 tungstenite::handshake::derive_accept_key(key.as_bytes())
             );
         }
@@ -354,7 +407,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(n, request.len());
-        assert!(matches!(route, Route::WebSocket(r) if r.key == key));
+        assert!(matches!(route, Route::WebSocket(r) if r.key == key.as_str()));
     }
 
     #[rstest]

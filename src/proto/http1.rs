@@ -694,9 +694,12 @@ pub fn write_switching_protocols(
     protocol: Option<&str>,
     extensions: Option<&str>,
 ) {
-    out.extend_from_slice(
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
-    );
+    const FIXED: &[u8] =
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n";
+    // One allocation of the right size: header names, ": ", CRLFs.
+    let optional = |v: Option<&str>| v.map_or(0, |v| v.len() + 30);
+    out.reserve(FIXED.len() + accept.len() + 26 + optional(protocol) + optional(extensions));
+    out.extend_from_slice(FIXED);
     push_header(out, "Sec-WebSocket-Accept", accept);
     if let Some(protocol) = protocol {
         push_header(out, "Sec-WebSocket-Protocol", protocol);

@@ -65,9 +65,11 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 
 use crate::config::Config;
+use crate::control::wire::Found;
 use crate::error::SetupError;
 use crate::keys::Ident;
 use crate::metrics::ShardStats;
+use crate::proto::handshake::AcceptKey;
 use crate::proto::relay::{Direction, Tracker, TrackerConfig};
 
 mod access;
@@ -453,27 +455,36 @@ pub struct Setup {
     attempt: u8,
     /// Sequence number of the placement request awaiting its reply.
     seq: u16,
-    /// VM of the current attempt.
-    vm: Option<String>,
+    /// Where the current attempt goes.
+    vm: Option<Arc<Found>>,
     /// Every VM that failed in this session's attempts, so a retry never
     /// bounces back to one; at most `limits.max_attempts` entries.
     exclude: Vec<String>,
     backoff_done: bool,
     last_error: Option<SetupError>,
-    expected_accept: String,
+    expected_accept: AcceptKey,
     /// The upgrade request for Conman, sent once the connect completes.
     request: Vec<u8>,
     protocol: Option<String>,
-    forwarded_for: String,
+    /// The client's own X-Forwarded-For, kept only from a trusted proxy;
+    /// the client's address goes after it.
+    claimed_forwarded_for: Option<String>,
     /// Upstream-first: the client still waits for its 101, with this
     /// Sec-WebSocket-Accept; its offers go to Conman as they are.
-    client_accept: Option<String>,
+    client_accept: Option<AcceptKey>,
     offered_protocols: Vec<String>,
     offered_extensions: Option<String>,
     /// Conman's response head as it arrives.
     head: Vec<u8>,
     /// Client bytes received during setup, delivered in order once relaying.
     held: Vec<u8>,
+}
+
+impl Setup {
+    /// The VM of the current attempt.
+    fn vm_name(&self) -> Option<&str> {
+        self.vm.as_deref().map(|f| f.vm.as_str())
+    }
 }
 
 /// A complete upgrade request whose token is being checked.

@@ -101,7 +101,7 @@ impl Session {
         match self.kind() {
             Kind::Relay | Kind::Closing => self.vm.as_deref(),
             Kind::Connecting | Kind::ConmanHandshake => {
-                self.phase.setup().and_then(|st| st.vm.as_deref())
+                self.phase.setup().and_then(|st| st.vm_name())
             }
             _ => None,
         }

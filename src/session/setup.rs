@@ -15,6 +15,7 @@
 //! Conman gets the proxy's upgrade and then a Close (1001), never the
 //! request (`tests/hostile.rs`).
 
+use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +29,7 @@ use crate::error::{SetupError, Stage};
 use crate::keys::Ident;
 use crate::metrics::{CloseSide, Phase as Timing, ShardStats};
 use crate::proto::frame::write_close;
-use crate::proto::handshake::{self, accept_key, choose_protocol, new_client_key};
+use crate::proto::handshake::{self, accept_key, choose_protocol, new_client_key, AcceptKey};
 use crate::proto::http1::{self, Route, UpgradeRequest};
 use crate::proto::proxy_header;
 use crate::proto::relay::{Direction, Tracker, TrackerConfig};
@@ -305,15 +306,8 @@ impl Session {
         // proxy in front of us; anyone else could claim any address. Behind
         // a PROXY header the request's sender is the client it names, not
         // the balancer (which does not touch HTTP).
-        let client_ip = self.client_ip;
-        let trusted = env.cfg.listen.trusts(client_ip);
-        let claimed = req.x_forwarded_for.take().filter(|_| trusted);
-        let forwarded_for = match (claimed, client_ip) {
-            (Some(prev), Some(ip)) => format!("{prev}, {ip}"),
-            (None, Some(ip)) => ip.to_string(),
-            (Some(prev), None) => prev,
-            (None, None) => String::new(),
-        };
+        let trusted = env.cfg.listen.trusts(self.client_ip);
+        let claimed_forwarded_for = req.x_forwarded_for.take().filter(|_| trusted);
         let setup = Box::new(Setup {
             phase_started: env.now,
             deadline: env.now + Duration::from_millis(env.cfg.limits.setup_timeout_ms),
@@ -323,10 +317,10 @@ impl Session {
             exclude: Vec::new(),
             backoff_done: false,
             last_error: None,
-            expected_accept: String::new(),
+            expected_accept: AcceptKey::default(),
             request: Vec::new(),
             protocol,
-            forwarded_for,
+            claimed_forwarded_for,
             client_accept: upstream_first.then_some(accept),
             offered_protocols: if upstream_first {
                 std::mem::take(&mut req.protocols)
@@ -434,11 +428,26 @@ impl Session {
         }
     }
 
-    fn connect(&mut self, env: &mut Env, found: Found) {
+    fn connect(&mut self, env: &mut Env, found: Arc<Found>) {
         let key = new_client_key(env.rng.gen());
-        let session_hex = format!("{:016x}", self.id);
+        let mut hex = [0u8; 16];
+        for (i, b) in hex.iter_mut().enumerate() {
+            *b = b"0123456789abcdef"[(self.id >> (60 - 4 * i)) as usize & 15];
+        }
+        let mut ip_buf = [0u8; 64];
+        let ip = self.client_ip.map(|ip| ip_text(ip, &mut ip_buf));
         let (Some(ident), Phase::Placement(st)) = (self.ident.as_ref(), &mut self.phase) else {
             return;
+        };
+        let joined;
+        let forwarded_for = match (&st.claimed_forwarded_for, ip) {
+            (Some(prev), Some(ip)) => {
+                joined = format!("{prev}, {ip}");
+                joined.as_str()
+            }
+            (None, Some(ip)) => ip,
+            (Some(prev), None) => prev.as_str(),
+            (None, None) => "",
         };
         let mut request = Vec::with_capacity(512);
         let protocols: &[String] = if st.client_accept.is_some() {
@@ -447,12 +456,15 @@ impl Session {
             st.protocol.as_slice()
         };
         let extra = [
-            ("X-Eval-Session", session_hex.as_str()),
+            (
+                "X-Eval-Session",
+                std::str::from_utf8(&hex).unwrap_or_default(),
+            ),
             ("X-Repl-Id", ident.repl()),
             ("X-User", ident.user()),
-            ("X-Forwarded-For", &st.forwarded_for),
+            ("X-Forwarded-For", forwarded_for),
         ];
-        let with_xff = if st.forwarded_for.is_empty() { 3 } else { 4 };
+        let with_xff = if forwarded_for.is_empty() { 3 } else { 4 };
         handshake::write_conman_request(
             &mut request,
             &found.host,
@@ -464,7 +476,7 @@ impl Session {
         );
         st.expected_accept = accept_key(&key);
         st.request = request;
-        st.vm = Some(found.vm);
+        st.vm = Some(Arc::clone(&found));
         st.attempt = st.attempt.saturating_add(1);
         let deadline = st.deadline;
         if let Err(reason) = self.conman_transport(env, found.tls.as_deref()) {
@@ -646,7 +658,7 @@ impl Session {
         let early = st.head.split_off(head_len);
         let held = std::mem::take(&mut st.held);
         let upgrade_took = env.now - st.phase_started;
-        let vm = st.vm.as_deref().map(|name| env.vms.intern(name));
+        let vm = st.vm_name().map(|name| env.vms.intern(name));
         if deflate {
             // Compressed messages carry RSV1; nothing was tracked yet.
             let cfg = TrackerConfig {
@@ -685,7 +697,7 @@ impl Session {
     /// A Conman attempt failed: back off and try another VM while the setup
     /// deadline allows, else fail the session with this error.
     pub(super) fn retry_or_fail(&mut self, env: &mut Env, err: SetupError) {
-        let vm = self.phase.setup().and_then(|st| st.vm.as_deref());
+        let vm = self.phase.setup().and_then(|st| st.vm_name());
         let vm = crate::metrics::vm_label::for_attempt(env.cfg, vm);
         env.stats.attempt_failure(err.stage, err.reason, vm);
         let limits = &env.cfg.limits;
@@ -704,17 +716,17 @@ impl Session {
         // nor does an operator's evacuation.
         let vm_at_fault = !matches!(err.reason, "socket" | "out_of_fds" | "evacuate");
         if let (Some(vm), true) = (&st.vm, vm_at_fault) {
-            env.out.push_back(Op::VmFailed { vm: vm.clone() });
+            env.out.push_back(Op::VmFailed { vm: vm.vm.clone() });
         }
         let delay = backoff(st.attempt, base, cap, unit);
         if st.attempt >= max || now + delay >= st.deadline {
             self.fail_setup(env, err);
             return;
         }
-        tracing::debug!(session = self.id, vm = ?st.vm, stage = err.stage.as_str(), reason = err.reason, attempt = st.attempt, "conman attempt failed, retrying");
-        if let Some(vm) = st.vm.take() {
-            if !st.exclude.contains(&vm) && st.exclude.len() < usize::from(max) {
-                st.exclude.push(vm);
+        tracing::debug!(session = self.id, vm = ?st.vm_name(), stage = err.stage.as_str(), reason = err.reason, attempt = st.attempt, "conman attempt failed, retrying");
+        if let Some(found) = st.vm.take() {
+            if !st.exclude.contains(&found.vm) && st.exclude.len() < usize::from(max) {
+                st.exclude.push(found.vm.clone());
             }
         }
         st.backoff_done = false;
@@ -804,7 +816,7 @@ impl Session {
         let vm = self
             .phase
             .setup()
-            .and_then(|st| st.vm.as_deref().or(st.exclude.last().map(String::as_str)));
+            .and_then(|st| st.vm_name().or(st.exclude.last().map(String::as_str)));
         self.log_setup_failed(env, &err, vm);
         let before_101 = self
             .phase
@@ -849,6 +861,16 @@ impl Session {
         self.deadline = None;
         self.begin_closing(env);
     }
+}
+
+/// An address as text in `buf` (the longest, an IPv4-mapped IPv6
+/// address, is 45 bytes): one per handshake, and none needs the heap.
+fn ip_text(ip: IpAddr, buf: &mut [u8; 64]) -> &str {
+    use std::io::Write as _;
+    let mut w = &mut buf[..];
+    let _ = write!(w, "{ip}");
+    let n = 64 - w.len();
+    std::str::from_utf8(&buf[..n]).unwrap_or_default()
 }
 
 /// A request may open a session from `origin`: no allowlist, no Origin

@@ -83,7 +83,7 @@ impl Shard {
 
     pub fn found(&mut self, repl: &str, attempt: u8, exclude: &[&str]) -> Found {
         match self.place(repl, attempt, exclude) {
-            PlacementResult::Found(f) => f,
+            PlacementResult::Found(f) => std::sync::Arc::unwrap_or_clone(f),
             other => panic!("{repl}: expected a placement, got {other:?}"),
         }
     }

@@ -60,13 +60,13 @@ fn ident() -> Arc<Ident> {
 }
 
 fn found(vm: &str) -> PlacementResult {
-    PlacementResult::Found(Found {
+    PlacementResult::Found(Arc::new(Found {
         vm: vm.into(),
         addr: "127.0.0.1:7000".parse::<SocketAddr>().unwrap(),
         host: "127.0.0.1:7000".into(),
         path: "/".into(),
         tls: None,
-    })
+    }))
 }
 
 /// A WebSocket frame; client frames are masked.

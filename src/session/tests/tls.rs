@@ -2,6 +2,7 @@
 //! simulated shard, sends completing a few hundred bytes at a time.
 
 use std::io::{Read, Write};
+use std::sync::Arc;
 
 use rustls::ClientConnection;
 
@@ -268,11 +269,12 @@ fn conman_tls_cfg() -> (Config, Arc<rustls::ServerConfig>) {
 }
 
 fn found_wss(vm: &str) -> PlacementResult {
-    let PlacementResult::Found(mut f) = found(vm) else {
+    let PlacementResult::Found(f) = found(vm) else {
         unreachable!()
     };
+    let mut f = Arc::unwrap_or_clone(f);
     f.tls = Some("eval.test".into());
-    PlacementResult::Found(f)
+    PlacementResult::Found(Arc::new(f))
 }
 
 /// wss:// to Conman: the hello goes out after the connect, the upgrade
@@ -403,11 +405,12 @@ fn an_ip_literal_sends_no_sni_and_needs_an_ip_san() {
     let (mut cfg, server) = conman_tls_cfg();
     cfg.limits.max_attempts = 1;
     let mut h = Harness::placing(cfg);
-    let PlacementResult::Found(mut f) = found_wss("vm-1") else {
+    let PlacementResult::Found(f) = found_wss("vm-1") else {
         unreachable!()
     };
+    let mut f = Arc::unwrap_or_clone(f);
     f.tls = Some("127.0.0.1".into());
-    h.answer_placement(PlacementResult::Found(f));
+    h.answer_placement(PlacementResult::Found(Arc::new(f)));
     h.answer_connect(0);
     h.settle();
     let hello = std::mem::take(&mut h.peers[1].got);

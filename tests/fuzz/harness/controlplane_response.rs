@@ -136,7 +136,7 @@ fn placement(response: &Response) {
                 tls: conman.tls.then(|| conman.host.clone()),
             };
             upgrade_request_parses_back(&found);
-            PlacementResult::Found(found)
+            PlacementResult::Found(std::sync::Arc::new(found))
         }
         Err(Failure {
             reason,
