@@ -38,6 +38,12 @@ impl<const N: usize> B64<N> {
         std::str::from_utf8(&self.0).unwrap_or_default()
     }
 
+    /// `N` bytes of text already checked to be base64.
+    pub fn from_ascii(text: &[u8]) -> Option<B64<N>> {
+        let b: [u8; N] = text.try_into().ok()?;
+        b.is_ascii().then_some(B64(b))
+    }
+
     fn encode_into(input: &[u8]) -> B64<N> {
         let mut out = [0u8; N];
         let n = STANDARD
@@ -407,7 +413,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(n, request.len());
-        assert!(matches!(route, Route::WebSocket(r) if r.key == key.as_str()));
+        assert!(matches!(route, Route::WebSocket(r) if r.key == key));
     }
 
     #[rstest]

@@ -51,6 +51,7 @@
 
 use std::fmt;
 
+use crate::proto::handshake::ClientKey;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use thiserror::Error;
@@ -98,15 +99,13 @@ pub struct UpgradeRequest {
     /// is the token check's business.
     pub token: Option<String>,
     /// Sec-WebSocket-Key, validated.
-    pub key: String,
+    pub key: ClientKey,
     /// Offered subprotocols in the client's order, across repeated headers.
     pub protocols: Vec<String>,
     /// Sec-WebSocket-Extensions as sent (repeated headers joined with ", "),
     /// kept only to forward in upstream-first mode.
     pub extensions: Option<String>,
-    pub host: Option<String>,
     pub origin: Option<String>,
-    pub user_agent: Option<String>,
     /// Repeated headers joined with ", ", as list fields combine.
     pub x_forwarded_for: Option<String>,
 }
@@ -119,9 +118,7 @@ impl fmt::Debug for UpgradeRequest {
             .field("key", &self.key)
             .field("protocols", &self.protocols)
             .field("extensions", &self.extensions)
-            .field("host", &self.host)
             .field("origin", &self.origin)
-            .field("user_agent", &self.user_agent)
             .field("x_forwarded_for", &self.x_forwarded_for)
             .finish()
     }
@@ -516,7 +513,6 @@ fn upgrade_request(
     let mut protocols = Vec::new();
     let mut extensions: Option<String> = None;
     let mut origin = None;
-    let mut user_agent = None;
     let mut x_forwarded_for: Option<String> = None;
 
     for h in headers {
@@ -554,8 +550,6 @@ fn upgrade_request(
             }
         } else if name.eq_ignore_ascii_case("origin") {
             origin = origin.or(Some(text(h.value)?));
-        } else if name.eq_ignore_ascii_case("user-agent") {
-            user_agent = user_agent.or(Some(text(h.value)?));
         } else if name.eq_ignore_ascii_case("x-forwarded-for") {
             append_list(&mut x_forwarded_for, text(h.value)?);
         }
@@ -590,8 +584,7 @@ fn upgrade_request(
         1 => return Err(RequestError::InvalidKey),
         _ => return Err(RequestError::DuplicateKey),
     };
-    // valid_key accepted only base64 characters, so this is ASCII.
-    let key = String::from_utf8_lossy(key).into_owned();
+    let key = ClientKey::from_ascii(key).ok_or(RequestError::InvalidKey)?;
 
     let query_token = target.query.and_then(|q| {
         q.split('&')
@@ -609,9 +602,7 @@ fn upgrade_request(
         key,
         protocols,
         extensions,
-        host: host.map(str::to_owned),
         origin: origin.map(str::to_owned),
-        user_agent: user_agent.map(str::to_owned),
         x_forwarded_for,
     })
 }
@@ -1050,12 +1041,10 @@ mod tests {
             req,
             UpgradeRequest {
                 token: Some("tok".into()),
-                key: "dGhlIHNhbXBsZSBub25jZQ==".into(),
+                key: ClientKey::from_ascii(b"dGhlIHNhbXBsZSBub25jZQ==").unwrap(),
                 protocols: vec!["ot.v1".into(), "json".into(), "third".into()],
                 extensions: Some("permessage-deflate; client_max_window_bits, x-other".into()),
-                host: Some("eval.example.com".into()),
                 origin: Some("https://replit.com".into()),
-                user_agent: Some(CHROME[4].trim_start_matches("User-Agent: ").into()),
                 x_forwarded_for: Some("192.0.2.1, 192.0.2.2, 192.0.2.3".into()),
             }
         );

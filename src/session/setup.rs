@@ -148,10 +148,21 @@ impl Session {
         let Phase::Head(head) = &mut self.phase else {
             return;
         };
-        head.extend_from_slice(bytes);
-        let parsed = http1::parse_request(head, &head_limits(env.cfg));
+        // A head nearly always comes whole in one receive: then it is
+        // parsed where it lies, not copied first.
+        let whole = head.is_empty();
+        let parsed = if whole {
+            http1::parse_request(bytes, &head_limits(env.cfg))
+        } else {
+            head.extend_from_slice(bytes);
+            http1::parse_request(head, &head_limits(env.cfg))
+        };
         match parsed {
-            Ok(None) => {}
+            Ok(None) => {
+                if whole {
+                    head.extend_from_slice(bytes);
+                }
+            }
             Err(e) => {
                 let status = e.status();
                 if status != 404 {
@@ -175,7 +186,11 @@ impl Session {
                 self.answer_and_close(env, 200, out);
             }
             Ok(Some((Route::WebSocket(req), head_len))) => {
-                let held = head.split_off(head_len);
+                let held = if whole {
+                    bytes[head_len..].to_vec()
+                } else {
+                    head.split_off(head_len)
+                };
                 if let Err(refusal) = self.admit(env, &req) {
                     self.refuse(env, refusal);
                     return;
@@ -605,14 +620,23 @@ impl Session {
         let Phase::ConmanHandshake(st) = &mut self.phase else {
             return;
         };
-        st.head.extend_from_slice(bytes);
+        // As with the client's head: parsed in place when it came whole.
+        let whole = st.head.is_empty();
+        if !whole {
+            st.head.extend_from_slice(bytes);
+        }
         let parsed = handshake::parse_conman_response(
-            &st.head,
+            if whole { bytes } else { &st.head },
             &st.expected_accept,
             env.cfg.limits.max_head,
         );
         let (resp, head_len) = match parsed {
-            Ok(None) => return,
+            Ok(None) => {
+                if whole {
+                    st.head.extend_from_slice(bytes);
+                }
+                return;
+            }
             Ok(Some(r)) => r,
             Err(e) => {
                 let e = SetupError::new(Stage::ConmanHandshake, e.as_str());
@@ -655,7 +679,11 @@ impl Session {
             );
             self.client.push_owned(out);
         }
-        let early = st.head.split_off(head_len);
+        let early = if whole {
+            bytes[head_len..].to_vec()
+        } else {
+            st.head.split_off(head_len)
+        };
         let held = std::mem::take(&mut st.held);
         let upgrade_took = env.now - st.phase_started;
         let vm = st.vm_name().map(|name| env.vms.intern(name));

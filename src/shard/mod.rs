@@ -102,6 +102,9 @@ const TRIM_EVERY: Duration = Duration::from_secs(1);
 const EXIT_WAIT: Duration = Duration::from_secs(2);
 /// No entry in the op table.
 const NONE: u64 = IGNORE;
+/// Connect memories kept for reuse: enough for a burst of handshakes,
+/// and a storm leaves no more than this behind.
+const CONNECT_POOL: usize = 256;
 /// After a failed accept (no descriptor or memory left), the first wait
 /// before accepting again; it doubles up to `ACCEPT_BACKOFF_MAX` while
 /// accepts keep failing, so a shortage never spins the loop.
@@ -204,6 +207,9 @@ struct Io {
     #[allow(clippy::vec_box)]
     // pooled allocations for send records, whose pointers must stay put
     gathers: Vec<Box<ops::Gather>>,
+    /// Memory of finished connects, at most [`CONNECT_POOL`].
+    #[allow(clippy::vec_box)]
+    connects: Vec<Box<ops::ConnectMem>>,
     /// Sessions whose token is verified at the end of this loop turn.
     verify_queue: Vec<(u32, u16)>,
     /// Connects asked to stop: cancelled again every turn until their
@@ -316,6 +322,7 @@ impl Shard {
                 starved_seen: 0,
                 pipes: Vec::new(),
                 gathers: Vec::new(),
+                connects: Vec::new(),
                 verify_queue: Vec::new(),
                 cancelling: Vec::new(),
                 out: VecDeque::new(),
@@ -569,7 +576,10 @@ impl Shard {
                     self.io.recycle_batch(batch);
                 }
             }
-            Rec::Connect { slot, gen, .. } => {
+            Rec::Connect { slot, gen, mem } => {
+                if self.io.connects.len() < CONNECT_POOL {
+                    self.io.connects.push(mem);
+                }
                 if let Some(e) = self.entry(slot, gen) {
                     e.connect = NONE;
                     self.drive(slot, |s, env, _| s.handle_connected(env, res));

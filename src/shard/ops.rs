@@ -78,6 +78,15 @@ impl Gather {
     }
 }
 
+/// Kernel-visible memory of one connect: Conman's address, and the values
+/// of the socket options set through the ring ahead of it (hard-linked
+/// before the connect, so they complete before it does). Pooled by the
+/// shard: a connect per handshake would otherwise allocate it each time.
+pub struct ConnectMem {
+    pub addr: socket2::SockAddr,
+    pub opts: [libc::c_int; super::listener::CONMAN_SOCKOPTS],
+}
+
 /// What an entry in flight is, and what it owns.
 pub enum Rec {
     /// The listener's multishot accept.
@@ -100,16 +109,11 @@ pub enum Rec {
         batch: Batch,
         gather: Option<Box<Gather>>,
     },
-    /// Connect to Conman; the kernel reads `addr`, and `opts`, the values
-    /// of the socket options set through the ring ahead of it (hard-linked
-    /// before the connect, so they complete before it does).
+    /// Connect to Conman; the kernel reads `mem` (see [`ConnectMem`]).
     Connect {
         slot: u32,
         gen: u16,
-        #[allow(dead_code)] // held for the kernel, never read here
-        addr: Box<socket2::SockAddr>,
-        #[allow(dead_code)] // held for the kernel, never read here
-        opts: Option<Box<[libc::c_int; super::listener::CONMAN_SOCKOPTS]>>,
+        mem: Box<ConnectMem>,
     },
 }
 

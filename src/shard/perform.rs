@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use io_uring::{opcode, squeue, types};
 use tracing::debug;
 
-use super::ops::{Direct, Gather, Rec, IGNORE};
+use super::ops::{ConnectMem, Direct, Gather, Rec, IGNORE};
 use super::{bufring, ctl, listener, pipe, Entry, Io};
 use crate::metrics::Phase as Timing;
 use crate::session::{Batch, Chunk, Op, Who};
@@ -78,24 +78,24 @@ impl Io {
                 } else {
                     Default::default()
                 };
-                let values = via_ring.then(|| Box::new(opts.map(|(_, _, v)| v)));
+                let mut mem = self.connects.pop().unwrap_or_else(|| {
+                    Box::new(ConnectMem {
+                        addr: socket2::SockAddr::from(addr),
+                        opts: [0; listener::CONMAN_SOCKOPTS],
+                    })
+                });
+                mem.addr = socket2::SockAddr::from(addr);
+                mem.opts = opts.map(|(_, _, v)| v);
                 // Each value's address, taken before the box moves into the
                 // connect's record: its heap memory stays where it is, and
                 // alive until the connect completes.
-                let value_ptrs: Option<[*const libc::c_int; listener::CONMAN_SOCKOPTS]> = values
-                    .as_deref()
-                    .map(|v| std::array::from_fn(|i| std::ptr::from_ref(&v[i])));
-                let addr = Box::new(socket2::SockAddr::from(addr));
+                let value_ptrs: [*const libc::c_int; listener::CONMAN_SOCKOPTS] =
+                    std::array::from_fn(|i| std::ptr::from_ref(&mem.opts[i]));
                 // No linked timeout: the session's deadline bounds the
                 // connect and cancels it (`Op::CancelConnect`).
                 let connect =
-                    opcode::Connect::new(types::Fd(fd), addr.as_ptr(), addr.len()).build();
-                let connect_ud = self.ops.insert(Rec::Connect {
-                    slot,
-                    gen,
-                    addr,
-                    opts: values,
-                });
+                    opcode::Connect::new(types::Fd(fd), mem.addr.as_ptr(), mem.addr.len()).build();
+                let connect_ud = self.ops.insert(Rec::Connect { slot, gen, mem });
                 e.connect = connect_ud;
                 // The whole chain must land in one submission for the links
                 // to hold: make room first.
@@ -109,13 +109,12 @@ impl Io {
                 // SAFETY: each option entry points at its value in the
                 // connect's record (a box, not moved by the insert), and is
                 // hard-linked before the connect, which cannot complete
-                // before it; the connect points at `addr`, boxed in its
-                // record until completion.
+                // before it; the connect points at `mem.addr` in the same
+                // box. The box leaves the record (for the pool) only at the
+                // connect's completion, when the kernel is done with both.
                 unsafe {
-                    if let Some(ptrs) = value_ptrs {
-                        for (&opt, value) in opts[..n].iter().zip(ptrs) {
-                            self.push(sockopt_entry(fd, opt, value));
-                        }
+                    for (&opt, value) in opts[..n].iter().zip(value_ptrs) {
+                        self.push(sockopt_entry(fd, opt, value));
                     }
                     self.push(connect.user_data(connect_ud));
                 }

@@ -64,10 +64,22 @@ fn absolute_form_agrees(head: &[u8], limits: &Limits) {
     let Ok(Some((route, _))) = parse_request(head, limits) else {
         return;
     };
-    let Route::WebSocket(req) = &route else {
+    if !matches!(route, Route::WebSocket(_)) {
         return;
-    };
-    let Some(host) = req.host.as_deref() else {
+    }
+    // The request parsed, so it has exactly one Host header.
+    let Some(host) = head
+        .split(|&b| b == b'\n')
+        .skip(1)
+        .filter_map(|line| {
+            let colon = line.iter().position(|&b| b == b':')?;
+            let (name, value) = line.split_at(colon);
+            name.eq_ignore_ascii_case(b"host")
+                .then(|| std::str::from_utf8(value[1..].trim_ascii()).ok())
+                .flatten()
+        })
+        .next()
+    else {
         return;
     };
     // A Host of only a port is a valid Host header but no authority.
