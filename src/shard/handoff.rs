@@ -391,10 +391,8 @@ impl Shard {
         let [client, conman] = fds.map(IntoRawFd::into_raw_fd);
         let (slot, gen) = self.take_slot();
         let s = {
-            let mut out = std::mem::take(&mut self.io.out);
-            let s = Session::adopt(rec, client, conman, &mut env!(self.io, &mut out));
-            debug_assert!(out.is_empty());
-            self.io.out = out;
+            let s = Session::adopt(rec, client, conman, &mut env!(self.io, &mut self.out));
+            debug_assert!(self.out.is_empty());
             s
         };
         self.place(slot, gen, s);

@@ -217,8 +217,6 @@ struct Io {
     /// went in finds nothing (the connect still waits behind its linked
     /// socket options, where no cancel looks) and is lost.
     cancelling: Vec<u64>,
-    /// Ops a session asked for, performed in order (reused).
-    out: VecDeque<Op>,
     /// Warnings that can repeat fast: failed accepts, failed sockets.
     accept_warn: LogEvery,
     socket_warn: LogEvery,
@@ -229,6 +227,9 @@ struct Io {
 
 pub struct Shard {
     io: Io,
+    /// Ops a session asked for, performed in order (reused). Beside `io`,
+    /// not in it, so a session's input borrows both without moving it.
+    out: VecDeque<Op>,
     sessions: Vec<Option<Entry>>,
     free: Vec<u32>,
     gens: Vec<u16>,
@@ -289,6 +290,7 @@ impl Shard {
         let mut seed = [0u8; 32];
         getrandom::getrandom(&mut seed).map_err(io::Error::other)?;
         Ok(Shard {
+            out: VecDeque::new(),
             io: Io {
                 ring,
                 bufs,
@@ -325,7 +327,6 @@ impl Shard {
                 connects: Vec::new(),
                 verify_queue: Vec::new(),
                 cancelling: Vec::new(),
-                out: VecDeque::new(),
                 accept_warn: LogEvery::default(),
                 socket_warn: LogEvery::default(),
                 ring_sockopts,
@@ -616,15 +617,14 @@ impl Shard {
             vm = e.s.vm().unwrap_or(""),
         );
         let _in_session = span.enter();
-        let mut out = std::mem::take(&mut io.out);
+        let out = &mut self.out;
         let r = {
-            let mut env = env!(io, &mut out);
+            let mut env = env!(io, out);
             input(&mut e.s, &mut env, &io.bufs)
         };
         while let Some(op) = out.pop_front() {
-            io.perform(slot, e, op, &mut out);
+            io.perform(slot, e, op, out);
         }
-        io.out = out;
         if e.s.is_finished() {
             debug_assert!(e.connect == NONE);
             io.timers.set(slot, None);
