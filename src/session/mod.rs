@@ -228,7 +228,8 @@ pub enum Op {
     CancelConnect,
     /// shutdown(2): the write side, or both (forcing pending ops to end).
     Shutdown { fd: RawFd, both: bool },
-    /// close(2); nothing is in flight on the socket.
+    /// close(2); nothing is in flight on the socket but, possibly, a
+    /// receive whose cancel was asked for just before.
     Close { fd: RawFd },
     /// Drop one reference to a provided buffer; the last gives it back to
     /// the ring.
@@ -1227,7 +1228,10 @@ impl Session {
                 for who in [Who::Client, Who::Conman] {
                     self.close_side(env, who);
                 }
-                if self.client.closed && self.conman.closed && !self.finished {
+                // A side closes with its cancelled receive still to
+                // complete (`close_side`); the session waits for it.
+                let idle = |sd: &Side| sd.closed && sd.inflight == 0;
+                if idle(&self.client) && idle(&self.conman) && !self.finished {
                     self.finished = true;
                     self.account_buffered(env);
                     debug_assert_eq!(self.buffered, 0, "session {} ends holding bytes", self.id);
@@ -1353,8 +1357,13 @@ impl Session {
             if sd.recv_armed {
                 self.pause_recv(env, who);
             }
+            // The receive being cancelled need not end first: its cancel
+            // goes in the same submission, ahead of the close, and holds
+            // the socket only until it completes. Waiting for it cost a
+            // loop turn before the FIN, which the peer waits for.
             let sd = self.side(who);
-            if sd.inflight == 0 && sd.splice.is_none() && !owed {
+            let only_recv = sd.inflight == 1 && sd.recv_armed && sd.cancel_pending && !sd.sending;
+            if (sd.inflight == 0 || only_recv) && sd.splice.is_none() && !owed {
                 self.discard_queued(env, who);
                 let sd = self.side(who);
                 sd.closed = true;
@@ -1397,7 +1406,10 @@ impl Session {
             }
             Kind::Closing => {
                 // Peers that neither read nor close: force both sockets
-                // down so every pending operation completes.
+                // down so every pending operation completes. A side closed
+                // with its receive in flight has no fd left to shut down:
+                // its receive is cancelled again (by its id), should the
+                // first cancel have missed it.
                 for who in [Who::Client, Who::Conman] {
                     let sd = self.side(who);
                     if sd.fd >= 0 && !sd.closed {
@@ -1407,7 +1419,13 @@ impl Session {
                             fd: sd.fd,
                             both: true,
                         });
+                    } else if sd.closed && sd.recv_armed {
+                        let tls = sd.recv_tls;
+                        env.op(Op::CancelRecv { who, tls });
                     }
+                }
+                if self.client.inflight + self.conman.inflight > 0 {
+                    self.set_deadline(env.now + Duration::from_millis(env.cfg.limits.linger_ms));
                 }
             }
         }

@@ -142,8 +142,10 @@ impl Io {
                 // the turn's one io_uring_enter with everything else. The
                 // number stays taken until then, so no socket made
                 // meanwhile can be handed the same fd, and the session has
-                // nothing in flight on it. Its result is of no use: close
-                // fails only for a bad fd.
+                // nothing in flight on it but a receive cancelled just
+                // before, which holds its own reference to the socket until
+                // it ends (the FIN goes then). Its result is of no use:
+                // close fails only for a bad fd.
                 // SAFETY: no pointer.
                 unsafe { self.push(opcode::Close::new(types::Fd(fd)).build().user_data(IGNORE)) };
             }

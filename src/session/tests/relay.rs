@@ -63,6 +63,45 @@ fn sockets_close_without_lingering_only_after_a_close_handshake() {
     assert!(h.all_closed());
 }
 
+/// After a close handshake, a side whose receive is still armed is closed
+/// in the same breath as that receive's cancel: its FIN waits for no loop
+/// turn (the peer, a client per RFC 6455, waits for the server's FIN). The
+/// session ends only once the receive has; should a cancel miss, the
+/// linger deadline cancels again.
+#[test]
+fn a_finished_side_closes_with_its_receive_cancel() {
+    let mut h = Harness::established(Harness::cfg());
+    let mut c = Vec::new();
+    write_close(&mut c, 1000, "", Some([3, 3, 3, 3]));
+    h.write(Who::Client, &c);
+    h.settle();
+    let mut answer = Vec::new();
+    write_close(&mut answer, 1000, "", None);
+    h.write(Who::Conman, &answer);
+    assert!(h.deliver(Who::Conman, BUF));
+    assert!(h.complete_send(Who::Client, usize::MAX));
+    for p in &h.peers {
+        assert!(p.fd.is_none(), "not closed with its cancel");
+        assert!(p.recv.is_some() && p.cancel, "closed with no cancel first");
+    }
+    assert!(!h.s.is_finished(), "finished before its receives ended");
+    // The client's cancel missed; Conman's receive ends.
+    h.peers[0].cancel = false;
+    h.settle();
+    assert!(!h.s.is_finished(), "finished with a receive armed");
+    let cancels = |h: &Harness| {
+        h.ops
+            .iter()
+            .filter(|o| o.starts_with("CancelRecv { who: Client"))
+            .count()
+    };
+    let before = cancels(&h);
+    h.advance_to_deadline();
+    assert_eq!(cancels(&h), before + 1, "no second cancel at the deadline");
+    h.settle();
+    assert!(h.all_closed());
+}
+
 #[test]
 fn conman_lost_gives_the_client_1014_and_client_lost_gives_conman_1001() {
     let mut h = Harness::established(Harness::cfg());
