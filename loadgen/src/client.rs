@@ -210,7 +210,7 @@ pub struct Dial<'a> {
 
 struct Upgrade {
     request: Vec<u8>,
-    accept: String,
+    accept: eval_proxy::proto::handshake::AcceptKey,
     response: Vec<u8>,
 }
 

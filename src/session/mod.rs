@@ -205,8 +205,11 @@ pub enum Op {
     /// Stop that receive (from the pool it was armed on); its last
     /// completion still comes.
     CancelRecv { who: Who, tls: bool },
-    /// Send these chunks; they come back with [`Session::handle_sent`].
+    /// Send these chunks, all of them (MSG_WAITALL: a short count means
+    /// an error); they come back with [`Session::handle_sent`].
     Send { who: Who, fd: RawFd, batch: Batch },
+    /// Stop that side's send in flight; its completion still comes.
+    CancelSend { who: Who },
     /// Check the token of [`Session::token`]; answer with `handle_token`.
     Verify,
     /// Ask where the repl lives; answer with `handle_placement(seq, ..)`.
@@ -445,6 +448,9 @@ impl Side {
         self.queued = self.queued.saturating_sub(n);
     }
 }
+
+/// The largest send a side may close behind (see `close_side`).
+const SMALL_SEND: usize = 4096;
 
 /// Setup state, alive from the token check until relaying starts.
 pub struct Setup {
@@ -1343,8 +1349,19 @@ impl Session {
             .splice
             .as_ref()
             .is_some_and(|sp| sp.owes_peer());
+        // A finished peer gets no shutdown(2): close(2) sends our FIN, and
+        // a send still in flight holds the socket until it is done, so our
+        // FIN follows it without waiting for it here. Only a small one:
+        // MSG_WAITALL (`Op::Send`) makes the kernel retry a short send, but
+        // it gives up after many rounds of a slow reader, and then the rest
+        // could not be sent any more. A Close frame (and a TLS close_notify)
+        // goes whole as soon as the socket is writable at all.
+        // Over TLS the close_notify still has to follow that send.
+        let plain = !self.speaks_tls(who);
         let sd = self.side(who);
-        if sd.want_shut && !sd.shut && sd.drained() && !owed {
+        let last_send_small = plain && sd.sending && sd.queued <= SMALL_SEND;
+        let flushed = sd.sendq.is_empty() && (!sd.sending || (finished && last_send_small));
+        if sd.want_shut && !sd.shut && flushed && !owed {
             sd.shut = true;
             if !finished {
                 env.op(Op::Shutdown {
@@ -1357,13 +1374,14 @@ impl Session {
             if sd.recv_armed {
                 self.pause_recv(env, who);
             }
-            // The receive being cancelled need not end first: its cancel
-            // goes in the same submission, ahead of the close, and holds
-            // the socket only until it completes. Waiting for it cost a
-            // loop turn before the FIN, which the peer waits for.
+            // Neither that send nor the receive being cancelled need end
+            // first: the cancel goes in the same submission, ahead of the
+            // close, and each holds the socket only until it completes.
+            // Waiting for them cost loop turns before the FIN, which the
+            // peer (a client, after a close handshake) waits for.
             let sd = self.side(who);
-            let only_recv = sd.inflight == 1 && sd.recv_armed && sd.cancel_pending && !sd.sending;
-            if (sd.inflight == 0 || only_recv) && sd.splice.is_none() && !owed {
+            let ending = u16::from(sd.sending) + u16::from(sd.recv_armed && sd.cancel_pending);
+            if sd.inflight == ending && sd.splice.is_none() && !owed {
                 self.discard_queued(env, who);
                 let sd = self.side(who);
                 sd.closed = true;
@@ -1407,9 +1425,9 @@ impl Session {
             Kind::Closing => {
                 // Peers that neither read nor close: force both sockets
                 // down so every pending operation completes. A side closed
-                // with its receive in flight has no fd left to shut down:
-                // its receive is cancelled again (by its id), should the
-                // first cancel have missed it.
+                // with operations in flight has no fd left to shut down:
+                // its send (a peer that stopped reading) and its receive
+                // (should the first cancel have missed it) are cancelled.
                 for who in [Who::Client, Who::Conman] {
                     let sd = self.side(who);
                     if sd.fd >= 0 && !sd.closed {
@@ -1419,9 +1437,14 @@ impl Session {
                             fd: sd.fd,
                             both: true,
                         });
-                    } else if sd.closed && sd.recv_armed {
-                        let tls = sd.recv_tls;
-                        env.op(Op::CancelRecv { who, tls });
+                    } else if sd.closed {
+                        if sd.sending {
+                            env.op(Op::CancelSend { who });
+                        }
+                        if sd.recv_armed {
+                            let tls = sd.recv_tls;
+                            env.op(Op::CancelRecv { who, tls });
+                        }
                     }
                 }
                 if self.client.inflight + self.conman.inflight > 0 {

@@ -158,6 +158,9 @@ struct Entry {
     gen: u16,
     /// The connect in flight, or `NONE`.
     connect: u64,
+    /// Each side's send in flight (client, Conman), or `NONE`: a side
+    /// closed while its last send is under way can still stop it.
+    sends: [u64; 2],
 }
 
 /// The ring, buffers and timers: everything but the sessions, so that a
@@ -570,7 +573,8 @@ impl Shard {
                 if let Some(g) = gather {
                     self.io.gathers.push(g);
                 }
-                if self.entry(slot, gen).is_some() {
+                if let Some(e) = self.entry(slot, gen) {
+                    e.sends[who as usize] = NONE;
                     self.drive(slot, |s, env, _| s.handle_sent(env, who, res, batch));
                 } else {
                     debug_assert!(false, "send completed after its session");
@@ -872,6 +876,7 @@ impl Shard {
             s,
             gen,
             connect: NONE,
+            sends: [NONE; 2],
         });
         self.live += 1;
         self.io

@@ -39,7 +39,15 @@ impl Io {
                 unsafe { self.push(entry.user_data(Direct::Recv(who, tls).user_data(slot, gen))) };
             }
             Op::CancelRecv { who, tls } => self.cancel(Direct::Recv(who, tls).user_data(slot, gen)),
-            Op::Send { who, fd, batch } => self.send(slot, gen, who, fd, batch),
+            Op::Send { who, fd, batch } => {
+                e.sends[who as usize] = self.send(slot, gen, who, fd, batch);
+            }
+            Op::CancelSend { who } => {
+                let ud = e.sends[who as usize];
+                if ud != super::NONE {
+                    self.cancel(ud);
+                }
+            }
             Op::Verify => self.verify(slot, e, out),
             Op::Placement {
                 seq,
@@ -214,7 +222,8 @@ impl Io {
         }
     }
 
-    fn send(&mut self, slot: u32, gen: u16, who: Who, fd: i32, batch: Batch) {
+    /// Returns the send's user_data.
+    fn send(&mut self, slot: u32, gen: u16, who: Who, fd: i32, batch: Batch) -> u64 {
         let chunk_ptr = |bufs: &bufring::Pools, c: &Chunk| -> (*mut u8, usize) {
             match c {
                 // The send's record holds the buffer (it is recycled only on
@@ -229,8 +238,10 @@ impl Io {
         let (entry, gather) = match &batch {
             Batch::One(c) => {
                 let (ptr, len) = chunk_ptr(&self.bufs, c);
+                // MSG_WAITALL: the kernel retries a short send itself, so a
+                // side may close with its last send still in flight.
                 let entry = opcode::Send::new(types::Fd(fd), ptr, len as u32)
-                    .flags(libc::MSG_NOSIGNAL)
+                    .flags(libc::MSG_NOSIGNAL | libc::MSG_WAITALL)
                     .build();
                 (entry, None)
             }
@@ -246,7 +257,7 @@ impl Io {
                 g.msg.msg_iov = g.iov.as_mut_ptr();
                 g.msg.msg_iovlen = chunks.len();
                 let entry = opcode::SendMsg::new(types::Fd(fd), &g.msg)
-                    .flags(libc::MSG_NOSIGNAL as u32)
+                    .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
                     .build();
                 (entry, Some(g))
             }
@@ -265,6 +276,7 @@ impl Io {
         // Gather box's msghdr and iovecs; all are in the record until the
         // completion, and none moves with it.
         unsafe { self.push(entry.user_data(ud)) };
+        ud
     }
 
     /// Gives the ring buffers of a send nobody will complete back.

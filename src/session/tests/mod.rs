@@ -107,6 +107,7 @@ struct Peer {
     recv_tls: bool,
     cancel: bool,
     send: Option<Batch>,
+    send_cancel: bool,
     poll: Option<Who>,
     pipe: VecDeque<u8>,
     shut_wr: bool,
@@ -249,6 +250,11 @@ impl Harness {
                 p.recv = Some(single);
                 p.recv_tls = tls;
             }
+            Op::CancelSend { who } => {
+                let p = &mut self.peers[at(who)];
+                assert!(p.send.is_some(), "cancel of no send");
+                p.send_cancel = true;
+            }
             Op::CancelRecv { who, tls } => {
                 let p = &mut self.peers[at(who)];
                 assert_eq!(tls, p.recv_tls, "a cancel aimed at the other pool");
@@ -296,9 +302,10 @@ impl Harness {
             Op::Close { fd } => {
                 let p = self.peer_of(fd);
                 // A receive may still be in flight if its cancel went
-                // first: the kernel ends it, and the socket goes with it.
+                // first, and a send (whole, MSG_WAITALL): each holds the
+                // socket until it ends.
                 assert!(
-                    (p.recv.is_none() || p.cancel) && p.send.is_none() && p.poll.is_none(),
+                    (p.recv.is_none() || p.cancel) && p.poll.is_none(),
                     "close with an op in flight"
                 );
                 p.fd = None;
@@ -436,10 +443,15 @@ impl Harness {
     /// The kernel completes the send to `who`, taking up to `max` bytes.
     fn complete_send(&mut self, who: Who, max: usize) -> bool {
         let p = &mut self.peers[at(who)];
+        // A socket closed behind its last send (a small one, MSG_WAITALL)
+        // sends it whole.
+        let max = if p.fd.is_none() { usize::MAX } else { max };
         let Some(batch) = p.send.take() else {
             return false;
         };
-        let res = if p.reset {
+        let res = if std::mem::take(&mut p.send_cancel) {
+            -libc::ECANCELED
+        } else if p.reset {
             -libc::EPIPE
         } else {
             let mut left = max.max(1);

@@ -63,13 +63,14 @@ fn sockets_close_without_lingering_only_after_a_close_handshake() {
     assert!(h.all_closed());
 }
 
-/// After a close handshake, a side whose receive is still armed is closed
-/// in the same breath as that receive's cancel: its FIN waits for no loop
-/// turn (the peer, a client per RFC 6455, waits for the server's FIN). The
-/// session ends only once the receive has; should a cancel miss, the
-/// linger deadline cancels again.
+/// After a close handshake, a side is closed in the same breath as its
+/// receive's cancel, and behind its last (small) send still in flight: its
+/// FIN waits for no loop turn (the peer, a client per RFC 6455, waits for
+/// the server's FIN). The session ends only once every operation has; at
+/// the linger deadline a send still stuck and a receive whose cancel missed
+/// are cancelled (no fd is left to shut down).
 #[test]
-fn a_finished_side_closes_with_its_receive_cancel() {
+fn a_finished_side_closes_behind_its_last_send_and_receive_cancel() {
     let mut h = Harness::established(Harness::cfg());
     let mut c = Vec::new();
     write_close(&mut c, 1000, "", Some([3, 3, 3, 3]));
@@ -79,27 +80,50 @@ fn a_finished_side_closes_with_its_receive_cancel() {
     write_close(&mut answer, 1000, "", None);
     h.write(Who::Conman, &answer);
     assert!(h.deliver(Who::Conman, BUF));
-    assert!(h.complete_send(Who::Client, usize::MAX));
     for p in &h.peers {
         assert!(p.fd.is_none(), "not closed with its cancel");
         assert!(p.recv.is_some() && p.cancel, "closed with no cancel first");
     }
-    assert!(!h.s.is_finished(), "finished before its receives ended");
-    // The client's cancel missed; Conman's receive ends.
+    assert!(
+        h.peers[0].send.is_some(),
+        "the Close to the client not in flight"
+    );
+    assert!(!h.s.is_finished(), "finished with operations in flight");
+    // The client reads nothing, and its cancel missed; Conman's ends.
     h.peers[0].cancel = false;
-    h.settle();
-    assert!(!h.s.is_finished(), "finished with a receive armed");
-    let cancels = |h: &Harness| {
-        h.ops
-            .iter()
-            .filter(|o| o.starts_with("CancelRecv { who: Client"))
-            .count()
-    };
-    let before = cancels(&h);
+    assert!(h.deliver(Who::Conman, BUF));
+    assert!(!h.s.is_finished());
+    let count = |h: &Harness, op: &str| h.ops.iter().filter(|o| o.starts_with(op)).count();
+    let (sends, recvs) = (
+        count(&h, "CancelSend { who: Client"),
+        count(&h, "CancelRecv { who: Client"),
+    );
     h.advance_to_deadline();
-    assert_eq!(cancels(&h), before + 1, "no second cancel at the deadline");
+    assert_eq!(
+        count(&h, "CancelSend { who: Client"),
+        sends + 1,
+        "stuck send not cancelled"
+    );
+    assert_eq!(
+        count(&h, "CancelRecv { who: Client"),
+        recvs + 1,
+        "receive not cancelled again"
+    );
     h.settle();
     assert!(h.all_closed());
+    assert!(
+        h.peers[0].got.is_empty(),
+        "a cancelled send delivered bytes"
+    );
+
+    // The usual end: the send goes, the cancel lands.
+    let mut h = Harness::established(Harness::cfg());
+    h.write(Who::Client, &c);
+    h.settle();
+    h.write(Who::Conman, &answer);
+    h.settle();
+    assert!(h.all_closed());
+    assert_eq!(h.closes(Who::Client), vec![(1000, String::new())]);
 }
 
 #[test]
