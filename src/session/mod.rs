@@ -205,8 +205,9 @@ pub enum Op {
     /// Stop that receive (from the pool it was armed on); its last
     /// completion still comes.
     CancelRecv { who: Who, tls: bool },
-    /// Send these chunks, all of them (MSG_WAITALL: a short count means
-    /// an error); they come back with [`Session::handle_sent`].
+    /// Send these chunks, all of them (MSG_WAITALL: a short count means an
+    /// error, or that io_uring stopped retrying a slow reader); they come
+    /// back with [`Session::handle_sent`].
     Send { who: Who, fd: RawFd, batch: Batch },
     /// Stop that side's send in flight; its completion still comes.
     CancelSend { who: Who },
@@ -231,8 +232,9 @@ pub enum Op {
     CancelConnect,
     /// shutdown(2): the write side, or both (forcing pending ops to end).
     Shutdown { fd: RawFd, both: bool },
-    /// close(2); nothing is in flight on the socket but, possibly, a
-    /// receive whose cancel was asked for just before.
+    /// close(2). Operations still in flight on the socket (a receive whose
+    /// cancel was asked for just before, the side's last send) hold their
+    /// own reference to it, so the FIN goes when they end.
     Close { fd: RawFd },
     /// Drop one reference to a provided buffer; the last gives it back to
     /// the ring.
@@ -1125,9 +1127,11 @@ impl Session {
         sd.done_op();
         sd.sending = false;
         let mut chunks = batch.into_chunks();
-        if res == -libc::EAGAIN {
-            // The socket is O_NONBLOCK (splice mode) and io_uring gave up
-            // retrying: nothing was sent, the next kick sends it again.
+        if res == -libc::EAGAIN && !sd.closed {
+            // io_uring gave up retrying (the socket is O_NONBLOCK, and a
+            // slow reader kept it full): nothing was sent, the next kick
+            // sends it again. On a side closed behind this send nothing
+            // can: the chunks go as with an error, below.
             requeue_front(sd, chunks.collect());
             self.requeued_records(who);
         } else if res < 0 {

@@ -149,10 +149,11 @@ impl Io {
                 // In the ring rather than a close(2) of its own: it goes in
                 // the turn's one io_uring_enter with everything else. The
                 // number stays taken until then, so no socket made
-                // meanwhile can be handed the same fd, and the session has
-                // nothing in flight on it but a receive cancelled just
-                // before, which holds its own reference to the socket until
-                // it ends (the FIN goes then). Its result is of no use:
+                // meanwhile can be handed the same fd. What the session
+                // still has in flight on it (a receive cancelled just
+                // before, its last send) holds its own reference to the
+                // socket until it ends, and the FIN goes then; the session
+                // names no op by this fd any more. Its result is of no use:
                 // close fails only for a bad fd.
                 // SAFETY: no pointer.
                 unsafe { self.push(opcode::Close::new(types::Fd(fd)).build().user_data(IGNORE)) };

@@ -116,6 +116,20 @@ fn a_finished_side_closes_behind_its_last_send_and_receive_cancel() {
         "a cancelled send delivered bytes"
     );
 
+    // io_uring gives up on that send (EAGAIN, nothing sent): with no
+    // socket left to send it on, its buffers go back at once.
+    let mut h = Harness::established(Harness::cfg());
+    h.write(Who::Client, &c);
+    h.settle();
+    h.write(Who::Conman, &answer);
+    assert!(h.deliver(Who::Conman, BUF));
+    assert!(h.peers[0].fd.is_none());
+    let batch = h.peers[0].send.take().expect("the Close in flight");
+    h.run(|s, env| s.handle_sent(env, Who::Client, -libc::EAGAIN, batch));
+    h.settle();
+    assert!(h.all_closed());
+    assert!(h.bufs.is_empty(), "buffers kept: {:?}", h.bufs.keys());
+
     // The usual end: the send goes, the cancel lands.
     let mut h = Harness::established(Harness::cfg());
     h.write(Who::Client, &c);
