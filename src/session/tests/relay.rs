@@ -31,12 +31,9 @@ fn close_from_client_is_relayed_and_answered() {
     h.finish();
 }
 
-/// Both peers sent a Close, so neither may send more: the sockets are
-/// closed as soon as the Closes are out, with no shutdown(2) and no wait
-/// for FINs; close(2) sends the FIN. A peer the proxy closes on first may
-/// still be sending, so that side is shut down and read until its FIN.
-#[test]
-fn sockets_close_without_lingering_only_after_a_close_handshake() {
+/// A relaying session whose client sent Close 1000 (relayed), and whose
+/// Conman answer is on its way to the proxy (not yet received).
+fn closes_crossing() -> Harness {
     let mut h = Harness::established(Harness::cfg());
     let mut c = Vec::new();
     write_close(&mut c, 1000, "", Some([3, 3, 3, 3]));
@@ -45,6 +42,16 @@ fn sockets_close_without_lingering_only_after_a_close_handshake() {
     let mut answer = Vec::new();
     write_close(&mut answer, 1000, "", None);
     h.write(Who::Conman, &answer);
+    h
+}
+
+/// Both peers sent a Close, so neither may send more: the sockets are
+/// closed as soon as the Closes are out, with no shutdown(2) and no wait
+/// for FINs; close(2) sends the FIN. A peer the proxy closes on first may
+/// still be sending, so that side is shut down and read until its FIN.
+#[test]
+fn sockets_close_without_lingering_only_after_a_close_handshake() {
+    let mut h = closes_crossing();
     h.settle();
     assert!(h.all_closed(), "still open after the close handshake");
     assert!(!h.peers[0].shut_wr && !h.peers[1].shut_wr);
@@ -71,14 +78,7 @@ fn sockets_close_without_lingering_only_after_a_close_handshake() {
 /// are cancelled (no fd is left to shut down).
 #[test]
 fn a_finished_side_closes_behind_its_last_send_and_receive_cancel() {
-    let mut h = Harness::established(Harness::cfg());
-    let mut c = Vec::new();
-    write_close(&mut c, 1000, "", Some([3, 3, 3, 3]));
-    h.write(Who::Client, &c);
-    h.settle();
-    let mut answer = Vec::new();
-    write_close(&mut answer, 1000, "", None);
-    h.write(Who::Conman, &answer);
+    let mut h = closes_crossing();
     assert!(h.deliver(Who::Conman, BUF));
     for p in &h.peers {
         assert!(p.fd.is_none(), "not closed with its cancel");
@@ -118,10 +118,7 @@ fn a_finished_side_closes_behind_its_last_send_and_receive_cancel() {
 
     // io_uring gives up on that send (EAGAIN, nothing sent): with no
     // socket left to send it on, its buffers go back at once.
-    let mut h = Harness::established(Harness::cfg());
-    h.write(Who::Client, &c);
-    h.settle();
-    h.write(Who::Conman, &answer);
+    let mut h = closes_crossing();
     assert!(h.deliver(Who::Conman, BUF));
     assert!(h.peers[0].fd.is_none());
     let batch = h.peers[0].send.take().expect("the Close in flight");
@@ -131,10 +128,7 @@ fn a_finished_side_closes_behind_its_last_send_and_receive_cancel() {
     assert!(h.bufs.is_empty(), "buffers kept: {:?}", h.bufs.keys());
 
     // The usual end: the send goes, the cancel lands.
-    let mut h = Harness::established(Harness::cfg());
-    h.write(Who::Client, &c);
-    h.settle();
-    h.write(Who::Conman, &answer);
+    let mut h = closes_crossing();
     h.settle();
     assert!(h.all_closed());
     assert_eq!(h.closes(Who::Client), vec![(1000, String::new())]);
