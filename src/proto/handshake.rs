@@ -34,7 +34,8 @@ pub type ClientKey = B64<24>;
 
 impl<const N: usize> B64<N> {
     pub fn as_str(&self) -> &str {
-        // Only `encode_into` fills one, with base64's ASCII alphabet.
+        // `encode_into` fills one with base64's alphabet, `from_ascii` only
+        // with ASCII: never anything but UTF-8.
         std::str::from_utf8(&self.0).unwrap_or_default()
     }
 

@@ -1358,9 +1358,9 @@ impl Session {
         // FIN follows it without waiting for it here. Only a small one:
         // MSG_WAITALL (`Op::Send`) makes the kernel retry a short send, but
         // it gives up after many rounds of a slow reader, and then the rest
-        // could not be sent any more. A Close frame (and a TLS close_notify)
-        // goes whole as soon as the socket is writable at all.
-        // Over TLS the close_notify still has to follow that send.
+        // could not be sent any more; a Close frame goes whole as soon as
+        // the socket is writable at all. Only on a plain side: over TLS the
+        // close_notify still has to follow that send.
         let plain = !self.speaks_tls(who);
         let sd = self.side(who);
         let last_send_small = plain && sd.sending && sd.queued <= SMALL_SEND;

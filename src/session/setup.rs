@@ -148,20 +148,10 @@ impl Session {
         let Phase::Head(head) = &mut self.phase else {
             return;
         };
-        // A head nearly always comes whole in one receive: then it is
-        // parsed where it lies, not copied first.
-        let whole = head.is_empty();
-        let parsed = if whole {
-            http1::parse_request(bytes, &head_limits(env.cfg))
-        } else {
-            head.extend_from_slice(bytes);
-            http1::parse_request(head, &head_limits(env.cfg))
-        };
+        let parsed = http1::parse_request(head_input(head, bytes), &head_limits(env.cfg));
         match parsed {
             Ok(None) => {
-                if whole {
-                    head.extend_from_slice(bytes);
-                }
+                head_rest(head, bytes, None);
             }
             Err(e) => {
                 let status = e.status();
@@ -186,11 +176,7 @@ impl Session {
                 self.answer_and_close(env, 200, out);
             }
             Ok(Some((Route::WebSocket(req), head_len))) => {
-                let held = if whole {
-                    bytes[head_len..].to_vec()
-                } else {
-                    head.split_off(head_len)
-                };
+                let held = head_rest(head, bytes, Some(head_len));
                 if let Err(refusal) = self.admit(env, &req) {
                     self.refuse(env, refusal);
                     return;
@@ -620,21 +606,14 @@ impl Session {
         let Phase::ConmanHandshake(st) = &mut self.phase else {
             return;
         };
-        // As with the client's head: parsed in place when it came whole.
-        let whole = st.head.is_empty();
-        if !whole {
-            st.head.extend_from_slice(bytes);
-        }
         let parsed = handshake::parse_conman_response(
-            if whole { bytes } else { &st.head },
+            head_input(&mut st.head, bytes),
             &st.expected_accept,
             env.cfg.limits.max_head,
         );
         let (resp, head_len) = match parsed {
             Ok(None) => {
-                if whole {
-                    st.head.extend_from_slice(bytes);
-                }
+                head_rest(&mut st.head, bytes, None);
                 return;
             }
             Ok(Some(r)) => r,
@@ -679,11 +658,7 @@ impl Session {
             );
             self.client.push_owned(out);
         }
-        let early = if whole {
-            bytes[head_len..].to_vec()
-        } else {
-            st.head.split_off(head_len)
-        };
+        let early = head_rest(&mut st.head, bytes, Some(head_len));
         let held = std::mem::take(&mut st.held);
         let upgrade_took = env.now - st.phase_started;
         let vm = st.vm_name().map(|name| env.vms.intern(name));
@@ -888,6 +863,35 @@ impl Session {
         }
         self.deadline = None;
         self.begin_closing(env);
+    }
+}
+
+/// What a head (the client's request, Conman's response) is parsed from:
+/// the bytes just received where they lie when none came before, as a head
+/// nearly always comes whole in one receive; else `so_far` with them added.
+/// [`head_rest`] finishes the step.
+fn head_input<'a>(so_far: &'a mut Vec<u8>, bytes: &'a [u8]) -> &'a [u8] {
+    if so_far.is_empty() {
+        bytes
+    } else {
+        so_far.extend_from_slice(bytes);
+        so_far
+    }
+}
+
+/// After parsing [`head_input`]: an incomplete head (`None`) keeps every
+/// byte in `so_far`; a complete one of `head_len` bytes gives back what
+/// followed it.
+fn head_rest(so_far: &mut Vec<u8>, bytes: &[u8], head_len: Option<usize>) -> Vec<u8> {
+    // `so_far` is still empty exactly when the parse read `bytes` alone.
+    match (so_far.is_empty(), head_len) {
+        (true, None) => {
+            so_far.extend_from_slice(bytes);
+            Vec::new()
+        }
+        (true, Some(n)) => bytes[n..].to_vec(),
+        (false, None) => Vec::new(),
+        (false, Some(n)) => so_far.split_off(n),
     }
 }
 

@@ -86,14 +86,17 @@ impl Io {
                 } else {
                     Default::default()
                 };
-                let mut mem = self.connects.pop().unwrap_or_else(|| {
-                    Box::new(ConnectMem {
-                        addr: socket2::SockAddr::from(addr),
-                        opts: [0; listener::CONMAN_SOCKOPTS],
-                    })
-                });
-                mem.addr = socket2::SockAddr::from(addr);
-                mem.opts = opts.map(|(_, _, v)| v);
+                let fresh = ConnectMem {
+                    addr: socket2::SockAddr::from(addr),
+                    opts: opts.map(|(_, _, v)| v),
+                };
+                let mem = match self.connects.pop() {
+                    Some(mut pooled) => {
+                        *pooled = fresh;
+                        pooled
+                    }
+                    None => Box::new(fresh),
+                };
                 // Each value's address, taken before the box moves into the
                 // connect's record: its heap memory stays where it is, and
                 // alive until the connect completes.
