@@ -470,6 +470,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.reps = max(1, a.reps)
     a.loads = None
     a.max_others = 0.25
+    a.max_steal = C.MAX_STEAL
     return a
 
 
