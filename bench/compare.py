@@ -1123,7 +1123,7 @@ def svg_chart(meta: dict, figs: list[dict], busy_runs: int) -> str:
            f'<text x="{W / 2}" y="44" text-anchor="middle" fill="#555">'
            f'{html.escape(meta["date"])} · eval-proxy {html.escape(meta["commit"])} · mean of '
            f'{meta["reps"]} repetition(s), 1 proxy core{" · QUICK SMOKE RUN" if meta["quick"] else ""}'
-           f'{f" · {busy_runs} run(s) disturbed by other processes" if busy_runs else ""}'
+           f'{f" · {busy_runs} run(s) disturbed by other work" if busy_runs else ""}'
            f'</text>']
     out += svg_grid(y, 0.0, ymax, 0.5 if ymax <= 4 else 1.0, left, W - right,
                     lambda t: f"{t:.1f}×", label_gap=8, color="#ddd")
@@ -1171,17 +1171,22 @@ def svg_chart(meta: dict, figs: list[dict], busy_runs: int) -> str:
     return "\n".join(out) + "\n"
 
 
-def contended(rec: dict, max_others: float, max_steal: float = MAX_STEAL) -> bool:
-    """Other processes, or the hypervisor (steal time on the proxy's or the
-    load's CPU), took more than their share while the run went on."""
+def others_share(rec: dict) -> float:
+    """Other processes' CPU during the run, as a share of one core."""
     w = rec.get("wall_s")
-    return bool(w) and (rec.get("others_cpu_s", 0) / w > max_others
-                        or max(rec.get("steal_s", [0])) / w > max_steal)
+    return rec.get("others_cpu_s", 0) / w if w else 0.0
 
 
 def steal_share(rec: dict) -> float:
+    """The larger steal time of the proxy's and the load's CPU, as a share of the run."""
     w = rec.get("wall_s")
     return max(rec.get("steal_s", [0])) / w if w else 0.0
+
+
+def contended(rec: dict, max_others: float, max_steal: float = MAX_STEAL) -> bool:
+    """Other processes, or the hypervisor (steal time on the proxy's or the
+    load's CPU), took more than their share while the run went on."""
+    return others_share(rec) > max_others or steal_share(rec) > max_steal
 
 
 def make_notes(runs: list[dict], loads: dict[str, Load], meta: dict) -> list[str]:
@@ -1227,13 +1232,12 @@ def make_notes(runs: list[dict], loads: dict[str, Load], meta: dict) -> list[str
     busy = [r for r in runs if contended(r, mo, ms)]
     reruns = sum(r.get("attempts", 1) - 1 for r in runs)
     if busy or reruns:
-        share = lambda r: r.get("others_cpu_s", 0) / r["wall_s"] if r.get("wall_s") else 0  # noqa: E731
-        worst = max(runs, key=share)
+        worst = max(runs, key=others_share)
         worst_st = max(runs, key=steal_share)
         notes.append(
             f"Other work disturbed {len(busy)} of {len(runs)} kept runs, marked ~: other processes "
             f"on this machine (not started by the benchmark) using more than {mo:.0%} of a core "
-            f"(worst: {label(worst)}, {share(worst):.0%}), or the hypervisor stealing more than "
+            f"(worst: {label(worst)}, {others_share(worst):.0%}), or the hypervisor stealing more than "
             f"{ms:.0%} of the proxy's or the load's CPU (worst: {label(worst_st)}, "
             f"{steal_share(worst_st):.0%}). {reruns} run(s) were repeated for that reason and the "
             f"quieter attempt kept. Such runs share the cores with foreign work, which changes "
@@ -1601,16 +1605,14 @@ def measure(a: argparse.Namespace, loads: list, bins: dict[str, str]) -> int:
                     while len(tries) < 2 and budget > 0 and tries[-1].get("ok") \
                             and contended(tries[-1], a.max_others, a.max_steal):
                         budget -= 1
-                        t = tries[-1]
-                        log(f"  other processes used {t['others_cpu_s'] / t['wall_s']:.0%} of a core "
-                            f"and the hypervisor stole {steal_share(t):.0%} of a CPU meanwhile; "
+                        log(f"  other processes used {others_share(tries[-1]):.0%} of a core and the "
+                            f"hypervisor stole {steal_share(tries[-1]):.0%} of a CPU meanwhile; "
                             f"running it again")
                         tries.append(bench.run(rep, load, subject))
                     # A failure is never retried away: the first failed attempt is kept.
                     kept = next((t for t in tries if not t.get("ok")), None) or \
                         min(tries, key=lambda t: (contended(t, a.max_others, a.max_steal),
-                                                  t.get("others_cpu_s", 0) / t.get("wall_s", 1)
-                                                  + steal_share(t)))
+                                                  others_share(t) + steal_share(t)))
                     kept["attempts"] = len(tries)
                     kept["others_cpu_s_each"] = [t.get("others_cpu_s") for t in tries]
                     runs.append(kept)
