@@ -548,97 +548,254 @@ class Bench:
                 raise RunError(f"nginx started no worker:\n{self.procs.tail(p)}")
             time.sleep(0.05)
 
-    def run(self, rep: int, load: Load, subject: str) -> dict:
-        rec: dict = {"rep": rep, "load": load.key, "subject": subject, "ok": False}
-        log(f"rep {rep} {load.key:<15} {NAMES[subject]}")
-        backend = None
-        proxy = None
+    def open(self, load: Load, subject: str) -> Stage:
+        """Starts `subject` and its own echo backend for `load`, and lets them settle."""
+        stage = Stage(subject)
         try:
-            backend, backend_addr = self.start_backend()
+            stage.backend, backend_addr = self.start_backend()
             if load.tls:
-                proxy = self.start_subject(subject, backend_addr, TLS_TEMPLATES, SNI=TLS_NAME,
-                                           CERT=self.tls["cert"], KEY=self.tls["key"],
-                                           PEM=self.tls["pem"])
-                url = [f"wss://{proxy.addr}/wsv2/", "--ca", self.tls["ca"], "--sni", TLS_NAME]
+                stage.proxy = self.start_subject(subject, backend_addr, TLS_TEMPLATES, SNI=TLS_NAME,
+                                                 CERT=self.tls["cert"], KEY=self.tls["key"],
+                                                 PEM=self.tls["pem"])
+                stage.url = [f"wss://{stage.proxy.addr}/wsv2/", "--ca", self.tls["ca"],
+                             "--sni", TLS_NAME]
             else:
-                proxy = self.start_subject(subject, backend_addr)
-                url = [f"ws://{proxy.addr}/wsv2/"]
+                stage.proxy = self.start_subject(subject, backend_addr)
+                stage.url = [f"ws://{stage.proxy.addr}/wsv2/"]
             time.sleep(self.a.settle)
-            pids = proxy.pids()
-            rec["proxy_pids"] = pids
-            rss0 = sum(proc_rss_kib(p) for p in proxy.serving_pids())
-            cpu0 = [proc_cpu(p) for p in pids]
-            be0 = proc_cpu(backend.pid)
-            others0 = others_cpu_ticks()
-            cpus = (self.a.proxy_cpu, self.a.load_cpu)
-            steal0 = steal_ticks(cpus)
-            t0 = time.monotonic()
-            argv = ([self.bins["loadgen"], load.mode] + list(load.args)
-                    + ["--url"] + url + ["--json"] + list(load.tokens))
-            rec["argv"] = ["eval-loadgen"] + argv[1:]
-            lg = self.procs.spawn(self.name(f"loadgen-{load.key}-{subject}"), argv, self.a.load_cpu)
-            if load.mode == "idle":
-                m = self.procs.wait_line(lg, r"holding (\d+)", 120)
-                rec["held"] = int(m.group(1))
-                # Let the proxy finish any per-session work before sampling
-                # (eval-proxy returns its idle buffer pages after 1 s of
-                # quiet); the same wait for every subject.
-                time.sleep(min(2.5, self.a.idle_hold / 2))
-                rec["rss_kib_held"] = sum(proc_rss_kib(p) for p in proxy.serving_pids())
-            code, ru = self.procs.wait_exit(lg, self.a.duration + self.a.idle_hold + 90)
-            wall = time.monotonic() - t0
-            others1 = others_cpu_ticks()
-            steal1 = steal_ticks(cpus)
-            be1 = proc_cpu(backend.pid)
-            now_pids = proxy.pids()
-            if proxy.leader is not None and (proxy.leader.poll() is not None or set(now_pids) != set(pids)):
-                rec["proxy_note"] = (f"proxy processes changed during the load "
-                                     f"({pids} -> {now_pids}, exit {proxy.leader.returncode})")
-            elif backend.poll() is not None:
-                rec["proxy_note"] = (f"the echo backend exited during the load (status "
-                                     f"{backend.returncode})")
-            cpu1 = [proc_cpu(p) if p in now_pids else c for p, c in zip(pids, cpu0)]
-            rec["proxy_user_s"] = sum(b[0] - a[0] for a, b in zip(cpu0, cpu1)) / HZ
-            rec["proxy_sys_s"] = sum(b[1] - a[1] for a, b in zip(cpu0, cpu1)) / HZ
-            rec["rss_kib_before"] = rss0
-            rec["rss_kib_after"] = sum(proc_rss_kib(p) for p in proxy.serving_pids()) if pids else 0
-            rec["backend_cpu_s"] = (be1[0] + be1[1] - be0[0] - be0[1]) / HZ
-            rec["loadgen_cpu_s"] = ru.ru_utime + ru.ru_stime
-            rec["wall_s"] = wall
-            rec["others_cpu_s"] = max(0, others1 - others0) / HZ
-            # [proxy CPU, load CPU]
-            rec["steal_s"] = [max(0, b - a) / HZ for a, b in zip(steal0, steal1)]
-            rec["exit_code"] = code
-            report = json_report(self.procs.out_text(lg))
-            rec["loadgen"] = report
-            stderr = self.procs.out_text(lg, "err").strip()
-            if report is None:
-                rec["error"] = f"eval-loadgen exited {code} without a JSON report:\n{self.procs.tail(lg)}"
-            elif code != 0 or report.get("errors"):
-                rec["error"] = (f"eval-loadgen exited {code}, errors {report.get('errors')}"
-                                + (f": {stderr.splitlines()[-1]}" if stderr else ""))
-            elif load.mode == "idle" and rec.get("held") != int(load.args[1]):
-                rec["error"] = f"held {rec.get('held')} of {load.args[1]} sessions"
-            elif load.tls == "full" and report.get("tls", {}).get("resumed"):
-                rec["error"] = f"{report['tls']['resumed']} handshakes resumed without a session cache"
-            else:
-                rec["ok"] = True
-            if rec.get("proxy_note"):
-                rec["ok"] = False
-                rec["error"] = (rec.get("error", "") + " " + rec["proxy_note"]).strip()
+            stage.pids = stage.proxy.pids()
+            stage.rss0 = sum(proc_rss_kib(p) for p in stage.proxy.serving_pids())
+        except RunError:
+            self.close(stage)
+            raise
+        return stage
+
+    def close(self, stage: Stage) -> None:
+        if stage.proxy is not None and stage.proxy.leader is not None:
+            self.procs.stop(stage.proxy.leader)
+        if stage.backend is not None:
+            self.procs.stop(stage.backend)
+
+    def load_once(self, stage: Stage, load: Load, seconds: float) -> dict:
+        """One eval-loadgen run of `load` for `seconds` against a started
+        subject: what the proxy, the backend, the loadgen, other processes
+        and the hypervisor took meanwhile, and the loadgen's report."""
+        rec: dict = {"ok": False}
+        proxy, backend, pids = stage.proxy, stage.backend, stage.pids
+        rec["proxy_pids"] = pids
+        cpu0 = [proc_cpu(p) for p in pids]
+        be0 = proc_cpu(backend.pid)
+        others0 = others_cpu_ticks()
+        cpus = (self.a.proxy_cpu, self.a.load_cpu)
+        steal0 = steal_ticks(cpus)
+        t0 = time.monotonic()
+        args = list(load.args)
+        if "--duration" in args:
+            args[args.index("--duration") + 1] = f"{round(seconds * 1000)}ms"
+        argv = ([self.bins["loadgen"], load.mode] + args
+                + ["--url"] + stage.url + ["--json"] + list(load.tokens))
+        rec["argv"] = ["eval-loadgen"] + argv[1:]
+        lg = self.procs.spawn(self.name(f"loadgen-{load.key}-{stage.subject}"), argv,
+                              self.a.load_cpu)
+        if load.mode == "idle":
+            m = self.procs.wait_line(lg, r"holding (\d+)", 120)
+            rec["held"] = int(m.group(1))
+            # Let the proxy finish any per-session work before sampling
+            # (eval-proxy returns its idle buffer pages after 1 s of
+            # quiet); the same wait for every subject.
+            time.sleep(min(2.5, self.a.idle_hold / 2))
+            rec["rss_kib_held"] = sum(proc_rss_kib(p) for p in proxy.serving_pids())
+        code, ru = self.procs.wait_exit(lg, seconds + self.a.idle_hold + 90)
+        wall = time.monotonic() - t0
+        others1 = others_cpu_ticks()
+        steal1 = steal_ticks(cpus)
+        be1 = proc_cpu(backend.pid)
+        now_pids = proxy.pids()
+        if proxy.leader is not None and (proxy.leader.poll() is not None or set(now_pids) != set(pids)):
+            rec["proxy_note"] = (f"proxy processes changed during the load "
+                                 f"({pids} -> {now_pids}, exit {proxy.leader.returncode})")
+        elif backend.poll() is not None:
+            rec["proxy_note"] = (f"the echo backend exited during the load (status "
+                                 f"{backend.returncode})")
+        cpu1 = [proc_cpu(p) if p in now_pids else c for p, c in zip(pids, cpu0)]
+        rec["proxy_user_s"] = sum(b[0] - a[0] for a, b in zip(cpu0, cpu1)) / HZ
+        rec["proxy_sys_s"] = sum(b[1] - a[1] for a, b in zip(cpu0, cpu1)) / HZ
+        rec["backend_cpu_s"] = (be1[0] + be1[1] - be0[0] - be0[1]) / HZ
+        rec["loadgen_cpu_s"] = ru.ru_utime + ru.ru_stime
+        rec["wall_s"] = wall
+        rec["others_cpu_s"] = max(0, others1 - others0) / HZ
+        # [proxy CPU, load CPU]
+        rec["steal_s"] = [max(0, b - a) / HZ for a, b in zip(steal0, steal1)]
+        rec["exit_code"] = code
+        report = json_report(self.procs.out_text(lg))
+        rec["loadgen"] = report
+        stderr = self.procs.out_text(lg, "err").strip()
+        if report is None:
+            rec["error"] = f"eval-loadgen exited {code} without a JSON report:\n{self.procs.tail(lg)}"
+        elif code != 0 or report.get("errors"):
+            rec["error"] = (f"eval-loadgen exited {code}, errors {report.get('errors')}"
+                            + (f": {stderr.splitlines()[-1]}" if stderr else ""))
+        elif load.mode == "idle" and rec.get("held") != int(load.args[1]):
+            rec["error"] = f"held {rec.get('held')} of {load.args[1]} sessions"
+        elif load.tls == "full" and report.get("tls", {}).get("resumed"):
+            rec["error"] = f"{report['tls']['resumed']} handshakes resumed without a session cache"
+        else:
+            rec["ok"] = True
+        if rec.get("proxy_note"):
+            rec["ok"] = False
+            rec["error"] = (rec.get("error", "") + " " + rec["proxy_note"]).strip()
+        return rec
+
+    def run(self, rep: int, load: Load, subject: str) -> dict:
+        """One run: `subject` started fresh, loaded for the whole duration, stopped."""
+        log(f"rep {rep} {load.key:<15} {NAMES[subject]}")
+        rec: dict = {"ok": False}
+        stage = None
+        try:
+            stage = self.open(load, subject)
+            rec = self.load_once(stage, load, self.a.duration)
+            rec["rss_kib_before"] = stage.rss0
+            rec["rss_kib_after"] = sum(proc_rss_kib(p) for p in stage.proxy.serving_pids()) \
+                if stage.pids else 0
         except RunError as e:
             rec["error"] = str(e)
         finally:
-            if proxy is not None and proxy.leader is not None:
-                self.procs.stop(proxy.leader)
-            if backend is not None:
-                self.procs.stop(backend)
-        if rec.get("error"):
-            log(f"  FAILED: {rec['error']}")
-        else:
-            r = rec["loadgen"]
-            log(f"  {summary_line(load, rec, r)}")
+            if stage is not None:
+                self.close(stage)
+        rec = {"rep": rep, "load": load.key, "subject": subject, **rec}
+        self.log_result(load, rec)
         return rec
+
+    def run_sliced(self, rep: int, load: Load, order: list[str], slices: int,
+                   again) -> list[dict]:
+        """One repetition of `load` for every subject in `order`, interleaved:
+        all of them started side by side (each idle while another is loaded),
+        then `slices` turns, each loading every subject for duration / slices
+        seconds, the order reversed from turn to turn. The host's speed drifts
+        by a fifth within minutes here; in turns of seconds every subject sees
+        the same drift, where back-to-back runs let one subject have the slow
+        minute. `again(part)` says whether a disturbed turn is loaded once more
+        (the quieter attempt is kept). Returns one record per subject, its
+        turns summed."""
+        seconds = self.a.duration / slices
+        log(f"rep {rep} {load.key:<15} {', '.join(NAMES[s] for s in order)}: "
+            f"{slices} turns of {seconds:g} s each")
+        stages: dict[str, Stage] = {}
+        parts: dict[str, list[dict]] = {s: [] for s in order}
+        failed: dict[str, str] = {}
+        try:
+            for s in order:
+                try:
+                    stages[s] = self.open(load, s)
+                except RunError as e:
+                    failed[s] = str(e)
+            live = [s for s in order if s in stages]
+            for turn in range(slices):
+                for s in (live if turn % 2 == 0 else list(reversed(live))):
+                    if s in failed:
+                        continue
+                    try:
+                        tries = [self.load_once(stages[s], load, seconds)]
+                        while len(tries) < 2 and tries[-1].get("ok") and again(tries[-1]):
+                            tries.append(self.load_once(stages[s], load, seconds))
+                    except RunError as e:
+                        failed[s] = str(e)
+                        continue
+                    kept = next((t for t in tries if not t.get("ok")), None) or \
+                        min(tries, key=lambda t: (contended(t, self.a.max_others, self.a.max_steal),
+                                                  others_share(t) + steal_share(t)))
+                    kept["attempts"] = len(tries)
+                    kept["others_cpu_s_each"] = [t.get("others_cpu_s") for t in tries]
+                    parts[s].append(kept)
+                    if kept.get("error"):
+                        # A failure is never retried away; the subject's
+                        # other turns would only repeat it.
+                        failed[s] = kept["error"]
+            for s in live:
+                st = stages[s]
+                if parts[s]:
+                    parts[s][-1]["rss_kib_before"] = st.rss0
+                    parts[s][-1]["rss_kib_after"] = sum(
+                        proc_rss_kib(p) for p in st.proxy.serving_pids()) if st.pids else 0
+        finally:
+            for st in stages.values():
+                self.close(st)
+        out = []
+        for s in order:
+            rec = {"rep": rep, "load": load.key, "subject": s, **merge_turns(parts[s])}
+            if s in failed:
+                rec["ok"] = False
+                rec["error"] = failed[s]
+            self.log_result(load, rec)
+            out.append(rec)
+        return out
+
+    def log_result(self, load: Load, rec: dict) -> None:
+        if rec.get("error"):
+            log(f"  {NAMES[rec['subject']]} FAILED: {rec['error']}")
+        else:
+            log(f"  {NAMES[rec['subject']]}: {summary_line(load, rec, rec['loadgen'])}")
+
+
+@dataclasses.dataclass
+class Stage:
+    """A subject started for a load, with its own echo backend."""
+    subject: str
+    proxy: Proxy | None = None
+    backend: subprocess.Popen | None = None
+    url: list[str] = dataclasses.field(default_factory=list)
+    pids: list[int] = dataclasses.field(default_factory=list)
+    rss0: int = 0
+
+
+# What a sliced run's turns add up to; the rest of a record is per turn.
+SUMMED = ("proxy_user_s", "proxy_sys_s", "backend_cpu_s", "loadgen_cpu_s", "wall_s",
+          "others_cpu_s")
+REPORT_SUMMED = ("established", "messages", "bytes", "duration_s", "handshakes")
+
+
+def merge_turns(parts: list[dict]) -> dict:
+    """One record from the turns of a sliced run: CPU, time and counts
+    summed, rates recomputed; latency percentiles are the worst turn's
+    (no figure of a sliced load uses them). Each turn's own record stays
+    under "turns"."""
+    if not parts:
+        return {"ok": False}
+    rec: dict = {k: sum(p.get(k, 0) for p in parts) for k in SUMMED}
+    rec["steal_s"] = [sum(x) for x in zip(*(p.get("steal_s", [0, 0]) for p in parts))]
+    rec["ok"] = all(p.get("ok") for p in parts)
+    rec["attempts"] = 1 + sum(p.get("attempts", 1) - 1 for p in parts)
+    rec["others_cpu_s_each"] = [rec["others_cpu_s"]]
+    for k in ("proxy_pids", "argv", "rss_kib_before", "rss_kib_after"):
+        if k in parts[-1] or k in parts[0]:
+            rec[k] = parts[-1].get(k, parts[0].get(k))
+    rec["exit_code"] = next((p["exit_code"] for p in parts if p.get("exit_code")), 0)
+    reports = [p["loadgen"] for p in parts if p.get("loadgen")]
+    if reports:
+        r = dict(reports[0])
+        for k in REPORT_SUMMED:
+            r[k] = sum(x.get(k, 0) for x in reports)
+        errors: dict = {}
+        for x in reports:
+            for kind, n in (x.get("errors") or {}).items():
+                errors[kind] = errors.get(kind, 0) + n
+        r["errors"] = errors
+        if all(x.get("tls") for x in reports):
+            r["tls"] = {k: sum(x["tls"][k] for x in reports) for k in ("full", "resumed")}
+        secs = r["duration_s"]
+        r["msgs_per_s"] = r["messages"] / secs if secs else 0.0
+        r["mib_per_s"] = r["bytes"] / MIB / secs if secs else 0.0
+        r["handshakes_per_s"] = r["handshakes"] / secs if secs else 0.0
+        for key in ("latency_us", "upgrade_us"):
+            if all(isinstance(x.get(key), dict) for x in reports):
+                r[key] = {q: max(x[key][q] for x in reports) for q in reports[0][key]}
+        rec["loadgen"] = r
+    rec["turns"] = parts
+    errs = [p["error"] for p in parts if p.get("error")]
+    if errs:
+        rec["ok"] = False
+        rec["error"] = errs[0]
+    return rec
 
 
 def json_report(stdout: str) -> dict | None:
@@ -926,7 +1083,11 @@ def markdown(meta: dict, figs: list[dict], runs: list[dict], loads: list[Load],
              f"{meta['versions']}  ")
     L.append(f"`{meta['command']}` · {meta['duration']} s per load, {reps} repetition(s), "
              f"proxy on CPU {meta['proxy_cpu']}, loadgen + backend on CPU {meta['load_cpu']}, "
-             f"every proxy started fresh for every run.\n")
+             + (f"every proxy started fresh for every repetition; echo, handshake and bulk loads "
+                f"interleaved: all subjects started side by side and loaded in "
+                f"{meta['slices']} alternating turns of {meta['duration'] / meta['slices']:g} s "
+                f"each, so drift in the host's speed reaches all alike.\n"
+                if meta.get("slices", 1) > 1 else "every proxy started fresh for every run.\n"))
     L.append(f"Each cell: {reps_label}. Lower is better everywhere. Ratio = eval-proxy ÷ best peer "
              f"of the same repetition; a target is met only if every repetition meets it. "
              f"⚠ = the run reported errors; ~ = other processes on the machine were busy, "
@@ -1431,6 +1592,7 @@ def machine_meta(a: argparse.Namespace, bins: dict[str, str]) -> dict:
         "partial": bool(a.loads or a.subjects),
         "max_others": a.max_others,
         "max_steal": a.max_steal,
+        "slices": getattr(a, "slices", 1),
         "suite": "tls" if getattr(a, "tls", False) else "plain",
         **({"eval_proxy_aws_lc_version": capture([bins["proxy-aws-lc"], "--version"])}
            if "proxy-aws-lc" in bins else {}),
@@ -1468,6 +1630,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    f"proxy's or the load's CPU, as a share of the run ({MAX_STEAL})")
     p.add_argument("--rerun-share", type=float, default=0.25, metavar="SHARE",
                    help="at most this share of the runs may be repeated (0.25; 0 = never)")
+    p.add_argument("--slices", type=int, metavar="N",
+                   help="load the subjects of a closed-loop load (echo, handshake, bulk) in N "
+                   "alternating turns of duration/N seconds each, all started side by side, so "
+                   "drift in the host's speed reaches every subject alike (default 5; 1 with "
+                   "--quick; 1 = one whole run per subject)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs)")
     p.add_argument("--cc", metavar="NAME",
                    help="the machine's TCP congestion control during the run (e.g. cubic), "
@@ -1479,6 +1646,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.reps = a.reps or (1 if a.quick else 2)
     a.duration = a.duration or (2.0 if a.quick else 10.0)
     a.idle_conns = a.idle_conns or (500 if a.quick else 4000)
+    a.slices = a.slices or (1 if a.quick else 5)
+    if a.slices < 1:
+        p.error("--slices takes a positive number")
     a.idle_hold = 2.0 if a.quick else 4.0
     a.settle = 0.3 if a.quick else 0.5
     if a.duration != int(a.duration):
@@ -1583,6 +1753,12 @@ def main(argv: list[str]) -> int:
         return measure(a, loads, bins)
 
 
+def sliced(a: argparse.Namespace, load: Load) -> bool:
+    """Closed-loop CPU loads run interleaved (Bench.run_sliced). Idle holds
+    sessions and rate measures latency over one unbroken run; both stay whole."""
+    return a.slices > 1 and load.mode in ("echo", "handshake", "bulk") and len(load.subjects) > 1
+
+
 def measure(a: argparse.Namespace, loads: list, bins: dict[str, str]) -> int:
     meta = machine_meta(a, bins)
     total = a.reps * sum(len(l.subjects) for l in loads)
@@ -1595,11 +1771,24 @@ def measure(a: argparse.Namespace, loads: list, bins: dict[str, str]) -> int:
         bench = Bench(a, procs, bins)
         if a.tls:
             bench.make_certificate()
+        def again(part: dict) -> bool:
+            # A turn of a sliced run costs 1/slices of the rerun budget.
+            nonlocal budget
+            if budget < 1 / a.slices or not contended(part, a.max_others, a.max_steal):
+                return False
+            budget -= 1 / a.slices
+            log(f"  other processes used {others_share(part):.0%} of a core and the hypervisor "
+                f"stole {steal_share(part):.0%} of a CPU meanwhile; loading that turn again")
+            return True
+
         for rep in range(1, a.reps + 1):
             for load in loads:
                 # Alternate the order between repetitions so drift in the
                 # machine's background load does not favour one subject.
                 order = list(load.subjects) if rep % 2 else list(reversed(load.subjects))
+                if sliced(a, load):
+                    runs.extend(bench.run_sliced(rep, load, order, a.slices, again))
+                    continue
                 for subject in order:
                     tries = [bench.run(rep, load, subject)]
                     while len(tries) < 2 and budget > 0 and tries[-1].get("ok") \
