@@ -701,11 +701,7 @@ class Bench:
                     except RunError as e:
                         failed[s] = str(e)
                         continue
-                    kept = next((t for t in tries if not t.get("ok")), None) or \
-                        min(tries, key=lambda t: (contended(t, self.a.max_others, self.a.max_steal),
-                                                  others_share(t) + steal_share(t)))
-                    kept["attempts"] = len(tries)
-                    kept["others_cpu_s_each"] = [t.get("others_cpu_s") for t in tries]
+                    kept = keep_one(tries, self.a)
                     parts[s].append(kept)
                     if kept.get("error"):
                         # A failure is never retried away; the subject's
@@ -765,7 +761,6 @@ def merge_turns(parts: list[dict]) -> dict:
     rec["steal_s"] = [sum(x) for x in zip(*(p.get("steal_s", [0, 0]) for p in parts))]
     rec["ok"] = all(p.get("ok") for p in parts)
     rec["attempts"] = 1 + sum(p.get("attempts", 1) - 1 for p in parts)
-    rec["others_cpu_s_each"] = [rec["others_cpu_s"]]
     for k in ("proxy_pids", "argv", "rss_kib_before", "rss_kib_after"):
         if k in parts[-1] or k in parts[0]:
             rec[k] = parts[-1].get(k, parts[0].get(k))
@@ -1400,7 +1395,7 @@ def make_notes(runs: list[dict], loads: dict[str, Load], meta: dict) -> list[str
             f"on this machine (not started by the benchmark) using more than {mo:.0%} of a core "
             f"(worst: {label(worst)}, {others_share(worst):.0%}), or the hypervisor stealing more than "
             f"{ms:.0%} of the proxy's or the load's CPU (worst: {label(worst_st)}, "
-            f"{steal_share(worst_st):.0%}). {reruns} run(s) were repeated for that reason and the "
+            f"{steal_share(worst_st):.0%}). {reruns} run(s) or turn(s) were repeated for that reason and the "
             f"quieter attempt kept. Such runs share the cores with foreign work, which changes "
             f"batching and cache behaviour, so their figures are less certain.")
     return notes
@@ -1753,6 +1748,17 @@ def main(argv: list[str]) -> int:
         return measure(a, loads, bins)
 
 
+def keep_one(tries: list[dict], a: argparse.Namespace) -> dict:
+    """The attempt of a run (or turn) that counts: the first failed one, since
+    a failure is never retried away, else the least disturbed."""
+    kept = next((t for t in tries if not t.get("ok")), None) or \
+        min(tries, key=lambda t: (contended(t, a.max_others, a.max_steal),
+                                  others_share(t) + steal_share(t)))
+    kept["attempts"] = len(tries)
+    kept["others_cpu_s_each"] = [t.get("others_cpu_s") for t in tries]
+    return kept
+
+
 def sliced(a: argparse.Namespace, load: Load) -> bool:
     """Closed-loop CPU loads run interleaved (Bench.run_sliced). Idle holds
     sessions and rate measures latency over one unbroken run; both stay whole."""
@@ -1767,18 +1773,19 @@ def measure(a: argparse.Namespace, loads: list, bins: dict[str, str]) -> int:
     budget = math.ceil(total * a.rerun_share)
 
     def body(procs: Procs, runs: list[dict]) -> None:
-        nonlocal budget
         bench = Bench(a, procs, bins)
         if a.tls:
             bench.make_certificate()
-        def again(part: dict) -> bool:
-            # A turn of a sliced run costs 1/slices of the rerun budget.
+
+        def again(part: dict, cost: float = 1.0) -> bool:
+            """Whether a disturbed run is loaded once more: a whole run
+            costs 1 of the rerun budget, a turn of a sliced run 1/slices."""
             nonlocal budget
-            if budget < 1 / a.slices or not contended(part, a.max_others, a.max_steal):
+            if budget < cost or not contended(part, a.max_others, a.max_steal):
                 return False
-            budget -= 1 / a.slices
+            budget -= cost
             log(f"  other processes used {others_share(part):.0%} of a core and the hypervisor "
-                f"stole {steal_share(part):.0%} of a CPU meanwhile; loading that turn again")
+                f"stole {steal_share(part):.0%} of a CPU meanwhile; running it again")
             return True
 
         for rep in range(1, a.reps + 1):
@@ -1787,24 +1794,14 @@ def measure(a: argparse.Namespace, loads: list, bins: dict[str, str]) -> int:
                 # machine's background load does not favour one subject.
                 order = list(load.subjects) if rep % 2 else list(reversed(load.subjects))
                 if sliced(a, load):
-                    runs.extend(bench.run_sliced(rep, load, order, a.slices, again))
+                    runs.extend(bench.run_sliced(rep, load, order, a.slices,
+                                                 lambda part: again(part, 1 / a.slices)))
                     continue
                 for subject in order:
                     tries = [bench.run(rep, load, subject)]
-                    while len(tries) < 2 and budget > 0 and tries[-1].get("ok") \
-                            and contended(tries[-1], a.max_others, a.max_steal):
-                        budget -= 1
-                        log(f"  other processes used {others_share(tries[-1]):.0%} of a core and the "
-                            f"hypervisor stole {steal_share(tries[-1]):.0%} of a CPU meanwhile; "
-                            f"running it again")
+                    while len(tries) < 2 and tries[-1].get("ok") and again(tries[-1]):
                         tries.append(bench.run(rep, load, subject))
-                    # A failure is never retried away: the first failed attempt is kept.
-                    kept = next((t for t in tries if not t.get("ok")), None) or \
-                        min(tries, key=lambda t: (contended(t, a.max_others, a.max_steal),
-                                                  others_share(t) + steal_share(t)))
-                    kept["attempts"] = len(tries)
-                    kept["others_cpu_s_each"] = [t.get("others_cpu_s") for t in tries]
-                    runs.append(kept)
+                    runs.append(keep_one(tries, a))
 
     runs, meta["elapsed_s"] = run_all(a, "eval-bench-", body)
     write_outputs(a, meta, loads, runs)
