@@ -16,20 +16,19 @@
 //! | `Done`     | –         | stopped                                        | the process exits 0                     |
 //!
 //! # Closing a listener without losing a connection
-//! A shard that leaves `NotReady` cancels its multishot accept, accepts
-//! whatever the kernel has already queued (until `EAGAIN`), and only then
-//! closes its listening socket. After a handover the socket lives on in the
-//! new process (it holds a descriptor of the same socket), so closing ours
-//! loses nothing and the new process accepts what arrives. In a plain drain
-//! nobody will serve the port any more, so what arrives after the close is
-//! refused at once (RST to the SYN), never left hanging in a queue; what
-//! the kernel completed in the microseconds between the last `accept` and
-//! the `close` of a socket would be reset with it, unless
-//! `net.ipv4.tcp_migrate_req = 1` (Linux ≥ 5.14, set in
-//! `tuning/eval-proxy.conf`): then closing one SO_REUSEPORT listener moves
-//! its accept queue, and its half-open connections, to another listener
-//! of the same group (another shard, or another process on the port)
-//! instead of resetting them.
+//! In a plain drain nobody will serve the port any more. A shard that
+//! leaves `NotReady` first attaches a socket filter that drops new SYNs
+//! (`listener::refuse_new_connections`) and keeps accepting for 200 ms,
+//! the round trip in which handshakes already under way complete; then it
+//! cancels its multishot accept, accepts whatever the kernel has queued
+//! (until `EAGAIN`) and closes the socket. Nothing can join the queue after
+//! the filter, so the close resets nothing (closing straight away would
+//! reset what completed between the last `accept` and the `close`, which
+//! the drain test caught). A client whose SYN was dropped sends it again
+//! about a second later and is refused then (RST to the SYN), or served by
+//! another listener of the group. After a handover the socket lives on in
+//! the new process (it holds a descriptor of the same socket), so ours
+//! gets no filter and just stops accepting.
 
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;

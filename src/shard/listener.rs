@@ -314,6 +314,74 @@ pub fn set_defer_accept_fd(fd: RawFd, secs: u32) -> io::Result<()> {
     }
 }
 
+/// Attaches a socket filter to a listening socket that drops new
+/// connection attempts (segments with SYN and without ACK) and lets
+/// everything else through, so handshakes already under way still complete
+/// into the accept queue. A shard closing its listener in a plain drain
+/// does this first and keeps accepting for a moment: the queue then
+/// empties for good before the close, instead of racing the close (the
+/// kernel resets what completed between the last accept and the close).
+/// A dropped SYN is sent again by the client after about a second, when
+/// the port refuses it (or another listener of the group serves it).
+pub fn refuse_new_connections(fd: RawFd) -> io::Result<()> {
+    // Classic BPF run on the segment with `data` at the TCP header (the
+    // filter of a TCP socket sees the transport header first): byte 13
+    // holds the flags.
+    let code = [
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: 13,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0x12,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: 0x02,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: u32::MAX,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: code.len() as u16,
+        filter: code.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: setsockopt copies the program (`prog` and the array it points
+    // to, both live locals) into the kernel during the call; `fd` is the
+    // shard's listener, open for the call.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&prog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// TCP congestion control `name` (`TCP_CONGESTION`) on a listening socket
 /// the shard owns by descriptor; accepted sockets inherit it.
 pub fn set_congestion_fd(fd: RawFd, name: &str) -> io::Result<()> {
@@ -388,6 +456,32 @@ mod tests {
         let s = unsafe { OwnedFd::from_raw_fd(fd) };
         let name = SockRef::from(&s).tcp_congestion().unwrap();
         assert!(name.starts_with(b"reno\0"), "{name:?}");
+    }
+
+    /// With the filter on, a new connect is not answered (its SYN is
+    /// dropped: neither accepted nor refused), while a connection whose
+    /// handshake was done before is still queued and its bytes arrive.
+    #[test]
+    fn a_refusing_listener_drops_new_syns_and_keeps_what_it_has() {
+        let (mut socks, addr) = bind_all("127.0.0.1:0".parse().unwrap(), 1, 16).unwrap();
+        let listener: std::net::TcpListener = socks.remove(0).into();
+        let mut before = std::net::TcpStream::connect(addr).unwrap();
+        refuse_new_connections(std::os::fd::AsRawFd::as_raw_fd(&listener)).unwrap();
+        std::io::Write::write_all(&mut before, b"hi").unwrap();
+        let e =
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        let (mut accepted, _) = listener.accept().unwrap();
+        let mut got = [0u8; 2];
+        std::io::Read::read_exact(&mut accepted, &mut got).unwrap();
+        assert_eq!(&got, b"hi");
+        listener.set_nonblocking(true).unwrap();
+        let e = listener.accept().unwrap_err();
+        assert_eq!(
+            e.kind(),
+            io::ErrorKind::WouldBlock,
+            "only the first connect was queued"
+        );
     }
 
     /// The shard relies on this instead of a setsockopt per connection.

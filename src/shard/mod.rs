@@ -110,6 +110,11 @@ const CONNECT_POOL: usize = 256;
 /// accepts keep failing, so a shortage never spins the loop.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// In a plain drain, how long a listener that no longer takes new
+/// connections keeps accepting the handshakes already under way (their
+/// last ACK is one round trip away) before it is closed; see
+/// `listener::refuse_new_connections`.
+const LISTENER_LINGER: Duration = Duration::from_millis(200);
 
 /// Everything a shard needs, built on the main thread.
 pub struct ShardSpec {
@@ -249,6 +254,8 @@ pub struct Shard {
     /// next failure.
     accept_retry: Option<Instant>,
     accept_backoff: Duration,
+    /// The listener refuses new connections; stop accepting at this time.
+    accept_stop: Option<Instant>,
     wake_fd: RawFd,
     lifecycle: Arc<Lifecycle>,
     config: Arc<crate::reload::ConfigStore>,
@@ -344,6 +351,7 @@ impl Shard {
             accepting: true,
             listener_open: true,
             accept_retry: None,
+            accept_stop: None,
             accept_backoff: ACCEPT_BACKOFF_MIN,
             wake_fd: spec.wake_fd,
             lifecycle: spec.lifecycle,
@@ -377,7 +385,7 @@ impl Shard {
                 // Wake once more after traffic stops, to trim the pool.
                 timeout = Some(timeout.map_or(TRIM_EVERY, |t| t.min(TRIM_EVERY)));
             }
-            if let Some(t) = self.accept_retry {
+            for t in self.accept_retry.iter().chain(&self.accept_stop) {
                 let d = t.saturating_duration_since(Instant::now());
                 timeout = Some(timeout.map_or(d, |t| t.min(d)));
             }
@@ -434,6 +442,9 @@ impl Shard {
             self.fire_closes();
             self.handoff_turn();
             self.retry_starved();
+            if self.accept_stop.is_some_and(|t| t <= self.io.now) {
+                self.stop_accepting();
+            }
             if self.accept_retry.is_some_and(|t| t <= self.io.now) {
                 self.accept_retry = None;
                 if self.accepting {
@@ -718,17 +729,22 @@ impl Shard {
     /// stop accepting; at `Closing`, plan this shard's closes.
     fn on_phase(&mut self) {
         let phase = self.lifecycle.phase();
-        if phase >= DrainPhase::Draining && self.accepting {
-            self.accepting = false;
-            info!(shard = self.io.shard, live = self.live, "stopping accepts");
-            if self.accept_ud != NONE {
-                // Its last completion (ECANCELED, after any accepts that
-                // raced the cancel) releases the listener.
-                self.io.cancel(self.accept_ud);
-            } else if self.accept_retry.is_none() {
-                self.release_listener();
+        if phase >= DrainPhase::Draining && self.accepting && self.accept_stop.is_none() {
+            // After a handover the socket is the new process's too: it must
+            // keep taking connections, so ours just stops accepting.
+            let linger = !self.lifecycle.handed_over()
+                && match listener::refuse_new_connections(self.listener) {
+                    Ok(()) => true,
+                    Err(err) => {
+                        warn!(shard = self.io.shard, %err, "cannot make the listener refuse new connections; closing it now");
+                        false
+                    }
+                };
+            if linger {
+                self.accept_stop = Some(self.io.now + LISTENER_LINGER);
+            } else {
+                self.stop_accepting();
             }
-            // With a retry pending, the retry releases it.
         }
         if phase >= DrainPhase::Closing && !self.closing_planned {
             self.closing_planned = true;
@@ -777,6 +793,23 @@ impl Shard {
                 }
             };
         }
+    }
+
+    fn stop_accepting(&mut self) {
+        self.accept_stop = None;
+        if !self.accepting {
+            return;
+        }
+        self.accepting = false;
+        info!(shard = self.io.shard, live = self.live, "stopping accepts");
+        if self.accept_ud != NONE {
+            // Its last completion (ECANCELED, after any accepts that
+            // raced the cancel) releases the listener.
+            self.io.cancel(self.accept_ud);
+        } else if self.accept_retry.is_none() {
+            self.release_listener();
+        }
+        // With a retry pending, the retry releases it.
     }
 
     /// No accept is armed any more: take what the kernel has queued, then
