@@ -230,6 +230,12 @@ fn build(
     // a ticket from any shard resumes on any other.
     cfg.ticketer = provider::Ticketer::new().map_err(|e| e.to_string())?;
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
+    // After a TLS 1.3 handshake the session seals and opens records itself
+    // (`proto::tls_record`): rustls hands over the keys, and logs the
+    // traffic secrets KeyUpdate derives the next keys from, to a catcher
+    // that keeps them in memory only.
+    cfg.enable_secret_extraction = true;
+    cfg.key_log = crate::proto::tls_record::capture::key_log();
     let cfg = Arc::new(cfg);
     // A config that cannot make a connection would fail every client; find
     // out now rather than at the first accept.
@@ -246,6 +252,24 @@ pub mod testkit {
 
     pub fn pair(
         versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        pair_with(versions, crypto_provider())
+    }
+
+    /// A server config and a client offering only `suites` (TLS 1.3).
+    pub fn pair_offering(
+        suites: &[rustls::SupportedCipherSuite],
+    ) -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        let provider = rustls::crypto::CryptoProvider {
+            cipher_suites: suites.to_vec(),
+            ..crypto_provider()
+        };
+        pair_with(&[&rustls::version::TLS13], provider)
+    }
+
+    fn pair_with(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        client_provider: rustls::crypto::CryptoProvider,
     ) -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec!["eval.test".to_string()])
@@ -266,7 +290,7 @@ pub mod testkit {
         .unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert.der().clone()).unwrap();
-        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(crypto_provider()))
+        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(client_provider))
             .with_protocol_versions(versions)
             .unwrap()
             .with_root_certificates(roots)

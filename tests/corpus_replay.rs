@@ -21,6 +21,8 @@ mod http_request;
 mod proxy_header;
 #[path = "fuzz/harness/relay_tracker.rs"]
 mod relay_tracker;
+#[path = "fuzz/harness/tls_record.rs"]
+mod tls_record;
 #[path = "fuzz/harness/token.rs"]
 mod token;
 
@@ -81,6 +83,11 @@ fn controlplane_response_corpus() {
 #[test]
 fn token_corpus() {
     replay("token", token::run);
+}
+
+#[test]
+fn tls_record_corpus() {
+    replay("tls_record", tls_record::run);
 }
 
 #[test]

@@ -998,3 +998,58 @@ fn wss_conman_from_the_controlplane() {
     echo_through(&Proxy::start(&with_ca, &["--shards", "1"]));
     fails_with(&Proxy::start(&base, &["--shards", "1"]), "no_ca");
 }
+
+/// A client that updates its keys mid-session, asking the proxy to update
+/// its own each time, keeps relaying: after the handshake the proxy seals
+/// and opens records itself (`proto::tls_record`), and must follow the
+/// client's new keys and answer with its own KeyUpdate before its next
+/// record. rustls as the client: the only one here that can send one.
+#[test]
+fn key_updates_mid_session_keep_relaying_both_ways() {
+    let pki = Pki::new();
+    let (_conman, proxy) = tls_proxy(&pki, "1");
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(pki.ca()).unwrap();
+    for c in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(cfg), "eval.test".try_into().unwrap())
+            .unwrap();
+    let tcp = TcpStream::connect(proxy.listen).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    write!(
+        s,
+        "GET /wsv2/{} HTTP/1.1\r\nHost: eval.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        dev_token("r1")
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).expect("the 101");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{:?}",
+        String::from_utf8_lossy(&head)
+    );
+    for round in 0..4 {
+        let msg = format!("round {round}, {}", "x".repeat(round * 20_000));
+        s.write_all(&frame(true, 1, msg.as_bytes(), Some([1, 2, 3, 4])))
+            .unwrap();
+        let (_, op, p) = read_frame(&mut s);
+        assert_eq!((op, p.len()), (1, msg.len()), "round {round}");
+        assert!(p == msg.as_bytes(), "round {round}: the echo differs");
+        s.conn.refresh_traffic_keys().unwrap();
+    }
+}

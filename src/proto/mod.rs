@@ -8,4 +8,5 @@ pub mod handshake;
 pub mod http1;
 pub mod proxy_header;
 pub mod relay;
+pub mod tls_record;
 pub mod url;

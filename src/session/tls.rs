@@ -31,10 +31,13 @@ use std::io::{BufRead, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
+use rustls::{
+    ClientConfig, ClientConnection, Connection, ProtocolVersion, ServerConfig, ServerConnection,
+};
 
 use super::{Batch, Chunk, Env, Kind, Op, Session, Who};
 use crate::error::{SetupError, Stage};
+use crate::proto::tls_record::{self, capture, Opened, Opener, Records, Sealer};
 
 /// Plaintext sealed per send at most: about four records, so one send
 /// carries a useful amount while a slow peer's backlog stays in the
@@ -72,7 +75,20 @@ impl Tls {
 }
 
 pub struct Transport {
-    conn: Connection,
+    /// rustls, for the handshake (and for TLS 1.2 and Conman connections
+    /// throughout); `None` once a TLS 1.3 client connection is handed over
+    /// to [`Own`].
+    conn: Option<Connection>,
+    own: Option<Box<Own>>,
+    /// A server handshake's input until it makes whole records: rustls
+    /// gets one record at a time, so the handover can happen right after
+    /// the one that completes the handshake.
+    staged: Vec<u8>,
+    /// The traffic secrets rustls logged during the handshake.
+    secrets: capture::Secrets,
+    /// The verified subject of the client's certificate, kept at the
+    /// handover.
+    subject: Option<String>,
     /// The front chunk of the side's send queue is the unsent rest of
     /// records already sealed (a short send), not plaintext.
     pub cipher_front: bool,
@@ -162,70 +178,236 @@ impl Transport {
     fn wrap(mut conn: Connection) -> Transport {
         conn.set_buffer_limit(Some(crate::tls::BUFFER_LIMIT));
         Transport {
-            conn,
+            conn: Some(conn),
+            own: None,
+            staged: Vec::new(),
+            secrets: capture::Secrets::default(),
+            subject: None,
             cipher_front: false,
             notified: false,
         }
     }
 
     pub fn handshaking(&self) -> bool {
-        self.conn.is_handshaking()
+        self.conn.as_ref().is_some_and(|c| c.is_handshaking())
+    }
+
+    /// The record layer is the session's own (the handover happened).
+    #[cfg(test)]
+    pub fn handed_over(&self) -> bool {
+        self.own.is_some()
     }
 
     /// The verified subject of the peer's certificate, if it sent one
     /// (see [`crate::tls::peer_subject`]).
     pub fn peer_subject(&self) -> Option<String> {
-        crate::tls::peer_subject(self.conn.peer_certificates()?.first()?)
-    }
-
-    /// The name the client asked for (SNI), once its hello is in.
-    #[cfg(test)]
-    pub fn server_name(&self) -> Option<&str> {
         match &self.conn {
-            Connection::Server(c) => c.server_name(),
-            Connection::Client(_) => None,
+            Some(c) => crate::tls::peer_subject(c.peer_certificates()?.first()?),
+            None => self.subject.clone(),
         }
     }
 
     /// Feeds received ciphertext, appending the plaintext it carried to
-    /// `plain`. rustls keeps at most one partial record of it; `plain` grows
-    /// by less than `data.len()`.
-    pub fn receive(&mut self, mut data: &[u8], plain: &mut Vec<u8>) -> Result<Received, Failed> {
-        let was_handshaking = self.conn.is_handshaking();
+    /// `plain`, which grows by less than `data.len()`. At most one partial
+    /// record is kept (by rustls, in `staged`, or in [`Records`]).
+    pub fn receive(&mut self, data: &[u8], plain: &mut Vec<u8>) -> Result<Received, Failed> {
+        if self.own.is_some() {
+            return self.receive_own(data, plain);
+        }
+        if matches!(self.conn, Some(Connection::Server(_))) && self.handshaking() {
+            return self.receive_handshake(data, plain);
+        }
+        self.receive_rustls(data, plain)
+    }
+
+    /// A client's handshake: whole records to rustls one at a time, so
+    /// that once the handshake is done what follows (application data in
+    /// the same segment) stays ours for the handover.
+    fn receive_handshake(&mut self, data: &[u8], plain: &mut Vec<u8>) -> Result<Received, Failed> {
+        let mut staged = std::mem::take(&mut self.staged);
+        staged.extend_from_slice(data);
+        let mut out = Received::default();
+        let mut used = 0;
+        while self.handshaking() {
+            let rest = &staged[used..];
+            if rest.len() < tls_record::HEADER {
+                break;
+            }
+            let len = tls_record::HEADER + u16::from_be_bytes([rest[3], rest[4]]) as usize;
+            // Not a record (a plaintext request, say): rustls refuses it
+            // with the alert it owes.
+            let plausible =
+                (20..=23).contains(&rest[0]) && len <= tls_record::HEADER + (1 << 14) + 2048;
+            let n = if !plausible {
+                rest.len()
+            } else if rest.len() >= len {
+                len
+            } else {
+                break;
+            };
+            capture::take();
+            let r = self.receive_rustls(&rest[..n], plain);
+            let caught = capture::take();
+            if caught.client.is_some() {
+                self.secrets.client = caught.client;
+            }
+            if caught.server.is_some() {
+                self.secrets.server = caught.server;
+            }
+            let r = r?;
+            out.handshake_done |= r.handshake_done;
+            out.peer_closed |= r.peer_closed;
+            used += n;
+            if r.peer_closed {
+                return Ok(out);
+            }
+        }
+        let rest = &staged[used..];
+        if self.handshaking() {
+            // Wait for the rest of the record; a hello is bounded by
+            // rustls's own limits, checked as each record goes in.
+            staged.drain(..used);
+            self.staged = staged;
+            return Ok(out);
+        }
+        if self.hand_over()? {
+            if !rest.is_empty() {
+                let r = self.receive_own(rest, plain)?;
+                out.peer_closed |= r.peer_closed;
+            }
+        } else if !rest.is_empty() {
+            let r = self.receive_rustls(rest, plain)?;
+            out.peer_closed |= r.peer_closed;
+        }
+        Ok(out)
+    }
+
+    /// After a TLS 1.3 handshake: rustls's keys and sequence numbers go to
+    /// the session's own record layer ([`tls_record`]); the tickets rustls
+    /// has ready are sent ahead of our first record. TLS 1.2 (and a
+    /// configuration without the key log) stays with rustls: `false`.
+    fn hand_over(&mut self) -> Result<bool, Failed> {
+        let Some(Connection::Server(c)) = &self.conn else {
+            return Ok(false);
+        };
+        if c.protocol_version() != Some(ProtocolVersion::TLSv1_3)
+            || self.secrets.client.is_none()
+            || self.secrets.server.is_none()
+        {
+            return Ok(false);
+        }
+        self.subject = self.peer_subject();
+        let mut owed = Vec::new();
+        self.take_records(&mut owed);
+        let Some(Connection::Server(c)) = self.conn.take() else {
+            return Ok(false);
+        };
+        let secrets = std::mem::take(&mut self.secrets);
+        let own = c
+            .dangerous_extract_secrets()
+            .map_err(|e| e.to_string())
+            .and_then(|ex| {
+                Ok(Own {
+                    rx: Opener::new(ex.rx.0, ex.rx.1, secrets.client.unwrap_or_default())?,
+                    tx: Sealer::new(ex.tx.0, ex.tx.1, secrets.server.unwrap_or_default())?,
+                    owed,
+                    update_owed: false,
+                    records: Records::default(),
+                })
+            });
+        match own {
+            Ok(own) => {
+                self.own = Some(Box::new(own));
+                Ok(true)
+            }
+            // A bug, not the client's doing: the connection cannot go on.
+            Err(detail) => Err(self.fail("tls_handover", false, None, detail)),
+        }
+    }
+
+    /// Application-data records after the handover: each whole one is
+    /// copied once into `plain` and opened there.
+    fn receive_own(&mut self, data: &[u8], plain: &mut Vec<u8>) -> Result<Received, Failed> {
+        let mut out = Received::default();
+        let Some(own) = self.own.as_deref_mut() else {
+            return Ok(out);
+        };
+        let (rx, update_owed) = (&mut own.rx, &mut own.update_owed);
+        let r = own.records.feed(data, |rec| {
+            match rx.open(rec, plain)? {
+                Opened::Data => {}
+                Opened::Closed => out.peer_closed = true,
+                Opened::KeyUpdated { requested } => *update_owed |= requested,
+            }
+            Ok(!out.peer_closed)
+        });
+        match r {
+            Ok(()) => Ok(out),
+            Err(r) => {
+                if let Some(alert) = r.alert {
+                    own.tx.alert(alert, &mut own.owed);
+                }
+                own.records = Records::default();
+                Err(fail_now(
+                    &mut self.notified,
+                    "tls_bad_record",
+                    false,
+                    None,
+                    r.what.into(),
+                ))
+            }
+        }
+    }
+
+    /// rustls's buffered path: ciphertext in, plaintext out.
+    fn receive_rustls(&mut self, mut data: &[u8], plain: &mut Vec<u8>) -> Result<Received, Failed> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(Received::default());
+        };
+        let was_handshaking = conn.is_handshaking();
+        let notified = &mut self.notified;
         let mut out = Received::default();
         while !data.is_empty() {
             let before = data.len();
             // Reading from a slice cannot fail for IO reasons; an error is
             // rustls refusing more (its plaintext buffer is full, which the
             // drain below prevents, or a record too large).
-            if let Err(e) = self.conn.read_tls(&mut data) {
-                return Err(self.fail("tls_bad_record", was_handshaking, None, e.to_string()));
-            }
-            if data.len() == before {
-                return Err(self.fail(
+            if let Err(e) = conn.read_tls(&mut data) {
+                return Err(fail_now(
+                    notified,
                     "tls_bad_record",
                     was_handshaking,
                     None,
-                    "rustls took no bytes".into(),
+                    e.to_string(),
                 ));
             }
-            let state = match self.conn.process_new_packets() {
+            if data.len() == before {
+                let detail = "rustls took no bytes".into();
+                return Err(fail_now(
+                    notified,
+                    "tls_bad_record",
+                    was_handshaking,
+                    None,
+                    detail,
+                ));
+            }
+            let state = match conn.process_new_packets() {
                 Ok(s) => s,
                 Err(e) => {
-                    let reason = if self.conn.is_handshaking() {
+                    let reason = if conn.is_handshaking() {
                         "tls_handshake"
                     } else {
                         "tls_bad_record"
                     };
                     let detail = e.to_string();
-                    return Err(self.fail(reason, was_handshaking, Some(e), detail));
+                    return Err(fail_now(notified, reason, was_handshaking, Some(e), detail));
                 }
             };
             let mut n = state.plaintext_bytes_to_read();
             if n > 0 {
                 plain.reserve(n);
                 // Straight from rustls's buffer: one copy, no zeroing first.
-                let mut reader = self.conn.reader();
+                let mut reader = conn.reader();
                 while n > 0 {
                     let got = match reader.fill_buf() {
                         Ok(b) if !b.is_empty() => {
@@ -234,12 +416,14 @@ impl Transport {
                         }
                         Ok(_) => break,
                         Err(e) => {
-                            return Err(self.fail(
+                            let detail = e.to_string();
+                            return Err(fail_now(
+                                notified,
                                 "tls_bad_record",
                                 was_handshaking,
                                 None,
-                                e.to_string(),
-                            ))
+                                detail,
+                            ));
                         }
                     };
                     reader.consume(got);
@@ -251,7 +435,7 @@ impl Transport {
                 break;
             }
         }
-        out.handshake_done = was_handshaking && !self.conn.is_handshaking();
+        out.handshake_done = was_handshaking && !conn.is_handshaking();
         Ok(out)
     }
 
@@ -262,24 +446,26 @@ impl Transport {
         error: Option<rustls::Error>,
         detail: String,
     ) -> Failed {
-        self.notified = true;
-        Failed {
-            reason,
-            during_handshake,
-            error,
-            detail,
-        }
+        fail_now(&mut self.notified, reason, during_handshake, error, detail)
     }
 
     /// Encrypts `plain` into records appended to `out`.
     pub fn seal(&mut self, mut plain: &[u8], out: &mut Vec<u8>) {
+        if let Some(own) = self.own.as_deref_mut() {
+            own.flush(out);
+            own.tx.seal(plain, out);
+            return;
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
         while !plain.is_empty() {
-            match self.conn.writer().write(plain) {
+            match conn.writer().write(plain) {
                 Ok(n) if n > 0 => plain = &plain[n..],
                 // The buffer limit: take the records out and go on.
                 _ => {
                     let before = out.len();
-                    self.take_records(out);
+                    rustls_records(conn, out);
                     if out.len() == before {
                         // Nothing left to make room with (cannot happen
                         // after the handshake): drop rather than spin.
@@ -294,12 +480,12 @@ impl Transport {
     /// Records rustls has ready (handshake messages, alerts, sealed data,
     /// tickets), appended to `out`.
     pub fn take_records(&mut self, out: &mut Vec<u8>) {
-        while self.conn.wants_write() {
-            // Writing into a Vec cannot fail.
-            match self.conn.write_tls(out) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
+        if let Some(own) = self.own.as_deref_mut() {
+            own.flush(out);
+            return;
+        }
+        if let Some(conn) = self.conn.as_mut() {
+            rustls_records(conn, out);
         }
     }
 
@@ -307,7 +493,71 @@ impl Transport {
     pub fn notify_close(&mut self) {
         if !self.notified {
             self.notified = true;
-            self.conn.send_close_notify();
+            if let Some(own) = self.own.as_deref_mut() {
+                own.flush_update();
+                own.tx.alert(tls_record::alert::CLOSE_NOTIFY, &mut own.owed);
+            } else if let Some(conn) = self.conn.as_mut() {
+                conn.send_close_notify();
+            }
+        }
+    }
+}
+
+/// Records rustls has ready, appended to `out`.
+fn rustls_records(conn: &mut Connection, out: &mut Vec<u8>) {
+    while conn.wants_write() {
+        // Writing into a Vec cannot fail.
+        match conn.write_tls(out) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+}
+
+fn fail_now(
+    notified: &mut bool,
+    reason: &'static str,
+    during_handshake: bool,
+    error: Option<rustls::Error>,
+    detail: String,
+) -> Failed {
+    *notified = true;
+    Failed {
+        reason,
+        during_handshake,
+        error,
+        detail,
+    }
+}
+
+/// A TLS 1.3 client connection's record layer after the handover.
+struct Own {
+    rx: Opener,
+    tx: Sealer,
+    /// Records owed to the peer ahead of anything sealed next: the tickets
+    /// rustls had ready at the handover, an alert.
+    owed: Vec<u8>,
+    /// The peer asked for a KeyUpdate: ours goes ahead of our next record.
+    /// However many it asks for while we are silent, one answers them all
+    /// (RFC 8446 §4.6.3), so a client cannot make us queue without bound.
+    update_owed: bool,
+    records: Records,
+}
+
+impl Own {
+    fn flush_update(&mut self) {
+        if std::mem::take(&mut self.update_owed) {
+            self.tx.key_update(&mut self.owed);
+        }
+    }
+
+    /// What is owed, appended to `out`.
+    fn flush(&mut self, out: &mut Vec<u8>) {
+        self.flush_update();
+        if out.is_empty() {
+            std::mem::swap(out, &mut self.owed);
+        } else {
+            out.append(&mut self.owed);
         }
     }
 }
@@ -658,7 +908,7 @@ mod tests {
                 shuttle(&mut t, &mut c, &mut plain, chunk);
                 assert!(!t.handshaking());
                 assert_eq!(c.alpn_protocol(), Some(&b"http/1.1"[..]));
-                assert_eq!(t.server_name(), Some("eval.test"));
+                assert_eq!(t.handed_over(), versions[0] == &rustls::version::TLS13);
                 // Larger than a record and than the buffer limit.
                 let msg: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
                 // The client's own buffer limit (64 KiB) asks for steps.
@@ -683,6 +933,107 @@ mod tests {
                 assert_eq!(got, msg, "server -> client");
             }
         }
+    }
+
+    /// What the client says after the handshake (its Finished and its
+    /// first request in one segment) is opened by the session's own
+    /// record layer, and every cipher suite agrees with rustls both ways.
+    #[test]
+    fn data_behind_the_finished_and_every_suite_after_the_handover() {
+        let suites = crate::tls::crypto_provider().cipher_suites;
+        let tls13: Vec<_> = suites.iter().filter(|s| s.tls13().is_some()).collect();
+        assert_eq!(tls13.len(), 3);
+        for &suite in tls13 {
+            let (server, client) = crate::tls::testkit::pair_offering(&[suite]);
+            let mut t = Transport::server(&server).unwrap();
+            let mut c = crate::tls::testkit::client(&client);
+            let mut plain = Vec::new();
+            // Hello; the server's flight back.
+            let mut wire = Vec::new();
+            c.write_tls(&mut wire).unwrap();
+            t.receive(&wire, &mut plain).unwrap();
+            let mut back = Vec::new();
+            t.take_records(&mut back);
+            c.read_tls(&mut &back[..]).unwrap();
+            c.process_new_packets().unwrap();
+            assert!(!c.is_handshaking());
+            // Finished and a request, in one input.
+            c.writer().write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            let mut wire = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut wire).unwrap();
+            }
+            let r = t.receive(&wire, &mut plain).unwrap();
+            assert!(r.handshake_done);
+            assert!(t.handed_over(), "{suite:?}");
+            assert_eq!(plain, b"GET / HTTP/1.1\r\n\r\n");
+            // The tickets go first, then our records; the client reads all.
+            let mut out = Vec::new();
+            t.seal(b"HTTP/1.1 101", &mut out);
+            let got = client_reads(&mut c, &out);
+            assert_eq!(got, b"HTTP/1.1 101", "{suite:?}");
+        }
+    }
+
+    /// The client updates its key and asks for ours: its next records
+    /// open under its new key, and ours reach it under our new one.
+    #[test]
+    fn key_update_from_the_client_is_followed_and_answered() {
+        let (mut t, mut c) = pair(&[&rustls::version::TLS13]);
+        let mut plain = Vec::new();
+        shuttle(&mut t, &mut c, &mut plain, 4096);
+        assert!(t.handed_over());
+        for round in 0..3 {
+            c.refresh_traffic_keys().unwrap();
+            c.writer().write_all(b"after the update").unwrap();
+            plain.clear();
+            shuttle(&mut t, &mut c, &mut plain, 100);
+            assert_eq!(plain, b"after the update", "round {round}");
+            let mut out = Vec::new();
+            t.seal(b"and back", &mut out);
+            assert_eq!(client_reads(&mut c, &out), b"and back", "round {round}");
+        }
+    }
+
+    /// A record changed on the way fails the connection with the alert
+    /// owed (bad_record_mac), sealed for the client to read.
+    #[test]
+    fn a_forged_record_after_the_handover_gets_an_alert() {
+        let (mut t, mut c) = pair(&[&rustls::version::TLS13]);
+        let mut plain = Vec::new();
+        shuttle(&mut t, &mut c, &mut plain, 4096);
+        c.writer().write_all(b"x").unwrap();
+        let mut wire = Vec::new();
+        c.write_tls(&mut wire).unwrap();
+        let last = wire.len() - 1;
+        wire[last] ^= 1;
+        let e = t.receive(&wire, &mut plain).unwrap_err();
+        assert_eq!(e.reason, "tls_bad_record");
+        assert!(t.notified);
+        let mut out = Vec::new();
+        t.take_records(&mut out);
+        c.read_tls(&mut &out[..]).unwrap();
+        let e = c.process_new_packets().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                rustls::Error::AlertReceived(rustls::AlertDescription::BadRecordMac)
+            ),
+            "{e:?}"
+        );
+    }
+
+    /// Everything the client can read in `wire`.
+    fn client_reads(c: &mut ClientConnection, mut wire: &[u8]) -> Vec<u8> {
+        let mut got = Vec::new();
+        while !wire.is_empty() {
+            c.read_tls(&mut wire).unwrap();
+            let st = c.process_new_packets().unwrap();
+            let at = got.len();
+            got.resize(at + st.plaintext_bytes_to_read(), 0);
+            c.reader().read_exact(&mut got[at..]).unwrap();
+        }
+        got
     }
 
     #[test]
