@@ -1066,6 +1066,8 @@ def target_text(t: list | None) -> str:
 def markdown(meta: dict, figs: list[dict], runs: list[dict], loads: list[Load],
              notes: list[str]) -> str:
     reps = meta["reps"]
+    if meta.get("baseline"):
+        NAMES[AWS_LC] = "eval-proxy (baseline)"
     reps_label = " / ".join(f"run {i}" for i in range(1, reps + 1))
     suite = suite_of(meta)
     L = []
@@ -1109,7 +1111,7 @@ def markdown(meta: dict, figs: list[dict], runs: list[dict], loads: list[Load],
         row.append("–" if v is None else ("✅ met" if v == "met" else f"❌ {v}"))
         L.append("| " + " | ".join(row) + " |")
     if AWS_LC in suite.proxies:
-        L += provider_table(figs, reps, reps_label)
+        L += provider_table(figs, reps, reps_label, meta.get("baseline"))
     # Absolute latency and baseline RSS give the ratios their scale.
     lk = {l.key: l for l in loads}
     by = {(r["rep"], r["load"], r["subject"]): r for r in runs}
@@ -1221,11 +1223,18 @@ def markdown(meta: dict, figs: list[dict], runs: list[dict], loads: list[Load],
     return "\n".join(L) + "\n"
 
 
-def provider_table(figs: list[dict], reps: int, reps_label: str) -> list[str]:
-    """eval-proxy's two crypto providers side by side, from the same run."""
-    L = ["", f"Crypto provider: eval-proxy built with ring (the default) and with aws-lc-rs "
-         f"(`--features aws-lc`), same run, {reps_label}:\n",
-         "| figure | ring | aws-lc-rs | aws-lc-rs ÷ ring |", "|---|---|---|---|"]
+def provider_table(figs: list[dict], reps: int, reps_label: str,
+                   baseline: str | None = None) -> list[str]:
+    """eval-proxy's two crypto providers side by side, from the same run (or,
+    with --baseline, this build and the baseline build)."""
+    if baseline:
+        L = ["", f"A/B: this build and the baseline `{baseline}`, interleaved in the same run, "
+             f"{reps_label}:\n",
+             "| figure | this build | baseline | baseline ÷ this build |", "|---|---|---|---|"]
+    else:
+        L = ["", f"Crypto provider: eval-proxy built with ring (the default) and with aws-lc-rs "
+             f"(`--features aws-lc`), same run, {reps_label}:\n",
+             "| figure | ring | aws-lc-rs | aws-lc-rs ÷ ring |", "|---|---|---|---|"]
     for f in figs:
         ring = f["values"].get("eval-proxy")
         aws = f["values"].get(AWS_LC)
@@ -1475,7 +1484,10 @@ def build(a: argparse.Namespace) -> dict[str, str]:
             raise BenchError(f"cargo build failed: {e}") from e
     bins = {"proxy": str(release / "eval-proxy"), "loadgen": str(release / "eval-loadgen")}
     # storm.py and soak.py build through here too, without a --tls flag.
-    if getattr(a, "tls", False) and want_aws_lc(a):
+    if getattr(a, "baseline", None):
+        # An A/B of two builds: the second runs in the aws-lc-rs slot.
+        bins["proxy-aws-lc"] = str(Path(a.baseline).resolve())
+    elif getattr(a, "tls", False) and want_aws_lc(a):
         # A target folder of its own: the feature changes rustls' build, and
         # the default binary must stay as it is.
         aws_target = Path(meta["target_directory"]) / "aws-lc"
@@ -1492,7 +1504,7 @@ def build(a: argparse.Namespace) -> dict[str, str]:
     for b in bins.values():
         if not os.access(b, os.X_OK):
             raise BenchError(f"{b} not found; build it or drop --no-build")
-    if "proxy-aws-lc" in bins:
+    if "proxy-aws-lc" in bins and not getattr(a, "baseline", None):
         # Both binaries look alike; --version names the provider each was built with.
         for key, want in (("proxy", "ring"), ("proxy-aws-lc", "aws-lc-rs")):
             version = capture([bins[key], "--version"])
@@ -1584,7 +1596,8 @@ def machine_meta(a: argparse.Namespace, bins: dict[str, str]) -> dict:
         "proxy_cpu": a.proxy_cpu,
         "load_cpu": a.load_cpu,
         "idle_conns": a.idle_conns,
-        "partial": bool(a.loads or a.subjects),
+        "partial": bool(a.loads or a.subjects or getattr(a, "baseline", None)),
+        **({"baseline": a.baseline} if getattr(a, "baseline", None) else {}),
         "max_others": a.max_others,
         "max_steal": a.max_steal,
         "slices": getattr(a, "slices", 1),
@@ -1612,6 +1625,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "tls_handshake_resumed,tls_echo,tls_bulk,bulk)")
     p.add_argument("--subjects", help="comma-separated subset: direct,eval-proxy,nginx,haproxy,caddy "
                    f"(with --tls also {AWS_LC}, and no direct)")
+    p.add_argument("--baseline", metavar="BINARY",
+                   help="with --tls: run this eval-proxy build in the aws-lc-rs slot, interleaved "
+                   "with the current build and the peers, for a before/after A/B in one run "
+                   "(the provider table becomes this build ÷ baseline; the README is left alone)")
     p.add_argument("--proxy-cpu", type=int, default=0, help="CPU for the proxy under test (0)")
     p.add_argument("--load-cpu", type=int, default=1, help="CPU for loadgen and backend (1)")
     p.add_argument("--out", type=Path, default=BENCH / "results", help="results folder")
@@ -1651,6 +1668,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.duration = int(a.duration)
     if a.proxy_cpu == a.load_cpu:
         p.error("--proxy-cpu and --load-cpu must differ")
+    if a.baseline and not a.tls:
+        p.error("--baseline needs --tls (it takes the aws-lc-rs slot)")
     allowed = os.sched_getaffinity(0)
     for c in (a.proxy_cpu, a.load_cpu):
         if c not in allowed:
@@ -1739,6 +1758,8 @@ def main(argv: list[str]) -> int:
     a = parse_args(argv)
     if a.render:
         return render_only(a)
+    if a.baseline:
+        NAMES[AWS_LC] = "eval-proxy (baseline)"
     loads = make_loads(a)
     ensure_peers(a)
     if not shutil.which("taskset"):

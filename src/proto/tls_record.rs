@@ -42,8 +42,11 @@ const KEY_UPDATE: u8 = 24;
 /// Records sealed under one key before it is updated: well inside
 /// AES-GCM's limit of 2^24.5 records (§5.5).
 const TX_UPDATE_AT: u64 = 1 << 23;
-/// A peer that sends more records than that under one key is refused.
-const RX_LIMIT: u64 = 23_726_566;
+/// KeyUpdates in a row, with no application data between them, before the
+/// peer is refused: each costs an open, three HKDF expansions and a new
+/// key, so an endless run of them is work for nothing (rustls and
+/// BoringSSL allow 32 too).
+const KEY_UPDATES_IN_A_ROW: u8 = 32;
 
 /// Alert descriptions (§6).
 pub mod alert {
@@ -51,7 +54,10 @@ pub mod alert {
     pub const UNEXPECTED_MESSAGE: u8 = 10;
     pub const BAD_RECORD_MAC: u8 = 20;
     pub const RECORD_OVERFLOW: u8 = 22;
+    pub const ILLEGAL_PARAMETER: u8 = 47;
     pub const DECODE_ERROR: u8 = 50;
+    /// A closure alert like close_notify, which usually follows it (§6.1).
+    pub const USER_CANCELED: u8 = 90;
 }
 
 /// Why a record was refused: the alert owed to the peer, and a reason
@@ -76,6 +82,8 @@ pub enum Opened {
     Data,
     /// close_notify: the peer sends nothing more.
     Closed,
+    /// Nothing to act on (user_canceled, an empty record).
+    Nothing,
     /// The peer updated its key; `requested`: it asks us to update ours.
     KeyUpdated { requested: bool },
 }
@@ -260,11 +268,11 @@ fn expand_label(alg: hkdf::Algorithm, secret: &[u8], label: &[u8], out: &mut [u8
 }
 
 /// Opens the peer's records.
-pub struct Opener(Keys);
+pub struct Opener(Keys, u8);
 
 impl Opener {
     pub fn new(seq: u64, keys: ConnectionTrafficSecrets, secret: Vec<u8>) -> Result<Self, String> {
-        Keys::new(seq, keys, secret).map(Opener)
+        Keys::new(seq, keys, secret).map(|k| Opener(k, 0))
     }
 
     /// Opens one whole record (`rec`, header included, its length checked
@@ -273,10 +281,12 @@ impl Opener {
     /// it was.
     pub fn open(&mut self, rec: &[u8], plain: &mut Vec<u8>) -> Result<Opened, Refused> {
         let (hdr, body) = rec.split_at(HEADER);
-        if self.0.seq >= RX_LIMIT {
+        // §5.5 limits what a sender seals under one key; the nonce itself
+        // only runs out at 2^64.
+        if self.0.seq == u64::MAX {
             return Err(refused(
                 alert::UNEXPECTED_MESSAGE,
-                "too many records under one key",
+                "sequence number exhausted",
             ));
         }
         let at = plain.len();
@@ -297,39 +307,62 @@ impl Opener {
             }
         };
         self.0.seq += 1;
-        // TLSInnerPlaintext: content, the type, then zero padding.
+        // TLSInnerPlaintext: content, the type, then zero padding; all of
+        // it within 2^14 + 1 bytes (§5.4).
+        if n > MAX_PLAIN + 1 {
+            plain.truncate(at);
+            return Err(refused(alert::RECORD_OVERFLOW, "plaintext too long"));
+        }
         let Some(t) = plain[at..at + n].iter().rposition(|&b| b != 0) else {
             plain.truncate(at);
             return Err(refused(alert::UNEXPECTED_MESSAGE, "record without a type"));
         };
         let typ = plain[at + t];
-        if t > MAX_PLAIN {
-            plain.truncate(at);
-            return Err(refused(alert::RECORD_OVERFLOW, "plaintext too long"));
-        }
         if typ == APPLICATION_DATA {
             plain.truncate(at + t);
+            if t > 0 {
+                self.1 = 0;
+            }
             return Ok(Opened::Data);
         }
-        // Control messages are a few bytes; a longer one matches none.
+        // Control messages are a few bytes: the first five tell them.
         let mut msg = [0u8; 5];
-        let fits = t <= msg.len();
         let len = t.min(msg.len());
         msg[..len].copy_from_slice(&plain[at..at + len]);
         plain.truncate(at);
-        let body: &[u8] = if fits { &msg[..len] } else { &[] };
-        match (typ, body) {
-            (ALERT, [_, alert::CLOSE_NOTIFY]) => Ok(Opened::Closed),
-            (ALERT, [_, _]) => Err(Refused {
-                alert: None,
-                what: "the peer sent an alert",
-            }),
-            (HANDSHAKE, [KEY_UPDATE, 0, 0, 1, r @ (0 | 1)]) => {
-                let requested = *r == 1;
+        match typ {
+            ALERT => match (t, msg[0], msg[1]) {
+                (2, 1 | 2, alert::CLOSE_NOTIFY) => Ok(Opened::Closed),
+                (2, 1 | 2, alert::USER_CANCELED) => Ok(Opened::Nothing),
+                (2, 1 | 2, _) => Err(Refused {
+                    alert: None,
+                    what: "the peer sent an alert",
+                }),
+                (2, _, _) => Err(refused(alert::ILLEGAL_PARAMETER, "alert level")),
+                _ => Err(refused(alert::DECODE_ERROR, "alert length")),
+            },
+            HANDSHAKE if t >= 4 && msg[0] == KEY_UPDATE => {
+                if msg[1..4] != [0, 0, 1] || t != 5 {
+                    return Err(refused(alert::DECODE_ERROR, "KeyUpdate length"));
+                }
+                if msg[4] > 1 {
+                    return Err(refused(alert::ILLEGAL_PARAMETER, "KeyUpdate request"));
+                }
+                self.1 += 1;
+                if self.1 > KEY_UPDATES_IN_A_ROW {
+                    return Err(refused(
+                        alert::UNEXPECTED_MESSAGE,
+                        "too many KeyUpdates in a row",
+                    ));
+                }
                 self.0.update();
-                Ok(Opened::KeyUpdated { requested })
+                Ok(Opened::KeyUpdated {
+                    requested: msg[4] == 1,
+                })
             }
-            (HANDSHAKE, _) => Err(refused(
+            // A KeyUpdate split over records (§5.1 allows it; nobody does)
+            // lands here too.
+            HANDSHAKE => Err(refused(
                 alert::UNEXPECTED_MESSAGE,
                 "a handshake message after the handshake",
             )),
@@ -409,7 +442,7 @@ pub fn pair_from_secret(secret: [u8; 32]) -> (Sealer, Opener) {
     // 32 bytes is the suite's length: derive cannot fail.
     (
         Sealer(keys().expect("a SHA-256 secret")),
-        Opener(keys().expect("a SHA-256 secret")),
+        Opener(keys().expect("a SHA-256 secret"), 0),
     )
 }
 
@@ -609,6 +642,43 @@ mod tests {
         assert_eq!(what[0], Opened::KeyUpdated { requested: false });
     }
 
+    /// An endless run of KeyUpdates is refused; data between them resets
+    /// the count.
+    #[test]
+    fn key_updates_in_a_row_are_capped() {
+        let (mut s, mut o) = pair(0);
+        let mut wire = Vec::new();
+        for _ in 0..KEY_UPDATES_IN_A_ROW {
+            s.key_update(&mut wire);
+        }
+        s.seal(b"x", &mut wire);
+        for _ in 0..KEY_UPDATES_IN_A_ROW {
+            s.key_update(&mut wire);
+        }
+        let (plain, _) = open_all(&mut o, &wire);
+        assert_eq!(plain, b"x");
+        let mut wire = Vec::new();
+        s.key_update(&mut wire);
+        let e = o.open(&wire, &mut Vec::new()).unwrap_err();
+        assert_eq!(e.what, "too many KeyUpdates in a row");
+    }
+
+    /// The whole inner plaintext, padding included, is bounded (§5.4).
+    #[test]
+    fn padding_past_the_record_limit_is_an_overflow() {
+        let (mut s, mut o) = pair(0);
+        let mut content = vec![1u8; MAX_PLAIN];
+        let mut wire = Vec::new();
+        s.seal_raw(APPLICATION_DATA, &content, &mut wire);
+        assert!(o.open(&wire, &mut Vec::new()).is_ok());
+        content.push(APPLICATION_DATA);
+        content.push(0);
+        let mut wire = Vec::new();
+        s.seal_raw(0, &content, &mut wire);
+        let e = o.open(&wire, &mut Vec::new()).unwrap_err();
+        assert_eq!(e.alert, Some(alert::RECORD_OVERFLOW));
+    }
+
     #[test]
     fn alerts_and_stray_handshake_messages() {
         let (mut s, mut o) = pair(0);
@@ -624,6 +694,34 @@ mod tests {
             o.open(&wire, &mut Vec::new()).unwrap_err().alert,
             Some(alert::UNEXPECTED_MESSAGE)
         );
+        // user_canceled is a closure alert; a bad level or length is not
+        // an alert at all.
+        for (content, want) in [
+            (&[1, alert::USER_CANCELED][..], Ok(Opened::Nothing)),
+            (&[3, 0][..], Err(Some(alert::ILLEGAL_PARAMETER))),
+            (&[1, 0, 0][..], Err(Some(alert::DECODE_ERROR))),
+            (
+                &[KEY_UPDATE, 0, 0, 1, 2][..],
+                Err(Some(alert::ILLEGAL_PARAMETER)),
+            ),
+            (
+                &[KEY_UPDATE, 0, 0, 2, 0, 0][..],
+                Err(Some(alert::DECODE_ERROR)),
+            ),
+        ] {
+            let typ = if content[0] == KEY_UPDATE {
+                HANDSHAKE
+            } else {
+                ALERT
+            };
+            let mut wire = Vec::new();
+            s.record(typ, content, &mut wire);
+            assert_eq!(
+                o.open(&wire, &mut Vec::new()).map_err(|e| e.alert),
+                want,
+                "{content:?}"
+            );
+        }
         // Padding only, no type.
         let mut wire = Vec::new();
         s.record(0, &[0, 0], &mut wire);

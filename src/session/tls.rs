@@ -312,6 +312,7 @@ impl Transport {
                     tx: Sealer::new(ex.tx.0, ex.tx.1, secrets.server.unwrap_or_default())?,
                     owed,
                     update_owed: false,
+                    ended: false,
                     records: Records::default(),
                 })
             });
@@ -335,7 +336,7 @@ impl Transport {
         let (rx, update_owed) = (&mut own.rx, &mut own.update_owed);
         let r = own.records.feed(data, |rec| {
             match rx.open(rec, plain)? {
-                Opened::Data => {}
+                Opened::Data | Opened::Nothing => {}
                 Opened::Closed => out.peer_closed = true,
                 Opened::KeyUpdated { requested } => *update_owed |= requested,
             }
@@ -344,8 +345,11 @@ impl Transport {
         match r {
             Ok(()) => Ok(out),
             Err(r) => {
+                own.update_owed = false;
                 if let Some(alert) = r.alert {
-                    own.tx.alert(alert, &mut own.owed);
+                    own.end_with(alert);
+                } else {
+                    own.ended = true;
                 }
                 own.records = Records::default();
                 Err(fail_now(
@@ -494,8 +498,7 @@ impl Transport {
         if !self.notified {
             self.notified = true;
             if let Some(own) = self.own.as_deref_mut() {
-                own.flush_update();
-                own.tx.alert(tls_record::alert::CLOSE_NOTIFY, &mut own.owed);
+                own.end_with(tls_record::alert::CLOSE_NOTIFY);
             } else if let Some(conn) = self.conn.as_mut() {
                 conn.send_close_notify();
             }
@@ -541,24 +544,34 @@ struct Own {
     /// However many it asks for while we are silent, one answers them all
     /// (RFC 8446 §4.6.3), so a client cannot make us queue without bound.
     update_owed: bool,
+    /// Our last record is sealed (close_notify or a fatal alert): nothing
+    /// may follow it, not even a KeyUpdate.
+    ended: bool,
     records: Records,
 }
 
 impl Own {
     fn flush_update(&mut self) {
-        if std::mem::take(&mut self.update_owed) {
+        if std::mem::take(&mut self.update_owed) && !self.ended {
             self.tx.key_update(&mut self.owed);
         }
     }
 
-    /// What is owed, appended to `out`.
+    /// The last record we send: close_notify or a fatal alert.
+    fn end_with(&mut self, alert: u8) {
+        self.flush_update();
+        if !self.ended {
+            self.ended = true;
+            self.tx.alert(alert, &mut self.owed);
+        }
+    }
+
+    /// What is owed, appended to `out` (copied: `out` keeps the capacity
+    /// its caller reserved for a whole send).
     fn flush(&mut self, out: &mut Vec<u8>) {
         self.flush_update();
-        if out.is_empty() {
-            std::mem::swap(out, &mut self.owed);
-        } else {
-            out.append(&mut self.owed);
-        }
+        out.extend_from_slice(&self.owed);
+        self.owed.clear();
     }
 }
 

@@ -8,8 +8,9 @@
 //! - Sealed (odd mode): the stream is a list of messages, each one byte of
 //!   kind, one of length and the content, sealed with the key the opener
 //!   shares. However cut, the opener yields exactly the application data
-//!   sealed, follows KeyUpdates, stops at close_notify, and refuses
-//!   exactly at the first message the protocol does not allow.
+//!   sealed, follows KeyUpdates (up to 32 in a row), stops at
+//!   close_notify, and refuses exactly at the first message the protocol
+//!   does not allow.
 
 use eval_proxy::proto::tls_record::{pair_from_secret, Opened, Records, HEADER, MAX_CIPHER};
 
@@ -54,6 +55,8 @@ pub fn run(data: &[u8]) {
     let mut wire = Vec::new();
     let mut want = Vec::new();
     let mut end = End::All;
+    // KeyUpdates since the last non-empty data: the 33rd is refused.
+    let mut updates = 0;
     let mut rest = stream;
     while let [kind, len, tail @ ..] = rest {
         let n = usize::from(*len).min(tail.len());
@@ -63,6 +66,9 @@ pub fn run(data: &[u8]) {
             0 => {
                 sealer.seal(content, &mut wire);
                 want.extend_from_slice(content);
+                if !content.is_empty() {
+                    updates = 0;
+                }
             }
             1 => {
                 // An alert: close_notify ends the stream, any other refuses.
@@ -74,6 +80,11 @@ pub fn run(data: &[u8]) {
             2 => {
                 // A KeyUpdate: the sealer moves to its next key.
                 sealer.key_update(&mut wire);
+                updates += 1;
+                if updates > 32 {
+                    end = End::Refused;
+                    break;
+                }
             }
             _ => {
                 // Any other inner content: refused, unless it happens to
@@ -87,9 +98,14 @@ pub fn run(data: &[u8]) {
                     Some((23, body)) => {
                         want.extend_from_slice(body);
                         sealer.seal_raw(0, &inner, &mut wire);
+                        if !body.is_empty() {
+                            updates = 0;
+                        }
                     }
-                    // close_notify and KeyUpdate: the kinds above say those.
-                    Some((21, [_, 0]) | (22, [24, 0, 0, 1, 0 | 1])) => {}
+                    // An alert that is not an error (close_notify,
+                    // user_canceled) and KeyUpdate: the kinds above say
+                    // those.
+                    Some((21, [1 | 2, 0 | 90]) | (22, [24, 0, 0, 1, 0 | 1])) => {}
                     _ => {
                         sealer.seal_raw(0, &inner, &mut wire);
                         end = End::Refused;
