@@ -195,39 +195,39 @@ impl Keys {
             }
             _ => return Err("a cipher suite without a TLS 1.3 record layer here".into()),
         };
-        let mut k = Keys::derive(aead, hkdf, secret)?;
-        if k.iv[..] != *iv.as_ref() || {
-            let mut key_bytes = vec![0; aead.key_len()];
-            expand_label(hkdf, &k.secret, b"key", &mut key_bytes);
-            key_bytes != key.as_ref()
-        } {
+        let (k, i) = material(aead, hkdf, &secret)?;
+        if k != key.as_ref() || i[..] != *iv.as_ref() {
             return Err("the logged traffic secret does not match the extracted key".into());
         }
-        k.seq = seq;
-        Ok(k)
+        Keys::build(aead, hkdf, secret, &k, i, seq)
     }
 
-    /// The key and IV of `secret` (§7.3), sequence number 0.
+    /// The keys of `secret`, sequence number 0.
     fn derive(
         aead: &'static aead::Algorithm,
         hkdf: hkdf::Algorithm,
         secret: Vec<u8>,
     ) -> Result<Keys, String> {
-        if secret.len() != hkdf.len() {
-            return Err("a traffic secret of the wrong length".into());
-        }
-        let mut key = vec![0; aead.key_len()];
-        expand_label(hkdf, &secret, b"key", &mut key);
-        let mut iv = [0; NONCE_LEN];
-        expand_label(hkdf, &secret, b"iv", &mut iv);
-        let key = UnboundKey::new(aead, &key).map_err(|_| "a key of the wrong length")?;
+        let (key, iv) = material(aead, hkdf, &secret)?;
+        Keys::build(aead, hkdf, secret, &key, iv, 0)
+    }
+
+    fn build(
+        aead: &'static aead::Algorithm,
+        hkdf: hkdf::Algorithm,
+        secret: Vec<u8>,
+        key: &[u8],
+        iv: [u8; NONCE_LEN],
+        seq: u64,
+    ) -> Result<Keys, String> {
+        let key = UnboundKey::new(aead, key).map_err(|_| "a key of the wrong length")?;
         Ok(Keys {
             aead,
             hkdf,
             secret,
             key: LessSafeKey::new(key),
             iv,
-            seq: 0,
+            seq,
         })
     }
 
@@ -247,6 +247,22 @@ impl Keys {
         }
         Nonce::assume_unique_for_key(n)
     }
+}
+
+/// The key and IV of a traffic secret (§7.3).
+fn material(
+    aead: &'static aead::Algorithm,
+    hkdf: hkdf::Algorithm,
+    secret: &[u8],
+) -> Result<(Vec<u8>, [u8; NONCE_LEN]), String> {
+    if secret.len() != hkdf.len() {
+        return Err("a traffic secret of the wrong length".into());
+    }
+    let mut key = vec![0; aead.key_len()];
+    expand_label(hkdf, secret, b"key", &mut key);
+    let mut iv = [0; NONCE_LEN];
+    expand_label(hkdf, secret, b"iv", &mut iv);
+    Ok((key, iv))
 }
 
 /// HKDF-Expand-Label(secret, label, "", out.len()) (§7.1).
