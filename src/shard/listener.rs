@@ -296,15 +296,32 @@ pub fn set_keepalive_fd(fd: RawFd, k: &KeepaliveConfig) -> io::Result<()> {
 /// request. 0 turns it off.
 pub fn set_defer_accept_fd(fd: RawFd, secs: u32) -> io::Result<()> {
     let v = libc::c_int::try_from(secs).unwrap_or(libc::c_int::MAX);
-    // SAFETY: setsockopt reads one c_int from a live local; `fd` is the
-    // shard's listener, open for the call.
+    // SAFETY: TCP_DEFER_ACCEPT takes one c_int, and holds no pointer.
+    unsafe { setsockopt_fd(fd, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, &v) }
+}
+
+/// setsockopt(2) of option `name` at `level` to `*value` on socket `fd`,
+/// which the caller keeps open for the call.
+///
+/// # Safety
+/// `T` is the type the option takes, and every pointer inside `*value`
+/// points to memory that lives through the call (the kernel copies what
+/// it needs before returning).
+unsafe fn setsockopt_fd<T>(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    // SAFETY: `value` is a live reference of exactly `size_of::<T>()`
+    // bytes; the caller vouches for the option's type and its pointers.
     let r = unsafe {
         libc::setsockopt(
             fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if r == 0 {
@@ -363,23 +380,9 @@ pub fn refuse_new_connections(fd: RawFd) -> io::Result<()> {
         len: code.len() as u16,
         filter: code.as_ptr() as *mut libc::sock_filter,
     };
-    // SAFETY: setsockopt copies the program (`prog` and the array it points
-    // to, both live locals) into the kernel during the call; `fd` is the
-    // shard's listener, open for the call.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_FILTER,
-            (&prog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    // SAFETY: SO_ATTACH_FILTER takes a sock_fprog; the array it points to
+    // is a live local, copied into the kernel during the call.
+    unsafe { setsockopt_fd(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog) }
 }
 
 /// TCP congestion control `name` (`TCP_CONGESTION`) on a listening socket
