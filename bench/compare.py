@@ -28,6 +28,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,10 +49,18 @@ PROXIES = ["eval-proxy"] + PEERS
 # measured in the same run; the peers are compared with the default build.
 AWS_LC = "eval-proxy-aws-lc"
 TLS_PROXIES = ["eval-proxy", AWS_LC] + PEERS
+# --baseline without --tls: an older eval-proxy build (same config template)
+# runs as one more subject beside eval-proxy, in the same turns, so drift
+# reaches both builds alike. It is no peer: "eval ÷ best peer" stays eval-proxy
+# against nginx, HAProxy and Caddy. (With --tls it takes the aws-lc-rs slot.)
+BASELINE = "eval-proxy-baseline"
+# Every eval-proxy build a run can start, and its key in build()'s binaries.
+EVAL_BUILDS = {"eval-proxy": "proxy", AWS_LC: "proxy-aws-lc", BASELINE: "proxy-baseline"}
 NAMES = {
     "direct": "direct",
     "eval-proxy": "eval-proxy",
     AWS_LC: "eval-proxy (aws-lc-rs)",
+    BASELINE: "eval-proxy (baseline)",
     "nginx": "nginx",
     "haproxy": "HAProxy",
     "caddy": "Caddy",
@@ -171,6 +180,13 @@ def make_loads(a: argparse.Namespace) -> list[Load]:
              ("--conns", "50", "--rate", "5000", "--size", "64", "--duration", d),
              tuple(SUBJECTS), tuple(TOKEN_CACHED), "messages"),
     ]
+    if a.baseline:
+        # Right after eval-proxy, so that in the alternating turns the two
+        # builds are loaded next to each other.
+        loads = [dataclasses.replace(l, subjects=tuple(
+            x for s in l.subjects for x in ((s, BASELINE) if s == "eval-proxy" else (s,))))
+            for l in loads]
+        return select_loads(a, loads, SUBJECTS + [BASELINE])
     return select_loads(a, loads, SUBJECTS)
 
 
@@ -493,11 +509,11 @@ class Bench:
         if subject == "direct":
             return Proxy(backend, None)
         t = dict(TEMPLATES, **(templates or {}))
-        if subject in ("eval-proxy", AWS_LC):
+        if subject in EVAL_BUILDS:
             name = self.name(subject)
             conf = render(t["eval-proxy"], self.procs.workdir / f"{name}.toml", BACKEND=backend,
                           **values)
-            binary = self.bins["proxy-aws-lc" if subject == AWS_LC else "proxy"]
+            binary = self.bins[EVAL_BUILDS[subject]]
             p = self.procs.spawn(name, [binary, "--config", str(conf),
                                         "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
                                         "--shards", "1"], self.a.proxy_cpu)
@@ -968,10 +984,12 @@ def compute_figures(runs: list[dict], loads: dict[str, Load], reps: int,
             continue
         values: dict[str, list] = {}
         flags: dict[str, list] = {}
-        for subject in suite.proxies:
+        # The baseline build, if it ran, gets figures too (for the A/B
+        # table); a subject without runs gets none, so the rest stays as it was.
+        for subject in suite.proxies + [s for s in (BASELINE,) if s not in suite.proxies]:
             vals, fl = [], []
             for rep in range(1, reps + 1):
-                lkey = eval_load if subject in ("eval-proxy", AWS_LC) else fig.load
+                lkey = eval_load if subject in EVAL_BUILDS else fig.load
                 rec = by.get((rep, lkey, subject))
                 if rec is None:
                     vals.append(None)
@@ -1112,17 +1130,22 @@ def markdown(meta: dict, figs: list[dict], runs: list[dict], loads: list[Load],
         L.append("| " + " | ".join(row) + " |")
     if AWS_LC in suite.proxies:
         L += provider_table(figs, reps, reps_label, meta.get("baseline"))
+    elif any(BASELINE in f["values"] for f in figs):
+        L += provider_table(figs, reps, reps_label, meta.get("baseline"), BASELINE)
+    # The tables below give the baseline build a column of its own when it
+    # ran; without it they stay as they were.
+    extra = [BASELINE] if any(r["subject"] == BASELINE for r in runs) else []
     # Absolute latency and baseline RSS give the ratios their scale.
     lk = {l.key: l for l in loads}
     by = {(r["rep"], r["load"], r["subject"]): r for r in runs}
     if "rate5k" in lk:
         L.append("")
         L.append("RTT at 5,000 msg/s (µs, p50 · p99 · p99.9), " + reps_label + ":\n")
-        L.append("| | " + " | ".join(NAMES[s] for s in SUBJECTS) + " |")
-        L.append("|---|" + "---|" * len(SUBJECTS))
+        L.append("| | " + " | ".join(NAMES[s] for s in SUBJECTS + extra) + " |")
+        L.append("|---|" + "---|" * len(SUBJECTS + extra))
         for pct, label in (("p50", "p50"), ("p99", "p99"), ("p999", "p99.9")):
             row = [label]
-            for s in SUBJECTS:
+            for s in SUBJECTS + extra:
                 vals = []
                 for rep in range(1, reps + 1):
                     r = by.get((rep, "rate5k", s))
@@ -1133,10 +1156,10 @@ def markdown(meta: dict, figs: list[dict], runs: list[dict], loads: list[Load],
         L.append("")
         L.append(f"RSS of the serving process (MiB), before load → holding {lk['idle'].args[1]} "
                  f"idle sessions, {reps_label}:\n")
-        L.append("| | " + " | ".join(NAMES[s] for s in PROXIES) + " |")
-        L.append("|---|" + "---|" * len(PROXIES))
+        L.append("| | " + " | ".join(NAMES[s] for s in PROXIES + extra) + " |")
+        L.append("|---|" + "---|" * len(PROXIES + extra))
         row = ["RSS"]
-        for s in PROXIES:
+        for s in PROXIES + extra:
             parts = []
             for rep in range(1, reps + 1):
                 r = by.get((rep, "idle", s))
@@ -1149,13 +1172,13 @@ def markdown(meta: dict, figs: list[dict], runs: list[dict], loads: list[Load],
     L.append("")
     L.append("Kernel share of the proxy's CPU (stime ÷ (utime + stime), from /proc/PID/stat), "
              + reps_label + ":\n")
-    L.append("| load | " + " | ".join(NAMES[s] for s in suite.proxies) + " |")
-    L.append("|---|" + "---|" * len(suite.proxies))
+    L.append("| load | " + " | ".join(NAMES[s] for s in suite.proxies + extra) + " |")
+    L.append("|---|" + "---|" * len(suite.proxies + extra))
     for l in loads:
         if l.unit is None:
             continue
         row = [l.title]
-        for s in suite.proxies:
+        for s in suite.proxies + extra:
             vals = []
             for rep in range(1, reps + 1):
                 r = by.get((rep, l.key, s))
@@ -1223,11 +1246,21 @@ def markdown(meta: dict, figs: list[dict], runs: list[dict], loads: list[Load],
     return "\n".join(L) + "\n"
 
 
+# Short names for the A/B table's line of medians, where a figure has no chart label.
+SHORT = {"idle_rss": "idle KiB/session", "rtt_p50": "p50 RTT", "rtt_p99": "p99 RTT",
+         "rtt_p999": "p99.9 RTT"}
+
+
 def provider_table(figs: list[dict], reps: int, reps_label: str,
-                   baseline: str | None = None) -> list[str]:
+                   baseline: str | None = None, other: str = AWS_LC) -> list[str]:
     """eval-proxy's two crypto providers side by side, from the same run (or,
-    with --baseline, this build and the baseline build)."""
-    if baseline:
+    with --baseline, this build and the baseline build: in the aws-lc-rs slot
+    with --tls, else as subject `other` = BASELINE)."""
+    if other == BASELINE:
+        L = ["", f"A/B: this build and the baseline `{baseline}` (same config), loaded in the "
+             f"same run, in the same turns where a load is interleaved, {reps_label}:\n",
+             "| figure | this build | baseline | baseline ÷ this build |", "|---|---|---|---|"]
+    elif baseline:
         L = ["", f"A/B: this build and the baseline `{baseline}`, interleaved in the same run, "
              f"{reps_label}:\n",
              "| figure | this build | baseline | baseline ÷ this build |", "|---|---|---|---|"]
@@ -1235,14 +1268,26 @@ def provider_table(figs: list[dict], reps: int, reps_label: str,
         L = ["", f"Crypto provider: eval-proxy built with ring (the default) and with aws-lc-rs "
              f"(`--features aws-lc`), same run, {reps_label}:\n",
              "| figure | ring | aws-lc-rs | aws-lc-rs ÷ ring |", "|---|---|---|---|"]
+    medians = []
     for f in figs:
         ring = f["values"].get("eval-proxy")
-        aws = f["values"].get(AWS_LC)
+        aws = f["values"].get(other)
         if not ring or not aws:
             continue
-        ratio = [a / r if a is not None and r else None for a, r in zip(aws, ring)]
+        # An added latency at or under zero is noise, not a scale (as for
+        # eval ÷ best peer); the TLS figures have none.
+        ratio = [a / r if a is not None and r and (f["kind"] != "rtt" or (a > 0 and r > 0))
+                 else None for a, r in zip(aws, ring)]
         L.append(f"| {f['title']} | {cell(ring, f['flags'].get('eval-proxy'))} | "
-                 f"{cell(aws, f['flags'].get(AWS_LC))} | {cell(ratio)} |")
+                 f"{cell(aws, f['flags'].get(other))} | {cell(ratio)} |")
+        known = [x for x in ratio if x is not None]
+        medians.append(f"{f.get('chart') or SHORT.get(f['key'], f['key'])} "
+                       f"{fmt(statistics.median(known) if known else None)}")
+    if other == BASELINE and medians:
+        # One number per figure to read the A/B by; a single repetition's
+        # ratio can be the host's drift as much as the build's.
+        L += ["", f"Median of baseline ÷ this build over the {reps} repetition(s): "
+              + " · ".join(medians) + "."]
     return L
 
 
@@ -1484,9 +1529,12 @@ def build(a: argparse.Namespace) -> dict[str, str]:
             raise BenchError(f"cargo build failed: {e}") from e
     bins = {"proxy": str(release / "eval-proxy"), "loadgen": str(release / "eval-loadgen")}
     # storm.py and soak.py build through here too, without a --tls flag.
-    if getattr(a, "baseline", None):
+    if getattr(a, "baseline", None) and getattr(a, "tls", False):
         # An A/B of two builds: the second runs in the aws-lc-rs slot.
         bins["proxy-aws-lc"] = str(Path(a.baseline).resolve())
+    elif getattr(a, "baseline", None):
+        # The plain loads have no such slot; it runs as a subject of its own.
+        bins[EVAL_BUILDS[BASELINE]] = str(Path(a.baseline).resolve())
     elif getattr(a, "tls", False) and want_aws_lc(a):
         # A target folder of its own: the feature changes rustls' build, and
         # the default binary must stay as it is.
@@ -1604,6 +1652,8 @@ def machine_meta(a: argparse.Namespace, bins: dict[str, str]) -> dict:
         "suite": "tls" if getattr(a, "tls", False) else "plain",
         **({"eval_proxy_aws_lc_version": capture([bins["proxy-aws-lc"], "--version"])}
            if "proxy-aws-lc" in bins else {}),
+        **({"eval_proxy_baseline_version": capture([bins[EVAL_BUILDS[BASELINE]], "--version"])}
+           if EVAL_BUILDS[BASELINE] in bins else {}),
     }
 
 
@@ -1624,11 +1674,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "handshake_fresh,idle,bulk,rate5k (with --tls: tls_handshake_full,"
                    "tls_handshake_resumed,tls_echo,tls_bulk,bulk)")
     p.add_argument("--subjects", help="comma-separated subset: direct,eval-proxy,nginx,haproxy,caddy "
-                   f"(with --tls also {AWS_LC}, and no direct)")
+                   f"(with --baseline also {BASELINE}; with --tls also {AWS_LC}, and no direct)")
     p.add_argument("--baseline", metavar="BINARY",
-                   help="with --tls: run this eval-proxy build in the aws-lc-rs slot, interleaved "
-                   "with the current build and the peers, for a before/after A/B in one run "
-                   "(the provider table becomes this build ÷ baseline; the README is left alone)")
+                   help="run this (older) eval-proxy build beside the current one, with the same "
+                   "config and in the same interleaved turns, for a before/after A/B in one run: "
+                   f"as subject {BASELINE} of every load eval-proxy runs (not a peer; an A/B "
+                   "table follows the main one: this build, baseline, baseline ÷ this build, "
+                   "and its median), or with --tls in the aws-lc-rs slot (the provider table "
+                   "becomes that A/B). The README is left alone")
     p.add_argument("--proxy-cpu", type=int, default=0, help="CPU for the proxy under test (0)")
     p.add_argument("--load-cpu", type=int, default=1, help="CPU for loadgen and backend (1)")
     p.add_argument("--out", type=Path, default=BENCH / "results", help="results folder")
@@ -1668,8 +1721,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.duration = int(a.duration)
     if a.proxy_cpu == a.load_cpu:
         p.error("--proxy-cpu and --load-cpu must differ")
-    if a.baseline and not a.tls:
-        p.error("--baseline needs --tls (it takes the aws-lc-rs slot)")
+    wanted = set(a.subjects.split(",")) if a.subjects else set()
+    if BASELINE in wanted and not (a.baseline and not a.tls):
+        p.error(f"subject {BASELINE} needs --baseline BINARY (and no --tls, where the baseline "
+                f"takes the {AWS_LC} slot)")
+    if a.baseline and not a.tls and a.subjects and BASELINE not in wanted:
+        p.error(f"--baseline runs as subject {BASELINE}, which --subjects leaves out")
     allowed = os.sched_getaffinity(0)
     for c in (a.proxy_cpu, a.load_cpu):
         if c not in allowed:
