@@ -207,8 +207,15 @@ pub enum Op {
     CancelRecv { who: Who, tls: bool },
     /// Send these chunks, all of them (MSG_WAITALL: a short count means an
     /// error, or that io_uring stopped retrying a slow reader); they come
-    /// back with [`Session::handle_sent`].
-    Send { who: Who, fd: RawFd, batch: Batch },
+    /// back with [`Session::handle_sent`]. `fin`: the socket's
+    /// [`Op::Close`] follows in the same submission, so the bytes may wait
+    /// for it (MSG_MORE) and leave with the FIN in one segment.
+    Send {
+        who: Who,
+        fd: RawFd,
+        batch: Batch,
+        fin: bool,
+    },
     /// Stop that side's send in flight; its completion still comes.
     CancelSend { who: Who },
     /// Check the token of [`Session::token`]; answer with `handle_token`.
@@ -324,6 +331,30 @@ pub struct Env<'a> {
 impl Env<'_> {
     fn op(&mut self, op: Op) {
         self.out.push_back(op);
+    }
+
+    /// Closes `fd`. With `quiet_peer` (the peer sent its Close frame, so it
+    /// may send nothing more, RFC 6455 §5.5.1), a last send still among
+    /// this input's ops (not yet given to the kernel) learns the close
+    /// follows it: its bytes and the FIN then leave in one segment, which
+    /// spares the peer a second packet and a second wake-up (a client's
+    /// Close answer, then the FIN it waits for, §7.1.1). Not for a peer
+    /// that may still be sending (one being closed on for a protocol
+    /// error): bytes of its unread at the close make close(2) reset the
+    /// connection, and a send held back for the FIN would be lost with it
+    /// instead of being on the wire before the reset (Autobahn 3.4, 4.2.5
+    /// and 5.14 then see no Close code).
+    fn close_after_send(&mut self, fd: RawFd, quiet_peer: bool) {
+        if quiet_peer {
+            let last_send = self.out.iter_mut().rev().find_map(|op| match op {
+                Op::Send { fd: f, fin, .. } if *f == fd => Some(fin),
+                _ => None,
+            });
+            if let Some(fin) = last_send {
+                *fin = true;
+            }
+        }
+        self.op(Op::Close { fd });
     }
 
     /// The shard's sessions hold `limits.shard_buffer_bytes` or more in
@@ -1117,7 +1148,12 @@ impl Session {
         sd.sending = true;
         sd.inflight += 1;
         let fd = sd.fd;
-        env.op(Op::Send { who, fd, batch });
+        env.op(Op::Send {
+            who,
+            fd,
+            batch,
+            fin: false,
+        });
     }
 
     /// A send completed with `res` (bytes or -errno); `batch` is what it
@@ -1329,8 +1365,7 @@ impl Session {
     }
 
     fn close_side(&mut self, env: &mut Env, who: Who) {
-        let sd = self.side(who);
-        if sd.closed {
+        if self.side_ref(who).closed {
             return;
         }
         // A peer that sent FIN, or a complete Close frame (after which it
@@ -1340,11 +1375,11 @@ impl Session {
         // peer may still be sending, and closing on unread bytes would
         // reset the connection and lose our last frames: shut down our
         // side and read until its FIN (bounded by `limits.linger_ms`).
-        let finished = sd.eof
-            || match who {
-                Who::Client => self.to_conman.close_seen(),
-                Who::Conman => self.to_client.close_seen(),
-            };
+        let closed_by_peer = match who {
+            Who::Client => self.to_conman.close_seen(),
+            Who::Conman => self.to_client.close_seen(),
+        };
+        let finished = self.side_ref(who).eof || closed_by_peer;
         self.close_notify(env, who);
         // The other side's splice writes to this socket straight from its
         // pipe, past the send queue: what it still owes goes first.
@@ -1389,7 +1424,7 @@ impl Session {
                 self.discard_queued(env, who);
                 let sd = self.side(who);
                 sd.closed = true;
-                env.op(Op::Close { fd: sd.fd });
+                env.close_after_send(sd.fd, closed_by_peer);
             }
         }
         if self.deadline.is_none() {

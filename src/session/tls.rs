@@ -840,6 +840,7 @@ impl Session {
             who,
             fd,
             batch: Batch::One(chunk),
+            fin: false,
         });
     }
 

@@ -39,8 +39,13 @@ impl Io {
                 unsafe { self.push(entry.user_data(Direct::Recv(who, tls).user_data(slot, gen))) };
             }
             Op::CancelRecv { who, tls } => self.cancel(Direct::Recv(who, tls).user_data(slot, gen)),
-            Op::Send { who, fd, batch } => {
-                e.sends[who as usize] = self.send(slot, gen, who, fd, batch);
+            Op::Send {
+                who,
+                fd,
+                batch,
+                fin,
+            } => {
+                e.sends[who as usize] = self.send(slot, gen, who, fd, batch, fin);
             }
             Op::CancelSend { who } => {
                 let ud = e.sends[who as usize];
@@ -227,7 +232,13 @@ impl Io {
     }
 
     /// Returns the send's user_data.
-    fn send(&mut self, slot: u32, gen: u16, who: Who, fd: i32, batch: Batch) -> u64 {
+    fn send(&mut self, slot: u32, gen: u16, who: Who, fd: i32, batch: Batch, fin: bool) -> u64 {
+        // MSG_MORE keeps a partial segment in the send queue (TCP_NODELAY
+        // notwithstanding) until the close behind this send, whose FIN
+        // then rides on it (tcp_send_fin). Should the send end up waiting
+        // for room, the close still waits for it: the send holds the
+        // socket, and the FIN is sent when it lets go.
+        let flags = libc::MSG_NOSIGNAL | libc::MSG_WAITALL | if fin { libc::MSG_MORE } else { 0 };
         let chunk_ptr = |bufs: &bufring::Pools, c: &Chunk| -> (*mut u8, usize) {
             match c {
                 // The send's record holds the buffer (it is recycled only on
@@ -245,7 +256,7 @@ impl Io {
                 // MSG_WAITALL: the kernel retries a short send itself, so a
                 // side may close with its last send still in flight.
                 let entry = opcode::Send::new(types::Fd(fd), ptr, len as u32)
-                    .flags(libc::MSG_NOSIGNAL | libc::MSG_WAITALL)
+                    .flags(flags)
                     .build();
                 (entry, None)
             }
@@ -261,7 +272,7 @@ impl Io {
                 g.msg.msg_iov = g.iov.as_mut_ptr();
                 g.msg.msg_iovlen = chunks.len();
                 let entry = opcode::SendMsg::new(types::Fd(fd), &g.msg)
-                    .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
+                    .flags(flags as u32)
                     .build();
                 (entry, Some(g))
             }

@@ -107,6 +107,8 @@ struct Peer {
     recv_tls: bool,
     cancel: bool,
     send: Option<Batch>,
+    /// That send was told the socket's close follows it (`Op::Send::fin`).
+    send_fin: bool,
     send_cancel: bool,
     poll: Option<Who>,
     pipe: VecDeque<u8>,
@@ -223,6 +225,14 @@ impl Harness {
         while let Some(op) = out.pop_front() {
             self.perform(op, &mut out);
         }
+        for p in &self.peers {
+            // MSG_MORE holds a send's last segment back until the close:
+            // without one in the same submission the bytes would wait.
+            assert!(
+                !(p.send_fin && p.fd.is_some()),
+                "a send marked fin, and no close behind it"
+            );
+        }
     }
 
     fn peer_of(&mut self, fd: RawFd) -> &mut Peer {
@@ -260,12 +270,18 @@ impl Harness {
                 assert_eq!(tls, p.recv_tls, "a cancel aimed at the other pool");
                 p.cancel = true;
             }
-            Op::Send { who, fd, batch } => {
+            Op::Send {
+                who,
+                fd,
+                batch,
+                fin,
+            } => {
                 let p = &mut self.peers[at(who)];
                 assert_eq!(p.fd, Some(fd));
                 assert!(p.send.is_none(), "two sends on one socket");
                 assert!(!p.shut_wr, "send after shutdown");
                 p.send = Some(batch);
+                p.send_fin = fin;
             }
             Op::Verify => self.verify = true,
             Op::Placement { seq, .. } => self.placement = Some(seq),

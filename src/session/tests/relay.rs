@@ -70,6 +70,41 @@ fn sockets_close_without_lingering_only_after_a_close_handshake() {
     assert!(h.all_closed());
 }
 
+/// The Close answer a client waits for goes in the same submission as the
+/// close of its socket, so it is marked to leave with the FIN; a send with
+/// no close behind it is not (the harness checks every `fin` send has one).
+#[test]
+fn the_last_send_before_a_close_carries_the_fin() {
+    let mut h = closes_crossing();
+    assert!(h.deliver(Who::Conman, BUF));
+    let sends: Vec<&String> = h
+        .ops
+        .iter()
+        .filter(|o| o.starts_with("Send { who: Client"))
+        .collect();
+    // The 101, then the Close answer.
+    let (last, before) = sends.split_last().unwrap();
+    assert!(last.ends_with("fin: true }"), "{last}");
+    assert!(before.iter().all(|o| o.ends_with("fin: false }")));
+    let send_at = h.ops.iter().position(|o| o == *last).unwrap();
+    let close_at = h
+        .ops
+        .iter()
+        .position(|o| *o == format!("Close {{ fd: {CLIENT_FD} }}"));
+    assert!(
+        close_at.is_some_and(|c| c > send_at),
+        "no close of the client after its send: {:?}",
+        h.ops
+    );
+    // The client's Close went to Conman before any close was due.
+    let to_conman: Vec<&String> = h
+        .ops
+        .iter()
+        .filter(|o| o.starts_with("Send { who: Conman"))
+        .collect();
+    assert!(!to_conman.is_empty() && to_conman.iter().all(|o| o.ends_with("fin: false }")));
+}
+
 /// After a close handshake, a side is closed in the same breath as its
 /// receive's cancel, and behind its last (small) send still in flight: its
 /// FIN waits for no loop turn (the peer, a client per RFC 6455, waits for
