@@ -898,8 +898,10 @@ FIGURES = [
            ("ratio", 0.95), chart="echo, saturated"),
     Figure("rate30k_cpu", "CPU µs per message at 30,000 msg/s open loop (100 conns)", "rate30k",
            "cpu", ("ratio", 0.7), chart="30k msg/s"),
+    # Issue 4 asked for parity; issue 11 (a reconnect storm is handshakes)
+    # for 0.95.
     Figure("hs_cached_cpu", "CPU µs per handshake, token seen before", "handshake", "cpu",
-           ("ratio", 1.0), chart="handshake, cached"),
+           ("ratio", 0.95), chart="handshake, cached"),
     Figure("hs_fresh_cpu", "CPU µs per handshake, fresh token each (peers: no auth)", "handshake",
            "cpu", ("ratio", 1.35), eval_load="handshake_fresh", chart="handshake, fresh"),
     Figure("idle_rss", "KiB RSS growth per idle session", "idle", "rss", ("abs", 1.0)),
